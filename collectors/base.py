@@ -1,0 +1,174 @@
+"""The collector framework: a registry of protocols, the accumulator they feed, and device health.
+
+A collector does I/O and pure parsing only. It hands ``Reading``s to an ``Accumulator`` and reports a
+failing device with ``DeviceError``; it never touches the store, the rules, the uplink or Prometheus.
+A failing device is a state (``device_online`` 0, an error counter), logged once when it flips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import msgspec
+import structlog
+
+from edge.model import Reading
+
+log = structlog.get_logger("examwatch.collector")
+
+
+class DeviceError(Exception):
+    """A device did not answer, or answered something we cannot use.
+
+    ``reason`` is a short stable code (``timeout``, ``garbage``, ``no_such_object``, ``crc``, ...) that
+    becomes a counter label, so keep the set small; ``detail`` is for the log line only.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class Accumulator(Protocol):
+    def add(self, reading: Reading) -> None: ...
+
+
+class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """For protocols that need no device options beyond the common ones."""
+
+
+@dataclass
+class DeviceHealth:
+    collector: str
+    online: bool | None = None  # None until the first poll or report
+    last_ok: float | None = None
+    last_duration: float = 0.0
+    polls: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+class Health:
+    """Collector and device health, read by the exporter at scrape time and by the readiness check."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, DeviceHealth] = {}
+        self.dropped: Counter[tuple[str, str]] = Counter()  # (source, reason) -> count
+        self._dropped_logged: set[tuple[str, str]] = set()
+
+    def device(self, name: str, collector: str) -> DeviceHealth:
+        h = self.devices.get(name)
+        if h is None:
+            h = self.devices[name] = DeviceHealth(collector)
+        return h
+
+    def ok(self, name: str, collector: str, duration: float, now: float) -> None:
+        h = self.device(name, collector)
+        h.polls += 1
+        h.last_ok = now
+        h.last_duration = duration
+        if h.online is not True:
+            if h.online is False:
+                log.info("device_recovered", device=name, collector=collector)
+            h.online = True
+
+    def failed(self, name: str, collector: str, err: DeviceError, duration: float) -> None:
+        h = self.device(name, collector)
+        h.polls += 1
+        h.last_duration = duration
+        h.errors[err.reason] += 1
+        if h.online is not False:
+            log.warning("device_offline", device=name, collector=collector, reason=err.reason, detail=err.detail)
+            h.online = False
+
+    def drop(self, source: str, reason: str, **detail: Any) -> None:
+        """Count input we refused (a malformed payload, an unknown device); log each kind once."""
+        key = (source, reason)
+        self.dropped[key] += 1
+        if key not in self._dropped_logged:
+            self._dropped_logged.add(key)
+            log.warning("input_dropped", source=source, reason=reason, **detail)
+
+
+class Collector:
+    """One protocol. Subclasses set ``protocol`` and, if they take device options, ``Options``."""
+
+    protocol: ClassVar[str]
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    def __init__(self, devices: list[Any], acc: Accumulator, health: Health) -> None:
+        self.devices = devices
+        self.acc = acc
+        self.health = health
+
+    async def run(self, stop: asyncio.Event) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections; called once after ``run`` returned."""
+
+
+class PollingCollector(Collector):
+    """A collector that asks each device on its own interval, one task per device.
+
+    Subclasses implement ``poll(device) -> list[Reading]`` (raise ``DeviceError`` on failure). Each
+    device has its own task and its own timeout, so a slow UPS never delays the door sensors.
+    """
+
+    async def poll(self, device: Any) -> list[Reading]:
+        raise NotImplementedError
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for device in self.devices:
+                tg.create_task(self._loop(device, stop))
+
+    async def poll_once(self, device: Any) -> None:
+        """Poll one device and account for the outcome: readings, device_online, health."""
+        start = time.monotonic()
+        try:
+            # Headroom over the protocol's own timeout: retries live inside poll().
+            readings = await asyncio.wait_for(self.poll(device), timeout=device.timeout * (device.retries + 1) + 1)
+        except DeviceError as err:
+            self._failed(device, err, start)
+        except TimeoutError:
+            self._failed(device, DeviceError("timeout", f"no answer within {device.timeout}s"), start)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a bug or an unexpected library error: a state, not a dead loop
+            self._failed(device, DeviceError("error", f"{type(err).__name__}: {err}"), start)
+        else:
+            now = time.time()
+            for r in readings:
+                self.acc.add(r)
+            self.acc.add(Reading(device.name, "device_online", 1.0, now))
+            self.health.ok(device.name, self.protocol, time.monotonic() - start, now)
+
+    def _failed(self, device: Any, err: DeviceError, start: float) -> None:
+        self.acc.add(Reading(device.name, "device_online", 0.0, time.time()))
+        self.health.failed(device.name, self.protocol, err, time.monotonic() - start)
+
+    async def _loop(self, device: Any, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            await self.poll_once(device)
+            delay = max(0.0, device.interval - (time.monotonic() - started))
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+
+REGISTRY: dict[str, type[Collector]] = {}
+
+
+def register(cls: type[Collector]) -> type[Collector]:
+    """Class decorator: make a collector available under its ``protocol`` name."""
+    if cls.protocol in REGISTRY:
+        raise ValueError(f"protocol {cls.protocol!r} registered twice")
+    REGISTRY[cls.protocol] = cls
+    return cls

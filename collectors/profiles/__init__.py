@@ -1,0 +1,47 @@
+"""Device models as data: ``<protocol>/<name>.toml`` files mapping what a device says onto the catalog.
+
+Built-in profiles ship in this folder; a site adds a model by dropping a file into an extra folder
+(``EXAMWATCH_PROFILES``, default ``/etc/examwatch/profiles``) with the same layout; no code needed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+BUILTIN = Path(__file__).parent
+
+
+class ProfileError(Exception):
+    pass
+
+
+def search_path() -> list[Path]:
+    extra = os.environ.get("EXAMWATCH_PROFILES", "/etc/examwatch/profiles")
+    return [Path(p) for p in extra.split(os.pathsep) if p] + [BUILTIN]
+
+
+def names(protocol: str) -> list[str]:
+    found = {p.stem for d in search_path() for p in (d / protocol).glob("*.toml")}
+    return sorted(found)
+
+
+@cache
+def load(protocol: str, name: str, schema: type[T]) -> T:
+    """Load and validate one profile; the first folder on the search path that has it wins."""
+    for d in search_path():
+        path = d / protocol / f"{name}.toml"
+        if path.is_file():
+            try:
+                return msgspec.convert(tomllib.loads(path.read_text(encoding="utf-8")), schema)
+            except (tomllib.TOMLDecodeError, msgspec.ValidationError) as err:
+                raise ProfileError(f"profile {protocol}/{name} ({path}): {err}") from None
+    known = ", ".join(names(protocol)) or "none"
+    raise ProfileError(f"no {protocol} profile named {name!r}; known: {known}")

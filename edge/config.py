@@ -1,0 +1,275 @@
+"""The agent's TOML config: schema, loading, and validation that reports every error at once.
+
+msgspec structs are the schema. msgspec stops at the first error, and a technician fixing a file on an
+exam morning wants all of them, so ``_walk`` checks the parsed TOML against the same structs field by
+field, collecting every unknown key, wrong type and missing field with its key path (and line), and only
+then converts. A typo must never silently disable a rule: unknown keys and unknown rule ids are errors.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal, get_args, get_origin
+
+import msgspec
+
+from rules.config import RuleOverride, Schedule
+
+DeviceKind = Literal["recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"]
+RoomKind = Literal["exam_room", "secrecy_room"]
+
+
+class Agent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    site: str  # site id (考点), ASCII: it appears in MQTT topics and metric labels
+    room: str  # room id (考场 or 保密室)
+    kind: RoomKind = "exam_room"
+    site_name: str = ""  # display names for alert texts, e.g. "第一中学"
+    room_name: str = ""
+    state_dir: str = "/var/lib/examwatch"
+
+
+class Mqtt(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The room's local broker, where the sensors (e.g. Zigbee2MQTT) publish."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    client_id: str = ""  # default: examwatch-<site>-<room>
+
+
+class Exporter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:9108"
+
+
+class Store(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    retention_hours: float = 72.0  # readings older than this are deleted; alarm transitions are kept
+
+
+class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One monitored device. Keys beyond these belong to the protocol's own ``Options``."""
+
+    name: str
+    kind: DeviceKind
+    protocol: str
+    address: str = ""  # host[:port], serial port, or URL, by protocol
+    topic: str = ""  # MQTT base topic, e.g. zigbee2mqtt/secrecy-door
+    profile: str = ""  # device model: how its data maps onto the canonical metrics
+    interval: float = 10.0  # seconds between polls, or the expected interval between reports
+    timeout: float = 3.0  # seconds per request
+    retries: int = 1
+    options: Any = None  # the protocol's Options struct, filled from the extra keys
+
+    @staticmethod
+    def extension_type(raw: dict[str, Any]) -> type[msgspec.Struct] | str:
+        """The struct that validates this device's protocol keys, or an error message."""
+        from collectors import load_all
+
+        registry = load_all()
+        protocol = raw.get("protocol")
+        if protocol not in registry:
+            return f"unknown protocol {protocol!r}; known: {', '.join(sorted(registry))}"
+        return registry[protocol].Options
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    agent: Agent
+    mqtt: Mqtt = msgspec.field(default_factory=Mqtt)
+    exporter: Exporter = msgspec.field(default_factory=Exporter)
+    store: Store = msgspec.field(default_factory=Store)
+    uplink: dict[str, Any] | None = None  # the county uplink; validated by edge.uplink
+    devices: list[Device] = []
+    rules: dict[str, RuleOverride] = {}
+    schedule: Schedule = msgspec.field(default_factory=Schedule)
+
+    @property
+    def agent_id(self) -> str:
+        return f"{self.agent.site}/{self.agent.room}"
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    path: tuple[str | int, ...]
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = ".".join(f"[{p}]" if isinstance(p, int) else p for p in self.path).replace(".[", "[") or "(file)"
+        return f"{where}{f' (line {self.line})' if self.line else ''}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(map(str, issues)))
+        self.issues = issues
+
+
+def load(path: str) -> Config:
+    with open(path, "rb") as f:
+        return loads(f.read().decode("utf-8", errors="replace"))
+
+
+def loads(text: str) -> Config:
+    """Parse and validate; raise ``ConfigError`` listing every problem found."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        m = re.search(r"line (\d+)", str(err))
+        raise ConfigError([ConfigIssue((), f"not valid TOML: {err}", int(m.group(1)) if m else None)]) from None
+    issues: list[ConfigIssue] = []
+    _walk(raw, Config, (), issues)
+    if not issues:
+        cfg = _build(raw)
+        issues = _semantic_issues(cfg)
+        if not issues:
+            return cfg
+    raise ConfigError([ConfigIssue(i.path, i.message, _line_of(text, i.path)) for i in issues])
+
+
+def sample_text() -> str:
+    return resources.files("edge").joinpath("sample.toml").read_text(encoding="utf-8")
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+Path = tuple[str | int, ...]
+
+
+def _fields(tp: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    return {f.encode_name: f for f in msgspec.structs.fields(tp) if f.encode_name != "options"}
+
+
+def _walk(value: Any, tp: Any, path: Path, issues: list[ConfigIssue]) -> None:
+    origin = get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        if not isinstance(value, dict):
+            issues.append(ConfigIssue(path, f"expected a table, got {type(value).__name__}"))
+            return
+        fields = _fields(tp)
+        extension = getattr(tp, "extension_type", None)
+        extra = {k: v for k, v in value.items() if k not in fields}
+        for k in fields.keys() & value.keys():
+            _walk(value[k], fields[k].type, path + (k,), issues)
+        for k, f in fields.items():
+            if f.required and k not in value:
+                issues.append(ConfigIssue(path + (k,), "missing required key"))
+        if extension is not None and "protocol" in value:
+            ext = extension(value)
+            if isinstance(ext, str):
+                issues.append(ConfigIssue(path + ("protocol",), ext))
+                return
+            _walk(extra, ext, path, issues)
+        else:
+            for k in extra:
+                issues.append(ConfigIssue(path + (k,), f"unknown key; expected one of: {', '.join(fields)}"))
+    elif origin is list:
+        if not isinstance(value, list):
+            issues.append(ConfigIssue(path, f"expected an array, got {type(value).__name__}"))
+            return
+        for i, item in enumerate(value):
+            _walk(item, get_args(tp)[0], path + (i,), issues)
+    elif origin is dict and get_args(tp)[1] is not Any:
+        if not isinstance(value, dict):
+            issues.append(ConfigIssue(path, f"expected a table, got {type(value).__name__}"))
+            return
+        for k, item in value.items():
+            _walk(item, get_args(tp)[1], path + (k,), issues)
+    else:
+        try:
+            msgspec.convert(value, tp)
+        except msgspec.ValidationError as err:
+            issues.append(ConfigIssue(path, str(err).split(" - at ")[0]))
+
+
+def _build(raw: dict[str, Any]) -> Config:
+    devices = []
+    for d in raw.get("devices", []):
+        fields = _fields(Device)
+        device = msgspec.convert({k: v for k, v in d.items() if k in fields}, Device)
+        options = msgspec.convert({k: v for k, v in d.items() if k not in fields}, Device.extension_type(d))
+        devices.append(msgspec.structs.replace(device, options=options))
+    return msgspec.structs.replace(msgspec.convert({**raw, "devices": []}, Config), devices=devices)
+
+
+def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
+    from rules.pack import DEFAULT_RULES
+
+    issues = []
+    seen: set[str] = set()
+    for i, d in enumerate(cfg.devices):
+        if d.name in seen:
+            issues.append(ConfigIssue(("devices", i, "name"), f"device name {d.name!r} used twice"))
+        seen.add(d.name)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", d.name):
+            issues.append(ConfigIssue(("devices", i, "name"), "use letters, digits, '-', '_' or '.' only"))
+        if d.interval <= 0 or d.timeout <= 0:
+            issues.append(ConfigIssue(("devices", i, "interval"), "interval and timeout must be positive"))
+    for key in ("site", "room"):
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", getattr(cfg.agent, key)):
+            issues.append(ConfigIssue(("agent", key), "use letters, digits, '-' or '_' only (it is an MQTT topic level)"))
+    known = {r.id for r in DEFAULT_RULES}
+    for rule_id, o in cfg.rules.items():
+        if rule_id not in known:
+            issues.append(ConfigIssue(("rules", rule_id), f"no such rule; known: {', '.join(sorted(known))}"))
+        if o.levels:
+            from rules.schedule import PHASES
+
+            for phase, level in o.levels.items():
+                if phase not in PHASES:
+                    issues.append(ConfigIssue(("rules", rule_id, "levels", phase), f"no such phase; known: {', '.join(PHASES)}"))
+                if level not in (0, 1, 2):
+                    issues.append(ConfigIssue(("rules", rule_id, "levels", phase), "level must be 0 (off), 1 or 2"))
+        if o.level is not None and o.level not in (1, 2):
+            issues.append(ConfigIssue(("rules", rule_id, "level"), "level must be 1 or 2 (3 is the gateway's)"))
+    for which in ("sessions", "secrecy_windows"):
+        for i, w in enumerate(getattr(cfg.schedule, which)):
+            if w.end <= w.start:
+                issues.append(ConfigIssue(("schedule", which, i, "end"), "end must be after start"))
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(cfg.schedule.timezone)
+    except Exception:
+        issues.append(ConfigIssue(("schedule", "timezone"), f"unknown time zone {cfg.schedule.timezone!r}"))
+    return issues
+
+
+def _line_of(text: str, path: Path) -> int | None:
+    """Best-effort line of a key path in the TOML text (tomllib keeps no positions)."""
+    lines = text.splitlines()
+    start, table = 0, []
+    keys = [p for p in path]
+    # Walk down table headers: [a], [a.b], [[a]] (the n-th one for an index).
+    while keys:
+        head = keys[0]
+        if len(keys) > 1 and isinstance(keys[1], int):
+            hdr = re.compile(rf"^\s*\[\[\s*{re.escape('.'.join(table + [str(head)]))}\s*\]\]")
+            hits = [i for i, l in enumerate(lines) if i >= start and hdr.match(l)]
+            if keys[1] >= len(hits):
+                return None
+            start = hits[keys[1]] + 1
+            table, keys = table + [str(head)], keys[2:]
+            continue
+        hdr = re.compile(rf"^\s*\[\s*{re.escape('.'.join(table + [str(head)]))}\s*\]")
+        hit = next((i for i, l in enumerate(lines) if i >= start and hdr.match(l)), None)
+        if hit is not None and len(keys) > 1:
+            start, table, keys = hit + 1, table + [str(head)], keys[1:]
+            continue
+        if hit is not None:
+            return hit + 1
+        kv = re.compile(rf"^\s*{re.escape(str(head))}\s*=")
+        for i in range(start, len(lines)):
+            if re.match(r"^\s*\[", lines[i]) and i > start:
+                break
+            if kv.match(lines[i]):
+                return i + 1
+        return None
+    return None
+
+
+__all__ = ["Config", "ConfigError", "ConfigIssue", "Device", "load", "loads", "sample_text"]
