@@ -51,6 +51,27 @@ class Store(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     retention_hours: float = 72.0  # readings older than this are deleted; alarm transitions are kept
 
 
+class Uplink(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The county broker that carries readings and alarms to the gateway (MQTT v5, QoS 1)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""  # client certificate, for brokers that authenticate agents by certificate
+    key_file: str = ""
+    signing_key: str = ""  # per-agent HMAC-SHA256 key (hex); or signing_key_file
+    signing_key_file: str = ""
+    session_expiry: int = 7 * 24 * 3600  # seconds the broker keeps our session while we are away
+    heartbeat: float = 30.0  # seconds between heartbeats on the status topic
+    batch_interval: float = 5.0  # readings are sent in batches at most this often; alarms at once
+    batch_max: int = 500  # readings per message at most
+    outbox_budget_mb: float = 64.0  # disk for unsent messages; past it readings are thinned, alarms never
+
+
 class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One monitored device. Keys beyond these belong to the protocol's own ``Options``."""
 
@@ -82,7 +103,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mqtt: Mqtt = msgspec.field(default_factory=Mqtt)
     exporter: Exporter = msgspec.field(default_factory=Exporter)
     store: Store = msgspec.field(default_factory=Store)
-    uplink: dict[str, Any] | None = None  # the county uplink; validated by edge.uplink
+    uplink: Uplink = msgspec.field(default_factory=lambda: Uplink())
     devices: list[Device] = []
     rules: dict[str, RuleOverride] = {}
     schedule: Schedule = msgspec.field(default_factory=Schedule)
@@ -116,19 +137,30 @@ def load(path: str) -> Config:
 
 def loads(text: str) -> Config:
     """Parse and validate; raise ``ConfigError`` listing every problem found."""
+    raw = parse(text, Config)
+    cfg = _build(raw)
+    issues = _semantic_issues(cfg)
+    if issues:
+        raise ConfigError([ConfigIssue(i.path, i.message, _line_of(text, i.path)) for i in issues])
+    return cfg
+
+
+def parse(text: str, schema: type[msgspec.Struct]) -> dict[str, Any]:
+    """Parse TOML and check it against ``schema``; every issue at once, with key path and line.
+
+    Returns the raw table; ``msgspec.convert(raw, schema)`` then cannot fail. Other TOML files
+    (the gateway's) use this too.
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         m = re.search(r"line (\d+)", str(err))
         raise ConfigError([ConfigIssue((), f"not valid TOML: {err}", int(m.group(1)) if m else None)]) from None
     issues: list[ConfigIssue] = []
-    _walk(raw, Config, (), issues)
-    if not issues:
-        cfg = _build(raw)
-        issues = _semantic_issues(cfg)
-        if not issues:
-            return cfg
-    raise ConfigError([ConfigIssue(i.path, i.message, _line_of(text, i.path)) for i in issues])
+    _walk(raw, schema, (), issues)
+    if issues:
+        raise ConfigError([ConfigIssue(i.path, i.message, _line_of(text, i.path)) for i in issues])
+    return raw
 
 
 def sample_text() -> str:
@@ -272,4 +304,4 @@ def _line_of(text: str, path: Path) -> int | None:
     return None
 
 
-__all__ = ["Config", "ConfigError", "ConfigIssue", "Device", "load", "loads", "sample_text"]
+__all__ = ["Config", "ConfigError", "ConfigIssue", "Device", "Uplink", "load", "loads", "parse", "sample_text"]
