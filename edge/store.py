@@ -1,0 +1,176 @@
+"""The agent's local store: readings, alarm transitions and the uplink outbox in one SQLite file (WAL).
+
+One writer: ``Store`` is used only from the agent's writer thread. Each ``write`` is one transaction that
+holds the readings, the alarm transitions they caused and the outbox rows that carry both to the county,
+so a kill -9 at any moment leaves either all of a batch or none of it. The uplink reads the outbox through
+its own read-only connection (``OutboxReader``) and hands acknowledged sequence numbers back to the writer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import msgspec
+import sqlite_utils
+
+from edge.model import AlarmEvent, Reading
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS readings (ts REAL NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
+    value REAL NOT NULL, quality TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS readings_ts ON readings (ts);
+CREATE TABLE IF NOT EXISTS alarms (alarm_id TEXT NOT NULL, state TEXT NOT NULL, at REAL NOT NULL,
+    rule TEXT NOT NULL, level INTEGER NOT NULL, device TEXT NOT NULL, event BLOB NOT NULL, evidence BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS alarms_id ON alarms (alarm_id);
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
+    created REAL NOT NULL, body BLOB NOT NULL);
+"""
+
+_readings = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(AlarmEvent)
+
+
+class OutboxRow(NamedTuple):
+    seq: int
+    kind: str  # "readings" | "alarms": the topic's last level
+    created: float
+    body: bytes
+
+
+def _connect(path: Path) -> sqlite_utils.Database:
+    db = sqlite_utils.Database(sqlite3.connect(str(path), timeout=30), execute_plugins=False)
+    db.enable_wal()
+    return db
+
+
+class Store:
+    def __init__(self, path: str | Path, *, retention_s: float = 72 * 3600, outbox_budget_bytes: int = 64 << 20) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = _connect(self.path)
+        # kill -9 loses nothing committed in WAL mode even with NORMAL; alarm commits go FULL (see write).
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.conn.executescript(SCHEMA)
+        self.retention_s = retention_s
+        self.outbox_budget_bytes = outbox_budget_bytes
+        self.outbox_dropped = 0  # readings rows given up because the outbox was over its budget
+        self._outbox_bytes = self._scalar("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM outbox")
+        self._pruned_at = 0.0
+
+    def _scalar(self, sql: str, *args: object) -> int:
+        return self.db.execute(sql, args).fetchone()[0]
+
+    def write(
+        self,
+        readings: Sequence[Reading],
+        events: Sequence[AlarmEvent] = (),
+        *,
+        evidence: dict[str, list[Reading]] | None = None,
+        outbox: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """Store one batch in one transaction. ``evidence`` maps an alarm id to the readings behind it."""
+        if events:
+            # An alarm that was reported raised must survive a power cut too, not only a kill -9.
+            self.db.execute("PRAGMA synchronous=FULL")
+        with self.db.atomic():
+            conn = self.db.conn
+            conn.executemany(
+                "INSERT INTO readings (ts, device, metric, value, quality) VALUES (?, ?, ?, ?, ?)",
+                [(r.ts, r.device, r.metric, r.value, r.quality) for r in readings],
+            )
+            conn.executemany(
+                "INSERT INTO alarms (alarm_id, state, at, rule, level, device, event, evidence) VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (e.id, e.state, e.at, e.rule, e.level, e.device, msgspec.json.encode(e),
+                     _readings.encode((evidence or {}).get(e.id, [])))
+                    for e in events
+                ],
+            )
+            now = time.time()
+            conn.executemany(
+                "INSERT INTO outbox (kind, created, body) VALUES (?, ?, ?)", [(k, now, b) for k, b in outbox]
+            )
+            self._outbox_bytes += sum(len(b) for _, b in outbox)
+            if self._outbox_bytes > self.outbox_budget_bytes:
+                self._thin_outbox()
+        if events:
+            self.db.execute("PRAGMA synchronous=NORMAL")
+        self._prune(readings[-1].ts if readings else None)
+
+    def _thin_outbox(self) -> None:
+        """Over budget: drop the oldest readings rows (the county loses detail, never an alarm)."""
+        conn = self.db.conn
+        excess = self._outbox_bytes - int(self.outbox_budget_bytes * 0.9)  # free a margin, not one row per write
+        rows = conn.execute("SELECT seq, LENGTH(body) FROM outbox WHERE kind = 'readings' ORDER BY seq").fetchall()
+        doomed, freed = [], 0
+        for seq, size in rows:
+            if freed >= excess:
+                break
+            doomed.append((seq,))
+            freed += size
+        conn.executemany("DELETE FROM outbox WHERE seq = ?", doomed)
+        self._outbox_bytes -= freed
+        self.outbox_dropped += len(doomed)
+
+    def _prune(self, now: float | None) -> None:
+        """Apply the readings retention, at most once a minute."""
+        if now is None or now - self._pruned_at < 60:
+            return
+        self._pruned_at = now
+        with self.db.atomic():
+            self.db.execute("DELETE FROM readings WHERE ts < ?", [now - self.retention_s])
+
+    def ack(self, seqs: Iterable[int]) -> None:
+        """Delete outbox rows the broker acknowledged."""
+        seqs = [(s,) for s in seqs]
+        with self.db.atomic():
+            conn = self.db.conn
+            freed = 0
+            for (seq,) in seqs:
+                row = conn.execute("DELETE FROM outbox WHERE seq = ? RETURNING LENGTH(body)", (seq,)).fetchone()
+                freed += row[0] if row else 0
+        self._outbox_bytes -= freed
+
+    @property
+    def outbox_used_ratio(self) -> float:
+        return self._outbox_bytes / self.outbox_budget_bytes if self.outbox_budget_bytes else 0.0
+
+    def open_alarms(self) -> list[AlarmEvent]:
+        """The latest transition of every alarm not yet cleared (to restore the rules engine at start-up)."""
+        rows = self.db.execute(
+            "SELECT event FROM alarms a WHERE rowid = (SELECT MAX(rowid) FROM alarms b WHERE b.alarm_id = a.alarm_id)"
+            " AND state != 'cleared' ORDER BY rowid"
+        ).fetchall()
+        return [_event_decoder.decode(r[0]) for r in rows]
+
+    def transitions(self, alarm_id: str | None = None) -> list[AlarmEvent]:
+        sql, args = "SELECT event FROM alarms", []
+        if alarm_id is not None:
+            sql, args = sql + " WHERE alarm_id = ?", [alarm_id]
+        return [_event_decoder.decode(r[0]) for r in self.db.execute(sql + " ORDER BY rowid", args).fetchall()]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class OutboxReader:
+    """The uplink's own read-only view of the outbox (WAL lets it read while the writer writes)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+
+    def pending(self, after_seq: int = 0, limit: int = 500) -> list[OutboxRow]:
+        rows = self.conn.execute(
+            "SELECT seq, kind, created, body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+        ).fetchall()
+        return [OutboxRow(*r) for r in rows]
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    def close(self) -> None:
+        self.conn.close()

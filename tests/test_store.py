@@ -1,0 +1,103 @@
+"""The agent's store: one transaction per batch, outbox budget, restore, and kill -9 at any moment."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import msgspec
+
+from edge.model import AlarmEvent, Reading
+from edge.store import OutboxReader, Store
+
+
+def event(i: int, state: str = "raised") -> AlarmEvent:
+    return AlarmEvent(id=f"s/r/door/d{i}/1", site="s", room="r", rule="door", level=2, state=state, device=f"d{i}",
+                      at=100.0 + i, raised_at=100.0, message="保密室门打开")
+
+
+def test_write_stores_readings_transitions_and_outbox_together(tmp_path):
+    store = Store(tmp_path / "a.db")
+    r = Reading("door1", "door_open", 1.0, 100.0)
+    store.write([r], [event(1)], evidence={event(1).id: [r]},
+                outbox=[("readings", msgspec.json.encode([r])), ("alarms", msgspec.json.encode(event(1)))])
+    reader = OutboxReader(tmp_path / "a.db")
+    rows = reader.pending()
+    assert [row.kind for row in rows] == ["readings", "alarms"]
+    assert rows[0].seq < rows[1].seq
+    assert msgspec.json.decode(rows[1].body, type=AlarmEvent) == event(1)
+    assert store.transitions(event(1).id) == [event(1)]
+    store.ack([rows[0].seq])
+    assert [row.seq for row in reader.pending()] == [rows[1].seq]
+    # sequence numbers are never reused, even after the rows are gone
+    store.ack([rows[1].seq])
+    store.write([], outbox=[("readings", b"[]")])
+    assert reader.pending()[0].seq > rows[1].seq
+
+
+def test_open_alarms_are_the_uncleared_ones(tmp_path):
+    store = Store(tmp_path / "a.db")
+    store.write([], [event(1), event(2)])
+    store.write([], [event(1, "cleared")])
+    assert [e.id for e in store.open_alarms()] == [event(2).id]
+
+
+def test_outbox_budget_thins_readings_never_alarms(tmp_path):
+    store = Store(tmp_path / "a.db", outbox_budget_bytes=20_000)
+    body = b"x" * 1000
+    for i in range(50):
+        store.write([], [event(i)], outbox=[("readings", body), ("alarms", msgspec.json.encode(event(i)))])
+    kinds = [row.kind for row in OutboxReader(tmp_path / "a.db").pending(limit=10_000)]
+    assert kinds.count("alarms") == 50
+    assert store.outbox_dropped == 50 - kinds.count("readings") > 0
+    assert store.outbox_used_ratio <= 1.0
+
+
+def test_retention_prunes_old_readings(tmp_path):
+    store = Store(tmp_path / "a.db", retention_s=3600)
+    store.write([Reading("n", "noise_db", 50.0, 1000.0)])
+    store.write([Reading("n", "noise_db", 51.0, 1000.0 + 7200)])
+    assert [r[0] for r in store.db.execute("SELECT value FROM readings")] == [51.0]
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from edge.model import AlarmEvent, Reading
+    from edge.store import Store
+    store = Store(sys.argv[1])
+    i = int(sys.argv[2])
+    while True:
+        e = AlarmEvent(id=f"s/r/x/d/{i}", site="s", room="r", rule="x", level=1, state="raised", device="d",
+                       at=float(i), raised_at=float(i), message="m")
+        store.write([Reading("d", "noise_db", float(n), float(i)) for n in range(50)], [e], outbox=[("alarms", b"{}")])
+        print(i, flush=True)  # reported raised only after the commit returned
+        i += 1
+""")
+
+
+def test_kill_9_at_any_moment_keeps_every_reported_transition(tmp_path):
+    db = tmp_path / "k.db"
+    rng = random.Random(7)
+    reported: set[int] = set()
+    start = 0
+    for _ in range(15):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(start)], stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        time.sleep(0.3 + rng.random() * 0.4)
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        got = {int(x) for x in out.split()}
+        reported |= got
+        start = max(reported | {start}) + 1
+        conn = sqlite3.connect(db)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
+    assert len(reported) > 15
+    stored = {int(e.id.rsplit("/", 1)[1]) for e in Store(db).transitions()}
+    assert reported <= stored
