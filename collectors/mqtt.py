@@ -1,0 +1,214 @@
+"""MQTT sensors: Zigbee2MQTT door contacts and noise sensors, availability, and generic JSON devices.
+
+paho-mqtt runs its own network thread; ``on_message`` parses and hands readings to the accumulator, which
+is thread-safe. A bad payload is dropped with a counter and one log line per kind of fault; nothing a
+sensor sends can stop the collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import time
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+
+from collectors.base import Collector, register
+from collectors.profiles import load as load_profile
+from edge.catalog import METRICS
+from edge.model import Reading
+
+log = structlog.get_logger("examwatch.mqtt")
+
+MAX_PAYLOAD = 64 * 1024  # a sensor message is a few hundred bytes; anything near this is not a sensor
+
+
+class Field(msgspec.Struct, forbid_unknown_fields=True):
+    path: str  # dotted JSON path, list items by index: "storage.free_mb", "disks.0.status"
+    metric: str
+    scale: float = 1.0
+    map: dict[str, float] | None = None  # JSON value (as text: true, false, ok, ...) -> metric value
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}")
+
+
+class Profile(msgspec.Struct, forbid_unknown_fields=True):
+    description: str = ""
+    fields: list[Field] = []
+
+
+class MqttOptions(msgspec.Struct, forbid_unknown_fields=True):
+    fields: list[Field] = []  # extra or overriding paths for this device (a generic JSON device needs them)
+    availability: bool = True  # also listen on <topic>/availability (Zigbee2MQTT's availability feature)
+
+
+class PayloadError(Exception):
+    """A message we cannot use; ``reason`` is the drop counter's label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _lookup(doc: Any, path: str) -> Any:
+    for part in path.split("."):
+        if isinstance(doc, dict):
+            doc = doc.get(part)
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return None
+    return doc
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def parse_payload(fields: list[Field], device: str, payload: bytes, now: float) -> list[Reading]:
+    """A sensor's JSON state message -> readings. Fields absent from the message are simply not read."""
+    if len(payload) > MAX_PAYLOAD:
+        raise PayloadError("too_large")
+    try:
+        doc = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise PayloadError("not_json") from None
+    if not isinstance(doc, dict):
+        raise PayloadError("not_object")
+    readings = []
+    for f in fields:
+        raw = _lookup(doc, f.path)
+        if raw is None:
+            continue
+        if f.map is not None:
+            if _key(raw) not in f.map:
+                raise PayloadError("unmapped_value")
+            value = f.map[_key(raw)]
+        elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            value = float(raw) * f.scale
+        else:
+            raise PayloadError("wrong_type")
+        if not math.isfinite(value):
+            raise PayloadError("not_finite")
+        readings.append(Reading(device, f.metric, value, now))
+    if fields and not readings:
+        raise PayloadError("no_known_field")
+    return readings
+
+
+def parse_availability(payload: bytes) -> float:
+    """Zigbee2MQTT availability: ``online``/``offline``, or ``{"state": "online"}`` (newer versions)."""
+    text = payload.decode("utf-8", errors="replace").strip()
+    if text.startswith("{"):
+        try:
+            state = json.loads(text).get("state")
+        except (ValueError, AttributeError):
+            raise PayloadError("not_json") from None
+    else:
+        state = text
+    if state == "online":
+        return 1.0
+    if state == "offline":
+        return 0.0
+    raise PayloadError("unknown_availability")
+
+
+@register
+class MqttCollector(Collector):
+    """Listens to the room's local broker; one subscription per sensor topic (and its availability)."""
+
+    protocol = "mqtt"
+    Options = MqttOptions
+
+    def __init__(self, devices: list[Any], acc: Any, health: Any, broker: Any = None) -> None:
+        super().__init__(devices, acc, health)
+        self.broker = broker  # edge.config.Mqtt; the runtime passes it
+        self.routes: dict[str, tuple[Any, list[Field] | None]] = {}
+        for d in devices:
+            opts: MqttOptions = d.options or MqttOptions()
+            fields = list(load_profile("mqtt", d.profile or "generic_json", Profile).fields) if d.profile else []
+            overridden = {f.path for f in opts.fields}
+            fields = [f for f in fields if f.path not in overridden] + list(opts.fields)
+            self.routes[d.topic] = (d, fields)
+            if opts.availability:
+                self.routes[f"{d.topic}/availability"] = (d, None)
+        self.connected = False
+        self.client: mqtt.Client | None = None
+
+    def handle(self, topic: str, payload: bytes, now: float) -> None:
+        """One message from the broker -> readings, or a counted drop. Never raises."""
+        route = self.routes.get(topic)
+        if route is None:
+            self.health.drop("mqtt", "unknown_topic", topic=topic[:200])
+            return
+        device, fields = route
+        try:
+            if fields is None:
+                readings = [Reading(device.name, "device_online", parse_availability(payload), now)]
+            else:
+                readings = parse_payload(fields, device.name, payload, now)
+        except PayloadError as err:
+            self.health.drop("mqtt", err.reason, device=device.name, topic=topic)
+            return
+        except Exception as err:  # a parser bug must not kill paho's network thread
+            self.health.drop("mqtt", "error", device=device.name, error=f"{type(err).__name__}: {err}")
+            return
+        for r in readings:
+            self.acc.add(r)
+        self.health.ok(device.name, self.protocol, 0.0, now)
+
+    # --- paho callbacks (paho's network thread) ---
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("mqtt_connect_refused", reason=str(reason))
+            return
+        client.subscribe([(t, 1) for t in self.routes])
+        if not self.connected:
+            log.info("mqtt_connected", host=self.broker.host, port=self.broker.port, topics=len(self.routes))
+        self.connected = True
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if self.connected:
+            log.warning("mqtt_disconnected", reason=str(reason))
+        self.connected = False
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.handle(msg.topic, msg.payload, time.time())
+
+    @staticmethod
+    def _on_socket_open(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        try:  # paho never sets it; without it a door event can wait ~30 ms in Nagle's buffer
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+
+    async def run(self, stop: asyncio.Event) -> None:
+        b = self.broker
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=b.client_id, protocol=mqtt.MQTTv311)
+        if b.username:
+            client.username_pw_set(b.username, b.password)
+        if b.tls:
+            client.tls_set(ca_certs=b.ca_file or None)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        client.reconnect_delay_set(1, 30)
+        client.connect_async(b.host, b.port, keepalive=30)  # plain connect() raises if the broker is down at boot
+        client.loop_start()
+        self.client = client
+        await stop.wait()
+
+    async def close(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()

@@ -1,0 +1,84 @@
+"""The ``examwatch`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from edge import __version__
+
+
+def _config_check(path: str) -> int:
+    from edge.config import ConfigError, loads
+
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except OSError as err:
+        print(f"{path}: cannot read: {err.strerror}", file=sys.stderr)
+        return 2
+    try:
+        cfg = loads(text)
+    except ConfigError as err:
+        print(f"{path}: {len(err.issues)} error(s):", file=sys.stderr)
+        for issue in err.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok ({cfg.agent_id}, {len(cfg.devices)} devices)")
+    return 0
+
+
+def _agent_run(path: str, log_level: str) -> int:
+    from edge import logs
+    from edge.config import ConfigError, load
+    from edge.runtime import Agent
+
+    logs.configure(log_level)
+    try:
+        cfg = load(path)
+    except (ConfigError, OSError) as err:
+        print(f"{path}: {err}", file=sys.stderr)
+        return 2
+    asyncio.run(Agent(cfg).run())
+    return 0
+
+
+def _gateway_run(path: str, log_level: str) -> int:
+    from edge import logs
+    from gateway.main import run
+
+    logs.configure(log_level)
+    return run(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="examwatch", description="考点设备监测：考场代理与县级网关")
+    p.add_argument("--version", action="version", version=f"examwatch {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser("agent", help="the room agent").add_subparsers(dest="action", required=True)
+    agent.add_parser("run", help="run the agent").add_argument("--config", required=True, help="agent TOML file")
+
+    gateway = sub.add_parser("gateway", help="the county gateway").add_subparsers(dest="action", required=True)
+    gateway.add_parser("run", help="run the gateway").add_argument("--config", required=True, help="gateway TOML file")
+
+    config = sub.add_parser("config", help="agent configuration").add_subparsers(dest="action", required=True)
+    config.add_parser("sample", help="print a complete commented sample")
+    config.add_parser("check", help="validate a file (- for stdin): exit 0 ok, 2 with every error").add_argument("file")
+
+    args = p.parse_args(argv)
+    if args.command == "config" and args.action == "sample":
+        from edge.config import sample_text
+
+        sys.stdout.write(sample_text())
+        return 0
+    if args.command == "config":
+        return _config_check(args.file)
+    if args.command == "agent":
+        return _agent_run(args.config, args.log_level)
+    return _gateway_run(args.config, args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

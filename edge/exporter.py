@@ -1,0 +1,109 @@
+"""Prometheus endpoint of the agent: current readings, active alarms, collector and uplink health.
+
+A custom collector builds every family at scrape time from the agent's live view, so there is no state
+carried between scrapes and no stale series: a device that vanished from the view vanishes here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from edge import __version__
+from edge.catalog import METRICS
+from edge.model import base_device
+
+if TYPE_CHECKING:
+    from edge.runtime import Agent
+
+
+class AgentCollector(Collector):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | InfoMetricFamily]:
+        a = self.agent
+        site, room = a.cfg.agent.site, a.cfg.agent.room
+        kinds = {d.name: d.kind for d in a.cfg.devices}
+        now = time.time()
+
+        info = InfoMetricFamily("examwatch_agent", "the agent's identity", labels=["site", "room"])
+        info.add_metric([site, room], {"version": __version__, "room_kind": a.cfg.agent.kind})
+        yield info
+
+        families: dict[str, GaugeMetricFamily] = {}
+        age = GaugeMetricFamily(
+            "examwatch_reading_age_seconds", "seconds since the metric was last read",
+            labels=["site", "room", "device", "kind", "metric"],
+        )
+        for r in list(a.current.values()):
+            fam = families.get(r.metric)
+            if fam is None:
+                meta = METRICS[r.metric]
+                fam = families[r.metric] = GaugeMetricFamily(
+                    f"examwatch_{r.metric}", f"{meta.help} ({meta.unit})", labels=["site", "room", "device", "kind"]
+                )
+            kind = kinds.get(base_device(r.device), "host")
+            fam.add_metric([site, room, r.device, kind], r.value)
+            age.add_metric([site, room, r.device, kind, r.metric], max(0.0, now - r.ts))
+        yield from families.values()
+        yield age
+
+        active = GaugeMetricFamily(
+            "examwatch_alarm_active", "1 while the alarm fires", labels=["site", "room", "rule", "level", "device"]
+        )
+        for e in list(a.active.values()):
+            active.add_metric([site, room, e.rule, str(e.level), e.device], 1.0)
+        yield active
+
+        success = GaugeMetricFamily(
+            "examwatch_collector_success", "1 if the device's last poll or message succeeded",
+            labels=["collector", "device"],
+        )
+        duration = GaugeMetricFamily(
+            "examwatch_collector_duration_seconds", "duration of the device's last poll", labels=["collector", "device"]
+        )
+        errors = CounterMetricFamily(
+            "examwatch_collector_errors", "failed polls by reason", labels=["collector", "device", "reason"]
+        )
+        for name, h in list(a.health.devices.items()):
+            success.add_metric([h.collector, name], 1.0 if h.online else 0.0)
+            duration.add_metric([h.collector, name], h.last_duration)
+            for reason, n in list(h.errors.items()):
+                errors.add_metric([h.collector, name, reason], n)
+        yield success
+        yield duration
+        yield errors
+
+        dropped = CounterMetricFamily(
+            "examwatch_input_dropped", "input refused (malformed payloads, unknown topics, a full queue)",
+            labels=["source", "reason"],
+        )
+        for (source, reason), n in list(a.health.dropped.items()):
+            dropped.add_metric([source, reason], n)
+        yield dropped
+
+        outbox = a.outbox_stats()
+        yield GaugeMetricFamily("examwatch_outbox_used_ratio", "share of the outbox's disk budget in use",
+                                value=outbox["used_ratio"])
+        yield CounterMetricFamily("examwatch_outbox_dropped", "readings messages given up over the disk budget",
+                                  value=outbox["dropped"])
+        up = a.uplink_health()
+        if up is not None:
+            yield GaugeMetricFamily("examwatch_uplink_connected", "1 while connected to the county broker",
+                                    value=1.0 if up.get("connected") else 0.0)
+            yield GaugeMetricFamily("examwatch_uplink_pending_messages", "messages waiting for the county broker",
+                                    value=float(up.get("pending", 0)))
+
+
+def serve(agent: Agent, listen: str) -> tuple[object, object]:
+    """Start the endpoint on ``host:port`` (127.0.0.1 unless configured); returns (server, thread)."""
+    host, _, port = listen.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent))
+    return start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)

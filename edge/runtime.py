@@ -1,0 +1,233 @@
+"""The room agent at run time: collectors -> intake queue -> one writer (rules + store) -> uplink.
+
+Collectors run as asyncio tasks (paho's MQTT thread for the sensors). Everything they read goes through a
+bounded queue to a single writer thread, which owns SQLite and the rules state: per batch it evaluates
+the rules, stores readings, alarm transitions and outbox rows in one transaction, and then tells the
+uplink. The writer also ticks twice a second so ``for`` durations and silent sensors fire without input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import msgspec
+import structlog
+
+from collectors import REGISTRY, Health, load_all
+from edge.config import Config, Device
+from edge.model import AlarmEvent, Reading, base_device
+from edge.store import Store
+
+log = structlog.get_logger("examwatch.agent")
+
+TICK = 0.5  # seconds between rule evaluations when nothing arrives
+QUEUE_MAX = 20_000
+BATCH_MAX = 5_000
+SELF_METRICS_EVERY = 10.0  # seconds between the agent's own readings (outbox fill)
+
+
+class Intake:
+    """The accumulator every collector writes to: thread-safe, bounded, never blocks a collector."""
+
+    def __init__(self, health: Health) -> None:
+        self.q: queue.Queue[Reading] = queue.Queue(QUEUE_MAX)
+        self.health = health
+
+    def add(self, reading: Reading) -> None:
+        try:
+            self.q.put_nowait(reading)
+        except queue.Full:
+            self.health.drop("intake", "queue_full")
+
+
+def with_host_device(cfg: Config) -> Config:
+    """Every agent watches its own machine; add the host device when the config names none."""
+    if any(d.kind == "host" for d in cfg.devices):
+        return cfg
+    host = Device(name="host", kind="host", protocol="host", address=cfg.agent.state_dir, interval=30.0)
+    return msgspec.structs.replace(cfg, devices=[*cfg.devices, host])
+
+
+class Agent:
+    def __init__(self, cfg: Config) -> None:
+        from rules.engine import build_engine
+
+        self.cfg = with_host_device(cfg)
+        self.host_device = next(d.name for d in self.cfg.devices if d.kind == "host")
+        self.health = Health()
+        self.intake = Intake(self.health)
+        self.engine = build_engine(self.cfg)
+        self.current: dict[tuple[str, str], Reading] = {}  # latest reading per (device, metric): the exporter's view
+        self.active: dict[str, AlarmEvent] = {}  # alarms firing now, by id
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self.writer_beat = time.monotonic()  # the watchdog's proof that the writer lives
+        self.uplink: Any = None
+        self.store: Store | None = None
+        self._outbox = {"used_ratio": 0.0, "dropped": 0}
+        self._acks: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
+        self.db_path = os.path.join(self.cfg.agent.state_dir, "agent.db")
+
+    # --- views for the exporter and the readiness check ---
+
+    def outbox_stats(self) -> dict[str, float]:
+        return dict(self._outbox)
+
+    def uplink_health(self) -> dict[str, Any] | None:
+        return self.uplink.health() if self.uplink is not None else None
+
+    def healthy(self) -> bool:
+        return self.ready.is_set() and time.monotonic() - self.writer_beat < 10 * TICK
+
+    # --- the writer thread ---
+
+    def _writer(self) -> None:
+        cfg = self.cfg
+        store = self.store = Store(
+            self.db_path,
+            retention_s=cfg.store.retention_hours * 3600,
+            outbox_budget_bytes=int(cfg.uplink.outbox_budget_mb * 1024 * 1024),
+        )
+        restored = store.open_alarms()
+        state = self.engine.restore(restored) if restored else self.engine.initial_state()
+        self.active = {e.id: e for e in restored}
+        self.ready.set()
+        next_self = 0.0
+        while True:
+            batch = self._take()
+            now = time.time()
+            self.writer_beat = time.monotonic()
+            while not self._acks.empty():
+                store.ack(self._acks.get())
+            if now >= next_self:
+                next_self = now + SELF_METRICS_EVERY
+                batch.append(Reading(self.host_device, "outbox_used_ratio", store.outbox_used_ratio, now))
+            state, events = self.engine.evaluate(state, batch, now)
+            if batch or events:
+                self._commit(store, batch, events)
+            self._outbox = {"used_ratio": store.outbox_used_ratio, "dropped": store.outbox_dropped}
+            if self.stop_event.is_set() and self.intake.q.empty():
+                break
+        store.close()
+
+    def _take(self) -> list[Reading]:
+        try:
+            batch = [self.intake.q.get(timeout=TICK)]
+        except queue.Empty:
+            return []
+        while len(batch) < BATCH_MAX:
+            try:
+                batch.append(self.intake.q.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _commit(self, store: Store, batch: list[Reading], events: list[AlarmEvent]) -> None:
+        for r in batch:
+            self.current[(r.device, r.metric)] = r
+        by_device: dict[str, list[Reading]] = defaultdict(list)
+        for (device, _), r in self.current.items():
+            by_device[base_device(device)].append(r)
+        evidence = {e.id: by_device.get(base_device(e.device), []) for e in events}
+        outbox: list[tuple[str, bytes]] = []
+        if self.uplink is not None:
+            step = self.cfg.uplink.batch_max
+            outbox = [("readings", msgspec.json.encode(batch[i : i + step])) for i in range(0, len(batch), step)]
+            outbox += [("alarms", msgspec.json.encode(e)) for e in events]
+        store.write(batch, events, evidence=evidence, outbox=outbox)
+        for e in events:  # reported only once stored
+            if e.state == "cleared":
+                self.active.pop(e.id, None)
+            else:
+                self.active[e.id] = e
+            log.info("alarm", **msgspec.structs.asdict(e))
+        if outbox:
+            self.uplink.notify()
+
+    def _acked(self, seqs: list[int]) -> None:
+        self._acks.put(list(seqs))  # the writer deletes them: one thread writes SQLite
+
+    # --- run ---
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.serve(stop)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Start everything, run until ``stop`` is set, then stop in order."""
+        from edge import exporter
+
+        cfg = self.cfg
+        os.makedirs(cfg.agent.state_dir, exist_ok=True)
+        if cfg.uplink.enabled:
+            from edge.uplink import Uplink
+
+            self.uplink = Uplink(cfg.uplink, agent_id=cfg.agent_id, db_path=self.db_path, on_acked=self._acked)
+        writer = threading.Thread(target=self._writer, name="writer", daemon=True)
+        writer.start()
+        while not self.ready.wait(0.05):
+            if not writer.is_alive():
+                raise RuntimeError("the store could not be opened; see the log")
+            await asyncio.sleep(0)
+        if self.uplink is not None:
+            self.uplink.start()
+        server, _ = exporter.serve(self, cfg.exporter.listen)
+        collectors = self._collectors()
+        tasks = [asyncio.create_task(c.run(stop), name=c.protocol) for c in collectors]
+        watchdog = asyncio.create_task(self._watchdog(stop))
+        log.info("agent_started", agent=cfg.agent_id, devices=len(cfg.devices), exporter=cfg.exporter.listen)
+        await stop.wait()
+        log.info("agent_stopping")
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in collectors:
+            await c.close()
+        watchdog.cancel()
+        self.stop_event.set()
+        await asyncio.to_thread(writer.join, 10)
+        if self.uplink is not None:
+            self.uplink.stop()
+        server.shutdown()  # type: ignore[attr-defined]
+        log.info("agent_stopped")
+
+    def _collectors(self) -> list[Any]:
+        load_all()
+        by_protocol: dict[str, list[Device]] = defaultdict(list)
+        for d in self.cfg.devices:
+            by_protocol[d.protocol].append(d)
+        out = []
+        for protocol, devices in by_protocol.items():
+            cls = REGISTRY[protocol]
+            if protocol == "mqtt":
+                broker = self.cfg.mqtt
+                if not broker.client_id:
+                    broker = msgspec.structs.replace(broker, client_id=f"examwatch-{self.cfg.agent.site}-{self.cfg.agent.room}-sensors")
+                out.append(cls(devices, self.intake, self.health, broker=broker))  # type: ignore[call-arg]
+            else:
+                out.append(cls(devices, self.intake, self.health))
+        return out
+
+    async def _watchdog(self, stop: asyncio.Event) -> None:
+        """systemd: READY once serving, WATCHDOG only while the writer is proven alive (never free-running)."""
+        import sdnotify
+
+        notifier = sdnotify.SystemdNotifier()
+        notifier.notify("READY=1")
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+        period = usec / 2e6 if usec else 5.0
+        while not stop.is_set():
+            if self.healthy():
+                notifier.notify("WATCHDOG=1")
+                notifier.notify(f"STATUS=devices={len(self.cfg.devices)} alarms={len(self.active)}")
+            await asyncio.sleep(period)
