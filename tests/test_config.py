@@ -1,0 +1,80 @@
+"""Config: the sample is valid; every error is reported at once with its key path and line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edge.cli import main
+from edge.config import ConfigError, loads, sample_text
+
+BROKEN = """
+[agent]
+room = "r1"
+kind = "exam_room"
+colour = "blue"
+
+[[devices]]
+name = "door"
+kind = "door"
+protocol = "mqtt"
+topic = "z/door"
+interval = "ten"
+"""
+
+
+def test_sample_is_valid_and_complete():
+    cfg = loads(sample_text())
+    assert cfg.agent.kind == "secrecy_room"
+    assert {d.protocol for d in cfg.devices} >= {"mqtt", "host"}
+    assert cfg.rules["noise_high"].for_ == 30.0
+
+
+def test_every_error_at_once_with_paths_and_lines():
+    with pytest.raises(ConfigError) as exc:
+        loads(BROKEN)
+    by_path = {str(i).split(" ")[0].rstrip(":"): i for i in exc.value.issues}
+    assert set(by_path) == {"agent.colour", "agent.site", "devices[0].interval"}
+    assert by_path["agent.colour"].line == 5
+    assert by_path["devices[0].interval"].line == 12
+    assert "missing" in by_path["agent.site"].message
+
+
+def test_protocol_options_are_checked_too():
+    text = sample_text().replace("availability = true", "availabilty = true")
+    with pytest.raises(ConfigError) as exc:
+        loads(text)
+    assert [i.path for i in exc.value.issues] == [("devices", 0, "availabilty")]
+
+
+def test_a_typo_in_a_rule_id_is_an_error_not_a_silent_no_op():
+    with pytest.raises(ConfigError) as exc:
+        loads(sample_text().replace("[rules.noise_high]", "[rules.noise_hihg]"))
+    assert exc.value.issues[0].path == ("rules", "noise_hihg")
+
+
+def test_bad_toml_names_the_line():
+    with pytest.raises(ConfigError) as exc:
+        loads("[agent]\nsite = \n")
+    assert exc.value.issues[0].line == 2
+
+
+def test_cli_check_exit_codes(tmp_path, capsys):
+    good = tmp_path / "good.toml"
+    good.write_text(sample_text(), encoding="utf-8")
+    assert main(["config", "check", str(good)]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BROKEN, encoding="utf-8")
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    for path in ("agent.colour", "agent.site", "devices[0].interval"):
+        assert path in err
+
+
+def test_cli_check_reads_stdin_and_prints_the_sample():
+    sample = subprocess.run([sys.executable, "-m", "edge.cli", "config", "sample"], capture_output=True, check=True)
+    checked = subprocess.run([sys.executable, "-m", "edge.cli", "config", "check", "-"], input=sample.stdout,
+                             capture_output=True)
+    assert checked.returncode == 0, checked.stderr
