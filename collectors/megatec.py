@@ -1,0 +1,263 @@
+"""Serial UPSes speaking the Megatec/Q1 protocol (most small UPSes with only an RS232 port).
+
+The agent writes ``Q1\\r`` and the UPS answers one line::
+
+    (MMM.M NNN.N PPP.P QQQ RR.R S.SS TT.T b7b6b5b4b3b2b1b0\\r
+     input  fault  output load freq batt  temp status bits
+
+``F\\r`` gives the nominal ratings (``#MMM.M QQQ SS.SS RR.R``) and ``I\\r`` the identity
+(``#company model version``); both are asked once after the port opens. The battery voltage is either per
+cell or per pack depending on the model, so estimating the charge from it is the profile's business.
+
+pyserial runs in a worker thread. A timeout returns nothing or half a line (a device state, not an
+exception); a port that vanished (USB adapter pulled) raises ``SerialException``: the port is closed and
+reopened with a growing backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import termios
+import threading
+import time
+from typing import Any, Literal
+
+import msgspec
+import serial
+import structlog
+
+from collectors import profiles
+from collectors.base import DeviceError, PollingCollector, register
+from edge.model import Reading
+
+log = structlog.get_logger("examwatch.collector.megatec")
+
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
+
+
+# --- profiles ---------------------------------------------------------------------------------------------
+
+
+class Battery(msgspec.Struct, forbid_unknown_fields=True):
+    """How to turn Q1's battery voltage into a charge estimate (a straight line between empty and full)."""
+
+    reports: Literal["cell", "pack"]  # Q1's S.SS is per cell (e.g. 2.25) or for the whole pack (e.g. 27.0)
+    cell_volts_empty: float = 1.75
+    cell_volts_full: float = 2.25
+    cells: int = 0  # cells in the pack; 0: nominal battery voltage from ``F`` / 2 V per cell
+
+
+class Profile(msgspec.Struct, forbid_unknown_fields=True):
+    description: str = ""
+    battery: Battery | None = None  # none: the model's battery voltage says nothing reliable about charge
+
+
+class Options(msgspec.Struct, forbid_unknown_fields=True):
+    baud: int = 2400  # Megatec is 2400 8N1; a few models use 9600
+
+
+# --- pure parsing -----------------------------------------------------------------------------------------
+
+_NUM = r"(\d+(?:\.\d+)?)"
+_Q1 = re.compile(rf"\({_NUM} {_NUM} {_NUM} {_NUM} {_NUM} {_NUM} (-?\d+(?:\.\d+)?|-[-.]*) ([01]{{8}})\r")
+_F = re.compile(rf"#{_NUM} +{_NUM} +{_NUM} +{_NUM}\r?")
+
+
+class Status(msgspec.Struct, frozen=True):
+    input_voltage: float
+    input_fault_voltage: float
+    output_voltage: float
+    load_percent: float
+    input_frequency: float
+    battery_voltage: float
+    temperature: float | None
+    utility_fail: bool  # b7: on battery
+    battery_low: bool  # b6
+    bypass_boost: bool  # b5: bypass or AVR boost/buck active
+    ups_failed: bool  # b4
+    standby_type: bool  # b3: 1 line-interactive/standby, 0 on-line
+    test_in_progress: bool  # b2
+    shutdown_active: bool  # b1
+    beeper_on: bool  # b0
+
+
+class Rating(msgspec.Struct, frozen=True):
+    voltage: float
+    current: float
+    battery_voltage: float
+    frequency: float
+
+
+def parse_q1(line: bytes) -> Status:
+    """One Q1 answer -> Status; anything else -> DeviceError (``truncated`` or ``garbage``)."""
+    text = line.decode("ascii", errors="replace").strip("\x00\n")
+    m = _Q1.fullmatch(text)
+    if m is None:
+        if not text.endswith("\r"):
+            raise DeviceError("truncated", f"incomplete Q1 answer {text[:60]!r}")
+        raise DeviceError("garbage", f"not a Q1 answer: {text[:60]!r}")
+    v = [float(g) for g in m.groups()[:6]]
+    temp = m.group(7)
+    bits = [c == "1" for c in m.group(8)]
+    return Status(*v, None if temp.startswith("--") or temp == "-" else float(temp), *bits)  # "--.-": no sensor
+
+
+def parse_f(line: bytes) -> Rating:
+    text = line.decode("ascii", errors="replace").strip("\x00\n")
+    m = _F.fullmatch(text)
+    if m is None:
+        raise DeviceError("garbage", f"not an F answer: {text[:60]!r}")
+    return Rating(*(float(g) for g in m.groups()))
+
+
+def parse_i(line: bytes) -> str:
+    """Identity (``#company(15) model(10) version(10)``), whitespace squeezed; '' if the UPS has none."""
+    text = line.decode("ascii", errors="replace").strip("\x00\r\n")
+    return " ".join(text[1:].split()) if text.startswith("#") else ""
+
+
+def estimate_charge(volts: float, battery: Battery, rating: Rating | None) -> float | None:
+    """Charge in percent from the battery voltage, or None when the cell count cannot be known."""
+    if battery.reports == "cell":
+        per_cell = volts
+    else:
+        cells = battery.cells or (round(rating.battery_voltage / 2.0) if rating and rating.battery_voltage else 0)
+        if not cells:
+            return None
+        per_cell = volts / cells
+    span = battery.cell_volts_full - battery.cell_volts_empty
+    return max(0.0, min(100.0, (per_cell - battery.cell_volts_empty) / span * 100.0))
+
+
+def readings_from(device: str, s: Status, profile: Profile, rating: Rating | None, now: float) -> list[Reading]:
+    values = {
+        "input_voltage_volts": s.input_voltage,
+        "output_voltage_volts": s.output_voltage,
+        "ups_load_percent": s.load_percent,
+        "input_frequency_hertz": s.input_frequency,
+        "power_on_battery": float(s.utility_fail),
+        "ups_battery_low": float(s.battery_low),
+        "ups_bypass": float(s.bypass_boost),
+        "ups_fault": float(s.ups_failed),
+        "ups_test_active": float(s.test_in_progress),
+        "ups_shutdown_pending": float(s.shutdown_active),
+    }
+    if profile.battery is not None:
+        charge = estimate_charge(s.battery_voltage, profile.battery, rating)
+        if charge is not None:
+            values["ups_charge_percent"] = round(charge, 1)
+    return [Reading(device, metric, value, now) for metric, value in values.items()]
+
+
+# --- I/O --------------------------------------------------------------------------------------------------
+
+
+class _Port:
+    """One serial port, used from worker threads one request at a time; reopened with backoff."""
+
+    def __init__(self, path: str, baud: int, timeout: float) -> None:
+        self.path, self.baud, self.timeout = path, baud, timeout
+        self.serial: serial.Serial | None = None
+        self.lock = threading.Lock()
+        self.backoff = 0.0
+        self.next_open = 0.0
+        self.identified = False  # F and I asked since the port opened
+        self.rating: Rating | None = None
+        self.identity = ""
+
+    def ask(self, command: bytes) -> bytes:
+        """Send one command, return what came back up to and including ``\\r`` (maybe less on timeout)."""
+        with self.lock:
+            port = self._open()
+            try:
+                port.reset_input_buffer()  # leftovers of an earlier garbled or late answer
+                port.write(command + b"\r")
+                return port.read_until(b"\r", 128)
+            except (serial.SerialException, OSError, termios.error) as err:  # tcflush on a dead pty: termios.error
+                self._lost(err)
+                raise DeviceError("port_lost", str(err)) from None
+
+    def _open(self) -> serial.Serial:
+        if self.serial is not None:
+            return self.serial
+        if time.monotonic() < self.next_open:
+            raise DeviceError("port_unavailable", f"{self.path}: retrying in {self.next_open - time.monotonic():.0f}s")
+        try:
+            self.serial = serial.Serial(self.path, self.baud, timeout=self.timeout, write_timeout=self.timeout)
+        except (serial.SerialException, OSError) as err:
+            self._lost(err)
+            raise DeviceError("port_unavailable", str(err)) from None
+        self.backoff = 0.0
+        return self.serial
+
+    def _lost(self, err: Exception) -> None:
+        if self.serial is not None:
+            try:
+                self.serial.close()
+            except (serial.SerialException, OSError):
+                pass
+            self.serial = None
+            self.identified = False
+        self.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self.backoff * 2))
+        self.next_open = time.monotonic() + self.backoff
+
+    def close(self) -> None:
+        with self.lock:
+            if self.serial is not None:
+                self.serial.close()
+                self.serial = None
+
+
+@register
+class MegatecCollector(PollingCollector):
+    protocol = "megatec"
+    Options = Options
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ports: dict[str, _Port] = {}
+
+    async def poll(self, device: Any) -> list[Reading]:
+        profile = profiles.load("megatec", device.profile or "generic", Profile)
+        port = self._ports.get(device.name)
+        if port is None:
+            port = self._ports[device.name] = _Port(device.address, device.options.baud, device.timeout)
+        if not port.identified:
+            await asyncio.to_thread(self._identify, device.name, port)
+        status = await asyncio.to_thread(self._status, port, device.retries)
+        return readings_from(device.name, status, profile, port.rating, time.time())
+
+    @staticmethod
+    def _status(port: _Port, retries: int) -> Status:
+        err: DeviceError | None = None
+        for _ in range(retries + 1):
+            line = port.ask(b"Q1")
+            if not line:
+                err = DeviceError("timeout", f"no answer to Q1 within {port.timeout}s")
+                continue
+            try:
+                return parse_q1(line)
+            except DeviceError as e:
+                err = e
+        assert err is not None
+        raise err
+
+    @staticmethod
+    def _identify(name: str, port: _Port) -> None:
+        """Ask ratings and identity once per opened port; a UPS that lacks them still gets polled."""
+        try:
+            port.rating = parse_f(port.ask(b"F"))
+        except DeviceError as err:
+            if err.reason in ("port_lost", "port_unavailable"):
+                raise
+            port.rating = None
+        identity = parse_i(port.ask(b"I"))
+        port.identified = True
+        if identity != port.identity:
+            port.identity = identity
+            log.info("ups_identified", device=name, identity=identity or "(none)", rating=port.rating)
+
+    async def close(self) -> None:
+        for port in self._ports.values():
+            await asyncio.to_thread(port.close)

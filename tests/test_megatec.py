@@ -1,0 +1,244 @@
+"""Megatec/Q1 serial UPS: pure parsing, and the collector against the simulator on a socat pty pair."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from collectors import profiles
+from collectors.base import DeviceError, Health
+from collectors.megatec import Battery, MegatecCollector, Options, Profile, Rating, estimate_charge, parse_f, parse_i, parse_q1
+from edge.config import Device
+from edge.model import Reading
+from simulators.megatec import MegatecSimulator
+from simulators.serial_pty import PtyPair
+
+# Answers as real units send them (the Megatec protocol sheet and NUT's blazer/nutdrv_qx test notes).
+Q1_ONLINE_CELL = b"(218.0 218.0 219.0 016 50.0 2.27 30.0 00001000\r"
+Q1_ON_BATTERY_PACK = b"(000.0 000.0 220.1 034 50.1 12.4 --.- 11001001\r"
+
+
+# --- pure ---------------------------------------------------------------------------------------------------
+
+
+def test_parse_q1_reads_values_and_all_eight_bits() -> None:
+    s = parse_q1(Q1_ONLINE_CELL)
+    assert (s.input_voltage, s.output_voltage, s.load_percent, s.input_frequency) == (218.0, 219.0, 16.0, 50.0)
+    assert (s.battery_voltage, s.temperature) == (2.27, 30.0)
+    assert s.standby_type and not (s.utility_fail or s.battery_low or s.bypass_boost or s.ups_failed)
+    b = parse_q1(Q1_ON_BATTERY_PACK)
+    assert b.utility_fail and b.battery_low and b.beeper_on and b.temperature is None
+    assert b.standby_type and not (b.bypass_boost or b.ups_failed or b.test_in_progress or b.shutdown_active)
+    bits = parse_q1(b"(230.0 230.0 230.0 010 50.0 13.6 25.0 00110110\r")
+    assert (bits.bypass_boost, bits.ups_failed, bits.test_in_progress, bits.shutdown_active) == (True, True, True, True)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"", "truncated"),
+        (b"(218.0 218.0 219.0 016 50", "truncated"),
+        (Q1_ONLINE_CELL[:-1], "truncated"),
+        (b"Q1\r", "garbage"),  # an echo: the UPS does not know Q1
+        (b"(218.0 218.0 219.0 016 50.0 2.27 30.0 0000100\r", "garbage"),
+        (b"\x8f\xfe(2#0.1 ZZ @@@ 1x1\r", "garbage"),
+    ],
+)
+def test_parse_q1_rejects_bad_answers(line: bytes, reason: str) -> None:
+    with pytest.raises(DeviceError) as err:
+        parse_q1(line)
+    assert err.value.reason == reason
+
+
+@given(st.binary(max_size=80))
+def test_parse_q1_random_bytes_raise_only_device_error(data: bytes) -> None:
+    try:
+        parse_q1(data)
+    except DeviceError:
+        pass
+
+
+@given(st.lists(st.sampled_from(list(b"0123456789. ()-\r")), max_size=60))
+def test_parse_q1_near_misses_raise_only_device_error(chars: list[int]) -> None:
+    try:
+        parse_q1(bytes(chars))
+    except DeviceError:
+        pass
+
+
+def test_parse_f_and_i() -> None:
+    assert parse_f(b"#220.0 003 12.00 50.0\r") == Rating(220.0, 3.0, 12.0, 50.0)
+    assert parse_i(b"#SANTAK          C1K        V2.0      \r") == "SANTAK C1K V2.0"
+    assert parse_i(b"I\r") == ""
+    with pytest.raises(DeviceError):
+        parse_f(b"F\r")
+
+
+def test_charge_estimate_from_profiles() -> None:
+    pack = profiles.load("megatec", "pack-voltage", Profile).battery
+    cell = profiles.load("megatec", "cell-voltage", Profile).battery
+    assert pack is not None and cell is not None
+    rating = Rating(230.0, 4.0, 12.0, 50.0)  # one 12 V block: 6 cells
+    assert estimate_charge(13.5, pack, rating) == 100.0
+    assert estimate_charge(12.0, pack, rating) == pytest.approx(50.0)
+    assert estimate_charge(10.5, pack, rating) == 0.0
+    assert estimate_charge(12.0, pack, None) is None  # no F and no cell count: no guess
+    assert estimate_charge(12.0, Battery("pack", cells=6), None) == pytest.approx(50.0)
+    assert estimate_charge(2.0, cell, None) == pytest.approx(50.0)
+    assert profiles.load("megatec", "generic", Profile).battery is None
+
+
+# --- against the simulator ------------------------------------------------------------------------------------
+
+
+class ListAcc:
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+
+    def add(self, reading: Reading) -> None:
+        self.readings.append(reading)
+
+    def latest(self, device: str, metric: str) -> float | None:
+        for r in reversed(self.readings):
+            if r.device == device and r.metric == metric:
+                return r.value
+        return None
+
+
+@pytest.fixture
+def ups(tmp_path: Path) -> Iterator[tuple[PtyPair, MegatecSimulator]]:
+    pair = PtyPair(tmp_path, "ups")
+    pair.start()
+    sim = MegatecSimulator(str(pair.device))
+    sim.start()
+    yield pair, sim
+    sim.stop()
+    pair.stop()
+
+
+def device(port: Path | str, name: str = "ups1", **kw: object) -> Device:
+    fields = {"interval": 0.3, "timeout": 0.5, "retries": 0, "profile": "pack-voltage"} | kw
+    return Device(name=name, kind="ups", protocol="megatec", address=str(port), options=Options(), **fields)  # type: ignore[arg-type]
+
+
+async def wait_for(check, deadline: float) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + deadline
+    while not check():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def test_poll_reads_the_simulated_ups(ups: tuple[PtyPair, MegatecSimulator]) -> None:
+    pair, sim = ups
+    acc, health = ListAcc(), Health()
+    c = MegatecCollector([device(pair.agent)], acc, health)
+
+    async def go() -> None:
+        await c.poll_once(c.devices[0])
+        await c.close()
+
+    asyncio.run(go())
+    got = {r.metric: r.value for r in acc.readings}
+    assert got["power_on_battery"] == 0.0 and got["ups_fault"] == 0.0 and got["device_online"] == 1.0
+    assert got["input_voltage_volts"] == sim.state.input_voltage and got["ups_load_percent"] == sim.state.load_percent
+    assert got["ups_charge_percent"] == 100.0  # 13.6 V on a 12 V block, cells from the F rating
+    assert sim.commands[:3] == ["F", "I", "Q1"]
+
+
+def test_mode_flips_show_within_one_interval(ups: tuple[PtyPair, MegatecSimulator]) -> None:
+    pair, sim = ups
+    acc = ListAcc()
+    dev = device(pair.agent)
+    c = MegatecCollector([dev], acc, Health())
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        await wait_for(lambda: acc.latest("ups1", "power_on_battery") == 0.0, 5)
+        for mode, metric in [("battery", "power_on_battery"), ("battery_low", "ups_battery_low"), ("fault", "ups_fault")]:
+            sim.set_mode(mode)
+            await wait_for(lambda: acc.latest("ups1", metric) == 1.0, dev.interval + 1)
+        assert acc.latest("ups1", "power_on_battery") == 0.0  # fault on line power
+        sim.set_mode("line")
+        await wait_for(lambda: acc.latest("ups1", "ups_fault") == 0.0, dev.interval + 1)
+        stop.set()
+        await task
+        await c.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(("how", "reason"), [("garbage", "garbage"), ("truncated", "truncated"), ("silent", "timeout")])
+def test_bad_answers_are_a_device_state_and_recover(ups: tuple[PtyPair, MegatecSimulator], how: str, reason: str) -> None:
+    pair, sim = ups
+    acc, health = ListAcc(), Health()
+    c = MegatecCollector([device(pair.agent, timeout=0.3)], acc, health)
+
+    async def go() -> None:
+        await c.poll_once(c.devices[0])
+        sim.misbehave(how)  # type: ignore[arg-type]
+        await c.poll_once(c.devices[0])
+        await c.poll_once(c.devices[0])
+        assert health.devices["ups1"].online is False
+        assert health.devices["ups1"].errors[reason] == 2
+        assert acc.latest("ups1", "device_online") == 0.0
+        sim.misbehave(None)
+        await c.poll_once(c.devices[0])
+        assert health.devices["ups1"].online is True and acc.latest("ups1", "device_online") == 1.0
+        await c.close()
+
+    asyncio.run(go())
+
+
+def test_vanished_port_is_reopened(ups: tuple[PtyPair, MegatecSimulator]) -> None:
+    pair, sim = ups
+    acc, health = ListAcc(), Health()
+    dev = device(pair.agent)
+    c = MegatecCollector([dev], acc, health)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        await wait_for(lambda: acc.latest("ups1", "device_online") == 1.0, 5)
+        pair.stop()  # the USB-serial adapter is pulled
+        await wait_for(lambda: health.devices["ups1"].online is False, 5)
+        assert {"port_lost", "port_unavailable"} & set(health.devices["ups1"].errors)
+        await asyncio.to_thread(pair.start)  # and plugged back in
+        sim.set_mode("battery")
+        await wait_for(lambda: acc.latest("ups1", "power_on_battery") == 1.0, 10)
+        assert health.devices["ups1"].online is True
+        stop.set()
+        await task
+        await c.close()
+
+    asyncio.run(go())
+
+
+def test_silent_ups_does_not_stall_another(ups: tuple[PtyPair, MegatecSimulator], tmp_path: Path) -> None:
+    pair, sim = ups
+    dead = PtyPair(tmp_path, "dead")  # a port nobody answers on
+    dead.start()
+    acc, health = ListAcc(), Health()
+    c = MegatecCollector([device(pair.agent), device(dead.agent, name="ups2", timeout=2.0, retries=1)], acc, health)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        await asyncio.sleep(2.0)
+        stop.set()
+        await task
+        await c.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        dead.stop()
+    good_polls = sum(1 for r in acc.readings if r.device == "ups1" and r.metric == "device_online" and r.value == 1.0)
+    assert good_polls >= 4  # polled every 0.3 s while ups2 sat in its 2 x 2 s timeouts
+    assert health.devices["ups2"].online is False and health.devices["ups2"].errors["timeout"] >= 1
