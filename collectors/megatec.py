@@ -246,12 +246,13 @@ class MegatecCollector(PollingCollector):
     @staticmethod
     def _identify(name: str, port: _Port) -> None:
         """Ask ratings and identity once per opened port; a UPS that lacks them still gets polled."""
+        line = port.ask(b"F")
+        if not line:  # a silent UPS: don't spend two more timeouts on it
+            raise DeviceError("timeout", f"no answer to F within {port.timeout}s")
         try:
-            port.rating = parse_f(port.ask(b"F"))
-        except DeviceError as err:
-            if err.reason in ("port_lost", "port_unavailable"):
-                raise
-            port.rating = None
+            port.rating = parse_f(line)
+        except DeviceError:
+            port.rating = None  # models without F echo it back
         identity = parse_i(port.ask(b"I"))
         port.identified = True
         if identity != port.identity:
