@@ -41,7 +41,7 @@ LEVEL_ACTIONS = {
 class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: str
     type: Literal["threshold", "silent"] = "threshold"
-    title: str  # what is wrong, in Chinese, e.g. "电量低"
+    title: str  # what is wrong, in Chinese, e.g. "录音笔电量低"; "{kind}" names the device kind
     action: str = ""  # the plan's suggested action for this fault, in Chinese
     kinds: tuple[str, ...] = ()  # device kinds it applies to; empty = every kind
     except_kinds: tuple[str, ...] = ()
@@ -102,10 +102,9 @@ def rule_issues(rule: Rule, metrics: set[str], kinds: set[str], phases: tuple[st
         if rule.clear is not None:
             if rule.op in ("==", "!="):
                 issues.append("clear needs an ordering op (<, <=, >, >=)")
-            elif rule.op in ("<", "<=") and not rule.clear >= rule.threshold:
-                issues.append(f"clear ({rule.clear}) must be >= threshold ({rule.threshold}) for op {rule.op!r}")
-            elif rule.op in (">", ">=") and not rule.clear <= rule.threshold:
-                issues.append(f"clear ({rule.clear}) must be <= threshold ({rule.threshold}) for op {rule.op!r}")
+            # A value that clears must not also raise, or the alarm would flap on it.
+            elif rule.holds(rule.clear):
+                issues.append(f"clear ({rule.clear}) lies on the raising side of {rule.op} {rule.threshold}")
         if rule.for_ < 0:
             issues.append("for must not be negative")
     elif rule.silent_intervals <= 0:
