@@ -1,0 +1,315 @@
+"""The agent's uplink: sends the outbox to the county broker and reports what the broker acknowledged.
+
+Store-and-forward with nothing lost:
+- the outbox (SQLite, written by the agent's single writer thread in the same transaction as the readings
+  and alarm transitions it carries) is the only queue that survives a crash; this module only reads it;
+- rows go out in ``seq`` order as signed envelopes (``edge.wire``), MQTT v5 QoS 1, persistent session
+  (``clean_start=False`` + a session expiry), at most ``window`` of them unacknowledged at a time;
+- a row is reported through ``on_acked`` only when the broker sent its PUBACK; the writer then deletes it;
+- a publish made while the link is down stays queued inside paho and goes out after reconnect, so it is
+  never published twice from here; after a restart every row still in the outbox is sent again (the
+  gateway drops duplicates on (agent, seq));
+- ``status`` is retained: ``online`` at connect and on every heartbeat, ``offline`` as last will.
+
+Threads: paho's network thread runs the callbacks; they only put events on a queue and wake the
+uplink's own worker thread, which does all reading, publishing and bookkeeping. (Taking a lock inside
+``on_publish`` would deadlock: paho holds its message lock while calling it and while we publish.)
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge import wire
+from edge.config import Uplink as UplinkConfig
+
+log = structlog.get_logger("examwatch.uplink")
+
+RETRY_AFTER = 10.0  # seconds before re-sending a row the broker refused (e.g. not authorized)
+
+
+class OutboxRowLike(Protocol):
+    seq: int
+    kind: str
+    created: float
+    body: bytes
+
+
+class OutboxReaderLike(Protocol):
+    def pending(self, after_seq: int = 0, limit: int = 500) -> list[Any]: ...
+    def count(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class UplinkHealth:
+    connected: bool
+    pending: int  # outbox rows not yet acknowledged (as of the last count, at most a second old)
+    sent: int  # messages handed to the MQTT client since start
+    acked: int  # rows acknowledged by the broker since start
+    refused: int  # PUBACKs with a failure reason (e.g. not authorized)
+    connects: int
+    last_error: str
+    last_ack: float | None  # unix time of the last acknowledgement
+
+
+def _default_reader(path: str) -> OutboxReaderLike:
+    from edge.store import OutboxReader
+
+    return OutboxReader(path)
+
+
+class Uplink:
+    def __init__(
+        self,
+        cfg: UplinkConfig,
+        *,
+        agent_id: str,
+        db_path: str,
+        on_acked: Callable[[list[int]], None],
+        client_id: str = "",
+        window: int = 200,
+        phase: Callable[[], str | None] = lambda: None,
+        reader_factory: Callable[[str], OutboxReaderLike] = _default_reader,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.agent = agent_id
+        self.db_path = db_path
+        self.on_acked = on_acked
+        self.window = window
+        self.phase = phase
+        self.clock = clock
+        self._reader_factory = reader_factory
+        self._key = wire.load_key(cfg.signing_key, cfg.signing_key_file)
+        self._client_id = client_id or "examwatch-" + agent_id.replace("/", "-")
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+        # worker-thread state
+        self._connected = False
+        self._inflight: dict[int, int] = {}  # mid -> seq
+        self._cursor = 0  # highest seq handed to paho
+        self._retry: dict[int, float] = {}  # seq -> when to send it again
+        self._last_heartbeat = 0.0
+        self._last_count = 0.0
+        # read by health() from other threads: plain ints/bools, replaced atomically
+        self._pending = 0
+        self._sent = self._acked = self._refused = self._connects = 0
+        self._last_error = ""
+        self._last_ack: float | None = None
+
+    # --- public API --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._client = self._make_client()
+        self._client.connect_async(
+            self.cfg.host,
+            self.cfg.port,
+            keepalive=max(10, int(self.cfg.heartbeat * 2)),
+            clean_start=False,
+            properties=self._connect_properties(),
+        )
+        self._client.loop_start()
+        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+        self._thread.start()
+
+    def notify(self) -> None:
+        """New outbox rows were committed: send them now (alarms must not wait)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Say ``offline`` (retained), disconnect and stop. Unacknowledged rows stay in the outbox."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+        client = self._client
+        if client is None:
+            return
+        if client.is_connected():
+            info = client.publish(
+                wire.topic(self.agent, "status"), self._status("offline", reason="shutdown"), qos=1, retain=True
+            )
+            try:
+                info.wait_for_publish(timeout=min(timeout, 2.0))
+            except (RuntimeError, ValueError):
+                pass  # connection lost at the same moment; the last will says offline instead
+            self._drain_events()  # PUBACKs that arrived meanwhile still delete their rows
+        client.disconnect()
+        client.loop_stop()
+
+    def health(self) -> UplinkHealth:
+        return UplinkHealth(
+            connected=self._connected,
+            pending=self._pending,
+            sent=self._sent,
+            acked=self._acked,
+            refused=self._refused,
+            connects=self._connects,
+            last_error=self._last_error,
+            last_ack=self._last_ack,
+        )
+
+    # --- paho side (network thread): only enqueue and wake ---------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv5)
+        c.max_inflight_messages_set(self.window + 2)  # + status messages
+        c.reconnect_delay_set(min_delay=1, max_delay=15)
+        if self.cfg.username:
+            c.username_pw_set(self.cfg.username, self.cfg.password or None)
+        if self.cfg.tls:
+            c.tls_set(
+                ca_certs=self.cfg.ca_file or None,
+                certfile=self.cfg.cert_file or None,
+                keyfile=self.cfg.key_file or None,
+            )
+        c.will_set(wire.topic(self.agent, "status"), self._status("offline", reason="lost"), qos=1, retain=True)
+        c.on_connect = lambda _c, _u, flags, rc, _p: self._event("connect", (rc, flags.session_present))
+        c.on_disconnect = lambda _c, _u, _f, rc, _p: self._event("disconnect", rc)
+        c.on_publish = lambda _c, _u, mid, rc, _p: self._event("puback", (mid, rc))
+        c.on_socket_open = self._on_socket_open
+        return c
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry
+        return props
+
+    @staticmethod
+    def _on_socket_open(_c: Any, _u: Any, sock: Any) -> None:
+        # paho never sets it; without it the first messages after connect can wait ~30 ms (Nagle).
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass  # TLS-wrapped or non-TCP socket
+
+    def _event(self, kind: str, data: Any) -> None:
+        self._events.put((kind, data))
+        self._wake.set()
+
+    # --- worker thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        reader = self._reader_factory(self.db_path)
+        try:
+            self._pending = reader.count()
+            while not self._stop.is_set():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                self._drain_events()
+                now = self.clock()
+                if self._connected:
+                    self._send(reader, now)
+                    if now - self._last_heartbeat >= self.cfg.heartbeat:
+                        self._heartbeat(now)
+                if time.monotonic() - self._last_count >= 1.0:
+                    self._pending = reader.count()
+                    self._last_count = time.monotonic()
+        except Exception as err:  # the uplink must not die silently: the readiness check reads last_error
+            self._last_error = f"uplink worker stopped: {type(err).__name__}: {err}"
+            log.exception("uplink_worker_failed")
+            raise
+        finally:
+            close = getattr(reader, "close", None)
+            if close:
+                close()
+
+    def _drain_events(self) -> None:
+        acked: list[int] = []
+        while True:
+            try:
+                kind, data = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "puback":
+                mid, rc = data
+                seq = self._inflight.pop(mid, None)
+                if seq is None:
+                    continue  # a status message
+                if rc.is_failure:
+                    self._refused += 1
+                    self._retry[seq] = self.clock() + RETRY_AFTER
+                    self._set_error(f"broker refused seq {seq}: {rc}")
+                else:
+                    acked.append(seq)
+            elif kind == "connect":
+                rc, session_present = data
+                if rc.is_failure:
+                    self._set_error(f"connect refused: {rc}")
+                    continue
+                self._connected = True
+                self._connects += 1
+                self._last_heartbeat = 0.0  # announce online at once
+                log.info("uplink_connected", host=self.cfg.host, port=self.cfg.port, session_present=session_present)
+            elif kind == "disconnect":
+                if self._connected:
+                    log.warning("uplink_lost", reason=str(data), inflight=len(self._inflight))
+                self._connected = False
+        if acked:
+            self._acked += len(acked)
+            self._last_ack = self.clock()
+            self.on_acked(acked)
+
+    def _send(self, reader: OutboxReaderLike, now: float) -> None:
+        assert self._client is not None
+        due = sorted(s for s, t in self._retry.items() if t <= now)
+        for seq in due:
+            if len(self._inflight) >= self.window:
+                return
+            rows = reader.pending(after_seq=seq - 1, limit=1)
+            del self._retry[seq]
+            if rows and rows[0].seq == seq:
+                self._publish(rows[0])
+        room = self.window - len(self._inflight)
+        if room <= 0:
+            return
+        for row in reader.pending(after_seq=self._cursor, limit=room):
+            if not self._publish(row):
+                return
+            self._cursor = row.seq
+
+    def _publish(self, row: OutboxRowLike) -> bool:
+        assert self._client is not None
+        payload = wire.encode(self._key, self.agent, row.seq, self.clock(), row.kind, row.body)
+        info = self._client.publish(wire.topic(self.agent, row.kind), payload, qos=1)
+        # NO_CONN: paho queued it and sends it after reconnect; publishing it again would duplicate it.
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._set_error(f"publish failed: {mqtt.error_string(info.rc)}")
+            return False
+        self._inflight[info.mid] = row.seq
+        self._sent += 1
+        return True
+
+    def _heartbeat(self, now: float) -> None:
+        assert self._client is not None
+        self._client.publish(wire.topic(self.agent, "status"), self._status("online"), qos=1, retain=True)
+        self._last_heartbeat = now
+
+    def _status(self, state: str, reason: str = "") -> bytes:
+        pending = self._pending if state == "online" else None
+        body = msgspec.json.encode(wire.Status(state=state, reason=reason, pending=pending, phase=self.phase()))
+        return wire.encode(self._key, self.agent, 0, self.clock(), "status", body)
+
+    def _set_error(self, message: str) -> None:
+        if message != self._last_error:
+            log.warning("uplink_error", error=message)
+        self._last_error = message
+
+
+__all__ = ["Uplink", "UplinkHealth"]
