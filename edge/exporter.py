@@ -96,9 +96,9 @@ class AgentCollector(Collector):
         up = a.uplink_health()
         if up is not None:
             yield GaugeMetricFamily("examwatch_uplink_connected", "1 while connected to the county broker",
-                                    value=1.0 if up.get("connected") else 0.0)
+                                    value=1.0 if up.connected else 0.0)
             yield GaugeMetricFamily("examwatch_uplink_pending_messages", "messages waiting for the county broker",
-                                    value=float(up.get("pending", 0)))
+                                    value=float(up.pending))
 
 
 def serve(agent: Agent, listen: str) -> tuple[object, object]:

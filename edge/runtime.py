@@ -80,7 +80,7 @@ class Agent:
     def outbox_stats(self) -> dict[str, float]:
         return dict(self._outbox)
 
-    def uplink_health(self) -> dict[str, Any] | None:
+    def uplink_health(self) -> Any:
         return self.uplink.health() if self.uplink is not None else None
 
     def healthy(self) -> bool:
@@ -172,7 +172,10 @@ class Agent:
         if cfg.uplink.enabled:
             from edge.uplink import Uplink
 
-            self.uplink = Uplink(cfg.uplink, agent_id=cfg.agent_id, db_path=self.db_path, on_acked=self._acked)
+            self.uplink = Uplink(
+                cfg.uplink, agent_id=cfg.agent_id, db_path=self.db_path, on_acked=self._acked,
+                phase=lambda: self.engine.phase(time.time()),
+            )
         writer = threading.Thread(target=self._writer, name="writer", daemon=True)
         writer.start()
         while not self.ready.wait(0.05):

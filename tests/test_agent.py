@@ -1,0 +1,259 @@
+"""The room agent end to end: a real mosquitto, the real `examwatch agent run` process, real sensors' payloads.
+
+Each test writes a config whose exam schedule sits around the current time, starts the agent, publishes
+as Zigbee2MQTT would, and watches the alarms topic and the Prometheus endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import msgspec
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge import wire
+from edge.model import AlarmEvent
+from tests.conftest import free_port, wait_port
+
+pytestmark = pytest.mark.integration
+TZ = ZoneInfo("Asia/Shanghai")
+
+
+def local(delta_minutes: float) -> str:
+    t = datetime.now(TZ) + timedelta(minutes=delta_minutes)
+    return t.replace(tzinfo=None, microsecond=0).isoformat()
+
+
+def agent_config(broker_port: int, state_dir: Path, exporter_port: int, *, room_kind: str, sessions=(), windows=(),
+                 extra: str = "") -> str:
+    blocks = [
+        f"""
+[agent]
+site = "s1"
+room = "r1"
+kind = "{room_kind}"
+room_name = "保密室"
+state_dir = "{state_dir}"
+
+[mqtt]
+port = {broker_port}
+
+[exporter]
+listen = "127.0.0.1:{exporter_port}"
+
+[uplink]
+enabled = true
+port = {broker_port}
+signing_key = "{'ab' * 32}"
+
+[[devices]]
+name = "door"
+kind = "door"
+protocol = "mqtt"
+topic = "z2m/door"
+profile = "zigbee2mqtt_contact"
+interval = 0.5
+
+[[devices]]
+name = "noise"
+kind = "noise"
+protocol = "mqtt"
+topic = "z2m/noise"
+profile = "zigbee2mqtt_noise"
+interval = 60
+
+[rules.noise_high]
+for = 1.0
+""",
+        extra,
+        "[schedule]\ntimezone = \"Asia/Shanghai\"\n",
+    ]
+    for which, spans in (("sessions", sessions), ("secrecy_windows", windows)):
+        for a, b in spans:
+            blocks.append(f"[[schedule.{which}]]\nstart = {local(a)}\nend = {local(b)}\n")
+    return "\n".join(blocks)
+
+
+class Watcher:
+    """Subscribes to the county topics; records each alarm with the time it arrived."""
+
+    def __init__(self, port: int) -> None:
+        self.alarms: list[tuple[float, AlarmEvent]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe("examwatch/v1/+/+/alarms", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        env = wire.decode(msg.payload)
+        with self.lock:
+            self.alarms.append((time.monotonic(), msgspec.json.decode(env.body, type=AlarmEvent)))
+
+    def wait(self, pred, timeout: float) -> tuple[float, AlarmEvent] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                for item in self.alarms:
+                    if pred(item[1]):
+                        return item
+            time.sleep(0.01)
+        return None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class RunningAgent:
+    def __init__(self, proc: subprocess.Popen[str], exporter_port: int, broker_port: int) -> None:
+        self.proc = proc
+        self.exporter_port = exporter_port
+        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self.pub.connect("127.0.0.1", broker_port)
+        self.pub.loop_start()
+
+    def publish(self, topic: str, payload: dict | str) -> float:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self.pub.publish(topic, data, qos=1).wait_for_publish(2)
+        return time.monotonic()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.exporter_port}/metrics", timeout=2) as r:
+            return r.read().decode()
+
+    def alarm_exported(self, rule: str, level: int) -> bool:
+        return any(
+            line.startswith("examwatch_alarm_active{") and f'rule="{rule}"' in line and f'level="{level}"' in line
+            for line in self.metrics().splitlines()
+        )
+
+
+@pytest.fixture
+def start_agent(mosquitto, tmp_path) -> Iterator:
+    running: list[RunningAgent] = []
+    watcher = Watcher(mosquitto.port)
+
+    def start(**kw) -> RunningAgent:
+        exporter_port = free_port()
+        path = tmp_path / f"agent{len(running)}.toml"
+        path.write_text(agent_config(mosquitto.port, tmp_path / f"state{len(running)}", exporter_port, **kw),
+                        encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "agent", "run", "--config", str(path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+        wait_port(exporter_port, timeout=15)
+        agent = RunningAgent(proc, exporter_port, mosquitto.port)
+        running.append(agent)
+        time.sleep(0.3)  # let its MQTT subscription settle
+        return agent
+
+    start.watcher = watcher  # type: ignore[attr-defined]
+    yield start
+    watcher.close()
+    for a in running:
+        a.pub.loop_stop()
+        if a.proc.poll() is None:
+            a.proc.terminate()
+            a.proc.wait(10)
+
+
+def until(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_secrecy_door_open_outside_window_is_level_2_within_a_second_and_clears(start_agent):
+    agent = start_agent(room_kind="secrecy_room", windows=[(60, 90)])  # the next window is in an hour
+    watcher = start_agent.watcher
+    sent = agent.publish("z2m/door", {"contact": False, "battery": 90})
+    got = watcher.wait(lambda e: e.rule == "secrecy_door_open" and e.state == "raised", timeout=1.0)
+    assert got is not None, "no level-2 alarm published within 1 s"
+    arrived, event = got
+    assert event.level == 2 and event.device == "door" and event.value == 1.0
+    assert "保密室" in event.message and event.action
+    assert arrived - sent < 1.0
+    assert until(lambda: agent.alarm_exported("secrecy_door_open", 2), timeout=1.0 - (time.monotonic() - sent) + 0.2)
+
+    agent.publish("z2m/door", {"contact": True})
+    cleared = watcher.wait(lambda e: e.id == event.id and e.state == "cleared", timeout=2.0)
+    assert cleared is not None
+    assert until(lambda: not agent.alarm_exported("secrecy_door_open", 2), timeout=2.0)
+
+
+def test_door_opening_inside_a_permitted_window_raises_nothing(start_agent):
+    agent = start_agent(room_kind="secrecy_room", windows=[(-10, 20)])
+    agent.publish("z2m/door", {"contact": False})
+    assert until(lambda: 'examwatch_door_open{device="door",kind="door",room="r1",site="s1"} 1.0' in agent.metrics(), 2)
+    assert start_agent.watcher.wait(lambda e: e.rule == "secrecy_door_open", timeout=1.5) is None
+    assert not agent.alarm_exported("secrecy_door_open", 2)
+
+
+def test_noise_over_the_limit_during_a_session_is_level_1_and_not_between_sessions(start_agent):
+    during = start_agent(room_kind="exam_room", sessions=[(-20, 40)])
+    for _ in range(4):
+        during.publish("z2m/noise", {"noise": 82})
+        time.sleep(0.4)
+    got = start_agent.watcher.wait(lambda e: e.rule == "noise_high" and e.state == "raised", timeout=2.0)
+    assert got is not None and got[1].level == 1 and got[1].phase == "during"
+    during.proc.terminate()
+    during.proc.wait(10)
+
+    start_agent.watcher.alarms.clear()
+    between = start_agent(room_kind="exam_room", sessions=[(-90, -30), (30, 90)])
+    for _ in range(5):
+        between.publish("z2m/noise", {"noise": 82})
+        time.sleep(0.4)
+    assert start_agent.watcher.wait(lambda e: e.rule == "noise_high", timeout=1.0) is None
+
+
+def test_a_sensor_that_falls_silent_raises_the_staleness_alarm(start_agent):
+    agent = start_agent(room_kind="secrecy_room", windows=[(-10, 20)])
+    last = agent.publish("z2m/door", {"contact": True})
+    got = start_agent.watcher.wait(lambda e: e.rule == "secrecy_sensor_silent" and e.device == "door", timeout=5.0)
+    assert got is not None and got[1].level == 2
+    assert got[0] - last >= 3 * 0.5 - 0.1  # not before its bound: 3 intervals of 0.5 s
+    agent.publish("z2m/door", {"contact": True})
+    assert start_agent.watcher.wait(lambda e: e.id == got[1].id and e.state == "cleared", timeout=2.0)
+
+
+def test_availability_offline_raises_an_alarm(start_agent):
+    agent = start_agent(room_kind="exam_room", sessions=[(-20, 40)])
+    agent.publish("z2m/noise/availability", {"state": "offline"})
+    got = start_agent.watcher.wait(lambda e: e.device == "noise" and e.state == "raised" and "offline" in e.rule,
+                                   timeout=2.0)
+    assert got is not None
+    assert until(lambda: 'examwatch_device_online{device="noise",kind="noise",room="r1",site="s1"} 0.0'
+                 in agent.metrics(), 1.0)
+
+
+def test_sigterm_stops_cleanly_and_a_restart_keeps_the_alarm_open(start_agent, tmp_path):
+    agent = start_agent(room_kind="secrecy_room", windows=[(60, 90)])
+    agent.publish("z2m/door", {"contact": False})
+    assert start_agent.watcher.wait(lambda e: e.rule == "secrecy_door_open", timeout=2.0)
+    agent.proc.send_signal(signal.SIGTERM)
+    out, _ = agent.proc.communicate(timeout=15)
+    assert agent.proc.returncode == 0
+    assert '"event": "agent_stopped"' in out
+    from edge.store import Store
+
+    open_alarms = Store(tmp_path / "state0" / "agent.db").open_alarms()
+    assert [e.rule for e in open_alarms if e.rule == "secrecy_door_open"] == ["secrecy_door_open"]
