@@ -1,0 +1,187 @@
+"""NUT: read a UPS that an existing upsd (Network UPS Tools) already drives, over its TCP protocol.
+
+Every UPS that NUT supports (USB HID, serial, SNMP, ...) thereby works with examwatch. The device
+address uses NUT's own syntax, ``<ups>@<host>[:<port>]`` (port 3493 by default), as ``upsc`` does.
+One ``LIST VAR <ups>`` per poll on a connection kept open between polls; ``parse_nut`` (pure) maps
+NUT's standard variable names onto the catalog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+
+import msgspec
+
+from collectors.base import DeviceError, PollingCollector, register
+from edge.model import Reading
+
+# ups.status flags (NUT's docs/new-drivers.txt) -> the catalog's boolean metrics.
+STATUS_FLAGS: dict[str, frozenset[str]] = {
+    "power_on_battery": frozenset({"OB"}),
+    "ups_battery_low": frozenset({"LB"}),
+    "ups_bypass": frozenset({"BYPASS", "BOOST", "TRIM"}),
+    "ups_test_active": frozenset({"CAL", "TEST"}),
+    "ups_shutdown_pending": frozenset({"FSD"}),
+    # ALARM: see ups.alarm; OVER: overload; RB: replace battery; OFF: output off.
+    "ups_fault": frozenset({"ALARM", "OVER", "RB", "OFF"}),
+}
+
+# NUT variable -> catalog metric; NUT already speaks base units (percent, seconds, volts, hertz).
+VARIABLES: dict[str, str] = {
+    "battery.charge": "ups_charge_percent",
+    "battery.runtime": "ups_runtime_seconds",
+    "input.voltage": "input_voltage_volts",
+    "output.voltage": "output_voltage_volts",
+    "ups.load": "ups_load_percent",
+    "input.frequency": "input_frequency_hertz",
+}
+
+_VAR = re.compile(r'VAR (\S+) (\S+) "((?:[^"\\]|\\.)*)"')
+
+
+class NutError(Exception):
+    """upsd answered ``ERR <code>``."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def parse_list_var(lines: list[str], ups: str) -> dict[str, str]:
+    """The lines between ``BEGIN LIST VAR <ups>`` and ``END LIST VAR <ups>`` -> variable -> value."""
+    out: dict[str, str] = {}
+    for line in lines:
+        if line.startswith("ERR "):
+            raise NutError(line[4:].split()[0] if line[4:].split() else "UNKNOWN")
+        m = _VAR.fullmatch(line)
+        if m and m.group(1) == ups:
+            out[m.group(2)] = re.sub(r"\\(.)", r"\1", m.group(3))
+    return out
+
+
+def parse_nut(variables: dict[str, str], device: str, ts: float) -> tuple[list[Reading], list[str]]:
+    """Map NUT variables onto Readings; returns (readings, names of values that were not numbers)."""
+    readings: list[Reading] = []
+    bad: list[str] = []
+    status = variables.get("ups.status")
+    if status is not None:
+        flags = set(status.split())
+        for metric, wanted in STATUS_FLAGS.items():
+            readings.append(Reading(device, metric, float(bool(flags & wanted)), ts))
+    for name, metric in VARIABLES.items():
+        text = variables.get(name)
+        if text is None:
+            continue
+        try:
+            readings.append(Reading(device, metric, float(text), ts))
+        except ValueError:
+            bad.append(name)
+    return readings, bad
+
+
+def parse_address(address: str) -> tuple[str, str, int]:
+    """``ups@host[:port]`` -> (ups, host, port)."""
+    m = re.fullmatch(r"([^@\s]+)@(\[[^\]]+\]|[^:\s]+)(?::(\d+))?", address)
+    if m is None:
+        raise DeviceError("config", f"address {address!r}: expected <ups>@<host>[:<port>], e.g. ups@127.0.0.1")
+    return m.group(1), m.group(2).strip("[]"), int(m.group(3) or 3493)
+
+
+class NutOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Reading variables needs no login on a default upsd; give one where upsd.users demands it."""
+
+    username: str = ""
+    password: str = ""  # a secret: never logged
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def command(self, line: str) -> str:
+        self.writer.write(line.encode() + b"\n")
+        await self.writer.drain()
+        return await self.readline()
+
+    async def readline(self) -> str:
+        raw = await self.reader.readline()
+        if not raw:
+            raise ConnectionError("upsd closed the connection")
+        return raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@register
+class NutCollector(PollingCollector):
+    protocol = "nut"
+    Options = NutOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connections: dict[str, _Connection] = {}
+
+    async def poll(self, device: Any) -> list[Reading]:
+        ups, host, port = parse_address(device.address)
+        last: DeviceError | None = None
+        for _ in range(device.retries + 1):
+            try:
+                lines = await asyncio.wait_for(self._list_var(device, ups, host, port), device.timeout)
+                break
+            except (TimeoutError, OSError, ConnectionError) as err:
+                self._drop_connection(device.name)
+                last = DeviceError("timeout" if isinstance(err, TimeoutError) else "connection", str(err) or type(err).__name__)
+            except NutError as err:
+                self._drop_connection(device.name)
+                # DATA-STALE / DRIVER-NOT-CONNECTED: upsd is up but has lost the UPS itself.
+                reason = {"DATA-STALE": "stale", "DRIVER-NOT-CONNECTED": "stale", "ACCESS-DENIED": "auth"}.get(
+                    err.code, "nut_error"
+                )
+                raise DeviceError(reason, f"upsd says {err.code} for {ups!r}") from None
+        else:
+            assert last is not None
+            raise last
+        variables = parse_list_var(lines, ups)
+        readings, bad = parse_nut(variables, device.name, time.time())
+        for name in bad:
+            self.health.drop(device.name, "bad_value", variable=name)
+        if "ups.status" not in variables:
+            self.health.drop(device.name, "no_status", ups=ups)
+        return readings
+
+    async def _list_var(self, device: Any, ups: str, host: str, port: int) -> list[str]:
+        conn = self._connections.get(device.name)
+        if conn is None:
+            reader, writer = await asyncio.open_connection(host, port)
+            conn = self._connections[device.name] = _Connection(reader, writer)
+            options: NutOptions = device.options or NutOptions()
+            if options.username:
+                for line in (f"USERNAME {options.username}", f"PASSWORD {options.password}"):
+                    answer = await conn.command(line)
+                    if answer != "OK":
+                        raise NutError(answer[4:] if answer.startswith("ERR ") else "LOGIN")
+        first = await conn.command(f"LIST VAR {ups}")
+        if first.startswith("ERR "):
+            raise NutError(first[4:].split()[0])
+        if first != f"BEGIN LIST VAR {ups}":
+            raise ConnectionError(f"unexpected answer {first[:80]!r}")
+        lines = []
+        while (line := await conn.readline()) != f"END LIST VAR {ups}":
+            lines.append(line)
+        return lines
+
+    def _drop_connection(self, name: str) -> None:
+        conn = self._connections.pop(name, None)
+        if conn is not None:
+            conn.close()
+
+    async def close(self) -> None:
+        for name in list(self._connections):
+            self._drop_connection(name)
+
+
+__all__ = ["NutCollector", "NutOptions", "parse_address", "parse_list_var", "parse_nut"]
