@@ -123,6 +123,8 @@ class RunningAgent:
     def __init__(self, proc: subprocess.Popen[str], exporter_port: int, broker_port: int) -> None:
         self.proc = proc
         self.exporter_port = exporter_port
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(iter(proc.stdout.readline, "")), daemon=True).start()
         self.pub = mqtt.Client(CallbackAPIVersion.VERSION2)
         self.pub.connect("127.0.0.1", broker_port)
         self.pub.loop_start()
@@ -156,10 +158,12 @@ def start_agent(mosquitto, tmp_path) -> Iterator:
         proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "agent", "run", "--config", str(path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONPATH": os.getcwd()})
-        wait_port(exporter_port, timeout=15)
         agent = RunningAgent(proc, exporter_port, mosquitto.port)
         running.append(agent)
-        time.sleep(0.3)  # let its MQTT subscription settle
+        wait_port(exporter_port, timeout=15)
+        # publish only once it listens: a sensor message before the subscription would be lost
+        assert until(lambda: any("mqtt_connected" in line for line in agent.log), timeout=10), agent.log
+        time.sleep(0.1)
         return agent
 
     start.watcher = watcher  # type: ignore[attr-defined]
@@ -250,9 +254,8 @@ def test_sigterm_stops_cleanly_and_a_restart_keeps_the_alarm_open(start_agent, t
     agent.publish("z2m/door", {"contact": False})
     assert start_agent.watcher.wait(lambda e: e.rule == "secrecy_door_open", timeout=2.0)
     agent.proc.send_signal(signal.SIGTERM)
-    out, _ = agent.proc.communicate(timeout=15)
-    assert agent.proc.returncode == 0
-    assert '"event": "agent_stopped"' in out
+    assert agent.proc.wait(timeout=15) == 0
+    assert until(lambda: any('"event": "agent_stopped"' in line for line in agent.log), timeout=2)
     from edge.store import Store
 
     open_alarms = Store(tmp_path / "state0" / "agent.db").open_alarms()
