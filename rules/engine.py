@@ -115,9 +115,6 @@ class RuleEngine:
             return False
         return rule in d.silent if rule.type == "silent" else rule in d.by_metric.get(metric or "", ())
 
-    def phase(self, now: float) -> str:
-        return self._calendar.phase(now)
-
     def evaluate(self, state: State, readings: Sequence[Reading], now: float) -> tuple[State, list[AlarmEvent]]:
         events: list[AlarmEvent] = []
         tracks = dict(state.tracks)
