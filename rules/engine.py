@@ -67,7 +67,8 @@ class _DeviceRules(NamedTuple):
     kind: str
     by_metric: dict[str, tuple[Rule, ...]]
     silent: tuple[Rule, ...]
-    silent_after: float  # seconds without a reading, per silent rule (same order)
+    silent_after: tuple[float, ...]  # seconds without a reading, per silent rule (same order)
+    silent_soonest: float  # the shortest of those
 
 
 class RuleEngine:
@@ -86,7 +87,8 @@ class RuleEngine:
                 if r.type == "threshold":
                     by_metric[r.metric] = by_metric.get(r.metric, ()) + (r,)
             silent = tuple(r for r in applicable if r.type == "silent")
-            self._devices[d.name] = _DeviceRules(d.kind, by_metric, silent, tuple(r.silent_intervals * d.interval for r in silent))
+            after = tuple(r.silent_intervals * d.interval for r in silent)
+            self._devices[d.name] = _DeviceRules(d.kind, by_metric, silent, after, min(after, default=math.inf))
 
     @property
     def rules(self) -> list[Rule]:
@@ -145,6 +147,7 @@ class RuleEngine:
                     events.append(e)
 
         devices = self._devices
+        silent_due = state.silent_due
         for r in readings:
             dev = r.device.partition("/")[0]
             d = devices.get(dev)
@@ -152,6 +155,7 @@ class RuleEngine:
                 continue
             if r.ts > last_seen.get(dev, -math.inf):
                 last_seen[dev] = r.ts
+                silent_due = min(silent_due, r.ts + d.silent_soonest)  # its own deadline may be the next
             for rule in d.silent:  # any reading ends a silence
                 key = (rule.id, dev)
                 t = tracks.pop(key, None)
@@ -173,7 +177,6 @@ class RuleEngine:
                 pending.discard(key)
                 events.append(e)
 
-        silent_due = state.silent_due
         if now >= silent_due or context != state.context:
             silent_due = self._sweep_silent(tracks, last_seen, started, now, context, events)
 

@@ -139,6 +139,29 @@ def test_silence_counts_from_the_last_reading_even_from_a_part() -> None:
     assert [e.rule for e in d.tick(25)] == ["device_silent"]
 
 
+def test_a_device_can_fall_silent_again_after_it_spoke() -> None:
+    d = Driver(config({"mic": "noise"}, interval=10))
+    d.tick(0)
+    first = d.tick(30)
+    d.feed("mic", "noise_db", 40, 31)
+    assert d.tick(60) == []
+    second = d.tick(61)
+    assert [e.rule for e in first + second] == ["device_silent", "device_silent"]
+    assert first[0].id != second[0].id
+
+
+def test_a_device_silent_while_its_rule_is_off_is_watched_again_once_it_spoke() -> None:
+    quiet_before = {"device_silent": RuleOverride(levels={"before": 0})}
+    d = Driver(config({"mic": "noise"}, interval=10, rules=quiet_before, schedule=EXAM_DAY))
+    t = at("2024-05-28T08:30")  # the first session starts: the rule is on
+    d.tick(t - 3600)  # "before": off
+    assert d.tick(t - 1800) == []
+    assert [e.rule for e in d.tick(t)] == ["device_silent"]  # the phase changed: the silence counts now
+    d.feed("mic", "noise_db", 40, t + 1)
+    assert d.tick(t + 30) == []
+    assert [e.rule for e in d.tick(t + 31)] == ["device_silent"]
+
+
 def test_host_is_not_watched_for_silence() -> None:
     d = Driver(config({"host": "host"}))
     d.tick(0)
