@@ -90,7 +90,10 @@ class NutSimulator:
 
     def _write(self, text: str | None = None) -> None:
         tmp = self.dev_file.with_suffix(".tmp")
-        tmp.write_text(text if text is not None else "".join(f"{k}: {v}\n" for k, v in self.variables.items()))
+        if text is None:
+            text = "".join(f"{k}: {v}\n" for k, v in sorted(self.variables.items(), key=lambda kv: kv[0] != "ups.status"))
+        # dummy-ups 2.8.0 drops the file's last line: end with a comment it may drop.
+        tmp.write_text(text + "# end\n")
         # dummy-ups compares whole-second mtimes: always move forward.
         self._mtime = max(int(time.time()), self._mtime + 1)
         os.utime(tmp, (self._mtime, self._mtime))
@@ -128,7 +131,8 @@ class NutSimulator:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(f"GET VAR {self.ups} ups.status\n".encode())
-                return s.recv(200).startswith(b"VAR ")
+                answer = s.recv(200)
+                return answer.startswith(b"VAR ") and b'"WAIT"' not in answer  # WAIT: driver not read yet
         except OSError:
             return False
 

@@ -1,0 +1,201 @@
+"""NUT collector: pure parsing, then against Debian's real upsd with the dummy-ups driver."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from collectors.base import DeviceError, Health
+from collectors.nut import STATUS_FLAGS, NutCollector, NutError, NutOptions, parse_address, parse_list_var, parse_nut
+from edge.config import Device
+from edge.model import Reading
+from simulators.nut import STATES, NutSimulator
+
+
+class Acc:
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+
+    def add(self, reading: Reading) -> None:
+        self.readings.append(reading)
+
+    def latest(self, device: str, metric: str) -> float | None:
+        for r in reversed(self.readings):
+            if r.device == device and r.metric == metric:
+                return r.value
+        return None
+
+
+def device(address: str, interval: float = 0.5, **options: str) -> Device:
+    return Device(
+        name="ups1", kind="ups", protocol="nut", address=address, interval=interval, timeout=1.0, retries=0,
+        options=NutOptions(**options),
+    )  # fmt: skip
+
+
+def poll(dev: Device) -> tuple[Acc, Health]:
+    acc, health = Acc(), Health()
+
+    async def run() -> None:
+        collector = NutCollector([dev], acc, health)
+        await collector.poll_once(dev)
+        await collector.close()
+
+    asyncio.run(run())
+    return acc, health
+
+
+# --- pure ------------------------------------------------------------------------------------------------
+
+
+def test_parse_list_var_unescapes_and_keeps_only_the_ups() -> None:
+    lines = [
+        'VAR ups1 ups.status "OB LB"',
+        'VAR ups1 device.model "Smart \\"UPS\\" 1500 \\\\ RM"',
+        'VAR other battery.charge "5"',
+        "garbage line",
+    ]
+    assert parse_list_var(lines, "ups1") == {"ups.status": "OB LB", "device.model": 'Smart "UPS" 1500 \\ RM'}
+    with pytest.raises(NutError) as err:
+        parse_list_var(["ERR DATA-STALE"], "ups1")
+    assert err.value.code == "DATA-STALE"
+
+
+@pytest.mark.parametrize(
+    "status, on",
+    [
+        ("OL", set()),
+        ("OB DISCHRG", {"power_on_battery"}),
+        ("OB LB FSD", {"power_on_battery", "ups_battery_low", "ups_shutdown_pending"}),
+        ("OL BOOST", {"ups_bypass"}),
+        ("OL CAL", {"ups_test_active"}),
+        ("OL RB", {"ups_fault"}),
+        ("OL ALARM OVER", {"ups_fault"}),
+    ],
+)
+def test_status_flags(status: str, on: set[str]) -> None:
+    readings, bad = parse_nut({"ups.status": status}, "u", 0.0)
+    assert {r.metric for r in readings} == set(STATUS_FLAGS)
+    assert {r.metric for r in readings if r.value == 1} == on and not bad
+
+
+def test_non_numbers_are_reported_not_raised() -> None:
+    readings, bad = parse_nut({"battery.charge": "n/a", "ups.load": "17"}, "u", 0.0)
+    assert bad == ["battery.charge"] and [(r.metric, r.value) for r in readings] == [("ups_load_percent", 17.0)]
+
+
+def test_parse_address() -> None:
+    assert parse_address("ups1@10.0.0.5") == ("ups1", "10.0.0.5", 3493)
+    assert parse_address("myups@[::1]:3500") == ("myups", "::1", 3500)
+    with pytest.raises(DeviceError):
+        parse_address("10.0.0.5:3493")
+
+
+# --- against upsd ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nut(tmp_path: Path) -> Iterator[NutSimulator]:
+    sim = NutSimulator(tmp_path, username="examwatch", password="s3cret")
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+def test_values_match_what_upsd_serves(nut: NutSimulator) -> None:
+    dev_text = nut.dev_file.read_text()
+    served = dict(line.split(": ", 1) for line in dev_text.splitlines() if not line.startswith("#"))
+    acc, health = poll(device(nut.address))
+    assert acc.latest("ups1", "device_online") == 1
+    assert acc.latest("ups1", "ups_charge_percent") == float(served["battery.charge"])
+    assert acc.latest("ups1", "ups_runtime_seconds") == float(served["battery.runtime"])
+    assert acc.latest("ups1", "input_voltage_volts") == float(served["input.voltage"])
+    assert acc.latest("ups1", "output_voltage_volts") == float(served["output.voltage"])
+    assert acc.latest("ups1", "ups_load_percent") == float(served["ups.load"])
+    assert acc.latest("ups1", "input_frequency_hertz") == float(served["input.frequency"])
+    assert acc.latest("ups1", "power_on_battery") == ("OB" in served["ups.status"].split())
+    assert not health.dropped
+
+
+def test_login_when_configured(nut: NutSimulator) -> None:
+    acc, _ = poll(device(nut.address, username="examwatch", password="s3cret"))
+    assert acc.latest("ups1", "device_online") == 1
+
+
+def _flip(nut: NutSimulator, state: str, checks: dict[str, float]) -> None:
+    acc, health = Acc(), Health()
+    dev = device(nut.address)
+
+    async def until(metric: str, value: float, deadline: float) -> None:
+        start = time.monotonic()
+        while time.monotonic() - start < deadline:
+            if acc.latest("ups1", metric) == value:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{metric} never became {value} (last {acc.latest('ups1', metric)})")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        collector = NutCollector([dev], acc, health)
+        task = asyncio.create_task(collector.run(stop))
+        try:
+            await until("device_online", 1, 10)
+            nut.set_state(state)
+            # dummy-ups re-reads its file once per second: one poll interval + 1 s for us, + 1 s for it.
+            for metric, value in checks.items():
+                await until(metric, value, dev.interval + 1 + 1)
+        finally:
+            stop.set()
+            await task
+            await collector.close()
+
+    asyncio.run(run())
+
+
+def test_power_cut_then_low_battery_then_restored(nut: NutSimulator) -> None:
+    _flip(nut, "on_battery", {"power_on_battery": 1, "input_voltage_volts": float(STATES["on_battery"]["input.voltage"])})
+    _flip(nut, "low_battery", {"ups_battery_low": 1, "ups_charge_percent": float(STATES["low_battery"]["battery.charge"])})
+    _flip(nut, "shutdown", {"ups_shutdown_pending": 1})
+    _flip(nut, "online", {"power_on_battery": 0, "ups_battery_low": 0})
+
+
+def test_unknown_ups_is_a_device_state(nut: NutSimulator) -> None:
+    acc, health = poll(device(nut.address.replace("ups1@", "nosuch@")))
+    assert acc.latest("ups1", "device_online") == 0
+    assert health.devices["ups1"].errors["nut_error"] == 1
+
+
+def test_garbage_value_is_counted_and_the_rest_kept(nut: NutSimulator) -> None:
+    nut.set_raw("ups.status: OL\nbattery.charge: lots\nups.load: 21\n")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        acc, health = poll(device(nut.address))
+        if acc.latest("ups1", "ups_load_percent") == 21:
+            break
+        time.sleep(0.2)
+    assert acc.latest("ups1", "ups_charge_percent") is None
+    assert health.dropped[("ups1", "bad_value")] == 1
+    assert acc.latest("ups1", "device_online") == 1
+
+
+def test_upsd_gone_and_back(nut: NutSimulator) -> None:
+    acc, health = Acc(), Health()
+    dev = device(nut.address)
+
+    async def run() -> None:
+        collector = NutCollector([dev], acc, health)
+        await collector.poll_once(dev)
+        nut.stop()
+        await collector.poll_once(dev)  # the kept connection is dead: a state, not an exception
+        assert health.devices["ups1"].online is False
+        nut.start()
+        await collector.poll_once(dev)
+        await collector.close()
+
+    asyncio.run(run())
+    assert [r.value for r in acc.readings if r.metric == "device_online"] == [1, 0, 1]
+    assert sum(health.devices["ups1"].errors.values()) == 1
