@@ -116,3 +116,19 @@ def test_evaluate_is_a_function_of_its_inputs(history: list[tuple[float, float |
         first = eng.evaluate(state, batch, t)
         assert eng.evaluate(state, batch, t) == first  # same state in, same state and events out
         state = first[0]
+
+
+@FAST
+@given(history=steps)
+def test_silent_iff_no_reading_for_its_limit(history: list[tuple[float, float | None]]) -> None:
+    rule = Rule(id="quiet", type="silent", title="p", silent_intervals=3)
+    eng = RuleEngine([rule], [Device(name="mic", kind="noise", protocol="test", interval=1.0)], AGENT, Schedule())
+    state = eng.initial_state()
+    t = 0.0
+    last: float | None = None  # the reference: the latest reading, or the first evaluation
+    for dt, reading in history:
+        t += dt
+        if reading is not None or last is None:
+            last = t
+        state, _ = eng.evaluate(state, [] if reading is None else [Reading("mic", "noise_db", reading, t)], t)
+        assert bool(state.open_alarms()) == (t - last >= 3.0), (t, last)
