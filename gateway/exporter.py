@@ -1,0 +1,109 @@
+"""The gateway's Prometheus endpoint: every room's readings and alarms, incidents, liveness, counters.
+
+A custom collector builds every family at scrape time from the database (its own read-only connection)
+and the ingest counters: no state carried between scrapes, so a recovered alarm leaves no stale series.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from edge.catalog import METRICS
+from gateway import store
+from gateway.ingest import Stats
+
+
+class GatewayCollector:
+    def __init__(self, db_path: str, stats: Stats, clock: Callable[[], float] = time.time) -> None:
+        self.db_path = db_path
+        self.stats = stats
+        self.clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = store.connect(self.db_path, readonly=True)
+        return self._conn
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            yield from self._collect(self._db(), self.clock())
+
+    def _collect(self, db: sqlite3.Connection, now: float) -> Iterator[Metric]:
+        readings: dict[str, GaugeMetricFamily] = {}
+        for r in store.latest(db):
+            if r["metric"] not in METRICS:
+                continue
+            fam = readings.get(r["metric"])
+            if fam is None:
+                fam = readings[r["metric"]] = GaugeMetricFamily(
+                    f"examwatch_{r['metric']}", METRICS[r["metric"]].help, labels=["site", "room", "device"])
+            site, room = r["agent"].split("/", 1)
+            fam.add_metric([site, room, r["device"]], r["value"])
+        yield from readings.values()
+
+        active = GaugeMetricFamily("examwatch_alarm_active", "1 while an alarm fires", labels=["site", "room", "rule", "level"])
+        seen: set[tuple[str, ...]] = set()
+        for a in store.alarms(db, state="active", limit=100_000):
+            key = (a["site"], a["room"], a["rule"], str(a["level"]))
+            if key not in seen:  # two devices with the same rule: one series per bounded label set
+                seen.add(key)
+                active.add_metric(list(key), 1)
+        yield active
+
+        incidents = GaugeMetricFamily("examwatch_gateway_incidents_open", "open cross-room incidents",
+                                      labels=["site", "level"])
+        counts: dict[tuple[str, str], int] = {}
+        for i in store.incidents(db, state="open", limit=100_000):
+            k = (i["site"], str(i["level"]))
+            counts[k] = counts.get(k, 0) + 1
+        for k, n in counts.items():
+            incidents.add_metric(list(k), n)
+        yield incidents
+
+        up = GaugeMetricFamily("examwatch_gateway_agent_up", "1 while the room's agent is online", labels=["site", "room"])
+        age = GaugeMetricFamily("examwatch_gateway_agent_last_seen_age_seconds", "seconds since the agent was last heard",
+                                labels=["site", "room"])
+        skew = GaugeMetricFamily("examwatch_gateway_agent_clock_skew_seconds", "agent clock minus gateway clock",
+                                 labels=["site", "room"])
+        missing = GaugeMetricFamily("examwatch_gateway_seq_missing", "sequence numbers not (yet) received from the agent",
+                                    labels=["site", "room"])
+        for a in store.agents(db):
+            labels = [a["site"], a["room"]]
+            up.add_metric(labels, 1 if a["status"] == "online" else 0)
+            if a["last_seen"] is not None:
+                age.add_metric(labels, max(0.0, now - a["last_seen"]))
+            if a["skew"] is not None:
+                skew.add_metric(labels, a["skew"])
+            missing.add_metric(labels, a["missing"])
+        yield from (up, age, skew, missing)
+
+        s = self.stats
+        msgs = CounterMetricFamily("examwatch_gateway_messages", "messages accepted, by kind", labels=["kind"])
+        for kind, n in list(s.messages.items()):
+            msgs.add_metric([kind], n)
+        yield msgs
+        yield CounterMetricFamily("examwatch_gateway_readings", "readings stored", value=s.readings)
+        yield CounterMetricFamily("examwatch_gateway_duplicates", "messages received again and dropped", value=s.duplicates)
+        rejected = CounterMetricFamily("examwatch_gateway_rejected", "messages rejected, by reason and claimed room",
+                                       labels=["reason", "site", "room"])
+        for (reason, agent), n in list(s.rejected.items()):
+            site, _, room = agent.partition("/")
+            rejected.add_metric([reason, site, room], n)
+        yield rejected
+
+
+def serve(listen: str, collector: Any) -> tuple[Any, Any]:
+    """Start the endpoint on ``host:port`` (127.0.0.1 unless configured); returns (server, thread)."""
+    host, port = listen.rsplit(":", 1)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return start_http_server(int(port), addr=host, registry=registry)

@@ -1,0 +1,92 @@
+"""``examwatch gateway run --config FILE``: subscribe, ingest, correlate, export, serve the API."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from edge.config import ConfigError
+from gateway import config as gwconfig
+from gateway import store
+from gateway.api import ApiServer
+from gateway.exporter import GatewayCollector, serve
+from gateway.ingest import Engine, Message
+from gateway.mqtt import Subscriber
+
+log = structlog.get_logger("examwatch.gateway")
+
+
+class Gateway:
+    """The gateway's parts sharing one stop event; ``run`` is the ingest loop (one writer)."""
+
+    def __init__(self, cfg: gwconfig.Config) -> None:
+        self.cfg = cfg
+        self.db_path = str(Path(cfg.gateway.state_dir) / "gateway.db")
+        self.stop_event = threading.Event()
+        self.conn = store.connect(self.db_path)
+        self.engine = Engine(cfg, self.conn, cfg.agent_keys())
+        self.inbox: queue.SimpleQueue[tuple[int, int, Message]] = queue.SimpleQueue()
+        self.subscriber = Subscriber(cfg.broker, self.inbox)
+        self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token())
+        self.exporter = GatewayCollector(self.db_path, self.engine.stats)
+
+    def run(self) -> None:
+        http, _ = serve(self.cfg.exporter.listen, self.exporter)
+        self.api.start()
+        self.subscriber.start()
+        log.info("gateway_started", agents=len(self.engine.agents), api=self.cfg.api.listen,
+                 exporter=self.cfg.exporter.listen)
+        last_tick = 0.0
+        try:
+            while not self.stop_event.is_set():
+                batch = self._take(timeout=0.2)
+                now = time.time()
+                if batch:
+                    self.engine.ingest([m for _, _, m in batch], now)
+                    for conn in {c for c, _, _ in batch}:
+                        self.subscriber.ack(conn, [mid for c, mid, _ in batch if c == conn])
+                if now - last_tick >= 1.0:
+                    self.engine.tick(now, self.subscriber.up_since)
+                    last_tick = now
+        finally:
+            self.subscriber.stop()
+            self.api.shutdown()
+            http.shutdown()
+            self.conn.close()
+            log.info("gateway_stopped")
+
+    def _take(self, timeout: float) -> list[tuple[int, int, Message]]:
+        try:
+            batch = [self.inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < self.cfg.gateway.batch_max:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+
+def run(config_path: str) -> int:
+    try:
+        cfg = gwconfig.load(config_path)
+        gw = Gateway(cfg)
+    except ConfigError as err:
+        print(f"{config_path}: {len(err.issues)} error(s):", file=sys.stderr)
+        for issue in err.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as err:
+        print(f"{config_path}: {err}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: gw.stop_event.set())
+    gw.run()
+    return 0

@@ -1,0 +1,93 @@
+"""The gateway's subscription to every site of the county: persistent session, acknowledged after storing.
+
+paho acknowledges QoS 1 messages as soon as ``on_message`` returns unless told otherwise; a gateway that
+crashed between that and its commit would lose them. So acknowledgement is manual: the ingest thread
+acknowledges a batch only after its transaction committed. A message not acknowledged before a
+disconnect is sent again by the broker after reconnect (the ledger drops the copy).
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.wire import TOPIC_ROOT
+from gateway.config import Broker
+from gateway.ingest import Message
+
+log = structlog.get_logger("examwatch.gateway.mqtt")
+
+
+class Subscriber:
+    def __init__(self, cfg: Broker, inbox: queue.SimpleQueue[tuple[int, int, Message]]) -> None:
+        self.cfg = cfg
+        self.inbox = inbox  # (connection number, mid, message)
+        self.connection = 0  # bumped at every connect: mids are only valid on the connection they came on
+        self.up_since: float | None = None
+        self._lock = threading.Lock()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
+        c.manual_ack_set(True)
+        c.reconnect_delay_set(min_delay=1, max_delay=15)
+        if cfg.username:
+            c.username_pw_set(cfg.username, cfg.password or None)
+        if cfg.tls:
+            c.tls_set(ca_certs=cfg.ca_file or None, certfile=cfg.cert_file or None, keyfile=cfg.key_file or None)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_socket_open = lambda _c, _u, sock: _nodelay(sock)
+        self.client = c
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry
+        props.ReceiveMaximum = self.cfg.receive_maximum
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=30, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def ack(self, connection: int, mids: list[int]) -> None:
+        """Acknowledge stored messages; those from an earlier connection will come again anyway."""
+        with self._lock:
+            if connection != self.connection:
+                return
+        for mid in mids:
+            if mid:
+                self.client.ack(mid, 1)
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.warning("gateway_broker_refused", reason=str(rc))
+            return
+        with self._lock:
+            self.connection += 1
+        self.up_since = time.time()
+        log.info("gateway_broker_connected", host=self.cfg.host, port=self.cfg.port, session_present=flags.session_present)
+        client.subscribe(f"{TOPIC_ROOT}/+/+/+", qos=1)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if self.up_since is not None:
+            log.warning("gateway_broker_lost", reason=str(rc))
+        self.up_since = None
+
+    def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
+        self.inbox.put((self.connection, m.mid if m.qos else 0, Message(m.topic, m.payload, bool(m.retain), time.time())))
+
+
+def _nodelay(sock: Any) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass

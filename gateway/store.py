@@ -1,0 +1,145 @@
+"""The gateway's SQLite database: schema, batched writes (ingest thread only) and reads (API, exporter).
+
+WAL, one writer (the ingest thread); readers open their own connections. Everything a batch changes is
+written in one transaction, so a gateway killed mid-batch has either stored a message or will get it again
+from the broker (it is acknowledged only after the commit).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'unknown', last_seen REAL, last_status_ts REAL, skew REAL, phase TEXT,
+    floor_seq INTEGER NOT NULL DEFAULT 0, max_seq INTEGER NOT NULL DEFAULT 0, missing INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS ledger (agent TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, ts REAL NOT NULL,
+    received REAL NOT NULL, PRIMARY KEY (agent, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ledger_received ON ledger (received);
+CREATE TABLE IF NOT EXISTS readings (agent TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
+    value REAL NOT NULL, ts REAL NOT NULL, quality TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS readings_ts ON readings (ts);
+CREATE TABLE IF NOT EXISTS latest (agent TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
+    value REAL NOT NULL, ts REAL NOT NULL, quality TEXT NOT NULL, PRIMARY KEY (agent, device, metric)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alarms (id TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL, rule TEXT NOT NULL,
+    level INTEGER NOT NULL, state TEXT NOT NULL, device TEXT NOT NULL, message TEXT NOT NULL, raised_at REAL NOT NULL,
+    updated_at REAL NOT NULL, cleared_at REAL, source TEXT NOT NULL, acked_by TEXT, acked_note TEXT, acked_at REAL);
+CREATE INDEX IF NOT EXISTS alarms_state ON alarms (state, site);
+CREATE TABLE IF NOT EXISTS alarm_events (alarm_id TEXT NOT NULL, at REAL NOT NULL, state TEXT NOT NULL,
+    level INTEGER NOT NULL, received REAL NOT NULL, seq INTEGER NOT NULL, event BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS alarm_events_id ON alarm_events (alarm_id, at);
+CREATE TABLE IF NOT EXISTS incidents (id TEXT PRIMARY KEY, site TEXT NOT NULL, fault_class TEXT NOT NULL,
+    title TEXT NOT NULL, level INTEGER NOT NULL, state TEXT NOT NULL, opened_at REAL NOT NULL, closed_at REAL,
+    members TEXT NOT NULL, active TEXT NOT NULL, acked_by TEXT, acked_note TEXT, acked_at REAL);
+CREATE TABLE IF NOT EXISTS incident_events (incident_id TEXT NOT NULL, at REAL NOT NULL, what TEXT NOT NULL,
+    rooms TEXT NOT NULL, level INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS incident_events_id ON incident_events (incident_id, at);
+"""
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(SCHEMA)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def received_ranges(conn: sqlite3.Connection) -> dict[str, list[list[int]]]:
+    """Per agent, the runs of consecutive sequence numbers in the ledger (gaps and islands)."""
+    rows = conn.execute(
+        "SELECT agent, MIN(seq), MAX(seq) FROM (SELECT agent, seq, seq - ROW_NUMBER() OVER "
+        "(PARTITION BY agent ORDER BY seq) AS g FROM ledger) GROUP BY agent, g ORDER BY agent, MIN(seq)"
+    ).fetchall()
+    out: dict[str, list[list[int]]] = {}
+    for agent, lo, hi in rows:
+        out.setdefault(agent, []).append([lo, hi])
+    return out
+
+
+# --- reads for the API and the exporter (own connection per thread) ---------------------------------------
+
+
+def _dicts(rows: Iterable[sqlite3.Row]) -> list[dict[str, Any]]:
+    return [dict(r) for r in rows]
+
+
+def alarms(conn: sqlite3.Connection, *, state: str = "", level: int | None = None, site: str = "", room: str = "",
+           limit: int = 500) -> list[dict[str, Any]]:
+    sql, args = "SELECT * FROM alarms WHERE 1=1", []
+    if state == "active":
+        sql += " AND state != 'cleared'"
+    elif state:
+        sql, args = sql + " AND state = ?", args + [state]
+    if level is not None:
+        sql, args = sql + " AND level = ?", args + [level]
+    if site:
+        sql, args = sql + " AND site = ?", args + [site]
+    if room:
+        sql, args = sql + " AND room = ?", args + [room]
+    return _dicts(conn.execute(sql + " ORDER BY raised_at DESC LIMIT ?", args + [limit]))
+
+
+def alarm_timeline(conn: sqlite3.Connection, alarm_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT at, state, level, received, event FROM alarm_events WHERE alarm_id = ? ORDER BY at, rowid",
+                        [alarm_id]).fetchall()
+    return [{"at": r["at"], "state": r["state"], "level": r["level"], "received": r["received"],
+             "event": json.loads(r["event"])} for r in rows]
+
+
+def incidents(conn: sqlite3.Connection, *, state: str = "", site: str = "", level: int | None = None,
+              limit: int = 200) -> list[dict[str, Any]]:
+    sql, args = "SELECT * FROM incidents WHERE 1=1", []
+    if state:
+        sql, args = sql + " AND state = ?", args + [state]
+    if site:
+        sql, args = sql + " AND site = ?", args + [site]
+    if level is not None:
+        sql, args = sql + " AND level = ?", args + [level]
+    out = _dicts(conn.execute(sql + " ORDER BY opened_at DESC LIMIT ?", args + [limit]))
+    for inc in out:
+        inc["members"], inc["active"] = json.loads(inc["members"]), json.loads(inc["active"])
+        inc["timeline"] = [
+            {**dict(r), "rooms": json.loads(r["rooms"])}
+            for r in conn.execute("SELECT at, what, rooms, level FROM incident_events WHERE incident_id = ? ORDER BY rowid",
+                                  [inc["id"]])
+        ]
+    return out
+
+
+def agents(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    return _dicts(conn.execute("SELECT * FROM agents ORDER BY agent"))
+
+
+def latest(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute("SELECT agent, device, metric, value, ts FROM latest").fetchall()
+
+
+def acknowledge(conn: sqlite3.Connection, table: str, item_id: str, who: str, note: str, now: float) -> bool:
+    """Record who acknowledged an alarm or incident and why; False if there is no such one."""
+    assert table in ("alarms", "incidents")
+    cur = conn.execute(f"UPDATE {table} SET acked_by = ?, acked_note = ?, acked_at = ? WHERE id = ?",
+                       [who, note, now, item_id])
+    return cur.rowcount == 1
+
+
+def write_batch(conn: sqlite3.Connection, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+    """Run every (sql, rows) with executemany in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, rows in statements:
+            if rows:
+                conn.executemany(sql, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
