@@ -96,6 +96,9 @@ class NutOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     username: str = ""
     password: str = ""  # a secret: never logged
 
+    def __repr__(self) -> str:
+        return f"NutOptions(username={self.username!r})"
+
 
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

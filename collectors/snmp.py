@@ -285,6 +285,9 @@ class SnmpOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     parts: list[str] = []  # parts to watch, e.g. ["port1", "port5"]; empty: every row of the tables
     max_repetitions: int = 25  # rows per GETBULK
 
+    def __repr__(self) -> str:  # a logged Device must not carry the community or the keys
+        return f"SnmpOptions(version={self.version!r}, user={self.user!r}, context={self.context!r}, parts={self.parts!r})"
+
 
 _engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
