@@ -1,18 +1,32 @@
-"""Collectors, one module per protocol. Importing this package registers every built-in collector."""
+"""Collectors, one module per protocol, named after it (``collectors/snmp.py`` registers ``snmp``).
+
+A protocol's module is imported only when a device uses it: an agent with only MQTT sensors never loads
+pysnmp or pymodbus (memory matters on a Pi).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from collectors.base import REGISTRY, Accumulator, Collector, DeviceError, Health, PollingCollector, register
 
-__all__ = ["REGISTRY", "Accumulator", "Collector", "DeviceError", "Health", "PollingCollector", "register", "load_all"]
+__all__ = ["REGISTRY", "Accumulator", "Collector", "DeviceError", "Health", "PollingCollector", "available", "get",
+           "register"]
+
+_NOT_PROTOCOLS = {"base"}
 
 
-def load_all() -> dict[str, type[Collector]]:
-    """Import every collector module so each registers itself; returns the registry."""
-    import importlib
-    import pkgutil
+def available() -> list[str]:
+    """Every built-in protocol's name, without importing any."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg and m.name not in _NOT_PROTOCOLS
+                  and not m.name.startswith("_"))
 
-    import collectors
 
-    for mod in pkgutil.iter_modules(collectors.__path__):
-        if mod.name not in ("base",) and not mod.name.startswith("_") and not mod.ispkg:
-            importlib.import_module(f"collectors.{mod.name}")
-    return REGISTRY
+def get(protocol: str) -> type[Collector]:
+    """The collector class for a protocol; ``KeyError`` when there is none."""
+    if protocol not in REGISTRY:
+        if protocol not in available():
+            raise KeyError(protocol)
+        importlib.import_module(f"collectors.{protocol}")
+    return REGISTRY[protocol]

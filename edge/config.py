@@ -89,13 +89,13 @@ class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @staticmethod
     def extension_type(raw: dict[str, Any]) -> type[msgspec.Struct] | str:
         """The struct that validates this device's protocol keys, or an error message."""
-        from collectors import load_all
+        import collectors
 
-        registry = load_all()
         protocol = raw.get("protocol")
-        if protocol not in registry:
-            return f"unknown protocol {protocol!r}; known: {', '.join(sorted(registry))}"
-        return registry[protocol].Options
+        try:
+            return collectors.get(str(protocol)).Options
+        except KeyError:
+            return f"unknown protocol {protocol!r}; known: {', '.join(collectors.available())}"
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

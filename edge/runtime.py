@@ -20,7 +20,8 @@ from typing import Any
 import msgspec
 import structlog
 
-from collectors import REGISTRY, Health, load_all
+import collectors
+from collectors import Health
 from edge.config import Config, Device
 from edge.model import AlarmEvent, Reading, base_device
 from edge.store import Store
@@ -171,10 +172,12 @@ class Agent:
         os.makedirs(cfg.agent.state_dir, exist_ok=True)
         if cfg.uplink.enabled:
             from edge.uplink import Uplink
+            from rules.schedule import Calendar
 
+            calendar = Calendar(cfg.schedule)
             self.uplink = Uplink(
                 cfg.uplink, agent_id=cfg.agent_id, db_path=self.db_path, on_acked=self._acked,
-                phase=lambda: self.engine.phase(time.time()),
+                phase=lambda: calendar.phase(time.time()),
             )
         writer = threading.Thread(target=self._writer, name="writer", daemon=True)
         writer.start()
@@ -205,13 +208,12 @@ class Agent:
         log.info("agent_stopped")
 
     def _collectors(self) -> list[Any]:
-        load_all()
         by_protocol: dict[str, list[Device]] = defaultdict(list)
         for d in self.cfg.devices:
             by_protocol[d.protocol].append(d)
         out = []
         for protocol, devices in by_protocol.items():
-            cls = REGISTRY[protocol]
+            cls = collectors.get(protocol)
             if protocol == "mqtt":
                 broker = self.cfg.mqtt
                 if not broker.client_id:
