@@ -105,6 +105,12 @@ class Collector:
         self.acc = acc
         self.health = health
 
+    @classmethod
+    def check(cls, device: Any) -> list[tuple[str, str]]:
+        """Problems with a device's settings that types cannot see (an unknown profile, a bad address),
+        as (key, message) pairs; ``examwatch config check`` reports them. Pure: no I/O beyond profiles."""
+        return []
+
     async def run(self, stop: asyncio.Event) -> None:
         raise NotImplementedError
 

@@ -20,6 +20,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
 from collectors.base import Collector, register
+from collectors.profiles import ProfileError
 from collectors.profiles import load as load_profile
 from edge.catalog import METRICS
 from edge.model import Reading
@@ -142,6 +143,16 @@ class MqttCollector(Collector):
                 self.routes[f"{d.topic}/availability"] = (d, None)
         self.connected = False
         self.client: mqtt.Client | None = None
+
+    @classmethod
+    def check(cls, device: Any) -> list[tuple[str, str]]:
+        issues = [] if device.topic else [("topic", "an MQTT device needs its topic, e.g. zigbee2mqtt/secrecy-door")]
+        if device.profile:
+            try:
+                load_profile("mqtt", device.profile, Profile)
+            except ProfileError as err:
+                issues.append(("profile", str(err)))
+        return issues
 
     def handle(self, topic: str, payload: bytes, now: float) -> None:
         """One message from the broker -> readings, or a counted drop. Never raises."""

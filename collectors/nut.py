@@ -124,6 +124,14 @@ class NutCollector(PollingCollector):
     protocol = "nut"
     Options = NutOptions
 
+    @classmethod
+    def check(cls, device: Any) -> list[tuple[str, str]]:
+        try:
+            parse_address(device.address)
+        except DeviceError as err:
+            return [("address", err.detail)]
+        return []
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._connections: dict[str, _Connection] = {}

@@ -374,6 +374,15 @@ class SnmpCollector(PollingCollector):
         super().__init__(*args, **kwargs)
         self._sessions: dict[str, _Session] = {}
 
+    @classmethod
+    def check(cls, device: Any) -> list[tuple[str, str]]:
+        issues = [] if device.address else [("address", "an SNMP device needs address = \"host[:port]\"")]
+        try:
+            profile_named(device.profile)
+        except profiles.ProfileError as err:
+            issues.append(("profile", str(err)))
+        return issues
+
     async def _session(self, device: Any) -> _Session:
         s = self._sessions.get(device.name)
         if s is None:

@@ -229,6 +229,7 @@ def _build(raw: dict[str, Any]) -> Config:
 
 
 def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
+    import collectors
     from rules.pack import DEFAULT_RULES
 
     issues = []
@@ -241,6 +242,8 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue(("devices", i, "name"), "use letters, digits, '-', '_' or '.' only"))
         if d.interval <= 0 or d.timeout <= 0:
             issues.append(ConfigIssue(("devices", i, "interval"), "interval and timeout must be positive"))
+        for key, message in collectors.get(d.protocol).check(d):
+            issues.append(ConfigIssue(("devices", i, key), message))
     for key in ("site", "room"):
         if not re.fullmatch(r"[A-Za-z0-9_-]+", getattr(cfg.agent, key)):
             issues.append(ConfigIssue(("agent", key), "use letters, digits, '-' or '_' only (it is an MQTT topic level)"))
