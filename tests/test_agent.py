@@ -150,14 +150,14 @@ def start_agent(mosquitto, tmp_path) -> Iterator:
     running: list[RunningAgent] = []
     watcher = Watcher(mosquitto.port)
 
-    def start(**kw) -> RunningAgent:
+    def start(env: dict | None = None, **kw) -> RunningAgent:
         exporter_port = free_port()
         path = tmp_path / f"agent{len(running)}.toml"
         path.write_text(agent_config(mosquitto.port, tmp_path / f"state{len(running)}", exporter_port, **kw),
                         encoding="utf-8")
         proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "agent", "run", "--config", str(path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+                                env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})})
         agent = RunningAgent(proc, exporter_port, mosquitto.port)
         running.append(agent)
         wait_port(exporter_port, timeout=15)
@@ -260,3 +260,41 @@ def test_sigterm_stops_cleanly_and_a_restart_keeps_the_alarm_open(start_agent, t
 
     open_alarms = Store(tmp_path / "state0" / "agent.db").open_alarms()
     assert [e.rule for e in open_alarms if e.rule == "secrecy_door_open"] == ["secrecy_door_open"]
+
+
+def test_systemd_ready_then_watchdog_only_while_healthy(start_agent, tmp_path):
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(5)
+    agent = start_agent(room_kind="exam_room", env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"})
+    got = [sock.recv(256).decode() for _ in range(4)]
+    assert got[0] == "READY=1"
+    assert "WATCHDOG=1" in got[1:]
+    assert "examwatch_collector_success{" in agent.metrics()
+
+    # A writer stuck on its disk (here: another process holds the database's write lock) must stop the
+    # watchdog although the event loop still runs, so that systemd restarts the agent.
+    import sqlite3
+
+    lock = sqlite3.connect(tmp_path / "state0" / "agent.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        agent.publish("z2m/noise", {"noise": 41})
+        time.sleep(6)  # the writer's heartbeat goes stale after 5 s
+        sock.settimeout(0.05)
+        while True:  # drop what was sent while it was still fresh
+            try:
+                sock.recv(256)
+            except TimeoutError:
+                break
+        sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            while "WATCHDOG=1" not in sock.recv(256).decode():
+                pass
+        assert agent.proc.poll() is None
+    finally:
+        lock.execute("ROLLBACK")
+    sock.settimeout(5)
+    assert "WATCHDOG=1" in [sock.recv(256).decode() for _ in range(4)]

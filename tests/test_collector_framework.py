@@ -1,0 +1,92 @@
+"""The collector framework with the host collector: readings, device state, flips logged once."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import psutil
+import structlog
+
+from collectors.base import Health
+from collectors.host import HostCollector, HostOptions, parse_host
+from edge.config import Device
+from edge.model import Reading
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+
+    def add(self, reading: Reading) -> None:
+        self.readings.append(reading)
+
+
+def test_parse_host_maps_psutil_answers():
+    disk = SimpleNamespace(free=25, total=100, used=75)
+    memory = SimpleNamespace(available=300, total=1000)
+    temps = {"cpu_thermal": [SimpleNamespace(current=61.5)]}
+    nics = {"lo": SimpleNamespace(isup=True), "eth0": SimpleNamespace(isup=True), "wlan0": SimpleNamespace(isup=False)}
+    got = {(r.device, r.metric): r.value for r in parse_host("pi", 1.0, temps=temps, disk=disk, memory=memory,
+                                                             nics=nics, watch=[])}
+    assert got == {
+        ("pi", "storage_free_bytes"): 25.0, ("pi", "storage_total_bytes"): 100.0, ("pi", "storage_used_ratio"): 0.75,
+        ("pi", "memory_available_bytes"): 300.0, ("pi", "memory_used_ratio"): 0.7,
+        ("pi", "cpu_temperature_celsius"): 61.5, ("pi/eth0", "link_up"): 1.0, ("pi/wlan0", "link_up"): 0.0,
+    }
+    # a watched interface that does not exist is down, not forgotten
+    only = parse_host("pi", 1.0, temps={}, disk=disk, memory=memory, nics=nics, watch=["eth1"])
+    assert [(r.device, r.value) for r in only if r.metric == "link_up"] == [("pi/eth1", 0.0)]
+
+
+def test_a_failing_device_is_a_state_logged_once_when_it_flips(tmp_path):
+    gone = tmp_path / "gone"
+    device = Device(name="host", kind="host", protocol="host", address=str(gone), interval=0.05,
+                    options=HostOptions())
+    sink, health = Sink(), Health()
+    collector = HostCollector([device], sink, health)
+
+    async def polls(n: int) -> None:
+        for _ in range(n):
+            await collector.poll_once(device)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(polls(3))  # the state directory's disk is not there: three failures
+        gone.mkdir()
+        asyncio.run(polls(2))  # and back
+    online = [r.value for r in sink.readings if r.metric == "device_online"]
+    assert online == [0.0, 0.0, 0.0, 1.0, 1.0]
+    h = health.devices["host"]
+    assert h.online is True and h.polls == 5 and h.errors == {"error": 3}
+    assert [e["event"] for e in logs] == ["device_offline", "device_recovered"]
+    free = [r.value for r in sink.readings if r.metric == "storage_free_bytes"]
+    assert free and abs(free[-1] - psutil.disk_usage(str(gone)).free) < 1e9
+
+
+def test_a_slow_device_does_not_delay_another(tmp_path):
+    """Each device polls on its own task: a device that hangs costs its own timeout, nobody else's."""
+    from collectors.base import PollingCollector
+
+    class Slow(PollingCollector):
+        protocol = "test-slow"
+
+        async def poll(self, device):
+            if device.name == "stuck":
+                await asyncio.sleep(3600)
+            return [Reading(device.name, "noise_db", 40.0, 0.0)]
+
+    devices = [Device(name=n, kind="noise", protocol="test-slow", interval=0.05, timeout=0.2, retries=0)
+               for n in ("stuck", "fine")]
+    sink, health = Sink(), Health()
+
+    async def run_for(seconds: float) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(Slow(devices, sink, health).run(stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(run_for(1.0))
+    fine = [r for r in sink.readings if r.device == "fine" and r.metric == "noise_db"]
+    assert len(fine) >= 8  # ~20 polls at 0.05 s; the stuck one's 1.2 s timeouts did not hold it up
+    assert health.devices["stuck"].errors["timeout"] >= 1 and health.devices["stuck"].online is False
