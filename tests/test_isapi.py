@@ -1,0 +1,216 @@
+"""Hikvision ISAPI storage: the parser on recorded answers, the collector against the digest-auth simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from collectors.base import DeviceError, Health
+from collectors.isapi import MIB, IsapiCollector, Options, parse_storage, readings_from
+from edge.config import Device
+from edge.model import Reading
+from simulators.isapi import HIKVISION, STD_CGI, IsapiSimulator, SimDisk
+
+DATA = Path(__file__).parent / "data" / "isapi"
+
+
+def expected_disks(path: Path) -> list[tuple[str, str, float | None, float | None]]:
+    """What a sample holds, read with plain ElementTree (namespace stripped), to compare against the parser."""
+    root = ET.fromstring(path.read_bytes())
+    out = []
+    for el in root.iter():
+        tag = el.tag.rsplit("}", 1)[-1]
+        if tag in ("hdd", "nas"):
+            f = {c.tag.rsplit("}", 1)[-1]: (c.text or "").strip() for c in el}
+            out.append((
+                ("disk" if tag == "hdd" else "nas") + f["id"],
+                f["status"],
+                float(f["capacity"]) * MIB if f.get("capacity") else None,
+                float(f["freeSpace"]) * MIB if f.get("freeSpace") else None,
+            ))
+    return out
+
+
+@pytest.mark.parametrize("sample", ["nvr-hikvision-ns.xml", "nvr-stdcgi-ns.xml", "camera-sd-no-ns.xml"])
+def test_parse_recorded_answers_in_every_namespace(sample: str) -> None:
+    disks = parse_storage((DATA / sample).read_bytes())
+    assert [(d.part, d.status, d.capacity_bytes, d.free_bytes) for d in disks] == expected_disks(DATA / sample)
+    assert disks
+
+
+def test_readings_from_recorded_nvr() -> None:
+    now = time.time()
+    got = {(r.device, r.metric): r.value for r in readings_from("nvr1", parse_storage((DATA / "nvr-stdcgi-ns.xml").read_bytes()), now)}
+    assert got[("nvr1/disk1", "storage_ok")] == 1.0
+    assert got[("nvr1/disk1", "storage_used_ratio")] == 1.0 and got[("nvr1/disk1", "storage_free_bytes")] == 0.0
+    assert got[("nvr1/disk1", "storage_total_bytes")] == 953869 * MIB
+    assert got[("nvr1/disk2", "storage_ok")] == 0.0  # notexist
+    assert ("nvr1/disk2", "storage_used_ratio") not in got  # capacity 0: no sizes, not "full"
+    assert got[("nvr1/nas9", "storage_used_ratio")] == pytest.approx(0.5)
+    assert got[("nvr1/nas10", "storage_ok")] == 0.0  # offline
+    hik = {(r.device, r.metric): r.value for r in readings_from("nvr1", parse_storage((DATA / "nvr-hikvision-ns.xml").read_bytes()), now)}
+    assert hik[("nvr1/disk2", "storage_ok")] == 0.0  # error
+
+
+@pytest.mark.parametrize(("sample", "reason"), [("truncated.xml", "invalid_xml"), ("response-status.xml", "unexpected_xml")])
+def test_parse_rejects_what_is_not_storage(sample: str, reason: str) -> None:
+    with pytest.raises(DeviceError) as err:
+        parse_storage((DATA / sample).read_bytes())
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00\xff<<", b"<html><body>login</body></html>", b"<storage><hddList><hdd><id>1"])
+def test_parse_garbage_raises_device_error(body: bytes) -> None:
+    with pytest.raises(DeviceError):
+        parse_storage(body)
+
+
+# --- against the simulator ------------------------------------------------------------------------------------
+
+
+class ListAcc:
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+
+    def add(self, reading: Reading) -> None:
+        self.readings.append(reading)
+
+    def latest(self, device: str, metric: str) -> float | None:
+        return next((r.value for r in reversed(self.readings) if r.device == device and r.metric == metric), None)
+
+
+@pytest.fixture(params=[HIKVISION, STD_CGI, None], ids=["hikvision", "std-cgi", "no-ns"])
+def nvr(request: pytest.FixtureRequest) -> Iterator[IsapiSimulator]:
+    with IsapiSimulator(namespace=request.param) as sim:
+        yield sim
+
+
+def device(sim: IsapiSimulator, name: str = "nvr1", password: str = "sim-pass", **kw: object) -> Device:
+    fields = {"interval": 0.3, "timeout": 1.0, "retries": 0} | kw
+    return Device(name=name, kind="nvr", protocol="isapi", address=sim.address,
+                  options=Options(password=password), **fields)  # type: ignore[arg-type]
+
+
+def poll(c: IsapiCollector, times: int = 1) -> None:
+    async def go() -> None:
+        for _ in range(times):
+            for d in c.devices:
+                await c.poll_once(d)
+        await c.close()
+
+    asyncio.run(go())
+
+
+def test_poll_reads_disks_through_digest_auth(nvr: IsapiSimulator) -> None:
+    nvr.disks.append(SimDisk(7, capacity_mib=146560, free_mib=73280, kind="nas"))
+    acc, health = ListAcc(), Health()
+    poll(IsapiCollector([device(nvr)], acc, health), times=2)
+    assert acc.latest("nvr1", "device_online") == 1.0
+    d1 = nvr.disk(1)
+    assert acc.latest("nvr1/disk1", "storage_total_bytes") == d1.capacity_mib * MIB
+    assert acc.latest("nvr1/disk1", "storage_free_bytes") == d1.free_mib * MIB
+    assert acc.latest("nvr1/disk2", "storage_ok") == 1.0
+    assert acc.latest("nvr1/nas7", "storage_used_ratio") == pytest.approx(0.5)
+    assert nvr.unauthorized == 1  # the digest challenge is reused on the second poll
+
+
+def test_wrong_password_is_http_401(nvr: IsapiSimulator) -> None:
+    acc, health = ListAcc(), Health()
+    poll(IsapiCollector([device(nvr, password="wrong")], acc, health))
+    assert health.devices["nvr1"].errors["http_401"] == 1 and acc.latest("nvr1", "device_online") == 0.0
+
+
+def test_disk_full_and_failed_show_within_one_interval(nvr: IsapiSimulator) -> None:
+    acc = ListAcc()
+    dev = device(nvr)
+    c = IsapiCollector([dev], acc, Health())
+
+    async def until(device: str, metric: str, value: float) -> None:
+        end = time.monotonic() + dev.interval + 1
+        while acc.latest(device, metric) != value:
+            assert time.monotonic() < end, f"{device} {metric} != {value} in time"
+            await asyncio.sleep(0.02)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        await until("nvr1/disk1", "storage_ok", 1.0)
+        nvr.set_disk(1, "full")
+        await until("nvr1/disk1", "storage_used_ratio", 1.0)
+        nvr.set_disk(2, "error")
+        await until("nvr1/disk2", "storage_ok", 0.0)
+        nvr.set_disk(2, "notexist")
+        await until("nvr1/disk2", "storage_ok", 0.0)
+        stop.set()
+        await task
+        await c.close()
+
+    asyncio.run(go())
+
+
+def test_invalid_xml_and_slow_answers_are_device_states(tmp_path: Path) -> None:
+    with IsapiSimulator() as broken, IsapiSimulator() as slow, IsapiSimulator() as good:
+        broken.misbehave("invalid_xml")
+        slow.misbehave("slow")
+        slow.slow_seconds = 3.0
+        acc, health = ListAcc(), Health()
+        c = IsapiCollector([device(broken, "nvr-broken"), device(slow, "nvr-slow", timeout=1.0),
+                            device(good, "nvr-good")], acc, health)
+
+        async def go() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(c.run(stop))
+            await asyncio.sleep(2.0)
+            stop.set()
+            await task
+            await c.close()
+
+        asyncio.run(go())
+        assert health.devices["nvr-broken"].errors["invalid_xml"] >= 2 and health.devices["nvr-broken"].online is False
+        assert health.devices["nvr-slow"].errors["timeout"] >= 1 and health.devices["nvr-slow"].online is False
+        good_polls = sum(1 for r in acc.readings if r.device == "nvr-good" and r.metric == "device_online" and r.value == 1)
+        assert good_polls >= 4  # every 0.3 s, unaffected by the slow one
+        broken.misbehave(None)
+        poll(IsapiCollector([device(broken, "nvr-broken")], acc, health))
+        assert health.devices["nvr-broken"].online is True
+
+
+def test_unreachable_device(tmp_path: Path) -> None:
+    sim = IsapiSimulator()
+    address = sim.address
+    sim.stop()  # nothing listens there any more
+    acc, health = ListAcc(), Health()
+    dev = Device(name="cam1", kind="camera", protocol="isapi", address=address, interval=1, timeout=1, retries=0,
+                 options=Options(password="x"))
+    poll(IsapiCollector([dev], acc, health))
+    assert health.devices["cam1"].errors["unreachable"] == 1
+
+
+def test_password_file_and_secret_stays_out_of_errors(nvr: IsapiSimulator, tmp_path: Path) -> None:
+    secret = tmp_path / "nvr.pass"
+    secret.write_text("sim-pass\n")
+    acc, health = ListAcc(), Health()
+    dev = Device(name="nvr1", kind="nvr", protocol="isapi", address=nvr.address, interval=1, timeout=1, retries=0,
+                 options=Options(password_file=str(secret)))
+    poll(IsapiCollector([dev], acc, health))
+    assert acc.latest("nvr1", "device_online") == 1.0
+    bad = Device(name="nvr2", kind="nvr", protocol="isapi", address=nvr.address, interval=1, timeout=1, retries=0,
+                 options=Options(password="hunter2-secret"))
+    c = IsapiCollector([bad], acc, health)
+
+    async def go() -> DeviceError:
+        try:
+            await c.poll(bad)
+        except DeviceError as err:
+            return err
+        finally:
+            await c.close()
+        raise AssertionError("no error")
+
+    err = asyncio.run(go())
+    assert err.reason == "http_401" and "hunter2" not in str(err)
