@@ -340,3 +340,13 @@ def test_dashboard_shape(board: str) -> None:
         assert re.search(r"[\u4e00-\u9fff]", p["title"]), f"title for staff is Chinese: {p['title']}"
         assert NAME.search(p["description"]), f"description names the metric: {p['title']}"
         assert p["targets"] and all(t["refId"] and t["expr"] for t in p["targets"]), p["title"]
+
+
+def test_provisioning_and_example_scrape_config_fit_the_dashboards() -> None:
+    datasource = (ROOT / "grafana/provisioning/datasources/examwatch.yaml").read_text(encoding="utf-8")
+    assert re.search(r"^\s+uid: examwatch-prom$", datasource, re.M)
+    example = ROOT / "grafana" / "prometheus.yml"
+    check = subprocess.run(["promtool", "check", "config", str(example)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    jobs = set(re.findall(r"job_name: (\S+)", example.read_text(encoding="utf-8")))
+    assert jobs == set(JOBS.values())
