@@ -251,10 +251,10 @@ def test_every_panel_query_runs_and_the_fed_panels_show_data(stack: Stack) -> No
 
     # Data arrives within a few scrapes; rate() and increase() need two samples in the window.
     deadline = time.monotonic() + 25
-    got = None
+    got = settled()
     while got is None and time.monotonic() < deadline:
-        got = settled()
         time.sleep(0.5)
+        got = settled()
     got = got or results()
     errors = [(k, r.get("error")) for k, r in got.items() if r["status"] != "success"]
     assert errors == [], errors
