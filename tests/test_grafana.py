@@ -230,9 +230,10 @@ def panels(name: str) -> list[dict[str, Any]]:
     return [p for p in dashboard(name)["panels"] if p["type"] != "row"]
 
 
-def substitute(expr: str, board: str) -> str:
+def substitute(expr: str, board: str, **values: str) -> str:
     out = expr.replace("$job", JOBS[board])
-    for var, value in sorted(SUBSTITUTE.items(), key=lambda kv: -len(kv[0])):  # $__range before $room
+    chosen = {**SUBSTITUTE, **{f"${k}": v for k, v in values.items()}}
+    for var, value in sorted(chosen.items(), key=lambda kv: -len(kv[0])):  # $__range before $room
         out = out.replace(var, value)
     assert "$" not in out, f"unsubstituted variable in {out}"
     return out
@@ -274,6 +275,11 @@ def test_every_panel_query_runs_and_the_fed_panels_show_data(stack: Stack) -> No
     assert values("county", "拒收消息") == [({}, 2.0)]
     assert any(m["room"] == "r1" and v > 0 for m, v in values("county", "拒收消息（安全）"))
     assert {(m["room"], m["rule"]) for m, _ in values("county", "二级及以上告警")} >= {("r1", "secrecy_door_open")}
+
+    # 考点 = All: Grafana puts the variable's allValue in
+    all_sites = [(b, title) for b, title, expr in targets if b == "county"
+                 and not stack.query(substitute(expr, b, site=".*"))["data"]["result"]]
+    assert all_sites == []
 
 
 def test_template_variables_resolve(stack: Stack) -> None:
