@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from edge import __version__
 from edge.catalog import METRICS
 from edge.model import base_device
+from rules.schedule import PHASES
 
 if TYPE_CHECKING:
     from edge.runtime import Agent
@@ -61,44 +62,60 @@ class AgentCollector(Collector):
             active.add_metric([site, room, e.rule, str(e.level), e.device], 1.0)
         yield active
 
+        ids = [site, room]
         success = GaugeMetricFamily(
             "examwatch_collector_success", "1 if the device's last poll or message succeeded",
-            labels=["collector", "device"],
+            labels=["site", "room", "collector", "device"],
         )
         duration = GaugeMetricFamily(
-            "examwatch_collector_duration_seconds", "duration of the device's last poll", labels=["collector", "device"]
+            "examwatch_collector_duration_seconds", "duration of the device's last poll",
+            labels=["site", "room", "collector", "device"],
         )
         errors = CounterMetricFamily(
-            "examwatch_collector_errors", "failed polls by reason", labels=["collector", "device", "reason"]
+            "examwatch_collector_errors", "failed polls by reason", labels=["site", "room", "collector", "device", "reason"]
         )
         for name, h in list(a.health.devices.items()):
-            success.add_metric([h.collector, name], 1.0 if h.online else 0.0)
-            duration.add_metric([h.collector, name], h.last_duration)
+            success.add_metric([*ids, h.collector, name], 1.0 if h.online else 0.0)
+            duration.add_metric([*ids, h.collector, name], h.last_duration)
             for reason, n in list(h.errors.items()):
-                errors.add_metric([h.collector, name, reason], n)
+                errors.add_metric([*ids, h.collector, name, reason], n)
         yield success
         yield duration
         yield errors
 
         dropped = CounterMetricFamily(
             "examwatch_input_dropped", "input refused (malformed payloads, unknown topics, a full queue)",
-            labels=["source", "reason"],
+            labels=["site", "room", "source", "reason"],
         )
         for (source, reason), n in list(a.health.dropped.items()):
-            dropped.add_metric([source, reason], n)
+            dropped.add_metric([*ids, source, reason], n)
         yield dropped
 
+        phase = GaugeMetricFamily("examwatch_agent_phase", "1 for the exam phase the room is in now",
+                                  labels=["site", "room", "phase"])
+        current = a.phase(now)
+        for name in PHASES:
+            phase.add_metric([*ids, name], 1.0 if name == current else 0.0)
+        yield phase
+
         outbox = a.outbox_stats()
-        yield GaugeMetricFamily("examwatch_outbox_used_ratio", "share of the outbox's disk budget in use",
-                                value=outbox["used_ratio"])
-        yield CounterMetricFamily("examwatch_outbox_dropped", "readings messages given up over the disk budget",
-                                  value=outbox["dropped"])
+        yield _gauge("examwatch_outbox_used_ratio", "share of the outbox's disk budget in use", ids, outbox["used_ratio"])
+        dropped_total = CounterMetricFamily("examwatch_outbox_dropped", "readings messages given up over the disk budget",
+                                            labels=["site", "room"])
+        dropped_total.add_metric(ids, outbox["dropped"])
+        yield dropped_total
         up = a.uplink_health()
         if up is not None:
-            yield GaugeMetricFamily("examwatch_uplink_connected", "1 while connected to the county broker",
-                                    value=1.0 if up.connected else 0.0)
-            yield GaugeMetricFamily("examwatch_uplink_pending_messages", "messages waiting for the county broker",
-                                    value=float(up.pending))
+            yield _gauge("examwatch_uplink_connected", "1 while connected to the county broker", ids,
+                         1.0 if up.connected else 0.0)
+            yield _gauge("examwatch_uplink_pending_messages", "messages waiting for the county broker", ids,
+                         float(up.pending))
+
+
+def _gauge(name: str, help: str, ids: list[str], value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, help, labels=["site", "room"])
+    g.add_metric(ids, value)
+    return g
 
 
 def serve(agent: Agent, listen: str) -> tuple[object, object]:

@@ -25,6 +25,7 @@ from collectors import Health
 from edge.config import Config, Device
 from edge.model import AlarmEvent, Reading, base_device
 from edge.store import Store
+from rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.agent")
 
@@ -65,6 +66,7 @@ class Agent:
         self.health = Health()
         self.intake = Intake(self.health)
         self.engine = build_engine(self.cfg)
+        self.calendar = Calendar(self.cfg.schedule)
         self.current: dict[tuple[str, str], Reading] = {}  # latest reading per (device, metric): the exporter's view
         self.active: dict[str, AlarmEvent] = {}  # alarms firing now, by id
         self.stop_event = threading.Event()
@@ -83,6 +85,9 @@ class Agent:
 
     def uplink_health(self) -> Any:
         return self.uplink.health() if self.uplink is not None else None
+
+    def phase(self, now: float) -> str:
+        return self.calendar.phase(now)
 
     def healthy(self) -> bool:
         return self.ready.is_set() and time.monotonic() - self.writer_beat < 10 * TICK
@@ -172,12 +177,9 @@ class Agent:
         os.makedirs(cfg.agent.state_dir, exist_ok=True)
         if cfg.uplink.enabled:
             from edge.uplink import Uplink
-            from rules.schedule import Calendar
-
-            calendar = Calendar(cfg.schedule)
             self.uplink = Uplink(
                 cfg.uplink, agent_id=cfg.agent_id, db_path=self.db_path, on_acked=self._acked,
-                phase=lambda: calendar.phase(time.time()),
+                phase=lambda: self.calendar.phase(time.time()),
             )
         writer = threading.Thread(target=self._writer, name="writer", daemon=True)
         writer.start()
