@@ -48,6 +48,7 @@ class MegatecSimulator:
         self.commands: list[str] = []  # every command received, for tests
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._open = threading.Event()  # set while the port is open, so start() returns ready to answer
         self._thread: threading.Thread | None = None
 
     # --- state the tests and the demo change -----------------------------------------------------------
@@ -115,6 +116,7 @@ class MegatecSimulator:
         self._stop.clear()
         self._thread = threading.Thread(target=self._serve, name="megatec-sim", daemon=True)
         self._thread.start()
+        self._open.wait(5)
 
     def stop(self) -> None:
         self._stop.set()
@@ -129,8 +131,9 @@ class MegatecSimulator:
             if fd < 0:
                 try:
                     fd = os.open(self.port, os.O_RDWR | os.O_NOCTTY)
-                    tty.setraw(fd)
+                    tty.setraw(fd, termios.TCSANOW)  # TCSAFLUSH (the default) would drop a queued command
                     buf = b""
+                    self._open.set()
                 except OSError:  # the pty pair is being rebuilt: the cable was pulled
                     self._stop.wait(0.05)
                     continue
@@ -142,6 +145,7 @@ class MegatecSimulator:
                 if not chunk:
                     raise OSError("closed")
             except (OSError, termios.error):
+                self._open.clear()
                 os.close(fd)
                 fd = -1
                 continue

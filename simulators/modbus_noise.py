@@ -13,6 +13,7 @@ import os
 import select
 import struct
 import sys
+import termios
 import threading
 import tty
 from dataclasses import dataclass, field
@@ -97,7 +98,9 @@ class NoiseMeterBus:
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._serve, name="modbus-sim", daemon=True)
+        fd = os.open(self.port, os.O_RDWR | os.O_NOCTTY)  # opened before start() returns: no request is missed
+        tty.setraw(fd, termios.TCSANOW)  # not the default TCSAFLUSH, which would drop a request already queued
+        self._thread = threading.Thread(target=self._serve, args=(fd,), name="modbus-sim", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -106,9 +109,7 @@ class NoiseMeterBus:
             self._thread.join(5)
             self._thread = None
 
-    def _serve(self) -> None:
-        fd = os.open(self.port, os.O_RDWR | os.O_NOCTTY)
-        tty.setraw(fd)
+    def _serve(self, fd: int) -> None:
         buf = b""
         try:
             while not self._stop.is_set():
