@@ -230,7 +230,7 @@ def _build(raw: dict[str, Any]) -> Config:
 
 def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
     import collectors
-    from rules.pack import DEFAULT_RULES
+    from rules.pack import DEFAULT_RULES, override_issues
 
     issues = []
     seen: set[str] = set()
@@ -248,19 +248,10 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
         if not re.fullmatch(r"[A-Za-z0-9_-]+", getattr(cfg.agent, key)):
             issues.append(ConfigIssue(("agent", key), "use letters, digits, '-' or '_' only (it is an MQTT topic level)"))
     known = {r.id for r in DEFAULT_RULES}
-    for rule_id, o in cfg.rules.items():
+    for rule_id in cfg.rules:
         if rule_id not in known:
             issues.append(ConfigIssue(("rules", rule_id), f"no such rule; known: {', '.join(sorted(known))}"))
-        if o.levels:
-            from rules.schedule import PHASES
-
-            for phase, level in o.levels.items():
-                if phase not in PHASES:
-                    issues.append(ConfigIssue(("rules", rule_id, "levels", phase), f"no such phase; known: {', '.join(PHASES)}"))
-                if level not in (0, 1, 2):
-                    issues.append(ConfigIssue(("rules", rule_id, "levels", phase), "level must be 0 (off), 1 or 2"))
-        if o.level is not None and o.level not in (1, 2):
-            issues.append(ConfigIssue(("rules", rule_id, "level"), "level must be 1 or 2 (3 is the gateway's)"))
+    issues += [ConfigIssue(path, message) for path, message in override_issues(cfg.rules)]
     for which in ("sessions", "secrecy_windows"):
         for i, w in enumerate(getattr(cfg.schedule, which)):
             if w.end <= w.start:

@@ -102,3 +102,11 @@ address = "127.0.0.1"
     assert set(paths) == {(1, "profile"), (4, "profile"), (5, "address")}
     assert "ups-mib" in paths[(4, "profile")]  # it names the profiles that exist
     assert "zigbee2mqtt_noise" in paths[(1, "profile")]
+
+
+def test_an_override_that_would_make_a_rule_flap_is_an_error():
+    text = sample_text().replace("clear = 65.0", "clear = 75.0")  # clear above a '>' threshold of 70
+    with pytest.raises(ConfigError) as exc:
+        loads(text)
+    assert exc.value.issues[0].path == ("rules", "noise_high")
+    assert "clear" in exc.value.issues[0].message
