@@ -219,7 +219,10 @@ class MegatecCollector(PollingCollector):
         self._ports: dict[str, _Port] = {}
 
     async def poll(self, device: Any) -> list[Reading]:
-        profile = profiles.load("megatec", device.profile or "generic", Profile)
+        try:
+            profile = profiles.load("megatec", device.profile or "generic", Profile)
+        except profiles.ProfileError as err:
+            raise DeviceError("bad_profile", str(err)) from None
         port = self._ports.get(device.name)
         if port is None:
             port = self._ports[device.name] = _Port(device.address, device.options.baud, device.timeout)

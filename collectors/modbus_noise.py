@@ -122,7 +122,10 @@ class ModbusNoiseCollector(PollingCollector):
         self._buses: dict[str, _Bus] = {}
 
     async def poll(self, device: Any) -> list[Reading]:
-        p = profiles.load("modbus", device.profile or "generic-u16x10", Profile)
+        try:
+            p = profiles.load("modbus", device.profile or "generic-u16x10", Profile)
+        except profiles.ProfileError as err:
+            raise DeviceError("bad_profile", str(err)) from None
         o: Options = device.options
         bus = self._buses.get(device.address)
         if bus is None:

@@ -242,3 +242,11 @@ def test_silent_ups_does_not_stall_another(ups: tuple[PtyPair, MegatecSimulator]
     good_polls = sum(1 for r in acc.readings if r.device == "ups1" and r.metric == "device_online" and r.value == 1.0)
     assert good_polls >= 4  # polled every 0.3 s while ups2 sat in its 1 s timeouts
     assert health.devices["ups2"].online is False and health.devices["ups2"].errors["timeout"] >= 1
+
+
+def test_unknown_profile_is_a_device_state(ups: tuple[PtyPair, MegatecSimulator]) -> None:
+    pair, _ = ups
+    acc, health = ListAcc(), Health()
+    c = MegatecCollector([device(pair.agent, profile="no-such-model")], acc, health)
+    asyncio.run(c.poll_once(c.devices[0]))
+    assert health.devices["ups1"].errors["bad_profile"] == 1
