@@ -124,6 +124,16 @@ class IsapiCollector(PollingCollector):
     protocol = "isapi"
     Options = Options
 
+    @classmethod
+    def check(cls, device: Any) -> list[tuple[str, str]]:
+        issues = [] if device.address else [("address", "a camera or NVR needs address = \"host[:port]\" or a URL")]
+        o = device.options
+        if o is not None and not (o.password or o.password_file):
+            issues.append(("password", "ISAPI needs password or password_file (digest auth)"))
+        if o is not None and o.password and o.password_file:
+            issues.append(("password_file", "give password or password_file, not both"))
+        return issues
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._clients: dict[str, httpx.AsyncClient] = {}

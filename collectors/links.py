@@ -109,6 +109,18 @@ class LinksCollector(PollingCollector):
     protocol = "links"
     Options = Options
 
+    @classmethod
+    def check(cls, device: Any) -> list[tuple[str, str]]:
+        issues = [] if device.address else [("address", f"a link needs address = a host, an IP or \"{DEFAULT_GATEWAY}\"")]
+        o = device.options
+        if o is not None:
+            if o.probes < 1:
+                issues.append(("probes", "at least one probe per poll"))
+            # The framework gives a poll timeout x (retries + 1) + 1 s; the burst must fit in it.
+            elif (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1:
+                issues.append(("probes", "probes x probe_interval does not fit in the poll's time budget"))
+        return issues
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._icmp_privileged: bool | None = None  # how ICMP works here; None: not found out yet

@@ -214,6 +214,15 @@ class MegatecCollector(PollingCollector):
     protocol = "megatec"
     Options = Options
 
+    @classmethod
+    def check(cls, device: Any) -> list[tuple[str, str]]:
+        issues = [] if device.address else [("address", "a serial UPS needs address = \"/dev/serial/by-id/...\"")]
+        try:
+            profiles.load("megatec", device.profile or "generic", Profile)
+        except profiles.ProfileError as err:
+            issues.append(("profile", str(err)))
+        return issues
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ports: dict[str, _Port] = {}

@@ -117,6 +117,17 @@ class ModbusNoiseCollector(PollingCollector):
     protocol = "modbus_noise"
     Options = Options
 
+    @classmethod
+    def check(cls, device: Any) -> list[tuple[str, str]]:
+        issues = [] if device.address else [("address", "a noise meter needs address = \"/dev/serial/by-id/...\"")]
+        if device.options is not None and not 0 <= device.options.slave <= 247:
+            issues.append(("slave", "a Modbus slave address is 1-247 (0: the profile's)"))
+        try:
+            profiles.load("modbus", device.profile or "generic-u16x10", Profile)
+        except profiles.ProfileError as err:
+            issues.append(("profile", str(err)))
+        return issues
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._buses: dict[str, _Bus] = {}

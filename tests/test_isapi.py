@@ -214,3 +214,12 @@ def test_password_file_and_secret_stays_out_of_errors(nvr: IsapiSimulator, tmp_p
 
     err = asyncio.run(go())
     assert err.reason == "http_401" and "hunter2" not in str(err)
+
+
+def test_config_check_wants_a_password() -> None:
+    from edge.config import ConfigError, loads
+
+    with pytest.raises(ConfigError) as err:
+        loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "nvr1"\nkind = "nvr"\nprotocol = "isapi"\n'
+              'address = "192.168.1.64"\n')
+    assert "devices[0].password" in str(err.value)

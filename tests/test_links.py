@@ -235,3 +235,13 @@ def test_primary_link_from_this_machines_routing_table() -> None:
     assert acc.latest("wan", "link_primary_active") == (1.0 if route else 0.0)
     assert acc.latest("wan-backup-view", "link_primary_active") == 0.0
     assert acc.latest("wan", "link_up") is not None and acc.latest("wan", "device_online") == 1.0
+
+
+def test_config_check_burst_must_fit_the_poll_budget() -> None:
+    from edge.config import ConfigError, loads
+
+    base = '[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "wan"\nkind = "link"\nprotocol = "links"\naddress = "default-gateway"\n'
+    loads(base + 'primary_interface = "eth0"\n')
+    with pytest.raises(ConfigError) as err:
+        loads(base + "timeout = 1\nretries = 0\nprobes = 20\nprobe_interval = 1.0\n")
+    assert "devices[0].probes" in str(err.value)

@@ -250,3 +250,13 @@ def test_unknown_profile_is_a_device_state(ups: tuple[PtyPair, MegatecSimulator]
     c = MegatecCollector([device(pair.agent, profile="no-such-model")], acc, health)
     asyncio.run(c.poll_once(c.devices[0]))
     assert health.devices["ups1"].errors["bad_profile"] == 1
+
+
+def test_config_check_reports_unknown_profile_and_missing_port() -> None:
+    from edge.config import ConfigError, loads
+
+    with pytest.raises(ConfigError) as err:
+        loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
+              'profile = "no-such-model"\nbaud = 2400\n')
+    text = str(err.value)
+    assert "devices[0].profile" in text and "devices[0].address" in text

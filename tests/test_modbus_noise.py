@@ -200,3 +200,13 @@ def test_missing_port_is_a_device_state(tmp_path: Path) -> None:
     poll_all(c)
     asyncio.run(c.close())
     assert health.devices["noise1"].errors["port_unavailable"] == 1 and acc.latest("noise1", "device_online") == 0.0
+
+
+def test_config_check_reports_bad_slave_and_profile() -> None:
+    from edge.config import ConfigError, loads
+
+    with pytest.raises(ConfigError) as err:
+        loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "n1"\nkind = "noise"\nprotocol = "modbus_noise"\n'
+              'address = "/dev/ttyUSB0"\nprofile = "nope"\nslave = 300\n')
+    text = str(err.value)
+    assert "devices[0].profile" in text and "devices[0].slave" in text
