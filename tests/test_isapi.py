@@ -223,3 +223,39 @@ def test_config_check_wants_a_password() -> None:
         loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "nvr1"\nkind = "nvr"\nprotocol = "isapi"\n'
               'address = "192.168.1.64"\n')
     assert "devices[0].password" in str(err.value)
+
+
+def test_nvr_disk_failure_raises_the_alarm_within_one_interval(nvr: IsapiSimulator) -> None:
+    """Simulator -> collector -> the default rule pack: a failed NVR disk is an alarm on nvr1/disk2."""
+    from edge.config import loads
+    from rules.engine import build_engine
+
+    cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "nvr1"\nkind = "nvr"\nprotocol = "isapi"\n'
+                f'address = "{nvr.address}"\npassword = "sim-pass"\ninterval = 0.3\ntimeout = 1\nretries = 0\n')
+    engine = build_engine(cfg)
+    state = engine.initial_state()
+    raised: list[tuple[str, str]] = []
+
+    class RulesAcc:
+        def add(self, r: Reading) -> None:
+            nonlocal state
+            state, events = engine.evaluate(state, [r], r.ts)
+            raised.extend((e.rule, e.device) for e in events if e.state == "raised")
+
+    c = IsapiCollector(cfg.devices, RulesAcc(), Health())
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        await asyncio.sleep(0.5)
+        assert raised == []
+        nvr.set_disk(2, "error")
+        end = time.monotonic() + cfg.devices[0].interval + 1
+        while ("nvr_disk_failed", "nvr1/disk2") not in raised:
+            assert time.monotonic() < end, f"no alarm in time: {raised}"
+            await asyncio.sleep(0.02)
+        stop.set()
+        await task
+        await c.close()
+
+    asyncio.run(go())

@@ -245,3 +245,40 @@ def test_config_check_burst_must_fit_the_poll_budget() -> None:
     with pytest.raises(ConfigError) as err:
         loads(base + "timeout = 1\nretries = 0\nprobes = 20\nprobe_interval = 1.0\n")
     assert "devices[0].probes" in str(err.value)
+
+
+def test_platform_unreachable_raises_link_down(platform: Platform) -> None:
+    """Real sockets -> collector -> the default rule pack (``for`` shortened to 0)."""
+    from edge.config import loads
+    from rules.engine import build_engine
+
+    cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "platform"\nkind = "link"\nprotocol = "links"\n'
+                f'address = "127.0.0.1"\nmethod = "tcp"\nport = {platform.port}\nprobes = 3\nprobe_interval = 0.05\n'
+                'interval = 0.3\ntimeout = 0.3\nretries = 0\n[rules.link_down]\nfor = 0\n')
+    engine = build_engine(cfg)
+    state = engine.initial_state()
+    raised: list[str] = []
+
+    class RulesAcc:
+        def add(self, r: Reading) -> None:
+            nonlocal state
+            state, events = engine.evaluate(state, [r], r.ts)
+            raised.extend(e.rule for e in events if e.state == "raised")
+
+    c = LinksCollector(cfg.devices, RulesAcc(), Health())
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        await asyncio.sleep(0.5)
+        assert raised == []
+        await asyncio.to_thread(platform.cut)
+        d = cfg.devices[0]
+        deadline = time.monotonic() + d.interval + d.timeout + 1
+        while "link_down" not in raised:
+            assert time.monotonic() < deadline, "no link_down in time"
+            await asyncio.sleep(0.02)
+        stop.set()
+        await task
+
+    asyncio.run(go())

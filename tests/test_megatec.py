@@ -260,3 +260,38 @@ def test_config_check_reports_unknown_profile_and_missing_port() -> None:
               'profile = "no-such-model"\nbaud = 2400\n')
     text = str(err.value)
     assert "devices[0].profile" in text and "devices[0].address" in text
+
+
+def test_mains_lost_raises_the_alarm_within_one_interval(ups: tuple[PtyPair, MegatecSimulator]) -> None:
+    """Simulator -> collector -> the default rule pack: UPS on battery, then battery low, as alarms."""
+    from edge.config import loads
+    from rules.engine import build_engine
+
+    pair, sim = ups
+    cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
+                f'address = "{pair.agent}"\nprofile = "pack-voltage"\ninterval = 0.3\ntimeout = 0.5\nretries = 0\n')
+    engine = build_engine(cfg)
+    state = engine.initial_state()
+    raised: list[str] = []
+
+    class RulesAcc:
+        def add(self, r: Reading) -> None:
+            nonlocal state
+            state, events = engine.evaluate(state, [r], r.ts)
+            raised.extend(e.rule for e in events if e.state == "raised")
+
+    c = MegatecCollector(cfg.devices, RulesAcc(), Health())
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        await asyncio.sleep(0.5)
+        assert raised == []
+        for mode, rule in [("battery", "ups_on_battery"), ("battery_low", "ups_battery_low")]:
+            sim.set_mode(mode)  # type: ignore[arg-type]
+            await wait_for(lambda: rule in raised, cfg.devices[0].interval + 1)
+        stop.set()
+        await task
+        await c.close()
+
+    asyncio.run(go())

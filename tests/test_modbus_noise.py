@@ -210,3 +210,49 @@ def test_config_check_reports_bad_slave_and_profile() -> None:
               'address = "/dev/ttyUSB0"\nprofile = "nope"\nslave = 300\n')
     text = str(err.value)
     assert "devices[0].profile" in text and "devices[0].slave" in text
+
+
+def test_noise_over_the_limit_raises_the_alarm_during_a_session(rs485: tuple[PtyPair, NoiseMeterBus]) -> None:
+    """Simulator -> collector -> the default rule pack, in an exam session (``for`` shortened to 0)."""
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    from edge.config import loads
+    from rules.engine import build_engine
+
+    pair, bus = rs485
+    bus.add_meter("renke-rs-zs", db=45.0)
+    bus.start()
+    local = datetime.now(ZoneInfo("Asia/Shanghai")).replace(tzinfo=None, microsecond=0)  # sessions are local time
+    start, end = (local - timedelta(hours=1)).isoformat(), (local + timedelta(hours=1)).isoformat()
+    cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "noise1"\nkind = "noise"\n'
+                f'protocol = "modbus_noise"\naddress = "{pair.agent}"\nprofile = "renke-rs-zs"\ninterval = 0.3\n'
+                'timeout = 0.3\nretries = 0\n[rules.noise_high]\nfor = 0\n'
+                f'[[schedule.sessions]]\nname = "数学"\nstart = {start}\nend = {end}\n')
+    engine = build_engine(cfg)
+    state = engine.initial_state()
+    raised: list[str] = []
+
+    class RulesAcc:
+        def add(self, r: Reading) -> None:
+            nonlocal state
+            state, events = engine.evaluate(state, [r], r.ts)
+            raised.extend(e.rule for e in events if e.state == "raised")
+
+    c = ModbusNoiseCollector(cfg.devices, RulesAcc(), Health())
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        await asyncio.sleep(0.5)
+        assert raised == []
+        bus.set_db(78.4)
+        deadline = time.monotonic() + cfg.devices[0].interval + 1
+        while "noise_high" not in raised:
+            assert time.monotonic() < deadline, "no noise alarm in time"
+            await asyncio.sleep(0.02)
+        stop.set()
+        await task
+        await c.close()
+
+    asyncio.run(go())
