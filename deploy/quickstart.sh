@@ -16,6 +16,9 @@ python3 -m pip install -q --disable-pip-version-check -e .
 
 state=.examwatch-demo
 mkdir -p "$state"
+chmod 700 "$state"
+# this agent's signing key, made once and kept out of the config
+[ -s "$state/agent.key" ] || (umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > "$state/agent.key")
 printf 'listener 18830 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/\n' \
   "$(pwd)/$state" > "$state/mosquitto.conf"
 "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$state/mosquitto.conf" &

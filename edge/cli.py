@@ -42,7 +42,13 @@ def _agent_run(path: str, log_level: str) -> int:
     except (ConfigError, OSError) as err:
         print(f"{path}: {err}", file=sys.stderr)
         return 2
-    asyncio.run(Agent(cfg).run())
+    try:
+        asyncio.run(Agent(cfg).run())
+    except (OSError, ValueError, RuntimeError) as err:  # a key file missing, a port taken: say so, no traceback
+        import structlog
+
+        structlog.get_logger("examwatch.agent").error("agent_failed", error=f"{type(err).__name__}: {err}")
+        return 1
     return 0
 
 

@@ -252,6 +252,17 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
         if rule_id not in known:
             issues.append(ConfigIssue(("rules", rule_id), f"no such rule; known: {', '.join(sorted(known))}"))
     issues += [ConfigIssue(path, message) for path, message in override_issues(cfg.rules)]
+    up = cfg.uplink
+    if up.enabled and not (up.signing_key or up.signing_key_file):
+        issues.append(ConfigIssue(("uplink", "signing_key_file"),
+                                  "the uplink signs every message: name this agent's key file (or give signing_key)"))
+    elif up.enabled and up.signing_key:
+        from edge.wire import parse_key
+
+        try:
+            parse_key(up.signing_key)
+        except ValueError as err:  # the message never repeats the key
+            issues.append(ConfigIssue(("uplink", "signing_key"), str(err)))
     for which in ("sessions", "secrecy_windows"):
         for i, w in enumerate(getattr(cfg.schedule, which)):
             if w.end <= w.start:

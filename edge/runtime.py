@@ -153,7 +153,8 @@ class Agent:
                 self.active.pop(e.id, None)
             else:
                 self.active[e.id] = e
-            log.info("alarm", **msgspec.structs.asdict(e))
+            # nested: flat, the alarm's "level" would collide with the log line's own level
+            log.info("alarm", alarm=msgspec.structs.asdict(e))
         if outbox:
             self.uplink.notify()
 

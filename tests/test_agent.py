@@ -196,6 +196,9 @@ def test_secrecy_door_open_outside_window_is_level_2_within_a_second_and_clears(
     assert "保密室" in event.message and event.action
     assert arrived - sent < 1.0
     assert until(lambda: agent.alarm_exported("secrecy_door_open", 2), timeout=1.0 - (time.monotonic() - sent) + 0.2)
+    logged = [json.loads(line) for line in agent.log if '"event": "alarm"' in line]
+    assert [(x["alarm"]["rule"], x["alarm"]["level"], x["alarm"]["state"]) for x in logged] == [
+        ("secrecy_door_open", 2, "raised")]
 
     agent.publish("z2m/door", {"contact": True})
     cleared = watcher.wait(lambda e: e.id == event.id and e.state == "cleared", timeout=2.0)

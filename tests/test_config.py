@@ -110,3 +110,14 @@ def test_an_override_that_would_make_a_rule_flap_is_an_error():
         loads(text)
     assert exc.value.issues[0].path == ("rules", "noise_high")
     assert "clear" in exc.value.issues[0].message
+
+
+def test_an_enabled_uplink_needs_a_valid_signing_key():
+    text = sample_text().replace('signing_key_file = "/etc/examwatch/agent.key"', 'signing_key_file = ""')
+    with pytest.raises(ConfigError) as exc:
+        loads(text)
+    assert [i.path for i in exc.value.issues] == [("uplink", "signing_key_file")]
+    with pytest.raises(ConfigError) as exc:
+        loads(text.replace('signing_key = ""', 'signing_key = "not-hex-secret"'))
+    assert [i.path for i in exc.value.issues] == [("uplink", "signing_key")]
+    assert "not-hex-secret" not in str(exc.value)
