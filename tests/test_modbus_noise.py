@@ -256,3 +256,35 @@ def test_noise_over_the_limit_raises_the_alarm_during_a_session(rs485: tuple[Pty
         await c.close()
 
     asyncio.run(go())
+
+
+def test_pulled_adapter_is_reopened(rs485: tuple[PtyPair, NoiseMeterBus]) -> None:
+    pair, bus = rs485
+    bus.add_meter("generic-u16x10", db=52.0)
+    bus.start()
+    acc, health = ListAcc(), Health()
+    c = ModbusNoiseCollector([meter(pair.agent)], acc, health)
+
+    async def until(check) -> None:  # type: ignore[no-untyped-def]
+        end = time.monotonic() + 5
+        while not check():
+            assert time.monotonic() < end
+            await asyncio.sleep(0.02)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        await until(lambda: acc.latest("noise1", "noise_db") == 52.0)
+        bus.stop()
+        pair.stop()  # the USB-RS485 stick is pulled
+        await until(lambda: health.devices["noise1"].online is False)
+        await asyncio.to_thread(pair.start)
+        bus.start()
+        bus.set_db(61.0)
+        await until(lambda: acc.latest("noise1", "noise_db") == 61.0)
+        stop.set()
+        await task
+        await c.close()
+
+    asyncio.run(go())
+    assert health.devices["noise1"].errors["port_unavailable"] >= 1
