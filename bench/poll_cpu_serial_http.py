@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from collectors import isapi, links, megatec, modbus_noise  # noqa: E402
 from collectors.base import Health  # noqa: E402
 from edge.config import Device  # noqa: E402
-from simulators.isapi import IsapiSimulator  # noqa: E402
 from simulators.serial_pty import PtyPair  # noqa: E402
 
 CYCLES = int(sys.argv[1]) if len(sys.argv) > 1 else 200

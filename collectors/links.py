@@ -131,7 +131,8 @@ class LinksCollector(PollingCollector):
         route = default_route(parse_routes(ROUTE_TABLE.read_text())) if ROUTE_TABLE.exists() else None
         out = []
         if o.primary_interface:
-            out.append(Reading(device.name, "link_primary_active", float(route is not None and route.interface == o.primary_interface), now))
+            primary = route is not None and route.interface == o.primary_interface
+            out.append(Reading(device.name, "link_primary_active", float(primary), now))
         target = device.address
         if target == DEFAULT_GATEWAY:
             if route is None:  # no default route: nothing beyond this network is reachable

@@ -88,7 +88,7 @@ class IsapiSimulator:
             for d in self.disks:
                 cap = 0 if d.status == "notexist" else d.capacity_mib
                 free = 0 if d.status == "notexist" else d.free_mib
-                extra = ("<hddName>hdd{0}</hddName><hddPath></hddPath><hddType>SATA</hddType>".format(d.id)
+                extra = (f"<hddName>hdd{d.id}</hddName><hddPath></hddPath><hddType>SATA</hddType>"
                          if d.kind == "hdd" else "<ipAddress>192.0.2.50</ipAddress><path>/nvr</path><nasType>NFS</nasType>")
                 items[d.kind].append(
                     f"<{d.kind}{v}>\n<id>{d.id}</id>\n{extra}\n<status>{d.status}</status>\n"

@@ -45,7 +45,11 @@ def test_parse_recorded_answers_in_every_namespace(sample: str) -> None:
 
 def test_readings_from_recorded_nvr() -> None:
     now = time.time()
-    got = {(r.device, r.metric): r.value for r in readings_from("nvr1", parse_storage((DATA / "nvr-stdcgi-ns.xml").read_bytes()), now)}
+    def readings(sample: str) -> dict[tuple[str, str], float]:
+        disks = parse_storage((DATA / sample).read_bytes())
+        return {(r.device, r.metric): r.value for r in readings_from("nvr1", disks, now)}
+
+    got = readings("nvr-stdcgi-ns.xml")
     assert got[("nvr1/disk1", "storage_ok")] == 1.0
     assert got[("nvr1/disk1", "storage_used_ratio")] == 1.0 and got[("nvr1/disk1", "storage_free_bytes")] == 0.0
     assert got[("nvr1/disk1", "storage_total_bytes")] == 953869 * MIB
@@ -53,7 +57,7 @@ def test_readings_from_recorded_nvr() -> None:
     assert ("nvr1/disk2", "storage_used_ratio") not in got  # capacity 0: no sizes, not "full"
     assert got[("nvr1/nas9", "storage_used_ratio")] == pytest.approx(0.5)
     assert got[("nvr1/nas10", "storage_ok")] == 0.0  # offline
-    hik = {(r.device, r.metric): r.value for r in readings_from("nvr1", parse_storage((DATA / "nvr-hikvision-ns.xml").read_bytes()), now)}
+    hik = readings("nvr-hikvision-ns.xml")
     assert hik[("nvr1/disk2", "storage_ok")] == 0.0  # error
 
 

@@ -240,7 +240,8 @@ def test_primary_link_from_this_machines_routing_table() -> None:
 def test_config_check_burst_must_fit_the_poll_budget() -> None:
     from edge.config import ConfigError, loads
 
-    base = '[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "wan"\nkind = "link"\nprotocol = "links"\naddress = "default-gateway"\n'
+    base = ('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "wan"\nkind = "link"\nprotocol = "links"\n'
+            'address = "default-gateway"\n')
     loads(base + 'primary_interface = "eth0"\n')
     with pytest.raises(ConfigError) as err:
         loads(base + "timeout = 1\nretries = 0\nprobes = 20\nprobe_interval = 1.0\n")

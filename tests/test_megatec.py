@@ -163,7 +163,7 @@ def test_mode_flips_show_within_one_interval(ups: tuple[PtyPair, MegatecSimulato
         await wait_for(lambda: acc.latest("ups1", "power_on_battery") == 0.0, 5)
         for mode, metric in [("battery", "power_on_battery"), ("battery_low", "ups_battery_low"), ("fault", "ups_fault")]:
             sim.set_mode(mode)
-            await wait_for(lambda: acc.latest("ups1", metric) == 1.0, dev.interval + 1)
+            await wait_for(lambda m=metric: acc.latest("ups1", m) == 1.0, dev.interval + 1)
         assert acc.latest("ups1", "power_on_battery") == 0.0  # fault on line power
         sim.set_mode("line")
         await wait_for(lambda: acc.latest("ups1", "ups_fault") == 0.0, dev.interval + 1)
@@ -289,7 +289,7 @@ def test_mains_lost_raises_the_alarm_within_one_interval(ups: tuple[PtyPair, Meg
         assert raised == []
         for mode, rule in [("battery", "ups_on_battery"), ("battery_low", "ups_battery_low")]:
             sim.set_mode(mode)  # type: ignore[arg-type]
-            await wait_for(lambda: rule in raised, cfg.devices[0].interval + 1)
+            await wait_for(lambda r=rule: r in raised, cfg.devices[0].interval + 1)
         stop.set()
         await task
         await c.close()
