@@ -7,34 +7,17 @@ as Zigbee2MQTT would, and watches the alarms topic and the Prometheus endpoint.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator
-from datetime import datetime, timedelta
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
-import msgspec
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import wire
-from edge.model import AlarmEvent
-from tests.conftest import free_port, wait_port
+from tests.agent_support import RunningAgent, Watcher, launch_agent, local, until
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
-TZ = ZoneInfo("Asia/Shanghai")
-
-
-def local(delta_minutes: float) -> str:
-    t = datetime.now(TZ) + timedelta(minutes=delta_minutes)
-    return t.replace(tzinfo=None, microsecond=0).isoformat()
 
 
 def agent_config(broker_port: int, state_dir: Path, exporter_port: int, *, room_kind: str, sessions=(), windows=(),
@@ -87,64 +70,6 @@ for = 1.0
     return "\n".join(blocks)
 
 
-class Watcher:
-    """Subscribes to the county topics; records each alarm with the time it arrived."""
-
-    def __init__(self, port: int) -> None:
-        self.alarms: list[tuple[float, AlarmEvent]] = []
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe("examwatch/v1/+/+/alarms", qos=1)
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, msg) -> None:
-        env = wire.decode(msg.payload)
-        with self.lock:
-            self.alarms.append((time.monotonic(), msgspec.json.decode(env.body, type=AlarmEvent)))
-
-    def wait(self, pred, timeout: float) -> tuple[float, AlarmEvent] | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                for item in self.alarms:
-                    if pred(item[1]):
-                        return item
-            time.sleep(0.01)
-        return None
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-class RunningAgent:
-    def __init__(self, proc: subprocess.Popen[str], exporter_port: int, broker_port: int) -> None:
-        self.proc = proc
-        self.exporter_port = exporter_port
-        self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2)
-        self.pub.connect("127.0.0.1", broker_port)
-        self.pub.loop_start()
-
-    def publish(self, topic: str, payload: dict | str) -> float:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
-        self.pub.publish(topic, data, qos=1).wait_for_publish(2)
-        return time.monotonic()
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.exporter_port}/metrics", timeout=2) as r:
-            return r.read().decode()
-
-    def alarm_exported(self, rule: str, level: int) -> bool:
-        return any(
-            line.startswith("examwatch_alarm_active{") and f'rule="{rule}"' in line and f'level="{level}"' in line
-            for line in self.metrics().splitlines()
-        )
-
-
 @pytest.fixture
 def start_agent(mosquitto, tmp_path) -> Iterator:
     running: list[RunningAgent] = []
@@ -155,34 +80,15 @@ def start_agent(mosquitto, tmp_path) -> Iterator:
         path = tmp_path / f"agent{len(running)}.toml"
         path.write_text(agent_config(mosquitto.port, tmp_path / f"state{len(running)}", exporter_port, **kw),
                         encoding="utf-8")
-        proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "agent", "run", "--config", str(path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})})
-        agent = RunningAgent(proc, exporter_port, mosquitto.port)
+        agent = launch_agent(path, exporter_port, mosquitto.port, env)
         running.append(agent)
-        wait_port(exporter_port, timeout=15)
-        # publish only once it listens: a sensor message before the subscription would be lost
-        assert until(lambda: any("mqtt_connected" in line for line in agent.log), timeout=10), agent.log
-        time.sleep(0.1)
         return agent
 
     start.watcher = watcher  # type: ignore[attr-defined]
     yield start
     watcher.close()
     for a in running:
-        a.pub.loop_stop()
-        if a.proc.poll() is None:
-            a.proc.terminate()
-            a.proc.wait(10)
-
-
-def until(pred, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
+        a.close()
 
 
 def test_secrecy_door_open_outside_window_is_level_2_within_a_second_and_clears(start_agent):

@@ -1,0 +1,125 @@
+"""Helpers for tests that run the real agent process: launching it, watching the county topics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import msgspec
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge import wire
+from edge.model import AlarmEvent
+from simulators.broker import wait_port
+
+TZ = ZoneInfo("Asia/Shanghai")
+
+
+def local(delta_minutes: float) -> str:
+    t = datetime.now(TZ) + timedelta(minutes=delta_minutes)
+    return t.replace(tzinfo=None, microsecond=0).isoformat()
+
+
+def until(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class Watcher:
+    """Subscribes to the county topics; records each alarm with the time it arrived."""
+
+    def __init__(self, port: int) -> None:
+        self.alarms: list[tuple[float, AlarmEvent]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe("examwatch/v1/+/+/alarms", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        env = wire.decode(msg.payload)
+        with self.lock:
+            self.alarms.append((time.monotonic(), msgspec.json.decode(env.body, type=AlarmEvent)))
+
+    def wait(self, pred, timeout: float) -> tuple[float, AlarmEvent] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                for item in self.alarms:
+                    if pred(item[1]):
+                        return item
+            time.sleep(0.01)
+        return None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class RunningAgent:
+    def __init__(self, proc: subprocess.Popen[str], exporter_port: int, broker_port: int) -> None:
+        self.proc = proc
+        self.exporter_port = exporter_port
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self.pub.connect("127.0.0.1", broker_port)
+        self.pub.loop_start()
+
+    def publish(self, topic: str, payload: dict | str) -> float:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self.pub.publish(topic, data, qos=1).wait_for_publish(2)
+        return time.monotonic()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.exporter_port}/metrics", timeout=2) as r:
+            return r.read().decode()
+
+    def close(self) -> None:
+        self.pub.loop_stop()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def alarm_exported(self, rule: str, level: int) -> bool:
+        return any(
+            line.startswith("examwatch_alarm_active{") and f'rule="{rule}"' in line and f'level="{level}"' in line
+            for line in self.metrics().splitlines()
+        )
+
+
+
+
+def launch_agent(config: Path, exporter_port: int, broker_port: int, env: dict | None = None,
+                 ready: tuple[str, ...] = ("agent_started", "mqtt_connected")) -> RunningAgent:
+    """Start `examwatch agent run`; return once it serves metrics and has logged each ``ready`` event
+    (by default: listening to its MQTT sensors)."""
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "agent", "run", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})})
+    agent = RunningAgent(proc, exporter_port, broker_port)
+    try:
+        wait_port(exporter_port, timeout=15)
+        # publish only once it listens: a sensor message before the subscription would be lost
+        assert until(lambda: all(any(f'"event": "{e}"' in line for line in agent.log) for e in ready)
+                     or proc.poll() is not None, 10), agent.log
+        assert proc.poll() is None, agent.log
+    except BaseException:
+        agent.close()
+        raise
+    time.sleep(0.1)
+    return agent
