@@ -83,24 +83,25 @@ def test_cli_check_reads_stdin_and_prints_the_sample():
 def test_protocol_checks_catch_unknown_profiles_and_bad_addresses():
     text = sample_text() + """
 [[devices]]
-name = "ups1"
+name = "ups-x1"
 kind = "ups"
 protocol = "snmp"
 address = "127.0.0.1"
 profile = "ups-mbi"
 
 [[devices]]
-name = "ups2"
+name = "ups-x2"
 kind = "ups"
 protocol = "nut"
 address = "127.0.0.1"
 """
+    n = len(loads(sample_text()).devices)
     text = text.replace('profile = "zigbee2mqtt_noise"', 'profile = "zigbee2mqtt_nosie"')
     with pytest.raises(ConfigError) as exc:
         loads(text)
     paths = {i.path[1:]: i.message for i in exc.value.issues}
-    assert set(paths) == {(1, "profile"), (4, "profile"), (5, "address")}
-    assert "ups-mib" in paths[(4, "profile")]  # it names the profiles that exist
+    assert set(paths) == {(1, "profile"), (n, "profile"), (n + 1, "address")}
+    assert "ups-mib" in paths[(n, "profile")]  # it names the profiles that exist
     assert "zigbee2mqtt_noise" in paths[(1, "profile")]
 
 
