@@ -33,6 +33,7 @@ class Subscriber:
         self.inbox = inbox  # (connection number, mid, message)
         self.connection = 0  # bumped at every connect: mids are only valid on the connection they came on
         self.up_since: float | None = None
+        self.subscribed = threading.Event()  # set once the broker confirmed our subscription
         self._lock = threading.Lock()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
         c.manual_ack_set(True)
@@ -44,6 +45,7 @@ class Subscriber:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = lambda *_a: self.subscribed.set()
         c.on_socket_open = lambda _c, _u, sock: _nodelay(sock)
         self.client = c
 
