@@ -111,6 +111,7 @@ class Uplink:
         self._pending = 0
         self._sent = self._acked = self._refused = self._connects = 0
         self._last_error = ""
+        self._error_kind = ""
         self._last_ack: float | None = None
 
     # --- public API --------------------------------------------------------------------------------
@@ -243,18 +244,20 @@ class Uplink:
                 if seq is None:
                     continue  # a status message
                 if rc.is_failure:
-                    self._refused += 1
+                    self._set_error(f"broker refused seq {seq}: {rc}", kind=f"refused: {rc}")
                     self._retry[seq] = self.clock() + RETRY_AFTER
-                    self._set_error(f"broker refused seq {seq}: {rc}")
+                    self._refused += 1
                 else:
                     acked.append(seq)
             elif kind == "connect":
                 rc, session_present = data
                 if rc.is_failure:
-                    self._set_error(f"connect refused: {rc}")
+                    self._set_error(f"connect refused: {rc}", kind=f"connect: {rc}")
                     continue
                 self._connected = True
                 self._connects += 1
+                if self._error_kind.startswith("connect"):  # that error is over
+                    self._last_error = self._error_kind = ""
                 self._last_heartbeat = 0.0  # announce online at once
                 log.info("uplink_connected", host=self.cfg.host, port=self.cfg.port, session_present=session_present)
             elif kind == "disconnect":
@@ -290,7 +293,7 @@ class Uplink:
         info = self._client.publish(wire.topic(self.agent, row.kind), payload, qos=1)
         # NO_CONN: paho queued it and sends it after reconnect; publishing it again would duplicate it.
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            self._set_error(f"publish failed: {mqtt.error_string(info.rc)}")
+            self._set_error(f"publish failed: {mqtt.error_string(info.rc)}", kind=f"publish: {info.rc}")
             return False
         self._inflight[info.mid] = row.seq
         self._sent += 1
@@ -306,9 +309,11 @@ class Uplink:
         body = msgspec.json.encode(wire.Status(state=state, reason=reason, pending=pending, phase=self.phase()))
         return wire.encode(self._key, self.agent, 0, self.clock(), "status", body)
 
-    def _set_error(self, message: str) -> None:
-        if message != self._last_error:
+    def _set_error(self, message: str, kind: str) -> None:
+        """Keep the latest error for health(); log it when its kind changes, not for every message."""
+        if kind != self._error_kind:
             log.warning("uplink_error", error=message)
+            self._error_kind = kind
         self._last_error = message
 
 
