@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -301,7 +302,7 @@ async def probe_polled(devices: list[Any]) -> tuple[list[Any], list[Check]]:
     for protocol, group in by_protocol.items():
         try:
             c = collectors.get(protocol)(group, acc, health)
-        except Exception as err:  # e.g. a profile that vanished since the config was checked
+        except Exception as err:  # noqa: BLE001 - e.g. a profile gone since the config check: the devices' rows say it
             for d in group:
                 rows[d.name] = judge_polled(d, False, 0, 0.0, "error", f"{type(err).__name__}: {err}")
             continue
@@ -311,10 +312,8 @@ async def probe_polled(devices: list[Any]) -> tuple[list[Any], list[Check]]:
         await asyncio.gather(*polls)
     finally:
         for c in started:
-            try:
+            with contextlib.suppress(Exception):  # closing is best effort; the rows are what matter
                 await c.close()
-            except Exception:  # closing is best effort; the rows are what matter
-                pass
     counts: dict[str, int] = defaultdict(int)
     for r in acc.items:
         counts[r.device.split("/", 1)[0]] += r.metric != "device_online"
@@ -381,7 +380,8 @@ def check_uplink(cfg: Any, timeout: float = CONNECT_TIMEOUT) -> list[Check]:
 
     up = cfg.uplink
     if not up.enabled:
-        return [Check("uplink", "县级上联", OK, "未启用（[uplink] enabled = false）：告警只在本机，县里看不到")]
+        return [Check("uplink", "县级上联", WARN, "未启用（[uplink] enabled = false）：告警只在本机，县里看不到；"
+                                                 "如需上报县招办，按部署说明启用")]
     rows = []
     try:
         load_key(up.signing_key, up.signing_key_file)

@@ -8,7 +8,10 @@ the table, alarms behind a `for`) get plain unit tests below.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
+import tempfile
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -23,7 +26,7 @@ from rules.engine import build_engine
 from simulators.isapi import IsapiSimulator
 from simulators.room import SimulatedRoom
 from tests.agent_support import launch_agent, until
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_port
 
 KEY = "ef" * 32
 # The recorded UPS-MIB UPS reports 0 minutes of runtime left even on mains (a quirk of the recording), which
@@ -233,7 +236,7 @@ def test_silent_sensor_is_a_warning_not_a_failure(mosquitto, tmp_path, capsys):
     assert code == 0, out
     row = next(line for line in out.splitlines() if "door1" in line)
     assert "注意" in row and "没有消息" in row
-    assert "结论：已就绪，1 项需注意" in out
+    assert "结论：已就绪，2 项需注意" in out  # the sensor, and the uplink that is not enabled
 
 
 @pytest.mark.integration
@@ -374,3 +377,39 @@ def test_offline_and_silent_devices_are_left_to_their_own_rows():
     assert "录音笔电量低" in rows[0].detail and "启用备用录音笔" in rows[0].detail
     ok = readiness.judge_alarms(engine, [Reading("rec1", "battery_percent", 80.0, 1000.0)], 1000.0, "考前准备")
     assert [(r.id, r.status) for r in ok] == [("rules", OK)]
+
+
+@pytest.fixture
+def password_broker():
+    """A county broker that wants a password (mosquitto drops to its own user, so the files are world-readable)."""
+    d = Path(tempfile.mkdtemp(prefix="examwatch-check-"))
+    d.chmod(0o755)
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(d / "passwd"), "s1-r7", "room-pass"], check=True)
+    (d / "passwd").chmod(0o644)
+    port = free_port()
+    (d / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n"
+                                      f"password_file {d}/passwd\nlog_dest none\n")
+    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(d / "mosquitto.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_uplink_refusing_the_password_fails_without_printing_it(password_broker, tmp_path, capsys):
+    def uplink(password: str) -> str:
+        return (f"[uplink]\nenabled = true\nport = {password_broker}\nusername = \"s1-r7\"\n"
+                f"password = \"{password}\"\nsigning_key = \"{KEY}\"\n")
+
+    code, checks = check(capsys, agent_toml(tmp_path, free_port(), extra=uplink("wrong-pass-123")))
+    assert code == 1
+    assert checks["uplink"]["status"] == FAIL and "拒绝" in checks["uplink"]["detail"]
+    assert "wrong-pass-123" not in json.dumps(checks)
+    code, checks = check(capsys, agent_toml(tmp_path, free_port(), extra=uplink("room-pass")))
+    assert checks["uplink"]["status"] == OK, checks["uplink"]
+    assert code == 0
