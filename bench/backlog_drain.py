@@ -23,13 +23,13 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge.config import Uplink as UplinkConfig  # noqa: E402
-from edge.model import Reading  # noqa: E402
-from edge.store import OutboxReader, Store  # noqa: E402
-from edge.uplink import Uplink  # noqa: E402
-from gateway import store as gwstore  # noqa: E402
-from gateway.config import Api, Broker, Config, Gateway, Listen, Security  # noqa: E402
-from gateway.main import Gateway as GatewayRuntime  # noqa: E402
+from edge.config import Uplink as UplinkConfig
+from edge.model import Reading
+from edge.store import OutboxReader, Store
+from edge.uplink import Uplink
+from gateway import store as gwstore
+from gateway.config import Api, Broker, Config, Gateway, Listen, Security
+from gateway.main import Gateway as GatewayRuntime
 
 AGENT = "site001/room01"
 KEY = "ab" * 32

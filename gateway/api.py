@@ -46,7 +46,7 @@ class ApiServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: ApiServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # access logs are not ours to keep; errors are logged below
 
     def _send(self, status: int, body: Any) -> None:

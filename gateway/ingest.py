@@ -133,26 +133,26 @@ class _Batch:
         return [
             ("INSERT OR IGNORE INTO ledger (agent, seq, kind, ts, received) VALUES (?,?,?,?,?)", self.ledger),
             ("INSERT INTO readings (agent, device, metric, value, ts, quality, seq) VALUES (?,?,?,?,?,?,?)", self.readings),
-            ("INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE "
-             "SET value = excluded.value, ts = excluded.ts, quality = excluded.quality WHERE excluded.ts >= latest.ts",
+            (("INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE "
+             "SET value = excluded.value, ts = excluded.ts, quality = excluded.quality WHERE excluded.ts >= latest.ts"),
              list(self.latest.values())),
             ("INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
              self.alarm_events),
             # A transition older than the one stored (out of order after an outage) joins the timeline only.
-            ("INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
+            (("INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
              " source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, "
              "state = excluded.state, message = excluded.message, updated_at = excluded.updated_at, "
-             "cleared_at = excluded.cleared_at WHERE excluded.updated_at >= alarms.updated_at", self.alarms),
-            ("INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members, active)"
+             "cleared_at = excluded.cleared_at WHERE excluded.updated_at >= alarms.updated_at"), self.alarms),
+            (("INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members, active)"
              " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state,"
-             " closed_at = excluded.closed_at, members = excluded.members, active = excluded.active",
+             " closed_at = excluded.closed_at, members = excluded.members, active = excluded.active"),
              list(self.incidents.values())),
             ("INSERT INTO incident_events (incident_id, at, what, rooms, level) VALUES (?,?,?,?,?)", self.incident_events),
-            ("INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq, max_seq,"
+            (("INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq, max_seq,"
              " missing) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (agent) DO UPDATE SET status = excluded.status, "
              "last_seen = excluded.last_seen, last_status_ts = excluded.last_status_ts, skew = excluded.skew, "
              "phase = excluded.phase, floor_seq = excluded.floor_seq, max_seq = excluded.max_seq, "
-             "missing = excluded.missing", agent_rows),
+             "missing = excluded.missing"), agent_rows),
         ]
 
 
@@ -433,8 +433,8 @@ class Engine:
             ("DELETE FROM alarm_events WHERE alarm_id IN (SELECT id FROM alarms WHERE state = 'cleared' AND cleared_at < ?)",
              [(alarm_cut,)]),
             ("DELETE FROM alarms WHERE state = 'cleared' AND cleared_at < ?", [(alarm_cut,)]),
-            ("DELETE FROM incident_events WHERE incident_id IN (SELECT id FROM incidents WHERE state = 'closed' "
-             "AND closed_at < ?)", [(alarm_cut,)]),
+            (("DELETE FROM incident_events WHERE incident_id IN (SELECT id FROM incidents WHERE state = 'closed' "
+             "AND closed_at < ?)"), [(alarm_cut,)]),
             ("DELETE FROM incidents WHERE state = 'closed' AND closed_at < ?", [(alarm_cut,)]),
         ])
 

@@ -79,9 +79,12 @@ def drain_and_stop(agents: list[AgentProc], gw: GatewayProc) -> None:
         wait_until(lambda a=a: 0 <= a.outbox() <= 5, timeout=60, what=f"{a.agent} outbox drained")
     for a in agents:
         a.stop()
+    def lost(a: AgentProc) -> Counter[tuple]:
+        produced, pending, stored = _readings(a, gw)
+        return produced - pending - stored
+
     for a in agents:  # what the agents sent while stopping must be stored too
-        wait_until(lambda a=a: not (lambda p, q, s: p - q - s)(*_readings(a, gw)), timeout=20,
-                   what=f"{a.agent} fully stored")
+        wait_until(lambda a=a: not lost(a), timeout=20, what=f"{a.agent} fully stored")
 
 
 def test_broker_outage_everything_arrives_once_in_order(broker, procs, tmp_path):

@@ -61,7 +61,7 @@ def test_recovery_leaves_then_closes_and_the_level_never_drops():
 
 
 def test_site_room_alone_is_level3():
-    incidents, changes, _ = correlate({}, [Fault("s1", "power-room", "ups_on_battery", 0)], [POWER], ROSTER, 1)
+    incidents, _changes, _ = correlate({}, [Fault("s1", "power-room", "ups_on_battery", 0)], [POWER], ROSTER, 1)
     [inc] = incidents.values()
     assert inc.level == 3 and inc.members == ["power-room"]
 

@@ -93,8 +93,8 @@ def run_uplink(tmp_path: Path, agent: str, cfg: UplinkConfig, rows: int = 20) ->
 def test_tls_delivery_with_password_or_certificate(pki, tmp_path, certificates):
     broker = TlsBroker(pki, certificates=certificates)
     try:
-        auth = (dict(cert_file=str(pki / "agent.crt"), key_file=str(pki / "agent.key")) if certificates
-                else dict(username="s1-101", password="room-pass"))
+        auth = ({"cert_file": str(pki / "agent.crt"), "key_file": str(pki / "agent.key")} if certificates
+                else {"username": "s1-101", "password": "room-pass"})
         cfg = UplinkConfig(enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY, **auth)
         up, _ = run_uplink(tmp_path, "s1/101", cfg)
         h = up.health()
