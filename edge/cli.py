@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     gateway = sub.add_parser("gateway", help="the county gateway").add_subparsers(dest="action", required=True)
     gateway.add_parser("run", help="run the gateway").add_argument("--config", required=True, help="gateway TOML file")
 
+    check = sub.add_parser("check", help="pre-exam readiness: poll every device, run the rules, check the uplink")
+    check.add_argument("--config", required=True, help="agent TOML file")
+    check.add_argument("--wait", type=float, default=15.0, help="seconds to wait for MQTT sensors")
+    check.add_argument("--json", action="store_true", help="one JSON document instead of the table")
+
     config = sub.add_parser("config", help="agent configuration").add_subparsers(dest="action", required=True)
     config.add_parser("sample", help="print a complete commented sample")
     config.add_parser("check", help="validate a file (- for stdin): exit 0 ok, 2 with every error").add_argument("file")
@@ -84,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "config":
         return _config_check(args.file)
+    if args.command == "check":
+        from edge.readiness import main as readiness
+
+        return readiness(args.config, args.wait, args.json)
     if args.command == "agent":
         return _agent_run(args.config, args.log_level)
     return _gateway_run(args.config, args.log_level)

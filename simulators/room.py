@@ -41,6 +41,8 @@ class SimulatedRoom:
 
     def start(self) -> None:
         self.snmp.start()
+        self.snmp.set_state("ups", "healthy")  # the recordings' own states would alarm (see simulators/snmp.py)
+        self.snmp.set_state("nvr", "healthy")
         self.nut.start()
         self.ups_pty.start()
         self.megatec = MegatecSimulator(str(self.ups_pty.device))
@@ -68,9 +70,9 @@ class SimulatedRoom:
         meg, noise = self.megatec, self.noise
         return {
             "ups_on_battery": (lambda: self.snmp.set_state("ups", "on_battery"),
-                               lambda: self.snmp.set_state("ups", "recorded")),
+                               lambda: self.snmp.set_state("ups", "healthy")),
             "ups_charge_low": (lambda: self.snmp.set_state("ups", "low_charge"),
-                               lambda: self.snmp.set_state("ups", "recorded")),
+                               lambda: self.snmp.set_state("ups", "healthy")),
             "switch_port_down": (lambda: self.snmp.set_state("switch", "link_down"),
                                  lambda: self.snmp.set_state("switch", "recorded")),
             "nvr_disk_failed": (lambda: self.snmp.set_state("nvr", "disk_failed"),

@@ -101,6 +101,16 @@ def _ups_mib_low_charge(r: Records) -> Records:
     }
 
 
+def _ups_mib_healthy(r: Records) -> Records:
+    # The recording (a UPS on mains) reports 0 minutes of runtime left, which a watchful rule pack rightly
+    # calls a level-2 alarm; the demo's quiet state is a charged UPS with a believable runtime.
+    return {
+        f"{UPS_MIB}.2.1.0": _int(2),  # upsBatteryStatus batteryNormal
+        f"{UPS_MIB}.2.3.0": _int(45),  # upsEstimatedMinutesRemaining
+        f"{UPS_MIB}.2.4.0": _int(100),  # upsEstimatedChargeRemaining
+    }
+
+
 def _xups_on_battery(r: Records) -> Records:
     return {
         f"{XUPS}.4.5.0": _int(5),  # xupsOutputSource battery
@@ -155,7 +165,11 @@ class Model:
 
 
 MODELS: dict[str, Model] = {
-    "ups": Model("UPS/phoenixtec-power", "ups-mib", {"on_battery": _ups_mib_on_battery, "low_charge": _ups_mib_low_charge}),
+    "ups": Model(
+        "UPS/phoenixtec-power",
+        "ups-mib",
+        {"healthy": _ups_mib_healthy, "on_battery": _ups_mib_on_battery, "low_charge": _ups_mib_low_charge},
+    ),
     "ups-xups": Model("UPS/eaton-9px-partial", "eaton-xups", {"on_battery": _xups_on_battery, "low_charge": _xups_low_charge}),
     "switch": Model("network/switch/maipu-sm4200-16gef8ge-ac", "if-mib", {"link_down": _link_down}),
     "nvr": Model(

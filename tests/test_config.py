@@ -122,3 +122,10 @@ def test_an_enabled_uplink_needs_a_valid_signing_key():
         loads(text.replace('signing_key = ""', 'signing_key = "not-hex-secret"'))
     assert [i.path for i in exc.value.issues] == [("uplink", "signing_key")]
     assert "not-hex-secret" not in str(exc.value)
+
+
+def test_readiness_check_is_wired_and_refuses_an_invalid_config(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BROKEN, encoding="utf-8")
+    assert main(["check", "--config", str(bad), "--wait", "0"]) == 2
+    assert "agent.colour" in capsys.readouterr().out + capsys.readouterr().err

@@ -29,9 +29,6 @@ from tests.agent_support import launch_agent, until
 from tests.conftest import free_port, wait_port
 
 KEY = "ef" * 32
-# The recorded UPS-MIB UPS reports 0 minutes of runtime left even on mains (a quirk of the recording), which
-# the default pack rightly calls 二级; the "healthy room" turns that rule off so every other row can pass.
-HEALTHY_RULES = "[rules.ups_runtime_low]\nenabled = false\n"
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +98,7 @@ def check(capsys: pytest.CaptureFixture[str], config: Path, wait: float = 1.0) -
 def test_healthy_room_is_ready_and_every_device_row_is_ok(mosquitto, room, tmp_path, capsys):
     retain(mosquitto.port, {"zigbee2mqtt/door1": '{"contact": true, "battery": 90}',
                             "zigbee2mqtt/door1/availability": "online"})
-    config = agent_toml(tmp_path, mosquitto.port, uplink=mosquitto.port, extra=HEALTHY_RULES,
+    config = agent_toml(tmp_path, mosquitto.port, uplink=mosquitto.port,
                         devices=room.devices_toml(1.0) + sensor("door1"))
     code = readiness.main(str(config), 5.0, as_json=False)
     out = capsys.readouterr().out
@@ -117,7 +114,7 @@ def test_healthy_room_is_ready_and_every_device_row_is_ok(mosquitto, room, tmp_p
 
 @pytest.mark.integration
 def test_json_has_one_entry_per_check(mosquitto, room, tmp_path, capsys):
-    config = agent_toml(tmp_path, mosquitto.port, uplink=mosquitto.port, extra=HEALTHY_RULES,
+    config = agent_toml(tmp_path, mosquitto.port, uplink=mosquitto.port,
                         devices=room.devices_toml(1.0) + sensor("door1"))
     code, checks = check(capsys, config)
     device_ids = {f"device:{n}" for n in ("ups1", "switch1", "nvr1", "ups2", "ups3", "noise1", "cam1", "door1")}
@@ -142,7 +139,7 @@ profile = "ups-mib"
 timeout = 0.5
 retries = 0
 """
-        config = agent_toml(tmp_path, mosquitto.port, extra=HEALTHY_RULES, devices=devices)
+        config = agent_toml(tmp_path, mosquitto.port, devices=devices)
         code = readiness.main(str(config), 1.0, as_json=False)
     out = capsys.readouterr().out
     assert code == 1
@@ -167,7 +164,7 @@ password = "cam-pass"
 timeout = 0.5
 retries = 0
 """
-    code, checks = check(capsys, agent_toml(tmp_path, mosquitto.port, extra=HEALTHY_RULES, devices=devices))
+    code, checks = check(capsys, agent_toml(tmp_path, mosquitto.port, devices=devices))
     assert code == 1
     assert checks["device:cam2"]["status"] == FAIL and "cam2" in checks["device:cam2"]["item"]
     assert "cam-pass" not in json.dumps(checks)
@@ -176,7 +173,7 @@ retries = 0
 
 @pytest.mark.integration
 def test_fault_before_the_exam_fails_with_the_rules_message(mosquitto, room, tmp_path, capsys):
-    config = agent_toml(tmp_path, mosquitto.port, extra=HEALTHY_RULES, devices=room.devices_toml(1.0))
+    config = agent_toml(tmp_path, mosquitto.port, devices=room.devices_toml(1.0))
     room.fault("ups_on_battery")
     try:
         code, checks = check(capsys, config)
