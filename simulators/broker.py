@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -36,8 +37,12 @@ class Mosquitto:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
+            # Started as root, mosquitto drops to its own user, which cannot write into a private work
+            # directory, and then silently persists nothing: stay whoever started it.
+            f"user {getpass.getuser()}\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
+            "autosave_interval 1\n"  # a killed broker keeps its sessions too
             # 0 = unbounded: the default 1000 silently drops QoS 1 messages for an offline subscriber
             "max_queued_messages 0\n"
             "max_inflight_messages 0\n"

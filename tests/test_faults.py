@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import time
@@ -25,7 +24,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge import wire
 from edge.model import AlarmEvent, Reading
 from tests.test_gateway_support import AgentProc, GatewayProc, key_hex, wait_until
-from tests.test_uplink import persistent
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +32,7 @@ OUTAGE = float(os.environ.get("EXAMWATCH_OUTAGE_S", "15"))
 
 @pytest.fixture
 def broker(mosquitto):
-    yield persistent(mosquitto)
-    mosquitto.stop()
-    shutil.rmtree(mosquitto.persist_dir, ignore_errors=True)
+    return mosquitto
 
 
 @pytest.fixture

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
 from tests.test_gateway_support import AgentProc, GatewayProc, Link, wait_until
-from tests.test_uplink import persistent
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def broker(mosquitto):
-    yield persistent(mosquitto)
-    mosquitto.stop()
-    shutil.rmtree(mosquitto.persist_dir, ignore_errors=True)
+    return mosquitto
 
 
 @pytest.fixture

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import queue
-import re
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -112,27 +109,9 @@ def alarm(i: int) -> AlarmEvent:
                       device="sw1", at=2000.0 + i, raised_at=2000.0 + i, message="网络中断")
 
 
-def persistent(broker):
-    """Make the fixture's broker really persist sessions across stop/start.
-
-    mosquitto started as root drops to the ``mosquitto`` user, which cannot write into pytest's 0700
-    tmp_path, and then persists nothing, silently. Give it a directory it can write.
-    """
-    broker.stop()
-    store = Path(tempfile.mkdtemp(prefix="mosquitto-"))
-    store.chmod(0o777)
-    text = re.sub(r"persistence_location .*", f"persistence_location {store}/", broker.conf.read_text())
-    broker.conf.write_text(text + "autosave_interval 1\n")
-    broker.start()
-    broker.persist_dir = store
-    return broker
-
-
 @pytest.fixture
 def broker(mosquitto):
-    yield persistent(mosquitto)
-    mosquitto.stop()
-    shutil.rmtree(mosquitto.persist_dir, ignore_errors=True)
+    return mosquitto
 
 
 @pytest.fixture
