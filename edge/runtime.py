@@ -75,6 +75,7 @@ class Agent:
         self.uplink: Any = None
         self.store: Store | None = None
         self._outbox = {"used_ratio": 0.0, "dropped": 0}
+        self._flushed = 0.0  # when readings last went to the outbox
         self._acks: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         self.db_path = os.path.join(self.cfg.agent.state_dir, "agent.db")
 
@@ -116,10 +117,16 @@ class Agent:
                 next_self = now + SELF_METRICS_EVERY
                 batch.append(Reading(self.host_device, "outbox_used_ratio", store.outbox_used_ratio, now))
             state, events = self.engine.evaluate(state, batch, now)
-            if batch or events:
-                self._commit(store, batch, events)
+            stopping = self.stop_event.is_set() and self.intake.q.empty()
+            # readings go to the county in batches (its broker and gateway thank us); with an alarm at once,
+            # so the county sees the reading that caused it; and whatever is left when we stop
+            flush = self.uplink is not None and (
+                bool(events) or stopping or now - self._flushed >= self.cfg.uplink.batch_interval
+            )
+            if batch or events or flush:
+                self._commit(store, batch, events, now, flush)
             self._outbox = {"used_ratio": store.outbox_used_ratio, "dropped": store.outbox_dropped}
-            if self.stop_event.is_set() and self.intake.q.empty():
+            if stopping:
                 break
         store.close()
 
@@ -135,19 +142,20 @@ class Agent:
                 break
         return batch
 
-    def _commit(self, store: Store, batch: list[Reading], events: list[AlarmEvent]) -> None:
+    def _commit(self, store: Store, batch: list[Reading], events: list[AlarmEvent], now: float, flush: bool) -> None:
         for r in batch:
             self.current[(r.device, r.metric)] = r
-        by_device: dict[str, list[Reading]] = defaultdict(list)
-        for (device, _), r in self.current.items():
-            by_device[base_device(device)].append(r)
-        evidence = {e.id: by_device.get(base_device(e.device), []) for e in events}
-        outbox: list[tuple[str, bytes]] = []
-        if self.uplink is not None:
-            step = self.cfg.uplink.batch_max
-            outbox = [("readings", msgspec.json.encode(batch[i : i + step])) for i in range(0, len(batch), step)]
-            outbox += [("alarms", msgspec.json.encode(e)) for e in events]
-        store.write(batch, events, evidence=evidence, outbox=outbox)
+        evidence = {}
+        if events:  # what the alarm's device last said, kept with the transition
+            by_device: dict[str, list[Reading]] = defaultdict(list)
+            for (device, _), r in self.current.items():
+                by_device[base_device(device)].append(r)
+            evidence = {e.id: by_device.get(base_device(e.device), []) for e in events}
+        outbox = [("alarms", msgspec.json.encode(e)) for e in events] if self.uplink is not None else []
+        if flush:
+            self._flushed = now
+        store.write(batch, events, evidence=evidence, outbox=outbox,
+                    flush_readings=self.cfg.uplink.batch_max if flush else 0)
         for e in events:  # reported only once stored
             if e.state == "cleared":
                 self.active.pop(e.id, None)
@@ -155,7 +163,7 @@ class Agent:
                 self.active[e.id] = e
             # nested: flat, the alarm's "level" would collide with the log line's own level
             log.info("alarm", alarm=msgspec.structs.asdict(e))
-        if outbox:
+        if outbox or flush:
             self.uplink.notify()
 
     def _acked(self, seqs: list[int]) -> None:
@@ -203,10 +211,10 @@ class Agent:
         for c in collectors:
             await c.close()
         watchdog.cancel()
+        if self.uplink is not None:
+            self.uplink.stop()  # first: acks that arrive while it stops still reach the running writer
         self.stop_event.set()
         await asyncio.to_thread(writer.join, 10)
-        if self.uplink is not None:
-            self.uplink.stop()
         server.shutdown()  # type: ignore[attr-defined]
         log.info("agent_stopped")
 

@@ -20,14 +20,15 @@ import sqlite_utils
 from edge.model import AlarmEvent, Reading
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS readings (ts REAL NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
-    value REAL NOT NULL, quality TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,
+    device TEXT NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL, quality TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS readings_ts ON readings (ts);
 CREATE TABLE IF NOT EXISTS alarms (alarm_id TEXT NOT NULL, state TEXT NOT NULL, at REAL NOT NULL,
     rule TEXT NOT NULL, level INTEGER NOT NULL, device TEXT NOT NULL, event BLOB NOT NULL, evidence BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS alarms_id ON alarms (alarm_id);
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
     created REAL NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 _readings = msgspec.json.Encoder()
@@ -71,8 +72,14 @@ class Store:
         *,
         evidence: dict[str, list[Reading]] | None = None,
         outbox: Sequence[tuple[str, bytes]] = (),
+        flush_readings: int = 0,
     ) -> None:
-        """Store one batch in one transaction. ``evidence`` maps an alarm id to the readings behind it."""
+        """Store one batch in one transaction. ``evidence`` maps an alarm id to the readings behind it.
+
+        ``flush_readings`` (messages of at most that many readings) first queues, ahead of ``outbox``, every
+        stored reading not yet queued: readings reach the outbox by a cursor over their own table, committed
+        with it, so a reading is either stored and later sent or not stored at all, however the agent dies.
+        """
         if events:
             # An alarm that was reported raised must survive a power cut too, not only a kill -9.
             self.db.execute("PRAGMA synchronous=FULL")
@@ -91,6 +98,8 @@ class Store:
                 ],
             )
             now = time.time()
+            if flush_readings:
+                outbox = [*self._unsent_readings(flush_readings), *outbox]
             conn.executemany(
                 "INSERT INTO outbox (kind, created, body) VALUES (?, ?, ?)", [(k, now, b) for k, b in outbox]
             )
@@ -100,6 +109,19 @@ class Store:
         if events:
             self.db.execute("PRAGMA synchronous=NORMAL")
         self._prune(readings[-1].ts if readings else None)
+
+    def _unsent_readings(self, per_message: int) -> list[tuple[str, bytes]]:
+        conn = self.db.conn
+        row = conn.execute("SELECT value FROM meta WHERE key = 'readings_sent'").fetchone()
+        rows = conn.execute(
+            "SELECT id, device, metric, value, ts, quality FROM readings WHERE id > ? ORDER BY id",
+            (row[0] if row else 0,),
+        ).fetchall()
+        if not rows:
+            return []
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('readings_sent', ?)", (rows[-1][0],))
+        batch = [Reading(*r[1:]) for r in rows]
+        return [("readings", _readings.encode(batch[i : i + per_message])) for i in range(0, len(batch), per_message)]
 
     def _thin_outbox(self) -> None:
         """Over budget: drop the oldest readings rows (the county loses detail, never an alarm)."""

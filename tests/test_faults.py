@@ -45,7 +45,10 @@ def procs():
 
 def _readings(agent: AgentProc, gw: GatewayProc) -> tuple[Counter[tuple], Counter[tuple], Counter[tuple]]:
     produced = Counter(agent.query("SELECT device, metric, ts, value FROM readings"))
-    pending: Counter[tuple] = Counter()
+    # pending: queued in the outbox, or stored and not yet queued (the next flush, after any restart, takes them)
+    pending: Counter[tuple] = Counter(agent.query(
+        "SELECT device, metric, ts, value FROM readings"
+        " WHERE id > COALESCE((SELECT value FROM meta WHERE key = 'readings_sent'), 0)"))
     for (body,) in agent.query("SELECT body FROM outbox WHERE kind = 'readings'"):
         pending.update((r.device, r.metric, r.ts, r.value) for r in msgspec.json.decode(body, type=list[Reading]))
     stored = Counter(gw.query("SELECT device, metric, ts, value FROM readings WHERE agent = ?", agent.agent))

@@ -101,3 +101,22 @@ def test_kill_9_at_any_moment_keeps_every_reported_transition(tmp_path):
     assert len(reported) > 15
     stored = {int(e.id.rsplit("/", 1)[1]) for e in Store(db).transitions()}
     assert reported <= stored
+
+
+def test_readings_reach_the_outbox_by_a_cursor_that_survives_a_restart(tmp_path):
+    store = Store(tmp_path / "a.db")
+    first = [Reading("n", "noise_db", float(i), 100.0 + i) for i in range(5)]
+    store.write(first)  # stored, not yet queued
+    reader = OutboxReader(tmp_path / "a.db")
+    assert reader.pending() == []
+    store.write([Reading("n", "noise_db", 9.0, 200.0)], flush_readings=4)
+    rows = reader.pending()
+    sent = [r for row in rows for r in msgspec.json.decode(row.body, type=list[Reading])]
+    assert [len(msgspec.json.decode(row.body)) for row in rows] == [4, 2]  # at most 4 a message
+    assert sent == [*first, Reading("n", "noise_db", 9.0, 200.0)]
+    store.close()
+    again = Store(tmp_path / "a.db")  # a restart neither re-queues nor forgets
+    again.write([], flush_readings=4)
+    assert len(reader.pending()) == 2
+    again.write([Reading("n", "noise_db", 10.0, 300.0)], flush_readings=4)
+    assert msgspec.json.decode(reader.pending()[-1].body, type=list[Reading]) == [Reading("n", "noise_db", 10.0, 300.0)]
