@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     gateway = sub.add_parser("gateway", help="the county gateway").add_subparsers(dest="action", required=True)
     gateway.add_parser("run", help="run the gateway").add_argument("--config", required=True, help="gateway TOML file")
 
+    demo = sub.add_parser("demo", help="a whole exam site on this machine, with a scripted morning of faults")
+    demo.add_argument("--dir", default=".examwatch-demo", help="where logs and databases go")
+    demo.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: Ctrl-C)")
+    demo.add_argument("--no-scenario", action="store_true", help="start the site, cause no faults")
+
     check = sub.add_parser("check", help="pre-exam readiness: poll every device, run the rules, check the uplink")
     check.add_argument("--config", required=True, help="agent TOML file")
     check.add_argument("--wait", type=float, default=15.0, help="seconds to wait for MQTT sensors")
@@ -89,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "config":
         return _config_check(args.file)
+    if args.command == "demo":
+        from simulators.demo import main as demo_main
+
+        return demo_main(args.dir, args.duration, not args.no_scenario)
     if args.command == "check":
         from edge.readiness import main as readiness
 

@@ -33,6 +33,7 @@ class Mosquitto:
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.port = port or free_port()
         self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.conf = self.workdir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"

@@ -84,7 +84,8 @@ def _int(value: int) -> tuple[str, str]:
 
 
 def _ups_mib_on_battery(r: Records) -> Records:
-    return {
+    return _ups_mib_healthy(r) | {
+        f"{UPS_MIB}.2.3.0": _int(30),  # upsEstimatedMinutesRemaining: a charged battery, mains just lost
         f"{UPS_MIB}.4.1.0": _int(5),  # upsOutputSource battery
         f"{UPS_MIB}.2.2.0": _int(60),  # upsSecondsOnBattery
         f"{UPS_MIB}.3.3.1.3.1": _int(0),  # upsInputVoltage
