@@ -1,6 +1,6 @@
-"""CPU time per poll cycle of one exam room: an SNMP UPS, a switch, two cameras, a serial UPS.
+"""CPU time per poll cycle of one exam room: an SNMP UPS, a switch, two cameras, a serial UPS, a noise meter.
 
-Side by side in one run: our collectors (SNMP through pysnmp, Megatec through pyserial), and net-snmp's
+Side by side in one run: our collectors (SNMP through pysnmp, Megatec and Modbus through pyserial/pymodbus), and net-snmp's
 ``snmpget``/``snmpbulkwalk`` doing the same SNMP requests (one snmpget for a device's scalars, one
 snmpbulkwalk per table column, as net-snmp walks one subtree per call). Our CPU is this process's
 (``time.process_time``: parsing and Readings included); net-snmp's is its child processes' user+sys
@@ -13,7 +13,6 @@ after the measurement, so their CPU is in neither figure.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import resource
 import shutil
 import subprocess
@@ -59,14 +58,13 @@ def netsnmp_commands(address: str) -> list[list[str]]:
 
 
 async def ours(devices: list[Device], serial: list[Device], cycles: int) -> tuple[float, float, int]:
+    import collectors as registry
+
     sink, health = Sink(), Health()
     snmp = SnmpCollector(devices, sink, health)
     collectors: list[tuple[object, Device]] = [(snmp, d) for d in devices]
-    if serial:
-        from collectors.megatec import MegatecCollector
-
-        meg = MegatecCollector(serial, sink, health)
-        collectors += [(meg, d) for d in serial]
+    for d in serial:  # each serial device on its own port, with its protocol's collector
+        collectors.append((registry.get(d.protocol)([d], sink, health), d))
 
     async def cycle() -> None:
         await asyncio.gather(*(c.poll_once(d) for c, d in collectors))  # type: ignore[attr-defined]
@@ -105,19 +103,23 @@ def main() -> None:
                        options=SnmpOptions(community=c))
                 for c, m in ROOM.items()
             ]  # fmt: skip
-            serial: list[Device] = []
-            if importlib.util.find_spec("collectors.megatec") and shutil.which("socat"):
-                from collectors.megatec import Options as MegatecOptions
+            import collectors as registry
 
-                dev_end, agent_end = Path(tmp) / "ups-device", Path(tmp) / "ups-agent"
+            serial: list[Device] = []
+            root = Path(__file__).resolve().parent.parent
+            # (protocol, simulator module, profile, extra options): a serial UPS and an RS485 noise meter on pty pairs
+            for protocol, simulator, profile in (("megatec", "simulators.megatec", "pack-voltage"),
+                                                 ("modbus_noise", "simulators.modbus_noise", "generic-u16x10")):
+                dev_end, agent_end = Path(tmp) / f"{protocol}-device", Path(tmp) / f"{protocol}-agent"
                 procs.append(subprocess.Popen(["socat", f"pty,raw,echo=0,link={dev_end}", f"pty,raw,echo=0,link={agent_end}"]))
                 while not (dev_end.exists() and agent_end.exists()):
                     time.sleep(0.02)
-                procs.append(subprocess.Popen([sys.executable, "-m", "simulators.megatec", str(dev_end)], stdin=subprocess.PIPE,
-                                              stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent))  # fmt: skip
-                time.sleep(0.5)
-                serial = [Device(name="ups-serial", kind="ups", protocol="megatec", address=str(agent_end), profile="pack-voltage",
-                                 interval=10, timeout=1, retries=1, options=MegatecOptions())]  # fmt: skip
+                procs.append(subprocess.Popen([sys.executable, "-m", simulator, str(dev_end)], stdin=subprocess.PIPE,
+                                              stdout=subprocess.DEVNULL, cwd=root))
+                serial.append(Device(name=protocol, kind="ups" if protocol == "megatec" else "noise", protocol=protocol,
+                                     address=str(agent_end), profile=profile, interval=10, timeout=1, retries=1,
+                                     options=registry.get(protocol).Options()))  # fmt: skip
+            time.sleep(0.5)
 
             snmp_cpu, snmp_readings = snmp_only(devices, cycles)
             room_cpu, room_wall, room_readings = asyncio.run(ours(devices, serial, cycles))
@@ -143,12 +145,10 @@ def main() -> None:
     print("| what | CPU ms / cycle | wall ms / cycle | readings / cycle | processes / cycle |")
     print("|---|---:|---:|---:|---:|")
     print(f"| examwatch SNMP collector (4 devices, pysnmp asyncio) | {snmp_cpu * ms:.1f} | | {snmp_readings} | 0 |")
-    if serial:
-        print(f"| examwatch whole room (4 SNMP + Megatec serial UPS) | {room_cpu * ms:.1f} | {room_wall * ms:.1f} | {room_readings} | 0 |")
-        print(f"| of which Megatec serial UPS (difference) | {(room_cpu - snmp_cpu) * ms:.1f} | | | 0 |")
+    print(f"| examwatch whole room (4 SNMP + serial UPS + noise meter) | {room_cpu * ms:.1f} | {room_wall * ms:.1f} | {room_readings} | 0 |")
+    print(f"| of which serial UPS and noise meter (difference) | {(room_cpu - snmp_cpu) * ms:.1f} | | | 0 |")
     print(f"| net-snmp snmpget + snmpbulkwalk, same SNMP requests | {net_cpu * ms:.1f} | {net_wall * ms:.1f} | (text only) | {len(cmds)} |")
     print(f"\nnet-snmp / examwatch SNMP CPU ratio: {net_cpu / snmp_cpu:.1f}x")
-    print("Noise meter (Modbus) not included: collectors/modbus_noise.py did not exist when this was written.")
 
 
 if __name__ == "__main__":
