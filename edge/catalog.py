@@ -54,6 +54,7 @@ METRICS: dict[str, Metric] = {
     "cpu_temperature_celsius": Metric("celsius", "CPU temperature of the agent's machine"),
     "memory_available_bytes": Metric("bytes", "memory available on the agent's machine"),
     "memory_used_ratio": Metric("ratio", "used share of the agent's memory, 0-1"),
+    "store_ok": Metric("bool", "1 while the agent's local database accepts writes"),
     "outbox_used_ratio": Metric("ratio", "share of the uplink outbox's disk budget in use, 0-1"),
 }
 

@@ -12,6 +12,7 @@ import asyncio
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -32,7 +33,8 @@ log = structlog.get_logger("examwatch.agent")
 TICK = 0.5  # seconds between rule evaluations when nothing arrives
 QUEUE_MAX = 20_000
 BATCH_MAX = 5_000
-SELF_METRICS_EVERY = 10.0  # seconds between the agent's own readings (outbox fill)
+SELF_METRICS_EVERY = 10.0  # seconds between the agent's own readings (outbox fill, store health)
+UNSTORED_MAX = 50_000  # readings held in memory while the disk refuses them (a few MB; alarms always kept)
 
 
 class Intake:
@@ -76,6 +78,9 @@ class Agent:
         self.store: Store | None = None
         self._outbox = {"used_ratio": 0.0, "dropped": 0}
         self._flushed = 0.0  # when readings last went to the outbox
+        # batches the disk refused, oldest first: (readings, alarm transitions, evidence)
+        self._unstored: list[tuple[list[Reading], list[AlarmEvent], dict[str, list[Reading]]]] = []
+        self.store_ok = True
         self._acks: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         self.db_path = os.path.join(self.cfg.agent.state_dir, "agent.db")
 
@@ -111,11 +116,11 @@ class Agent:
             batch = self._take()
             now = time.time()
             self.writer_beat = time.monotonic()
-            while not self._acks.empty():
-                store.ack(self._acks.get())
+            self._apply_acks(store)
             if now >= next_self:
                 next_self = now + SELF_METRICS_EVERY
                 batch.append(Reading(self.host_device, "outbox_used_ratio", store.outbox_used_ratio, now))
+                batch.append(Reading(self.host_device, "store_ok", 1.0 if self.store_ok else 0.0, now))
             state, events = self.engine.evaluate(state, batch, now)
             stopping = self.stop_event.is_set() and self.intake.q.empty()
             # readings go to the county in batches (its broker and gateway thank us); with an alarm at once,
@@ -125,6 +130,8 @@ class Agent:
             )
             if batch or events or flush:
                 self._commit(store, batch, events, now, flush)
+            elif self._unstored:
+                self._store_backlog(store, False)
             self._outbox = {"used_ratio": store.outbox_used_ratio, "dropped": store.outbox_dropped}
             if stopping:
                 break
@@ -151,20 +158,64 @@ class Agent:
             for (device, _), r in self.current.items():
                 by_device[base_device(device)].append(r)
             evidence = {e.id: by_device.get(base_device(e.device), []) for e in events}
-        outbox = [("alarms", msgspec.json.encode(e)) for e in events] if self.uplink is not None else []
-        if flush:
-            self._flushed = now
-        store.write(batch, events, evidence=evidence, outbox=outbox,
-                    flush_readings=self.cfg.uplink.batch_max if flush else 0)
-        for e in events:  # reported only once stored
+        for e in events:  # the live view and the log at once, even when the disk refuses them
             if e.state == "cleared":
                 self.active.pop(e.id, None)
             else:
                 self.active[e.id] = e
             # nested: flat, the alarm's "level" would collide with the log line's own level
             log.info("alarm", alarm=msgspec.structs.asdict(e))
-        if outbox or flush:
+        self._unstored.append((batch, events, evidence))
+        if flush:
+            self._flushed = now
+        self._store_backlog(store, flush)
+
+    def _store_backlog(self, store: Store, flush: bool) -> None:
+        """Write what is not stored yet, oldest first. A failing disk (full, worn out) keeps the agent
+        running: the batches wait in memory (readings bounded, alarms never dropped), ``store_ok`` goes to
+        0 so the rules raise the alarm, and the next cycle tries again."""
+        sent = False
+        while self._unstored:
+            batch, events, evidence = self._unstored[0]
+            outbox = [("alarms", msgspec.json.encode(e)) for e in events] if self.uplink is not None else []
+            last = len(self._unstored) == 1
+            try:
+                store.write(batch, events, evidence=evidence, outbox=outbox,
+                            flush_readings=self.cfg.uplink.batch_max if flush and last and self.uplink else 0)
+            except sqlite3.Error as err:
+                self.health.drop("store", "disk_full" if "full" in str(err) else "write_failed", error=str(err))
+                self._set_store_ok(False)
+                self._bound_backlog()
+                break
+            self._unstored.pop(0)
+            self._set_store_ok(True)
+            sent = sent or bool(outbox) or (flush and last)
+        if sent and self.uplink is not None:
             self.uplink.notify()
+
+    def _set_store_ok(self, ok: bool) -> None:
+        if ok != self.store_ok:
+            self.store_ok = ok
+            log.warning("store_recovered" if ok else "store_failing", backlog=len(self._unstored))
+            self.intake.add(Reading(self.host_device, "store_ok", 1.0 if ok else 0.0, time.time()))
+
+    def _bound_backlog(self) -> None:
+        readings = sum(len(b) for b, _, _ in self._unstored)
+        while readings > UNSTORED_MAX and any(b for b, _, _ in self._unstored):
+            i = next(i for i, (b, _, _) in enumerate(self._unstored) if b)
+            batch, events, evidence = self._unstored[i]
+            self._unstored[i] = ([], events, evidence)  # readings go, the alarms stay
+            readings -= len(batch)
+            self.health.drop("store", "backlog_full")
+
+    def _apply_acks(self, store: Store) -> None:
+        while not self._acks.empty():
+            seqs = self._acks.get()
+            try:
+                store.ack(seqs)
+            except sqlite3.Error:  # a full disk refuses even deletes; they are re-sent and deduplicated later
+                self.health.drop("store", "ack_failed")
+                return
 
     def _acked(self, seqs: list[int]) -> None:
         self._acks.put(list(seqs))  # the writer deletes them: one thread writes SQLite
@@ -188,7 +239,7 @@ class Agent:
             from edge.uplink import Uplink
             self.uplink = Uplink(
                 cfg.uplink, agent_id=cfg.agent_id, db_path=self.db_path, on_acked=self._acked,
-                phase=lambda: self.calendar.phase(time.time()),
+                phase=lambda: self.calendar.phase(time.time()), kinds={d.name: d.kind for d in cfg.devices},
             )
         writer = threading.Thread(target=self._writer, name="writer", daemon=True)
         writer.start()

@@ -95,6 +95,16 @@ class RunningAgent:
             self.proc.terminate()
             self.proc.wait(10)
 
+    def sample(self, name: str, **labels: str) -> float | None:
+        """The value of one exported sample whose labels include ``labels``, or None."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.metrics()):
+            for s in family.samples:
+                if s.name == name and labels.items() <= s.labels.items():
+                    return s.value
+        return None
+
     def alarm_exported(self, rule: str, level: int) -> bool:
         return any(
             line.startswith("examwatch_alarm_active{") and f'rule="{rule}"' in line and f'level="{level}"' in line
