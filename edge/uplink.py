@@ -82,6 +82,7 @@ class Uplink:
         client_id: str = "",
         window: int = 200,
         phase: Callable[[], str | None] = lambda: None,
+        kinds: dict[str, str] | None = None,
         reader_factory: Callable[[str], OutboxReaderLike] = _default_reader,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -91,6 +92,7 @@ class Uplink:
         self.on_acked = on_acked
         self.window = window
         self.phase = phase
+        self.kinds = kinds
         self.clock = clock
         self._reader_factory = reader_factory
         self._key = wire.load_key(cfg.signing_key, cfg.signing_key_file)
@@ -306,7 +308,8 @@ class Uplink:
 
     def _status(self, state: str, reason: str = "") -> bytes:
         pending = self._pending if state == "online" else None
-        body = msgspec.json.encode(wire.Status(state=state, reason=reason, pending=pending, phase=self.phase()))
+        body = msgspec.json.encode(wire.Status(state=state, reason=reason, pending=pending, phase=self.phase(),
+                                                  kinds=self.kinds))
         return wire.encode(self._key, self.agent, 0, self.clock(), "status", body)
 
     def _set_error(self, message: str, kind: str) -> None:

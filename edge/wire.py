@@ -43,6 +43,7 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     reason: str = ""  # for offline: "lost" (last will) or "shutdown"
     pending: int | None = None  # outbox rows waiting at the agent
     phase: str | None = None  # the exam phase the agent is in, when it knows
+    kinds: dict[str, str] | None = None  # device name -> kind (recorder, ups, ...): the county labels readings with it
 
 
 def topic(agent: str, kind: str) -> str:

@@ -2,6 +2,8 @@
 
 A custom collector builds every family at scrape time from the database (its own read-only connection)
 and the ingest counters: no state carried between scrapes, so a recovered alarm leaves no stale series.
+Readings carry the same labels as the agent's (``kind`` from the kinds the agent's status names, empty
+for older agents) and their age, so a panel can leave out a value from a room that went quiet.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edge.catalog import METRICS
+from edge.model import base_device
 from gateway import store
 from gateway.ingest import Stats
+from rules.schedule import PHASES
 
 
 class GatewayCollector:
@@ -38,17 +42,27 @@ class GatewayCollector:
             yield from self._collect(self._db(), self.clock())
 
     def _collect(self, db: sqlite3.Connection, now: float) -> Iterator[Metric]:
+        agents = store.agents(db)
+        # The age on the room's own clock (its reading times are), so a room with a skewed clock ages right too.
+        room_now = {a["agent"]: now + (a["skew"] or 0.0) for a in agents}
+        kinds = store.device_kinds(db)
         readings: dict[str, GaugeMetricFamily] = {}
+        age = GaugeMetricFamily("examwatch_reading_age_seconds", "seconds since the metric was read, by the room's clock",
+                                labels=["site", "room", "device", "kind", "metric"])
         for r in store.latest(db):
-            if r["metric"] not in METRICS:
+            meta = METRICS.get(r["metric"])
+            if meta is None:
                 continue
             fam = readings.get(r["metric"])
             if fam is None:
                 fam = readings[r["metric"]] = GaugeMetricFamily(
-                    f"examwatch_{r['metric']}", METRICS[r["metric"]].help, labels=["site", "room", "device"])
+                    f"examwatch_{r['metric']}", f"{meta.help} ({meta.unit})", labels=["site", "room", "device", "kind"])
             site, room = r["agent"].split("/", 1)
-            fam.add_metric([site, room, r["device"]], r["value"])
+            kind = kinds.get(r["agent"], {}).get(base_device(r["device"]), "")
+            fam.add_metric([site, room, r["device"], kind], r["value"])
+            age.add_metric([site, room, r["device"], kind, r["metric"]], max(0.0, room_now.get(r["agent"], now) - r["ts"]))
         yield from readings.values()
+        yield age
 
         active = GaugeMetricFamily("examwatch_alarm_active", "1 while an alarm fires", labels=["site", "room", "rule", "level"])
         seen: set[tuple[str, ...]] = set()
@@ -59,32 +73,38 @@ class GatewayCollector:
                 active.add_metric(list(key), 1)
         yield active
 
-        incidents = GaugeMetricFamily("examwatch_gateway_incidents_open", "open cross-room incidents",
-                                      labels=["site", "level"])
-        counts: dict[tuple[str, str], int] = {}
+        incidents = GaugeMetricFamily("examwatch_gateway_incidents_open", "open cross-room incidents by fault class",
+                                      labels=["site", "level", "class"])
+        counts: dict[tuple[str, str, str], int] = {}
         for i in store.incidents(db, state="open", limit=100_000):
-            k = (i["site"], str(i["level"]))
+            k = (i["site"], str(i["level"]), i["fault_class"])
             counts[k] = counts.get(k, 0) + 1
         for k, n in counts.items():
             incidents.add_metric(list(k), n)
         yield incidents
 
         up = GaugeMetricFamily("examwatch_gateway_agent_up", "1 while the room's agent is online", labels=["site", "room"])
-        age = GaugeMetricFamily("examwatch_gateway_agent_last_seen_age_seconds", "seconds since the agent was last heard",
-                                labels=["site", "room"])
+        last_seen = GaugeMetricFamily("examwatch_gateway_agent_last_seen_age_seconds",
+                                      "seconds since the agent was last heard", labels=["site", "room"])
         skew = GaugeMetricFamily("examwatch_gateway_agent_clock_skew_seconds", "agent clock minus gateway clock",
                                  labels=["site", "room"])
         missing = GaugeMetricFamily("examwatch_gateway_seq_missing", "sequence numbers not (yet) received from the agent",
                                     labels=["site", "room"])
-        for a in store.agents(db):
+        phase = GaugeMetricFamily("examwatch_gateway_agent_phase",
+                                  "1 for the exam phase the room is in (the gateway's schedule, else the agent's)",
+                                  labels=["site", "room", "phase"])
+        for a in agents:
             labels = [a["site"], a["room"]]
             up.add_metric(labels, 1 if a["status"] == "online" else 0)
             if a["last_seen"] is not None:
-                age.add_metric(labels, max(0.0, now - a["last_seen"]))
+                last_seen.add_metric(labels, max(0.0, now - a["last_seen"]))
             if a["skew"] is not None:
                 skew.add_metric(labels, a["skew"])
             missing.add_metric(labels, a["missing"])
-        yield from (up, age, skew, missing)
+            if a["phase"] is not None:
+                for name in PHASES:
+                    phase.add_metric([*labels, name], 1 if name == a["phase"] else 0)
+        yield from (up, last_seen, skew, missing, phase)
 
         s = self.stats
         msgs = CounterMetricFamily("examwatch_gateway_messages", "messages accepted, by kind", labels=["kind"])

@@ -7,12 +7,16 @@ crash) is counted as a duplicate; one arriving after ``replay_window`` is a repl
 is counted by reason, and a room whose identity was used gets a security alarm.
 
 Alarms keep the rooms' own timestamps (``at`` of each transition); ``received`` is ours.
+
+A room's phase is the gateway's schedule's when it has sessions, else the one the agent last reported;
+its devices' kinds are the ones its agent's status names (older agents name none).
 """
 
 from __future__ import annotations
 
 import bisect
 import sqlite3
+import typing
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +26,7 @@ import msgspec
 import structlog
 
 from edge import wire
+from edge.config import DeviceKind
 from edge.model import AlarmEvent, Reading
 from gateway import store
 from gateway.config import Config
@@ -32,6 +37,9 @@ log = structlog.get_logger("examwatch.gateway")
 
 REASON_NAMES = {"forged": "伪造", "replayed": "重放", "unsigned": "未签名", "malformed": "格式错误"}
 SECURITY_REASONS = frozenset(REASON_NAMES)
+ROOM_REASONS = (*REASON_NAMES, "bad_body")  # rejections counted against the room they name
+ROOMLESS_REASONS = ("unknown_agent", "bad_topic")  # rejections that name no room on the roster
+DEVICE_KINDS = frozenset(typing.get_args(DeviceKind))
 SKEW_SAMPLES = 5
 
 
@@ -92,7 +100,8 @@ class AgentState:
     status: str = "unknown"  # "online" | "offline" | "unknown" (never heard of since the roster)
     last_seen: float | None = None  # our time of the last live message
     last_status_ts: float = 0.0  # the agent's time of the last status we applied
-    phase: str | None = None
+    phase: str | None = None  # the schedule's phase, else the agent's last reported one
+    kinds: dict[str, str] = field(default_factory=dict)  # device -> kind, as the agent's status names them
     floor: int = 0  # sequence numbers at or below this were pruned from the ledger (seen long ago)
     seqs: Seqs = field(default_factory=Seqs)
     skews: deque[float] = field(default_factory=lambda: deque(maxlen=SKEW_SAMPLES))
@@ -111,6 +120,15 @@ class Stats:
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)  # (reason, agent or "") -> count
     batches: int = 0
 
+    @classmethod
+    def for_roster(cls, agents: Iterable[str]) -> Stats:
+        """Every label set the counters can take, at 0: PromQL's increase() cannot see a series born at 1."""
+        s = cls()
+        s.messages.update(dict.fromkeys(wire.KINDS, 0))
+        s.rejected.update({(reason, agent): 0 for agent in agents for reason in ROOM_REASONS})
+        s.rejected.update({(reason, ""): 0 for reason in ROOMLESS_REASONS})
+        return s
+
 
 class _Batch:
     """The rows one transaction will write."""
@@ -124,6 +142,7 @@ class _Batch:
         self.incidents: dict[str, tuple[Any, ...]] = {}
         self.incident_events: list[tuple[Any, ...]] = []
         self.agents: set[str] = set()
+        self.devices: dict[str, dict[str, str]] = {}  # agent -> its devices' kinds, replacing the stored ones
 
     def statements(self, agents: dict[str, AgentState]) -> list[tuple[str, Sequence[Sequence[Any]]]]:
         agent_rows = []
@@ -148,6 +167,9 @@ class _Batch:
              " closed_at = excluded.closed_at, members = excluded.members, active = excluded.active"),
              list(self.incidents.values())),
             ("INSERT INTO incident_events (incident_id, at, what, rooms, level) VALUES (?,?,?,?,?)", self.incident_events),
+            ("DELETE FROM devices WHERE agent = ?", [(agent,) for agent in self.devices]),
+            ("INSERT INTO devices (agent, device, kind) VALUES (?,?,?)",
+             [(agent, device, kind) for agent, kinds in self.devices.items() for device, kind in kinds.items()]),
             (("INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq, max_seq,"
              " missing) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (agent) DO UPDATE SET status = excluded.status, "
              "last_seen = excluded.last_seen, last_status_ts = excluded.last_status_ts, skew = excluded.skew, "
@@ -170,8 +192,9 @@ class Engine:
         self.rules = cfg.correlation_rules()
         self.calendar = Calendar(cfg.schedule) if cfg.schedule.sessions else None
         self.roster: Counter[str] = Counter(a.split("/", 1)[0] for a in keys)
-        self.stats = Stats()
+        self.stats = Stats.for_roster(keys)
         self.agents: dict[str, AgentState] = {}
+        self._stored: set[str] = set()  # agents with a row in the agents table
         self._load()
         self._batch = _Batch()
         self._logged: set[tuple[str, str]] = set()
@@ -182,6 +205,7 @@ class Engine:
     def _load(self) -> None:
         rows = {r["agent"]: r for r in self.conn.execute("SELECT * FROM agents")}
         runs = store.received_ranges(self.conn)
+        kinds = store.device_kinds(self.conn)
         for agent in sorted(self.keys.keys() | rows.keys()):
             site, room = agent.split("/", 1)
             a = AgentState(agent, site, room)
@@ -191,6 +215,8 @@ class Engine:
                 a.phase, a.floor = r["phase"], r["floor_seq"]
                 if r["skew"] is not None:
                     a.skews.append(r["skew"])
+                self._stored.add(agent)
+            a.kinds = kinds.get(agent, {})
             a.seqs = Seqs(runs.get(agent, []))
             a.seqs.drop_below(a.floor)
             self.agents[agent] = a
@@ -299,7 +325,11 @@ class Engine:
                 return self._reject("replayed", a.agent, "status", m.received)
             # A last will carries the time it was set (connect); it is news all the same.
         a.last_status_ts = max(a.last_status_ts, env.ts)
-        a.phase = st.phase or a.phase
+        a.phase = self.calendar.phase(m.received) if self.calendar else st.phase or a.phase
+        if st.kinds is not None:
+            kinds = {d: k for d, k in st.kinds.items() if k in DEVICE_KINDS}  # the label stays bounded
+            if kinds != a.kinds:
+                a.kinds = self._batch.devices[a.agent] = kinds
         self.stats.messages["status"] += 1
         self._batch.agents.add(a.agent)
         if st.state == "offline":
@@ -344,6 +374,17 @@ class Engine:
         phase = self.calendar.phase(now) if self.calendar else a.phase
         return 2 if phase == "during" else 1
 
+    def _follow_schedule(self, now: float) -> None:
+        """Move every stored room to the schedule's phase when it changes (the exporter reads it from the store)."""
+        if self.calendar is None:
+            return
+        phase = self.calendar.phase(now)
+        for agent in self._stored:
+            a = self.agents[agent]
+            if a.phase != phase:
+                a.phase = phase
+                self._batch.agents.add(agent)
+
     def _raise_gw(self, a: AgentState, rule: str, level: int, message: str, now: float, value: float | None = None) -> None:
         current = self.gateway_alarms.get((a.agent, rule))
         if current is not None and current.level >= level:
@@ -377,6 +418,7 @@ class Engine:
     def tick(self, now: float, broker_up_since: float | None) -> None:
         """Liveness by heartbeat, security alarms that went quiet, level by phase, correlation, retention."""
         timeout = self.cfg.liveness.heartbeat_timeout
+        self._follow_schedule(now)
         # Our own link to the broker must have been up for a full bound, or every room would look silent.
         if broker_up_since is not None and now - broker_up_since > timeout:
             for a in self.agents.values():
@@ -415,6 +457,7 @@ class Engine:
     def _commit(self) -> None:
         batch, self._batch = self._batch, _Batch()
         store.write_batch(self.conn, batch.statements(self.agents))
+        self._stored |= batch.agents
         self.stats.batches += 1
 
     def retention(self, now: float) -> None:

@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS incidents (id TEXT PRIMARY KEY, site TEXT NOT NULL, f
 CREATE TABLE IF NOT EXISTS incident_events (incident_id TEXT NOT NULL, at REAL NOT NULL, what TEXT NOT NULL,
     rooms TEXT NOT NULL, level INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS incident_events_id ON incident_events (incident_id, at);
+CREATE TABLE IF NOT EXISTS devices (agent TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL,
+    PRIMARY KEY (agent, device)) WITHOUT ROWID;
 """
 
 
@@ -123,6 +125,14 @@ def agents(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 def latest(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     return conn.execute("SELECT agent, device, metric, value, ts FROM latest").fetchall()
+
+
+def device_kinds(conn: sqlite3.Connection) -> dict[str, dict[str, str]]:
+    """Per agent, its devices' kinds as its status last named them."""
+    out: dict[str, dict[str, str]] = {}
+    for agent, device, kind in conn.execute("SELECT agent, device, kind FROM devices"):
+        out.setdefault(agent, {})[device] = kind
+    return out
 
 
 def acknowledge(conn: sqlite3.Connection, table: str, item_id: str, who: str, note: str, now: float) -> bool:

@@ -39,7 +39,11 @@ def test_readings_liveness_api_and_exporter(broker, procs, tmp_path):
     listed = wait_until(lambda: len(online()) == 2 and online(), what="both rooms online")
     assert all(abs(a["skew"]) < 1.0 and a["last_seen"] for a in listed)
     text = gw.metrics()
-    assert 'examwatch_memory_used_ratio{device="pi",room="101",site="s1"}' in text
+    # the agent's status names its devices' kinds: the county labels readings like the room does, and ages them
+    assert 'examwatch_memory_used_ratio{device="pi",kind="host",room="101",site="s1"}' in text
+    assert 'examwatch_reading_age_seconds{device="pi",kind="host",metric="memory_used_ratio",room="101",site="s1"}' in text
+    assert 'examwatch_gateway_agent_phase{phase="idle",room="101",site="s1"} 1.0' in text  # no session configured
+    assert 'examwatch_gateway_rejected_total{reason="forged",room="102",site="s1"} 0.0' in text
     assert 'examwatch_gateway_agent_up{room="102",site="s1"} 1.0' in text
     assert "examwatch_gateway_readings_total" in text
 
@@ -86,7 +90,7 @@ def test_two_rooms_lose_their_link_one_level2_incident_a_third_joins(broker, pro
     first = inc[0]
     wait_until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"] == ["101", "102"])
     assert (first["level"], first["fault_class"], first["title"]) == (2, "network", "考点多个考场网络中断")
-    assert 'examwatch_gateway_incidents_open{level="2",site="s1"} 1.0' in gw.metrics()
+    assert 'examwatch_gateway_incidents_open{class="network",level="2",site="s1"} 1.0' in gw.metrics()
     links["s1/103"].cut()
     wait_until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"] == ["101", "102", "103"],
                what="third room joins")

@@ -1,0 +1,140 @@
+"""The gateway's exporter on a real SQLite file fed by the real ingest: what a scrape shows after given messages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge import wire
+from edge.model import Reading
+from gateway import store
+from gateway.exporter import GatewayCollector
+from gateway.ingest import ROOM_REASONS, Engine, Message
+from rules.config import Schedule, Window
+from rules.schedule import PHASES
+from tests.test_gateway_ingest import KEYS, T0, alarm, alarm_msg, make, status_msg
+
+
+def scrape(e: Engine, tmp_path, now: float) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Family name -> {sorted labels: value}, through the text format Prometheus reads."""
+    registry = CollectorRegistry()
+    registry.register(GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: now))
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def helps(e: Engine, tmp_path) -> dict[str, str]:
+    registry = CollectorRegistry()
+    registry.register(GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: T0))
+    return {fam.name: fam.documentation for fam in text_string_to_metric_families(generate_latest(registry).decode())}
+
+
+def labels(**kw: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(kw.items()))
+
+
+def kinds_status(agent: str, kinds: dict[str, str] | None, ts: float, received: float) -> Message:
+    body = msgspec.json.encode(wire.Status(state="online", kinds=kinds))
+    return Message(wire.topic(agent, "status"), wire.encode(KEYS[agent], agent, 0, ts, "status", body), False, received)
+
+
+def readings(agent: str, seq: int, items: list[Reading], received: float) -> Message:
+    body = msgspec.json.encode(items)
+    return Message(wire.topic(agent, "readings"), wire.encode(KEYS[agent], agent, seq, received, "readings", body), False,
+                   received)
+
+
+def test_readings_carry_kind_unit_and_age_by_the_rooms_clock(tmp_path):
+    e = make(tmp_path)
+    # 101 names its devices' kinds (one of them not a kind at all); 102 is an older agent that names none.
+    e.ingest([kinds_status("s1/101", {"ups1": "ups", "sw1": "switch", "odd": "toaster"}, T0, T0),
+              kinds_status("s1/102", None, T0, T0)], T0)
+    e.ingest([readings("s1/101", 1, [Reading("ups1", "ups_charge_percent", 80.0, T0 - 10),
+                                     Reading("sw1/port3", "link_up", 1.0, T0 - 20),
+                                     Reading("odd", "door_open", 0.0, T0 - 30)], T0),
+              readings("s1/102", 1, [Reading("noise", "noise_db", 55.0, T0 - 5)], T0)], T0)
+    got = scrape(e, tmp_path, T0 + 100)
+    assert got["examwatch_ups_charge_percent"] == {labels(site="s1", room="101", device="ups1", kind="ups"): 80.0}
+    assert got["examwatch_link_up"] == {labels(site="s1", room="101", device="sw1/port3", kind="switch"): 1.0}
+    assert got["examwatch_door_open"] == {labels(site="s1", room="101", device="odd", kind=""): 0.0}
+    assert got["examwatch_noise_db"] == {labels(site="s1", room="102", device="noise", kind=""): 55.0}
+    assert got["examwatch_reading_age_seconds"] == {
+        labels(site="s1", room="101", device="ups1", kind="ups", metric="ups_charge_percent"): 110.0,
+        labels(site="s1", room="101", device="sw1/port3", kind="switch", metric="link_up"): 120.0,
+        labels(site="s1", room="101", device="odd", kind="", metric="door_open"): 130.0,
+        labels(site="s1", room="102", device="noise", kind="", metric="noise_db"): 105.0,
+    }
+    h = helps(e, tmp_path)
+    assert h["examwatch_ups_charge_percent"] == "UPS battery charge (percent)"
+    assert h["examwatch_link_up"] == "1 while the link or port is up (bool)"
+
+    # The room's clock runs 30 s ahead: its readings are stamped by it, and their age is still true.
+    e.ingest([kinds_status("s1/103", {"ups1": "ups"}, T0 + 130, T0 + 100)], T0 + 100)
+    e.ingest([readings("s1/103", 1, [Reading("ups1", "ups_charge_percent", 90.0, T0 + 125)], T0 + 100)], T0 + 100)
+    age = scrape(e, tmp_path, T0 + 100)["examwatch_reading_age_seconds"]
+    assert age[labels(site="s1", room="103", device="ups1", kind="ups", metric="ups_charge_percent")] == pytest.approx(5.0)
+
+    # A room that renames its devices replaces its kinds; they survive a gateway restart.
+    e.ingest([kinds_status("s1/101", {"ups1": "ups"}, T0 + 200, T0 + 200)], T0 + 200)
+    e.conn.close()
+    e = make(tmp_path)
+    assert e.agents["s1/101"].kinds == {"ups1": "ups"}
+    assert store.device_kinds(e.conn)["s1/101"] == {"ups1": "ups"}
+    got = scrape(e, tmp_path, T0 + 200)
+    assert got["examwatch_link_up"] == {labels(site="s1", room="101", device="sw1/port3", kind=""): 1.0}
+
+
+def test_counters_start_at_zero_for_every_roster_room_and_reason(tmp_path):
+    e = make(tmp_path)
+    got = scrape(e, tmp_path, T0)
+    rejected = got["examwatch_gateway_rejected_total"]
+    want = {labels(reason=r, site="s1", room=a.split("/")[1]): 0.0 for a in KEYS for r in ROOM_REASONS}
+    want |= {labels(reason=r, site="", room=""): 0.0 for r in ("unknown_agent", "bad_topic")}
+    assert rejected == want
+    assert got["examwatch_gateway_messages_total"] == {labels(kind=k): 0.0 for k in ("readings", "alarms", "status")}
+    # a room's first forged message: its series goes from 0 to 1, which increase() sees
+    good = readings("s1/104", 1, [Reading("ups1", "ups_charge_percent", 1.0, T0)], T0)
+    e.ingest([good._replace(payload=good.payload.replace(b'"sig":"', b'"sig":"00'))], T0)
+    rejected = scrape(e, tmp_path, T0)["examwatch_gateway_rejected_total"]
+    assert rejected[labels(reason="forged", site="s1", room="104")] == 1.0
+    assert sum(rejected.values()) == 1.0 and len(rejected) == len(want)
+
+
+def test_open_incidents_carry_their_fault_class(tmp_path):
+    e = make(tmp_path)
+    e.ingest([alarm_msg("s1/101", 1, alarm("s1/101", "raised", T0, T0), T0),
+              alarm_msg("s1/102", 1, alarm("s1/102", "raised", T0 + 5, T0 + 5), T0 + 5),
+              alarm_msg("s1/103", 1, alarm("s1/103", "raised", T0, T0, rule="noise_high"), T0),
+              alarm_msg("s1/104", 1, alarm("s1/104", "raised", T0 + 1, T0 + 1, rule="noise_high"), T0 + 1)], T0 + 5)
+    got = scrape(e, tmp_path, T0 + 10)["examwatch_gateway_incidents_open"]
+    assert got == {labels(site="s1", level="2", **{"class": "network"}): 1.0,
+                   labels(site="s1", level="2", **{"class": "noise"}): 1.0}
+
+
+def test_phase_from_the_agents_report_or_the_gateways_schedule(tmp_path):
+    e = make(tmp_path)
+    e.ingest([status_msg("s1/101", "online", T0, T0, phase="during"), status_msg("s1/102", "online", T0, T0)], T0)
+    phase = scrape(e, tmp_path, T0)["examwatch_gateway_agent_phase"]
+    assert phase == {labels(site="s1", room="101", phase=p): float(p == "during") for p in PHASES}  # 102 said none
+    e.conn.close()
+
+    tz = ZoneInfo("Asia/Shanghai")
+    session = Window(name="数学", start=datetime.fromtimestamp(T0 - 3600, tz).replace(tzinfo=None),
+                     end=datetime.fromtimestamp(T0 + 60, tz).replace(tzinfo=None))
+    e = make(tmp_path, schedule=Schedule(sessions=[session], after_hours=1.0))
+    e.ingest([status_msg("s1/102", "online", T0 + 1, T0 + 1, phase="idle")], T0 + 1)  # the schedule wins
+    e.tick(T0 + 1, None)
+    phase = scrape(e, tmp_path, T0 + 1)["examwatch_gateway_agent_phase"]
+    assert {k for k, v in phase.items() if v == 1} == {labels(site="s1", room=r, phase="during") for r in ("101", "102")}
+    e.tick(T0 + 120, None)  # the session is over; every room heard of follows at the next tick
+    phase = scrape(e, tmp_path, T0 + 120)["examwatch_gateway_agent_phase"]
+    assert {k for k, v in phase.items() if v == 1} == {labels(site="s1", room=r, phase="after") for r in ("101", "102")}
+    assert len(phase) == 2 * len(PHASES)  # rooms never heard of have no phase series
