@@ -12,14 +12,7 @@ from collectors.base import Health
 from collectors.host import HostCollector, HostOptions, parse_host
 from edge.config import Device
 from edge.model import Reading
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    def add(self, reading: Reading) -> None:
-        self.readings.append(reading)
+from tests.support import Recorder
 
 
 def test_parse_host_maps_psutil_answers():
@@ -43,7 +36,7 @@ def test_a_failing_device_is_a_state_logged_once_when_it_flips(tmp_path):
     gone = tmp_path / "gone"
     device = Device(name="host", kind="host", protocol="host", address=str(gone), interval=0.05,
                     options=HostOptions())
-    sink, health = Sink(), Health()
+    sink, health = Recorder(), Health()
     collector = HostCollector([device], sink, health)
 
     async def polls(n: int) -> None:
@@ -77,7 +70,7 @@ def test_a_slow_device_does_not_delay_another(tmp_path):
 
     devices = [Device(name=n, kind="noise", protocol="test-slow", interval=0.05, timeout=0.2, retries=0)
                for n in ("stuck", "fine")]
-    sink, health = Sink(), Health()
+    sink, health = Recorder(), Health()
 
     async def run_for(seconds: float) -> None:
         stop = asyncio.Event()

@@ -13,8 +13,8 @@ import pytest
 from collectors.base import DeviceError, Health
 from collectors.isapi import MIB, IsapiCollector, Options, parse_storage, readings_from
 from edge.config import Device
-from edge.model import Reading
 from simulators.isapi import HIKVISION, STD_CGI, IsapiSimulator, SimDisk
+from tests.support import Recorder, RulesRecorder, wait_until
 
 DATA = Path(__file__).parent / "data" / "isapi"
 
@@ -77,17 +77,6 @@ def test_parse_garbage_raises_device_error(body: bytes) -> None:
 # --- against the simulator ------------------------------------------------------------------------------------
 
 
-class ListAcc:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    def add(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    def latest(self, device: str, metric: str) -> float | None:
-        return next((r.value for r in reversed(self.readings) if r.device == device and r.metric == metric), None)
-
-
 @pytest.fixture(params=[HIKVISION, STD_CGI, None], ids=["hikvision", "std-cgi", "no-ns"])
 def nvr(request: pytest.FixtureRequest) -> Iterator[IsapiSimulator]:
     with IsapiSimulator(namespace=request.param) as sim:
@@ -112,7 +101,7 @@ def poll(c: IsapiCollector, times: int = 1) -> None:
 
 def test_poll_reads_disks_through_digest_auth(nvr: IsapiSimulator) -> None:
     nvr.disks.append(SimDisk(7, capacity_mib=146560, free_mib=73280, kind="nas"))
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     poll(IsapiCollector([device(nvr)], acc, health), times=2)
     assert acc.latest("nvr1", "device_online") == 1.0
     d1 = nvr.disk(1)
@@ -124,32 +113,26 @@ def test_poll_reads_disks_through_digest_auth(nvr: IsapiSimulator) -> None:
 
 
 def test_wrong_password_is_http_401(nvr: IsapiSimulator) -> None:
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     poll(IsapiCollector([device(nvr, password="wrong")], acc, health))
     assert health.devices["nvr1"].errors["http_401"] == 1 and acc.latest("nvr1", "device_online") == 0.0
 
 
 def test_disk_full_and_failed_show_within_one_interval(nvr: IsapiSimulator) -> None:
-    acc = ListAcc()
+    acc = Recorder()
     dev = device(nvr)
     c = IsapiCollector([dev], acc, Health())
-
-    async def until(device: str, metric: str, value: float) -> None:
-        end = time.monotonic() + dev.interval + 1
-        while acc.latest(device, metric) != value:
-            assert time.monotonic() < end, f"{device} {metric} != {value} in time"
-            await asyncio.sleep(0.02)
 
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
-        await until("nvr1/disk1", "storage_ok", 1.0)
+        await acc.reaches("nvr1/disk1", "storage_ok", 1.0, dev.interval + 1)
         nvr.set_disk(1, "full")
-        await until("nvr1/disk1", "storage_used_ratio", 1.0)
+        await acc.reaches("nvr1/disk1", "storage_used_ratio", 1.0, dev.interval + 1)
         nvr.set_disk(2, "error")
-        await until("nvr1/disk2", "storage_ok", 0.0)
+        await acc.reaches("nvr1/disk2", "storage_ok", 0.0, dev.interval + 1)
         nvr.set_disk(2, "notexist")
-        await until("nvr1/disk2", "storage_ok", 0.0)
+        await acc.reaches("nvr1/disk2", "storage_ok", 0.0, dev.interval + 1)
         stop.set()
         await task
         await c.close()
@@ -162,7 +145,7 @@ def test_invalid_xml_and_slow_answers_are_device_states(tmp_path: Path) -> None:
         broken.misbehave("invalid_xml")
         slow.misbehave("slow")
         slow.slow_seconds = 3.0
-        acc, health = ListAcc(), Health()
+        acc, health = Recorder(), Health()
         c = IsapiCollector([device(broken, "nvr-broken"), device(slow, "nvr-slow", timeout=1.0),
                             device(good, "nvr-good")], acc, health)
 
@@ -188,7 +171,7 @@ def test_unreachable_device(tmp_path: Path) -> None:
     sim = IsapiSimulator()
     address = sim.address
     sim.stop()  # nothing listens there any more
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     dev = Device(name="cam1", kind="camera", protocol="isapi", address=address, interval=1, timeout=1, retries=0,
                  options=Options(password="x"))
     poll(IsapiCollector([dev], acc, health))
@@ -198,7 +181,7 @@ def test_unreachable_device(tmp_path: Path) -> None:
 def test_password_file_and_secret_stays_out_of_errors(nvr: IsapiSimulator, tmp_path: Path) -> None:
     secret = tmp_path / "nvr.pass"
     secret.write_text("sim-pass\n")
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     dev = Device(name="nvr1", kind="nvr", protocol="isapi", address=nvr.address, interval=1, timeout=1, retries=0,
                  options=Options(password_file=str(secret)))
     poll(IsapiCollector([dev], acc, health))
@@ -232,32 +215,20 @@ def test_config_check_wants_a_password() -> None:
 def test_nvr_disk_failure_raises_the_alarm_within_one_interval(nvr: IsapiSimulator) -> None:
     """Simulator -> collector -> the default rule pack: a failed NVR disk is an alarm on nvr1/disk2."""
     from edge.config import loads
-    from rules.engine import build_engine
 
     cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "nvr1"\nkind = "nvr"\nprotocol = "isapi"\n'
                 f'address = "{nvr.address}"\npassword = "sim-pass"\ninterval = 0.3\ntimeout = 1\nretries = 0\n')
-    engine = build_engine(cfg)
-    state = engine.initial_state()
-    raised: list[tuple[str, str]] = []
-
-    class RulesAcc:
-        def add(self, r: Reading) -> None:
-            nonlocal state
-            state, events = engine.evaluate(state, [r], r.ts)
-            raised.extend((e.rule, e.device) for e in events if e.state == "raised")
-
-    c = IsapiCollector(cfg.devices, RulesAcc(), Health())
+    alarms = RulesRecorder(cfg)
+    c = IsapiCollector(cfg.devices, alarms, Health())
 
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
         await asyncio.sleep(0.5)
-        assert raised == []
+        assert alarms.raised == []
         nvr.set_disk(2, "error")
-        end = time.monotonic() + cfg.devices[0].interval + 1
-        while ("nvr_disk_failed", "nvr1/disk2") not in raised:
-            assert time.monotonic() < end, f"no alarm in time: {raised}"
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: "nvr_disk_failed" in alarms.raised_on("nvr1/disk2"), cfg.devices[0].interval + 1,
+                         "nvr_disk_failed on nvr1/disk2")
         stop.set()
         await task
         await c.close()

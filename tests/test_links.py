@@ -14,7 +14,7 @@ import pytest
 from collectors.base import Health
 from collectors.links import DEFAULT_GATEWAY, ROUTE_TABLE, LinksCollector, Options, default_route, parse_routes, summarize
 from edge.config import Device
-from edge.model import Reading
+from tests.support import Recorder, RulesRecorder, wait_until
 
 HEADER = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
 # A Raspberry Pi with wired Ethernet (metric 100) and a 4G USB dongle as backup (metric 700),
@@ -55,17 +55,6 @@ def test_summarize_a_burst() -> None:
 
 
 # --- real sockets -----------------------------------------------------------------------------------------------
-
-
-class ListAcc:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    def add(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    def latest(self, device: str, metric: str) -> float | None:
-        return next((r.value for r in reversed(self.readings) if r.device == device and r.metric == metric), None)
 
 
 class Platform:
@@ -143,7 +132,7 @@ def test_tcp_probes_up_refused_and_silent(platform: Platform) -> None:
     refused.bind(("127.0.0.1", 0))
     refused_port = refused.getsockname()[1]
     refused.close()  # nothing listens: the kernel answers with a reset
-    acc = ListAcc()
+    acc = Recorder()
     c = LinksCollector([link("platform", "127.0.0.1", port=platform.port),
                         link("closed", "127.0.0.1", port=refused_port)], acc, Health())
     poll(c)
@@ -157,22 +146,16 @@ def test_tcp_probes_up_refused_and_silent(platform: Platform) -> None:
 
 
 def test_link_loss_shows_within_one_interval(platform: Platform) -> None:
-    acc = ListAcc()
+    acc = Recorder()
     dev = link("platform", "127.0.0.1", port=platform.port)
     c = LinksCollector([dev], acc, Health())
 
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
-        end = time.monotonic() + 5
-        while acc.latest("platform", "link_up") != 1.0:
-            assert time.monotonic() < end
-            await asyncio.sleep(0.02)
+        await acc.reaches("platform", "link_up", 1.0, 5)
         await asyncio.to_thread(platform.cut)
-        cut_at = time.monotonic()
-        while acc.latest("platform", "link_up") != 0.0:
-            assert time.monotonic() < cut_at + dev.interval + dev.timeout + 1, "link loss not seen in time"
-            await asyncio.sleep(0.02)
+        await acc.reaches("platform", "link_up", 0.0, dev.interval + dev.timeout + 1)
         stop.set()
         await task
 
@@ -182,7 +165,7 @@ def test_link_loss_shows_within_one_interval(platform: Platform) -> None:
 def test_silent_target_does_not_stall_others(platform: Platform) -> None:
     silent = Platform()
     silent.cut()
-    acc = ListAcc()
+    acc = Recorder()
     c = LinksCollector([link("platform", "127.0.0.1", port=platform.port),
                         link("dead", "127.0.0.1", port=silent.port, probes=5, probe_interval=0.2)], acc, Health())
 
@@ -208,14 +191,14 @@ def icmp_permitted() -> bool:
 
 @pytest.mark.skipif(not icmp_permitted(), reason="no ICMP sockets for this user (ping_group_range) and not root")
 def test_icmp_echo_to_loopback() -> None:
-    acc = ListAcc()
+    acc = Recorder()
     poll(LinksCollector([link("lo", "127.0.0.1", method="icmp")], acc, Health()))
     assert acc.latest("lo", "link_up") == 1.0 and acc.latest("lo", "link_loss_ratio") == 0.0
     assert 0 < (acc.latest("lo", "link_rtt_seconds") or 0) < 0.3
 
 
 def test_unknown_host_is_a_device_state() -> None:
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     poll(LinksCollector([link("bad", "no-such-host.invalid", method="icmp")], acc, health))
     if icmp_permitted():
         assert health.devices["bad"].errors["name_lookup"] == 1
@@ -227,7 +210,7 @@ def test_unknown_host_is_a_device_state() -> None:
 @pytest.mark.skipif(not ROUTE_TABLE.exists(), reason="no /proc/net/route")
 def test_primary_link_from_this_machines_routing_table() -> None:
     route = default_route(parse_routes(ROUTE_TABLE.read_text()))
-    acc = ListAcc()
+    acc = Recorder()
     primary = route.interface if route else "eth0"
     c = LinksCollector([link("wan", DEFAULT_GATEWAY, primary_interface=primary, probes=1),
                         link("wan-backup-view", DEFAULT_GATEWAY, primary_interface="wwan-not-here", probes=1)], acc, Health())
@@ -251,34 +234,21 @@ def test_config_check_burst_must_fit_the_poll_budget() -> None:
 def test_platform_unreachable_raises_link_down(platform: Platform) -> None:
     """Real sockets -> collector -> the default rule pack (``for`` shortened to 0)."""
     from edge.config import loads
-    from rules.engine import build_engine
 
     cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "platform"\nkind = "link"\nprotocol = "links"\n'
                 f'address = "127.0.0.1"\nmethod = "tcp"\nport = {platform.port}\nprobes = 3\nprobe_interval = 0.05\n'
                 'interval = 0.3\ntimeout = 0.3\nretries = 0\n[rules.link_down]\nfor = 0\n')
-    engine = build_engine(cfg)
-    state = engine.initial_state()
-    raised: list[str] = []
-
-    class RulesAcc:
-        def add(self, r: Reading) -> None:
-            nonlocal state
-            state, events = engine.evaluate(state, [r], r.ts)
-            raised.extend(e.rule for e in events if e.state == "raised")
-
-    c = LinksCollector(cfg.devices, RulesAcc(), Health())
+    alarms = RulesRecorder(cfg)
+    c = LinksCollector(cfg.devices, alarms, Health())
 
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
         await asyncio.sleep(0.5)
-        assert raised == []
+        assert alarms.raised == []
         await asyncio.to_thread(platform.cut)
         d = cfg.devices[0]
-        deadline = time.monotonic() + d.interval + d.timeout + 1
-        while "link_down" not in raised:
-            assert time.monotonic() < deadline, "no link_down in time"
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: "link_down" in alarms.raised, d.interval + d.timeout + 1, "link_down raised")
         stop.set()
         await task
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +14,9 @@ from collectors import profiles
 from collectors.base import DeviceError, Health
 from collectors.megatec import Battery, MegatecCollector, Options, Profile, Rating, estimate_charge, parse_f, parse_i, parse_q1
 from edge.config import Device
-from edge.model import Reading
 from simulators.megatec import MegatecSimulator
 from simulators.serial_pty import PtyPair
+from tests.support import Recorder, RulesRecorder, wait_until
 
 # Answers as real units send them (the Megatec protocol sheet and NUT's blazer/nutdrv_qx test notes).
 Q1_ONLINE_CELL = b"(218.0 218.0 219.0 016 50.0 2.27 30.0 00001000\r"
@@ -97,20 +96,6 @@ def test_charge_estimate_from_profiles() -> None:
 # --- against the simulator ------------------------------------------------------------------------------------
 
 
-class ListAcc:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    def add(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    def latest(self, device: str, metric: str) -> float | None:
-        for r in reversed(self.readings):
-            if r.device == device and r.metric == metric:
-                return r.value
-        return None
-
-
 @pytest.fixture
 def ups(tmp_path: Path) -> Iterator[tuple[PtyPair, MegatecSimulator]]:
     pair = PtyPair(tmp_path, "ups")
@@ -127,16 +112,9 @@ def device(port: Path | str, name: str = "ups1", **kw: object) -> Device:
     return Device(name=name, kind="ups", protocol="megatec", address=str(port), options=Options(), **fields)  # type: ignore[arg-type]
 
 
-async def wait_for(check, deadline: float) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + deadline
-    while not check():
-        assert time.monotonic() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 def test_poll_reads_the_simulated_ups(ups: tuple[PtyPair, MegatecSimulator]) -> None:
     pair, sim = ups
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     c = MegatecCollector([device(pair.agent)], acc, health)
 
     async def go() -> None:
@@ -153,20 +131,20 @@ def test_poll_reads_the_simulated_ups(ups: tuple[PtyPair, MegatecSimulator]) -> 
 
 def test_mode_flips_show_within_one_interval(ups: tuple[PtyPair, MegatecSimulator]) -> None:
     pair, sim = ups
-    acc = ListAcc()
+    acc = Recorder()
     dev = device(pair.agent)
     c = MegatecCollector([dev], acc, Health())
 
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
-        await wait_for(lambda: acc.latest("ups1", "power_on_battery") == 0.0, 5)
+        await acc.reaches("ups1", "power_on_battery", 0.0, 5)
         for mode, metric in [("battery", "power_on_battery"), ("battery_low", "ups_battery_low"), ("fault", "ups_fault")]:
             sim.set_mode(mode)
-            await wait_for(lambda m=metric: acc.latest("ups1", m) == 1.0, dev.interval + 1)
+            await acc.reaches("ups1", metric, 1.0, dev.interval + 1)
         assert acc.latest("ups1", "power_on_battery") == 0.0  # fault on line power
         sim.set_mode("line")
-        await wait_for(lambda: acc.latest("ups1", "ups_fault") == 0.0, dev.interval + 1)
+        await acc.reaches("ups1", "ups_fault", 0.0, dev.interval + 1)
         stop.set()
         await task
         await c.close()
@@ -177,7 +155,7 @@ def test_mode_flips_show_within_one_interval(ups: tuple[PtyPair, MegatecSimulato
 @pytest.mark.parametrize(("how", "reason"), [("garbage", "garbage"), ("truncated", "truncated"), ("silent", "timeout")])
 def test_bad_answers_are_a_device_state_and_recover(ups: tuple[PtyPair, MegatecSimulator], how: str, reason: str) -> None:
     pair, sim = ups
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     c = MegatecCollector([device(pair.agent, timeout=0.3)], acc, health)
 
     async def go() -> None:
@@ -198,20 +176,20 @@ def test_bad_answers_are_a_device_state_and_recover(ups: tuple[PtyPair, MegatecS
 
 def test_vanished_port_is_reopened(ups: tuple[PtyPair, MegatecSimulator]) -> None:
     pair, sim = ups
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     dev = device(pair.agent)
     c = MegatecCollector([dev], acc, health)
 
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
-        await wait_for(lambda: acc.latest("ups1", "device_online") == 1.0, 5)
+        await acc.reaches("ups1", "device_online", 1.0, 5)
         pair.stop()  # the USB-serial adapter is pulled
-        await wait_for(lambda: health.devices["ups1"].online is False, 5)
+        await wait_until(lambda: health.devices["ups1"].online is False, 5)
         assert {"port_lost", "port_unavailable"} & set(health.devices["ups1"].errors)
         await asyncio.to_thread(pair.start)  # and plugged back in
         sim.set_mode("battery")
-        await wait_for(lambda: acc.latest("ups1", "power_on_battery") == 1.0, 10)
+        await acc.reaches("ups1", "power_on_battery", 1.0, 10)
         assert health.devices["ups1"].online is True
         stop.set()
         await task
@@ -224,7 +202,7 @@ def test_silent_ups_does_not_stall_another(ups: tuple[PtyPair, MegatecSimulator]
     pair, sim = ups
     dead = PtyPair(tmp_path, "dead")  # a port nobody answers on
     dead.start()
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     c = MegatecCollector([device(pair.agent), device(dead.agent, name="ups2", timeout=1.0, retries=1)], acc, health)
 
     async def go() -> None:
@@ -246,7 +224,7 @@ def test_silent_ups_does_not_stall_another(ups: tuple[PtyPair, MegatecSimulator]
 
 def test_unknown_profile_is_a_device_state(ups: tuple[PtyPair, MegatecSimulator]) -> None:
     pair, _ = ups
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     c = MegatecCollector([device(pair.agent, profile="no-such-model")], acc, health)
     asyncio.run(c.poll_once(c.devices[0]))
     assert health.devices["ups1"].errors["bad_profile"] == 1
@@ -265,31 +243,21 @@ def test_config_check_reports_unknown_profile_and_missing_port() -> None:
 def test_mains_lost_raises_the_alarm_within_one_interval(ups: tuple[PtyPair, MegatecSimulator]) -> None:
     """Simulator -> collector -> the default rule pack: UPS on battery, then battery low, as alarms."""
     from edge.config import loads
-    from rules.engine import build_engine
 
     pair, sim = ups
     cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
                 f'address = "{pair.agent}"\nprofile = "pack-voltage"\ninterval = 0.3\ntimeout = 0.5\nretries = 0\n')
-    engine = build_engine(cfg)
-    state = engine.initial_state()
-    raised: list[str] = []
-
-    class RulesAcc:
-        def add(self, r: Reading) -> None:
-            nonlocal state
-            state, events = engine.evaluate(state, [r], r.ts)
-            raised.extend(e.rule for e in events if e.state == "raised")
-
-    c = MegatecCollector(cfg.devices, RulesAcc(), Health())
+    alarms = RulesRecorder(cfg)
+    c = MegatecCollector(cfg.devices, alarms, Health())
 
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
         await asyncio.sleep(0.5)
-        assert raised == []
+        assert alarms.raised == []
         for mode, rule in [("battery", "ups_on_battery"), ("battery_low", "ups_battery_low")]:
             sim.set_mode(mode)  # type: ignore[arg-type]
-            await wait_for(lambda r=rule: r in raised, cfg.devices[0].interval + 1)
+            await wait_until(lambda r=rule: r in alarms.raised, cfg.devices[0].interval + 1, f"{rule} raised")
         stop.set()
         await task
         await c.close()

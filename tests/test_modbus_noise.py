@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +12,9 @@ from collectors import profiles
 from collectors.base import DeviceError, Health
 from collectors.modbus_noise import ModbusNoiseCollector, Options, Profile, classify_silence, decode
 from edge.config import Device
-from edge.model import Reading
 from simulators.modbus_noise import NoiseMeterBus, crc, encode
 from simulators.serial_pty import PtyPair
+from tests.support import Recorder, RulesRecorder, wait_until
 
 PROFILES = ["generic-u16x10", "renke-rs-zs", "generic-float32-input"]
 
@@ -49,17 +48,6 @@ def test_classify_silence() -> None:
 # --- against the simulator ------------------------------------------------------------------------------------
 
 
-class ListAcc:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    def add(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    def latest(self, device: str, metric: str) -> float | None:
-        return next((r.value for r in reversed(self.readings) if r.device == device and r.metric == metric), None)
-
-
 @pytest.fixture
 def rs485(tmp_path: Path) -> Iterator[tuple[PtyPair, NoiseMeterBus]]:
     pair = PtyPair(tmp_path, "rs485")
@@ -89,7 +77,7 @@ def test_reads_the_simulated_meter_per_profile(rs485: tuple[PtyPair, NoiseMeterB
     pair, bus = rs485
     bus.add_meter(profile, db=48.7)
     bus.start()
-    acc = ListAcc()
+    acc = Recorder()
     c = ModbusNoiseCollector([meter(pair.agent, profile=profile)], acc, Health())
     poll_all(c)
     asyncio.run(c.close())
@@ -102,7 +90,7 @@ def test_two_meters_share_one_bus(rs485: tuple[PtyPair, NoiseMeterBus]) -> None:
     bus.add_meter("generic-u16x10", slave=1, db=41.0)
     bus.add_meter("generic-u16x10", slave=2, db=63.5)
     bus.start()
-    acc = ListAcc()
+    acc = Recorder()
     c = ModbusNoiseCollector([meter(pair.agent, "front", slave=1), meter(pair.agent, "back", slave=2)], acc, Health())
 
     async def go() -> None:
@@ -122,22 +110,16 @@ def test_noise_over_the_limit_shows_within_one_interval(rs485: tuple[PtyPair, No
     pair, bus = rs485
     bus.add_meter("renke-rs-zs", db=42.0)
     bus.start()
-    acc = ListAcc()
+    acc = Recorder()
     dev = meter(pair.agent, profile="renke-rs-zs")
     c = ModbusNoiseCollector([dev], acc, Health())
 
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
-        end = time.monotonic() + 5
-        while acc.latest("noise1", "noise_db") != 42.0:
-            assert time.monotonic() < end
-            await asyncio.sleep(0.02)
+        await acc.reaches("noise1", "noise_db", 42.0, 5)
         bus.set_db(78.4)  # a lawn mower outside during the maths paper
-        end = time.monotonic() + dev.interval + 1
-        while acc.latest("noise1", "noise_db") != 78.4:
-            assert time.monotonic() < end, "the new level did not arrive within one interval + 1 s"
-            await asyncio.sleep(0.02)
+        await acc.reaches("noise1", "noise_db", 78.4, dev.interval + 1)
         stop.set()
         await task
         await c.close()
@@ -150,7 +132,7 @@ def test_bad_answers_are_device_states_and_recover(rs485: tuple[PtyPair, NoiseMe
     pair, bus = rs485
     bus.add_meter("generic-u16x10", db=50.0)
     bus.start()
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     dev = meter(pair.agent, retries=1)
     c = ModbusNoiseCollector([dev], acc, health)
 
@@ -175,7 +157,7 @@ def test_silent_meter_does_not_stall_a_meter_on_another_bus(rs485: tuple[PtyPair
     bus.start()
     dead = PtyPair(tmp_path, "dead")
     dead.start()
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     c = ModbusNoiseCollector([meter(pair.agent), meter(dead.agent, "noise2", timeout=1.0, retries=1)], acc, health)
 
     async def go() -> None:
@@ -195,7 +177,7 @@ def test_silent_meter_does_not_stall_a_meter_on_another_bus(rs485: tuple[PtyPair
 
 
 def test_missing_port_is_a_device_state(tmp_path: Path) -> None:
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     c = ModbusNoiseCollector([meter(tmp_path / "no-such-tty")], acc, health)
     poll_all(c)
     asyncio.run(c.close())
@@ -218,7 +200,6 @@ def test_noise_over_the_limit_raises_the_alarm_during_a_session(rs485: tuple[Pty
     from zoneinfo import ZoneInfo
 
     from edge.config import loads
-    from rules.engine import build_engine
 
     pair, bus = rs485
     bus.add_meter("renke-rs-zs", db=45.0)
@@ -229,28 +210,16 @@ def test_noise_over_the_limit_raises_the_alarm_during_a_session(rs485: tuple[Pty
                 f'protocol = "modbus_noise"\naddress = "{pair.agent}"\nprofile = "renke-rs-zs"\ninterval = 0.3\n'
                 'timeout = 0.3\nretries = 0\n[rules.noise_high]\nfor = 0\n'
                 f'[[schedule.sessions]]\nname = "数学"\nstart = {start}\nend = {end}\n')
-    engine = build_engine(cfg)
-    state = engine.initial_state()
-    raised: list[str] = []
-
-    class RulesAcc:
-        def add(self, r: Reading) -> None:
-            nonlocal state
-            state, events = engine.evaluate(state, [r], r.ts)
-            raised.extend(e.rule for e in events if e.state == "raised")
-
-    c = ModbusNoiseCollector(cfg.devices, RulesAcc(), Health())
+    alarms = RulesRecorder(cfg)
+    c = ModbusNoiseCollector(cfg.devices, alarms, Health())
 
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
         await asyncio.sleep(0.5)
-        assert raised == []
+        assert alarms.raised == []
         bus.set_db(78.4)
-        deadline = time.monotonic() + cfg.devices[0].interval + 1
-        while "noise_high" not in raised:
-            assert time.monotonic() < deadline, "no noise alarm in time"
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: "noise_high" in alarms.raised, cfg.devices[0].interval + 1, "noise alarm")
         stop.set()
         await task
         await c.close()
@@ -262,26 +231,20 @@ def test_pulled_adapter_is_reopened(rs485: tuple[PtyPair, NoiseMeterBus]) -> Non
     pair, bus = rs485
     bus.add_meter("generic-u16x10", db=52.0)
     bus.start()
-    acc, health = ListAcc(), Health()
+    acc, health = Recorder(), Health()
     c = ModbusNoiseCollector([meter(pair.agent)], acc, health)
-
-    async def until(check) -> None:  # type: ignore[no-untyped-def]
-        end = time.monotonic() + 5
-        while not check():
-            assert time.monotonic() < end
-            await asyncio.sleep(0.02)
 
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
-        await until(lambda: acc.latest("noise1", "noise_db") == 52.0)
+        await acc.reaches("noise1", "noise_db", 52.0, 5)
         bus.stop()
         pair.stop()  # the USB-RS485 stick is pulled
-        await until(lambda: health.devices["noise1"].online is False)
+        await wait_until(lambda: health.devices["noise1"].online is False, 5, "noise1 offline")
         await asyncio.to_thread(pair.start)
         bus.start()
         bus.set_db(61.0)
-        await until(lambda: acc.latest("noise1", "noise_db") == 61.0)
+        await acc.reaches("noise1", "noise_db", 61.0, 5)
         stop.set()
         await task
         await c.close()

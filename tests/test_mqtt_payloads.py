@@ -14,19 +14,12 @@ from collectors.mqtt import Field, MqttCollector, MqttOptions, PayloadError, Pro
 from collectors.profiles import load
 from edge.config import Device, Mqtt
 from edge.model import Reading
+from tests.support import Recorder
 
 CONTACT = load("mqtt", "zigbee2mqtt_contact", Profile).fields
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    def add(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-
-def collector(sink: Sink, health: Health) -> MqttCollector:
+def collector(sink: Recorder, health: Health) -> MqttCollector:
     devices = [
         Device(name="door", kind="door", protocol="mqtt", topic="z2m/door", profile="zigbee2mqtt_contact",
                options=MqttOptions()),
@@ -50,7 +43,7 @@ def test_availability_both_forms():
 
 
 def test_generic_json_paths_and_scale_with_device_override():
-    sink, health = Sink(), Health()
+    sink, health = Recorder(), Health()
     c = collector(sink, health)
     c.handle("rec/1", json.dumps({"batt": 15, "recording": True, "storage": {"free_mb": 2, "total_mb": 8}}).encode(), 1.0)
     got = {r.metric: r.value for r in sink.readings}
@@ -59,7 +52,7 @@ def test_generic_json_paths_and_scale_with_device_override():
 
 
 def test_bad_payloads_are_dropped_counted_and_never_raise():
-    sink, health = Sink(), Health()
+    sink, health = Recorder(), Health()
     c = collector(sink, health)
     bad = {
         b"not json": "not_json",
@@ -86,7 +79,7 @@ json_values = st.recursive(
 keys = st.sampled_from(["contact", "battery", "voltage", "linkquality", "batt", "recording", "storage", "x"])
 
 
-FUZZED = collector(Sink(), Health())
+FUZZED = collector(Recorder(), Health())
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -99,7 +92,7 @@ FUZZED = collector(Sink(), Health())
     ),
 )
 def test_fuzz_no_exception_escapes_and_every_reading_is_sane(topic, payload):
-    sink, health = Sink(), Health()
+    sink, health = Recorder(), Health()
     FUZZED.acc, FUZZED.health = sink, health
     FUZZED.handle(topic, payload, 1.0)
     for r in sink.readings:
@@ -131,7 +124,7 @@ def test_mutation_fuzz_of_real_payloads():
                 data = data[:i]
             else:
                 data[i:i] = rng.choice([b"e9", b"-", b"NaN", b"[", b"}", b'"', b"\\u0000", b"1" * 400])
-        sink, health = Sink(), Health()
+        sink, health = Recorder(), Health()
         FUZZED.acc, FUZZED.health = sink, health
         FUZZED.handle(topic, bytes(data), 1.0)
         assert all(math.isfinite(r.value) for r in sink.readings)

@@ -12,22 +12,8 @@ import pytest
 from collectors.base import DeviceError, Health
 from collectors.nut import STATUS_FLAGS, NutCollector, NutError, NutOptions, parse_address, parse_list_var, parse_nut
 from edge.config import Device
-from edge.model import Reading
 from simulators.nut import STATES, NutSimulator
-
-
-class Acc:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    def add(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    def latest(self, device: str, metric: str) -> float | None:
-        for r in reversed(self.readings):
-            if r.device == device and r.metric == metric:
-                return r.value
-        return None
+from tests.support import Recorder
 
 
 def device(address: str, interval: float = 0.5, **options: str) -> Device:
@@ -37,8 +23,8 @@ def device(address: str, interval: float = 0.5, **options: str) -> Device:
     )  # fmt: skip
 
 
-def poll(dev: Device) -> tuple[Acc, Health]:
-    acc, health = Acc(), Health()
+def poll(dev: Device) -> tuple[Recorder, Health]:
+    acc, health = Recorder(), Health()
 
     async def run() -> None:
         collector = NutCollector([dev], acc, health)
@@ -127,27 +113,19 @@ def test_login_when_configured(nut: NutSimulator) -> None:
 
 
 def _flip(nut: NutSimulator, state: str, checks: dict[str, float]) -> None:
-    acc, health = Acc(), Health()
+    acc, health = Recorder(), Health()
     dev = device(nut.address)
-
-    async def until(metric: str, value: float, deadline: float) -> None:
-        start = time.monotonic()
-        while time.monotonic() - start < deadline:
-            if acc.latest("ups1", metric) == value:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"{metric} never became {value} (last {acc.latest('ups1', metric)})")
 
     async def run() -> None:
         stop = asyncio.Event()
         collector = NutCollector([dev], acc, health)
         task = asyncio.create_task(collector.run(stop))
         try:
-            await until("device_online", 1, 10)
+            await acc.reaches("ups1", "device_online", 1, 10)
             nut.set_state(state)
             # dummy-ups re-reads its file once per second: one poll interval + 1 s for us, + 1 s for it.
             for metric, value in checks.items():
-                await until(metric, value, dev.interval + 1 + 1)
+                await acc.reaches("ups1", metric, value, dev.interval + 1 + 1)
         finally:
             stop.set()
             await task
@@ -183,7 +161,7 @@ def test_garbage_value_is_counted_and_the_rest_kept(nut: NutSimulator) -> None:
 
 
 def test_upsd_gone_and_back(nut: NutSimulator) -> None:
-    acc, health = Acc(), Health()
+    acc, health = Recorder(), Health()
     dev = device(nut.address)
 
     async def run() -> None:

@@ -12,7 +12,7 @@ from rules.config import RuleOverride, Schedule, Window
 from rules.engine import build_engine
 from rules.model import Rule
 from rules.pack import DEFAULT_RULES, effective_rules, load_pack, override_issues
-from tests.test_rules_support import Driver, config
+from tests.support import Driver, config
 
 SH = ZoneInfo("Asia/Shanghai")
 

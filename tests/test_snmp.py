@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from collectors import profiles
 from collectors.base import Health
 from collectors.snmp import Expression, Profile, SnmpCollector, SnmpOptions, compile_profile, parse_snmp, profile_named
 from edge.config import Device
-from edge.model import Reading
 from simulators.snmp import (
     HIK_DISK,
     HR_FIXED_DISK,
@@ -35,23 +33,7 @@ from simulators.snmp import (
     first_port_up,
     value_of,
 )
-
-
-class Acc:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    def add(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    def latest(self, device: str, metric: str) -> float | None:
-        for r in reversed(self.readings):
-            if r.device == device and r.metric == metric:
-                return r.value
-        return None
-
-    def of(self, device: str) -> dict[str, float]:
-        return {r.metric: r.value for r in self.readings if r.device == device}
+from tests.support import Recorder
 
 
 def _oid(text: str) -> tuple[int, ...]:
@@ -65,8 +47,8 @@ def device(name: str, address: str, profile: str, interval: float = 0.5, timeout
     )  # fmt: skip
 
 
-def poll(*devices: Device) -> tuple[Acc, Health]:
-    acc, health = Acc(), Health()
+def poll(*devices: Device) -> tuple[Recorder, Health]:
+    acc, health = Recorder(), Health()
 
     async def run() -> None:
         collector = SnmpCollector(list(devices), acc, health)
@@ -224,28 +206,19 @@ def test_camera_host_resources_storage_matches_the_recording(snmpsim: SnmpSimula
     assert {r.device for r in acc.readings} == {"cam1"} | {f"cam1/storage{i}" for i in fixed}
 
 
-async def _until(acc: Acc, device: str, metric: str, value: float, deadline: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < deadline:
-        if acc.latest(device, metric) == value:
-            return time.monotonic() - start
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{device} {metric} never became {value} within {deadline}s (last {acc.latest(device, metric)})")
-
-
 def _flip(sim: SnmpSimulator, dev: Device, community: str, state: str, checks: list[tuple[str, str, float]]) -> None:
     """Run the collector loop, flip the simulator, expect every (device, metric, value) within interval + 1 s."""
-    acc, health = Acc(), Health()
+    acc, health = Recorder(), Health()
 
     async def run() -> None:
         stop = asyncio.Event()
         collector = SnmpCollector([dev], acc, health)
         task = asyncio.create_task(collector.run(stop))
         try:
-            await _until(acc, dev.name, "device_online", 1, 10)
+            await acc.reaches(dev.name, "device_online", 1, 10)
             sim.set_state(community, state)
             for part, metric, value in checks:
-                await _until(acc, part, metric, value, dev.interval + 1)
+                await acc.reaches(part, metric, value, dev.interval + 1)
         finally:
             stop.set()
             await task
@@ -332,7 +305,7 @@ def test_slow_device_does_not_delay_another(snmpsim: SnmpSimulator) -> None:
     hole, address = _blackhole()
     live = device("ups", snmpsim.address, "ups-mib", interval=0.3, community="ups")
     dead = device("dead", address, "ups-mib", interval=0.3, timeout=2.0, retries=1)
-    acc, health = Acc(), Health()
+    acc, health = Recorder(), Health()
 
     async def run() -> None:
         stop = asyncio.Event()

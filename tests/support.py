@@ -1,0 +1,121 @@
+"""Shared by the tests (no tests here): accumulators that record what collectors hand over, the rules
+driven the way the runtime drives them, and waits with a deadline (blocking and async)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edge.config import Agent, Config, Device
+from edge.model import AlarmEvent, Reading
+from rules.config import RuleOverride, Schedule
+from rules.engine import RuleEngine, State, build_engine
+
+POLL = 0.02  # seconds between checks while waiting
+
+
+def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Block until ``check()`` is truthy and return its value; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(POLL)
+    raise AssertionError(f"{what} not met within {timeout:g}s")
+
+
+async def wait_until(check: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+    """``until`` for async tests: the event loop (and the collector under test) runs while we wait."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        await asyncio.sleep(POLL)
+    raise AssertionError(f"{what} not met within {timeout:g}s")
+
+
+class Recorder:
+    """An accumulator that keeps every reading a collector hands over."""
+
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+
+    def add(self, reading: Reading) -> None:
+        self.readings.append(reading)
+
+    def latest(self, device: str, metric: str) -> float | None:
+        return next((r.value for r in reversed(self.readings) if r.device == device and r.metric == metric), None)
+
+    def of(self, device: str) -> dict[str, float]:
+        """The last value of each metric of one device."""
+        return {r.metric: r.value for r in self.readings if r.device == device}
+
+    async def reaches(self, device: str, metric: str, value: float, timeout: float) -> None:
+        """Wait until the latest ``metric`` of ``device`` is ``value``; the failure names the last one seen."""
+        try:
+            await wait_until(lambda: self.latest(device, metric) == value, timeout, f"{device} {metric} == {value}")
+        except AssertionError as err:
+            raise AssertionError(f"{err} (last {self.latest(device, metric)})") from None
+
+
+# --- rules --------------------------------------------------------------------------------------------------
+
+
+def config(
+    devices: dict[str, str],
+    *,
+    room_kind: str = "exam_room",
+    rules: dict[str, RuleOverride] | None = None,
+    schedule: Schedule | None = None,
+    interval: float = 10.0,
+) -> Config:
+    """A config built in code: device name -> kind, in room yz1/r3."""
+    return Config(
+        agent=Agent(site="yz1", room="r3", kind=room_kind, site_name="第一中学", room_name="第3考场"),  # type: ignore[arg-type]
+        devices=[Device(name=n, kind=k, protocol="test", interval=interval) for n, k in devices.items()],  # type: ignore[arg-type]
+        rules=rules or {},
+        schedule=schedule or Schedule(),
+    )
+
+
+class Driver:
+    """Feeds readings and ticks through one engine the way the runtime does, keeping every event."""
+
+    def __init__(self, cfg: Config, state: State | None = None) -> None:
+        self.engine: RuleEngine = build_engine(cfg)
+        self.state = state if state is not None else self.engine.initial_state()
+        self.events: list[AlarmEvent] = []
+
+    def feed(self, device: str, metric: str, value: float, t: float) -> list[AlarmEvent]:
+        return self.run([Reading(device, metric, value, t)], t)
+
+    def tick(self, t: float) -> list[AlarmEvent]:
+        return self.run([], t)
+
+    def run(self, readings: list[Reading], now: float) -> list[AlarmEvent]:
+        self.state, events = self.engine.evaluate(self.state, readings, now)
+        self.events += events
+        return events
+
+    def active(self) -> dict[tuple[str, str], int]:
+        """Open alarms: (rule, device) -> level."""
+        return {(e.rule, e.device): e.level for e in self.state.open_alarms()}
+
+
+class RulesRecorder(Driver):
+    """An accumulator that evaluates the rules at each reading, as it arrives: collector -> alarms."""
+
+    def add(self, reading: Reading) -> None:
+        self.run([reading], reading.ts)
+
+    @property
+    def raised(self) -> list[str]:
+        """Ids of the rules raised so far, in order."""
+        return [e.rule for e in self.events if e.state == "raised"]
+
+    def raised_on(self, device: str) -> list[str]:
+        return [e.rule for e in self.events if e.state == "raised" and e.device == device]
