@@ -205,13 +205,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         send("bridge/recorder1", {"battery": 12, "recording": True, "storage": {"free_mb": 900, "total_mb": 32000}})
         send("bridge/ups", {"on_battery": True, "charge": 76, "runtime": 1500})
         send("bridge/link", {"up": 1, "rtt_ms": 12.5, "loss": 0.01})
-        send("examwatch/v1/s1/r1/readings", b'{"forged": true}')  # not signed by r1's key: rejected
         wait_until(lambda: '"s1/r3"' in json.dumps(gateway.get("/api/v1/agents")), 20, "r3 heard by the gateway")
         leaving.stop()  # a clean stop says "offline": one room offline on the county view
 
-        # a second forgery once Prometheus knows the counter: increase() cannot see a series born at 1
+        # forgeries once Prometheus has scraped every room's counters at 0, so increase() sees each one
         stack = Stack(port, secrecy.exporter, gateway.metrics_port)
         wait_until(stack.ready, 30, "Prometheus ready")
+        wait_until(lambda: stack.value("sum(examwatch_gateway_rejected_total)") == 0, 20, "counters scraped at 0")
+        send("examwatch/v1/s1/r1/readings", b'{"forged": true}')  # not signed by r1's key: rejected
         wait_until(lambda: stack.value("sum(examwatch_gateway_rejected_total)") == 1, 20, "rejection scraped")
         send("examwatch/v1/s1/r1/readings", b'{"forged": 2}')
         wait_until(lambda: stack.value("sum(examwatch_gateway_rejected_total)") == 2, 20, "second rejection scraped")
@@ -272,6 +273,8 @@ def test_every_panel_query_runs_and_the_fed_panels_show_data(stack: Stack) -> No
     assert [(m["device"], v) for m, v in values("room", "门磁")] == [("door", 1.0)]
     assert [(m["level"], v) for m, v in values("county", "二级及以上事件")] == [("2", 1.0)]  # noise in r1 and r2
     assert values("county", "离线考场") == [({}, 1.0)]
+    assert [(m["class"], m["level"], v) for m, v in values("county", "未结事件（按类别）")] == [("noise", "2", 1.0)]
+    assert values("county", "考试阶段") == [({"phase": "during"}, 3.0)]  # the rooms' own schedules: a session now
     assert values("county", "拒收消息") == [({}, 2.0)]
     assert any(m["room"] == "r1" and v > 0 for m, v in values("county", "拒收消息（安全）"))
     assert {(m["room"], m["rule"]) for m, _ in values("county", "二级及以上告警")} >= {("r1", "secrecy_door_open")}
