@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge import wire
 from edge.model import AlarmEvent
 from simulators.broker import wait_port
+from tests.support import until
 
 TZ = ZoneInfo("Asia/Shanghai")
 
@@ -27,15 +28,6 @@ TZ = ZoneInfo("Asia/Shanghai")
 def local(delta_minutes: float) -> str:
     t = datetime.now(TZ) + timedelta(minutes=delta_minutes)
     return t.replace(tzinfo=None, microsecond=0).isoformat()
-
-
-def until(pred, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class Watcher:
@@ -125,8 +117,8 @@ def launch_agent(config: Path, exporter_port: int, broker_port: int, env: dict |
     try:
         wait_port(exporter_port, timeout=15)
         # publish only once it listens: a sensor message before the subscription would be lost
-        assert until(lambda: all(any(f'"event": "{e}"' in line for line in agent.log) for e in ready)
-                     or proc.poll() is not None, 10), agent.log
+        until(lambda: all(any(f'"event": "{e}"' in line for line in agent.log) for e in ready)
+              or proc.poll() is not None, 10, lambda: f"agent ready: {agent.log}")
         assert proc.poll() is None, agent.log
     except BaseException:
         agent.close()

@@ -15,8 +15,14 @@ from rules.engine import RuleEngine, State, build_engine
 
 POLL = 0.02  # seconds between checks while waiting
 
+What = str | Callable[[], str]  # what is awaited; a callable is asked at the failure (e.g. for the last value)
 
-def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+
+def _timed_out(what: What, timeout: float) -> AssertionError:
+    return AssertionError(f"{what() if callable(what) else what} not met within {timeout:g}s")
+
+
+def until(check: Callable[[], Any], timeout: float = 20.0, what: What = "condition") -> Any:
     """Block until ``check()`` is truthy and return its value; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -24,10 +30,10 @@ def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "conditio
         if value:
             return value
         time.sleep(POLL)
-    raise AssertionError(f"{what} not met within {timeout:g}s")
+    raise _timed_out(what, timeout)
 
 
-async def wait_until(check: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+async def wait_until(check: Callable[[], Any], timeout: float, what: What = "condition") -> Any:
     """``until`` for async tests: the event loop (and the collector under test) runs while we wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -35,7 +41,7 @@ async def wait_until(check: Callable[[], Any], timeout: float, what: str = "cond
         if value:
             return value
         await asyncio.sleep(POLL)
-    raise AssertionError(f"{what} not met within {timeout:g}s")
+    raise _timed_out(what, timeout)
 
 
 class Recorder:
@@ -56,10 +62,8 @@ class Recorder:
 
     async def reaches(self, device: str, metric: str, value: float, timeout: float) -> None:
         """Wait until the latest ``metric`` of ``device`` is ``value``; the failure names the last one seen."""
-        try:
-            await wait_until(lambda: self.latest(device, metric) == value, timeout, f"{device} {metric} == {value}")
-        except AssertionError as err:
-            raise AssertionError(f"{err} (last {self.latest(device, metric)})") from None
+        await wait_until(lambda: self.latest(device, metric) == value, timeout,
+                         lambda: f"{device} {metric} == {value} (last {self.latest(device, metric)})")
 
 
 # --- rules --------------------------------------------------------------------------------------------------

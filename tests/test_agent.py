@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_support import RunningAgent, Watcher, launch_agent, local, until
+from tests.agent_support import RunningAgent, Watcher, launch_agent, local
+from tests.support import until
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge import wire
 from edge.model import AlarmEvent, Reading
-from tests.test_gateway_support import AgentProc, GatewayProc, key_hex, wait_until
+from tests.support import until
+from tests.test_gateway_support import AgentProc, GatewayProc, key_hex
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +76,7 @@ def account(agent: AgentProc, gw: GatewayProc) -> dict[str, int]:
 def drain_and_stop(agents: list[AgentProc], gw: GatewayProc) -> None:
     for a in agents:
         # caught up: the agent produces every 0.1 s, so a few rows are always on their way
-        wait_until(lambda a=a: 0 <= a.outbox() <= 5, timeout=60, what=f"{a.agent} outbox drained")
+        until(lambda a=a: 0 <= a.outbox() <= 5, timeout=60, what=f"{a.agent} outbox drained")
     for a in agents:
         a.stop()
     def lost(a: AgentProc) -> Counter[tuple]:
@@ -83,7 +84,7 @@ def drain_and_stop(agents: list[AgentProc], gw: GatewayProc) -> None:
         return produced - pending - stored
 
     for a in agents:  # what the agents sent while stopping must be stored too
-        wait_until(lambda a=a: not lost(a), timeout=20, what=f"{a.agent} fully stored")
+        until(lambda a=a: not lost(a), timeout=20, what=f"{a.agent} fully stored")
 
 
 def test_broker_outage_everything_arrives_once_in_order(broker, procs, tmp_path):
@@ -94,7 +95,7 @@ def test_broker_outage_everything_arrives_once_in_order(broker, procs, tmp_path)
     for a in agents:
         a.start()
         procs.append(a)
-    wait_until(lambda: len(gw.query("SELECT DISTINCT agent FROM readings")) == 2, what="readings flowing")
+    until(lambda: len(gw.query("SELECT DISTINCT agent FROM readings")) == 2, what="readings flowing")
     broker.stop()
     time.sleep(OUTAGE)
     backlog = [a.outbox() for a in agents]
@@ -140,7 +141,7 @@ def test_gateway_restarted_mid_stream_loses_nothing(broker, procs, tmp_path):
         a.start()
         procs.append(a)
     for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
-        wait_until(lambda: gw.query("SELECT COUNT(*) FROM readings")[0][0] > 0, what="ingesting")
+        until(lambda: gw.query("SELECT COUNT(*) FROM readings")[0][0] > 0, what="ingesting")
         time.sleep(1.0)
         gw.stop(sig)
         time.sleep(2.0)  # the rooms go on; the broker queues for the gateway's session
@@ -167,7 +168,7 @@ def test_rogue_client_forged_and_replayed_alarms_are_rejected_counted_and_alarme
     rogue.loop_start()
     try:
         rogue.publish(topic, legit, qos=1).wait_for_publish(5)  # the room's own alarm, as it would send it
-        wait_until(lambda: gw.get("/api/v1/alarms?site=s1&room=101")["alarms"], what="the real alarm stored")
+        until(lambda: gw.get("/api/v1/alarms?site=s1&room=101")["alarms"], what="the real alarm stored")
         time.sleep(1.5)  # past the replay window
         sent = Counter()
         cleared = msgspec.json.encode(msgspec.structs.replace(ev, state="cleared", at=now + 1))
@@ -197,7 +198,7 @@ def test_rogue_client_forged_and_replayed_alarms_are_rejected_counted_and_alarme
                 out[line.split('reason="')[1].split('"')[0]] = int(float(line.rsplit(" ", 1)[1]))
         return out
 
-    wait_until(lambda: rejected() == dict(sent), what=f"rejections counted {dict(sent)}")
+    until(lambda: rejected() == dict(sent), what=f"rejections counted {dict(sent)}")
     alarms = {a["rule"]: a for a in gw.get("/api/v1/alarms?state=active&room=101")["alarms"]}
     assert alarms["security_rejected"]["level"] == 2 and "冒用" in alarms["security_rejected"]["message"]
     assert alarms["secrecy_door_open"]["state"] == "raised"  # no forged "cleared" got through

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_gateway_support import AgentProc, GatewayProc, Link, wait_until
+from tests.support import until
+from tests.test_gateway_support import AgentProc, GatewayProc, Link
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +32,12 @@ def test_readings_liveness_api_and_exporter(broker, procs, tmp_path):
     for a in agents:
         a.start()
         procs.append(a)
-    wait_until(lambda: len(gw.query("SELECT DISTINCT agent FROM readings")) == 2, what="readings from both rooms")
+    until(lambda: len(gw.query("SELECT DISTINCT agent FROM readings")) == 2, what="readings from both rooms")
 
     def online() -> list[dict]:
         return [a for a in gw.get("/api/v1/agents")["agents"] if a["status"] == "online"]
 
-    listed = wait_until(lambda: len(online()) == 2 and online(), what="both rooms online")
+    listed = until(lambda: len(online()) == 2 and online(), what="both rooms online")
     assert all(abs(a["skew"]) < 1.0 and a["last_seen"] for a in listed)
     text = gw.metrics()
     # the agent's status names its devices' kinds: the county labels readings like the room does, and ages them
@@ -48,7 +49,7 @@ def test_readings_liveness_api_and_exporter(broker, procs, tmp_path):
     assert "examwatch_gateway_readings_total" in text
 
     agents[0].stop()  # a clean stop says "offline": an alarm for the room
-    alarm = wait_until(lambda: gw.get("/api/v1/alarms?state=active&site=s1")["alarms"], what="agent_offline alarm")[0]
+    alarm = until(lambda: gw.get("/api/v1/alarms?state=active&site=s1")["alarms"], what="agent_offline alarm")[0]
     assert (alarm["room"], alarm["rule"], alarm["level"]) == ("101", "agent_offline", 1)  # no session configured
     assert 'examwatch_alarm_active{level="1",room="101",rule="agent_offline",site="s1"} 1.0' in gw.metrics()
     assert gw.get("/api/v1/alarms?level=2")["alarms"] == []
@@ -63,7 +64,7 @@ def test_readings_liveness_api_and_exporter(broker, procs, tmp_path):
     assert (acked["acked_by"], acked["acked_note"]) == ("张老师", "已派人")
 
     agents[0].start()  # back: the alarm clears, its timeline keeps both transitions
-    wait_until(lambda: gw.get("/api/v1/alarms?state=active")["alarms"] == [], what="alarm cleared")
+    until(lambda: gw.get("/api/v1/alarms?state=active")["alarms"] == [], what="alarm cleared")
     timeline = gw.get(f"/api/v1/alarms/timeline?id={alarm['id']}")["timeline"]
     assert [t["state"] for t in timeline] == ["raised", "cleared"]
 
@@ -81,25 +82,25 @@ def test_two_rooms_lose_their_link_one_level2_incident_a_third_joins(broker, pro
         agents[a] = AgentProc(tmp_path, a, links[a].port)
         agents[a].start()
         procs.append(agents[a])
-    wait_until(lambda: len([a for a in gw.get("/api/v1/agents")["agents"] if a["status"] == "online"]) == 3,
+    until(lambda: len([a for a in gw.get("/api/v1/agents")["agents"] if a["status"] == "online"]) == 3,
                what="three rooms online")
     links["s1/101"].cut()
     links["s1/102"].cut()
-    inc = wait_until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"], what="incident")
+    inc = until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"], what="incident")
     assert len(inc) == 1
     first = inc[0]
-    wait_until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"] == ["101", "102"])
+    until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"] == ["101", "102"])
     assert (first["level"], first["fault_class"], first["title"]) == (2, "network", "考点多个考场网络中断")
     assert 'examwatch_gateway_incidents_open{class="network",level="2",site="s1"} 1.0' in gw.metrics()
     links["s1/103"].cut()
-    wait_until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"] == ["101", "102", "103"],
+    until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"] == ["101", "102", "103"],
                what="third room joins")
     [inc] = gw.get("/api/v1/incidents")["incidents"]
     assert inc["id"] == first["id"] and inc["level"] == 2 and inc["active"] == ["101", "102", "103"]
     assert gw.post("/api/v1/ack", {"incident": inc["id"], "who": "李主任", "note": "启用备用链路"}, gw.token)[0] == 200
     for link in links.values():
         link.up()
-    closed = wait_until(lambda: [i for i in gw.get("/api/v1/incidents")["incidents"] if i["state"] == "closed"],
+    closed = until(lambda: [i for i in gw.get("/api/v1/incidents")["incidents"] if i["state"] == "closed"],
                         timeout=40, what="incident closed after the links came back")
     assert closed[0]["id"] == first["id"] and closed[0]["members"] == ["101", "102", "103"]
     assert closed[0]["acked_by"] == "李主任"

@@ -13,9 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +26,33 @@ def key_hex(agent: str) -> str:
     return (agent.encode().hex() * 32)[:64]
 
 
-def wait_until(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout}s")
-
-
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "edge.cli", *args], cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
-class GatewayProc:
+class _Process:
+    """A running examwatch process and its SQLite database, read-only from the test."""
+
+    db: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(15)
+        self.proc = None
+
+    def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
+
+class GatewayProc(_Process):
     def __init__(self, workdir: Path, broker_port: int, agents: list[str], extra: str = "", token: str = "t0ken") -> None:
         self.dir = workdir / "gateway"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -58,17 +66,10 @@ class GatewayProc:
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\ntoken = "{token}"\n{extra}\n[security.keys]\n{keys}\n'
         )
         self.db = self.dir / "gateway.db"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.proc = _spawn(["gateway", "run", "--config", str(self.config)], self.dir / "log")
         wait_port(self.api_port, 20)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(15)
-        self.proc = None
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}{path}", timeout=10) as r:
@@ -88,18 +89,11 @@ class GatewayProc:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
             return r.read().decode()
 
-    def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
-        try:
-            return conn.execute(sql, args).fetchall()
-        finally:
-            conn.close()
-
     def log(self) -> str:
         return (self.dir / "log").read_text(errors="replace")
 
 
-class AgentProc:
+class AgentProc(_Process):
     """The real room agent, watching its own machine every 0.1 s, uplinked to ``port``."""
 
     def __init__(self, workdir: Path, agent: str, port: int, heartbeat: float = 1.0) -> None:
@@ -115,23 +109,9 @@ class AgentProc:
             f'[[devices]]\nname = "pi"\nkind = "host"\nprotocol = "host"\ninterval = 0.1\n'
         )
         self.db = self.dir / "agent.db"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.proc = _spawn(["agent", "run", "--config", str(self.config)], self.dir / "log")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(15)
-        self.proc = None
-
-    def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
-        try:
-            return conn.execute(sql, args).fetchall()
-        finally:
-            conn.close()
 
     def outbox(self) -> int:
         return self.query("SELECT COUNT(*) FROM outbox")[0][0] if self.db.exists() else -1

@@ -30,7 +30,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Mosquitto, free_port, wait_port
-from tests.test_gateway_support import GatewayProc, key_hex, wait_until
+from tests.support import until
+from tests.test_gateway_support import GatewayProc, key_hex
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +105,7 @@ class Agent:
         """Its exporter listens and its sensor subscription is in place (a message before it would be lost)."""
         wait_port(self.exporter, 20)
         if self.hears_sensors:
-            wait_until(lambda: "mqtt_connected" in self.log.read_text(errors="replace"), 20, "agent subscribed")
+            until(lambda: "mqtt_connected" in self.log.read_text(errors="replace"), 20, "agent subscribed")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -205,17 +206,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         send("bridge/recorder1", {"battery": 12, "recording": True, "storage": {"free_mb": 900, "total_mb": 32000}})
         send("bridge/ups", {"on_battery": True, "charge": 76, "runtime": 1500})
         send("bridge/link", {"up": 1, "rtt_ms": 12.5, "loss": 0.01})
-        wait_until(lambda: '"s1/r3"' in json.dumps(gateway.get("/api/v1/agents")), 20, "r3 heard by the gateway")
+        until(lambda: '"s1/r3"' in json.dumps(gateway.get("/api/v1/agents")), 20, "r3 heard by the gateway")
         leaving.stop()  # a clean stop says "offline": one room offline on the county view
 
         # forgeries once Prometheus has scraped every room's counters at 0, so increase() sees each one
         stack = Stack(port, secrecy.exporter, gateway.metrics_port)
-        wait_until(stack.ready, 30, "Prometheus ready")
-        wait_until(lambda: stack.value("sum(examwatch_gateway_rejected_total)") == 0, 20, "counters scraped at 0")
+        until(stack.ready, 30, "Prometheus ready")
+        until(lambda: stack.value("sum(examwatch_gateway_rejected_total)") == 0, 20, "counters scraped at 0")
         send("examwatch/v1/s1/r1/readings", b'{"forged": true}')  # not signed by r1's key: rejected
-        wait_until(lambda: stack.value("sum(examwatch_gateway_rejected_total)") == 1, 20, "rejection scraped")
+        until(lambda: stack.value("sum(examwatch_gateway_rejected_total)") == 1, 20, "rejection scraped")
         send("examwatch/v1/s1/r1/readings", b'{"forged": 2}')
-        wait_until(lambda: stack.value("sum(examwatch_gateway_rejected_total)") == 2, 20, "second rejection scraped")
+        until(lambda: stack.value("sum(examwatch_gateway_rejected_total)") == 2, 20, "second rejection scraped")
         yield stack
     finally:
         for stop in reversed(stoppers):

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collectors.base import Health
-from collectors.mqtt import Field, MqttCollector, MqttOptions, PayloadError, Profile, parse_availability, parse_payload
+from collectors.mqtt import Field, MqttCollector, MqttOptions, Profile, parse_availability, parse_payload
 from collectors.profiles import load
 from edge.config import Device, Mqtt
 from edge.model import Reading

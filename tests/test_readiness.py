@@ -25,7 +25,8 @@ from edge.readiness import FAIL, GIB, MIB, OK, WARN, Check
 from rules.engine import build_engine
 from simulators.isapi import IsapiSimulator
 from simulators.room import SimulatedRoom
-from tests.agent_support import launch_agent, until
+from tests.agent_support import launch_agent
+from tests.support import until
 from tests.conftest import free_port, wait_port
 
 KEY = "ef" * 32
