@@ -325,7 +325,9 @@ class Engine:
                 return self._reject("replayed", a.agent, "status", m.received)
             # A last will carries the time it was set (connect); it is news all the same.
         a.last_status_ts = max(a.last_status_ts, env.ts)
-        a.phase = self.calendar.phase(m.received) if self.calendar else st.phase or a.phase
+        # A last will tells the phase of when it was set (at connect), maybe hours ago: only heartbeats say it.
+        reported = st.phase if st.state == "online" else None
+        a.phase = self.calendar.phase(m.received) if self.calendar else reported or a.phase
         if st.kinds is not None:
             kinds = {d: k for d, k in st.kinds.items() if k in DEVICE_KINDS}  # the label stays bounded
             if kinds != a.kinds:

@@ -124,6 +124,12 @@ def test_phase_from_the_agents_report_or_the_gateways_schedule(tmp_path):
     e.ingest([status_msg("s1/101", "online", T0, T0, phase="during"), status_msg("s1/102", "online", T0, T0)], T0)
     phase = scrape(e, tmp_path, T0)["examwatch_gateway_agent_phase"]
     assert phase == {labels(site="s1", room="101", phase=p): float(p == "during") for p in PHASES}  # 102 said none
+    # 101's last will, set when it connected before the session, carries that old phase: the session goes on
+    e.ingest([status_msg("s1/101", "offline", T0 - 3000, T0 + 5, phase="before")], T0 + 5)
+    phase = scrape(e, tmp_path, T0 + 5)["examwatch_gateway_agent_phase"]
+    assert phase[labels(site="s1", room="101", phase="during")] == 1.0
+    [offline] = store.alarms(e.conn, state="active")
+    assert (offline["rule"], offline["level"]) == ("agent_offline", 2)
     e.conn.close()
 
     tz = ZoneInfo("Asia/Shanghai")
