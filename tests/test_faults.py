@@ -32,11 +32,6 @@ OUTAGE = float(os.environ.get("EXAMWATCH_OUTAGE_S", "15"))
 
 
 @pytest.fixture
-def broker(mosquitto):
-    return mosquitto
-
-
-@pytest.fixture
 def procs():
     started: list = []
     yield started
@@ -87,31 +82,31 @@ def drain_and_stop(agents: list[AgentProc], gw: GatewayProc) -> None:
         until(lambda a=a: not lost(a), timeout=20, what=f"{a.agent} fully stored")
 
 
-def test_broker_outage_everything_arrives_once_in_order(broker, procs, tmp_path):
-    gw = GatewayProc(tmp_path, broker.port, ["s1/101", "s1/102"])
+def test_broker_outage_everything_arrives_once_in_order(mosquitto, procs, tmp_path):
+    gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101", "s1/102"])
     gw.start()
     procs.append(gw)
-    agents = [AgentProc(tmp_path, a, broker.port) for a in ("s1/101", "s1/102")]
+    agents = [AgentProc(tmp_path, a, mosquitto.port) for a in ("s1/101", "s1/102")]
     for a in agents:
         a.start()
         procs.append(a)
     until(lambda: len(gw.query("SELECT DISTINCT agent FROM readings")) == 2, what="readings flowing")
-    broker.stop()
+    mosquitto.stop()
     time.sleep(OUTAGE)
     backlog = [a.outbox() for a in agents]
     assert min(backlog) > 0  # the rooms kept producing
-    broker.start()
+    mosquitto.start()
     drain_and_stop(agents, gw)
     counts = {a.agent: account(a, gw) for a in agents}
     print(f"\nbroker outage {OUTAGE:g}s, backlog rows {backlog}: {counts}")
     assert all(c["in_order"] and c["missing"] == 0 and c["stored"] > 0 for c in counts.values())
 
 
-def test_agent_killed_50_times_while_publishing(broker, procs, tmp_path):
-    gw = GatewayProc(tmp_path, broker.port, ["s1/101"])
+def test_agent_killed_50_times_while_publishing(mosquitto, procs, tmp_path):
+    gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101"])
     gw.start()
     procs.append(gw)
-    agent = AgentProc(tmp_path, "s1/101", broker.port)
+    agent = AgentProc(tmp_path, "s1/101", mosquitto.port)
     procs.append(agent)
     rng = random.Random(4)
     kills = 0
@@ -132,11 +127,11 @@ def test_agent_killed_50_times_while_publishing(broker, procs, tmp_path):
     assert counts["stored"] > 0 and counts["missing"] == 0
 
 
-def test_gateway_restarted_mid_stream_loses_nothing(broker, procs, tmp_path):
-    gw = GatewayProc(tmp_path, broker.port, ["s1/101", "s1/102"])
+def test_gateway_restarted_mid_stream_loses_nothing(mosquitto, procs, tmp_path):
+    gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101", "s1/102"])
     gw.start()
     procs.append(gw)
-    agents = [AgentProc(tmp_path, a, broker.port) for a in ("s1/101", "s1/102")]
+    agents = [AgentProc(tmp_path, a, mosquitto.port) for a in ("s1/101", "s1/102")]
     for a in agents:
         a.start()
         procs.append(a)
@@ -152,8 +147,8 @@ def test_gateway_restarted_mid_stream_loses_nothing(broker, procs, tmp_path):
     assert all(c["missing"] == 0 and c["stored"] > 0 for c in counts.values())
 
 
-def test_rogue_client_forged_and_replayed_alarms_are_rejected_counted_and_alarmed(broker, procs, tmp_path):
-    gw = GatewayProc(tmp_path, broker.port, ["s1/101", "s1/102"], extra="[security]\nreplay_window = 1.0\n")
+def test_rogue_client_forged_and_replayed_alarms_are_rejected_counted_and_alarmed(mosquitto, procs, tmp_path):
+    gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101", "s1/102"], extra="[security]\nreplay_window = 1.0\n")
     gw.start()
     procs.append(gw)
     room_key, other_key = bytes.fromhex(key_hex("s1/101")), bytes.fromhex(key_hex("s1/102"))
@@ -164,7 +159,7 @@ def test_rogue_client_forged_and_replayed_alarms_are_rejected_counted_and_alarme
     legit = wire.encode(room_key, "s1/101", 1, now, "alarms", body)
     topic = wire.topic("s1/101", "alarms")
     rogue = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    rogue.connect("127.0.0.1", broker.port)
+    rogue.connect("127.0.0.1", mosquitto.port)
     rogue.loop_start()
     try:
         rogue.publish(topic, legit, qos=1).wait_for_publish(5)  # the room's own alarm, as it would send it

@@ -12,11 +12,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def broker(mosquitto):
-    return mosquitto
-
-
-@pytest.fixture
 def procs():
     started: list = []
     yield started
@@ -24,11 +19,11 @@ def procs():
         p.stop()
 
 
-def test_readings_liveness_api_and_exporter(broker, procs, tmp_path):
-    gw = GatewayProc(tmp_path, broker.port, ["s1/101", "s1/102"])
+def test_readings_liveness_api_and_exporter(mosquitto, procs, tmp_path):
+    gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101", "s1/102"])
     gw.start()
     procs.append(gw)
-    agents = [AgentProc(tmp_path, a, broker.port) for a in ("s1/101", "s1/102")]
+    agents = [AgentProc(tmp_path, a, mosquitto.port) for a in ("s1/101", "s1/102")]
     for a in agents:
         a.start()
         procs.append(a)
@@ -69,14 +64,14 @@ def test_readings_liveness_api_and_exporter(broker, procs, tmp_path):
     assert [t["state"] for t in timeline] == ["raised", "cleared"]
 
 
-def test_two_rooms_lose_their_link_one_level2_incident_a_third_joins(broker, procs, tmp_path):
+def test_two_rooms_lose_their_link_one_level2_incident_a_third_joins(mosquitto, procs, tmp_path):
     roster = [f"s1/{100 + i}" for i in range(1, 9)]  # 8 rooms on the site: 3 down stays below half
-    gw = GatewayProc(tmp_path, broker.port, roster, extra="[liveness]\nheartbeat_timeout = 30.0\n")
+    gw = GatewayProc(tmp_path, mosquitto.port, roster, extra="[liveness]\nheartbeat_timeout = 30.0\n")
     gw.start()
     procs.append(gw)
     links, agents = {}, {}
     for a in roster[:3]:
-        links[a] = Link(broker.port)
+        links[a] = Link(mosquitto.port)
         links[a].up()
         procs.append(links[a])
         agents[a] = AgentProc(tmp_path, a, links[a].port)

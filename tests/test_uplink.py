@@ -110,19 +110,14 @@ def alarm(i: int) -> AlarmEvent:
 
 
 @pytest.fixture
-def broker(mosquitto):
-    return mosquitto
-
-
-@pytest.fixture
-def listener(broker):
-    lst = Listener(broker.port)
+def listener(mosquitto):
+    lst = Listener(mosquitto.port)
     yield lst
     lst.close()
 
 
-def test_rows_arrive_in_order_signed_and_are_deleted_on_puback(broker, listener, tmp_path):
-    room = Room(tmp_path / "a.db", broker.port)
+def test_rows_arrive_in_order_signed_and_are_deleted_on_puback(mosquitto, listener, tmp_path):
+    room = Room(tmp_path / "a.db", mosquitto.port)
     room.produce(30)
     room.produce(3, kind="alarms")
     up = room.start()
@@ -139,15 +134,15 @@ def test_rows_arrive_in_order_signed_and_are_deleted_on_puback(broker, listener,
     up.stop()
 
 
-def test_broker_down_at_start_then_everything_arrives_once(broker, tmp_path):
-    broker.stop()
-    room = Room(tmp_path / "a.db", broker.port)
+def test_broker_down_at_start_then_everything_arrives_once(mosquitto, tmp_path):
+    mosquitto.stop()
+    room = Room(tmp_path / "a.db", mosquitto.port)
     up = room.start()
     room.produce(40)
     time.sleep(0.5)
     assert not up.health().connected and room.pending() == 40
-    broker.start()
-    lst = Listener(broker.port)
+    mosquitto.start()
+    lst = Listener(mosquitto.port)
     room.produce(10, kind="alarms")
     try:
         room.wait(lambda: room.pending() == 0, timeout=30)
@@ -158,9 +153,9 @@ def test_broker_down_at_start_then_everything_arrives_once(broker, tmp_path):
         up.stop()
 
 
-def test_outage_mid_stream_loses_nothing_and_queued_rows_are_not_published_twice(broker, tmp_path):
+def test_outage_mid_stream_loses_nothing_and_queued_rows_are_not_published_twice(mosquitto, tmp_path):
     # The gateway's side: a persistent subscriber session that collects while the broker restarts.
-    room = Room(tmp_path / "a.db", broker.port)
+    room = Room(tmp_path / "a.db", mosquitto.port)
     up = room.start()
     got: list[int] = []
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="gw-test", protocol=mqtt.MQTTv5)
@@ -171,18 +166,18 @@ def test_outage_mid_stream_loses_nothing_and_queued_rows_are_not_published_twice
     props.SessionExpiryInterval = 3600
     sub.on_connect = lambda c, *_a: c.subscribe("examwatch/v1/+/+/readings", qos=1)
     sub.on_message = lambda _c, _u, m: got.append(wire.decode(m.payload).seq)
-    sub.connect_async("127.0.0.1", broker.port, clean_start=False, properties=props)
+    sub.connect_async("127.0.0.1", mosquitto.port, clean_start=False, properties=props)
     sub.reconnect_delay_set(1, 2)
     sub.loop_start()
     try:
         room.wait(lambda: up.health().connected)
         time.sleep(0.3)
         room.produce(50)
-        broker.stop()  # persistence: the broker keeps both sessions across the restart
+        mosquitto.stop()  # persistence: the broker keeps both sessions across the restart
         room.produce(50)
         room.wait(lambda: not up.health().connected)
         room.produce(50)
-        broker.start()
+        mosquitto.start()
         room.wait(lambda: room.pending() == 0 and len(set(got)) == 150, timeout=40)
         time.sleep(0.5)
         assert sorted(set(got)) == list(range(1, 151))
@@ -194,16 +189,16 @@ def test_outage_mid_stream_loses_nothing_and_queued_rows_are_not_published_twice
         up.stop()
 
 
-def test_restart_resends_pending_rows(broker, listener, tmp_path):
-    broker.stop()
-    room = Room(tmp_path / "a.db", broker.port)
+def test_restart_resends_pending_rows(mosquitto, listener, tmp_path):
+    mosquitto.stop()
+    room = Room(tmp_path / "a.db", mosquitto.port)
     up = room.start()
     room.produce(25)
     time.sleep(0.3)
     up.stop()  # stopped before it ever reached the broker: the rows stay
     assert room.pending() == 25
-    broker.start()
-    lst = Listener(broker.port)
+    mosquitto.start()
+    lst = Listener(mosquitto.port)
     try:
         up = room.start()
         room.wait(lambda: room.pending() == 0)
@@ -214,8 +209,8 @@ def test_restart_resends_pending_rows(broker, listener, tmp_path):
         up.stop()
 
 
-def test_status_online_heartbeat_then_offline_on_stop(broker, listener, tmp_path):
-    room = Room(tmp_path / "a.db", broker.port)
+def test_status_online_heartbeat_then_offline_on_stop(mosquitto, listener, tmp_path):
+    room = Room(tmp_path / "a.db", mosquitto.port)
     up = room.start()
     room.wait(lambda: len(listener.envelopes("status")) >= 3)  # online at connect + heartbeats every 0.5 s
     status = [msgspec.json.decode(e.body, type=wire.Status) for e in listener.envelopes("status")]
@@ -223,7 +218,7 @@ def test_status_online_heartbeat_then_offline_on_stop(broker, listener, tmp_path
     assert all(wire.verify(KEY, e) and e.seq == 0 for e in listener.envelopes("status"))
     up.stop()
     # retained: a subscriber arriving later sees the last word, signed
-    late = Listener(broker.port)
+    late = Listener(mosquitto.port)
     try:
         room.wait(lambda: len(late.envelopes("status")) == 1)
         env = late.envelopes("status")[0]
