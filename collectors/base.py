@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 import msgspec
 import structlog
 
+from collectors import profiles
 from edge.model import Reading
 
 log = structlog.get_logger("examwatch.collector")
@@ -95,10 +96,16 @@ class Health:
 
 
 class Collector:
-    """One protocol. Subclasses set ``protocol`` and, if they take device options, ``Options``."""
+    """One protocol. Subclasses set ``protocol`` and, if they take device options, ``Options``; a protocol
+    whose devices are described by profiles sets ``profile_schema`` (and ``default_profile`` when a device
+    may name none)."""
 
     protocol: ClassVar[str]
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
+    needs_address: ClassVar[str] = ""  # the hint when a device has no address; empty: address optional
+    profile_schema: ClassVar[type[msgspec.Struct] | None] = None
+    profile_folder: ClassVar[str] = ""  # under collectors/profiles/; empty: the protocol's name
+    default_profile: ClassVar[str] = ""
 
     def __init__(self, devices: list[Any], acc: Accumulator, health: Health) -> None:
         self.devices = devices
@@ -108,8 +115,29 @@ class Collector:
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
         """Problems with a device's settings that types cannot see (an unknown profile, a bad address),
-        as (key, message) pairs; ``examwatch config check`` reports them. Pure: no I/O beyond profiles."""
-        return []
+        as (key, message) pairs; ``examwatch config check`` reports them. Pure: no I/O beyond profiles.
+        Subclasses add their own checks to these."""
+        issues = [("address", cls.needs_address)] if cls.needs_address and not device.address else []
+        if cls.profile_schema is not None:
+            try:
+                cls.load_profile(device.profile or cls.default_profile)
+            except profiles.ProfileError as err:
+                issues.append(("profile", str(err)))
+        return issues
+
+    @classmethod
+    def load_profile(cls, name: str) -> Any:
+        """One of the protocol's profiles (cached), validated; ``ProfileError`` if unknown or invalid.
+        A protocol that prepares its profiles further (SNMP compiles them) overrides this."""
+        assert cls.profile_schema is not None, f"{cls.protocol} has no profiles"
+        return profiles.load(cls.profile_folder or cls.protocol, name, cls.profile_schema)
+
+    def profile(self, device: Any) -> Any:
+        """The device's profile, at poll time: an unknown or broken one is a device state, not a crash."""
+        try:
+            return self.load_profile(device.profile or self.default_profile)
+        except profiles.ProfileError as err:
+            raise DeviceError("profile", str(err)) from None
 
     async def run(self, stop: asyncio.Event) -> None:
         raise NotImplementedError

@@ -123,10 +123,11 @@ def base_url(address: str) -> str:
 class IsapiCollector(PollingCollector):
     protocol = "isapi"
     Options = Options
+    needs_address = "a camera or NVR needs address = \"host[:port]\" or a URL"
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
-        issues = [] if device.address else [("address", "a camera or NVR needs address = \"host[:port]\" or a URL")]
+        issues = super().check(device)
         o = device.options
         if o is not None and not (o.password or o.password_file):
             issues.append(("password", "ISAPI needs password or password_file (digest auth)"))

@@ -108,10 +108,11 @@ async def tcp_probe(host: str, port: int, timeout: float) -> float | None:
 class LinksCollector(PollingCollector):
     protocol = "links"
     Options = Options
+    needs_address = f"a link needs address = a host, an IP or \"{DEFAULT_GATEWAY}\""
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
-        issues = [] if device.address else [("address", f"a link needs address = a host, an IP or \"{DEFAULT_GATEWAY}\"")]
+        issues = super().check(device)
         o = device.options
         if o is not None:
             if o.probes < 1:

@@ -27,7 +27,6 @@ import msgspec
 import serial
 import structlog
 
-from collectors import profiles
 from collectors.base import DeviceError, PollingCollector, register
 from edge.model import Reading
 
@@ -213,25 +212,16 @@ class _Port:
 class MegatecCollector(PollingCollector):
     protocol = "megatec"
     Options = Options
-
-    @classmethod
-    def check(cls, device: Any) -> list[tuple[str, str]]:
-        issues = [] if device.address else [("address", "a serial UPS needs address = \"/dev/serial/by-id/...\"")]
-        try:
-            profiles.load("megatec", device.profile or "generic", Profile)
-        except profiles.ProfileError as err:
-            issues.append(("profile", str(err)))
-        return issues
+    needs_address = "a serial UPS needs address = \"/dev/serial/by-id/...\""
+    profile_schema = Profile
+    default_profile = "generic"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ports: dict[str, _Port] = {}
 
     async def poll(self, device: Any) -> list[Reading]:
-        try:
-            profile = profiles.load("megatec", device.profile or "generic", Profile)
-        except profiles.ProfileError as err:
-            raise DeviceError("bad_profile", str(err)) from None
+        profile: Profile = self.profile(device)
         port = self._ports.get(device.name)
         if port is None:
             port = self._ports[device.name] = _Port(device.address, device.options.baud, device.timeout)

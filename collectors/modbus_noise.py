@@ -22,7 +22,6 @@ from pymodbus import ModbusException
 from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.framer import FramerRTU, FramerType
 
-from collectors import profiles
 from collectors.base import DeviceError, PollingCollector, register
 from edge.model import Reading
 
@@ -116,16 +115,16 @@ class _Bus:
 class ModbusNoiseCollector(PollingCollector):
     protocol = "modbus_noise"
     Options = Options
+    needs_address = "a noise meter needs address = \"/dev/serial/by-id/...\""
+    profile_schema = Profile
+    profile_folder = "modbus"
+    default_profile = "generic-u16x10"
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
-        issues = [] if device.address else [("address", "a noise meter needs address = \"/dev/serial/by-id/...\"")]
+        issues = super().check(device)
         if device.options is not None and not 0 <= device.options.slave <= 247:
             issues.append(("slave", "a Modbus slave address is 1-247 (0: the profile's)"))
-        try:
-            profiles.load("modbus", device.profile or "generic-u16x10", Profile)
-        except profiles.ProfileError as err:
-            issues.append(("profile", str(err)))
         return issues
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -133,10 +132,7 @@ class ModbusNoiseCollector(PollingCollector):
         self._buses: dict[str, _Bus] = {}
 
     async def poll(self, device: Any) -> list[Reading]:
-        try:
-            p = profiles.load("modbus", device.profile or "generic-u16x10", Profile)
-        except profiles.ProfileError as err:
-            raise DeviceError("bad_profile", str(err)) from None
+        p: Profile = self.profile(device)
         o: Options = device.options
         bus = self._buses.get(device.address)
         if bus is None:

@@ -20,8 +20,6 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
 from collectors.base import Collector, register
-from collectors.profiles import ProfileError
-from collectors.profiles import load as load_profile
 from edge.catalog import METRICS
 from edge.model import Reading
 
@@ -128,6 +126,8 @@ class MqttCollector(Collector):
 
     protocol = "mqtt"
     Options = MqttOptions
+    profile_schema = Profile
+    default_profile = "generic_json"  # no fields of its own: the device's ``fields`` say it all
 
     def __init__(self, devices: list[Any], acc: Any, health: Any, broker: Any = None) -> None:
         super().__init__(devices, acc, health)
@@ -135,7 +135,7 @@ class MqttCollector(Collector):
         self.routes: dict[str, tuple[Any, list[Field] | None]] = {}
         for d in devices:
             opts: MqttOptions = d.options or MqttOptions()
-            fields = list(load_profile("mqtt", d.profile or "generic_json", Profile).fields) if d.profile else []
+            fields = list(self.load_profile(d.profile or self.default_profile).fields)
             overridden = {f.path for f in opts.fields}
             fields = [f for f in fields if f.path not in overridden] + list(opts.fields)
             self.routes[d.topic] = (d, fields)
@@ -147,12 +147,7 @@ class MqttCollector(Collector):
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
         issues = [] if device.topic else [("topic", "an MQTT device needs its topic, e.g. zigbee2mqtt/secrecy-door")]
-        if device.profile:
-            try:
-                load_profile("mqtt", device.profile, Profile)
-            except ProfileError as err:
-                issues.append(("profile", str(err)))
-        return issues
+        return issues + super().check(device)
 
     def handle(self, topic: str, payload: bytes, now: float) -> None:
         """One message from the broker -> readings, or a counted drop. Never raises."""

@@ -369,19 +369,16 @@ class _Session:
 class SnmpCollector(PollingCollector):
     protocol = "snmp"
     Options = SnmpOptions
+    needs_address = "an SNMP device needs address = \"host[:port]\""
+    profile_schema = Profile
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sessions: dict[str, _Session] = {}
 
     @classmethod
-    def check(cls, device: Any) -> list[tuple[str, str]]:
-        issues = [] if device.address else [("address", "an SNMP device needs address = \"host[:port]\"")]
-        try:
-            profile_named(device.profile)
-        except profiles.ProfileError as err:
-            issues.append(("profile", str(err)))
-        return issues
+    def load_profile(cls, name: str) -> CompiledProfile:
+        return profile_named(name)
 
     async def _session(self, device: Any) -> _Session:
         s = self._sessions.get(device.name)
@@ -402,10 +399,7 @@ class SnmpCollector(PollingCollector):
         return s
 
     async def poll(self, device: Any) -> list[Reading]:
-        try:
-            profile = profile_named(device.profile)
-        except profiles.ProfileError as err:
-            raise DeviceError("profile", str(err)) from None
+        profile: CompiledProfile = self.profile(device)
         options: SnmpOptions = device.options or SnmpOptions()
         session = await self._session(device)
         values: dict[tuple[int, ...], Any] = {}

@@ -64,7 +64,6 @@ REASONS = {
     "unexpected_xml": "应答格式不符",
     "no_such_object": "设备不支持所配置的型号（profile）",
     "profile": "型号（profile）配置有误",
-    "bad_profile": "型号（profile）配置有误",
     "config": "地址配置有误",
     "snmp_error": "SNMP 出错",
     "http_401": "用户名或密码错误",

@@ -227,7 +227,7 @@ def test_unknown_profile_is_a_device_state(ups: tuple[PtyPair, MegatecSimulator]
     acc, health = Recorder(), Health()
     c = MegatecCollector([device(pair.agent, profile="no-such-model")], acc, health)
     asyncio.run(c.poll_once(c.devices[0]))
-    assert health.devices["ups1"].errors["bad_profile"] == 1
+    assert health.devices["ups1"].errors["profile"] == 1
 
 
 def test_config_check_reports_unknown_profile_and_missing_port() -> None:
