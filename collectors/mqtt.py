@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from collectors.base import Collector, register
 from edge.catalog import METRICS
+from edge.config import apply_broker_settings
 from edge.model import Reading
 
 log = structlog.get_logger("examwatch.mqtt")
@@ -190,24 +190,13 @@ class MqttCollector(Collector):
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.handle(msg.topic, msg.payload, time.time())
 
-    @staticmethod
-    def _on_socket_open(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        try:  # paho never sets it; without it a door event can wait ~30 ms in Nagle's buffer
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass
-
     async def run(self, stop: asyncio.Event) -> None:
         b = self.broker
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=b.client_id, protocol=mqtt.MQTTv311)
-        if b.username:
-            client.username_pw_set(b.username, b.password)
-        if b.tls:
-            client.tls_set(ca_certs=b.ca_file or None)
+        apply_broker_settings(client, b)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.on_socket_open = self._on_socket_open
         client.reconnect_delay_set(1, 30)
         client.connect_async(b.host, b.port, keepalive=30)  # plain connect() raises if the broker is down at boot
         client.loop_start()

@@ -9,6 +9,7 @@ then converts. A typo must never silently disable a rule: unknown keys and unkno
 from __future__ import annotations
 
 import re
+import socket
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -31,15 +32,40 @@ class Agent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     state_dir: str = "/var/lib/examwatch"
 
 
-class Mqtt(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """The room's local broker, where the sensors (e.g. Zigbee2MQTT) publish."""
+class BrokerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Where an MQTT broker is and how we log in: the sensors' broker, the uplink's, the gateway's."""
 
     host: str = "127.0.0.1"
     port: int = 1883
     username: str = ""
     password: str = ""
     tls: bool = False
-    ca_file: str = ""
+    ca_file: str = ""  # empty: the system's CA certificates
+    cert_file: str = ""  # client certificate, for brokers that authenticate clients by certificate
+    key_file: str = ""
+
+
+def apply_broker_settings(client: Any, settings: BrokerSettings) -> None:
+    """Set up a paho client for ``settings``: login, TLS, and TCP_NODELAY (paho never sets it; without
+    it the first messages after connect, a door event or an alarm, can wait ~30 ms in Nagle's buffer)."""
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password or None)
+    if settings.tls:
+        client.tls_set(ca_certs=settings.ca_file or None, certfile=settings.cert_file or None,
+                       keyfile=settings.key_file or None)
+    client.on_socket_open = _nodelay
+
+
+def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # TLS-wrapped or non-TCP socket
+
+
+class Mqtt(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
+    """The room's local broker, where the sensors (e.g. Zigbee2MQTT) publish."""
+
     client_id: str = ""  # default: examwatch-<site>-<room>
 
 
@@ -51,18 +77,10 @@ class Store(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     retention_hours: float = 72.0  # readings older than this are deleted; alarm transitions are kept
 
 
-class Uplink(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Uplink(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
     """The county broker that carries readings and alarms to the gateway (MQTT v5, QoS 1)."""
 
     enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str = ""
-    password: str = ""
-    tls: bool = False
-    ca_file: str = ""
-    cert_file: str = ""  # client certificate, for brokers that authenticate agents by certificate
-    key_file: str = ""
     signing_key: str = ""  # per-agent HMAC-SHA256 key (hex); or signing_key_file
     signing_key_file: str = ""
     session_expiry: int = 7 * 24 * 3600  # seconds the broker keeps our session while we are away
@@ -309,4 +327,5 @@ def _line_of(text: str, path: Path) -> int | None:
     return None
 
 
-__all__ = ["Config", "ConfigError", "ConfigIssue", "Device", "Uplink", "load", "loads", "parse", "sample_text"]
+__all__ = ["BrokerSettings", "Config", "ConfigError", "ConfigIssue", "Device", "Uplink", "apply_broker_settings",
+           "load", "loads", "parse", "sample_text"]

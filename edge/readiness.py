@@ -375,6 +375,7 @@ def check_uplink(cfg: Any, timeout: float = CONNECT_TIMEOUT) -> list[Check]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from edge.config import apply_broker_settings
     from edge.wire import load_key
 
     up = cfg.uplink
@@ -401,10 +402,7 @@ def check_uplink(cfg: Any, timeout: float = CONNECT_TIMEOUT) -> list[Check]:
     client.on_connect = on_connect
     client.connect_timeout = timeout
     try:
-        if up.username:
-            client.username_pw_set(up.username, up.password or None)
-        if up.tls:
-            client.tls_set(ca_certs=up.ca_file or None, certfile=up.cert_file or None, keyfile=up.key_file or None)
+        apply_broker_settings(client, up)
         client.connect(up.host, up.port, keepalive=10)
     except (OSError, ValueError) as err:  # refused, unreachable, TLS files or handshake
         rows.insert(0, Check("uplink", item, FAIL, f"连不上：{_os_error(err)}。检查网络、[uplink] 的地址和 TLS 证书设置；"

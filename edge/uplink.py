@@ -19,7 +19,6 @@ uplink's own worker thread, which does all reading, publishing and bookkeeping. 
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from paho.mqtt.properties import Properties
 
 from edge import wire
 from edge.config import Uplink as UplinkConfig
+from edge.config import apply_broker_settings
 
 log = structlog.get_logger("examwatch.uplink")
 
@@ -174,33 +174,17 @@ class Uplink:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv5)
         c.max_inflight_messages_set(self.window + 2)  # + status messages
         c.reconnect_delay_set(min_delay=1, max_delay=15)
-        if self.cfg.username:
-            c.username_pw_set(self.cfg.username, self.cfg.password or None)
-        if self.cfg.tls:
-            c.tls_set(
-                ca_certs=self.cfg.ca_file or None,
-                certfile=self.cfg.cert_file or None,
-                keyfile=self.cfg.key_file or None,
-            )
+        apply_broker_settings(c, self.cfg)
         c.will_set(wire.topic(self.agent, "status"), self._status("offline", reason="lost"), qos=1, retain=True)
         c.on_connect = lambda _c, _u, flags, rc, _p: self._event("connect", (rc, flags.session_present))
         c.on_disconnect = lambda _c, _u, _f, rc, _p: self._event("disconnect", rc)
         c.on_publish = lambda _c, _u, mid, rc, _p: self._event("puback", (mid, rc))
-        c.on_socket_open = self._on_socket_open
         return c
 
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.session_expiry
         return props
-
-    @staticmethod
-    def _on_socket_open(_c: Any, _u: Any, sock: Any) -> None:
-        # paho never sets it; without it the first messages after connect can wait ~30 ms (Nagle).
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass  # TLS-wrapped or non-TCP socket
 
     def _event(self, kind: str, data: Any) -> None:
         self._events.put((kind, data))

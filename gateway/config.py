@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 
 from edge import wire
-from edge.config import ConfigError, ConfigIssue, parse
+from edge.config import BrokerSettings, ConfigError, ConfigIssue, parse
 from rules.config import Schedule
 
 
@@ -21,15 +21,9 @@ class Gateway(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch_max: int = 5000  # messages ingested per transaction at most
 
 
-class Broker(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str = ""
-    password: str = ""
-    tls: bool = False
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
+class Broker(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
+    """The county broker the agents publish to."""
+
     client_id: str = "examwatch-gateway"
     session_expiry: int = 7 * 24 * 3600  # the broker queues for us this long while we are down
     receive_maximum: int = 2000  # unacknowledged messages the broker may send us at once

@@ -9,7 +9,6 @@ disconnect is sent again by the broker after reconnect (the ledger drops the cop
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 import time
 from typing import Any
@@ -20,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge.config import apply_broker_settings
 from edge.wire import TOPIC_ROOT
 from gateway.config import Broker
 from gateway.ingest import Message
@@ -38,15 +38,11 @@ class Subscriber:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
         c.manual_ack_set(True)
         c.reconnect_delay_set(min_delay=1, max_delay=15)
-        if cfg.username:
-            c.username_pw_set(cfg.username, cfg.password or None)
-        if cfg.tls:
-            c.tls_set(ca_certs=cfg.ca_file or None, certfile=cfg.cert_file or None, keyfile=cfg.key_file or None)
+        apply_broker_settings(c, cfg)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_subscribe = lambda *_a: self.subscribed.set()
-        c.on_socket_open = lambda _c, _u, sock: _nodelay(sock)
         self.client = c
 
     def start(self) -> None:
@@ -86,10 +82,3 @@ class Subscriber:
 
     def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
         self.inbox.put((self.connection, m.mid if m.qos else 0, Message(m.topic, m.payload, bool(m.retain), time.time())))
-
-
-def _nodelay(sock: Any) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
