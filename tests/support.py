@@ -1,13 +1,16 @@
-"""Shared by the tests (no tests here): accumulators that record what collectors hand over, the rules
-driven the way the runtime drives them, and waits with a deadline (blocking and async)."""
+"""Shared by the tests (no tests here): accumulators that record what collectors hand over, collectors
+running for the length of a block, the rules driven the way the runtime drives them, and waits with a
+deadline (blocking and async)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from collectors.base import Collector
 from edge.config import Agent, Config, Device
 from edge.model import AlarmEvent, Reading
 from rules.config import RuleOverride, Schedule
@@ -42,6 +45,19 @@ async def wait_until(check: Callable[[], Any], timeout: float, what: What = "con
             return value
         await asyncio.sleep(POLL)
     raise _timed_out(what, timeout)
+
+
+@contextlib.asynccontextmanager
+async def running(collector: Collector) -> AsyncIterator[Collector]:
+    """The collector's loops run inside the block; after it they are stopped and the collector closed."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    try:
+        yield collector
+    finally:
+        stop.set()
+        await task
+        await collector.close()
 
 
 class Recorder:

@@ -14,7 +14,7 @@ from collectors.base import DeviceError, Health
 from collectors.isapi import MIB, IsapiCollector, Options, parse_storage, readings_from
 from edge.config import Device
 from simulators.isapi import HIKVISION, STD_CGI, IsapiSimulator, SimDisk
-from tests.support import Recorder, RulesRecorder, wait_until
+from tests.support import Recorder, RulesRecorder, running, wait_until
 
 DATA = Path(__file__).parent / "data" / "isapi"
 
@@ -124,18 +124,14 @@ def test_disk_full_and_failed_show_within_one_interval(nvr: IsapiSimulator) -> N
     c = IsapiCollector([dev], acc, Health())
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await acc.reaches("nvr1/disk1", "storage_ok", 1.0, dev.interval + 1)
-        nvr.set_disk(1, "full")
-        await acc.reaches("nvr1/disk1", "storage_used_ratio", 1.0, dev.interval + 1)
-        nvr.set_disk(2, "error")
-        await acc.reaches("nvr1/disk2", "storage_ok", 0.0, dev.interval + 1)
-        nvr.set_disk(2, "notexist")
-        await acc.reaches("nvr1/disk2", "storage_ok", 0.0, dev.interval + 1)
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):
+            await acc.reaches("nvr1/disk1", "storage_ok", 1.0, dev.interval + 1)
+            nvr.set_disk(1, "full")
+            await acc.reaches("nvr1/disk1", "storage_used_ratio", 1.0, dev.interval + 1)
+            nvr.set_disk(2, "error")
+            await acc.reaches("nvr1/disk2", "storage_ok", 0.0, dev.interval + 1)
+            nvr.set_disk(2, "notexist")
+            await acc.reaches("nvr1/disk2", "storage_ok", 0.0, dev.interval + 1)
 
     asyncio.run(go())
 
@@ -150,12 +146,8 @@ def test_invalid_xml_and_slow_answers_are_device_states(tmp_path: Path) -> None:
                             device(good, "nvr-good")], acc, health)
 
         async def go() -> None:
-            stop = asyncio.Event()
-            task = asyncio.create_task(c.run(stop))
-            await asyncio.sleep(2.0)
-            stop.set()
-            await task
-            await c.close()
+            async with running(c):
+                await asyncio.sleep(2.0)
 
         asyncio.run(go())
         assert health.devices["nvr-broken"].errors["invalid_xml"] >= 2 and health.devices["nvr-broken"].online is False
@@ -222,15 +214,11 @@ def test_nvr_disk_failure_raises_the_alarm_within_one_interval(nvr: IsapiSimulat
     c = IsapiCollector(cfg.devices, alarms, Health())
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await asyncio.sleep(0.5)
-        assert alarms.raised == []
-        nvr.set_disk(2, "error")
-        await wait_until(lambda: "nvr_disk_failed" in alarms.raised_on("nvr1/disk2"), cfg.devices[0].interval + 1,
-                         "nvr_disk_failed on nvr1/disk2")
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):
+            await asyncio.sleep(0.5)
+            assert alarms.raised == []
+            nvr.set_disk(2, "error")
+            await wait_until(lambda: "nvr_disk_failed" in alarms.raised_on("nvr1/disk2"), cfg.devices[0].interval + 1,
+                             "nvr_disk_failed on nvr1/disk2")
 
     asyncio.run(go())

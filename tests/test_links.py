@@ -14,7 +14,7 @@ import pytest
 from collectors.base import Health
 from collectors.links import DEFAULT_GATEWAY, ROUTE_TABLE, LinksCollector, Options, default_route, parse_routes, summarize
 from edge.config import Device
-from tests.support import Recorder, RulesRecorder, wait_until
+from tests.support import Recorder, RulesRecorder, running, wait_until
 
 HEADER = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
 # A Raspberry Pi with wired Ethernet (metric 100) and a 4G USB dongle as backup (metric 700),
@@ -151,13 +151,10 @@ def test_link_loss_shows_within_one_interval(platform: Platform) -> None:
     c = LinksCollector([dev], acc, Health())
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await acc.reaches("platform", "link_up", 1.0, 5)
-        await asyncio.to_thread(platform.cut)
-        await acc.reaches("platform", "link_up", 0.0, dev.interval + dev.timeout + 1)
-        stop.set()
-        await task
+        async with running(c):
+            await acc.reaches("platform", "link_up", 1.0, 5)
+            await asyncio.to_thread(platform.cut)
+            await acc.reaches("platform", "link_up", 0.0, dev.interval + dev.timeout + 1)
 
     asyncio.run(go())
 
@@ -170,11 +167,8 @@ def test_silent_target_does_not_stall_others(platform: Platform) -> None:
                         link("dead", "127.0.0.1", port=silent.port, probes=5, probe_interval=0.2)], acc, Health())
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await asyncio.sleep(2.0)
-        stop.set()
-        await task
+        async with running(c):
+            await asyncio.sleep(2.0)
 
     try:
         asyncio.run(go())
@@ -242,14 +236,11 @@ def test_platform_unreachable_raises_link_down(platform: Platform) -> None:
     c = LinksCollector(cfg.devices, alarms, Health())
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await asyncio.sleep(0.5)
-        assert alarms.raised == []
-        await asyncio.to_thread(platform.cut)
-        d = cfg.devices[0]
-        await wait_until(lambda: "link_down" in alarms.raised, d.interval + d.timeout + 1, "link_down raised")
-        stop.set()
-        await task
+        async with running(c):
+            await asyncio.sleep(0.5)
+            assert alarms.raised == []
+            await asyncio.to_thread(platform.cut)
+            d = cfg.devices[0]
+            await wait_until(lambda: "link_down" in alarms.raised, d.interval + d.timeout + 1, "link_down raised")
 
     asyncio.run(go())

@@ -16,7 +16,7 @@ from collectors.megatec import Battery, MegatecCollector, Options, Profile, Rati
 from edge.config import Device
 from simulators.megatec import MegatecSimulator
 from simulators.serial_pty import PtyPair
-from tests.support import Recorder, RulesRecorder, wait_until
+from tests.support import Recorder, RulesRecorder, running, wait_until
 
 # Answers as real units send them (the Megatec protocol sheet and NUT's blazer/nutdrv_qx test notes).
 Q1_ONLINE_CELL = b"(218.0 218.0 219.0 016 50.0 2.27 30.0 00001000\r"
@@ -136,18 +136,14 @@ def test_mode_flips_show_within_one_interval(ups: tuple[PtyPair, MegatecSimulato
     c = MegatecCollector([dev], acc, Health())
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await acc.reaches("ups1", "power_on_battery", 0.0, 5)
-        for mode, metric in [("battery", "power_on_battery"), ("battery_low", "ups_battery_low"), ("fault", "ups_fault")]:
-            sim.set_mode(mode)
-            await acc.reaches("ups1", metric, 1.0, dev.interval + 1)
-        assert acc.latest("ups1", "power_on_battery") == 0.0  # fault on line power
-        sim.set_mode("line")
-        await acc.reaches("ups1", "ups_fault", 0.0, dev.interval + 1)
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):
+            await acc.reaches("ups1", "power_on_battery", 0.0, 5)
+            for mode, metric in [("battery", "power_on_battery"), ("battery_low", "ups_battery_low"), ("fault", "ups_fault")]:
+                sim.set_mode(mode)
+                await acc.reaches("ups1", metric, 1.0, dev.interval + 1)
+            assert acc.latest("ups1", "power_on_battery") == 0.0  # fault on line power
+            sim.set_mode("line")
+            await acc.reaches("ups1", "ups_fault", 0.0, dev.interval + 1)
 
     asyncio.run(go())
 
@@ -181,19 +177,15 @@ def test_vanished_port_is_reopened(ups: tuple[PtyPair, MegatecSimulator]) -> Non
     c = MegatecCollector([dev], acc, health)
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await acc.reaches("ups1", "device_online", 1.0, 5)
-        pair.stop()  # the USB-serial adapter is pulled
-        await wait_until(lambda: health.devices["ups1"].online is False, 5)
-        assert {"port_lost", "port_unavailable"} & set(health.devices["ups1"].errors)
-        await asyncio.to_thread(pair.start)  # and plugged back in
-        sim.set_mode("battery")
-        await acc.reaches("ups1", "power_on_battery", 1.0, 10)
-        assert health.devices["ups1"].online is True
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):
+            await acc.reaches("ups1", "device_online", 1.0, 5)
+            pair.stop()  # the USB-serial adapter is pulled
+            await wait_until(lambda: health.devices["ups1"].online is False, 5)
+            assert {"port_lost", "port_unavailable"} & set(health.devices["ups1"].errors)
+            await asyncio.to_thread(pair.start)  # and plugged back in
+            sim.set_mode("battery")
+            await acc.reaches("ups1", "power_on_battery", 1.0, 10)
+            assert health.devices["ups1"].online is True
 
     asyncio.run(go())
 
@@ -206,12 +198,8 @@ def test_silent_ups_does_not_stall_another(ups: tuple[PtyPair, MegatecSimulator]
     c = MegatecCollector([device(pair.agent), device(dead.agent, name="ups2", timeout=1.0, retries=1)], acc, health)
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await asyncio.sleep(2.0)
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):
+            await asyncio.sleep(2.0)
 
     try:
         asyncio.run(go())
@@ -251,15 +239,11 @@ def test_mains_lost_raises_the_alarm_within_one_interval(ups: tuple[PtyPair, Meg
     c = MegatecCollector(cfg.devices, alarms, Health())
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await asyncio.sleep(0.5)
-        assert alarms.raised == []
-        for mode, rule in [("battery", "ups_on_battery"), ("battery_low", "ups_battery_low")]:
-            sim.set_mode(mode)  # type: ignore[arg-type]
-            await wait_until(lambda r=rule: r in alarms.raised, cfg.devices[0].interval + 1, f"{rule} raised")
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):
+            await asyncio.sleep(0.5)
+            assert alarms.raised == []
+            for mode, rule in [("battery", "ups_on_battery"), ("battery_low", "ups_battery_low")]:
+                sim.set_mode(mode)  # type: ignore[arg-type]
+                await wait_until(lambda r=rule: r in alarms.raised, cfg.devices[0].interval + 1, f"{rule} raised")
 
     asyncio.run(go())

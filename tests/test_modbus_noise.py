@@ -14,7 +14,7 @@ from collectors.modbus_noise import ModbusNoiseCollector, Options, Profile, clas
 from edge.config import Device
 from simulators.modbus_noise import NoiseMeterBus, crc, encode
 from simulators.serial_pty import PtyPair
-from tests.support import Recorder, RulesRecorder, wait_until
+from tests.support import Recorder, RulesRecorder, running, wait_until
 
 PROFILES = ["generic-u16x10", "renke-rs-zs", "generic-float32-input"]
 
@@ -94,12 +94,8 @@ def test_two_meters_share_one_bus(rs485: tuple[PtyPair, NoiseMeterBus]) -> None:
     c = ModbusNoiseCollector([meter(pair.agent, "front", slave=1), meter(pair.agent, "back", slave=2)], acc, Health())
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))  # both poll concurrently: the bus lock keeps frames apart
-        await asyncio.sleep(1.0)
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):  # both poll concurrently: the bus lock keeps frames apart
+            await asyncio.sleep(1.0)
 
     asyncio.run(go())
     assert acc.latest("front", "noise_db") == 41.0 and acc.latest("back", "noise_db") == 63.5
@@ -115,14 +111,10 @@ def test_noise_over_the_limit_shows_within_one_interval(rs485: tuple[PtyPair, No
     c = ModbusNoiseCollector([dev], acc, Health())
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await acc.reaches("noise1", "noise_db", 42.0, 5)
-        bus.set_db(78.4)  # a lawn mower outside during the maths paper
-        await acc.reaches("noise1", "noise_db", 78.4, dev.interval + 1)
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):
+            await acc.reaches("noise1", "noise_db", 42.0, 5)
+            bus.set_db(78.4)  # a lawn mower outside during the maths paper
+            await acc.reaches("noise1", "noise_db", 78.4, dev.interval + 1)
 
     asyncio.run(go())
 
@@ -161,12 +153,8 @@ def test_silent_meter_does_not_stall_a_meter_on_another_bus(rs485: tuple[PtyPair
     c = ModbusNoiseCollector([meter(pair.agent), meter(dead.agent, "noise2", timeout=1.0, retries=1)], acc, health)
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await asyncio.sleep(2.0)
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):
+            await asyncio.sleep(2.0)
 
     try:
         asyncio.run(go())
@@ -214,15 +202,11 @@ def test_noise_over_the_limit_raises_the_alarm_during_a_session(rs485: tuple[Pty
     c = ModbusNoiseCollector(cfg.devices, alarms, Health())
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await asyncio.sleep(0.5)
-        assert alarms.raised == []
-        bus.set_db(78.4)
-        await wait_until(lambda: "noise_high" in alarms.raised, cfg.devices[0].interval + 1, "noise alarm")
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):
+            await asyncio.sleep(0.5)
+            assert alarms.raised == []
+            bus.set_db(78.4)
+            await wait_until(lambda: "noise_high" in alarms.raised, cfg.devices[0].interval + 1, "noise alarm")
 
     asyncio.run(go())
 
@@ -235,19 +219,15 @@ def test_pulled_adapter_is_reopened(rs485: tuple[PtyPair, NoiseMeterBus]) -> Non
     c = ModbusNoiseCollector([meter(pair.agent)], acc, health)
 
     async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(c.run(stop))
-        await acc.reaches("noise1", "noise_db", 52.0, 5)
-        bus.stop()
-        pair.stop()  # the USB-RS485 stick is pulled
-        await wait_until(lambda: health.devices["noise1"].online is False, 5, "noise1 offline")
-        await asyncio.to_thread(pair.start)
-        bus.start()
-        bus.set_db(61.0)
-        await acc.reaches("noise1", "noise_db", 61.0, 5)
-        stop.set()
-        await task
-        await c.close()
+        async with running(c):
+            await acc.reaches("noise1", "noise_db", 52.0, 5)
+            bus.stop()
+            pair.stop()  # the USB-RS485 stick is pulled
+            await wait_until(lambda: health.devices["noise1"].online is False, 5, "noise1 offline")
+            await asyncio.to_thread(pair.start)
+            bus.start()
+            bus.set_db(61.0)
+            await acc.reaches("noise1", "noise_db", 61.0, 5)
 
     asyncio.run(go())
     assert health.devices["noise1"].errors["port_unavailable"] >= 1

@@ -13,7 +13,7 @@ from collectors.base import DeviceError, Health
 from collectors.nut import STATUS_FLAGS, NutCollector, NutError, NutOptions, parse_address, parse_list_var, parse_nut
 from edge.config import Device
 from simulators.nut import STATES, NutSimulator
-from tests.support import Recorder
+from tests.support import Recorder, running
 
 
 def device(address: str, interval: float = 0.5, **options: str) -> Device:
@@ -117,19 +117,12 @@ def _flip(nut: NutSimulator, state: str, checks: dict[str, float]) -> None:
     dev = device(nut.address)
 
     async def run() -> None:
-        stop = asyncio.Event()
-        collector = NutCollector([dev], acc, health)
-        task = asyncio.create_task(collector.run(stop))
-        try:
+        async with running(NutCollector([dev], acc, health)):
             await acc.reaches("ups1", "device_online", 1, 10)
             nut.set_state(state)
             # dummy-ups re-reads its file once per second: one poll interval + 1 s for us, + 1 s for it.
             for metric, value in checks.items():
                 await acc.reaches("ups1", metric, value, dev.interval + 1 + 1)
-        finally:
-            stop.set()
-            await task
-            await collector.close()
 
     asyncio.run(run())
 

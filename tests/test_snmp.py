@@ -33,7 +33,7 @@ from simulators.snmp import (
     first_port_up,
     value_of,
 )
-from tests.support import Recorder
+from tests.support import Recorder, running
 
 
 def _oid(text: str) -> tuple[int, ...]:
@@ -211,17 +211,11 @@ def _flip(sim: SnmpSimulator, dev: Device, community: str, state: str, checks: l
     acc, health = Recorder(), Health()
 
     async def run() -> None:
-        stop = asyncio.Event()
-        collector = SnmpCollector([dev], acc, health)
-        task = asyncio.create_task(collector.run(stop))
-        try:
+        async with running(SnmpCollector([dev], acc, health)):
             await acc.reaches(dev.name, "device_online", 1, 10)
             sim.set_state(community, state)
             for part, metric, value in checks:
                 await acc.reaches(part, metric, value, dev.interval + 1)
-        finally:
-            stop.set()
-            await task
 
     try:
         asyncio.run(run())
@@ -308,11 +302,8 @@ def test_slow_device_does_not_delay_another(snmpsim: SnmpSimulator) -> None:
     acc, health = Recorder(), Health()
 
     async def run() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(SnmpCollector([live, dead], acc, health).run(stop))
-        await asyncio.sleep(3.0)
-        stop.set()
-        await task
+        async with running(SnmpCollector([live, dead], acc, health)):
+            await asyncio.sleep(3.0)
 
     with hole:
         asyncio.run(run())
