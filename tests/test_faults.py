@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge import wire
 from edge.model import AlarmEvent, Reading
 from tests.support import until
-from tests.test_gateway_support import AgentProc, GatewayProc, key_hex
+from tests.test_gateway_support import AgentProc, GatewayProc, key_hex, start
 
 pytestmark = pytest.mark.integration
 
@@ -84,12 +84,8 @@ def drain_and_stop(agents: list[AgentProc], gw: GatewayProc) -> None:
 
 def test_broker_outage_everything_arrives_once_in_order(mosquitto, procs, tmp_path):
     gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101", "s1/102"])
-    gw.start()
-    procs.append(gw)
     agents = [AgentProc(tmp_path, a, mosquitto.port) for a in ("s1/101", "s1/102")]
-    for a in agents:
-        a.start()
-        procs.append(a)
+    start(procs, gw, *agents)
     until(lambda: len(gw.query("SELECT DISTINCT agent FROM readings")) == 2, what="readings flowing")
     mosquitto.stop()
     time.sleep(OUTAGE)
@@ -104,8 +100,7 @@ def test_broker_outage_everything_arrives_once_in_order(mosquitto, procs, tmp_pa
 
 def test_agent_killed_50_times_while_publishing(mosquitto, procs, tmp_path):
     gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101"])
-    gw.start()
-    procs.append(gw)
+    start(procs, gw)
     agent = AgentProc(tmp_path, "s1/101", mosquitto.port)
     procs.append(agent)
     rng = random.Random(4)
@@ -129,12 +124,8 @@ def test_agent_killed_50_times_while_publishing(mosquitto, procs, tmp_path):
 
 def test_gateway_restarted_mid_stream_loses_nothing(mosquitto, procs, tmp_path):
     gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101", "s1/102"])
-    gw.start()
-    procs.append(gw)
     agents = [AgentProc(tmp_path, a, mosquitto.port) for a in ("s1/101", "s1/102")]
-    for a in agents:
-        a.start()
-        procs.append(a)
+    start(procs, gw, *agents)
     for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
         until(lambda: gw.query("SELECT COUNT(*) FROM readings")[0][0] > 0, what="ingesting")
         time.sleep(1.0)
@@ -149,8 +140,7 @@ def test_gateway_restarted_mid_stream_loses_nothing(mosquitto, procs, tmp_path):
 
 def test_rogue_client_forged_and_replayed_alarms_are_rejected_counted_and_alarmed(mosquitto, procs, tmp_path):
     gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101", "s1/102"], extra="[security]\nreplay_window = 1.0\n")
-    gw.start()
-    procs.append(gw)
+    start(procs, gw)
     room_key, other_key = bytes.fromhex(key_hex("s1/101")), bytes.fromhex(key_hex("s1/102"))
     now = time.time()
     ev = AlarmEvent(id="s1/101/secrecy_door_open/door1/1", site="s1", room="101", rule="secrecy_door_open", level=2,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support import until
-from tests.test_gateway_support import AgentProc, GatewayProc, Link
+from tests.test_gateway_support import AgentProc, GatewayProc, Link, start
 
 pytestmark = pytest.mark.integration
 
@@ -21,12 +21,8 @@ def procs():
 
 def test_readings_liveness_api_and_exporter(mosquitto, procs, tmp_path):
     gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101", "s1/102"])
-    gw.start()
-    procs.append(gw)
     agents = [AgentProc(tmp_path, a, mosquitto.port) for a in ("s1/101", "s1/102")]
-    for a in agents:
-        a.start()
-        procs.append(a)
+    start(procs, gw, *agents)
     until(lambda: len(gw.query("SELECT DISTINCT agent FROM readings")) == 2, what="readings from both rooms")
 
     def online() -> list[dict]:
@@ -67,18 +63,16 @@ def test_readings_liveness_api_and_exporter(mosquitto, procs, tmp_path):
 def test_two_rooms_lose_their_link_one_level2_incident_a_third_joins(mosquitto, procs, tmp_path):
     roster = [f"s1/{100 + i}" for i in range(1, 9)]  # 8 rooms on the site: 3 down stays below half
     gw = GatewayProc(tmp_path, mosquitto.port, roster, extra="[liveness]\nheartbeat_timeout = 30.0\n")
-    gw.start()
-    procs.append(gw)
+    start(procs, gw)
     links, agents = {}, {}
     for a in roster[:3]:
         links[a] = Link(mosquitto.port)
         links[a].up()
         procs.append(links[a])
         agents[a] = AgentProc(tmp_path, a, links[a].port)
-        agents[a].start()
-        procs.append(agents[a])
+        start(procs, agents[a])
     until(lambda: len([a for a in gw.get("/api/v1/agents")["agents"] if a["status"] == "online"]) == 3,
-               what="three rooms online")
+          what="three rooms online")
     links["s1/101"].cut()
     links["s1/102"].cut()
     inc = until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"], what="incident")
@@ -89,14 +83,14 @@ def test_two_rooms_lose_their_link_one_level2_incident_a_third_joins(mosquitto, 
     assert 'examwatch_gateway_incidents_open{class="network",level="2",site="s1"} 1.0' in gw.metrics()
     links["s1/103"].cut()
     until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"] == ["101", "102", "103"],
-               what="third room joins")
+          what="third room joins")
     [inc] = gw.get("/api/v1/incidents")["incidents"]
     assert inc["id"] == first["id"] and inc["level"] == 2 and inc["active"] == ["101", "102", "103"]
     assert gw.post("/api/v1/ack", {"incident": inc["id"], "who": "李主任", "note": "启用备用链路"}, gw.token)[0] == 200
     for link in links.values():
         link.up()
     closed = until(lambda: [i for i in gw.get("/api/v1/incidents")["incidents"] if i["state"] == "closed"],
-                        timeout=40, what="incident closed after the links came back")
+                   timeout=40, what="incident closed after the links came back")
     assert closed[0]["id"] == first["id"] and closed[0]["members"] == ["101", "102", "103"]
     assert closed[0]["acked_by"] == "李主任"
     assert [t["what"] for t in closed[0]["timeline"]][:2] == ["opened", "joined"]

@@ -32,6 +32,13 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "edge.cli", *args], cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
+def start(procs: list[Any], *processes: Any) -> None:
+    """Start each process in turn and add it to the test's ``procs``, which stops them all at the end."""
+    for p in processes:
+        p.start()
+        procs.append(p)
+
+
 class _Process:
     """A running examwatch process and its SQLite database, read-only from the test."""
 
