@@ -60,6 +60,16 @@ async def running(collector: Collector) -> AsyncIterator[Collector]:
         await collector.close()
 
 
+def run_for(collector: Collector, seconds: float) -> None:
+    """From a sync test: run the collector's loops for ``seconds``, then stop and close it."""
+
+    async def go() -> None:
+        async with running(collector):
+            await asyncio.sleep(seconds)
+
+    asyncio.run(go())
+
+
 class Recorder:
     """An accumulator that keeps every reading a collector hands over."""
 

@@ -14,7 +14,7 @@ from collectors.base import DeviceError, Health
 from collectors.isapi import MIB, IsapiCollector, Options, parse_storage, readings_from
 from edge.config import Device
 from simulators.isapi import HIKVISION, STD_CGI, IsapiSimulator, SimDisk
-from tests.support import Recorder, RulesRecorder, running, wait_until
+from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 DATA = Path(__file__).parent / "data" / "isapi"
 
@@ -145,11 +145,7 @@ def test_invalid_xml_and_slow_answers_are_device_states(tmp_path: Path) -> None:
         c = IsapiCollector([device(broken, "nvr-broken"), device(slow, "nvr-slow", timeout=1.0),
                             device(good, "nvr-good")], acc, health)
 
-        async def go() -> None:
-            async with running(c):
-                await asyncio.sleep(2.0)
-
-        asyncio.run(go())
+        run_for(c, 2.0)
         assert health.devices["nvr-broken"].errors["invalid_xml"] >= 2 and health.devices["nvr-broken"].online is False
         assert health.devices["nvr-slow"].errors["timeout"] >= 1 and health.devices["nvr-slow"].online is False
         good_polls = sum(1 for r in acc.readings if r.device == "nvr-good" and r.metric == "device_online" and r.value == 1)

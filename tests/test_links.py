@@ -14,7 +14,7 @@ import pytest
 from collectors.base import Health
 from collectors.links import DEFAULT_GATEWAY, ROUTE_TABLE, LinksCollector, Options, default_route, parse_routes, summarize
 from edge.config import Device
-from tests.support import Recorder, RulesRecorder, running, wait_until
+from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 HEADER = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
 # A Raspberry Pi with wired Ethernet (metric 100) and a 4G USB dongle as backup (metric 700),
@@ -166,12 +166,8 @@ def test_silent_target_does_not_stall_others(platform: Platform) -> None:
     c = LinksCollector([link("platform", "127.0.0.1", port=platform.port),
                         link("dead", "127.0.0.1", port=silent.port, probes=5, probe_interval=0.2)], acc, Health())
 
-    async def go() -> None:
-        async with running(c):
-            await asyncio.sleep(2.0)
-
     try:
-        asyncio.run(go())
+        run_for(c, 2.0)
     finally:
         silent.close()
     assert sum(1 for r in acc.readings if r.device == "platform" and r.metric == "link_up" and r.value == 1.0) >= 4

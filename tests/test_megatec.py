@@ -16,7 +16,7 @@ from collectors.megatec import Battery, MegatecCollector, Options, Profile, Rati
 from edge.config import Device
 from simulators.megatec import MegatecSimulator
 from simulators.serial_pty import PtyPair
-from tests.support import Recorder, RulesRecorder, running, wait_until
+from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 # Answers as real units send them (the Megatec protocol sheet and NUT's blazer/nutdrv_qx test notes).
 Q1_ONLINE_CELL = b"(218.0 218.0 219.0 016 50.0 2.27 30.0 00001000\r"
@@ -197,12 +197,8 @@ def test_silent_ups_does_not_stall_another(ups: tuple[PtyPair, MegatecSimulator]
     acc, health = Recorder(), Health()
     c = MegatecCollector([device(pair.agent), device(dead.agent, name="ups2", timeout=1.0, retries=1)], acc, health)
 
-    async def go() -> None:
-        async with running(c):
-            await asyncio.sleep(2.0)
-
     try:
-        asyncio.run(go())
+        run_for(c, 2.0)
     finally:
         dead.stop()
     good_polls = sum(1 for r in acc.readings if r.device == "ups1" and r.metric == "device_online" and r.value == 1.0)

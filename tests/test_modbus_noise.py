@@ -14,7 +14,7 @@ from collectors.modbus_noise import ModbusNoiseCollector, Options, Profile, clas
 from edge.config import Device
 from simulators.modbus_noise import NoiseMeterBus, crc, encode
 from simulators.serial_pty import PtyPair
-from tests.support import Recorder, RulesRecorder, running, wait_until
+from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 PROFILES = ["generic-u16x10", "renke-rs-zs", "generic-float32-input"]
 
@@ -93,11 +93,7 @@ def test_two_meters_share_one_bus(rs485: tuple[PtyPair, NoiseMeterBus]) -> None:
     acc = Recorder()
     c = ModbusNoiseCollector([meter(pair.agent, "front", slave=1), meter(pair.agent, "back", slave=2)], acc, Health())
 
-    async def go() -> None:
-        async with running(c):  # both poll concurrently: the bus lock keeps frames apart
-            await asyncio.sleep(1.0)
-
-    asyncio.run(go())
+    run_for(c, 1.0)  # both poll concurrently: the bus lock keeps frames apart
     assert acc.latest("front", "noise_db") == 41.0 and acc.latest("back", "noise_db") == 63.5
     assert all(r.value == 1.0 for r in acc.readings if r.metric == "device_online")
 
@@ -152,12 +148,8 @@ def test_silent_meter_does_not_stall_a_meter_on_another_bus(rs485: tuple[PtyPair
     acc, health = Recorder(), Health()
     c = ModbusNoiseCollector([meter(pair.agent), meter(dead.agent, "noise2", timeout=1.0, retries=1)], acc, health)
 
-    async def go() -> None:
-        async with running(c):
-            await asyncio.sleep(2.0)
-
     try:
-        asyncio.run(go())
+        run_for(c, 2.0)
     finally:
         dead.stop()
     assert sum(1 for r in acc.readings if r.device == "noise1" and r.metric == "noise_db") >= 4

@@ -33,7 +33,7 @@ from simulators.snmp import (
     first_port_up,
     value_of,
 )
-from tests.support import Recorder, running
+from tests.support import Recorder, run_for, running
 
 
 def _oid(text: str) -> tuple[int, ...]:
@@ -301,12 +301,8 @@ def test_slow_device_does_not_delay_another(snmpsim: SnmpSimulator) -> None:
     dead = device("dead", address, "ups-mib", interval=0.3, timeout=2.0, retries=1)
     acc, health = Recorder(), Health()
 
-    async def run() -> None:
-        async with running(SnmpCollector([live, dead], acc, health)):
-            await asyncio.sleep(3.0)
-
     with hole:
-        asyncio.run(run())
+        run_for(SnmpCollector([live, dead], acc, health), 3.0)
     # The dead device's first poll takes 4 s (2 s x 2 tries); meanwhile the live one polls every 0.3 s.
     assert health.devices["ups"].polls >= 5
     assert health.devices["ups"].online is True
