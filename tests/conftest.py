@@ -19,3 +19,12 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def procs() -> Iterator[list]:
+    """Processes a test started (anything with ``stop()``); stopped in reverse order at its end."""
+    started: list = []
+    yield started
+    for p in reversed(started):
+        p.stop()

@@ -4,7 +4,7 @@ Each test ends in a count: what the rooms produced against what the gateway stor
 agent's own readings table (written in the same transaction as the outbox rows that carry them); rows
 still in the agent's outbox at the end are pending, not lost.
 
-The broker outage lasts EXAMWATCH_OUTAGE_S seconds (default 15; the issue's full minute with 60).
+The broker outage lasts EXAMWATCH_OUTAGE_S seconds (default 60, the issue's minute; shorter for a quick local run).
 """
 
 from __future__ import annotations
@@ -28,15 +28,9 @@ from tests.test_gateway_support import AgentProc, GatewayProc, key_hex, start
 
 pytestmark = pytest.mark.integration
 
-OUTAGE = float(os.environ.get("EXAMWATCH_OUTAGE_S", "15"))
+OUTAGE = float(os.environ.get("EXAMWATCH_OUTAGE_S", "60"))  # the issue's minute; shorten locally with the variable
 
 
-@pytest.fixture
-def procs():
-    started: list = []
-    yield started
-    for p in reversed(started):
-        p.stop()
 
 
 def _readings(agent: AgentProc, gw: GatewayProc) -> tuple[Counter[tuple], Counter[tuple], Counter[tuple]]:

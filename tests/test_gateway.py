@@ -11,12 +11,6 @@ from tests.test_gateway_support import AgentProc, GatewayProc, Link, start
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def procs():
-    started: list = []
-    yield started
-    for p in reversed(started):
-        p.stop()
 
 
 def test_readings_liveness_api_and_exporter(mosquitto, procs, tmp_path):
