@@ -106,6 +106,20 @@ class RunningAgent:
 
 
 
+def agent_toml(broker_port: int, exporter_port: int, state_dir: Path, *, room: str = "r1", kind: str = "exam_room",
+               room_name: str = "", body: str = "", sessions=(), windows=()) -> str:
+    """An agent config for the tests: site s1, both brokers on ``broker_port``, a signed uplink, then
+    ``body`` (devices, rule overrides) and a schedule of sessions and secrecy windows given in minutes from now."""
+    text = (f'[agent]\nsite = "s1"\nroom = "{room}"\nkind = "{kind}"\nroom_name = "{room_name}"\n'
+            f'state_dir = "{state_dir}"\n[mqtt]\nport = {broker_port}\n[exporter]\nlisten = "127.0.0.1:{exporter_port}"\n'
+            f'[uplink]\nenabled = true\nport = {broker_port}\nsigning_key = "{"ab" * 32}"\n{body}\n'
+            '[schedule]\ntimezone = "Asia/Shanghai"\n')
+    for which, spans in (("sessions", sessions), ("secrecy_windows", windows)):
+        for a, b in spans:
+            text += f"[[schedule.{which}]]\nstart = {local(a)}\nend = {local(b)}\n"
+    return text
+
+
 def launch_agent(config: Path, exporter_port: int, broker_port: int, env: dict | None = None,
                  ready: tuple[str, ...] = ("agent_started", "mqtt_connected")) -> RunningAgent:
     """Start `examwatch agent run`; return once it serves metrics and has logged each ``ready`` event

@@ -10,39 +10,17 @@ import json
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.agent_support import RunningAgent, Watcher, launch_agent, local
+from tests.agent_support import RunningAgent, Watcher, agent_toml, launch_agent
 from tests.support import until
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
 
-def agent_config(broker_port: int, state_dir: Path, exporter_port: int, *, room_kind: str, sessions=(), windows=(),
-                 extra: str = "") -> str:
-    blocks = [
-        f"""
-[agent]
-site = "s1"
-room = "r1"
-kind = "{room_kind}"
-room_name = "保密室"
-state_dir = "{state_dir}"
-
-[mqtt]
-port = {broker_port}
-
-[exporter]
-listen = "127.0.0.1:{exporter_port}"
-
-[uplink]
-enabled = true
-port = {broker_port}
-signing_key = "{'ab' * 32}"
-
+SENSORS = """
 [[devices]]
 name = "door"
 kind = "door"
@@ -61,14 +39,7 @@ interval = 60
 
 [rules.noise_high]
 for = 1.0
-""",
-        extra,
-        "[schedule]\ntimezone = \"Asia/Shanghai\"\n",
-    ]
-    for which, spans in (("sessions", sessions), ("secrecy_windows", windows)):
-        for a, b in spans:
-            blocks.append(f"[[schedule.{which}]]\nstart = {local(a)}\nend = {local(b)}\n")
-    return "\n".join(blocks)
+"""
 
 
 @pytest.fixture
@@ -79,8 +50,8 @@ def start_agent(mosquitto, tmp_path) -> Iterator:
     def start(env: dict | None = None, **kw) -> RunningAgent:
         exporter_port = free_port()
         path = tmp_path / f"agent{len(running)}.toml"
-        path.write_text(agent_config(mosquitto.port, tmp_path / f"state{len(running)}", exporter_port, **kw),
-                        encoding="utf-8")
+        path.write_text(agent_toml(mosquitto.port, exporter_port, tmp_path / f"state{len(running)}",
+                                   kind=kw.pop("room_kind"), room_name="保密室", body=SENSORS, **kw), encoding="utf-8")
         agent = launch_agent(path, exporter_port, mosquitto.port, env)
         running.append(agent)
         return agent

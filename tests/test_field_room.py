@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from simulators.room import SimulatedRoom
-from tests.agent_support import Watcher, launch_agent, local
+from tests.agent_support import Watcher, agent_toml, launch_agent
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -45,30 +45,10 @@ def room(tmp_path: Path):
 def test_every_fault_raises_its_alarm_within_one_interval_plus_a_second(mosquitto, room, tmp_path):
     exporter = free_port()
     config = tmp_path / "agent.toml"
-    config.write_text(f"""
-[agent]
-site = "s1"
-room = "r7"
-room_name = "第7考场"
-state_dir = "{tmp_path / 'state'}"
-[mqtt]
-port = {mosquitto.port}
-[exporter]
-listen = "127.0.0.1:{exporter}"
-[uplink]
-enabled = true
-port = {mosquitto.port}
-signing_key = "{'ef' * 32}"
-[rules.link_down]
-for = 0
-[rules.noise_high]
-for = 0
-[schedule]
-[[schedule.sessions]]
-start = {local(-30)}
-end = {local(60)}
-{room.devices_toml(INTERVAL)}
-""", encoding="utf-8")
+    config.write_text(agent_toml(mosquitto.port, exporter, tmp_path / "state", room="r7", room_name="第7考场",
+                                 body="[rules.link_down]\nfor = 0\n[rules.noise_high]\nfor = 0\n"
+                                      + room.devices_toml(INTERVAL),
+                                 sessions=[(-30, 60)]), encoding="utf-8")
     watcher = Watcher(mosquitto.port)
     agent = launch_agent(config, exporter, mosquitto.port, ready=("agent_started",))
     try:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.agent_support import Watcher, launch_agent, until
+from tests.agent_support import Watcher, agent_toml, launch_agent, until
 from tests.conftest import free_port
 
 pytestmark = [
@@ -35,28 +35,10 @@ def small_disk(tmp_path):
 def test_full_disk_keeps_the_agent_alarming_and_loses_no_transition(mosquitto, small_disk, tmp_path):
     exporter = free_port()
     config = tmp_path / "agent.toml"
-    config.write_text(f"""
-[agent]
-site = "s1"
-room = "sec"
-kind = "secrecy_room"
-state_dir = "{small_disk}"
-[mqtt]
-port = {mosquitto.port}
-[exporter]
-listen = "127.0.0.1:{exporter}"
-[uplink]
-enabled = true
-port = {mosquitto.port}
-signing_key = "{'ab' * 32}"
-[[devices]]
-name = "door"
-kind = "door"
-protocol = "mqtt"
-topic = "z2m/door"
-profile = "zigbee2mqtt_contact"
-interval = 60
-""", encoding="utf-8")
+    config.write_text(agent_toml(mosquitto.port, exporter, small_disk, room="sec", kind="secrecy_room",
+                                 body='[[devices]]\nname = "door"\nkind = "door"\nprotocol = "mqtt"\n'
+                                      'topic = "z2m/door"\nprofile = "zigbee2mqtt_contact"\ninterval = 60\n'),
+                      encoding="utf-8")
     watcher = Watcher(mosquitto.port)
     agent = launch_agent(config, exporter, mosquitto.port)
     filler = small_disk / "filler"
