@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simulators.broker import free_port, wait_port  # noqa: E402
 
 from edge.config import Uplink as UplinkConfig
 from edge.model import Reading
@@ -39,22 +40,6 @@ SCENARIOS = [
     ("busy room, a row every 0.1 s", 36000, 3),
     ("30 devices x 20 metrics every 5 s, a row a second", 3600, 120),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int) -> None:
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(port)
 
 
 def scenario(workdir: Path, rows: int, per_row: int) -> tuple[float, int]:

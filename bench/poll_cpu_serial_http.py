@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from simulators.broker import free_port, wait_port  # noqa: E402
+
 from collectors import isapi, links, megatec, modbus_noise  # noqa: E402
 from collectors.base import Health  # noqa: E402
 from edge.config import Device  # noqa: E402
@@ -31,22 +33,6 @@ CYCLES = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 class NullAcc:
     def add(self, reading: object) -> None:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int) -> None:
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(port)
 
 
 def tcp_service() -> int:

@@ -20,9 +20,7 @@ def _config_check(path: str) -> int:
     try:
         cfg = loads(text)
     except ConfigError as err:
-        print(f"{path}: {len(err.issues)} error(s):", file=sys.stderr)
-        for issue in err.issues:
-            print(f"  {issue}", file=sys.stderr)
+        sys.stderr.write(err.report(path))
         return 2
     print(f"{path}: ok ({cfg.agent_id}, {len(cfg.devices)} devices)")
     return 0
@@ -39,8 +37,11 @@ def _agent_run(path: str, log_level: str) -> int:
     logs.configure(log_level)
     try:
         cfg = load(path)
-    except (ConfigError, OSError) as err:
-        print(f"{path}: {err}", file=sys.stderr)
+    except ConfigError as err:
+        sys.stderr.write(err.report(path))
+        return 2
+    except OSError as err:
+        print(f"{path}: cannot read: {err.strerror}", file=sys.stderr)
         return 2
     try:
         asyncio.run(Agent(cfg).run())

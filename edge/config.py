@@ -147,6 +147,10 @@ class ConfigError(Exception):
         super().__init__("\n".join(map(str, issues)))
         self.issues = issues
 
+    def report(self, path: str) -> str:
+        """What ``config check`` and a refused start print: the file, then every issue on its own line."""
+        return f"{path}: {len(self.issues)} error(s):\n" + "".join(f"  {issue}\n" for issue in self.issues)
+
 
 def load(path: str) -> Config:
     with open(path, "rb") as f:

@@ -79,9 +79,7 @@ def run(config_path: str) -> int:
         cfg = gwconfig.load(config_path)
         gw = Gateway(cfg)
     except ConfigError as err:
-        print(f"{config_path}: {len(err.issues)} error(s):", file=sys.stderr)
-        for issue in err.issues:
-            print(f"  {issue}", file=sys.stderr)
+        sys.stderr.write(err.report(config_path))
         return 2
     except (OSError, ValueError) as err:
         print(f"{config_path}: {err}", file=sys.stderr)
