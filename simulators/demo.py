@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -235,6 +236,11 @@ def run_scenario(site: DemoSite, speed: float = 1.0, patience: float = 40.0) -> 
 
 def main(workdir: str = ".examwatch-demo", duration: float = 0.0, scenario: bool = True, speed: float = 1.0) -> int:
     site = DemoSite(Path(workdir))
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt  # a `kill` stops the site as cleanly as Ctrl-C
+
+    signal.signal(signal.SIGTERM, interrupted)
     print(f"examwatch 演示：一个县、一个考点（{SITE}）、三个房间。文件在 {site.dir}")
     try:
         site.start()
