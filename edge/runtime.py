@@ -23,9 +23,10 @@ import structlog
 
 import collectors
 from collectors import Health
+from edge import statedir
 from edge.config import Config, Device
 from edge.model import AlarmEvent, Reading, base_device
-from edge.store import Store
+from edge.store import Store, is_corruption, open_checked
 from rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.agent")
@@ -101,13 +102,7 @@ class Agent:
     # --- the writer thread ---
 
     def _writer(self) -> None:
-        cfg = self.cfg
-        store = self.store = Store(
-            self.db_path,
-            retention_s=cfg.store.retention_hours * 3600,
-            outbox_budget_bytes=int(cfg.uplink.outbox_budget_mb * 1024 * 1024),
-        )
-        restored = store.open_alarms()
+        store, restored = self._open_store()
         state = self.engine.restore(restored) if restored else self.engine.initial_state()
         self.active = {e.id: e for e in restored}
         self.ready.set()
@@ -136,6 +131,17 @@ class Agent:
             if stopping:
                 break
         store.close()
+
+    def _open_store(self) -> tuple[Store, list[AlarmEvent]]:
+        """Open the database; a corrupt one is set aside for a fresh one, and ``store_corrupt`` says so
+        (1 raises the alarm until the agent restarts on a sound database; 0 clears it then)."""
+        opened = open_checked(self.db_path, retention_s=self.cfg.store.retention_hours * 3600,
+                              outbox_budget_bytes=int(self.cfg.uplink.outbox_budget_mb * 1024 * 1024))
+        if opened.set_aside:
+            log.error("store_corrupt", problem=opened.problem, set_aside=str(opened.set_aside))
+        self.intake.add(Reading(self.host_device, "store_corrupt", 1.0 if opened.set_aside else 0.0, time.time()))
+        self.store = opened.store
+        return opened.store, opened.open_alarms
 
     def _take(self) -> list[Reading]:
         try:
@@ -183,7 +189,8 @@ class Agent:
                 store.write(batch, events, evidence=evidence, outbox=outbox,
                             flush_readings=self.cfg.uplink.batch_max if flush and last and self.uplink else 0)
             except sqlite3.Error as err:
-                self.health.drop("store", "disk_full" if "full" in str(err) else "write_failed", error=str(err))
+                reason = "corrupt" if is_corruption(err) else "disk_full" if "full" in str(err) else "write_failed"
+                self.health.drop("store", reason, error=str(err))
                 self._set_store_ok(False)
                 self._bound_backlog()
                 break
@@ -234,7 +241,8 @@ class Agent:
         from edge import exporter
 
         cfg = self.cfg
-        os.makedirs(cfg.agent.state_dir, exist_ok=True)
+        statedir.private_dir(cfg.agent.state_dir)
+        lock = statedir.StateLock(cfg.agent.state_dir)  # held until the process ends, however it ends
         if cfg.uplink.enabled:
             from edge.uplink import Uplink
             self.uplink = Uplink(
@@ -267,6 +275,7 @@ class Agent:
         self.stop_event.set()
         await asyncio.to_thread(writer.join, 10)
         server.shutdown()  # type: ignore[attr-defined]
+        lock.release()
         log.info("agent_stopped")
 
     def _collectors(self) -> list[Any]:

@@ -8,6 +8,7 @@ its own read-only connection (``OutboxReader``) and hands acknowledged sequence 
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,7 @@ from typing import NamedTuple
 import msgspec
 import sqlite_utils
 
+from edge import statedir
 from edge.model import AlarmEvent, Reading
 
 SCHEMA = """
@@ -177,6 +179,74 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+class Opened(NamedTuple):
+    store: Store
+    open_alarms: list[AlarmEvent]  # to restore the rules engine
+    set_aside: Path | None  # where a corrupt database went (a fresh one was started), else None
+    problem: str  # what was wrong with it
+
+
+_WAL_MAGIC = (0x377F0682, 0x377F0683)
+
+
+def is_corruption(err: sqlite3.Error) -> bool:
+    """A damaged file (SQLITE_CORRUPT, SQLITE_NOTADB), not a busy, full or unreadable disk."""
+    return getattr(err, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _damage(path: Path) -> str:
+    """What is wrong with the database at ``path`` (quick_check, without opening it for the agent), or ""."""
+    try:
+        with open(f"{path}-wal", "rb") as f:
+            magic = f.read(4)
+        # SQLite silently ignores a WAL whose header is not its own; everything committed in it would be lost.
+        if len(magic) == 4 and int.from_bytes(magic, "big") not in _WAL_MAGIC:
+            return "the -wal file is not a SQLite write-ahead log"
+    except FileNotFoundError:
+        pass
+    conn = sqlite3.connect(str(path), timeout=30)
+    try:
+        rows = conn.execute("PRAGMA quick_check").fetchall()
+        return "" if rows == [("ok",)] else "quick_check: " + "; ".join(str(r[0]) for r in rows[:3])
+    except sqlite3.DatabaseError as err:
+        if not is_corruption(err):
+            raise
+        return str(err)
+    finally:
+        conn.close()
+
+
+def open_checked(path: str | Path, *, retention_s: float, outbox_budget_bytes: int) -> Opened:
+    """Open the agent's database 0600, or set a corrupt one aside (``statedir.set_aside``) and start a fresh
+    one: a damaged file must not keep the room without alarms. Other errors (busy, unreadable) raise."""
+    path = Path(path)
+
+    def store() -> Store:
+        return Store(path, retention_s=retention_s, outbox_budget_bytes=outbox_budget_bytes)
+
+    statedir.private_db(path)
+    problem = _damage(path)
+    if not problem:
+        try:
+            opened = store()
+            try:
+                return Opened(opened, opened.open_alarms(), None, "")
+            except BaseException:
+                opened.close()
+                raise
+        except sqlite3.DatabaseError as err:
+            if not is_corruption(err):
+                raise
+            problem = str(err)
+        except msgspec.DecodeError as err:  # an alarm row that is not what the agent wrote
+            problem = f"stored alarm unreadable: {err}"
+        # A connection left open would, when collected, delete "<path>-wal" by name: the new database's.
+        gc.collect()
+    aside = statedir.set_aside(path)
+    statedir.private_db(path)
+    return Opened(store(), [], aside, problem)
 
 
 class OutboxReader:

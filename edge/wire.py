@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
 
 import msgspec
+
+from edge.statedir import read_secret
 
 VERSION = 1
 KINDS = ("readings", "alarms", "status")
@@ -110,9 +111,10 @@ def parse_key(text: str) -> bytes:
 
 
 def load_key(inline: str, file: str) -> bytes:
-    """The key from the config value, or from the file it names (the file is preferred: keep keys out of configs)."""
+    """The key from the config value, or from the file it names (the file is preferred: keep keys out of configs;
+    one that group or others may read is refused)."""
     if file:
-        return parse_key(Path(file).read_text(encoding="utf-8"))
+        return parse_key(read_secret(file))
     if inline:
         return parse_key(inline)
     raise ValueError("no signing key: set uplink.signing_key_file (or signing_key)")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from importlib import resources
-from pathlib import Path
 
 import msgspec
 
 from edge import wire
 from edge.config import BrokerSettings, ConfigError, ConfigIssue, parse
+from edge.statedir import read_secret
 from rules.config import Schedule
 
 
@@ -75,14 +75,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def agent_keys(self) -> dict[str, bytes]:
         """The roster: every agent id with its signing key (file entries first, inline ones override)."""
-        text = Path(self.security.keys_file).read_text(encoding="utf-8") if self.security.keys_file else ""
+        text = read_secret(self.security.keys_file) if self.security.keys_file else ""
         keys = dict(_parse_keys_file(text))
         keys.update({a: wire.parse_key(k) for a, k in self.security.keys.items()})
         return keys
 
     def api_token(self) -> str:
         if self.api.token_file:
-            return Path(self.api.token_file).read_text(encoding="utf-8").strip()
+            return read_secret(self.api.token_file).strip()
         return self.api.token
 
     def correlation_rules(self) -> list[CorrelationRule]:
@@ -131,7 +131,7 @@ def loads(text: str) -> Config:
             issues.append(ConfigIssue(("security", "keys", agent), str(err)))
     if cfg.security.keys_file:
         try:
-            _parse_keys_file(Path(cfg.security.keys_file).read_text(encoding="utf-8"))
+            _parse_keys_file(read_secret(cfg.security.keys_file))
         except (OSError, ValueError) as err:
             issues.append(ConfigIssue(("security", "keys_file"), str(err)))
     for i, rule in enumerate(cfg.correlation):
