@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind T
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
+BUSY_TIMEOUT = 30.0  # seconds a connection waits for another's lock
 _readings = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(AlarmEvent)
 
@@ -45,7 +46,7 @@ class OutboxRow(NamedTuple):
 
 
 def _connect(path: Path) -> sqlite_utils.Database:
-    db = sqlite_utils.Database(sqlite3.connect(str(path), timeout=30), execute_plugins=False)
+    db = sqlite_utils.Database(sqlite3.connect(str(path), timeout=BUSY_TIMEOUT), execute_plugins=False)
     db.enable_wal()
     return db
 
@@ -206,10 +207,10 @@ def _damage(path: Path) -> str:
             return "the -wal file is not a SQLite write-ahead log"
     except FileNotFoundError:
         pass
-    conn = sqlite3.connect(str(path), timeout=30)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT)
     try:
         rows = conn.execute("PRAGMA quick_check").fetchall()
-        return "" if rows == [("ok",)] else "quick_check: " + "; ".join(str(r[0]) for r in rows[:3])
+        return "" if rows == [("ok",)] else ("quick_check: " + "; ".join(str(r[0]) for r in rows[:3]))[:500]
     except sqlite3.DatabaseError as err:
         if not is_corruption(err):
             raise
@@ -253,7 +254,7 @@ class OutboxReader:
     """The uplink's own read-only view of the outbox (WAL lets it read while the writer writes)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT, check_same_thread=False)
 
     def pending(self, after_seq: int = 0, limit: int = 500) -> list[OutboxRow]:
         rows = self.conn.execute(

@@ -61,6 +61,7 @@ def test_topics():
 def test_keys(tmp_path):
     f = tmp_path / "k"
     f.write_text("ab" * 32 + "\n")
+    f.chmod(0o600)
     assert wire.load_key("", str(f)) == bytes.fromhex("ab" * 32)
     with pytest.raises(ValueError, match="hex"):
         wire.parse_key("not hex")
