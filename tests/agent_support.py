@@ -121,11 +121,11 @@ def agent_toml(broker_port: int, exporter_port: int, state_dir: Path, *, room: s
 
 
 def launch_agent(config: Path, exporter_port: int, broker_port: int, env: dict | None = None,
-                 ready: tuple[str, ...] = ("agent_started", "mqtt_connected")) -> RunningAgent:
+                 ready: tuple[str, ...] = ("agent_started", "mqtt_connected"), umask: int = -1) -> RunningAgent:
     """Start `examwatch agent run`; return once it serves metrics and has logged each ``ready`` event
     (by default: listening to its MQTT sensors)."""
     proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "agent", "run", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, umask=umask,
                             env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})})
     agent = RunningAgent(proc, exporter_port, broker_port)
     try:
