@@ -102,7 +102,11 @@ class Agent:
     # --- the writer thread ---
 
     def _writer(self) -> None:
-        store, restored = self._open_store()
+        try:
+            store, restored = self._open_store()
+        except (sqlite3.Error, OSError) as err:  # not corruption (that is set aside): busy, unreadable, full
+            log.error("store_open_failed", path=self.db_path, error=f"{type(err).__name__}: {err}")
+            return
         state = self.engine.restore(restored) if restored else self.engine.initial_state()
         self.active = {e.id: e for e in restored}
         self.ready.set()

@@ -69,7 +69,8 @@ def private_db(path: str | Path) -> None:
         os.fchmod(fd, FILE_MODE)  # the umask only ever removed bits; this also restores the owner's
         os.close(fd)
     for f in (p, *(Path(f"{p}{s}") for s in SIDE_FILES)):
-        _tighten(f, FILE_MODE)
+        if not f.is_dir():  # a directory there is SQLite's error to report, not a mode to fix
+            _tighten(f, FILE_MODE)
 
 
 def read_secret(path: str | Path) -> str:

@@ -101,6 +101,18 @@ def test_files_are_owner_only_under_umask_022_and_loose_ones_tightened(mosquitto
         agent.close()
 
 
+def test_a_database_that_cannot_be_opened_stops_the_agent_with_a_clear_error(tmp_path):
+    state = tmp_path / "state"
+    (state / "agent.db").mkdir(parents=True)  # not corrupt, not a file at all: nothing to set aside
+    config = tmp_path / "agent.toml"
+    config.write_text(agent_toml(free_port(), free_port(), state), encoding="utf-8")
+    refused = run_agent(config)
+    assert refused.returncode == 1
+    assert '"event": "store_open_failed"' in refused.stdout and "unable to open database file" in refused.stdout
+    assert "Traceback" not in refused.stdout + refused.stderr
+    assert list(state.glob("*.corrupt-*")) == []
+
+
 def test_a_key_file_others_may_read_is_refused_by_agent_and_gateway(tmp_path):
     key = tmp_path / "agent.key"
     key.write_text("cd" * 32 + "\n")
