@@ -82,6 +82,7 @@ class Agent:
         # batches the disk refused, oldest first: (readings, alarm transitions, evidence)
         self._unstored: list[tuple[list[Reading], list[AlarmEvent], dict[str, list[Reading]]]] = []
         self.store_ok = True
+        self.store_set_aside = False  # a corrupt database was set aside at start: ``store_corrupt`` says 1
         self._acks: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         self.db_path = os.path.join(self.cfg.agent.state_dir, "agent.db")
 
@@ -120,6 +121,7 @@ class Agent:
                 next_self = now + SELF_METRICS_EVERY
                 batch.append(Reading(self.host_device, "outbox_used_ratio", store.outbox_used_ratio, now))
                 batch.append(Reading(self.host_device, "store_ok", 1.0 if self.store_ok else 0.0, now))
+                batch.append(Reading(self.host_device, "store_corrupt", 1.0 if self.store_set_aside else 0.0, now))
             state, events = self.engine.evaluate(state, batch, now)
             stopping = self.stop_event.is_set() and self.intake.q.empty()
             # readings go to the county in batches (its broker and gateway thank us); with an alarm at once,
@@ -138,12 +140,12 @@ class Agent:
 
     def _open_store(self) -> tuple[Store, list[AlarmEvent]]:
         """Open the database; a corrupt one is set aside for a fresh one, and ``store_corrupt`` says so
-        (1 raises the alarm until the agent restarts on a sound database; 0 clears it then)."""
+        with the other self-readings (1 raises the alarm until the agent restarts on a sound database)."""
         opened = open_checked(self.db_path, retention_s=self.cfg.store.retention_hours * 3600,
                               outbox_budget_bytes=int(self.cfg.uplink.outbox_budget_mb * 1024 * 1024))
         if opened.set_aside:
             log.error("store_corrupt", problem=opened.problem, set_aside=str(opened.set_aside))
-        self.intake.add(Reading(self.host_device, "store_corrupt", 1.0 if opened.set_aside else 0.0, time.time()))
+        self.store_set_aside = opened.set_aside is not None
         self.store = opened.store
         return opened.store, opened.open_alarms
 
