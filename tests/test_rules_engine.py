@@ -373,6 +373,7 @@ def test_pack_covers_the_plans_risks() -> None:
         ("rec1", "recorder", "storage_used_ratio", 0.95, "recorder_storage_full", 1),
         ("host", "host", "storage_used_ratio", 0.95, "host_disk_low", 1),
         ("host", "host", "outbox_used_ratio", 0.85, "outbox_nearly_full", 1),
+        ("host", "host", "store_corrupt", 1, "agent_store_corrupt", 1),
     ],
 )
 def test_pack_rules_fire(device: str, kind: str, metric: str, value: float, rule: str, level: int) -> None:
