@@ -75,14 +75,15 @@ def private_db(path: str | Path) -> None:
 
 def read_secret(path: str | Path) -> str:
     """The text of a secret file; ValueError when group or others may read it, or it is not a small file."""
-    with open(path, "rb") as f:
+    # O_NONBLOCK: a FIFO given as the key file must not hang the start; it is refused below
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
         st = os.fstat(f.fileno())
         mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"'{path}' is not a regular file")
         if mode & 0o077:
             raise ValueError(f"permissions {mode:04o} for '{path}' are too open: it must be readable by its "
                              f"owner only (chmod 600 '{path}')")
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"'{path}' is not a regular file")
         data = f.read(SECRET_MAX + 1)
     if len(data) > SECRET_MAX:
         raise ValueError(f"'{path}' is larger than {SECRET_MAX} bytes: not a key file")

@@ -197,6 +197,13 @@ def test_a_huge_secret_file_is_refused_unread(tmp_path):
         statedir.read_secret(big)
 
 
+def test_a_fifo_as_secret_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "agent.key"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(ValueError, match="not a regular file"):
+        statedir.read_secret(fifo)
+
+
 def test_the_gateway_refuses_a_keys_file_or_token_file_others_may_read(tmp_path):
     from edge.config import ConfigError
     from gateway import config as gwconfig
