@@ -201,9 +201,10 @@ def _damage(path: Path) -> str:
     """What is wrong with the database at ``path`` (quick_check, without opening it for the agent), or ""."""
     try:
         with open(f"{path}-wal", "rb") as f:
-            magic = f.read(4)
-        # SQLite silently ignores a WAL whose header is not its own; everything committed in it would be lost.
-        if len(magic) == 4 and int.from_bytes(magic, "big") not in _WAL_MAGIC:
+            head = f.read(32)
+        # SQLite silently ignores a WAL whose header is not its own, and all it held with it. Zeros are a
+        # header a power cut kept from being written (nothing committed behind it); anything else is damage.
+        if len(head) >= 4 and int.from_bytes(head[:4], "big") not in _WAL_MAGIC and any(head):
             return "the -wal file is not a SQLite write-ahead log"
     except FileNotFoundError:
         pass

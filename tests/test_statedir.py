@@ -61,6 +61,14 @@ def test_a_sound_database_is_kept_with_its_open_alarms(tmp_path):
     assert list(tmp_path.glob("*.corrupt-*")) == []
 
 
+def test_a_wal_a_power_cut_left_unwritten_is_not_corruption(tmp_path):
+    db = tmp_path / "agent.db"
+    alarm = sound_db(db)
+    Path(f"{db}-wal").write_bytes(bytes(4096))
+    opened = open_checked(db, **LIMITS)
+    assert opened.set_aside is None and opened.open_alarms == [alarm]
+
+
 def test_an_unreadable_stored_alarm_counts_as_corruption(tmp_path):
     db = tmp_path / "agent.db"
     sound_db(db)
