@@ -124,8 +124,8 @@ def test_a_write_that_meets_corruption_is_counted_and_alarmed_through_store_ok(t
         for n in pages:  # every page of the index each insert updates
             f.seek((n - 1) * 4096)
             f.write(b"\xff" * 4096)
-    agent = Agent(msgspec.structs.replace(config({}), agent=msgspec.structs.replace(config({}).agent,
-                                                                                    state_dir=str(tmp_path))))
+    cfg = config({})
+    agent = Agent(msgspec.structs.replace(cfg, agent=msgspec.structs.replace(cfg.agent, state_dir=str(tmp_path))))
     store = Store(db)  # opened without the start-up check: the card failed while the agent ran
     agent._unstored.append(([Reading("host", "cpu_temperature_celsius", 50.0, 300.0)], [], {}))
     agent._store_backlog(store, False)
