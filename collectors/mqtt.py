@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import threading
 import time
 from typing import Any
 
@@ -26,17 +28,23 @@ from edge.model import Reading
 log = structlog.get_logger("examwatch.mqtt")
 
 MAX_PAYLOAD = 64 * 1024  # a sensor message is a few hundred bytes; anything near this is not a sensor
+MAX_DEPTH = 32  # Zigbee2MQTT nests 2-3 levels; json.loads raises RecursionError near 1,000
+# JSON strings (skipped; an unterminated one runs to the end, so the scan stays linear) and brackets
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 
 
 class Field(msgspec.Struct, forbid_unknown_fields=True):
     path: str  # dotted JSON path, list items by index: "storage.free_mb", "disks.0.status"
     metric: str
     scale: float = 1.0
-    map: dict[str, float] | None = None  # JSON value (as text: true, false, ok, ...) -> metric value
+    # JSON value as lower-case text (true, false, on, off, open, closed, ok, ...) -> metric value
+    map: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}")
+        if self.map is not None:
+            self.map = {k.strip().lower(): v for k, v in self.map.items()}
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True):
@@ -69,38 +77,76 @@ def _lookup(doc: Any, path: str) -> Any:
 
 
 def _key(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, bool) else str(value)
+    """A JSON scalar as a map key: true/false for booleans, the text otherwise, in lower case ("ON" -> "on")."""
+    return json.dumps(value) if isinstance(value, bool) else str(value).strip().lower()
 
 
-def parse_payload(fields: list[Field], device: str, payload: bytes, now: float) -> list[Reading]:
-    """A sensor's JSON state message -> readings. Fields absent from the message are simply not read."""
+def _too_deep(payload: bytes) -> bool:
+    if payload.count(b"{") + payload.count(b"[") <= MAX_DEPTH:  # the common case, at C speed
+        return False
+    depth = 0
+    for m in _TOKENS.finditer(payload):
+        tok = m.group()
+        if tok in (b"{", b"["):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif tok in (b"}", b"]"):
+            depth -= 1
+    return False
+
+
+def _value(f: Field, raw: Any) -> float:
+    """One field's JSON value -> the metric's value; ``PayloadError`` names why it cannot be used."""
+    if f.map is not None and not isinstance(raw, (dict, list)):
+        if _key(raw) not in f.map:
+            raise PayloadError("unmapped_value")
+        value = f.map[_key(raw)]
+    elif isinstance(raw, bool):  # a boolean needs a map; True is not 1 by accident
+        raise PayloadError("wrong_type")
+    elif isinstance(raw, (int, float, str)):
+        try:  # Zigbee2MQTT and bridges send some numbers as text: "42.5"
+            value = float(raw) * f.scale
+        except ValueError:
+            raise PayloadError("wrong_type") from None
+        except OverflowError:  # an integer beyond any float
+            raise PayloadError("not_finite") from None
+    else:
+        raise PayloadError("wrong_type")
+    if not math.isfinite(value):
+        raise PayloadError("not_finite")
+    return value
+
+
+def parse_payload(fields: list[Field], device: str, payload: bytes, now: float) -> tuple[list[Reading], list[str]]:
+    """A sensor's JSON state message -> (readings of its valid fields, reasons of the rejected ones).
+
+    One bad field never costs the others (a door opening must survive a battery value we cannot read).
+    Fields absent from the message are simply not read. ``PayloadError`` only for faults of the whole
+    message: too_large, too_deep, not_json, not_object, and no_known_field (nothing a field names is there).
+    """
     if len(payload) > MAX_PAYLOAD:
         raise PayloadError("too_large")
+    if _too_deep(payload):
+        raise PayloadError("too_deep")
     try:
         doc = json.loads(payload)
     except (ValueError, RecursionError):
         raise PayloadError("not_json") from None
     if not isinstance(doc, dict):
         raise PayloadError("not_object")
-    readings = []
+    readings, rejected = [], []
     for f in fields:
         raw = _lookup(doc, f.path)
         if raw is None:
             continue
-        if f.map is not None:
-            if _key(raw) not in f.map:
-                raise PayloadError("unmapped_value")
-            value = f.map[_key(raw)]
-        elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            value = float(raw) * f.scale
-        else:
-            raise PayloadError("wrong_type")
-        if not math.isfinite(value):
-            raise PayloadError("not_finite")
-        readings.append(Reading(device, f.metric, value, now))
-    if fields and not readings:
+        try:
+            readings.append(Reading(device, f.metric, _value(f, raw), now))
+        except PayloadError as err:
+            rejected.append(err.reason)
+    if fields and not readings and not rejected:
         raise PayloadError("no_known_field")
-    return readings
+    return readings, rejected
 
 
 def parse_availability(payload: bytes) -> float:
@@ -158,15 +204,17 @@ class MqttCollector(Collector):
         device, fields = route
         try:
             if fields is None:
-                readings = [Reading(device.name, "device_online", parse_availability(payload), now)]
+                readings, rejected = [Reading(device.name, "device_online", parse_availability(payload), now)], []
             else:
-                readings = parse_payload(fields, device.name, payload, now)
+                readings, rejected = parse_payload(fields, device.name, payload, now)
         except PayloadError as err:
             self.health.drop("mqtt", err.reason, device=device.name, topic=topic)
             return
         except Exception as err:  # a parser bug must not kill paho's network thread
             self.health.drop("mqtt", "error", device=device.name, error=f"{type(err).__name__}: {err}")
             return
+        for reason in rejected:
+            self.health.drop("mqtt", reason, device=device.name, topic=topic)
         for r in readings:
             self.acc.add(r)
         self.health.ok(device.name, self.protocol, 0.0, now)

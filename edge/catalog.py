@@ -19,6 +19,7 @@ METRICS: dict[str, Metric] = {
     "device_online": Metric("bool", "1 while the device answers its collector"),
     # recorders, cameras, wireless sensors
     "battery_percent": Metric("percent", "battery charge of a recorder, camera or wireless sensor"),
+    "battery_low": Metric("bool", "1 while a wireless sensor reports its battery low (Zigbee2MQTT battery_low)"),
     "battery_voltage_volts": Metric("volts", "battery voltage of a wireless sensor"),
     "radio_link_quality": Metric("count", "Zigbee link quality (LQI, 0-255)"),
     "recording_active": Metric("bool", "1 while the recorder or camera is recording"),

@@ -31,10 +31,60 @@ def collector(sink: Recorder, health: Health) -> MqttCollector:
 
 def test_zigbee2mqtt_contact_true_means_closed():
     msg = b'{"battery":91,"contact":true,"linkquality":120,"voltage":3005}'
-    got = {r.metric: r.value for r in parse_payload(CONTACT, "door", msg, 5.0)}
-    assert got == {"door_open": 0.0, "battery_percent": 91.0, "radio_link_quality": 120.0,
-                   "battery_voltage_volts": 3.005}
-    assert parse_payload(CONTACT, "door", b'{"contact":false}', 5.0) == [Reading("door", "door_open", 1.0, 5.0)]
+    readings, rejected = parse_payload(CONTACT, "door", msg, 5.0)
+    assert {r.metric: r.value for r in readings} == {"door_open": 0.0, "battery_percent": 91.0,
+                                                     "radio_link_quality": 120.0, "battery_voltage_volts": 3.005}
+    assert rejected == []
+    assert parse_payload(CONTACT, "door", b'{"contact":false}', 5.0) == ([Reading("door", "door_open", 1.0, 5.0)], [])
+
+
+def test_one_bad_field_costs_only_itself():
+    """The door opening survives a battery value we cannot read; the bad field is reported by reason."""
+    readings, rejected = parse_payload(CONTACT, "door", b'{"contact":false,"battery":"low"}', 5.0)
+    assert readings == [Reading("door", "door_open", 1.0, 5.0)]
+    assert rejected == ["wrong_type"]
+    readings, rejected = parse_payload(CONTACT, "door", b'{"contact":"maybe","battery":NaN,"voltage":1e999,'
+                                                        b'"linkquality":' + b"9" * 400 + b',"battery_low":false}', 5.0)
+    assert readings == [Reading("door", "battery_low", 0.0, 5.0)]
+    assert sorted(rejected) == ["not_finite", "not_finite", "not_finite", "unmapped_value"]
+
+
+def test_zigbee2mqtt_conventions_booleans_and_numbers_as_text():
+    rec = load("mqtt", "recorder_json", Profile).fields
+    as_text = b'{"contact":"false","battery":"42.5","voltage":" 3005 ","battery_low":"true"}'
+    got = {r.metric: r.value for r in parse_payload(CONTACT, "door", as_text, 1.0)[0]}
+    assert got == {"door_open": 1.0, "battery_percent": 42.5, "battery_voltage_volts": 3.005, "battery_low": 1.0}
+    for state, value in ((b'"ON"', 1.0), (b'"off"', 0.0), (b"true", 1.0), (b'"FALSE"', 0.0)):
+        assert parse_payload(rec, "rec", b'{"recording":' + state + b"}", 1.0)[0] == [
+            Reading("rec", "recording_active", value, 1.0)]
+    # a map's keys are matched as lower-case text, however the config spells them
+    door = [Field(path="state", metric="door_open", map={"OPEN": 1, "Closed": 0})]
+    assert parse_payload(door, "d", b'{"state":"open"}', 1.0)[0] == [Reading("d", "door_open", 1.0, 1.0)]
+    assert parse_payload(door, "d", b'{"state":"CLOSED"}', 1.0)[0] == [Reading("d", "door_open", 0.0, 1.0)]
+    # a boolean never passes as a number, and a numeric string never as NaN or inf
+    assert parse_payload(CONTACT, "door", b'{"battery":true}', 1.0) == ([], ["wrong_type"])
+    assert parse_payload(CONTACT, "door", b'{"battery":"nan","voltage":"-inf"}', 1.0) == ([], ["not_finite"] * 2)
+
+
+def test_whole_message_faults_raise_and_depth_is_bounded_before_parsing():
+    import pytest
+
+    from collectors.mqtt import MAX_DEPTH, PayloadError
+
+    def reason(payload: bytes) -> str:
+        with pytest.raises(PayloadError) as err:
+            parse_payload(CONTACT, "door", payload, 1.0)
+        return err.value.reason
+
+    assert reason(b"[" * 100_000) == "too_large"
+    assert reason(b'{"a":' * 5_000 + b"1" + b"}" * 5_000) == "too_deep"  # json.loads: RecursionError
+    assert reason(b'{"contact":true,"x":' + b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1) + b"}") == "too_deep"
+    # brackets inside strings are text, not nesting
+    text = b'{"contact":true,"note":"' + b"[{" * 1_000 + b'"}'
+    assert parse_payload(CONTACT, "door", text, 1.0)[0] == [Reading("door", "door_open", 0.0, 1.0)]
+    assert reason(b"{nope") == "not_json"
+    assert reason(b"[1]") == "not_object"
+    assert reason(b'{"other":1}') == "no_known_field"
 
 
 def test_availability_both_forms():
@@ -57,6 +107,7 @@ def test_bad_payloads_are_dropped_counted_and_never_raise():
     bad = {
         b"not json": "not_json",
         b"[1,2]": "not_object",
+        b"[" * 40 + b"]" * 40: "too_deep",
         b'{"contact":"maybe"}': "unmapped_value",
         b'{"battery":"full"}': "wrong_type",
         b'{"battery":NaN}': "not_finite",
@@ -98,8 +149,8 @@ def test_fuzz_no_exception_escapes_and_every_reading_is_sane(topic, payload):
     for r in sink.readings:
         assert math.isfinite(r.value)
         msgspec.json.encode(r)  # it must be storable and sendable
-    # every message ends as readings or as exactly one counted drop, never as nothing
-    assert bool(sink.readings) != (sum(health.dropped.values()) == 1)
+    # every message ends as readings or counted drops, never as nothing
+    assert sink.readings or sum(health.dropped.values()) >= 1
 
 
 def test_mutation_fuzz_of_real_payloads():
@@ -128,6 +179,6 @@ def test_mutation_fuzz_of_real_payloads():
         FUZZED.acc, FUZZED.health = sink, health
         FUZZED.handle(topic, bytes(data), 1.0)
         assert all(math.isfinite(r.value) for r in sink.readings)
-        assert bool(sink.readings) != (sum(health.dropped.values()) == 1)
+        assert sink.readings or sum(health.dropped.values()) >= 1
         outcomes["readings" if sink.readings else "dropped"] += 1
     assert outcomes["readings"] > 100 and outcomes["dropped"] > 1000  # both paths were exercised
