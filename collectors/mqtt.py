@@ -284,7 +284,7 @@ class MqttCollector(Collector):
         for topic, reason in zip(self._subscribing.pop(mid, []), reasons):
             if reason.is_failure and topic in self.routes:  # e.g. the broker's ACL: noted per topic
                 device = self.routes[topic][0]
-                self.health.drop("mqtt", "subscribe_refused", device=device.name, topic=topic, reason=str(reason))
+                self.health.drop("mqtt", "subscribe_refused", device=device.name, topic=topic, refusal=str(reason))
                 self.health.failed(device.name, self.protocol, DeviceError("subscribe_refused", f"{topic}: {reason}"), 0.0)
                 self.acc.add(Reading(device.name, "device_online", 0.0, time.time()))
 

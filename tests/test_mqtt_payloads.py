@@ -6,8 +6,10 @@ import json
 import math
 
 import msgspec
+import paho.mqtt.client as mqtt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
 
 from collectors.base import Health
 from collectors.mqtt import Field, MqttCollector, MqttOptions, Profile, parse_availability, parse_payload
@@ -182,3 +184,59 @@ def test_mutation_fuzz_of_real_payloads():
         assert sink.readings or sum(health.dropped.values()) >= 1
         outcomes["readings" if sink.readings else "dropped"] += 1
     assert outcomes["readings"] > 100 and outcomes["dropped"] > 1000  # both paths were exercised
+
+
+def test_a_subscription_the_broker_refuses_takes_that_device_offline_only():
+    """mosquitto 2.0 grants what its ACL denies (it filters on delivery), so the SUBACK is fed here."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    sink, health = Recorder(), Health()
+    c = collector(sink, health)
+    c._subscribing[7] = list(c.routes)
+    granted, refused = ReasonCode(PacketTypes.SUBACK, "Granted QoS 1"), ReasonCode(PacketTypes.SUBACK, "Not authorized")
+    c._on_subscribe(None, None, 7, [granted, granted, refused], None)  # z2m/door, its availability, rec/1
+    assert sink.readings == [Reading("rec", "device_online", 0.0, sink.readings[0].ts)]
+    assert health.dropped == {("mqtt", "subscribe_refused"): 1}
+    assert health.devices["rec"].online is False and "door" not in health.devices
+
+
+def test_a_wildcard_or_shared_topic_is_refused_for_its_device_alone():
+    from collectors.mqtt import topic_problem
+
+    sink, health = Recorder(), Health()
+    devices = [Device(name=n, kind="door", protocol="mqtt", topic=t, profile="zigbee2mqtt_contact")
+               for n, t in (("a", "z2m107/#"), ("b", "z2m/+/door"), ("c", "z2m/c"), ("d", "z2m/c"), ("e", "z2m/e"))]
+    c = MqttCollector(devices, sink, health, broker=Mqtt())
+    assert set(c.routes) == {"z2m/c", "z2m/c/availability", "z2m/e", "z2m/e/availability"}
+    assert set(c.refused) == {"a", "b", "d"}
+    assert {r.device for r in sink.readings if r.metric == "device_online" and r.value == 0} == {"a", "b", "d"}
+    assert health.dropped == {("mqtt", "bad_topic"): 3}
+    assert [topic_problem(t) == "" for t in ("", "a/#", "a\0b", "z2m/door")] == [False, False, False, True]
+
+
+def test_a_dead_network_loop_is_seen(mosquitto):
+    """An exception in paho's thread ends its loop (and every sensor with it): alive() must say so."""
+    import asyncio
+
+    from tests.support import wait_until
+
+    async def scenario() -> None:
+        sink, health = Recorder(), Health()
+        c = collector(sink, health)
+        c.broker = Mqtt(port=mosquitto.port, client_id="dead-loop")
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        await wait_until(lambda: c.connected, 5)
+        assert c.alive() and not task.done()
+        c.client.on_message = lambda *_: 1 / 0  # a bug in a callback: paho re-raises it in its thread
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.publish("z2m/door", b"{}", qos=0)
+        pub.disconnect()
+        await wait_until(lambda: task.done(), 5)  # run() returns: the agent's health turns bad
+        assert not c.alive()
+        stop.set()
+        await c.close()
+
+    asyncio.run(scenario())
