@@ -1,8 +1,10 @@
 """MQTT sensors: Zigbee2MQTT door contacts and noise sensors, availability, and generic JSON devices.
 
 paho-mqtt runs its own network thread; ``on_message`` parses and hands readings to the accumulator, which
-is thread-safe. A bad payload is dropped with a counter and one log line per kind of fault; nothing a
-sensor sends can stop the collector.
+is thread-safe. A bad field is dropped with a counter and one log line per kind of fault, the message's
+other fields are kept; nothing a sensor sends can stop the collector. MQTT v5, so that the CONNECT can
+carry a Maximum Packet Size: the broker drops an oversized message (even a retained one) instead of
+sending it, and paho never buffers it.
 """
 
 from __future__ import annotations
