@@ -173,15 +173,15 @@ def test_the_wall_clock_stepping_a_day_and_back_raises_the_clock_alarm_only_and_
             got = watcher.wait(lambda e: e.rule == "agent_clock_jump", timeout=5)  # raised at the first step
             assert got is not None and got[1].level == 1 and got[1].value >= 86_000 and "校时" in got[1].action
             # heartbeats and reading batches go on at their pace on the monotonic clock
-            assert until(lambda: heard_since(stepped, "status", 3) and heard_since(stepped, "readings", 2), 8)
+            assert until(lambda: heard_since(stepped, "status", 3) and heard_since(stepped, "readings", 2), 20,
+                         lambda: f"heartbeats and readings after the step: {[s for s in status if s[0] > stepped]}")
         time.sleep(13)  # longer than the door's silence limit: a false silence would have come by now
         raised = [e for _, e in watcher.alarms if e.state == "raised"]
         assert {e.rule for e in raised} == {"agent_clock_jump"}, [(e.rule, e.device) for e in raised]
         # and silence is still watched on time: the door stops, its alarm comes (not in a day)
         reporting.clear()
-        quiet = time.monotonic()
-        got = watcher.wait(lambda e: e.rule == "secrecy_sensor_silent" and e.device == "door", timeout=20)
-        assert got is not None and got[0] - quiet < 16
+        got = watcher.wait(lambda e: e.rule == "secrecy_sensor_silent" and e.device == "door", timeout=30)
+        assert got is not None and got[1].at - got[1].since >= 12  # counted from its last reading, 3 x 4 s
     finally:
         running.clear()
         agent.close()
