@@ -188,3 +188,38 @@ def test_the_wall_clock_stepping_a_day_and_back_raises_the_clock_alarm_only_and_
         watcher.close()
         county.loop_stop()
         county.disconnect()
+
+
+def test_the_agent_is_unhealthy_once_a_collector_cannot_read(mosquitto):
+    """The systemd watchdog is fed only while healthy(): a dead MQTT loop must stop it (and restart us)."""
+    import asyncio
+
+    from collectors.base import Health
+    from collectors.mqtt import MqttCollector
+    from edge.config import Device, Mqtt
+    from edge.runtime import Agent
+    from tests.support import Recorder, config, wait_until
+
+    async def scenario() -> None:
+        agent = Agent(config({"door": "door"}))
+        agent.ready.set()
+        door = Device(name="door", kind="door", protocol="mqtt", topic="z2m/door", profile="zigbee2mqtt_contact")
+        sensors = MqttCollector([door], Recorder(), Health(), broker=Mqtt(port=mosquitto.port, client_id="health"))
+        stop = asyncio.Event()
+        agent._collectors_running = [sensors]
+        agent._tasks = [asyncio.create_task(sensors.run(stop))]
+        await wait_until(lambda: sensors.connected, 5)
+        agent.writer_beat = time.monotonic()
+        assert agent.healthy()
+        sensors.client.on_message = lambda *_: 1 / 0  # a bug in paho's thread ends its loop
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.publish("z2m/door", b"{}")
+        pub.disconnect()
+        await wait_until(lambda: not sensors.alive(), 5)
+        agent.writer_beat = time.monotonic()  # the writer still ticks: only the collector is dead
+        assert not agent.healthy()
+        stop.set()
+        await sensors.close()
+
+    asyncio.run(scenario())
