@@ -145,6 +145,10 @@ class Collector:
     async def close(self) -> None:
         """Release connections; called once after ``run`` returned."""
 
+    def alive(self) -> bool:
+        """False when the collector can no longer read anything (the agent then reports itself unhealthy)."""
+        return True
+
 
 class PollingCollector(Collector):
     """A collector that asks each device on its own interval, one task per device.

@@ -1,8 +1,10 @@
 """MQTT sensors: Zigbee2MQTT door contacts and noise sensors, availability, and generic JSON devices.
 
 paho-mqtt runs its own network thread; ``on_message`` parses and hands readings to the accumulator, which
-is thread-safe. A bad payload is dropped with a counter and one log line per kind of fault; nothing a
-sensor sends can stop the collector.
+is thread-safe. A bad field is dropped with a counter and one log line per kind of fault, the message's
+other fields are kept; nothing a sensor sends can stop the collector. MQTT v5, so that the CONNECT can
+carry a Maximum Packet Size: the broker drops an oversized message (even a retained one) instead of
+sending it, and paho never buffers it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import threading
 import time
 from typing import Any
 
@@ -17,8 +21,10 @@ import msgspec
 import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from collectors.base import Collector, register
+from collectors.base import Collector, DeviceError, register
 from edge.catalog import METRICS
 from edge.config import apply_broker_settings
 from edge.model import Reading
@@ -26,17 +32,24 @@ from edge.model import Reading
 log = structlog.get_logger("examwatch.mqtt")
 
 MAX_PAYLOAD = 64 * 1024  # a sensor message is a few hundred bytes; anything near this is not a sensor
+MAX_PACKET = MAX_PAYLOAD + 8 * 1024  # MQTT v5 Maximum Packet Size we ask the broker for: payload + topic and headers
+MAX_DEPTH = 32  # Zigbee2MQTT nests 2-3 levels; json.loads raises RecursionError near 1,000
+# JSON strings (skipped; an unterminated one runs to the end, so the scan stays linear) and brackets
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 
 
 class Field(msgspec.Struct, forbid_unknown_fields=True):
     path: str  # dotted JSON path, list items by index: "storage.free_mb", "disks.0.status"
     metric: str
     scale: float = 1.0
-    map: dict[str, float] | None = None  # JSON value (as text: true, false, ok, ...) -> metric value
+    # JSON value as lower-case text (true, false, on, off, open, closed, ok, ...) -> metric value
+    map: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}")
+        if self.map is not None:
+            self.map = {k.strip().lower(): v for k, v in self.map.items()}
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True):
@@ -69,38 +82,76 @@ def _lookup(doc: Any, path: str) -> Any:
 
 
 def _key(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, bool) else str(value)
+    """A JSON scalar as a map key: true/false for booleans, the text otherwise, in lower case ("ON" -> "on")."""
+    return json.dumps(value) if isinstance(value, bool) else str(value).strip().lower()
 
 
-def parse_payload(fields: list[Field], device: str, payload: bytes, now: float) -> list[Reading]:
-    """A sensor's JSON state message -> readings. Fields absent from the message are simply not read."""
+def _too_deep(payload: bytes) -> bool:
+    if payload.count(b"{") + payload.count(b"[") <= MAX_DEPTH:  # the common case, at C speed
+        return False
+    depth = 0
+    for m in _TOKENS.finditer(payload):
+        tok = m.group()
+        if tok in (b"{", b"["):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif tok in (b"}", b"]"):
+            depth -= 1
+    return False
+
+
+def _value(f: Field, raw: Any) -> float:
+    """One field's JSON value -> the metric's value; ``PayloadError`` names why it cannot be used."""
+    if f.map is not None and not isinstance(raw, (dict, list)):
+        if _key(raw) not in f.map:
+            raise PayloadError("unmapped_value")
+        value = f.map[_key(raw)]
+    elif isinstance(raw, bool):  # a boolean needs a map; True is not 1 by accident
+        raise PayloadError("wrong_type")
+    elif isinstance(raw, (int, float, str)):
+        try:  # Zigbee2MQTT and bridges send some numbers as text: "42.5"
+            value = float(raw) * f.scale
+        except ValueError:
+            raise PayloadError("wrong_type") from None
+        except OverflowError:  # an integer beyond any float
+            raise PayloadError("not_finite") from None
+    else:
+        raise PayloadError("wrong_type")
+    if not math.isfinite(value):
+        raise PayloadError("not_finite")
+    return value
+
+
+def parse_payload(fields: list[Field], device: str, payload: bytes, now: float) -> tuple[list[Reading], list[str]]:
+    """A sensor's JSON state message -> (readings of its valid fields, reasons of the rejected ones).
+
+    One bad field never costs the others (a door opening must survive a battery value we cannot read).
+    Fields absent from the message are simply not read. ``PayloadError`` only for faults of the whole
+    message: too_large, too_deep, not_json, not_object, and no_known_field (nothing a field names is there).
+    """
     if len(payload) > MAX_PAYLOAD:
         raise PayloadError("too_large")
+    if _too_deep(payload):
+        raise PayloadError("too_deep")
     try:
         doc = json.loads(payload)
     except (ValueError, RecursionError):
         raise PayloadError("not_json") from None
     if not isinstance(doc, dict):
         raise PayloadError("not_object")
-    readings = []
+    readings, rejected = [], []
     for f in fields:
         raw = _lookup(doc, f.path)
         if raw is None:
             continue
-        if f.map is not None:
-            if _key(raw) not in f.map:
-                raise PayloadError("unmapped_value")
-            value = f.map[_key(raw)]
-        elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            value = float(raw) * f.scale
-        else:
-            raise PayloadError("wrong_type")
-        if not math.isfinite(value):
-            raise PayloadError("not_finite")
-        readings.append(Reading(device, f.metric, value, now))
-    if fields and not readings:
+        try:
+            readings.append(Reading(device, f.metric, _value(f, raw), now))
+        except PayloadError as err:
+            rejected.append(err.reason)
+    if fields and not readings and not rejected:
         raise PayloadError("no_known_field")
-    return readings
+    return readings, rejected
 
 
 def parse_availability(payload: bytes) -> float:
@@ -120,9 +171,28 @@ def parse_availability(payload: bytes) -> float:
     raise PayloadError("unknown_availability")
 
 
+def topic_problem(topic: str) -> str:
+    """Why ``topic`` cannot be a sensor's topic ("" when it can): a device is one exact topic, since each
+    message is routed to its device by that topic, and paho raises on some topics it cannot subscribe to."""
+    if not topic:
+        return "empty"
+    if "+" in topic or "#" in topic:
+        return "wildcard (+ or #)"
+    if "\0" in topic:
+        return "NUL character"
+    if len(topic.encode("utf-8", "surrogatepass")) > 65_000:
+        return "too long"
+    return ""
+
+
 @register
 class MqttCollector(Collector):
-    """Listens to the room's local broker; one subscription per sensor topic (and its availability)."""
+    """Listens to the room's local broker; one subscription per sensor topic (and its availability).
+
+    A device whose topic cannot work (a wildcard, a topic another device has) is refused at start-up and
+    reported offline; the others are read. Nothing in paho's thread may raise: an exception there would
+    end the network loop, and with it every sensor of the room. ``alive()`` says whether that loop runs.
+    """
 
     protocol = "mqtt"
     Options = MqttOptions
@@ -133,7 +203,13 @@ class MqttCollector(Collector):
         super().__init__(devices, acc, health)
         self.broker = broker  # edge.config.Mqtt; the runtime passes it
         self.routes: dict[str, tuple[Any, list[Field] | None]] = {}
+        self.refused: dict[str, str] = {}  # device -> why it is not read
         for d in devices:
+            topics = [d.topic] + ([f"{d.topic}/availability"] if (d.options or MqttOptions()).availability else [])
+            problem = topic_problem(d.topic) or ("the topic of another device" if any(t in self.routes for t in topics) else "")
+            if problem:
+                self._refuse(d, "bad_topic", f"topic {d.topic[:200]!r}: {problem}")
+                continue
             opts: MqttOptions = d.options or MqttOptions()
             fields = list(self.load_profile(d.profile or self.default_profile).fields)
             overridden = {f.path for f in opts.fields}
@@ -143,6 +219,19 @@ class MqttCollector(Collector):
                 self.routes[f"{d.topic}/availability"] = (d, None)
         self.connected = False
         self.client: mqtt.Client | None = None
+        self._thread: threading.Thread | None = None
+        self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its topics, until the SUBACK
+
+    def _refuse(self, device: Any, reason: str, detail: str) -> None:
+        """A device we cannot read: counted, logged once, and offline, so its offline alarm tells people."""
+        self.refused[device.name] = detail
+        self.health.drop("mqtt", reason, device=device.name, detail=detail)
+        self.health.failed(device.name, self.protocol, DeviceError(reason, detail), 0.0)
+        self.acc.add(Reading(device.name, "device_online", 0.0, time.time()))
+
+    def alive(self) -> bool:
+        """False once paho's network loop has ended while we did not ask it to."""
+        return self._thread is None or self._thread.is_alive()
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
@@ -158,29 +247,48 @@ class MqttCollector(Collector):
         device, fields = route
         try:
             if fields is None:
-                readings = [Reading(device.name, "device_online", parse_availability(payload), now)]
+                readings, rejected = [Reading(device.name, "device_online", parse_availability(payload), now)], []
             else:
-                readings = parse_payload(fields, device.name, payload, now)
+                readings, rejected = parse_payload(fields, device.name, payload, now)
         except PayloadError as err:
             self.health.drop("mqtt", err.reason, device=device.name, topic=topic)
             return
         except Exception as err:  # a parser bug must not kill paho's network thread
             self.health.drop("mqtt", "error", device=device.name, error=f"{type(err).__name__}: {err}")
             return
+        for reason in rejected:
+            self.health.drop("mqtt", reason, device=device.name, topic=topic)
         for r in readings:
             self.acc.add(r)
         self.health.ok(device.name, self.protocol, 0.0, now)
 
-    # --- paho callbacks (paho's network thread) ---
+    # --- paho callbacks (paho's network thread; none may raise) ---
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             log.warning("mqtt_connect_refused", reason=str(reason))
             return
-        client.subscribe([(t, 1) for t in self.routes])
+        if self.routes:
+            try:
+                rc, mid = client.subscribe([(t, 1) for t in self.routes])
+            except ValueError as err:  # a topic paho will not send; topic_problem() should have caught it
+                self.health.drop("mqtt", "subscribe_failed", error=str(err))
+            else:
+                if rc == mqtt.MQTT_ERR_SUCCESS:
+                    self._subscribing[mid] = list(self.routes)
+                else:
+                    self.health.drop("mqtt", "subscribe_failed", error=mqtt.error_string(rc))
         if not self.connected:
             log.info("mqtt_connected", host=self.broker.host, port=self.broker.port, topics=len(self.routes))
         self.connected = True
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], props: Any) -> None:
+        for topic, reason in zip(self._subscribing.pop(mid, []), reasons):
+            if reason.is_failure and topic in self.routes:  # e.g. the broker's ACL: noted per topic
+                device = self.routes[topic][0]
+                self.health.drop("mqtt", "subscribe_refused", device=device.name, topic=topic, refusal=str(reason))
+                self.health.failed(device.name, self.protocol, DeviceError("subscribe_refused", f"{topic}: {reason}"), 0.0)
+                self.acc.add(Reading(device.name, "device_online", 0.0, time.time()))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if self.connected:
@@ -190,20 +298,38 @@ class MqttCollector(Collector):
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.handle(msg.topic, msg.payload, time.time())
 
+    def _loop(self, client: mqtt.Client) -> None:
+        try:
+            client.loop_forever(retry_first_connection=True)
+        except Exception:  # alive() turns False and the agent's health with it
+            log.exception("mqtt_loop_failed")
+
     async def run(self, stop: asyncio.Event) -> None:
         b = self.broker
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=b.client_id, protocol=mqtt.MQTTv311)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=b.client_id, protocol=mqtt.MQTTv5)
         apply_broker_settings(client, b)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.reconnect_delay_set(1, 30)
-        client.connect_async(b.host, b.port, keepalive=30)  # plain connect() raises if the broker is down at boot
-        client.loop_start()
+        props = Properties(PacketTypes.CONNECT)
+        props.MaximumPacketSize = MAX_PACKET  # the broker drops bigger messages instead of sending them to us
+        # plain connect() raises if the broker is down at boot
+        client.connect_async(b.host, b.port, keepalive=30, clean_start=True, properties=props)
         self.client = client
-        await stop.wait()
+        self._thread = threading.Thread(target=self._loop, args=(client,), name="mqtt-sensors", daemon=True)
+        self._thread.start()
+        while not stop.is_set() and self._thread.is_alive():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+        if not stop.is_set():
+            log.error("mqtt_loop_stopped", detail="no sensor is read until the agent restarts")
 
     async def close(self) -> None:
         if self.client is not None:
             self.client.disconnect()
-            self.client.loop_stop()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5)

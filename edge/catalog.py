@@ -19,6 +19,7 @@ METRICS: dict[str, Metric] = {
     "device_online": Metric("bool", "1 while the device answers its collector"),
     # recorders, cameras, wireless sensors
     "battery_percent": Metric("percent", "battery charge of a recorder, camera or wireless sensor"),
+    "battery_low": Metric("bool", "1 while a wireless sensor reports its battery low (Zigbee2MQTT battery_low)"),
     "battery_voltage_volts": Metric("volts", "battery voltage of a wireless sensor"),
     "radio_link_quality": Metric("count", "Zigbee link quality (LQI, 0-255)"),
     "recording_active": Metric("bool", "1 while the recorder or camera is recording"),
@@ -57,6 +58,7 @@ METRICS: dict[str, Metric] = {
     "store_ok": Metric("bool", "1 while the agent's local database accepts writes"),
     "store_corrupt": Metric("bool", "1 after the agent found its local database corrupt, set it aside and started afresh"
                             " (until it restarts on a sound one)"),
+    "clock_jump_seconds": Metric("seconds", "size of the latest step of the agent's wall clock within the last hour, 0 if none"),
     "outbox_used_ratio": Metric("ratio", "share of the uplink outbox's disk budget in use, 0-1"),
 }
 

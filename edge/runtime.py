@@ -4,6 +4,11 @@ Collectors run as asyncio tasks (paho's MQTT thread for the sensors). Everything
 bounded queue to a single writer thread, which owns SQLite and the rules state: per batch it evaluates
 the rules, stores readings, alarm transitions and outbox rows in one transaction, and then tells the
 uplink. The writer also ticks twice a second so ``for`` durations and silent sensors fire without input.
+
+Everything is scheduled on the monotonic clock; the wall clock only stamps data. A Pi has no real-time
+clock, so the wall clock may step by hours (NTP at boot, a fake-hwclock restore): each tick compares the
+two, and a step moves the rules' remembered times with it (no false silence) and is reported as the host's
+``clock_jump_seconds`` (the ``agent_clock_jump`` alarm).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ QUEUE_MAX = 20_000
 BATCH_MAX = 5_000
 SELF_METRICS_EVERY = 10.0  # seconds between the agent's own readings (outbox fill, store health)
 UNSTORED_MAX = 50_000  # readings held in memory while the disk refuses them (a few MB; alarms always kept)
+CLOCK_STEP = 1.0  # seconds the wall clock may move apart from the monotonic one between ticks before it counts as a step
+CLOCK_STEP_HOLD = 3600.0  # seconds ``clock_jump_seconds`` reports a step (keeps its alarm up for people to see)
 
 
 class Intake:
@@ -78,7 +85,10 @@ class Agent:
         self.uplink: Any = None
         self.store: Store | None = None
         self._outbox = {"used_ratio": 0.0, "dropped": 0}
-        self._flushed = 0.0  # when readings last went to the outbox
+        self._flushed = 0.0  # when readings last went to the outbox (monotonic)
+        self._clock_step = (0.0, 0.0)  # the latest wall-clock step: (seconds, monotonic when seen)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._collectors_running: list[Any] = []
         # batches the disk refused, oldest first: (readings, alarm transitions, evidence)
         self._unstored: list[tuple[list[Reading], list[AlarmEvent], dict[str, list[Reading]]]] = []
         self.store_ok = True
@@ -98,7 +108,9 @@ class Agent:
         return self.calendar.phase(now)
 
     def healthy(self) -> bool:
-        return self.ready.is_set() and time.monotonic() - self.writer_beat < 10 * TICK
+        """The writer ticks and every collector still runs (a dead MQTT loop reads no sensor at all)."""
+        return (self.ready.is_set() and time.monotonic() - self.writer_beat < 10 * TICK
+                and not any(t.done() for t in self._tasks) and all(c.alive() for c in self._collectors_running))
 
     # --- the writer thread ---
 
@@ -112,25 +124,36 @@ class Agent:
         self.active = {e.id: e for e in restored}
         self.ready.set()
         next_self = 0.0
+        last = (time.time(), time.monotonic())
         while True:
             batch = self._take()
-            now = time.time()
-            self.writer_beat = time.monotonic()
+            now, mono = time.time(), time.monotonic()
+            self.writer_beat = mono
             self._apply_acks(store)
-            if now >= next_self:
-                next_self = now + SELF_METRICS_EVERY
+            step = (now - last[0]) - (mono - last[1])
+            last = (now, mono)
+            if abs(step) >= CLOCK_STEP:
+                state = self.engine.rebase(state, step)
+                self._clock_step = (step, mono)
+                log.warning("clock_jump", seconds=round(step, 1), hint="校时/检查NTP")
+                next_self = 0.0  # report it now
+            if mono >= next_self:
+                next_self = mono + SELF_METRICS_EVERY
+                size, seen = self._clock_step
+                jumped = abs(size) if mono - seen < CLOCK_STEP_HOLD else 0.0
                 batch.append(Reading(self.host_device, "outbox_used_ratio", store.outbox_used_ratio, now))
                 batch.append(Reading(self.host_device, "store_ok", 1.0 if self.store_ok else 0.0, now))
                 batch.append(Reading(self.host_device, "store_corrupt", 1.0 if self.store_set_aside else 0.0, now))
+                batch.append(Reading(self.host_device, "clock_jump_seconds", jumped, now))
             state, events = self.engine.evaluate(state, batch, now)
             stopping = self.stop_event.is_set() and self.intake.q.empty()
             # readings go to the county in batches (its broker and gateway thank us); with an alarm at once,
             # so the county sees the reading that caused it; and whatever is left when we stop
             flush = self.uplink is not None and (
-                bool(events) or stopping or now - self._flushed >= self.cfg.uplink.batch_interval
+                bool(events) or stopping or mono - self._flushed >= self.cfg.uplink.batch_interval
             )
             if batch or events or flush:
-                self._commit(store, batch, events, now, flush)
+                self._commit(store, batch, events, mono, flush)
             elif self._unstored:
                 self._store_backlog(store, False)
             self._outbox = {"used_ratio": store.outbox_used_ratio, "dropped": store.outbox_dropped}
@@ -161,7 +184,7 @@ class Agent:
                 break
         return batch
 
-    def _commit(self, store: Store, batch: list[Reading], events: list[AlarmEvent], now: float, flush: bool) -> None:
+    def _commit(self, store: Store, batch: list[Reading], events: list[AlarmEvent], mono: float, flush: bool) -> None:
         for r in batch:
             self.current[(r.device, r.metric)] = r
         evidence = {}
@@ -179,7 +202,7 @@ class Agent:
             log.info("alarm", alarm=msgspec.structs.asdict(e))
         self._unstored.append((batch, events, evidence))
         if flush:
-            self._flushed = now
+            self._flushed = mono
         self._store_backlog(store, flush)
 
     def _store_backlog(self, store: Store, flush: bool) -> None:
@@ -264,8 +287,8 @@ class Agent:
         if self.uplink is not None:
             self.uplink.start()
         server, _ = exporter.serve(self, cfg.exporter.listen)
-        collectors = self._collectors()
-        tasks = [asyncio.create_task(c.run(stop), name=c.protocol) for c in collectors]
+        collectors = self._collectors_running = self._collectors()
+        tasks = self._tasks = [asyncio.create_task(c.run(stop), name=c.protocol) for c in collectors]
         watchdog = asyncio.create_task(self._watchdog(stop))
         log.info("agent_started", agent=cfg.agent_id, devices=len(cfg.devices), exporter=cfg.exporter.listen)
         await stop.wait()

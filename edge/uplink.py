@@ -39,6 +39,7 @@ from edge.config import apply_broker_settings
 log = structlog.get_logger("examwatch.uplink")
 
 RETRY_AFTER = 10.0  # seconds before re-sending a row the broker refused (e.g. not authorized)
+MAX_PACKET = 64 * 1024  # what the agent receives here is tiny (PUBACKs; nothing it subscribes to is big)
 
 
 class OutboxRowLike(Protocol):
@@ -106,9 +107,9 @@ class Uplink:
         self._connected = False
         self._inflight: dict[int, int] = {}  # mid -> seq
         self._cursor = 0  # highest seq handed to paho
-        self._retry: dict[int, float] = {}  # seq -> when to send it again
-        self._last_heartbeat = 0.0
-        self._last_count = 0.0
+        self._retry: dict[int, float] = {}  # seq -> when to send it again (monotonic)
+        self._last_heartbeat = -cfg.heartbeat  # monotonic
+        self._last_count = -1.0
         # read by health() from other threads: plain ints/bools, replaced atomically
         self._pending = 0
         self._sent = self._acked = self._refused = self._connects = 0
@@ -184,6 +185,7 @@ class Uplink:
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.session_expiry
+        props.MaximumPacketSize = MAX_PACKET  # the broker drops anything bigger instead of sending it to us
         return props
 
     def _event(self, kind: str, data: Any) -> None:
@@ -200,7 +202,7 @@ class Uplink:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 self._drain_events()
-                now = self.clock()
+                now = time.monotonic()  # schedules only: a step of the wall clock must not stop heartbeats
                 if self._connected:
                     self._send(reader, now)
                     if now - self._last_heartbeat >= self.cfg.heartbeat:
@@ -231,7 +233,7 @@ class Uplink:
                     continue  # a status message
                 if rc.is_failure:
                     self._set_error(f"broker refused seq {seq}: {rc}", kind=f"refused: {rc}")
-                    self._retry[seq] = self.clock() + RETRY_AFTER
+                    self._retry[seq] = time.monotonic() + RETRY_AFTER
                     self._refused += 1
                 else:
                     acked.append(seq)
@@ -244,7 +246,7 @@ class Uplink:
                 self._connects += 1
                 if self._error_kind.startswith("connect"):  # that error is over
                     self._last_error = self._error_kind = ""
-                self._last_heartbeat = 0.0  # announce online at once
+                self._last_heartbeat = -self.cfg.heartbeat  # announce online at once
                 log.info("uplink_connected", host=self.cfg.host, port=self.cfg.port, session_present=session_present)
             elif kind == "disconnect":
                 if self._connected:

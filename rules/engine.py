@@ -110,6 +110,18 @@ class RuleEngine:
                 retired.append(e)
         return State(tracks=tracks, retired=tuple(retired))
 
+    def rebase(self, state: State, step: float) -> State:
+        """The state after the wall clock stepped by ``step`` seconds (the runtime measured the step
+        against the monotonic clock): every remembered time moves with it, so durations (``for``, silence)
+        keep counting real seconds and a jump raises nothing. Open alarms keep their historical times."""
+        return msgspec.structs.replace(
+            state,
+            started=None if state.started is None else state.started + step,
+            tracks={k: msgspec.structs.replace(t, since=t.since + step) for k, t in state.tracks.items()},
+            last_seen={dev: ts + step for dev, ts in state.last_seen.items()},
+            silent_due=state.silent_due + step,
+        )
+
     def _applies(self, rule_id: str, device: str, metric: str | None) -> bool:
         d = self._devices.get(base_device(device))
         rule = self._rules.get(rule_id)
@@ -153,9 +165,11 @@ class RuleEngine:
             d = devices.get(dev)
             if d is None:
                 continue
-            if r.ts > last_seen.get(dev, -math.inf):
-                last_seen[dev] = r.ts
-                silent_due = min(silent_due, r.ts + d.silent_soonest)  # its own deadline may be the next
+            # a reading stamped before the clock stepped back lies in the future: it was seen now, not then
+            ts = min(r.ts, now)
+            if ts > last_seen.get(dev, -math.inf):
+                last_seen[dev] = ts
+                silent_due = min(silent_due, ts + d.silent_soonest)  # its own deadline may be the next
             for rule in d.silent:  # any reading ends a silence
                 key = (rule.id, dev)
                 t = tracks.pop(key, None)

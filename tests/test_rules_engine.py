@@ -414,3 +414,40 @@ def test_rule_clears_is_the_far_side_of_clear() -> None:
     r = Rule(id="x", title="x", metric="noise_db", op=">", threshold=70, clear=65)
     assert r.holds(70.1) and not r.holds(70)
     assert not r.clears(65.1) and r.clears(65)
+
+
+# --- the wall clock steps (a Pi without a real-time clock, NTP setting it) ---
+
+DAY = 86_400.0
+
+
+@pytest.mark.parametrize("step", [DAY, -DAY])
+def test_a_clock_step_rebased_raises_no_silence_and_keeps_counting_real_seconds(step: float) -> None:
+    d = Driver(config({"door": "door"}, room_kind="secrecy_room", interval=10))
+    d.tick(1000)
+    d.feed("door", "door_open", 0, 1005)
+    d.state = d.engine.rebase(d.state, step)  # the runtime saw wall - monotonic change by ``step``
+    t = 1010 + step
+    assert d.tick(t) == []  # 5 real seconds, not a day (+) nor "never" (-)
+    d.feed("door", "door_open", 0, t + 10)
+    assert d.tick(t + 39) == []
+    (e,) = d.tick(t + 40)  # 30 real seconds after its last reading: silent, on time
+    assert (e.rule, e.since) == ("secrecy_sensor_silent", t + 10)
+
+
+def test_a_for_duration_rebased_counts_real_seconds_across_a_step() -> None:
+    d = Driver(config({"mic": "noise"}, interval=HOURLY, schedule=EXAM_DAY))
+    t = at("2024-05-28T09:00")  # during a session: noise_high holds for 30 s before it is raised
+    d.feed("mic", "noise_db", 80, t)
+    d.state = d.engine.rebase(d.state, 600)  # still inside the session
+    assert d.feed("mic", "noise_db", 80, t + 600 + 10) == []  # 10 real seconds, not 10 minutes
+    assert [e.rule for e in d.feed("mic", "noise_db", 80, t + 600 + 30)] == ["noise_high"]
+
+
+def test_a_reading_stamped_before_the_clock_stepped_back_counts_as_seen_now() -> None:
+    d = Driver(config({"door": "door"}, room_kind="secrecy_room", interval=10))
+    d.tick(DAY)
+    d.state = d.engine.rebase(d.state, -DAY)
+    d.run([Reading("door", "door_open", 0, DAY + 1)], 2)  # queued just before the step
+    assert d.state.last_seen["door"] == 2
+    assert [e.rule for e in d.tick(32)] == ["secrecy_sensor_silent"]  # not a day later
