@@ -24,15 +24,17 @@ from gateway.ingest import Stats
 from rules.schedule import PHASES
 
 if TYPE_CHECKING:
+    from gateway.api import ApiServer
     from gateway.mqtt import Subscriber
 
 
 class GatewayCollector:
     def __init__(self, db_path: str, stats: Stats, clock: Callable[[], float] = time.time,
-                 broker: Subscriber | None = None) -> None:
+                 broker: Subscriber | None = None, api: ApiServer | None = None) -> None:
         self.db_path = db_path
         self.stats = stats
         self.broker = broker  # the Subscriber: its link's state
+        self.api = api  # its refused requests
         self.clock = clock
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -131,6 +133,12 @@ class GatewayCollector:
             yield CounterMetricFamily("examwatch_gateway_broker_connect_failures",
                                       "attempts to reach the county broker that failed (unreachable or refused)",
                                       value=self.broker.connect_failures)
+        if self.api is not None:
+            refused = CounterMetricFamily("examwatch_gateway_api_refused", "API requests refused, by reason",
+                                          labels=["reason"])
+            for reason, n in list(self.api.refused.items()):
+                refused.add_metric([reason], n)
+            yield refused
 
 
 def serve(listen: str, collector: Any) -> tuple[Any, Any]:

@@ -34,7 +34,7 @@ class Gateway:
         self.inbox: queue.SimpleQueue[tuple[int, int, Message]] = queue.SimpleQueue()
         self.subscriber = Subscriber(cfg.broker, self.inbox)
         self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token())
-        self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber)
+        self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber, api=self.api)
 
     def run(self) -> None:
         http, _ = serve(self.cfg.exporter.listen, self.exporter)
