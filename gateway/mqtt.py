@@ -63,6 +63,11 @@ class Subscriber:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def alive(self) -> bool:
+        """paho's network thread still runs (an exception in a callback ends it, and with it all intake)."""
+        thread = self.client._thread  # paho exposes no public check
+        return thread is not None and thread.is_alive()
+
     def ack(self, connection: int, mids: list[int]) -> None:
         """Acknowledge stored messages; those from an earlier connection will come again anyway."""
         with self._lock:
