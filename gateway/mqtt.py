@@ -29,6 +29,10 @@ from gateway.ingest import Message
 
 log = structlog.get_logger("examwatch.gateway.mqtt")
 
+# MQTT v5 Maximum Packet Size we announce: the broker never sends us more (deploy/mosquitto sets the same
+# max_packet_size for what it accepts from the rooms).
+MAX_PACKET = 256 * 1024
+
 
 class Subscriber:
     def __init__(self, cfg: Broker, inbox: queue.SimpleQueue[tuple[int, int, Message]]) -> None:
@@ -56,6 +60,7 @@ class Subscriber:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.session_expiry
         props.ReceiveMaximum = self.cfg.receive_maximum
+        props.MaximumPacketSize = MAX_PACKET
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=30, clean_start=False, properties=props)
         self.client.loop_start()
 
