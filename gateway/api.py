@@ -19,6 +19,7 @@ import hmac
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -41,8 +42,9 @@ IDLE_TIMEOUT = 10.0  # s a read (request line, headers, body) may wait for the c
 CONNECTION_DEADLINE = 30.0  # s a connection may last at all, however slowly it trickles
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a site or room id
+# Why a request was refused, counted in examwatch_gateway_api_refused_total{reason}.
 REFUSALS = ("bad_query", "not_found", "unauthorized", "length_required", "too_large", "bad_body", "timeout",
-            "busy", "deadline")  # reasons a request is refused, counted in examwatch_gateway_api_refused_total
+            "busy", "deadline", "broken")
 ALARM_STATES = ("active", "raised", "updated", "cleared")
 INCIDENT_STATES = ("open", "closed")
 
@@ -243,7 +245,8 @@ class ApiServer(ThreadingHTTPServer):
                     pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.warning("api_connection_error", exc_info=True)  # never a traceback on stderr per broken client
+        """A connection that broke mid-request (reset, timed out): counted, logged once, no traceback on stderr."""
+        self.refuse("broken", repr(sys.exc_info()[1]))
 
 
 class _Handler(BaseHTTPRequestHandler):
