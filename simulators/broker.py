@@ -87,6 +87,10 @@ class CountyBroker(Mosquitto):
         acl.write_text(made.stdout)
         self.conf.write_text(county_conf(COUNTY_CONF.read_text(), self.port, self.workdir, passwd, acl))
 
+    def log(self) -> str:
+        path = self.workdir / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
 
 def county_conf(example: str, port: int, workdir: Path, passwd: Path, acl: Path) -> str:
     """The example config on ``port``: without the TLS listener's lines, files moved into ``workdir``."""

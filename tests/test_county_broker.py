@@ -15,6 +15,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from simulators.broker import COUNTY_CONF, REPO, CountyBroker
+from tests.support import until
+from tests.test_gateway_support import AgentProc, GatewayProc, start
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +154,30 @@ def test_make_acl_refuses_rooms_that_would_share_a_user(tmp_path):
     keys.write_text("s1-a/b 00\ns1/a-b 00\n")
     run = subprocess.run(["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), str(keys)], capture_output=True, text=True)
     assert run.returncode != 0 and run.stdout == "" and "s1/a-b would log in as s1-a-b" in run.stderr
+
+
+def test_real_gateway_and_agents_work_through_it_and_a_rooms_credentials_speak_for_it_only(county, procs, tmp_path):
+    gw = GatewayProc(tmp_path, county.port, ["xx-1/101", "xx-1/102"])
+    login(gw.config, "[broker]", "examwatch-gateway")
+    room = AgentProc(tmp_path, "xx-1/101", county.port)
+    login(room.config, "[uplink]", "xx-1-101")
+    impostor = AgentProc(tmp_path, "xx-1/102", county.port)  # room 102's key, but 101's broker login
+    login(impostor.config, "[uplink]", "xx-1-101")
+    start(procs, gw, room)
+    until(lambda: gw.query("SELECT COUNT(*) FROM readings WHERE agent = 'xx-1/101'")[0][0] > 0, what="101's readings")
+    start(procs, impostor)
+    denied = "Denied PUBLISH from xx-1-101 (d0, q1, r0, m1, 'examwatch/v1/xx-1/102/readings'"
+    until(lambda: denied in county.log(), what="the broker refusing the impostor's readings")
+    room_rows = gw.query("SELECT COUNT(*) FROM readings WHERE agent = 'xx-1/101'")[0][0]
+    until(lambda: gw.query("SELECT COUNT(*) FROM readings WHERE agent = 'xx-1/101'")[0][0] > room_rows,
+          what="101 still delivering beside the impostor")
+    assert gw.query("SELECT COUNT(*) FROM ledger WHERE agent = 'xx-1/102'") == [(0,)]
+    # One login on two boxes: each connection takes over the other's session, so the room flaps; seen as
+    # repeated uplink_lost in the room's log (a cloned SD card looks the same).
+    until(lambda: "uplink_lost" in (room.dir / "log").read_text(), what="the room's uplink taken over")
+
+
+def login(config: Path, table: str, user: str) -> None:
+    """Give a gateway or agent config the broker login of ``user`` (its table's first lines)."""
+    text = config.read_text()
+    config.write_text(text.replace(f"{table}\n", f'{table}\nusername = "{user}"\npassword = "{USERS[user]}"\n', 1))
