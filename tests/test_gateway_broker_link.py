@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from simulators.broker import CountyBroker
 from tests.conftest import Mosquitto, free_port
 from tests.support import until
 from tests.test_gateway_support import AgentProc, GatewayProc, start
@@ -61,3 +62,17 @@ def test_broker_unreachable_then_up_then_lost(procs, tmp_path):
     broker.start()
     until(lambda: sample(gw, "examwatch_gateway_broker_connected") == 1, timeout=40, what="reconnected")
     assert gw.log().count("gateway_broker_connected") == 2
+
+
+def test_broker_refusing_the_gateways_login_is_said_once_and_counted(procs, tmp_path):
+    county = CountyBroker(tmp_path / "county", {"examwatch-gateway": "right"}, rooms=["s1/101"])
+    county.start()
+    procs.append(county)
+    gw = GatewayProc(tmp_path, county.port, ["s1/101"])
+    gw.config.write_text(gw.config.read_text().replace("[broker]\n", '[broker]\nusername = "examwatch-gateway"\n'
+                                                                     'password = "wrong"\n', 1))
+    start(procs, gw)
+    until(lambda: failures(gw) >= 2, what="two refused attempts")
+    assert sample(gw, "examwatch_gateway_broker_connected") == 0
+    log = gw.log()
+    assert log.count("gateway_broker_refused") == 1 and "wrong" not in log  # the reason, never the password
