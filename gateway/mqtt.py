@@ -41,7 +41,7 @@ class Subscriber:
         self.connection = 0  # bumped at every connect: mids are only valid on the connection they came on
         self.up_since: float | None = None
         self.subscribed = threading.Event()  # set once the broker confirmed our subscription
-        self.connected = False
+        self.connected = False  # connected and subscribed: we hear the rooms
         self.connect_failures = 0  # attempts that failed: unreachable, or refused by the broker
         self._state = ""  # the link's last logged state: connected, unreachable, refused <reason>, lost
         self._lock = threading.Lock()
@@ -53,7 +53,7 @@ class Subscriber:
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
-        c.on_subscribe = lambda *_a: self.subscribed.set()
+        c.on_subscribe = self._on_subscribe
         self.client = c
 
     def start(self) -> None:
@@ -96,10 +96,18 @@ class Subscriber:
             return
         with self._lock:
             self.connection += 1
-        self.up_since = time.time()
-        self.connected = True
         self._changed("connected", "gateway_broker_connected", session_present=flags.session_present)
         client.subscribe(f"{TOPIC_ROOT}/+/+/+", qos=1)
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+        if any(rc.is_failure for rc in codes):
+            self._changed("subscription refused", "gateway_broker_subscription_refused",
+                          reason=", ".join(map(str, codes)), hint="the broker's ACL must let the gateway read examwatch/v1/#")
+            return
+        # Rooms are judged silent only a whole heartbeat_timeout after this: from when we can hear them.
+        self.up_since = time.time()
+        self.connected = True
+        self.subscribed.set()
 
     def _on_connect_fail(self, _c: Any, _u: Any) -> None:
         self.connect_failures += 1
