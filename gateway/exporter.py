@@ -127,9 +127,10 @@ class GatewayCollector:
             rejected.add_metric([reason, site, room], n)
         yield rejected
         if self.broker is not None:
-            yield GaugeMetricFamily("examwatch_gateway_broker_connected",
-                                    "1 while connected and subscribed to the county broker; at 0 no room is heard or judged",
-                                    value=1 if self.broker.connected else 0)
+            yield GaugeMetricFamily(
+                "examwatch_gateway_broker_connected",
+                "1 while connected and subscribed to the county broker; at 0 no room is heard or judged",
+                value=1 if self.broker.connected else 0)
             yield CounterMetricFamily("examwatch_gateway_broker_connect_failures",
                                       "attempts to reach the county broker that failed (unreachable or refused)",
                                       value=self.broker.connect_failures)
