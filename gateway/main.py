@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import sdnotify
 import structlog
 
 from edge.config import ConfigError
@@ -38,8 +39,6 @@ class Gateway:
         self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber, api=self.api)
 
     def run(self) -> None:
-        import sdnotify
-
         http, _ = serve(self.cfg.exporter.listen, self.exporter)
         self.api_thread = self.api.start()
         self.subscriber.start()
