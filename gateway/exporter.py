@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,11 +23,18 @@ from gateway import store
 from gateway.ingest import Stats
 from rules.schedule import PHASES
 
+if TYPE_CHECKING:
+    from gateway.api import ApiServer
+    from gateway.mqtt import Subscriber
+
 
 class GatewayCollector:
-    def __init__(self, db_path: str, stats: Stats, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db_path: str, stats: Stats, clock: Callable[[], float] = time.time,
+                 broker: Subscriber | None = None, api: ApiServer | None = None) -> None:
         self.db_path = db_path
         self.stats = stats
+        self.broker = broker  # the Subscriber: its link's state
+        self.api = api  # its refused requests
         self.clock = clock
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -119,6 +126,20 @@ class GatewayCollector:
             site, _, room = agent.partition("/")
             rejected.add_metric([reason, site, room], n)
         yield rejected
+        if self.broker is not None:
+            yield GaugeMetricFamily(
+                "examwatch_gateway_broker_connected",
+                "1 while connected and subscribed to the county broker; at 0 no room is heard or judged",
+                value=1 if self.broker.connected else 0)
+            yield CounterMetricFamily("examwatch_gateway_broker_connect_failures",
+                                      "attempts to reach the county broker that failed (unreachable or refused)",
+                                      value=self.broker.connect_failures)
+        if self.api is not None:
+            refused = CounterMetricFamily("examwatch_gateway_api_refused", "API requests refused, by reason",
+                                          labels=["reason"])
+            for reason, n in list(self.api.refused.items()):
+                refused.add_metric([reason], n)
+            yield refused
 
 
 def serve(listen: str, collector: Any) -> tuple[Any, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import sys
@@ -9,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import sdnotify
 import structlog
 
 from edge.config import ConfigError
@@ -34,15 +36,17 @@ class Gateway:
         self.inbox: queue.SimpleQueue[tuple[int, int, Message]] = queue.SimpleQueue()
         self.subscriber = Subscriber(cfg.broker, self.inbox)
         self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token())
-        self.exporter = GatewayCollector(self.db_path, self.engine.stats)
+        self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber, api=self.api)
 
     def run(self) -> None:
         http, _ = serve(self.cfg.exporter.listen, self.exporter)
-        self.api.start()
+        self.api_thread = self.api.start()
         self.subscriber.start()
         log.info("gateway_started", agents=len(self.engine.agents), api=self.cfg.api.listen,
                  exporter=self.cfg.exporter.listen)
-        last_tick = 0.0
+        systemd = sdnotify.SystemdNotifier()
+        systemd.notify("READY=1")
+        period, last_tick, last_watchdog = watchdog_period(), 0.0, 0.0
         try:
             while not self.stop_event.is_set():
                 batch = self._take(timeout=0.2)
@@ -54,12 +58,23 @@ class Gateway:
                 if now - last_tick >= 1.0:
                     self.engine.tick(now, self.subscriber.up_since)
                     last_tick = now
+                # From the ingest loop itself, never a timer of its own: a loop stuck in a write, or a
+                # dead API or MQTT thread, stops the pings and systemd restarts us after WatchdogSec.
+                if time.monotonic() - last_watchdog >= period and self.healthy():
+                    last_watchdog = time.monotonic()
+                    systemd.notify("WATCHDOG=1")
+                    systemd.notify(f"STATUS=broker {'connected' if self.subscriber.connected else 'NOT connected'}, "
+                                   f"{len(self.engine.agents)} rooms")
         finally:
             self.subscriber.stop()
             self.api.shutdown()
             http.shutdown()
             self.conn.close()
             log.info("gateway_stopped")
+
+    def healthy(self) -> bool:
+        """The threads beside the ingest loop still run (a broker that is down is not ours to fix by restarting)."""
+        return self.api_thread.is_alive() and self.subscriber.alive()
 
     def _take(self, timeout: float) -> list[tuple[int, int, Message]]:
         try:
@@ -72,6 +87,15 @@ class Gateway:
             except queue.Empty:
                 break
         return batch
+
+
+def watchdog_period() -> float:
+    """Half of systemd's WatchdogSec (WATCHDOG_USEC), as systemd advises; 5 s outside systemd."""
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+    except ValueError:
+        usec = 0
+    return usec / 2e6 if usec > 0 else 5.0
 
 
 def run(config_path: str) -> int:

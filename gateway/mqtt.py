@@ -4,6 +4,9 @@ paho acknowledges QoS 1 messages as soon as ``on_message`` returns unless told o
 crashed between that and its commit would lose them. So acknowledgement is manual: the ingest thread
 acknowledges a batch only after its transaction committed. A message not acknowledged before a
 disconnect is sent again by the broker after reconnect (the ledger drops the copy).
+
+The link's state (connected or not, failed attempts) is exported, and every change of it is logged once:
+a gateway that cannot reach its broker sees no room, and must say so rather than look quietly healthy.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from gateway.ingest import Message
 
 log = structlog.get_logger("examwatch.gateway.mqtt")
 
+# MQTT v5 Maximum Packet Size we announce: the broker never sends us more (deploy/mosquitto sets the same
+# max_packet_size for what it accepts from the rooms).
+MAX_PACKET = 256 * 1024
+
 
 class Subscriber:
     def __init__(self, cfg: Broker, inbox: queue.SimpleQueue[tuple[int, int, Message]]) -> None:
@@ -34,27 +41,37 @@ class Subscriber:
         self.connection = 0  # bumped at every connect: mids are only valid on the connection they came on
         self.up_since: float | None = None
         self.subscribed = threading.Event()  # set once the broker confirmed our subscription
+        self.connected = False  # connected and subscribed: we hear the rooms
+        self.connect_failures = 0  # attempts that failed: unreachable, or refused by the broker
+        self._state = ""  # the link's last logged state: connected, unreachable, refused <reason>, lost
         self._lock = threading.Lock()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
         c.manual_ack_set(True)
         c.reconnect_delay_set(min_delay=1, max_delay=15)
         apply_broker_settings(c, cfg)
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
-        c.on_subscribe = lambda *_a: self.subscribed.set()
+        c.on_subscribe = self._on_subscribe
         self.client = c
 
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.session_expiry
         props.ReceiveMaximum = self.cfg.receive_maximum
+        props.MaximumPacketSize = MAX_PACKET
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=30, clean_start=False, properties=props)
         self.client.loop_start()
 
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+    def alive(self) -> bool:
+        """paho's network thread still runs (an exception in a callback ends it, and with it all intake)."""
+        thread = self.client._thread  # paho exposes no public check
+        return thread is not None and thread.is_alive()
 
     def ack(self, connection: int, mids: list[int]) -> None:
         """Acknowledge stored messages; those from an earlier connection will come again anyway."""
@@ -65,19 +82,42 @@ class Subscriber:
             if mid:
                 self.client.ack(mid, 1)
 
+    def _changed(self, state: str, event: str, **details: Any) -> None:
+        """Log the link's state once per change, not once per retry (a broker down for a day is one line)."""
+        if state == self._state:
+            return
+        self._state = state
+        (log.info if state == "connected" else log.warning)(event, host=self.cfg.host, port=self.cfg.port, **details)
+
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
-            log.warning("gateway_broker_refused", reason=str(rc))
+            self.connect_failures += 1
+            self._changed(f"refused {rc}", "gateway_broker_refused", reason=str(rc))
             return
         with self._lock:
             self.connection += 1
-        self.up_since = time.time()
-        log.info("gateway_broker_connected", host=self.cfg.host, port=self.cfg.port, session_present=flags.session_present)
+        self._changed("connected", "gateway_broker_connected", session_present=flags.session_present)
         client.subscribe(f"{TOPIC_ROOT}/+/+/+", qos=1)
 
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+        if any(rc.is_failure for rc in codes):
+            self._changed("subscription refused", "gateway_broker_subscription_refused",
+                          reason=", ".join(map(str, codes)), hint="the broker's ACL must let the gateway read examwatch/v1/#")
+            return
+        # Rooms are judged silent only a whole heartbeat_timeout after this: from when we can hear them.
+        self.up_since = time.time()
+        self.connected = True
+        self.subscribed.set()
+
+    def _on_connect_fail(self, _c: Any, _u: Any) -> None:
+        self.connect_failures += 1
+        self._changed("unreachable", "gateway_broker_unreachable", ever_connected=self.connection > 0,
+                      hint="no room can be heard and no room is judged silent until the broker is reached")
+
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        if self.up_since is not None:
-            log.warning("gateway_broker_lost", reason=str(rc))
+        if self.connected:
+            self._changed("lost", "gateway_broker_lost", reason=str(rc))
+        self.connected = False
         self.up_since = None
 
     def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:

@@ -61,3 +61,50 @@ class Mosquitto:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
+
+
+REPO = Path(__file__).resolve().parent.parent
+COUNTY_CONF = REPO / "deploy" / "mosquitto" / "examwatch.conf"
+
+
+class CountyBroker(Mosquitto):
+    """The county broker exactly as deploy/mosquitto/examwatch.conf sets it up, on loopback without TLS.
+
+    The TLS listener is left out (its certificates are the site's); every other line is the example's,
+    with the password file made by mosquitto_passwd from ``users`` and the ACL by make-acl.sh from ``rooms``.
+    """
+
+    def __init__(self, workdir: Path, users: dict[str, str], rooms: list[str], port: int | None = None) -> None:
+        super().__init__(workdir, port)
+        self.workdir.chmod(0o755)
+        keys, passwd, acl = self.workdir / "agent-keys", self.workdir / "passwd", self.workdir / "acl"
+        keys.write_text("".join(f"{room} {'ab' * 32}\n" for room in rooms))
+        passwd.touch()
+        for user, password in users.items():
+            subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
+        made = subprocess.run(["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), str(keys)],
+                              check=True, capture_output=True, text=True)
+        acl.write_text(made.stdout)
+        self.conf.write_text(county_conf(COUNTY_CONF.read_text(), self.port, self.workdir, passwd, acl))
+
+    def log(self) -> str:
+        path = self.workdir / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def county_conf(example: str, port: int, workdir: Path, passwd: Path, acl: Path) -> str:
+    """The example config on ``port``: without the TLS listener's lines, files moved into ``workdir``."""
+    replaced = {"password_file": passwd, "acl_file": acl, "persistence_location": f"{workdir}/"}
+    out, tls_listener = [], False
+    for line in example.splitlines():
+        words = line.split()
+        if words[:1] == ["listener"]:
+            tls_listener = len(words) == 2  # "listener 8883": every interface, TLS
+            line = "" if tls_listener else f"listener {port} 127.0.0.1"
+        elif tls_listener and words and not words[0].startswith("#"):
+            continue
+        elif words and words[0] in replaced:
+            line = f"{words[0]} {replaced[words[0]]}"
+        out.append(line)
+    out += [f"user {getpass.getuser()}", f"log_dest file {workdir}/mosquitto.log", "log_type all"]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,184 @@
+"""The county broker as deploy/mosquitto/ sets it up, on a real mosquitto: who may connect as whom, and
+publish or read what. The rooms' credentials are hostile: a room's box can be opened by anyone in the room."""
+
+from __future__ import annotations
+
+import queue
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from simulators.broker import COUNTY_CONF, REPO, CountyBroker
+from tests.support import until
+from tests.test_gateway_support import AgentProc, GatewayProc, start
+
+pytestmark = pytest.mark.integration
+
+USERS = {"xx-1-101": "pass-101", "xx-1-102": "pass-102", "examwatch-gateway": "pass-gw"}
+GATEWAY_TOPICS = "examwatch/v1/+/+/+"
+
+
+class Client:
+    """A paho MQTT v5 client that waits for each answer and records what it receives."""
+
+    def __init__(self, port: int, user: str, client_id: str, clean_start: bool, password: str | None = None) -> None:
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.received: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        c.username_pw_set(user, USERS[user] if password is None else password)
+        c.on_connect = lambda _c, _u, flags, rc, _p: self.events.put(("connect", (rc, flags.session_present)))
+        c.on_disconnect = lambda _c, _u, _f, rc, _p: self.events.put(("disconnect", rc))
+        c.on_subscribe = lambda _c, _u, _mid, codes, _p: self.events.put(("subscribe", codes))
+        c.on_publish = lambda _c, _u, mid, rc, _p: self.events.put(("publish", rc))
+        c.on_message = lambda _c, _u, m: self.received.put(m)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        c.connect("127.0.0.1", port, keepalive=30, clean_start=clean_start, properties=props)
+        c.loop_start()
+        self.client = c
+        self.connect_rc, self.session_present = self.wait("connect")
+
+    def wait(self, what: str) -> Any:
+        while True:
+            kind, value = self.events.get(timeout=10)
+            if kind == what:
+                return value
+            if kind == "disconnect" and what != "disconnect":
+                raise ConnectionError(f"disconnected while waiting for {what}: {value}")
+
+    def publish(self, topic: str, payload: bytes) -> Any:
+        self.client.publish(topic, payload, qos=1)
+        return self.wait("publish")
+
+    def subscribe(self, topic: str) -> Any:
+        self.client.subscribe(topic, qos=1)
+        return self.wait("subscribe")[0]
+
+    def heard(self, topic: str) -> list[str]:
+        """Topics received so far: all the broker sent us before it answered a publish to ``topic``
+        (accepted or refused, the answer comes in order on the same stream)."""
+        self.publish(topic, b"marker")
+        out = []
+        while not self.received.empty():
+            out.append(self.received.get().topic)
+        return out
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def drain(q: queue.Queue[mqtt.MQTTMessage], n: int) -> list[tuple[str, bytes]]:
+    return [(m.topic, m.payload) for m in (q.get(timeout=10) for _ in range(n))]
+
+
+@pytest.fixture
+def county(tmp_path: Path):
+    broker = CountyBroker(tmp_path / "county", USERS, rooms=["xx-1/101", "xx-1/102"])
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def test_a_room_cannot_take_over_the_gateways_session(county):
+    gw = Client(county.port, "examwatch-gateway", "examwatch-gateway", clean_start=True)
+    assert gw.subscribe(GATEWAY_TOPICS).value == 1  # granted QoS 1
+    gw.close()  # offline: the broker queues for the gateway's session now
+    # Room 102's box, opened by someone: the gateway's client id with a clean start used to wipe its
+    # session and every message queued in it, and to receive what was meant for the gateway.
+    thief = Client(county.port, "xx-1-102", "examwatch-gateway", clean_start=True)
+    assert not thief.connect_rc.is_failure and not thief.session_present
+    thief.subscribe("examwatch/v1/#")  # mosquitto's acl_file grants it; the read ACL delivers nothing
+    room = Client(county.port, "xx-1-101", "examwatch-xx-1-101", clean_start=False)
+    for i in range(3):
+        assert not room.publish("examwatch/v1/xx-1/101/readings", b"r%d" % i).is_failure
+    room.close()
+    assert thief.heard("examwatch/v1/xx-1/102/status") == []
+    thief.close()
+    back = Client(county.port, "examwatch-gateway", "examwatch-gateway", clean_start=False)
+    assert back.session_present
+    assert drain(back.received, 4) == [*(("examwatch/v1/xx-1/101/readings", b"r%d" % i) for i in range(3)),
+                                       ("examwatch/v1/xx-1/102/status", b"marker")]
+    back.close()
+
+
+def test_a_room_publishes_its_own_topics_only_and_reads_nothing(county):
+    gw = Client(county.port, "examwatch-gateway", "examwatch-gateway", clean_start=True)
+    gw.subscribe(GATEWAY_TOPICS)
+    a = Client(county.port, "xx-1-101", "examwatch-xx-1-101", clean_start=True)
+    for topic in ("examwatch/v1/xx-1/102/alarms", "examwatch/v1/xx-1/102/status", "examwatch/v1/other/101/readings"):
+        assert a.publish(topic, b"forged").is_failure
+    b = Client(county.port, "xx-1-102", "examwatch-xx-1-102", clean_start=True)
+    for topic in ("examwatch/v1/#", "examwatch/v1/xx-1/102/#", "examwatch/v1/xx-1/101/#", "#"):
+        a.subscribe(topic)  # granted by mosquitto's acl_file, but nothing is delivered:
+    assert not b.publish("examwatch/v1/xx-1/102/alarms", b"b's alarm").is_failure
+    assert a.heard("examwatch/v1/xx-1/101/alarms") == []
+    assert gw.heard("examwatch/v1/xx-1/101/alarms")  # the gateway may not write == ["examwatch/v1/xx-1/102/alarms", "examwatch/v1/xx-1/101/alarms"]
+    a.close()
+    b.close()
+    gw.close()
+
+
+def test_wrong_password_and_oversized_packets_are_refused(county):
+    bad = Client(county.port, "xx-1-101", "x", clean_start=True, password="guess")
+    assert bad.connect_rc.is_failure
+    bad.close()
+    a = Client(county.port, "xx-1-101", "examwatch-xx-1-101", clean_start=True)
+    a.client.publish("examwatch/v1/xx-1/101/readings", b"x" * 300_000, qos=1)
+    assert a.wait("disconnect").is_failure  # past max_packet_size: the broker hangs up
+    a.client.loop_stop()
+
+
+def test_every_listener_ties_client_ids_to_user_names():
+    """use_username_as_clientid is a listener setting: a listener without it reopens the takeover."""
+    listeners: list[list[str]] = []
+    for line in COUNTY_CONF.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["listener"]:
+            listeners.append([])
+        elif words and listeners:
+            listeners[-1].append(" ".join(words))
+    assert len(listeners) == 2
+    for settings in listeners:
+        assert "use_username_as_clientid true" in settings
+
+
+def test_make_acl_refuses_rooms_that_would_share_a_user(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("s1-a/b 00\ns1/a-b 00\n")
+    run = subprocess.run(["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), str(keys)], capture_output=True, text=True)
+    assert run.returncode != 0 and run.stdout == "" and "s1/a-b would log in as s1-a-b" in run.stderr
+
+
+def test_real_gateway_and_agents_work_through_it_and_a_rooms_credentials_speak_for_it_only(county, procs, tmp_path):
+    gw = GatewayProc(tmp_path, county.port, ["xx-1/101", "xx-1/102"])
+    login(gw.config, "[broker]", "examwatch-gateway")
+    room = AgentProc(tmp_path, "xx-1/101", county.port)
+    login(room.config, "[uplink]", "xx-1-101")
+    impostor = AgentProc(tmp_path, "xx-1/102", county.port)  # room 102's key, but 101's broker login
+    login(impostor.config, "[uplink]", "xx-1-101")
+    start(procs, gw, room)
+    until(lambda: gw.query("SELECT COUNT(*) FROM readings WHERE agent = 'xx-1/101'")[0][0] > 0, what="101's readings")
+    start(procs, impostor)
+    denied = re.compile(r"Denied PUBLISH from xx-1-101 .*'examwatch/v1/xx-1/102/readings'")
+    until(lambda: denied.search(county.log()), what="the broker refusing the impostor's readings")
+    room_rows = gw.query("SELECT COUNT(*) FROM readings WHERE agent = 'xx-1/101'")[0][0]
+    until(lambda: gw.query("SELECT COUNT(*) FROM readings WHERE agent = 'xx-1/101'")[0][0] > room_rows,
+          what="101 still delivering beside the impostor")
+    assert gw.query("SELECT COUNT(*) FROM ledger WHERE agent = 'xx-1/102'") == [(0,)]
+    # One login on two boxes: each connection takes over the other's session, so the room flaps; seen as
+    # repeated uplink_lost in the room's log (a cloned SD card looks the same).
+    until(lambda: "uplink_lost" in (room.dir / "log").read_text(), what="the room's uplink taken over")
+
+
+def login(config: Path, table: str, user: str) -> None:
+    """Give a gateway or agent config the broker login of ``user`` (its table's first lines)."""
+    text = config.read_text()
+    config.write_text(text.replace(f"{table}\n", f'{table}\nusername = "{user}"\npassword = "{USERS[user]}"\n', 1))
