@@ -18,6 +18,7 @@ from gateway.api import ApiServer
 from gateway.exporter import GatewayCollector, serve
 from gateway.ingest import Engine, Message
 from gateway.mqtt import Subscriber
+from gateway.notify.worker import notifier_for
 
 log = structlog.get_logger("examwatch.gateway")
 
@@ -35,10 +36,12 @@ class Gateway:
         self.subscriber = Subscriber(cfg.broker, self.inbox)
         self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token())
         self.exporter = GatewayCollector(self.db_path, self.engine.stats)
+        self.notifier = notifier_for(cfg, self.db_path)
 
     def run(self) -> None:
-        http, _ = serve(self.cfg.exporter.listen, self.exporter)
+        http, _ = serve(self.cfg.exporter.listen, self.exporter, self.notifier.collector)
         self.api.start()
+        self.notifier.start()
         self.subscriber.start()
         log.info("gateway_started", agents=len(self.engine.agents), api=self.cfg.api.listen,
                  exporter=self.cfg.exporter.listen)
@@ -56,6 +59,7 @@ class Gateway:
                     last_tick = now
         finally:
             self.subscriber.stop()
+            self.notifier.stop()
             self.api.shutdown()
             http.shutdown()
             self.conn.close()

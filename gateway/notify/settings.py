@@ -92,3 +92,45 @@ class Notify(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 __all__ = ["CHANNEL_TYPES", "Channel", "Deadlines", "Notify", "RATE_LIMITS", "Roster", "TIERS"]
+
+
+def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every problem with the notifier's config, as (key path, message)."""
+    issues: list[tuple[tuple[str | int, ...], str]] = []
+    names: set[str] = set()
+    for i, c in enumerate(channels):
+        if not c.name or c.name in names:
+            issues.append((("channels", i, "name"), "every channel needs its own name"))
+        names.add(c.name)
+        if c.type not in CHANNEL_TYPES:
+            issues.append((("channels", i, "type"), f"one of {', '.join(CHANNEL_TYPES)}"))
+        elif c.type == "email":
+            if c.tls not in ("starttls", "implicit"):
+                issues.append((("channels", i, "tls"), "e-mail is sent over TLS only: \"starttls\" or \"implicit\""))
+            if not c.host or not c.sender or not c.to:
+                issues.append((("channels", i), "e-mail needs host, sender and to"))
+        elif not c.url.startswith(("https://", "http://")):
+            issues.append((("channels", i, "url"), "an http(s) URL"))
+        if not 0 < c.timeout <= 120 or not 1 <= c.repost_interval <= 3600 or c.rate_per_minute > 10_000:
+            issues.append((("channels", i), "timeout 0-120 s, repost_interval 1-3600 s, rate_per_minute up to 10000"))
+        if any(lv not in (1, 2, 3) for lv in c.levels):
+            issues.append((("channels", i, "levels"), "levels are 1, 2 or 3"))
+    for i, r in enumerate(roster):
+        for t in TIERS:
+            for n in r.tier(t):
+                if n not in names:
+                    issues.append((("roster", i, t), f"no channel named {n!r}"))
+    for lv, tier in notify.start_tier.items():
+        if lv not in ("1", "2", "3") or tier not in TIERS:
+            issues.append((("notify", "start_tier", lv), f"level 1-3 -> one of {', '.join(TIERS)}"))
+    for lv in (1, 2, 3):
+        marks = notify.deadlines.of(lv)
+        if any(not 0 < m <= 86400 or m != m for m in marks) or marks != sorted(marks):
+            issues.append((("notify", "deadlines", f"level{lv}"), "rising seconds between 0 and 86400"))
+    if not 1 <= notify.flap_count <= 100 or not 0 < notify.flap_window <= 86400:
+        issues.append((("notify",), "flap_count 1-100, flap_window up to a day"))
+    if not 0 <= notify.storm_window <= 600 or not 0 < notify.retry_base <= notify.retry_max <= 86400:
+        issues.append((("notify",), "storm_window 0-600 s; 0 < retry_base <= retry_max"))
+    if notify.failing_after < 1:
+        issues.append((("notify", "failing_after"), "at least 1"))
+    return issues

@@ -1,0 +1,237 @@
+"""The notifier at run time: one thread follows the gateway's timeline and plans; one sender thread per
+channel drains that channel's outbox rows in order, so a channel that is down delays nobody else.
+
+Each thread has its own SQLite connection to gateway.db. Nothing here is called by ingest.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from gateway.notify import outbox, source
+from gateway.notify.channels import SendError, client, sender
+from gateway.notify.channels.alertmanager import Reposter
+from gateway.notify.core import Planner, State
+from gateway.notify.messages import Message
+from gateway.notify.settings import Channel, Notify, Roster
+
+log = structlog.get_logger("examwatch.gateway.notify")
+
+STEP = 0.2  # s between looks at the timeline
+
+
+class Stats:
+    def __init__(self, channels: list[str]) -> None:
+        self.sent: Counter[str] = Counter({c: 0 for c in channels})
+        self.failed: Counter[tuple[str, str]] = Counter()
+        self.resent: Counter[str] = Counter({c: 0 for c in channels})  # possibly a duplicate (after a kill)
+        self.up: dict[str, int] = {c: 1 for c in channels}
+
+
+class Notifier:
+    def __init__(self, db_path: str, county: str, settings: Notify, channels: list[Channel], roster: list[Roster],
+                 classes: dict[str, str], clock: Callable[[], float] = time.time) -> None:
+        self.db_path = db_path
+        self.county = county or "county"
+        self.settings = settings
+        self.channels = channels
+        self.roster = roster
+        self.classes = classes
+        self.clock = clock
+        self.stats = Stats([c.name for c in channels])
+        self.stop_event = threading.Event()
+        self.wake = {c.name: threading.Event() for c in channels}
+        self.threads: list[threading.Thread] = []
+        self.collector = NotifyCollector(self)
+
+    def start(self) -> None:
+        if not self.channels:
+            return  # nowhere to send: no tables, no threads
+        conn = outbox.connect(self.db_path)
+        try:
+            for ch, n in outbox.recover(conn).items():
+                if ch in self.stats.resent:
+                    self.stats.resent[ch] += n
+                    log.warning("notify_resend_after_restart", channel=ch, rows=n)
+        finally:
+            conn.close()
+        self.threads = [threading.Thread(target=self._follow, name="notify-planner", daemon=True)]
+        self.threads += [threading.Thread(target=self._send_loop, args=(c,), name=f"notify-{c.name}", daemon=True)
+                         for c in self.channels]
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for w in self.wake.values():
+            w.set()
+        for t in self.threads:
+            t.join(15)
+
+    # --- planning -------------------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        conn = outbox.connect(self.db_path)
+        raw = outbox.load(conn, "planner")
+        state = msgspec.json.decode(raw, type=State) if raw else State()
+        cursors_raw = outbox.load(conn, "cursors")
+        cursors = msgspec.json.decode(cursors_raw, type=dict[str, int]) if cursors_raw else source.timeline_end(conn)
+        planner = Planner(self.settings, self.channels, self.roster, self.classes, state)
+        failures = 0
+        while not self.stop_event.wait(STEP):
+            try:
+                now = self.clock()
+                events, new_cursors = source.read_new(conn, cursors)
+                acks = source.read_acks(conn, [t for t, th in planner.state.threads.items() if not th.acked])
+                out, lines = planner.step(events, acks, now)
+                if out or lines or new_cursors != cursors:
+                    outbox.commit_step(conn, {"planner": msgspec.json.encode(planner.state),
+                                              "cursors": msgspec.json.encode(new_cursors)}, out, lines, now)
+                    cursors = new_cursors
+                    for ch in {c for c, _ in out}:
+                        if ch in self.wake:
+                            self.wake[ch].set()
+                failures = 0
+            except Exception as err:  # a bad row or a locked database must not end notifications
+                failures += 1
+                if failures == 1:
+                    log.error("notify_plan_failed", error=f"{type(err).__name__}: {err}")
+                # Reload the last committed state: what was planned but not stored is planned again.
+                raw = outbox.load(conn, "planner")
+                planner.state = msgspec.json.decode(raw, type=State) if raw else State()
+        conn.close()
+
+    # --- sending ----------------------------------------------------------------------------------------
+
+    def _send_loop(self, ch: Channel) -> None:
+        conn = outbox.connect(self.db_path)
+        http = client(ch) if ch.type != "email" else None
+        send = sender(ch.type)
+        window: deque[float] = deque()  # send times within the last minute (the platform's rate limit)
+        rate = ch.rate()
+        reposter = Reposter(ch) if ch.type == "alertmanager" else None
+        if reposter:
+            for m in outbox.sent_messages(conn, ch.name):
+                reposter.sent(m)
+        failing, last_reason = 0, ""
+        wake = self.wake[ch.name]
+        while not self.stop_event.is_set():
+            now = self.clock()
+            row = outbox.head(conn, ch.name)
+            if row is None or row.due > now:
+                if reposter and reposter.due(now) and failing == 0:
+                    try:
+                        reposter.repost(http, now)
+                    except SendError as err:
+                        self.stats.failed[(ch.name, err.reason)] += 1
+                        reposter.last = now
+                wake.wait(min(1.0, row.due - now) if row else 1.0)
+                wake.clear()
+                continue
+            while window and now - window[0] >= 60.0:
+                window.popleft()
+            if rate and len(window) >= rate:
+                self.stop_event.wait(60.0 - (now - window[0]))
+                continue
+            outbox.mark_sending(conn, row.id)
+            window.append(now)
+            try:
+                send(ch, row.message, http, now)
+            except Exception as err:
+                reason = err.reason if isinstance(err, SendError) else "internal"
+                failing += 1
+                self.stats.failed[(ch.name, reason)] += 1
+                delay = min(self.settings.retry_max, self.settings.retry_base * 2 ** min(row.attempts, 16))
+                outbox.mark_failed(conn, row.id, str(err), now + delay)
+                if reason != last_reason:  # once per kind of failure, not once per retry
+                    log.warning("notify_failed", channel=ch.name, reason=reason, detail=str(err)[:200], retry_in=delay)
+                    last_reason = reason
+                if failing >= self.settings.failing_after and self.stats.up[ch.name]:
+                    self.stats.up[ch.name] = 0
+                    self._channel_alarm(conn, ch.name, True, reason)
+                continue
+            outbox.mark_sent(conn, row.id, self.clock())
+            self.stats.sent[ch.name] += 1
+            if reposter:
+                reposter.sent(row.message)
+            if failing:
+                log.info("notify_recovered", channel=ch.name, after=failing)
+            failing, last_reason = 0, ""
+            if not self.stats.up[ch.name]:
+                self.stats.up[ch.name] = 1
+                self._channel_alarm(conn, ch.name, False, "")
+        if http is not None:
+            http.close()
+        conn.close()
+
+    def _channel_alarm(self, conn: Any, name: str, down: bool, reason: str) -> None:
+        try:
+            source.channel_alarm(conn, self.county, name, down, reason, self.clock())
+        except Exception as err:
+            log.error("notify_alarm_failed", channel=name, error=f"{type(err).__name__}: {err}")
+
+
+
+class NotifyCollector:
+    """``examwatch_notify_*``: per channel, sent and failed (by reason), queue length, up."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.n = notifier
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.n.stats
+        sent = CounterMetricFamily("examwatch_notify_sent", "messages a channel confirmed", labels=["channel"])
+        for ch, v in list(s.sent.items()):
+            sent.add_metric([ch], v)
+        failed = CounterMetricFamily("examwatch_notify_failed", "send attempts that failed, by reason",
+                                     labels=["channel", "reason"])
+        for (ch, reason), v in list(s.failed.items()):
+            failed.add_metric([ch, reason], v)
+        resent = CounterMetricFamily("examwatch_notify_resent_after_restart",
+                                     "messages sent again after a kill (each possibly a duplicate)", labels=["channel"])
+        for ch, v in list(s.resent.items()):
+            resent.add_metric([ch], v)
+        up = GaugeMetricFamily("examwatch_notify_up", "1 unless the channel keeps failing", labels=["channel"])
+        for ch, v in list(s.up.items()):
+            up.add_metric([ch], v)
+        queue = GaugeMetricFamily("examwatch_notify_queue", "messages waiting for the channel", labels=["channel"])
+        with self._lock:
+            if self._conn is None:
+                self._conn = outbox.connect(self.n.db_path)
+            lengths = outbox.queue_lengths(self._conn)
+        for ch in s.sent:
+            queue.add_metric([ch], lengths.get(ch, 0))
+        yield from (sent, failed, resent, up, queue)
+
+
+def test_channel(ch: Channel, county: str, now: float) -> None:
+    """Send one test message to ``ch`` now, bypassing the outbox; raises SendError when it is not confirmed."""
+    from gateway.notify.messages import system_message
+
+    m = system_message(key=f"test:{now}", thread="test", title="【测试】examwatch 通知渠道测试",
+                       text=f"这是一条测试消息：渠道“{ch.name}”配置正确，能收到考点设备告警。", firing=False,
+                       at=now, site=county or "county")
+    http = client(ch) if ch.type != "email" else None
+    try:
+        sender(ch.type)(ch, m, http, now)
+    finally:
+        if http is not None:
+            http.close()
+
+
+def notifier_for(cfg: Any, db_path: str, clock: Callable[[], float] = time.time) -> Notifier:
+    """The notifier of a gateway config (``gateway.config.Config``)."""
+    from gateway.correlate import rule_classes
+
+    classes = {rule: c.fault_class for rule, c in rule_classes(cfg.correlation_rules()).items()}
+    return Notifier(db_path, cfg.gateway.county, cfg.notify, cfg.channels, cfg.roster, classes, clock)
