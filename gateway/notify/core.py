@@ -123,8 +123,8 @@ class Planner:
         out = []
         for n in dict.fromkeys(names):
             c = self.channels.get(n)
-            if c is None:
-                continue
+            if c is None or ev.device == f"channel:{n}":
+                continue  # a channel's own down alarm cannot reach it: the others carry it
             if ((c.levels and ev.level not in c.levels) or (c.sites and ev.site not in c.sites)
                     or (c.classes and fault_class not in c.classes) or (c.room_kinds and ev.room and kind not in c.room_kinds)
                     or (c.phases and ev.phase and ev.phase not in c.phases)):

@@ -17,8 +17,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.notify import outbox, source
-from gateway.notify.channels import SendError, client, sender
-from gateway.notify.channels.alertmanager import Reposter
+from gateway.notify.channels import SendError, alertmanager, client, dingtalk, email, feishu, webhook, wecom
 from gateway.notify.core import Planner, State
 from gateway.notify.messages import Message
 from gateway.notify.settings import Channel, Notify, Roster
@@ -26,6 +25,11 @@ from gateway.notify.settings import Channel, Notify, Roster
 log = structlog.get_logger("examwatch.gateway.notify")
 
 STEP = 0.2  # s between looks at the timeline
+
+
+SENDERS: dict[str, Callable[[Channel, Message, Any, float], None]] = {
+    "dingtalk": dingtalk.send, "wecom": wecom.send, "feishu": feishu.send, "email": email.send, "webhook": webhook.send,
+    "alertmanager": alertmanager.send}
 
 
 class Stats:
@@ -57,6 +61,8 @@ class Notifier:
             return  # nowhere to send: no tables, no threads
         conn = outbox.connect(self.db_path)
         try:
+            if outbox.load(conn, "cursors") is None:  # first start: from the end of the timeline as it is now
+                outbox.commit_step(conn, {"cursors": msgspec.json.encode(source.timeline_end(conn))}, [], [], self.clock())
             for ch, n in outbox.recover(conn).items():
                 if ch in self.stats.resent:
                     self.stats.resent[ch] += n
@@ -82,8 +88,7 @@ class Notifier:
         conn = outbox.connect(self.db_path)
         raw = outbox.load(conn, "planner")
         state = msgspec.json.decode(raw, type=State) if raw else State()
-        cursors_raw = outbox.load(conn, "cursors")
-        cursors = msgspec.json.decode(cursors_raw, type=dict[str, int]) if cursors_raw else source.timeline_end(conn)
+        cursors = msgspec.json.decode(outbox.load(conn, "cursors") or b"{}", type=dict[str, int])
         planner = Planner(self.settings, self.channels, self.roster, self.classes, state)
         failures = 0
         while not self.stop_event.wait(STEP):
@@ -114,10 +119,10 @@ class Notifier:
     def _send_loop(self, ch: Channel) -> None:
         conn = outbox.connect(self.db_path)
         http = client(ch) if ch.type != "email" else None
-        send = sender(ch.type)
+        send = SENDERS[ch.type]
         window: deque[float] = deque()  # send times within the last minute (the platform's rate limit)
         rate = ch.rate()
-        reposter = Reposter(ch) if ch.type == "alertmanager" else None
+        reposter = alertmanager.Reposter(ch) if ch.type == "alertmanager" else None
         if reposter:
             for m in outbox.sent_messages(conn, ch.name):
                 reposter.sent(m)
@@ -223,7 +228,7 @@ def test_channel(ch: Channel, county: str, now: float) -> None:
                        at=now, site=county or "county")
     http = client(ch) if ch.type != "email" else None
     try:
-        sender(ch.type)(ch, m, http, now)
+        SENDERS[ch.type](ch, m, http, now)
     finally:
         if http is not None:
             http.close()

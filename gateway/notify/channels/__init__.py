@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -69,13 +68,3 @@ def coded_answer(answer: Any, field: str, rate_codes: set[int], sign_codes: set[
     if code in sign_codes:
         raise SendError("signature", f"{field} {code} {text}")
     raise SendError("errcode", f"{field} {code} {text}")
-
-
-Sender = Callable[[Channel, Message, Any, float], None]
-
-
-def sender(kind: str) -> Sender:
-    from gateway.notify.channels import alertmanager, dingtalk, email, feishu, webhook, wecom
-
-    return {"dingtalk": dingtalk.send, "wecom": wecom.send, "feishu": feishu.send, "email": email.send,
-            "webhook": webhook.send, "alertmanager": alertmanager.send}[kind]

@@ -1,7 +1,7 @@
 """A generic JSON webhook, signed: for a county's own system.
 
 Headers: ``X-Examwatch-Timestamp`` (Unix seconds), ``X-Examwatch-Signature: sha256=<hex HMAC-SHA256(key=secret,
-msg="<timestamp>.<body>")>``, ``Idempotency-Key`` (the same for every retry of one message). Any 2xx answer
+msg="<timestamp>.<body>")>``, ``Idempotency-Key`` (the message's key, percent-encoded; the same for every retry). Any 2xx answer
 confirms; the receiver should drop a repeated Idempotency-Key and a timestamp older than five minutes.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from urllib.parse import quote
 from typing import Any
 
 import msgspec
@@ -30,7 +31,8 @@ def signature(secret: str, timestamp: int, data: bytes) -> str:
 
 
 def headers(m: Message, secret: str, timestamp: int, data: bytes) -> dict[str, str]:
-    out = {"Idempotency-Key": m.key, "X-Examwatch-Timestamp": str(timestamp)}
+    # Header values are ASCII; a county's name in a key is not.
+    out = {"Idempotency-Key": quote(m.key, safe="/:"), "X-Examwatch-Timestamp": str(timestamp)}
     if secret:
         out["X-Examwatch-Signature"] = signature(secret, timestamp, data)
     return out
