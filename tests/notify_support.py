@@ -37,6 +37,7 @@ class Bot(ThreadingHTTPServer):
         self.recent: deque[float] = deque()
         self.fail_with: int | None = None  # answer this error code (with HTTP 200) to everything
         self.down = False  # answer HTTP 503
+        self.delay = 0.0  # s before answering (a slow robot: a kill lands mid-send)
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", free_port()), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -117,6 +118,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.delay:
+            time.sleep(self.server.delay)
         headers = {k: v for k, v in self.headers.items()}
         with self.server.lock:
             status, answer = self.server.judge(self.path, headers, data)
@@ -146,6 +149,31 @@ def store_alarm(conn: Any, ev: AlarmEvent, received: float | None = None) -> Non
         (_ALARMS, [(ev.id, ev.site, ev.room, ev.rule, ev.level, ev.state, ev.device, ev.message, ev.raised_at, ev.at,
                     ev.at if ev.state == "cleared" else None, "agent")]),
     ])
+
+
+def webhook_channels(*bots: tuple[str, Bot], notify: str = "") -> str:
+    """Gateway TOML: one signed webhook channel per (name, bot), and a [notify] table."""
+    out = [f'[[channels]]\nname = "{n}"\ntype = "webhook"\nurl = "{b.url}"\nsecret = "{b.secret}"\n' for n, b in bots]
+    return "".join(out) + f"[notify]\n{notify}\n"
+
+
+def publisher(port: int) -> Any:
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
+
+
+def publish_alarm(client: Any, ev: AlarmEvent, seq: int) -> None:
+    """Publish one transition as the room's agent does: signed, QoS 1, on the room's alarms topic."""
+    from edge import wire
+    from tests.test_gateway_support import key_hex
+
+    agent = f"{ev.site}/{ev.room}"
+    payload = wire.encode(bytes.fromhex(key_hex(agent)), agent, seq, ev.at, "alarms", msgspec.json.encode(ev))
+    client.publish(wire.topic(agent, "alarms"), payload, qos=1).wait_for_publish(10)
 
 
 def raised(room: str, n: int = 1, level: int = 2, at: float | None = None, rule: str = "recording_stopped",

@@ -199,16 +199,20 @@ def test_many_escalations_in_one_step_go_out_as_one_list_per_channel():
     assert out[0][1].title == "【超时未确认】10 项告警，已逐级上报"
 
 
-def test_incident_updates_are_one_thread():
-    p = planner()
+def test_incident_updates_are_one_thread_and_room_changes_within_seconds_go_as_one():
+    p = planner(storm_window=10.0)
     inc = Event(kind="incident", id="inc-1", site="s1", rooms=["101", "102"], level=2, what="opened", at=T0,
                 raised_at=T0, rule="network", message="考点多个考场网络中断")
     out, _ = p.step([inc], {}, T0)
     assert out[0][1].title == "【二级事件·发生】s1：考点多个考场网络中断"
     assert "**涉及考场**：101、102" in out[0][1].lines
     joined = msgspec.structs.replace(inc, what="joined", rooms=["101", "102", "103"], at=T0 + 5)
-    out, _ = p.step([joined, joined], {}, T0 + 5)
+    more = msgspec.structs.replace(inc, what="joined", rooms=["101", "102", "103", "104"], at=T0 + 6)
+    assert p.step([joined, joined, more], {}, T0 + 6) == ([], [])  # held: within the storm window
+    out, _ = p.step([], {}, T0 + 10)
     assert {m.thread for _, m in out} == {"inc-1"} and len(out) == 3
+    assert out[0][1].title == "【二级事件·考场变化】s1：考点多个考场网络中断"
+    assert "**涉及考场**：101、102、103、104" in out[0][1].lines
     closed = msgspec.structs.replace(inc, what="closed", rooms=[], at=T0 + 60)
     out, _ = p.step([closed], {}, T0 + 60)
     assert out[0][1].title == "【已恢复】s1：考点多个考场网络中断"

@@ -57,6 +57,8 @@ class Thread(msgspec.Struct, kw_only=True):
     tier: int
     missed: int = 0  # deadlines passed without acknowledgement
     acked: bool = False
+    sent_at: float = 0.0  # when an update of this thread last went out
+    pending: bool = False  # an incident's room changes held back (storm window), to go out as one update
 
 
 class Flap(msgspec.Struct, kw_only=True):
@@ -141,7 +143,7 @@ class Planner:
             if ev.kind == "alarm":
                 self._alarm(ev, now, out, lines)
             else:
-                self._incident(ev, out, lines)
+                self._incident(ev, now, out, lines)
         for tid, ack in acks.items():
             th = self.state.threads.get(tid)
             if th is not None and not th.acked:
@@ -152,6 +154,7 @@ class Planner:
                 lines.append((tid, ack.at, "acked", f"{ack.who}：{ack.note}" if ack.note else ack.who))
         self._deadlines(now, out, lines)
         self._flush_storms(now, out)
+        self._flush_incidents(now, out, lines)
         self._end_flaps(now, out, lines)
         return out, lines
 
@@ -213,7 +216,7 @@ class Planner:
             out += self._to(ev, fc, th.tier, self._alarm_msg(ev, "cleared", f"{ev.id}:cleared"))
             lines.append((ev.id, now, "resolved", ""))
 
-    def _incident(self, ev: Event, out: list[Out], lines: list[Line]) -> None:
+    def _incident(self, ev: Event, now: float, out: list[Out], lines: list[Line]) -> None:
         st = self.state
         th = st.threads.get(ev.id)
         if th is not None and (th.last.what, th.last.level, th.last.at) == (ev.what, ev.level, ev.at):
@@ -224,13 +227,25 @@ class Planner:
             th = st.threads[ev.id] = Thread(last=ev, fault_class=ev.rule, tier=self.start_tier(ev.level))
         th.last = ev
         th.tier = max(th.tier, self.start_tier(ev.level))
-        m = msg.incident_message(key=f"{ev.id}:{ev.what}:{ev.at}", what=ev.what, item=self._item(ev, ev.what != "closed"),
-                                 rooms=ev.rooms, title=ev.message, deadlines=self.s.deadlines.of(ev.level),
-                                 links=self.links)
+        if ev.what in ("joined", "left") and now - th.sent_at < self.s.storm_window:
+            th.pending = True  # rooms coming and going within seconds: one update with the rooms as they are
+            return
+        self._incident_update(th, ev.what, f"{ev.id}:{ev.what}:{ev.at}", now, out, lines)
+
+    def _incident_update(self, th: Thread, what: str, key: str, now: float, out: list[Out], lines: list[Line]) -> None:
+        ev = th.last
+        m = msg.incident_message(key=key, what=what, item=self._item(ev, what != "closed"), rooms=ev.rooms,
+                                 title=ev.message, deadlines=self.s.deadlines.of(ev.level), links=self.links)
         out += self._to(ev, th.fault_class, th.tier, m)
-        lines.append((ev.id, ev.at, "sent", ev.what))
-        if ev.what == "closed":
-            st.threads.pop(ev.id)
+        lines.append((ev.id, now, "sent", what))
+        th.sent_at, th.pending = now, False
+        if what == "closed":
+            self.state.threads.pop(ev.id)
+
+    def _flush_incidents(self, now: float, out: list[Out], lines: list[Line]) -> None:
+        for tid, th in list(self.state.threads.items()):
+            if th.pending and now - th.sent_at >= self.s.storm_window:
+                self._incident_update(th, "updated", f"{tid}:updated:{th.last.at}", now, out, lines)
 
     def _deadlines(self, now: float, out: list[Out], lines: list[Line]) -> None:
         """Every deadline missed without acknowledgement: re-send one tier higher; after the last, every

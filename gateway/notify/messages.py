@@ -14,7 +14,8 @@ import msgspec
 
 LEVEL_NAMES = {1: "一级", 2: "二级", 3: "三级"}
 DEADLINE_WORDS = {1: ("反馈",), 2: ("上报领导小组", "决策"), 3: ("上报县招办", "决策")}
-INCIDENT_WORDS = {"opened": "发生", "joined": "新增考场", "left": "考场恢复", "escalated": "升级", "closed": "已全部恢复"}
+INCIDENT_WORDS = {"opened": "发生", "joined": "新增考场", "left": "考场恢复", "escalated": "升级", "closed": "已全部恢复",
+                  "updated": "考场变化"}
 
 
 class Item(msgspec.Struct, kw_only=True, omit_defaults=True):
