@@ -176,6 +176,24 @@ def publish_alarm(client: Any, ev: AlarmEvent, seq: int) -> None:
     client.publish(wire.topic(agent, "alarms"), payload, qos=1).wait_for_publish(10)
 
 
+def wait_subscribed(gw: Any, client: Any, agent: str, timeout: float = 30.0) -> None:
+    """Until the gateway stores a room's heartbeat: its subscription is in place (on a first start, what is
+    published before it would not be queued for it)."""
+    from edge import wire
+    from tests.test_gateway_support import key_hex
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = msgspec.json.encode(wire.Status(state="online"))
+        payload = wire.encode(bytes.fromhex(key_hex(agent)), agent, 0, time.time(), "status", body)
+        client.publish(wire.topic(agent, "status"), payload, qos=1).wait_for_publish(10)
+        for _ in range(10):
+            if gw.query("SELECT 1 FROM agents WHERE agent = ? AND status = 'online'", agent):
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"the gateway never stored {agent}'s heartbeat")
+
+
 def raised(room: str, n: int = 1, level: int = 2, at: float | None = None, rule: str = "recording_stopped",
            site: str = "s1", state: str = "raised") -> AlarmEvent:
     t = at or time.time()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.notify_support import Bot, publish_alarm, publisher, raised, webhook_channels
+from tests.notify_support import Bot, publish_alarm, publisher, raised, wait_subscribed, webhook_channels
 from tests.support import until
 from tests.test_gateway_support import ROOT, GatewayProc, start
 
@@ -48,6 +48,7 @@ def test_a_channel_down_for_ten_room_minutes_gets_everything_once_in_order(tmp_p
         ("slow", slow), ("fine", fine), notify=FAST + "[notify.deadlines]\nlevel2 = [3600.0]\n"))
     start(procs, gw)
     mqtt = publisher(mosquitto.port)
+    wait_subscribed(gw, mqtt, rooms[0])
     slow.down = True
     t0 = time.time() - 600  # ten minutes of room time: one raise and one clear a minute
     expected = []
@@ -82,6 +83,7 @@ def test_sigkill_mid_send_loses_nothing_and_duplicates_at_most_one_per_kill(tmp_
     gw = GatewayProc(tmp_path, mosquitto.port, rooms, extra=webhook_channels(("hook", hook), notify=FAST))
     start(procs, gw)
     mqtt = publisher(mosquitto.port)
+    wait_subscribed(gw, mqtt, rooms[0])
     expected = []
     for agent in rooms:
         ev = raised(agent.split("/")[1])
@@ -110,6 +112,7 @@ def test_forty_rooms_at_once_give_a_bounded_number_of_messages_per_channel(tmp_p
         ("a", a), ("b", b), notify="retry_base = 0.2\nstorm_window = 10.0\n"))
     start(procs, gw)
     mqtt = publisher(mosquitto.port)
+    wait_subscribed(gw, mqtt, rooms[0])
     for agent in rooms:
         publish_alarm(mqtt, raised(agent.split("/")[1]), 1)
     until(lambda: gw.query("SELECT COUNT(*) FROM alarms")[0][0] == 40, 60, "all stored")
@@ -132,6 +135,7 @@ def test_an_unacknowledged_alarm_is_resent_and_an_ack_by_the_cli_stops_it(tmp_pa
         ("hook", hook), notify="retry_base = 0.2\nstorm_window = 0.0\n[notify.deadlines]\nlevel2 = [2.0, 4.0]\n"))
     start(procs, gw)
     mqtt = publisher(mosquitto.port)
+    wait_subscribed(gw, mqtt, "s1/101")
     publish_alarm(mqtt, raised("101"), 1)
     publish_alarm(mqtt, raised("102"), 1)
     until(lambda: {x["key"] for x in hook.bodies()} >= {"s1/101/recording_stopped/1:raised:2",
