@@ -25,6 +25,7 @@ from gateway.notify.settings import Channel, Notify, Roster
 log = structlog.get_logger("examwatch.gateway.notify")
 
 STEP = 0.2  # s between looks at the timeline
+KEEP = 30 * 86400.0  # s sent messages and the notifier's timeline are kept
 
 
 SENDERS: dict[str, Callable[[Channel, Message, Any, float], None]] = {
@@ -90,10 +91,13 @@ class Notifier:
         state = msgspec.json.decode(raw, type=State) if raw else State()
         cursors = msgspec.json.decode(outbox.load(conn, "cursors") or b"{}", type=dict[str, int])
         planner = Planner(self.settings, self.channels, self.roster, self.classes, state)
-        failures = 0
+        failures, pruned = 0, 0.0
         while not self.stop_event.wait(STEP):
             try:
                 now = self.clock()
+                if now - pruned > 3600:
+                    outbox.prune(conn, now - KEEP)
+                    pruned = now
                 events, new_cursors = source.read_new(conn, cursors)
                 acks = source.read_acks(conn, [t for t, th in planner.state.threads.items() if not th.acked])
                 out, lines = planner.step(events, acks, now)
@@ -118,63 +122,14 @@ class Notifier:
 
     def _send_loop(self, ch: Channel) -> None:
         conn = outbox.connect(self.db_path)
-        http = client(ch) if ch.type != "email" else None
-        send = SENDERS[ch.type]
-        window: deque[float] = deque()  # send times within the last minute (the platform's rate limit)
-        rate = ch.rate()
-        reposter = alertmanager.Reposter(ch) if ch.type == "alertmanager" else None
-        if reposter:
-            for m in outbox.sent_messages(conn, ch.name):
-                reposter.sent(m)
-        failing, last_reason = 0, ""
-        wake = self.wake[ch.name]
+        lane = _Lane(self, ch, conn)
         while not self.stop_event.is_set():
-            now = self.clock()
-            row = outbox.head(conn, ch.name)
-            if row is None or row.due > now:
-                if reposter and reposter.due(now) and failing == 0:
-                    try:
-                        reposter.repost(http, now)
-                    except SendError as err:
-                        self.stats.failed[(ch.name, err.reason)] += 1
-                        reposter.last = now
-                wake.wait(min(1.0, row.due - now) if row else 1.0)
-                wake.clear()
-                continue
-            while window and now - window[0] >= 60.0:
-                window.popleft()
-            if rate and len(window) >= rate:
-                self.stop_event.wait(60.0 - (now - window[0]))
-                continue
-            outbox.mark_sending(conn, row.id)
-            window.append(now)
             try:
-                send(ch, row.message, http, now)
-            except Exception as err:
-                reason = err.reason if isinstance(err, SendError) else "internal"
-                failing += 1
-                self.stats.failed[(ch.name, reason)] += 1
-                delay = min(self.settings.retry_max, self.settings.retry_base * 2 ** min(row.attempts, 16))
-                outbox.mark_failed(conn, row.id, str(err), now + delay)
-                if reason != last_reason:  # once per kind of failure, not once per retry
-                    log.warning("notify_failed", channel=ch.name, reason=reason, detail=str(err)[:200], retry_in=delay)
-                    last_reason = reason
-                if failing >= self.settings.failing_after and self.stats.up[ch.name]:
-                    self.stats.up[ch.name] = 0
-                    self._channel_alarm(conn, ch.name, True, reason)
-                continue
-            outbox.mark_sent(conn, row.id, self.clock())
-            self.stats.sent[ch.name] += 1
-            if reposter:
-                reposter.sent(row.message)
-            if failing:
-                log.info("notify_recovered", channel=ch.name, after=failing)
-            failing, last_reason = 0, ""
-            if not self.stats.up[ch.name]:
-                self.stats.up[ch.name] = 1
-                self._channel_alarm(conn, ch.name, False, "")
-        if http is not None:
-            http.close()
+                lane.once()
+            except Exception as err:  # a database hiccup must not end this channel's deliveries
+                log.error("notify_sender_error", channel=ch.name, error=f"{type(err).__name__}: {err}")
+                self.stop_event.wait(1.0)
+        lane.close()
         conn.close()
 
     def _channel_alarm(self, conn: Any, name: str, down: bool, reason: str) -> None:
@@ -183,6 +138,86 @@ class Notifier:
         except Exception as err:
             log.error("notify_alarm_failed", channel=name, error=f"{type(err).__name__}: {err}")
 
+
+
+class _Lane:
+    """One channel's sender: the head of its outbox first, within the platform's rate, retried with backoff."""
+
+    def __init__(self, n: Notifier, ch: Channel, conn: Any) -> None:
+        self.n, self.ch, self.conn = n, ch, conn
+        self.http: Any = None
+        self.send = SENDERS[ch.type]
+        self.window: deque[float] = deque()  # send times within the last minute
+        self.rate = ch.rate()
+        self.reposter = alertmanager.Reposter(ch) if ch.type == "alertmanager" else None
+        if self.reposter:
+            for m in outbox.sent_messages(conn, ch.name):
+                self.reposter.sent(m)
+        self.failing, self.last_reason = 0, ""
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+
+    def once(self) -> None:
+        n, ch, conn = self.n, self.ch, self.conn
+        now = n.clock()
+        row = outbox.head(conn, ch.name)
+        if row is None or row.due > now:
+            if self.reposter and self.reposter.due(now) and self.failing == 0:
+                try:
+                    self.reposter.repost(self._http(), now)
+                except SendError as err:
+                    n.stats.failed[(ch.name, err.reason)] += 1
+                    self.reposter.last = now
+            wake = n.wake[ch.name]
+            wake.wait(min(1.0, row.due - now) if row else 1.0)
+            wake.clear()
+            return
+        while self.window and now - self.window[0] >= 60.0:
+            self.window.popleft()
+        if self.rate and len(self.window) >= self.rate:
+            n.stop_event.wait(60.0 - (now - self.window[0]))
+            return
+        outbox.mark_sending(conn, row.id)
+        self.window.append(now)
+        try:
+            self.send(ch, row.message, self._http(), now)
+        except Exception as err:
+            self._failed(row, err, now)
+            return
+        outbox.mark_sent(conn, row.id, n.clock())
+        n.stats.sent[ch.name] += 1
+        if self.reposter:
+            self.reposter.sent(row.message)
+        if self.failing:
+            log.info("notify_recovered", channel=ch.name, after=self.failing)
+        self.failing, self.last_reason = 0, ""
+        if not n.stats.up[ch.name]:
+            n.stats.up[ch.name] = 1
+            n._channel_alarm(conn, ch.name, False, "")
+
+    def _http(self) -> Any:
+        if self.http is None and self.ch.type != "email":
+            try:
+                self.http = client(self.ch)
+            except (OSError, ValueError) as err:  # a CA file missing or unreadable
+                raise SendError("tls", type(err).__name__) from None
+        return self.http
+
+    def _failed(self, row: outbox.Row, err: Exception, now: float) -> None:
+        n, ch = self.n, self.ch
+        reason = err.reason if isinstance(err, SendError) else "internal"
+        self.failing += 1
+        n.stats.failed[(ch.name, reason)] += 1
+        delay = min(n.settings.retry_max, n.settings.retry_base * 2 ** min(row.attempts, 16))
+        outbox.mark_failed(self.conn, row.id, str(err), now + delay)
+        if reason != self.last_reason:  # once per kind of failure, not once per retry
+            log.warning("notify_failed", channel=ch.name, reason=reason, detail=str(err)[:200], retry_in=delay)
+            self.last_reason = reason
+        if self.failing >= n.settings.failing_after and n.stats.up[ch.name]:
+            n.stats.up[ch.name] = 0
+            n._channel_alarm(self.conn, ch.name, True, reason)
 
 
 class NotifyCollector:

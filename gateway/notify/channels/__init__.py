@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 
-from gateway.notify.messages import Message
 from gateway.notify.settings import Channel
 
 MAX_ANSWER = 64 * 1024  # a bot's answer is a small JSON object; anything bigger is not one
