@@ -24,7 +24,7 @@ from gateway.notify.settings import Channel, Notify, Roster
 
 log = structlog.get_logger("examwatch.gateway.notify")
 
-STEP = 0.2  # s between looks at the timeline
+STEP = 0.05  # s between looks at the timeline (two indexed reads: cheap; sets the latency floor)
 KEEP = 30 * 86400.0  # s sent messages and the notifier's timeline are kept
 
 
