@@ -100,9 +100,17 @@ def _ack(args: argparse.Namespace) -> int:
 
     url, token = args.url, args.token or os.environ.get("EXAMWATCH_TOKEN", "")
     if args.config:
+        from edge.config import ConfigError
         from gateway import config as gwconfig
 
-        cfg = gwconfig.load(args.config)
+        try:
+            cfg = gwconfig.load(args.config)
+        except ConfigError as err:
+            sys.stderr.write(err.report(args.config))
+            return 2
+        except OSError as err:
+            print(f"{args.config}: cannot read: {err.strerror}", file=sys.stderr)
+            return 2
         url = url or f"http://{cfg.api.listen}"
         token = token or cfg.api_token()
     if not url or not token:

@@ -11,6 +11,7 @@ CHANNEL_TYPES = ("dingtalk", "wecom", "feishu", "email", "webhook", "alertmanage
 TIERS = ("technicians", "group_lead", "leading_group", "county_office")  # 技术人员, 保障组组长, 领导小组, 县招办
 # Messages a minute the platform accepts from one robot (its documentation); 0: no documented limit.
 RATE_LIMITS = {"dingtalk": 20, "wecom": 20, "feishu": 100, "email": 0, "webhook": 0, "alertmanager": 0}
+MIN_GAPS = {"feishu": 0.2}  # s between two sends: Feishu also allows at most 5 a second
 
 
 class Channel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -49,6 +50,9 @@ class Channel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def rate(self) -> int:
         return RATE_LIMITS.get(self.type, 0) if self.rate_per_minute < 0 else self.rate_per_minute
+
+    def min_gap(self) -> float:
+        return MIN_GAPS.get(self.type, 0.0) if self.rate_per_minute < 0 else 0.0
 
 
 class Roster(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -91,7 +95,6 @@ class Notify(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     room_kinds: dict[str, str] = {}  # "<site>/<room>" or "<room>" -> kind (default "exam")
 
 
-__all__ = ["CHANNEL_TYPES", "Channel", "Deadlines", "Notify", "RATE_LIMITS", "Roster", "TIERS"]
 
 
 def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list[tuple[tuple[str | int, ...], str]]:
@@ -134,3 +137,6 @@ def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list
     if notify.failing_after < 1:
         issues.append((("notify", "failing_after"), "at least 1"))
     return issues
+
+
+__all__ = ["CHANNEL_TYPES", "Channel", "Deadlines", "Notify", "RATE_LIMITS", "Roster", "TIERS", "check"]

@@ -179,6 +179,9 @@ class _Lane:
         if self.rate and len(self.window) >= self.rate:
             n.stop_event.wait(60.0 - (now - self.window[0]))
             return
+        if self.window and now - self.window[-1] < self.ch.min_gap():
+            n.stop_event.wait(self.ch.min_gap() - (now - self.window[-1]))
+            return
         outbox.mark_sending(conn, row.id)
         self.window.append(now)
         try:
