@@ -61,21 +61,28 @@ def _gateway_run(path: str, log_level: str) -> int:
     return run(path)
 
 
+def _gateway_config(path: str):  # noqa: ANN202 (gateway.config.Config, imported late)
+    """The gateway config at ``path``, or None after printing every problem with it."""
+    from edge.config import ConfigError
+    from gateway import config as gwconfig
+
+    try:
+        return gwconfig.load(path)
+    except ConfigError as err:
+        sys.stderr.write(err.report(path))
+    except OSError as err:
+        print(f"{path}: cannot read: {err.strerror}", file=sys.stderr)
+    return None
+
+
 def _test_channel(path: str, name: str) -> int:
     import time
 
-    from edge.config import ConfigError
-    from gateway import config as gwconfig
     from gateway.notify.channels import SendError
     from gateway.notify.worker import test_channel
 
-    try:
-        cfg = gwconfig.load(path)
-    except ConfigError as err:
-        sys.stderr.write(err.report(path))
-        return 2
-    except OSError as err:
-        print(f"{path}: cannot read: {err.strerror}", file=sys.stderr)
+    cfg = _gateway_config(path)
+    if cfg is None:
         return 2
     ch = next((c for c in cfg.channels if c.name == name), None)
     if ch is None:
@@ -100,16 +107,8 @@ def _ack(args: argparse.Namespace) -> int:
 
     url, token = args.url, args.token or os.environ.get("EXAMWATCH_TOKEN", "")
     if args.config:
-        from edge.config import ConfigError
-        from gateway import config as gwconfig
-
-        try:
-            cfg = gwconfig.load(args.config)
-        except ConfigError as err:
-            sys.stderr.write(err.report(args.config))
-            return 2
-        except OSError as err:
-            print(f"{args.config}: cannot read: {err.strerror}", file=sys.stderr)
+        cfg = _gateway_config(args.config)
+        if cfg is None:
             return 2
         url = url or f"http://{cfg.api.listen}"
         token = token or cfg.api_token()
