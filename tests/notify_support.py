@@ -38,6 +38,7 @@ class Bot(ThreadingHTTPServer):
         self.fail_with: int | None = None  # answer this error code (with HTTP 200) to everything
         self.down = False  # answer HTTP 503
         self.delay = 0.0  # s before answering (a slow robot: a kill lands mid-send)
+        self.raw: bytes | None = None  # answer these bytes instead (a hostile or broken endpoint)
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", free_port()), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -128,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
             if status == 200 and code == 0:
                 self.server.received.append(json.loads(data))
                 self.server.headers_seen.append(headers)
-        out = json.dumps(answer).encode()
+        out = self.server.raw if self.server.raw is not None else json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))

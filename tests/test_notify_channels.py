@@ -185,3 +185,18 @@ def test_a_channel_down_catches_up_in_order_once_while_the_other_is_on_time(db, 
         assert msgspec.json.decode(conn.execute("SELECT message FROM notify_outbox LIMIT 1").fetchone()[0])["key"]
     finally:
         n.stop()
+
+
+@pytest.mark.parametrize("raw,reason", [(b"{" * 100_000, "bad_answer"), (b"[" * 50_000, "bad_answer"),
+                                        (b"<html>ok</html>", "bad_answer"), (b"", "bad_answer")])
+def test_a_hostile_or_broken_answer_is_a_bounded_failure(bots, raw, reason):
+    from gateway.notify.channels import SendError, client, dingtalk
+    from gateway.notify.messages import Message
+
+    bot = Bot("dingtalk")
+    bot.raw = raw
+    bots.append(bot)
+    ch = Channel(name="d", type="dingtalk", url=bot.url)
+    with client(ch) as http, pytest.raises(SendError) as err:
+        dingtalk.send(ch, Message(key="k", thread="t", kind="test", level=1, title="t"), http, time.time())
+    assert err.value.reason == reason

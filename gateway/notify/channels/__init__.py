@@ -35,7 +35,13 @@ def post_json(http: httpx.Client, url: str, body: Any, headers: dict[str, str] |
     """POST and return the decoded JSON answer; transport errors and non-2xx answers raise SendError."""
     data = content if content is not None else json.dumps(body, ensure_ascii=False).encode()
     try:
-        r = http.post(url, content=data, headers={"Content-Type": "application/json; charset=utf-8", **(headers or {})})
+        with http.stream("POST", url, content=data,
+                         headers={"Content-Type": "application/json; charset=utf-8", **(headers or {})}) as r:
+            answer = b""
+            for chunk in r.iter_bytes():  # read at most MAX_ANSWER: the far end is not trusted
+                answer += chunk
+                if len(answer) > MAX_ANSWER:
+                    raise SendError("bad_answer", "answer too large")
     except httpx.TimeoutException as err:
         raise SendError("timeout", type(err).__name__) from None
     except httpx.HTTPError as err:  # the URL carries the robot's token: name the error, not the URL
@@ -44,13 +50,11 @@ def post_json(http: httpx.Client, url: str, body: Any, headers: dict[str, str] |
         raise SendError("rate_limited", "HTTP 429")
     if not 200 <= r.status_code < 300:
         raise SendError("http_status", f"HTTP {r.status_code}")
-    if not r.content:
+    if not answer:
         return None
-    if len(r.content) > MAX_ANSWER:
-        raise SendError("bad_answer", "answer too large")
     try:
-        return json.loads(r.content)
-    except ValueError:
+        return json.loads(answer)
+    except (ValueError, RecursionError):  # not JSON, or 64 KiB of brackets
         return None
 
 
