@@ -103,3 +103,25 @@ def test_alerts_round_trip_through_alertmanager_and_resolve(alertmanager, tmp_pa
     finally:
         n.stop()
         conn.close()
+
+
+def test_a_restarted_notifier_keeps_re_posting_what_is_still_firing(alertmanager, tmp_path):
+    url, _ = alertmanager
+    path = str(tmp_path / "gateway.db")
+    conn = store.connect(path)
+    channel = Channel(name="am", type="alertmanager", url=url, repost_interval=1.0)
+    n = Notifier(path, "某县", Notify(storm_window=0.0), [channel], [], {})
+    n.start()
+    try:
+        store_alarm(conn, raised("101"))
+        until(lambda: am_alerts(url), 30, "the alert is in Alertmanager")
+    finally:
+        n.stop()
+    ends = am_alerts(url)[0]["endsAt"]
+    n = Notifier(path, "某县", Notify(storm_window=0.0), [channel], [], {})  # a new process, the same database
+    n.start()
+    try:
+        until(lambda: am_alerts(url)[0]["endsAt"] > ends, 20, "re-posted by the restarted notifier")
+    finally:
+        n.stop()
+        conn.close()

@@ -232,6 +232,8 @@ class NotifyCollector:
         self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
+        if not self.n.channels:
+            return  # no channels configured: no notifier, no series
         s = self.n.stats
         sent = CounterMetricFamily("examwatch_notify_sent", "messages a channel confirmed", labels=["channel"])
         for ch, v in list(s.sent.items()):
