@@ -200,3 +200,27 @@ def test_a_hostile_or_broken_answer_is_a_bounded_failure(bots, raw, reason):
     with client(ch) as http, pytest.raises(SendError) as err:
         dingtalk.send(ch, Message(key="k", thread="t", kind="test", level=1, title="t"), http, time.time())
     assert err.value.reason == reason
+
+
+def test_a_first_start_tells_the_alarms_open_now_but_not_the_history(db, bots):
+    path, conn = db
+    hook = Bot("webhook", "s")
+    bots.append(hook)
+    store_alarm(conn, raised("101"))
+    store_alarm(conn, raised("101", state="cleared"))  # over before the notifier existed: history
+    store_alarm(conn, raised("102"))  # still open
+    n = run(path, [Channel(name="h", type="webhook", url=hook.url, secret="s")])
+    try:
+        until(lambda: hook.bodies(), 20, "something sent")
+        store_alarm(conn, raised("103"))
+        until(lambda: len(room_alarms(hook)) == 2, 20, "the new one too")
+        assert room_alarms(hook) == ["s1/102/recording_stopped/1:raised:2", "s1/103/recording_stopped/1:raised:2"]
+    finally:
+        n.stop()
+    n = run(path, [Channel(name="h", type="webhook", url=hook.url, secret="s")])  # a restart: nothing again
+    try:
+        store_alarm(conn, raised("104"))
+        until(lambda: len(room_alarms(hook)) == 3, 20, "the next new one")
+        assert room_alarms(hook)[-1] == "s1/104/recording_stopped/1:raised:2"
+    finally:
+        n.stop()

@@ -19,38 +19,48 @@ _alarm = msgspec.json.Decoder(AlarmEvent)
 MAX_EVENT = 64 * 1024  # a stored event larger than this is not ours to parse (ingest bounds it already)
 
 
+_ALARM_ROWS = ("SELECT e.rowid, e.alarm_id, e.at, e.state, e.level, e.event, a.site, a.room, a.rule, a.device, a.message,"
+               " a.raised_at FROM alarm_events e JOIN alarms a ON a.id = e.alarm_id")
+
+
+def _alarm_event(r: sqlite3.Row | tuple, what: str = "") -> Event:
+    ev = None
+    if len(r[5]) <= MAX_EVENT:
+        try:
+            ev = _alarm.decode(r[5])
+        except msgspec.DecodeError:
+            ev = None
+    value = ev.value if ev is not None and ev.value is not None and ev.value == ev.value else None
+    return Event(kind="alarm", id=r[1], site=r[6], room=r[7], level=r[4], what=what or r[3], at=r[2],
+                 raised_at=ev.raised_at if ev else r[11], rule=r[8], device=r[9],
+                 metric=(ev.metric or "") if ev else "", value=value, message=ev.message if ev else r[10],
+                 action=ev.action if ev else "", phase=(ev.phase or "") if ev else "")
+
+
 def read_new(conn: sqlite3.Connection, cursors: dict[str, int], limit: int = 2000) -> tuple[list[Event], dict[str, int]]:
     """The transitions stored after ``cursors`` (rowids of alarm_events and incident_events), oldest first,
     with the alarm's or incident's site, room and level; and the cursors after them."""
     cur = dict(cursors)
     events: list[Event] = []
-    rows = conn.execute(
-        "SELECT e.rowid, e.alarm_id, e.at, e.state, e.level, e.event, a.site, a.room, a.rule, a.device, a.message,"
-        " a.raised_at FROM alarm_events e JOIN alarms a ON a.id = e.alarm_id WHERE e.rowid > ? ORDER BY e.rowid LIMIT ?",
-        [cur.get("alarm_events", 0), limit]).fetchall()
-    for r in rows:
+    for r in conn.execute(_ALARM_ROWS + " WHERE e.rowid > ? ORDER BY e.rowid LIMIT ?", [cur.get("alarm_events", 0), limit]):
         cur["alarm_events"] = r[0]
-        ev = None
-        if len(r[5]) <= MAX_EVENT:
-            try:
-                ev = _alarm.decode(r[5])
-            except msgspec.DecodeError:
-                ev = None
-        value = ev.value if ev is not None and ev.value is not None and ev.value == ev.value else None
-        events.append(Event(kind="alarm", id=r[1], site=r[6], room=r[7], level=r[4], what=r[3], at=r[2],
-                            raised_at=ev.raised_at if ev else r[11], rule=r[8], device=r[9],
-                            metric=(ev.metric or "") if ev else "", value=value,
-                            message=ev.message if ev else r[10], action=ev.action if ev else "",
-                            phase=(ev.phase or "") if ev else ""))
-    rows = conn.execute(
-        "SELECT e.rowid, e.incident_id, e.at, e.what, e.rooms, e.level, i.site, i.fault_class, i.title, i.opened_at"
-        " FROM incident_events e JOIN incidents i ON i.id = e.incident_id WHERE e.rowid > ? ORDER BY e.rowid LIMIT ?",
-        [cur.get("incident_events", 0), limit]).fetchall()
-    for r in rows:
+        events.append(_alarm_event(r))
+    for r in conn.execute(
+            "SELECT e.rowid, e.incident_id, e.at, e.what, e.rooms, e.level, i.site, i.fault_class, i.title, i.opened_at"
+            " FROM incident_events e JOIN incidents i ON i.id = e.incident_id WHERE e.rowid > ? ORDER BY e.rowid LIMIT ?",
+            [cur.get("incident_events", 0), limit]):
         cur["incident_events"] = r[0]
         events.append(Event(kind="incident", id=r[1], site=r[6], rooms=[str(x) for x in json.loads(r[4])], level=r[5],
                             what=r[3], at=r[2], raised_at=r[9], rule=r[7], message=r[8]))
     return events, cur
+
+
+def open_alarms(conn: sqlite3.Connection) -> list[Event]:
+    """Every alarm still active, as a raise with its latest state: what a notifier started on an existing
+    database must still tell (the history before it is not re-sent)."""
+    rows = conn.execute(_ALARM_ROWS + " WHERE a.state != 'cleared' AND e.rowid = "
+                        "(SELECT MAX(rowid) FROM alarm_events WHERE alarm_id = a.id) ORDER BY e.rowid")
+    return [_alarm_event(r, "raised") for r in rows]
 
 
 def timeline_end(conn: sqlite3.Connection) -> dict[str, int]:

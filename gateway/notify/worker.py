@@ -56,14 +56,16 @@ class Notifier:
         self.wake = {c.name: threading.Event() for c in channels}
         self.threads: list[threading.Thread] = []
         self.collector = NotifyCollector(self)
+        self._first: tuple[dict[str, int], list[Any]] | None = None
 
     def start(self) -> None:
         if not self.channels:
             return  # nowhere to send: no tables, no threads
         conn = outbox.connect(self.db_path)
         try:
-            if outbox.load(conn, "cursors") is None:  # first start: from the end of the timeline as it is now
-                outbox.commit_step(conn, {"cursors": msgspec.json.encode(source.timeline_end(conn))}, [], [], self.clock())
+            if outbox.load(conn, "cursors") is None:
+                # First start: the alarms open now, then the timeline from its end as it is now (no history).
+                self._first = (source.timeline_end(conn), source.open_alarms(conn))
             for ch, n in outbox.recover(conn).items():
                 if ch in self.stats.resent:
                     self.stats.resent[ch] += n
@@ -90,6 +92,9 @@ class Notifier:
         raw = outbox.load(conn, "planner")
         state = msgspec.json.decode(raw, type=State) if raw else State()
         cursors = msgspec.json.decode(outbox.load(conn, "cursors") or b"{}", type=dict[str, int])
+        first: list[Any] = []  # a first start's open alarms, until committed with the first step
+        if self._first is not None:
+            cursors, first = self._first
         planner = Planner(self.settings, self.channels, self.roster, self.classes, state)
         failures, pruned = 0, 0.0
         while not self.stop_event.wait(STEP):
@@ -100,11 +105,11 @@ class Notifier:
                     pruned = now
                 events, new_cursors = source.read_new(conn, cursors)
                 acks = source.read_acks(conn, [t for t, th in planner.state.threads.items() if not th.acked])
-                out, lines = planner.step(events, acks, now)
-                if out or lines or new_cursors != cursors:
+                out, lines = planner.step(first + events, acks, now)
+                if out or lines or new_cursors != cursors or self._first is not None:
                     outbox.commit_step(conn, {"planner": msgspec.json.encode(planner.state),
                                               "cursors": msgspec.json.encode(new_cursors)}, out, lines, now)
-                    cursors = new_cursors
+                    cursors, first, self._first = new_cursors, [], None
                     for ch in {c for c, _ in out}:
                         if ch in self.wake:
                             self.wake[ch].set()
