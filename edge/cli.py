@@ -61,6 +61,82 @@ def _gateway_run(path: str, log_level: str) -> int:
     return run(path)
 
 
+def _gateway_config(path: str):  # noqa: ANN202 (gateway.config.Config, imported late)
+    """The gateway config at ``path``, or None after printing every problem with it."""
+    from edge.config import ConfigError
+    from gateway import config as gwconfig
+
+    try:
+        return gwconfig.load(path)
+    except ConfigError as err:
+        sys.stderr.write(err.report(path))
+    except OSError as err:
+        print(f"{path}: cannot read: {err.strerror}", file=sys.stderr)
+    return None
+
+
+def _test_channel(path: str, name: str) -> int:
+    import time
+
+    from gateway.notify.channels import SendError
+    from gateway.notify.worker import test_channel
+
+    cfg = _gateway_config(path)
+    if cfg is None:
+        return 2
+    ch = next((c for c in cfg.channels if c.name == name), None)
+    if ch is None:
+        print(f"{path}: no channel named {name!r} (have: {', '.join(c.name for c in cfg.channels) or 'none'})",
+              file=sys.stderr)
+        return 2
+    try:
+        test_channel(ch, cfg.gateway.county, time.time())
+    except SendError as err:
+        print(f"{name}: 发送失败 ({err})", file=sys.stderr)
+        return 1
+    print(f"{name}: 测试消息已送达（对方已确认）")
+    return 0
+
+
+def _ack(args: argparse.Namespace) -> int:
+    """POST /api/v1/ack on the gateway; the id is tried as an alarm, then as an incident."""
+    import json
+    import os
+
+    import httpx
+
+    url, token = args.url, args.token or os.environ.get("EXAMWATCH_TOKEN", "")
+    if args.config:
+        cfg = _gateway_config(args.config)
+        if cfg is None:
+            return 2
+        url = url or f"http://{cfg.api.listen}"
+        token = token or cfg.api_token()
+    if not url or not token:
+        print("需要网关地址和令牌：--url 与 --token（或环境变量 EXAMWATCH_TOKEN），或 --config 网关配置", file=sys.stderr)
+        return 2
+    kinds = ["incident"] if args.incident else ["alarm", "incident"]
+    for kind in kinds:
+        try:
+            r = httpx.post(f"{url.rstrip('/')}/api/v1/ack", headers={"Authorization": f"Bearer {token}"},
+                           json={kind: args.id, "who": args.who, "note": args.note}, timeout=10, trust_env=False)
+        except httpx.HTTPError as err:
+            print(f"网关不可达：{type(err).__name__}", file=sys.stderr)
+            return 1
+        if r.status_code == 404 and kind != kinds[-1]:
+            continue
+        if r.status_code == 200:
+            print(f"已确认 {args.id}（{args.who}）")
+            return 0
+        try:
+            error = json.loads(r.content).get("error", "")
+        except ValueError:
+            error = ""
+        print(f"确认失败：HTTP {r.status_code} {error}", file=sys.stderr)
+        return 1
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="examwatch", description="考点设备监测：考场代理与县级网关")
     p.add_argument("--version", action="version", version=f"examwatch {__version__}")
@@ -72,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
 
     gateway = sub.add_parser("gateway", help="the county gateway").add_subparsers(dest="action", required=True)
     gateway.add_parser("run", help="run the gateway").add_argument("--config", required=True, help="gateway TOML file")
+    test = gateway.add_parser("test-channel", help="send a test message through one [[channels]] entry now")
+    test.add_argument("name")
+    test.add_argument("--config", required=True, help="gateway TOML file")
+
+    ack = sub.add_parser("ack", help="acknowledge an alarm or incident on the county gateway (stops escalation)")
+    ack.add_argument("id")
+    ack.add_argument("--who", required=True, help="who takes it (name)")
+    ack.add_argument("--note", default="", help="what is being done")
+    ack.add_argument("--incident", action="store_true", help="the id is an incident's")
+    ack.add_argument("--url", default="", help="gateway API, e.g. http://127.0.0.1:8080")
+    ack.add_argument("--token", default="", help="API token (default: $EXAMWATCH_TOKEN, or the --config's)")
+    ack.add_argument("--config", default="", help="gateway TOML file: its API address and token")
 
     demo = sub.add_parser("demo", help="a whole exam site on this machine, with a scripted morning of faults")
     demo.add_argument("--dir", default=".examwatch-demo", help="where logs and databases go")
@@ -105,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         return readiness(args.config, args.wait, args.json)
     if args.command == "agent":
         return _agent_run(args.config, args.log_level)
+    if args.command == "ack":
+        return _ack(args)
+    if args.action == "test-channel":
+        return _test_channel(args.config, args.name)
     return _gateway_run(args.config, args.log_level)
 
 

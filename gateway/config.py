@@ -10,6 +10,7 @@ import msgspec
 from edge import wire
 from edge.config import BrokerSettings, ConfigError, ConfigIssue, parse
 from edge.statedir import read_secret
+from gateway.notify import settings as notify
 from rules.config import Schedule
 
 
@@ -72,6 +73,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     liveness: Liveness = msgspec.field(default_factory=Liveness)
     schedule: Schedule = msgspec.field(default_factory=Schedule)
     correlation: list[CorrelationRule] = []  # empty: the built-in rules (gateway/correlation.toml)
+    channels: list[notify.Channel] = []  # where alarms are sent (docs/channels.md)
+    roster: list[notify.Roster] = []  # per site, the channels of each tier
+    notify: notify.Notify = msgspec.field(default_factory=notify.Notify)
 
     def agent_keys(self) -> dict[str, bytes]:
         """The roster: every agent id with its signing key (file entries first, inline ones override)."""
@@ -142,6 +146,7 @@ def loads(text: str) -> Config:
     for key, value in (("exporter", cfg.exporter.listen), ("api", cfg.api.listen)):
         if not re.fullmatch(r"[^:]*:\d+", value):
             issues.append(ConfigIssue((key, "listen"), "expected host:port"))
+    issues += [ConfigIssue(path, text) for path, text in notify.check(cfg.channels, cfg.roster, cfg.notify)]
     if issues:
         raise ConfigError(issues)
     return cfg

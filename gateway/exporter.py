@@ -142,9 +142,10 @@ class GatewayCollector:
             yield refused
 
 
-def serve(listen: str, collector: Any) -> tuple[Any, Any]:
+def serve(listen: str, *collectors: Any) -> tuple[Any, Any]:
     """Start the endpoint on ``host:port`` (127.0.0.1 unless configured); returns (server, thread)."""
     host, port = listen.rsplit(":", 1)
     registry = CollectorRegistry()
-    registry.register(collector)
+    for collector in collectors:
+        registry.register(collector)
     return start_http_server(int(port), addr=host, registry=registry)

@@ -20,6 +20,7 @@ from gateway.api import ApiServer
 from gateway.exporter import GatewayCollector, serve
 from gateway.ingest import Engine, Message
 from gateway.mqtt import Subscriber
+from gateway.notify.worker import notifier_for
 
 log = structlog.get_logger("examwatch.gateway")
 
@@ -37,10 +38,12 @@ class Gateway:
         self.subscriber = Subscriber(cfg.broker, self.inbox)
         self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token())
         self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber, api=self.api)
+        self.notifier = notifier_for(cfg, self.db_path)
 
     def run(self) -> None:
-        http, _ = serve(self.cfg.exporter.listen, self.exporter)
+        http, _ = serve(self.cfg.exporter.listen, self.exporter, self.notifier.collector)
         self.api_thread = self.api.start()
+        self.notifier.start()
         self.subscriber.start()
         log.info("gateway_started", agents=len(self.engine.agents), api=self.cfg.api.listen,
                  exporter=self.cfg.exporter.listen)
@@ -67,14 +70,15 @@ class Gateway:
                                    f"{len(self.engine.agents)} rooms")
         finally:
             self.subscriber.stop()
+            self.notifier.stop()
             self.api.shutdown()
             http.shutdown()
             self.conn.close()
             log.info("gateway_stopped")
 
     def healthy(self) -> bool:
-        """The threads beside the ingest loop still run (a broker that is down is not ours to fix by restarting)."""
-        return self.api_thread.is_alive() and self.subscriber.alive()
+        """The threads beside the ingest loop still run, the notifier's too (a broker that is down is not ours to fix by restarting)."""
+        return self.api_thread.is_alive() and self.subscriber.alive() and self.notifier.alive()
 
     def _take(self, timeout: float) -> list[tuple[int, int, Message]]:
         try:

@@ -1,0 +1,122 @@
+"""The durable notification outbox in gateway.db: one row per (channel, message), sent in order per channel.
+
+A row is marked ``sending`` before the channel is called and ``sent`` only after it confirmed; a row found
+``sending`` at start-up may have been delivered already (the gateway was killed between the two), so it is
+sent again and counted: at most one duplicate per channel per kill. The planner's state, the timeline
+cursors and the rows it produced are committed in one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gateway.notify.messages import Message
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS notify_outbox (id INTEGER PRIMARY KEY, channel TEXT NOT NULL, key TEXT NOT NULL,
+    thread TEXT NOT NULL, created REAL NOT NULL, message BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    due REAL NOT NULL, sending INTEGER NOT NULL DEFAULT 0, sent_at REAL, error TEXT, UNIQUE (channel, key));
+CREATE INDEX IF NOT EXISTS notify_outbox_pending ON notify_outbox (channel, sent_at, id);
+CREATE TABLE IF NOT EXISTS notify_state (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS notify_timeline (thread TEXT NOT NULL, at REAL NOT NULL, what TEXT NOT NULL,
+    detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS notify_timeline_thread ON notify_timeline (thread, at);
+"""
+
+_message = msgspec.json.Decoder(Message)
+
+
+class Row(msgspec.Struct, frozen=True):
+    id: int
+    key: str
+    message: Message
+    attempts: int
+    due: float
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def load(conn: sqlite3.Connection, name: str) -> bytes | None:
+    row = conn.execute("SELECT value FROM notify_state WHERE name = ?", [name]).fetchone()
+    return row[0] if row else None
+
+
+def commit_step(conn: sqlite3.Connection, state: dict[str, bytes], rows: Sequence[tuple[str, Message]],
+                lines: Sequence[tuple[str, float, str, str]], now: float) -> int:
+    """Store the planner's state and cursors, its new outbox rows (a key already there is skipped) and its
+    timeline lines in one transaction; returns the rows added."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany("INSERT INTO notify_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+                         "value = excluded.value", list(state.items()))
+        before = conn.total_changes
+        conn.executemany("INSERT OR IGNORE INTO notify_outbox (channel, key, thread, created, message, due) "
+                         "VALUES (?,?,?,?,?,?)",
+                         [(ch, m.key, m.thread, now, msgspec.json.encode(m), now) for ch, m in rows])
+        added = conn.total_changes - before
+        conn.executemany("INSERT INTO notify_timeline (thread, at, what, detail) VALUES (?,?,?,?)", lines)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return added
+
+
+def head(conn: sqlite3.Connection, channel: str) -> Row | None:
+    """The channel's oldest unsent row: it goes first, whatever its retry time (order per channel)."""
+    r = conn.execute("SELECT id, key, message, attempts, due FROM notify_outbox WHERE channel = ? AND sent_at IS NULL "
+                     "ORDER BY id LIMIT 1", [channel]).fetchone()
+    return Row(r[0], r[1], _message.decode(r[2]), r[3], r[4]) if r else None
+
+
+def mark_sending(conn: sqlite3.Connection, row_id: int) -> None:
+    conn.execute("UPDATE notify_outbox SET sending = 1 WHERE id = ?", [row_id])
+
+
+def mark_sent(conn: sqlite3.Connection, row_id: int, now: float) -> None:
+    conn.execute("UPDATE notify_outbox SET sending = 0, sent_at = ?, attempts = attempts + 1, error = NULL "
+                 "WHERE id = ?", [now, row_id])
+
+
+def mark_failed(conn: sqlite3.Connection, row_id: int, error: str, due: float) -> None:
+    conn.execute("UPDATE notify_outbox SET sending = 0, attempts = attempts + 1, error = ?, due = ? WHERE id = ?",
+                 [error[:300], due, row_id])
+
+
+def recover(conn: sqlite3.Connection) -> dict[str, int]:
+    """Rows left ``sending`` by a killed gateway, per channel: they go again (maybe a second time)."""
+    found = dict(conn.execute("SELECT channel, COUNT(*) FROM notify_outbox WHERE sending = 1 GROUP BY channel").fetchall())
+    conn.execute("UPDATE notify_outbox SET sending = 0 WHERE sending = 1")
+    return found
+
+
+def queue_lengths(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT channel, COUNT(*) FROM notify_outbox WHERE sent_at IS NULL GROUP BY channel"))
+
+
+def sent_messages(conn: sqlite3.Connection, channel: str) -> list[Message]:
+    """What the channel has confirmed, oldest first (the Alertmanager sender rebuilds its active alerts)."""
+    return [_message.decode(r[0]) for r in conn.execute(
+        "SELECT message FROM notify_outbox WHERE channel = ? AND sent_at IS NOT NULL ORDER BY id", [channel])]
+
+
+def timeline(conn: sqlite3.Connection, thread: str) -> list[dict[str, Any]]:
+    """The notifier's record of one alarm or incident: sent, held, escalated, acknowledged (who, note), resolved."""
+    return [{"at": r[0], "what": r[1], "detail": r[2]} for r in conn.execute(
+        "SELECT at, what, detail FROM notify_timeline WHERE thread = ? ORDER BY at, rowid", [thread])]
+
+
+def prune(conn: sqlite3.Connection, before: float) -> None:
+    conn.execute("DELETE FROM notify_outbox WHERE sent_at IS NOT NULL AND sent_at < ?", [before])
+    conn.execute("DELETE FROM notify_timeline WHERE at < ?", [before])
