@@ -22,6 +22,7 @@ from collectors.base import Collector, register
 from edge.catalog import METRICS
 from edge.config import apply_broker_settings
 from edge.model import Reading
+from rules.config import Finite
 
 log = structlog.get_logger("examwatch.mqtt")
 
@@ -31,8 +32,8 @@ MAX_PAYLOAD = 64 * 1024  # a sensor message is a few hundred bytes; anything nea
 class Field(msgspec.Struct, forbid_unknown_fields=True):
     path: str  # dotted JSON path, list items by index: "storage.free_mb", "disks.0.status"
     metric: str
-    scale: float = 1.0
-    map: dict[str, float] | None = None  # JSON value (as text: true, false, ok, ...) -> metric value
+    scale: Finite = 1.0
+    map: dict[str, Finite] | None = None  # JSON value (as text: true, false, ok, ...) -> metric value
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -47,6 +48,26 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True):
 class MqttOptions(msgspec.Struct, forbid_unknown_fields=True):
     fields: list[Field] = []  # extra or overriding paths for this device (a generic JSON device needs them)
     availability: bool = True  # also listen on <topic>/availability (Zigbee2MQTT's availability feature)
+
+
+MAX_TOPIC = 256  # characters; Zigbee2MQTT's are "zigbee2mqtt/<friendly name>"
+
+
+def topic_issue(topic: str) -> str | None:
+    """What is wrong with a device's topic, or None: it names exactly one device's messages."""
+    if not topic:
+        return "an MQTT device needs its topic, e.g. zigbee2mqtt/secrecy-door"
+    if len(topic) > MAX_TOPIC:
+        return f"longer than {MAX_TOPIC} characters"
+    if "+" in topic or "#" in topic:
+        return "one device's own topic, without wildcards (+ #), e.g. zigbee2mqtt/secrecy-door"
+    if "" in topic.split("/"):
+        return "an empty level (a leading, trailing or doubled '/')"
+    if topic.startswith("$"):
+        return "topics beginning with '$' are the broker's own"
+    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in topic):
+        return "a control character in the topic"
+    return None
 
 
 class PayloadError(Exception):
@@ -146,8 +167,22 @@ class MqttCollector(Collector):
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
-        issues = [] if device.topic else [("topic", "an MQTT device needs its topic, e.g. zigbee2mqtt/secrecy-door")]
-        return issues + super().check(device)
+        problem = topic_issue(device.topic)
+        return ([("topic", problem)] if problem else []) + super().check(device)
+
+    @classmethod
+    def check_together(cls, devices: list[tuple[int, Any]]) -> list[tuple[int, str, str]]:
+        """One device per topic: a message is routed by its topic, so a second device on one is never read."""
+        owner: dict[str, str] = {}
+        issues = []
+        for i, d in devices:
+            opts: MqttOptions = d.options or MqttOptions()
+            for topic in [d.topic] + ([f"{d.topic}/availability"] if opts.availability else []):
+                if topic in owner:
+                    issues.append((i, "topic", f"{topic!r} is already {owner[topic]}'s: one device per topic"))
+                else:
+                    owner[topic] = d.name
+        return issues
 
     def handle(self, topic: str, payload: bytes, now: float) -> None:
         """One message from the broker -> readings, or a counted drop. Never raises."""

@@ -9,20 +9,25 @@ import sys
 from edge import __version__
 
 
-def _config_check(path: str) -> int:
-    from edge.config import ConfigError, loads
+def _config_check(path: str, gateway: bool) -> int:
+    """The agent's or the gateway's file: read and checked exactly as ``run`` reads and checks it."""
+    from edge import config as agent_config
+    from edge.config import ConfigError, read
+    from gateway import config as gateway_config
 
     try:
-        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+        text = read(path)
+        cfg = gateway_config.loads(text) if gateway else agent_config.loads(text)
     except OSError as err:
         print(f"{path}: cannot read: {err.strerror}", file=sys.stderr)
         return 2
-    try:
-        cfg = loads(text)
     except ConfigError as err:
         sys.stderr.write(err.report(path))
         return 2
-    print(f"{path}: ok ({cfg.agent_id}, {len(cfg.devices)} devices)")
+    if isinstance(cfg, gateway_config.Config):
+        print(f"{path}: ok (api {cfg.api.listen}, exporter {cfg.exporter.listen}, broker {cfg.broker.host}:{cfg.broker.port})")
+    else:
+        print(f"{path}: ok ({cfg.agent_id}, {len(cfg.devices)} devices)")
     return 0
 
 
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gateway = sub.add_parser("gateway", help="the county gateway").add_subparsers(dest="action", required=True)
     gateway.add_parser("run", help="run the gateway").add_argument("--config", required=True, help="gateway TOML file")
+    gateway_config = gateway.add_parser("config", help="gateway configuration").add_subparsers(dest="what", required=True)
+    gateway_config.add_parser("check", help="validate a file (- for stdin): exit 0 ok, 2 with every error").add_argument("file")
 
     demo = sub.add_parser("demo", help="a whole exam site on this machine, with a scripted morning of faults")
     demo.add_argument("--dir", default=".examwatch-demo", help="where logs and databases go")
@@ -94,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(sample_text())
         return 0
     if args.command == "config":
-        return _config_check(args.file)
+        return _config_check(args.file, gateway=False)
+    if args.command == "gateway" and args.action == "config":
+        return _config_check(args.file, gateway=True)
     if args.command == "demo":
         from simulators.demo import main as demo_main
 

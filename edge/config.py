@@ -8,16 +8,31 @@ then converts. A typo must never silently disable a rule: unknown keys and unkno
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
 import socket
+import sys
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 
-from rules.config import RuleOverride, Schedule
+from rules.config import DAY, RuleOverride, Schedule, schedule_issues
+
+MAX_BYTES = 1 << 20  # a config file is a few KB; a megabyte is not one (and would be slow to check)
+MAX_NESTING = 32  # brackets deep; tomllib recurses per level and a hostile file must not exhaust the stack
+MAX_ISSUES = 50  # reported per file: a technician fixes the first ones, and locating each costs a scan
+
+# Ranges, declared once and used beside the fields. A bound also refuses NaN and infinity.
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Interval = Annotated[float, msgspec.Meta(ge=0.01, le=DAY)]  # s between polls or sends: never a busy loop
+Timeout = Annotated[float, msgspec.Meta(ge=0.01, le=600)]  # s to wait for one answer
+# s the MQTT broker keeps a session while the client is away: a minute at least (a restart), at most
+# MQTT v5's 0xFFFFFFFF (never expires)
+SessionExpiry = Annotated[int, msgspec.Meta(ge=60, le=0xFFFFFFFF)]
 
 DeviceKind = Literal["recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"]
 RoomKind = Literal["exam_room", "secrecy_room"]
@@ -36,7 +51,7 @@ class BrokerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Where an MQTT broker is and how we log in: the sensors' broker, the uplink's, the gateway's."""
 
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: Port = 1883
     username: str = ""
     password: str = ""
     tls: bool = False
@@ -74,7 +89,8 @@ class Exporter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Store(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    retention_hours: float = 72.0  # readings older than this are deleted; alarm transitions are kept
+    # readings older than this are deleted; alarm transitions are kept
+    retention_hours: Annotated[float, msgspec.Meta(ge=1, le=24 * 366)] = 72.0
 
 
 class Uplink(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
@@ -83,11 +99,14 @@ class Uplink(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
     enabled: bool = False
     signing_key: str = ""  # per-agent HMAC-SHA256 key (hex); or signing_key_file
     signing_key_file: str = ""
-    session_expiry: int = 7 * 24 * 3600  # seconds the broker keeps our session while we are away
-    heartbeat: float = 30.0  # seconds between heartbeats on the status topic
-    batch_interval: float = 5.0  # readings are sent in batches at most this often; alarms at once
-    batch_max: int = 500  # readings per message at most
-    outbox_budget_mb: float = 64.0  # disk for unsent messages; past it readings are thinned, alarms never
+    session_expiry: SessionExpiry = 7 * 24 * 3600  # seconds the broker keeps our session while we are away
+    # seconds between heartbeats on the status topic
+    heartbeat: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 30.0
+    batch_interval: Interval = 5.0  # readings are sent in batches at most this often; alarms at once
+    # readings per message at most: a message must stay well under the gateway's size bound
+    batch_max: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+    # disk for unsent messages; past it readings are thinned, alarms never
+    outbox_budget_mb: Annotated[float, msgspec.Meta(ge=1, le=100_000)] = 64.0
 
 
 class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -99,9 +118,9 @@ class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     address: str = ""  # host[:port], serial port, or URL, by protocol
     topic: str = ""  # MQTT base topic, e.g. zigbee2mqtt/secrecy-door
     profile: str = ""  # device model: how its data maps onto the canonical metrics
-    interval: float = 10.0  # seconds between polls, or the expected interval between reports
-    timeout: float = 3.0  # seconds per request
-    retries: int = 1
+    interval: Interval = 10.0  # seconds between polls, or the expected interval between reports
+    timeout: Timeout = 3.0  # seconds per request
+    retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
     options: Any = None  # the protocol's Options struct, filled from the extra keys
 
     @staticmethod
@@ -153,17 +172,42 @@ class ConfigError(Exception):
 
 
 def load(path: str) -> Config:
-    with open(path, "rb") as f:
-        return loads(f.read().decode("utf-8", errors="replace"))
+    return loads(read(path))
+
+
+def read(path: str) -> str:
+    """A config file's text (``-``: stdin), for checking and running alike: bounded, strictly UTF-8.
+    ``ConfigError`` if it is not a config file's text, ``OSError`` if it cannot be read."""
+    if path == "-":
+        data = sys.stdin.buffer.read(MAX_BYTES + 1)
+    else:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    return decode(data)
+
+
+def decode(data: bytes) -> str:
+    if len(data) > MAX_BYTES:
+        raise ConfigError([ConfigIssue((), f"larger than {MAX_BYTES >> 10} KB: not a config file")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:  # Windows editors save GBK by default
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError([ConfigIssue((), "not UTF-8 text (GBK from a Windows editor?): save the file as UTF-8 "
+                                           "(另存为 UTF-8 编码)", line)]) from None
 
 
 def loads(text: str) -> Config:
     """Parse and validate; raise ``ConfigError`` listing every problem found."""
+    text = text.removeprefix("\ufeff")
     raw = parse(text, Config)
-    cfg = _build(raw)
+    try:
+        cfg = _build(raw)
+    except msgspec.ValidationError as err:  # parse() checked every field; a struct's own check slipped through
+        raise ConfigError([ConfigIssue((), str(err))]) from None
     issues = _semantic_issues(cfg)
     if issues:
-        raise ConfigError([ConfigIssue(i.path, i.message, _line_of(text, i.path)) for i in issues])
+        raise error_at(text, issues)
     return cfg
 
 
@@ -171,18 +215,58 @@ def parse(text: str, schema: type[msgspec.Struct]) -> dict[str, Any]:
     """Parse TOML and check it against ``schema``; every issue at once, with key path and line.
 
     Returns the raw table; ``msgspec.convert(raw, schema)`` then cannot fail. Other TOML files
-    (the gateway's) use this too.
+    (the gateway's) use this too. Only ``ConfigError`` escapes, whatever the text.
     """
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows Notepad writes one
+    if len(text) > MAX_BYTES:
+        raise ConfigError([ConfigIssue((), f"larger than {MAX_BYTES >> 10} KB: not a config file")])
+    if _nesting(text) > MAX_NESTING:
+        raise ConfigError([ConfigIssue((), f"brackets nested more than {MAX_NESTING} deep: not a config file")])
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         m = re.search(r"line (\d+)", str(err))
         raise ConfigError([ConfigIssue((), f"not valid TOML: {err}", int(m.group(1)) if m else None)]) from None
+    except (RecursionError, ValueError, TypeError, OverflowError) as err:  # tomllib's own slips on odd input
+        raise ConfigError([ConfigIssue((), f"not valid TOML: {type(err).__name__}: {err}")]) from None
     issues: list[ConfigIssue] = []
     _walk(raw, schema, (), issues)
     if issues:
-        raise ConfigError([ConfigIssue(i.path, i.message, _line_of(text, i.path)) for i in issues])
+        raise error_at(text, issues)
     return raw
+
+
+def error_at(text: str, issues: list[ConfigIssue]) -> ConfigError:
+    """The error for ``issues``, each with the line of its key path in ``text`` (the first MAX_ISSUES)."""
+    shown = [ConfigIssue(i.path, i.message, i.line or _line_of(text, i.path)) for i in issues[:MAX_ISSUES]]
+    if len(issues) > MAX_ISSUES:
+        shown.append(ConfigIssue((), f"and {len(issues) - MAX_ISSUES} more errors"))
+    return ConfigError(shown)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6 address]:port`` -> (host, port); an empty host is 127.0.0.1 (never all
+    interfaces by accident), port 0 a free port the system picks (tests). ``ValueError`` says what is wrong."""
+    m = re.fullmatch(r"(?:\[([^\]]*)\]|([^:\[\]]*)):(\d{1,5})", listen)
+    if m is None:
+        raise ValueError('expected host:port, e.g. "127.0.0.1:9108" or "[::1]:9108"')
+    v6, host, port = m.group(1), m.group(2), int(m.group(3))
+    if v6 is not None:
+        try:
+            ipaddress.IPv6Address(v6)
+        except ValueError:
+            raise ValueError(f"{v6[:64]!r} is not an IPv6 address") from None
+    elif re.fullmatch(r"[\d.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+    elif host and not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                                   r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", host):
+        raise ValueError(f"{host[:64]!r} is not a host name or address")
+    if port > 65535:
+        raise ValueError(f"port {port} is outside 1..65535")
+    return v6 or host or "127.0.0.1", port
 
 
 def sample_text() -> str:
@@ -204,10 +288,11 @@ def _walk(value: Any, tp: Any, path: Path, issues: list[ConfigIssue]) -> None:
         if not isinstance(value, dict):
             issues.append(ConfigIssue(path, f"expected a table, got {type(value).__name__}"))
             return
+        before = len(issues)
         fields = _fields(tp)
         extension = getattr(tp, "extension_type", None)
         extra = {k: v for k, v in value.items() if k not in fields}
-        for k in fields.keys() & value.keys():
+        for k in [k for k in value if k in fields]:  # in the file's order, so reports are too
             _walk(value[k], fields[k].type, path + (k,), issues)
         for k, f in fields.items():
             if f.required and k not in value:
@@ -221,6 +306,8 @@ def _walk(value: Any, tp: Any, path: Path, issues: list[ConfigIssue]) -> None:
         else:
             for k in extra:
                 issues.append(ConfigIssue(path + (k,), f"unknown key; expected one of: {', '.join(fields)}"))
+            if len(issues) == before and hasattr(tp, "__post_init__"):  # its own checks, once its fields are sound
+                _leaf(value, tp, path, issues)
     elif origin is list:
         if not isinstance(value, list):
             issues.append(ConfigIssue(path, f"expected an array, got {type(value).__name__}"))
@@ -234,10 +321,32 @@ def _walk(value: Any, tp: Any, path: Path, issues: list[ConfigIssue]) -> None:
         for k, item in value.items():
             _walk(item, get_args(tp)[1], path + (k,), issues)
     else:
-        try:
-            msgspec.convert(value, tp)
-        except msgspec.ValidationError as err:
-            issues.append(ConfigIssue(path, str(err).split(" - at ")[0]))
+        _leaf(value, tp, path, issues)
+
+
+def _leaf(value: Any, tp: Any, path: Path, issues: list[ConfigIssue]) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        issues.append(ConfigIssue(path, f"{value} is not a number we can use: give a finite value"))
+        return
+    try:
+        msgspec.convert(value, tp)
+    except msgspec.ValidationError as err:
+        message = str(err).split(" - at ")[0]
+        if "no timezone component" in message:
+            message += ": write the site's local time without an offset, e.g. 2024-06-07T09:00:00"
+        issues.append(ConfigIssue(path, message))
+
+
+def _nesting(text: str) -> int:
+    """How deep brackets nest, counted without parsing (brackets in strings count too: a bound, not TOML)."""
+    depth = deepest = 0
+    for c in re.findall(r"[][{}]", text):
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth = max(0, depth - 1)
+    return deepest
 
 
 def _build(raw: dict[str, Any]) -> Config:
@@ -251,24 +360,16 @@ def _build(raw: dict[str, Any]) -> Config:
 
 
 def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
-    import collectors
     from rules.pack import DEFAULT_RULES, override_issues
 
-    issues = []
-    seen: set[str] = set()
-    for i, d in enumerate(cfg.devices):
-        if d.name in seen:
-            issues.append(ConfigIssue(("devices", i, "name"), f"device name {d.name!r} used twice"))
-        seen.add(d.name)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", d.name):
-            issues.append(ConfigIssue(("devices", i, "name"), "use letters, digits, '-', '_' or '.' only"))
-        if d.interval <= 0 or d.timeout <= 0:
-            issues.append(ConfigIssue(("devices", i, "interval"), "interval and timeout must be positive"))
-        for key, message in collectors.get(d.protocol).check(d):
-            issues.append(ConfigIssue(("devices", i, key), message))
+    issues = _device_issues(cfg.devices)
     for key in ("site", "room"):
         if not re.fullmatch(r"[A-Za-z0-9_-]+", getattr(cfg.agent, key)):
             issues.append(ConfigIssue(("agent", key), "use letters, digits, '-' or '_' only (it is an MQTT topic level)"))
+    try:
+        parse_listen(cfg.exporter.listen)
+    except ValueError as err:
+        issues.append(ConfigIssue(("exporter", "listen"), str(err)))
     known = {r.id for r in DEFAULT_RULES}
     for rule_id in cfg.rules:
         if rule_id not in known:
@@ -285,16 +386,29 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
             parse_key(up.signing_key)
         except ValueError as err:  # the message never repeats the key
             issues.append(ConfigIssue(("uplink", "signing_key"), str(err)))
-    for which in ("sessions", "secrecy_windows"):
-        for i, w in enumerate(getattr(cfg.schedule, which)):
-            if w.end <= w.start:
-                issues.append(ConfigIssue(("schedule", which, i, "end"), "end must be after start"))
-    try:
-        from zoneinfo import ZoneInfo
+    issues += [ConfigIssue(path, message) for path, message in schedule_issues(cfg.schedule)]
+    return issues
 
-        ZoneInfo(cfg.schedule.timezone)
-    except Exception:
-        issues.append(ConfigIssue(("schedule", "timezone"), f"unknown time zone {cfg.schedule.timezone!r}"))
+
+def _device_issues(devices: list[Device]) -> list[ConfigIssue]:
+    """Names, then each protocol's checks of its devices alone and together (e.g. two on one topic)."""
+    import collectors
+
+    issues = []
+    seen: set[str] = set()
+    by_protocol: dict[str, list[tuple[int, Device]]] = {}
+    for i, d in enumerate(devices):
+        if d.name in seen:
+            issues.append(ConfigIssue(("devices", i, "name"), f"device name {d.name!r} used twice"))
+        seen.add(d.name)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", d.name):
+            issues.append(ConfigIssue(("devices", i, "name"), "use letters, digits, '-', '_' or '.' only"))
+        by_protocol.setdefault(d.protocol, []).append((i, d))
+    for protocol, members in by_protocol.items():
+        collector = collectors.get(protocol)
+        found = [(i, key, message) for i, d in members for key, message in collector.check(d)]
+        found += collector.check_together(members)
+        issues += [ConfigIssue(("devices", i, key), message) for i, key, message in sorted(found)]
     return issues
 
 
@@ -331,5 +445,6 @@ def _line_of(text: str, path: Path) -> int | None:
     return None
 
 
-__all__ = ["BrokerSettings", "Config", "ConfigError", "ConfigIssue", "Device", "Uplink", "apply_broker_settings",
-           "load", "loads", "parse", "sample_text"]
+__all__ = ["BrokerSettings", "Config", "ConfigError", "ConfigIssue", "Device", "Interval", "Port", "SessionExpiry",
+           "Timeout", "Uplink", "apply_broker_settings", "decode", "error_at", "load", "loads", "parse",
+           "parse_listen", "read", "sample_text"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
+from edge.config import parse_listen
 from gateway import store
 
 log = structlog.get_logger("examwatch.gateway.api")
@@ -32,10 +34,11 @@ class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, listen: str, db_path: str, token: str) -> None:
-        host, port = listen.rsplit(":", 1)
+        host, port = parse_listen(listen)
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.db_path = db_path
         self.token = token
-        super().__init__((host, int(port)), _Handler)
+        super().__init__((host, port), _Handler)
 
     def start(self) -> threading.Thread:
         t = threading.Thread(target=self.serve_forever, name="gateway-api", daemon=True)
