@@ -177,11 +177,11 @@ class MqttCollector(Collector):
         issues = []
         for i, d in devices:
             opts: MqttOptions = d.options or MqttOptions()
-            for topic in [d.topic] + ([f"{d.topic}/availability"] if opts.availability else []):
-                if topic in owner:
-                    issues.append((i, "topic", f"{topic!r} is already {owner[topic]}'s: one device per topic"))
-                else:
-                    owner[topic] = d.name
+            topics = [d.topic] + ([f"{d.topic}/availability"] if opts.availability else [])
+            taken = [t for t in topics if t in owner]
+            if taken:
+                issues.append((i, "topic", f"{taken[0]!r} is already {owner[taken[0]]}'s: one device per topic"))
+            owner.update({t: d.name for t in topics if t not in owner})
         return issues
 
     def handle(self, topic: str, payload: bytes, now: float) -> None:

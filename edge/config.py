@@ -430,8 +430,8 @@ def _line_of(text: str, path: Path) -> int | None:
             continue
         hdr = re.compile(rf"^\s*\[\s*{re.escape('.'.join(table + [str(head)]))}\s*\]")
         hit = next((i for i, l in enumerate(lines) if i >= start and hdr.match(l)), None)
-        if hit is not None and len(keys) > 1:
-            start, table, keys = hit + 1, table + [str(head)], keys[1:]
+        if len(keys) > 1:  # [a.b] or [[a.b]] may stand without an [a] header
+            start, table, keys = (start if hit is None else hit + 1), table + [str(head)], keys[1:]
             continue
         if hit is not None:
             return hit + 1
