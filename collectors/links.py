@@ -33,7 +33,8 @@ class Options(msgspec.Struct, forbid_unknown_fields=True):
     method: Literal["auto", "icmp", "tcp"] = "auto"
     port: Port = 443  # for TCP probes
     probes: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5  # per poll: the window loss and RTT are measured over
-    probe_interval: Annotated[float, msgspec.Meta(ge=0.01, le=10)] = 0.2  # seconds between probes in a burst
+    # seconds between probes in a burst (0: back to back)
+    probe_interval: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.2
     primary_interface: str = ""  # e.g. "eth0": report link_primary_active for the default route
 
 

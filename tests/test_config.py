@@ -286,3 +286,17 @@ def test_any_toml_shaped_file_gives_a_config_or_a_config_error(text):
         loads(text)
     except ConfigError as err:
         assert err.issues and all(isinstance(i.message, str) for i in err.issues)
+
+
+def test_the_smallest_batch_max_still_sends_every_reading(tmp_path):
+    from edge.model import Reading
+    from edge.store import OutboxReader, Store
+
+    cfg = loads(agent_text(top='[uplink]\nbatch_max = 1'))
+    store = Store(tmp_path / "agent.db")
+    store.write([Reading("door", "door_open", float(i), 1000.0 + i) for i in range(3)], [],
+                flush_readings=cfg.uplink.batch_max)  # as the runtime does on a flush
+    reader = OutboxReader(tmp_path / "agent.db")
+    assert reader.count() == 3  # batch_max = 0 (now refused) queued none, ever
+    reader.close()
+    store.close()
