@@ -270,11 +270,14 @@ def test_reports_follow_the_file_order_and_stop_at_a_bound():
     assert len(issues) == 51 and "150 more" in issues[-1].message
 
 
+@pytest.mark.parametrize("which", ["agent", "gateway"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.text(max_size=300) | st.sampled_from(["[agent]\nsite = nan", "a = [[[[[", "\x00", "[[devices]]\n" * 3]))
-def test_any_text_gives_a_config_or_a_config_error(text):
+@given(text=st.text(max_size=300) | st.sampled_from(["[agent]\nsite = nan", "a = [[[[[", "\x00", "[[devices]]\n" * 3]))
+def test_any_text_gives_a_config_or_a_config_error(which, text):
+    from gateway import config as gateway_config
+
     try:
-        loads(text)
+        (loads if which == "agent" else gateway_config.loads)(text)
     except ConfigError:
         pass
 
