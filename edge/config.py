@@ -364,8 +364,8 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
 
     issues = _device_issues(cfg.devices)
     for key in ("site", "room"):
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", getattr(cfg.agent, key)):
-            issues.append(ConfigIssue(("agent", key), "use letters, digits, '-' or '_' only (it is an MQTT topic level)"))
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", getattr(cfg.agent, key)):
+            issues.append(ConfigIssue(("agent", key), "1 to 64 letters, digits, '-' or '_' (it is an MQTT topic level)"))
     try:
         parse_listen(cfg.exporter.listen)
     except ValueError as err:
@@ -401,8 +401,8 @@ def _device_issues(devices: list[Device]) -> list[ConfigIssue]:
         if d.name in seen:
             issues.append(ConfigIssue(("devices", i, "name"), f"device name {d.name!r} used twice"))
         seen.add(d.name)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", d.name):
-            issues.append(ConfigIssue(("devices", i, "name"), "use letters, digits, '-', '_' or '.' only"))
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", d.name):
+            issues.append(ConfigIssue(("devices", i, "name"), "1 to 64 letters, digits, '-', '_' or '.'"))
         by_protocol.setdefault(d.protocol, []).append((i, d))
     for protocol, members in by_protocol.items():
         collector = collectors.get(protocol)

@@ -12,6 +12,7 @@ from typing import Annotated
 import msgspec
 
 DAY = 86400.0
+YEARS = (2000, 2200)  # of an exam session or a secrecy window
 
 # Any value a metric can take (bytes of a disk included): finite, so NaN and inf are refused.
 Finite = Annotated[float, msgspec.Meta(ge=-1e15, le=1e15)]
@@ -57,6 +58,9 @@ def schedule_issues(schedule: Schedule) -> list[tuple[tuple[str | int, ...], str
     issues: list[tuple[tuple[str | int, ...], str]] = []
     for which in ("sessions", "secrecy_windows"):
         for i, w in enumerate(getattr(schedule, which)):
+            for key, moment in (("start", w.start), ("end", w.end)):
+                if not YEARS[0] <= moment.year <= YEARS[1]:  # year 1 overflows the calendar's arithmetic
+                    issues.append((("schedule", which, i, key), f"a year between {YEARS[0]} and {YEARS[1]}"))
             if w.end <= w.start:
                 issues.append((("schedule", which, i, "end"), "end must be after start"))
     try:

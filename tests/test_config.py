@@ -210,6 +210,8 @@ AGENT_CASES = [
      ("schedule", "sessions", 0, "start")),
     ("session as a bare time", agent_text(more="[[schedule.sessions]]\nstart = 09:00:00\nend = 2024-06-08T00:00:00"),
      ("schedule", "sessions", 0, "start")),
+    ("session in year 1", agent_text(more="[[schedule.sessions]]\nstart = 0001-01-01T00:00:00\nend = 2024-06-08T00:00:00"),
+     ("schedule", "sessions", 0, "start")),
     ("bad time zone", agent_text(more='[schedule]\ntimezone = "Asia/Beijing"'), ("schedule", "timezone")),
     ("time zone as a path", agent_text(more='[schedule]\ntimezone = "/etc/passwd"'), ("schedule", "timezone")),
     ("empty time zone", agent_text(more='[schedule]\ntimezone = ""'), ("schedule", "timezone")),
