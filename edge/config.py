@@ -8,6 +8,7 @@ then converts. A typo must never silently disable a rule: unknown keys and unkno
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import math
 import re
@@ -16,7 +17,8 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
-from typing import Annotated, Any, Literal, get_args, get_origin
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import msgspec
 
@@ -33,6 +35,8 @@ Timeout = Annotated[float, msgspec.Meta(ge=0.01, le=600)]  # s to wait for one a
 # s the MQTT broker keeps a session while the client is away: a minute at least (a restart), at most
 # MQTT v5's 0xFFFFFFFF (never expires)
 SessionExpiry = Annotated[int, msgspec.Meta(ge=60, le=0xFFFFFFFF)]
+
+S = TypeVar("S", bound=msgspec.Struct)
 
 DeviceKind = Literal["recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"]
 RoomKind = Literal["exam_room", "secrecy_room"]
@@ -199,14 +203,26 @@ def decode(data: bytes) -> str:
 
 def loads(text: str) -> Config:
     """Parse and validate; raise ``ConfigError`` listing every problem found."""
+    return validated(text, Config, _build, _semantic_issues)
+
+
+def validated(text: str, schema: type[S], build: Callable[[dict[str, Any]], S],
+              semantic_issues: Callable[[S], list[ConfigIssue]]) -> S:
+    """The agent's and the gateway's checker: ``schema``'s issues and, on the parts that are sound, the
+    semantic ones (``semantic_issues`` of the built config) together, so one check shows every error."""
     text = text.removeprefix("\ufeff")
-    raw = parse(text, Config)
-    try:
-        cfg = _build(raw)
-    except msgspec.ValidationError as err:  # parse() checked every field; a struct's own check slipped through
-        raise ConfigError([ConfigIssue((), str(err))]) from None
-    issues = _semantic_issues(cfg)
-    if issues:
+    raw, issues = _checked(text, schema)
+    sound = _without(raw, [i.path for i in issues])
+    cfg = None
+    if sound is not None:
+        try:
+            cfg = build(sound)
+        except msgspec.ValidationError as err:  # a struct's own check that _walk did not reach
+            issues = issues or [ConfigIssue((), str(err))]
+    if cfg is not None:
+        bad = {i.path for i in issues}  # a removed value's default must not be blamed as well
+        issues += [i for i in semantic_issues(cfg) if i.path not in bad]
+    if issues or cfg is None:
         raise error_at(text, issues)
     return cfg
 
@@ -215,8 +231,16 @@ def parse(text: str, schema: type[msgspec.Struct]) -> dict[str, Any]:
     """Parse TOML and check it against ``schema``; every issue at once, with key path and line.
 
     Returns the raw table; ``msgspec.convert(raw, schema)`` then cannot fail. Other TOML files
-    (the gateway's) use this too. Only ``ConfigError`` escapes, whatever the text.
+    (the gateway's correlation rules) use this too. Only ``ConfigError`` escapes, whatever the text.
     """
+    raw, issues = _checked(text, schema)
+    if issues:
+        raise error_at(text, issues)
+    return raw
+
+
+def _checked(text: str, schema: type[msgspec.Struct]) -> tuple[dict[str, Any], list[ConfigIssue]]:
+    """The TOML table and its issues against ``schema``; ``ConfigError`` if it is not a TOML file at all."""
     text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows Notepad writes one
     if len(text) > MAX_BYTES:
         raise ConfigError([ConfigIssue((), f"larger than {MAX_BYTES >> 10} KB: not a config file")])
@@ -231,9 +255,25 @@ def parse(text: str, schema: type[msgspec.Struct]) -> dict[str, Any]:
         raise ConfigError([ConfigIssue((), f"not valid TOML: {type(err).__name__}: {err}")]) from None
     issues: list[ConfigIssue] = []
     _walk(raw, schema, (), issues)
-    if issues:
-        raise error_at(text, issues)
-    return raw
+    return raw, issues
+
+
+def _without(raw: dict[str, Any], paths: list[Path]) -> dict[str, Any] | None:
+    """``raw`` without the values at ``paths`` (their defaults apply), or None where that cannot be done:
+    an array item (removing it would renumber the rest) or the whole file."""
+    sound = copy.deepcopy(raw)
+    for path in paths:
+        if not path or not isinstance(path[-1], str):
+            return None
+        table: Any = sound
+        for p in path[:-1]:
+            try:
+                table = table[p]
+            except (KeyError, IndexError, TypeError):
+                return None
+        if isinstance(table, dict):
+            table.pop(path[-1], None)
+    return sound
 
 
 def error_at(text: str, issues: list[ConfigIssue]) -> ConfigError:
@@ -447,4 +487,4 @@ def _line_of(text: str, path: Path) -> int | None:
 
 __all__ = ["BrokerSettings", "Config", "ConfigError", "ConfigIssue", "Device", "Interval", "Port", "SessionExpiry",
            "Timeout", "Uplink", "apply_broker_settings", "decode", "error_at", "load", "loads", "parse",
-           "parse_listen", "read", "sample_text"]
+           "parse_listen", "read", "sample_text", "validated"]

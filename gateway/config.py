@@ -10,7 +10,7 @@ from typing import Annotated
 import msgspec
 
 from edge import wire
-from edge.config import BrokerSettings, ConfigIssue, SessionExpiry, error_at, parse, parse_listen, read
+from edge.config import BrokerSettings, ConfigIssue, SessionExpiry, parse, parse_listen, read, validated
 from rules.config import DAY, Schedule, schedule_issues
 
 # The alarm rules the gateway raises itself (gateway/ingest.py); correlation rules may name them too.
@@ -128,12 +128,7 @@ def sample_text() -> str:
 
 def loads(text: str) -> Config:
     """Parse and validate; raise ``ConfigError`` listing every problem found (only that, whatever the text)."""
-    text = text.removeprefix("\ufeff")
-    cfg = msgspec.convert(parse(text, Config), Config)
-    issues = _semantic_issues(cfg)
-    if issues:
-        raise error_at(text, issues)
-    return cfg
+    return validated(text, Config, lambda raw: msgspec.convert(raw, Config), _semantic_issues)
 
 
 def _semantic_issues(cfg: Config) -> list[ConfigIssue]:

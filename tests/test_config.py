@@ -305,3 +305,23 @@ def test_the_smallest_batch_max_still_sends_every_reading(tmp_path):
     assert reader.count() == 3  # batch_max = 0 (now refused) queued none, ever
     reader.close()
     store.close()
+
+
+def test_type_errors_and_semantic_errors_are_reported_together():
+    text = agent_text(top='[exporter]\nlisten = "garbage"\n[uplink]\nbatch_max = 0',
+                      device='interval = nan\n', more=SECOND + 'topic = "z2m/door"\n[rules.noise_hihg]\nfor = 1.0')
+    with pytest.raises(ConfigError) as exc:
+        loads(text)
+    assert {i.path for i in exc.value.issues} == {
+        ("exporter", "listen"), ("uplink", "batch_max"), ("devices", 0, "interval"), ("devices", 1, "topic"),
+        ("rules", "noise_hihg")}
+    assert all(i.line for i in exc.value.issues)
+
+
+@pytest.mark.parametrize("old,new,path", [('site = "s1"', f'site = "{"s" * 65}"', ("agent", "site")),
+                                          ('room = "r1"', 'room = ""', ("agent", "room")),
+                                          ('name = "door"', f'name = "{"d" * 65}"', ("devices", 0, "name"))])
+def test_names_are_short_topic_levels(old, new, path):
+    with pytest.raises(ConfigError) as exc:
+        loads(agent_text().replace(old, new))
+    assert [i.path for i in exc.value.issues] == [path]

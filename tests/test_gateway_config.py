@@ -86,6 +86,15 @@ def test_semantic_errors_are_reported_all_at_once_with_lines():
     assert found == {("api", "listen"): 4, ("schedule", "timezone"): 6, ("correlation", 0, "rules"): 10}
 
 
+def test_type_errors_and_semantic_errors_are_reported_together():
+    text = gateway_text('[gateway]\nbatch_max = 0\n[api]\nlisten = "garbage"\n[schedule]\ntimezone = "Mars"\n'
+                        + RULE + "window = nan\n" + RULE.replace("power", "noise").replace("ups_on_battery", "nosie_high"))
+    with pytest.raises(ConfigError) as exc:
+        loads(text)
+    assert {i.path for i in exc.value.issues} == {("gateway", "batch_max"), ("api", "listen"), ("schedule", "timezone"),
+                                                  ("correlation", 0, "window"), ("correlation", 1, "rules")}
+
+
 def test_a_bad_keys_file_line_is_reported(tmp_path):
     keys = tmp_path / "agent-keys"
     keys.write_text(f"s1/101 {KEY}\ns1/102 zz\n", encoding="utf-8")
