@@ -11,6 +11,12 @@ from typing import Any
 from hypothesis import strategies as st
 
 
+def toml_string(v: str) -> str:
+    """A TOML basic string: JSON's escapes suit it, but astral characters must stay raw (JSON would write
+    surrogate pairs, which TOML refuses) and DEL must be escaped."""
+    return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def toml_value(v: Any) -> str:
     """One TOML value, tables inline (so any nesting is one line of a valid document)."""
     if isinstance(v, bool):
@@ -20,14 +26,14 @@ def toml_value(v: Any) -> str:
     if isinstance(v, (int, datetime, date, time)):
         return v.isoformat() if not isinstance(v, int) else str(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        return toml_string(v)
     if isinstance(v, list):
         return "[" + ", ".join(map(toml_value, v)) + "]"
-    return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return "{" + ", ".join(f"{toml_string(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
 
 
 def toml_doc(table: dict[str, Any]) -> str:
-    return "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in table.items())
+    return "".join(f"{toml_string(k)} = {toml_value(v)}\n" for k, v in table.items())
 
 
 # Values a TOML file can hold, the awkward ones first: NaN, inf, huge and negative numbers, offsets.
