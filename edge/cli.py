@@ -11,23 +11,27 @@ from edge import __version__
 
 def _config_check(path: str, gateway: bool) -> int:
     """The agent's or the gateway's file: read and checked exactly as ``run`` reads and checks it."""
-    from edge import config as agent_config
     from edge.config import ConfigError, read
-    from gateway import config as gateway_config
 
     try:
         text = read(path)
-        cfg = gateway_config.loads(text) if gateway else agent_config.loads(text)
+        if gateway:
+            from gateway.config import loads as gateway_loads
+
+            g = gateway_loads(text)
+            summary = f"api {g.api.listen}, exporter {g.exporter.listen}, broker {g.broker.host}:{g.broker.port}"
+        else:
+            from edge.config import loads
+
+            cfg = loads(text)
+            summary = f"{cfg.agent_id}, {len(cfg.devices)} devices"
     except OSError as err:
         print(f"{path}: cannot read: {err.strerror}", file=sys.stderr)
         return 2
     except ConfigError as err:
         sys.stderr.write(err.report(path))
         return 2
-    if isinstance(cfg, gateway_config.Config):
-        print(f"{path}: ok (api {cfg.api.listen}, exporter {cfg.exporter.listen}, broker {cfg.broker.host}:{cfg.broker.port})")
-    else:
-        print(f"{path}: ok ({cfg.agent_id}, {len(cfg.devices)} devices)")
+    print(f"{path}: ok ({summary})")
     return 0
 
 
@@ -77,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gateway = sub.add_parser("gateway", help="the county gateway").add_subparsers(dest="action", required=True)
     gateway.add_parser("run", help="run the gateway").add_argument("--config", required=True, help="gateway TOML file")
-    gateway_config = gateway.add_parser("config", help="gateway configuration").add_subparsers(dest="what", required=True)
-    gateway_config.add_parser("check", help="validate a file (- for stdin): exit 0 ok, 2 with every error").add_argument("file")
+    gateway_config = gateway.add_parser("config", help="gateway configuration")
+    gateway_config.add_subparsers(dest="what", required=True).add_parser(
+        "check", help="validate a file (- for stdin): exit 0 ok, 2 with every error").add_argument("file")
 
     demo = sub.add_parser("demo", help="a whole exam site on this machine, with a scripted morning of faults")
     demo.add_argument("--dir", default=".examwatch-demo", help="where logs and databases go")

@@ -161,17 +161,25 @@ def parse_listen(listen: str) -> tuple[str, int]:
             ipaddress.IPv6Address(v6)
         except ValueError:
             raise ValueError(f"{v6[:64]!r} is not an IPv6 address") from None
-    elif re.fullmatch(r"[\d.]+", host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv4 address") from None
-    elif host and not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                                   r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", host):
-        raise ValueError(f"{host[:64]!r} is not a host name or address")
+    elif host:
+        check_host(host)
     if port > 65535:
         raise ValueError(f"port {port} is outside 1..65535")
     return v6 or host or "127.0.0.1", port
+
+
+def check_host(host: str) -> None:
+    """``ValueError`` unless ``host`` is a host name or an IP address (v6 without brackets)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if re.fullmatch(r"[\d.]+", host):
+        raise ValueError(f"{host!r} is not an IPv4 address")
+    if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", host):
+        raise ValueError(f"{host[:64]!r} is not a host name or address")
 
 
 def sample_text() -> str:
@@ -197,11 +205,14 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
     issues = _device_issues(cfg.devices)
     for key in ("site", "room"):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", getattr(cfg.agent, key)):
-            issues.append(ConfigIssue(("agent", key), "1 to 64 letters, digits, '-' or '_' (it is an MQTT topic level)"))
-    try:
-        parse_listen(cfg.exporter.listen)
-    except ValueError as err:
-        issues.append(ConfigIssue(("exporter", "listen"), str(err)))
+            issues.append(ConfigIssue(("agent", key), "1 to 64 letters, digits, '-' or '_' (an MQTT topic level)"))
+    for path, check, value in ((("exporter", "listen"), parse_listen, cfg.exporter.listen),
+                               (("mqtt", "host"), check_host, cfg.mqtt.host),
+                               (("uplink", "host"), check_host, cfg.uplink.host)):
+        try:
+            check(value)
+        except ValueError as err:
+            issues.append(ConfigIssue(path, str(err)))
     known = {r.id for r in DEFAULT_RULES}
     for rule_id in cfg.rules:
         if rule_id not in known:
@@ -245,5 +256,5 @@ def _device_issues(devices: list[Device]) -> list[ConfigIssue]:
 
 
 __all__ = ["BrokerSettings", "Config", "ConfigError", "ConfigIssue", "Device", "Interval", "Port", "SessionExpiry",
-           "Timeout", "Uplink", "apply_broker_settings", "decode", "error_at", "load", "loads", "parse",
+           "Timeout", "Uplink", "apply_broker_settings", "check_host", "decode", "error_at", "load", "loads", "parse",
            "parse_listen", "read", "sample_text", "validated"]

@@ -10,7 +10,7 @@ from typing import Annotated
 import msgspec
 
 from edge import wire
-from edge.config import BrokerSettings, ConfigIssue, SessionExpiry, parse, parse_listen, read, validated
+from edge.config import BrokerSettings, ConfigIssue, check_host, SessionExpiry, parse, parse_listen, read, validated
 from rules.config import DAY, Schedule, schedule_issues
 
 # The alarm rules the gateway raises itself (gateway/ingest.py); correlation rules may name them too.
@@ -33,7 +33,8 @@ class Broker(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
 
     client_id: str = "examwatch-gateway"
     session_expiry: SessionExpiry = 7 * 24 * 3600  # the broker queues for us this long while we are down
-    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000  # unacknowledged messages the broker may send us at once
+    # unacknowledged messages the broker may send us at once (MQTT v5: a two-byte number, 0 not allowed)
+    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000
 
 
 class Listen(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -62,7 +63,7 @@ class CorrelationRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One fault class: the alarm rules that belong to it and when rooms together make an incident."""
 
     fault_class: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = msgspec.field(name="class")
-    title: Annotated[str, msgspec.Meta(min_length=1)]  # Chinese incident title for staff, e.g. "考点多个考场网络中断"
+    title: Annotated[str, msgspec.Meta(min_length=1)]  # Chinese title for staff, e.g. "考点多个考场网络中断"
     rules: Annotated[list[str], msgspec.Meta(min_length=1)]  # alarm rule ids (the agents' and the gateway's own)
     # rooms of one site with the fault within the window -> level-2 incident
     min_rooms: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
@@ -145,6 +146,10 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
             _parse_keys_file(Path(cfg.security.keys_file).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
             issues.append(ConfigIssue(("security", "keys_file"), str(err)))
+    try:
+        check_host(cfg.broker.host)
+    except ValueError as err:
+        issues.append(ConfigIssue(("broker", "host"), str(err)))
     issues += _correlation_issues(cfg.correlation)
     ports: dict[int, str] = {}
     for key, value in (("exporter", cfg.exporter.listen), ("api", cfg.api.listen)):
@@ -154,7 +159,7 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue((key, "listen"), str(err)))
             continue
         if port and port in ports:
-            issues.append(ConfigIssue((key, "listen"), f"port {port} is already the {ports[port]}'s: give each its own"))
+            issues.append(ConfigIssue((key, "listen"), f"port {port} is already the {ports[port]}'s: one port each"))
         ports[port] = key
     issues += [ConfigIssue(path, message) for path, message in schedule_issues(cfg.schedule)]
     return issues
@@ -172,7 +177,7 @@ def _correlation_issues(rules: list[CorrelationRule]) -> list[ConfigIssue]:
         unknown = [r for r in rule.rules if r not in known]
         if unknown:  # a typo would silently keep a class of faults from ever making an incident
             issues.append(ConfigIssue(("correlation", i, "rules"), f"no such rule: {', '.join(map(repr, unknown[:5]))}; "
-                                                                    f"known: {', '.join(sorted(known))}"))
+                                      f"known: {', '.join(sorted(known))}"))
     return issues
 
 

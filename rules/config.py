@@ -66,5 +66,5 @@ def schedule_issues(schedule: Schedule) -> list[tuple[tuple[str | int, ...], str
     try:
         ZoneInfo(schedule.timezone)
     except Exception:  # ValueError, OSError, ZoneInfoNotFoundError: a name from the file, never a traceback
-        issues.append((("schedule", "timezone"), f"unknown time zone {schedule.timezone[:64]!r}; e.g. \"Asia/Shanghai\""))
+        issues.append((("schedule", "timezone"), f"unknown time zone {schedule.timezone[:64]!r}; e.g. Asia/Shanghai"))
     return issues

@@ -180,6 +180,8 @@ AGENT_CASES = [
     ("retention nan", agent_text(top="[store]\nretention_hours = nan"), ("store", "retention_hours")),
     ("port 70000", agent_text(top="[mqtt]\nport = 70000"), ("mqtt", "port")),
     ("port -1", agent_text(top="[uplink]\nport = -1"), ("uplink", "port")),
+    ("empty broker host", agent_text(top='[mqtt]\nhost = ""'), ("mqtt", "host")),
+    ("broker host with a port", agent_text(top='[uplink]\nhost = "county.example:1883"'), ("uplink", "host")),
     ("listen garbage", agent_text(top='[exporter]\nlisten = "garbage"'), ("exporter", "listen")),
     ("listen port 70000", agent_text(top='[exporter]\nlisten = "127.0.0.1:70000"'), ("exporter", "listen")),
     ("listen bad v6", agent_text(top='[exporter]\nlisten = "[zz::1]:9108"'), ("exporter", "listen")),

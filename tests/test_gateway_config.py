@@ -35,6 +35,7 @@ GATEWAY_CASES = [
     ("receive_maximum 65536", "[broker]\nreceive_maximum = 65536", ("broker", "receive_maximum")),
     ("session expiry negative", "[broker]\nsession_expiry = -1", ("broker", "session_expiry")),
     ("session expiry past MQTT's", "[broker]\nsession_expiry = 4294967296", ("broker", "session_expiry")),
+    ("broker host with a space", '[broker]\nhost = "county broker"', ("broker", "host")),
     ("api listen garbage", '[api]\nlisten = "garbage"', ("api", "listen")),
     ("exporter port 70000", '[exporter]\nlisten = "127.0.0.1:70000"', ("exporter", "listen")),
     ("api and exporter on one port", '[exporter]\nlisten = "127.0.0.1:8080"\n[api]\nlisten = "0.0.0.0:8080"',
