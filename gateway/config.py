@@ -10,7 +10,8 @@ from typing import Annotated
 import msgspec
 
 from edge import wire
-from edge.config import BrokerSettings, ConfigIssue, check_host, SessionExpiry, parse, parse_listen, read, validated
+from edge.config import BrokerSettings, ConfigIssue, SessionExpiry, check_host, parse, parse_listen, read, validated
+from edge.config_check import MAX_BYTES
 from rules.config import DAY, Schedule, schedule_issues
 
 # The alarm rules the gateway raises itself (gateway/ingest.py); correlation rules may name them too.
@@ -143,7 +144,14 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue(("security", "keys", agent), str(err)))
     if cfg.security.keys_file:
         try:
-            _parse_keys_file(Path(cfg.security.keys_file).read_text(encoding="utf-8"))
+            path = Path(cfg.security.keys_file)
+            if not path.is_file():  # a FIFO or /dev/zero would hang the check
+                raise ValueError(f"{str(path)[:200]}: no such file")
+            with path.open("rb") as f:
+                data = f.read(MAX_BYTES + 1)
+            if len(data) > MAX_BYTES:
+                raise ValueError("keys file larger than 1 MB")
+            _parse_keys_file(data.decode("utf-8"))
         except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
             issues.append(ConfigIssue(("security", "keys_file"), str(err)))
     try:

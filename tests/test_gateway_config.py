@@ -59,6 +59,7 @@ GATEWAY_CASES = [
     ("bad time zone", '[schedule]\ntimezone = "Beijing"', ("schedule", "timezone")),
     ("a key that is not hex", '"s1/102" = "not-a-key"', ("security", "keys", "s1/102")),
     ("keys file missing", '[security]\nkeys_file = "/nonexistent/agent-keys"', ("security", "keys_file")),
+    ("keys file that never ends", '[security]\nkeys_file = "/dev/zero"', ("security", "keys_file")),
     ("deeply nested", "x = " + "[" * 5000 + "]" * 5000, ()),
 ]
 
