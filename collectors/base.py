@@ -126,6 +126,12 @@ class Collector:
         return issues
 
     @classmethod
+    def check_together(cls, devices: list[tuple[int, Any]]) -> list[tuple[int, str, str]]:
+        """Problems between this protocol's devices (index in the file, device), as (index, key, message):
+        what no single device shows, e.g. two devices on one MQTT topic. Pure, like ``check``."""
+        return []
+
+    @classmethod
     def load_profile(cls, name: str) -> Any:
         """One of the protocol's profiles (cached), validated; ``ProfileError`` if unknown or invalid.
         A protocol that prepares its profiles further (SNMP compiles them) overrides this."""

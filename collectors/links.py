@@ -16,12 +16,13 @@ import asyncio
 import socket
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import icmplib
 import msgspec
 
 from collectors.base import DeviceError, PollingCollector, register
+from edge.config import Port
 from edge.model import Reading
 
 ROUTE_TABLE = Path("/proc/net/route")
@@ -30,9 +31,10 @@ DEFAULT_GATEWAY = "default-gateway"  # the address that means "whatever the defa
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):
     method: Literal["auto", "icmp", "tcp"] = "auto"
-    port: int = 443  # for TCP probes
-    probes: int = 5  # probes per poll: the window that loss and RTT are measured over
-    probe_interval: float = 0.2  # seconds between probes in a burst
+    port: Port = 443  # for TCP probes
+    probes: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5  # per poll: the window loss and RTT are measured over
+    # seconds between probes in a burst (0: back to back)
+    probe_interval: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.2
     primary_interface: str = ""  # e.g. "eth0": report link_primary_active for the default route
 
 
@@ -115,10 +117,8 @@ class LinksCollector(PollingCollector):
         issues = super().check(device)
         o = device.options
         if o is not None:
-            if o.probes < 1:
-                issues.append(("probes", "at least one probe per poll"))
             # The framework gives a poll timeout x (retries + 1) + 1 s; the burst must fit in it.
-            elif (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1:
+            if (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1:
                 issues.append(("probes", "probes x probe_interval does not fit in the poll's time budget"))
         return issues
 

@@ -21,7 +21,7 @@ import re
 import termios
 import threading
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import serial
@@ -53,7 +53,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):
-    baud: int = 2400  # Megatec is 2400 8N1; a few models use 9600
+    baud: Annotated[int, msgspec.Meta(ge=300, le=115200)] = 2400  # Megatec is 2400 8N1; a few models use 9600
 
 
 # --- pure parsing -----------------------------------------------------------------------------------------

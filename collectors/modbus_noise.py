@@ -15,7 +15,7 @@ import asyncio
 import logging
 import struct
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from pymodbus import ModbusException
@@ -51,8 +51,9 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):
-    slave: int = 0  # 0: the profile's default; set it when several meters share a bus
-    baud: int = 0  # 0: the profile's
+    # 0: the profile's default; set it when several meters share a bus (Modbus addresses are 1..247)
+    slave: Annotated[int, msgspec.Meta(ge=0, le=247)] = 0
+    baud: Annotated[int, msgspec.Meta(ge=0, le=115200)] = 0  # 0: the profile's
 
 
 def decode(registers: list[int], p: Profile) -> float:

@@ -28,6 +28,7 @@ from collectors.base import Collector, DeviceError, register
 from edge.catalog import METRICS
 from edge.config import apply_broker_settings
 from edge.model import Reading
+from rules.config import Finite
 
 log = structlog.get_logger("examwatch.mqtt")
 
@@ -41,9 +42,9 @@ _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 class Field(msgspec.Struct, forbid_unknown_fields=True):
     path: str  # dotted JSON path, list items by index: "storage.free_mb", "disks.0.status"
     metric: str
-    scale: float = 1.0
+    scale: Finite = 1.0
     # JSON value as lower-case text (true, false, on, off, open, closed, ok, ...) -> metric value
-    map: dict[str, float] | None = None
+    map: dict[str, Finite] | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -60,6 +61,26 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True):
 class MqttOptions(msgspec.Struct, forbid_unknown_fields=True):
     fields: list[Field] = []  # extra or overriding paths for this device (a generic JSON device needs them)
     availability: bool = True  # also listen on <topic>/availability (Zigbee2MQTT's availability feature)
+
+
+MAX_TOPIC = 256  # characters; Zigbee2MQTT's are "zigbee2mqtt/<friendly name>"
+
+
+def topic_issue(topic: str) -> str | None:
+    """What is wrong with a device's topic, or None: it names exactly one device's messages."""
+    if not topic:
+        return "an MQTT device needs its topic, e.g. zigbee2mqtt/secrecy-door"
+    if len(topic) > MAX_TOPIC:
+        return f"longer than {MAX_TOPIC} characters"
+    if "+" in topic or "#" in topic:
+        return "one device's own topic, without wildcards (+ #), e.g. zigbee2mqtt/secrecy-door"
+    if "" in topic.split("/"):
+        return "an empty level (a leading, trailing or doubled '/')"
+    if topic.startswith("$"):
+        return "topics beginning with '$' are the broker's own"
+    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in topic):
+        return "a control character in the topic"
+    return None
 
 
 class PayloadError(Exception):
@@ -235,8 +256,22 @@ class MqttCollector(Collector):
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
-        issues = [] if device.topic else [("topic", "an MQTT device needs its topic, e.g. zigbee2mqtt/secrecy-door")]
-        return issues + super().check(device)
+        problem = topic_issue(device.topic)
+        return ([("topic", problem)] if problem else []) + super().check(device)
+
+    @classmethod
+    def check_together(cls, devices: list[tuple[int, Any]]) -> list[tuple[int, str, str]]:
+        """One device per topic: a message is routed by its topic, so a second device on one is never read."""
+        owner: dict[str, str] = {}
+        issues = []
+        for i, d in devices:
+            opts: MqttOptions = d.options or MqttOptions()
+            topics = [d.topic] + ([f"{d.topic}/availability"] if opts.availability else [])
+            taken = [t for t in topics if t in owner]
+            if taken:
+                issues.append((i, "topic", f"{taken[0]!r} is already {owner[taken[0]]}'s: one device per topic"))
+            owner.update({t: d.name for t in topics if t not in owner})
+        return issues
 
     def handle(self, topic: str, payload: bytes, now: float) -> None:
         """One message from the broker -> readings, or a counted drop. Never raises."""

@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -283,7 +283,7 @@ class SnmpOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     priv_key: str = ""  # v3; empty: authNoPriv
     context: str = ""  # v3 context name
     parts: list[str] = []  # parts to watch, e.g. ["port1", "port5"]; empty: every row of the tables
-    max_repetitions: int = 25  # rows per GETBULK
+    max_repetitions: Annotated[int, msgspec.Meta(ge=1, le=100)] = 25  # rows per GETBULK
 
     def __repr__(self) -> str:  # a logged Device must not carry the community or the keys
         return f"SnmpOptions(version={self.version!r}, user={self.user!r}, context={self.context!r}, parts={self.parts!r})"

@@ -9,20 +9,29 @@ import sys
 from edge import __version__
 
 
-def _config_check(path: str) -> int:
-    from edge.config import ConfigError, loads
+def _config_check(path: str, gateway: bool) -> int:
+    """The agent's or the gateway's file: read and checked exactly as ``run`` reads and checks it."""
+    from edge.config import ConfigError, read
 
     try:
-        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+        text = read(path)
+        if gateway:
+            from gateway.config import loads as gateway_loads
+
+            g = gateway_loads(text)
+            summary = f"api {g.api.listen}, exporter {g.exporter.listen}, broker {g.broker.host}:{g.broker.port}"
+        else:
+            from edge.config import loads
+
+            cfg = loads(text)
+            summary = f"{cfg.agent_id}, {len(cfg.devices)} devices"
     except OSError as err:
         print(f"{path}: cannot read: {err.strerror}", file=sys.stderr)
         return 2
-    try:
-        cfg = loads(text)
     except ConfigError as err:
         sys.stderr.write(err.report(path))
         return 2
-    print(f"{path}: ok ({cfg.agent_id}, {len(cfg.devices)} devices)")
+    print(f"{path}: ok ({summary})")
     return 0
 
 
@@ -160,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ack.add_argument("--url", default="", help="gateway API, e.g. http://127.0.0.1:8080")
     ack.add_argument("--token", default="", help="API token (default: $EXAMWATCH_TOKEN, or the --config's)")
     ack.add_argument("--config", default="", help="gateway TOML file: its API address and token")
+    gateway_config = gateway.add_parser("config", help="gateway configuration")
+    gateway_config.add_subparsers(dest="what", required=True).add_parser(
+        "check", help="validate a file (- for stdin): exit 0 ok, 2 with every error").add_argument("file")
 
     demo = sub.add_parser("demo", help="a whole exam site on this machine, with a scripted morning of faults")
     demo.add_argument("--dir", default=".examwatch-demo", help="where logs and databases go")
@@ -182,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(sample_text())
         return 0
     if args.command == "config":
-        return _config_check(args.file)
+        return _config_check(args.file, gateway=False)
+    if args.command == "gateway" and args.action == "config":
+        return _config_check(args.file, gateway=True)
     if args.command == "demo":
         from simulators.demo import main as demo_main
 

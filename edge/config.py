@@ -1,23 +1,28 @@
-"""The agent's TOML config: schema, loading, and validation that reports every error at once.
-
-msgspec structs are the schema. msgspec stops at the first error, and a technician fixing a file on an
-exam morning wants all of them, so ``_walk`` checks the parsed TOML against the same structs field by
-field, collecting every unknown key, wrong type and missing field with its key path (and line), and only
-then converts. A typo must never silently disable a rule: unknown keys and unknown rule ids are errors.
+"""The agent's TOML config: schema with its ranges beside the fields, loading, and the checks that types
+cannot express, all reported at once (edge.config_check does the checking). A typo must never silently
+disable a rule: unknown keys and unknown rule ids are errors; so is a value that cannot work.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
-import tomllib
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import msgspec
 
-from rules.config import RuleOverride, Schedule
+from edge.config_check import ConfigError, ConfigIssue, decode, error_at, fields_of, parse, read, validated
+from rules.config import DAY, RuleOverride, Schedule, schedule_issues
+
+# Ranges, declared once and used beside the fields. A bound also refuses NaN and infinity.
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Interval = Annotated[float, msgspec.Meta(ge=0.01, le=DAY)]  # s between polls or sends: never a busy loop
+Timeout = Annotated[float, msgspec.Meta(ge=0.01, le=600)]  # s to wait for one answer
+# s the MQTT broker keeps a session while the client is away: a minute at least (a restart), at most
+# MQTT v5's 0xFFFFFFFF (never expires)
+SessionExpiry = Annotated[int, msgspec.Meta(ge=60, le=0xFFFFFFFF)]
 
 DeviceKind = Literal["recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"]
 RoomKind = Literal["exam_room", "secrecy_room"]
@@ -36,7 +41,7 @@ class BrokerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Where an MQTT broker is and how we log in: the sensors' broker, the uplink's, the gateway's."""
 
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: Port = 1883
     username: str = ""
     password: str = ""
     tls: bool = False
@@ -74,7 +79,8 @@ class Exporter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Store(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    retention_hours: float = 72.0  # readings older than this are deleted; alarm transitions are kept
+    # readings older than this are deleted; alarm transitions are kept
+    retention_hours: Annotated[float, msgspec.Meta(ge=1, le=24 * 366)] = 72.0
 
 
 class Uplink(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
@@ -83,11 +89,14 @@ class Uplink(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
     enabled: bool = False
     signing_key: str = ""  # per-agent HMAC-SHA256 key (hex); or signing_key_file
     signing_key_file: str = ""
-    session_expiry: int = 7 * 24 * 3600  # seconds the broker keeps our session while we are away
-    heartbeat: float = 30.0  # seconds between heartbeats on the status topic
-    batch_interval: float = 5.0  # readings are sent in batches at most this often; alarms at once
-    batch_max: int = 500  # readings per message at most
-    outbox_budget_mb: float = 64.0  # disk for unsent messages; past it readings are thinned, alarms never
+    session_expiry: SessionExpiry = 7 * 24 * 3600  # seconds the broker keeps our session while we are away
+    # seconds between heartbeats on the status topic
+    heartbeat: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 30.0
+    batch_interval: Interval = 5.0  # readings are sent in batches at most this often; alarms at once
+    # readings per message at most: a message must stay well under the gateway's size bound
+    batch_max: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+    # disk for unsent messages; past it readings are thinned, alarms never
+    outbox_budget_mb: Annotated[float, msgspec.Meta(ge=1, le=100_000)] = 64.0
 
 
 class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -99,9 +108,9 @@ class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     address: str = ""  # host[:port], serial port, or URL, by protocol
     topic: str = ""  # MQTT base topic, e.g. zigbee2mqtt/secrecy-door
     profile: str = ""  # device model: how its data maps onto the canonical metrics
-    interval: float = 10.0  # seconds between polls, or the expected interval between reports
-    timeout: float = 3.0  # seconds per request
-    retries: int = 1
+    interval: Interval = 10.0  # seconds between polls, or the expected interval between reports
+    timeout: Timeout = 3.0  # seconds per request
+    retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
     options: Any = None  # the protocol's Options struct, filled from the extra keys
 
     @staticmethod
@@ -131,58 +140,46 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return f"{self.agent.site}/{self.agent.room}"
 
 
-@dataclass(frozen=True)
-class ConfigIssue:
-    path: tuple[str | int, ...]
-    message: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        where = ".".join(f"[{p}]" if isinstance(p, int) else p for p in self.path).replace(".[", "[") or "(file)"
-        return f"{where}{f' (line {self.line})' if self.line else ''}: {self.message}"
-
-
-class ConfigError(Exception):
-    def __init__(self, issues: list[ConfigIssue]) -> None:
-        super().__init__("\n".join(map(str, issues)))
-        self.issues = issues
-
-    def report(self, path: str) -> str:
-        """What ``config check`` and a refused start print: the file, then every issue on its own line."""
-        return f"{path}: {len(self.issues)} error(s):\n" + "".join(f"  {issue}\n" for issue in self.issues)
-
-
 def load(path: str) -> Config:
-    with open(path, "rb") as f:
-        return loads(f.read().decode("utf-8", errors="replace"))
+    return loads(read(path))
 
 
 def loads(text: str) -> Config:
     """Parse and validate; raise ``ConfigError`` listing every problem found."""
-    raw = parse(text, Config)
-    cfg = _build(raw)
-    issues = _semantic_issues(cfg)
-    if issues:
-        raise ConfigError([ConfigIssue(i.path, i.message, _line_of(text, i.path)) for i in issues])
-    return cfg
+    return validated(text, Config, _build, _semantic_issues)
 
 
-def parse(text: str, schema: type[msgspec.Struct]) -> dict[str, Any]:
-    """Parse TOML and check it against ``schema``; every issue at once, with key path and line.
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6 address]:port`` -> (host, port); an empty host is 127.0.0.1 (never all
+    interfaces by accident), port 0 a free port the system picks (tests). ``ValueError`` says what is wrong."""
+    m = re.fullmatch(r"(?:\[([^\]]*)\]|([^:\[\]]*)):(\d{1,5})", listen)
+    if m is None:
+        raise ValueError('expected host:port, e.g. "127.0.0.1:9108" or "[::1]:9108"')
+    v6, host, port = m.group(1), m.group(2), int(m.group(3))
+    if v6 is not None:
+        try:
+            ipaddress.IPv6Address(v6)
+        except ValueError:
+            raise ValueError(f"{v6[:64]!r} is not an IPv6 address") from None
+    elif host:
+        check_host(host)
+    if port > 65535:
+        raise ValueError(f"port {port} is outside 1..65535")
+    return v6 or host or "127.0.0.1", port
 
-    Returns the raw table; ``msgspec.convert(raw, schema)`` then cannot fail. Other TOML files
-    (the gateway's) use this too.
-    """
+
+def check_host(host: str) -> None:
+    """``ValueError`` unless ``host`` is a host name or an IP address (v6 without brackets)."""
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        m = re.search(r"line (\d+)", str(err))
-        raise ConfigError([ConfigIssue((), f"not valid TOML: {err}", int(m.group(1)) if m else None)]) from None
-    issues: list[ConfigIssue] = []
-    _walk(raw, schema, (), issues)
-    if issues:
-        raise ConfigError([ConfigIssue(i.path, i.message, _line_of(text, i.path)) for i in issues])
-    return raw
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if re.fullmatch(r"[\d.]+", host):
+        raise ValueError(f"{host!r} is not an IPv4 address")
+    if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", host):
+        raise ValueError(f"{host[:64]!r} is not a host name or address")
 
 
 def sample_text() -> str:
@@ -191,59 +188,11 @@ def sample_text() -> str:
 
 # --- validation ---------------------------------------------------------------------------------------
 
-Path = tuple[str | int, ...]
-
-
-def _fields(tp: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
-    return {f.encode_name: f for f in msgspec.structs.fields(tp) if f.encode_name != "options"}
-
-
-def _walk(value: Any, tp: Any, path: Path, issues: list[ConfigIssue]) -> None:
-    origin = get_origin(tp)
-    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
-        if not isinstance(value, dict):
-            issues.append(ConfigIssue(path, f"expected a table, got {type(value).__name__}"))
-            return
-        fields = _fields(tp)
-        extension = getattr(tp, "extension_type", None)
-        extra = {k: v for k, v in value.items() if k not in fields}
-        for k in fields.keys() & value.keys():
-            _walk(value[k], fields[k].type, path + (k,), issues)
-        for k, f in fields.items():
-            if f.required and k not in value:
-                issues.append(ConfigIssue(path + (k,), "missing required key"))
-        if extension is not None and "protocol" in value:
-            ext = extension(value)
-            if isinstance(ext, str):
-                issues.append(ConfigIssue(path + ("protocol",), ext))
-                return
-            _walk(extra, ext, path, issues)
-        else:
-            for k in extra:
-                issues.append(ConfigIssue(path + (k,), f"unknown key; expected one of: {', '.join(fields)}"))
-    elif origin is list:
-        if not isinstance(value, list):
-            issues.append(ConfigIssue(path, f"expected an array, got {type(value).__name__}"))
-            return
-        for i, item in enumerate(value):
-            _walk(item, get_args(tp)[0], path + (i,), issues)
-    elif origin is dict and get_args(tp)[1] is not Any:
-        if not isinstance(value, dict):
-            issues.append(ConfigIssue(path, f"expected a table, got {type(value).__name__}"))
-            return
-        for k, item in value.items():
-            _walk(item, get_args(tp)[1], path + (k,), issues)
-    else:
-        try:
-            msgspec.convert(value, tp)
-        except msgspec.ValidationError as err:
-            issues.append(ConfigIssue(path, str(err).split(" - at ")[0]))
-
 
 def _build(raw: dict[str, Any]) -> Config:
     devices = []
     for d in raw.get("devices", []):
-        fields = _fields(Device)
+        fields = fields_of(Device)
         device = msgspec.convert({k: v for k, v in d.items() if k in fields}, Device)
         options = msgspec.convert({k: v for k, v in d.items() if k not in fields}, Device.extension_type(d))
         devices.append(msgspec.structs.replace(device, options=options))
@@ -251,24 +200,19 @@ def _build(raw: dict[str, Any]) -> Config:
 
 
 def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
-    import collectors
     from rules.pack import DEFAULT_RULES, override_issues
 
-    issues = []
-    seen: set[str] = set()
-    for i, d in enumerate(cfg.devices):
-        if d.name in seen:
-            issues.append(ConfigIssue(("devices", i, "name"), f"device name {d.name!r} used twice"))
-        seen.add(d.name)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", d.name):
-            issues.append(ConfigIssue(("devices", i, "name"), "use letters, digits, '-', '_' or '.' only"))
-        if d.interval <= 0 or d.timeout <= 0:
-            issues.append(ConfigIssue(("devices", i, "interval"), "interval and timeout must be positive"))
-        for key, message in collectors.get(d.protocol).check(d):
-            issues.append(ConfigIssue(("devices", i, key), message))
+    issues = _device_issues(cfg.devices)
     for key in ("site", "room"):
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", getattr(cfg.agent, key)):
-            issues.append(ConfigIssue(("agent", key), "use letters, digits, '-' or '_' only (it is an MQTT topic level)"))
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", getattr(cfg.agent, key)):
+            issues.append(ConfigIssue(("agent", key), "1 to 64 letters, digits, '-' or '_' (an MQTT topic level)"))
+    for path, check, value in ((("exporter", "listen"), parse_listen, cfg.exporter.listen),
+                               (("mqtt", "host"), check_host, cfg.mqtt.host),
+                               (("uplink", "host"), check_host, cfg.uplink.host)):
+        try:
+            check(value)
+        except ValueError as err:
+            issues.append(ConfigIssue(path, str(err)))
     known = {r.id for r in DEFAULT_RULES}
     for rule_id in cfg.rules:
         if rule_id not in known:
@@ -285,51 +229,32 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
             parse_key(up.signing_key)
         except ValueError as err:  # the message never repeats the key
             issues.append(ConfigIssue(("uplink", "signing_key"), str(err)))
-    for which in ("sessions", "secrecy_windows"):
-        for i, w in enumerate(getattr(cfg.schedule, which)):
-            if w.end <= w.start:
-                issues.append(ConfigIssue(("schedule", which, i, "end"), "end must be after start"))
-    try:
-        from zoneinfo import ZoneInfo
-
-        ZoneInfo(cfg.schedule.timezone)
-    except Exception:
-        issues.append(ConfigIssue(("schedule", "timezone"), f"unknown time zone {cfg.schedule.timezone!r}"))
+    issues += [ConfigIssue(path, message) for path, message in schedule_issues(cfg.schedule)]
     return issues
 
 
-def _line_of(text: str, path: Path) -> int | None:
-    """Best-effort line of a key path in the TOML text (tomllib keeps no positions)."""
-    lines = text.splitlines()
-    start, table = 0, []
-    keys = [p for p in path]
-    # Walk down table headers: [a], [a.b], [[a]] (the n-th one for an index).
-    while keys:
-        head = keys[0]
-        if len(keys) > 1 and isinstance(keys[1], int):
-            hdr = re.compile(rf"^\s*\[\[\s*{re.escape('.'.join(table + [str(head)]))}\s*\]\]")
-            hits = [i for i, l in enumerate(lines) if i >= start and hdr.match(l)]
-            if keys[1] >= len(hits):
-                return None
-            start = hits[keys[1]] + 1
-            table, keys = table + [str(head)], keys[2:]
-            continue
-        hdr = re.compile(rf"^\s*\[\s*{re.escape('.'.join(table + [str(head)]))}\s*\]")
-        hit = next((i for i, l in enumerate(lines) if i >= start and hdr.match(l)), None)
-        if hit is not None and len(keys) > 1:
-            start, table, keys = hit + 1, table + [str(head)], keys[1:]
-            continue
-        if hit is not None:
-            return hit + 1
-        kv = re.compile(rf"^\s*{re.escape(str(head))}\s*=")
-        for i in range(start, len(lines)):
-            if re.match(r"^\s*\[", lines[i]) and i > start:
-                break
-            if kv.match(lines[i]):
-                return i + 1
-        return None
-    return None
+def _device_issues(devices: list[Device]) -> list[ConfigIssue]:
+    """Names, then each protocol's checks of its devices alone and together (e.g. two on one topic)."""
+    import collectors
+
+    issues = []
+    seen: set[str] = set()
+    by_protocol: dict[str, list[tuple[int, Device]]] = {}
+    for i, d in enumerate(devices):
+        if d.name in seen:
+            issues.append(ConfigIssue(("devices", i, "name"), f"device name {d.name!r} used twice"))
+        seen.add(d.name)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", d.name):
+            issues.append(ConfigIssue(("devices", i, "name"), "1 to 64 letters, digits, '-', '_' or '.'"))
+        by_protocol.setdefault(d.protocol, []).append((i, d))
+    for protocol, members in by_protocol.items():
+        collector = collectors.get(protocol)
+        found = [(i, key, message) for i, d in members for key, message in collector.check(d)]
+        found += collector.check_together(members)
+        issues += [ConfigIssue(("devices", i, key), message) for i, key, message in sorted(found)]
+    return issues
 
 
-__all__ = ["BrokerSettings", "Config", "ConfigError", "ConfigIssue", "Device", "Uplink", "apply_broker_settings",
-           "load", "loads", "parse", "sample_text"]
+__all__ = ["BrokerSettings", "Config", "ConfigError", "ConfigIssue", "Device", "Interval", "Port", "SessionExpiry",
+           "Timeout", "Uplink", "apply_broker_settings", "check_host", "decode", "error_at", "load", "loads", "parse",
+           "parse_listen", "read", "sample_text", "validated"]

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from edge import __version__
 from edge.catalog import METRICS
+from edge.config import parse_listen
 from edge.model import base_device
 from rules.schedule import PHASES
 
@@ -120,7 +121,7 @@ def _gauge(name: str, help: str, ids: list[str], value: float) -> GaugeMetricFam
 
 def serve(agent: Agent, listen: str) -> tuple[object, object]:
     """Start the endpoint on ``host:port`` (127.0.0.1 unless configured); returns (server, thread)."""
-    host, _, port = listen.rpartition(":")
+    host, port = parse_listen(listen)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
-    return start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+    return start_http_server(port, addr=host, registry=registry)

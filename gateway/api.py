@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 import structlog
 
+from edge.config import parse_listen
 from gateway import store
 
 log = structlog.get_logger("examwatch.gateway.api")
@@ -174,7 +175,8 @@ class ApiServer(ThreadingHTTPServer):
     request_queue_size = 64
 
     def __init__(self, listen: str, db_path: str, token: str) -> None:
-        host, port = listen.rsplit(":", 1)
+        host, port = parse_listen(listen)
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.db_path = db_path
         self.token = token
         self.refused: Counter[str] = Counter(dict.fromkeys(REFUSALS, 0))  # by reason, for the exporter
@@ -182,7 +184,7 @@ class ApiServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._open: dict[socket.socket, float] = {}  # connection -> when it was accepted (monotonic)
         self._open_lock = threading.Lock()
-        super().__init__((host.strip("[]"), int(port)), _Handler)
+        super().__init__((host, port), _Handler)
 
     def start(self) -> threading.Thread:
         t = threading.Thread(target=self.serve_forever, name="gateway-api", daemon=True)

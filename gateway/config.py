@@ -4,30 +4,38 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from typing import Annotated
 
 import msgspec
 
 from edge import wire
-from edge.config import BrokerSettings, ConfigError, ConfigIssue, parse
+from edge.config import BrokerSettings, ConfigIssue, SessionExpiry, check_host, parse, parse_listen, read, validated
 from edge.statedir import read_secret
 from gateway.notify import settings as notify
-from rules.config import Schedule
+from rules.config import DAY, Schedule, schedule_issues
+
+# The alarm rules the gateway raises itself (gateway/ingest.py); correlation rules may name them too.
+GATEWAY_RULES = ("agent_offline", "clock_skew", "security_rejected")
+
+Days = Annotated[float, msgspec.Meta(ge=0.01, le=3660)]  # retention: a quarter hour .. ten years
+Seconds = Annotated[float, msgspec.Meta(ge=0.1, le=DAY)]  # windows and timeouts: a tenth of a second .. a day
 
 
 class Gateway(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     county: str = ""  # display name, e.g. "某某县招办"
     state_dir: str = "/var/lib/examwatch-gateway"  # gateway.db lives here
-    retention_days: float = 30.0  # readings and the (agent, seq) ledger older than this are deleted
-    alarm_retention_days: float = 365.0  # alarm and incident timelines are kept this long
-    batch_max: int = 5000  # messages ingested per transaction at most
+    retention_days: Days = 30.0  # readings and the (agent, seq) ledger older than this are deleted
+    alarm_retention_days: Days = 365.0  # alarm and incident timelines are kept this long
+    batch_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000  # messages ingested per transaction at most
 
 
 class Broker(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
     """The county broker the agents publish to."""
 
     client_id: str = "examwatch-gateway"
-    session_expiry: int = 7 * 24 * 3600  # the broker queues for us this long while we are down
-    receive_maximum: int = 2000  # unacknowledged messages the broker may send us at once
+    session_expiry: SessionExpiry = 7 * 24 * 3600  # the broker queues for us this long while we are down
+    # unacknowledged messages the broker may send us at once (MQTT v5: a two-byte number, 0 not allowed)
+    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000
 
 
 class Listen(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -43,24 +51,25 @@ class Api(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class Security(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     keys_file: str = ""  # lines "<site>/<room> <hex key>"; the county's roster of rooms
     keys: dict[str, str] = {}  # or inline: "<site>/<room>" = "<hex key>"
-    replay_window: float = 600.0  # s: an already stored message arriving again this much later is a replay
-    quiet: float = 600.0  # s without rejections before a room's security alarm clears
+    replay_window: Seconds = 600.0  # s: an already stored message arriving again this much later is a replay
+    quiet: Seconds = 600.0  # s without rejections before a room's security alarm clears
 
 
 class Liveness(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    heartbeat_timeout: float = 90.0  # s without any message from an agent -> offline
-    skew_max: float = 5.0  # s between the agent's clock and ours before a clock alarm
+    heartbeat_timeout: Seconds = 90.0  # s without any message from an agent -> offline
+    skew_max: Seconds = 5.0  # s between the agent's clock and ours before a clock alarm
 
 
 class CorrelationRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One fault class: the alarm rules that belong to it and when rooms together make an incident."""
 
-    fault_class: str = msgspec.field(name="class")
-    title: str  # Chinese incident title for staff, e.g. "考点多个考场网络中断"
-    rules: list[str]  # alarm rule ids (the agents' and the gateway's own) of this class
-    min_rooms: int = 2  # rooms of one site with the fault within the window -> level-2 incident
-    window: float = 300.0  # s between the rooms' alarms (by the rooms' own timestamps)
-    site_share: float = 0.5  # share of the site's rooms -> level 3; 0 disables
+    fault_class: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = msgspec.field(name="class")
+    title: Annotated[str, msgspec.Meta(min_length=1)]  # Chinese title for staff, e.g. "考点多个考场网络中断"
+    rules: Annotated[list[str], msgspec.Meta(min_length=1)]  # alarm rule ids (the agents' and the gateway's own)
+    # rooms of one site with the fault within the window -> level-2 incident
+    min_rooms: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
+    window: Seconds = 300.0  # s between the rooms' alarms (by the rooms' own timestamps)
+    site_share: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5  # share of the site's rooms -> level 3; 0 disables
     site_rooms: list[str] = []  # rooms whose fault alone is site-wide (e.g. the room that watches the site's power)
 
 
@@ -123,8 +132,11 @@ def sample_text() -> str:
 
 
 def loads(text: str) -> Config:
-    """Parse and validate; raise ``ConfigError`` listing every problem found."""
-    cfg = msgspec.convert(parse(text, Config), Config)
+    """Parse and validate; raise ``ConfigError`` listing every problem found (only that, whatever the text)."""
+    return validated(text, Config, lambda raw: msgspec.convert(raw, Config), _semantic_issues)
+
+
+def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
     issues = []
     for agent in cfg.security.keys:
         if not re.fullmatch(r"[A-Za-z0-9_-]+/[A-Za-z0-9_-]+", agent):
@@ -134,27 +146,48 @@ def loads(text: str) -> Config:
         except ValueError as err:
             issues.append(ConfigIssue(("security", "keys", agent), str(err)))
     if cfg.security.keys_file:
-        try:
+        try:  # a regular file of at most 1 MiB that only its owner can read (a FIFO is refused, never waited on)
             _parse_keys_file(read_secret(cfg.security.keys_file))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
             issues.append(ConfigIssue(("security", "keys_file"), str(err)))
-    for i, rule in enumerate(cfg.correlation):
-        if rule.min_rooms < 1:
-            issues.append(ConfigIssue(("correlation", i, "min_rooms"), "must be at least 1"))
-        if not 0 <= rule.site_share <= 1:
-            issues.append(ConfigIssue(("correlation", i, "site_share"), "a share between 0 and 1"))
+    try:
+        check_host(cfg.broker.host)
+    except ValueError as err:
+        issues.append(ConfigIssue(("broker", "host"), str(err)))
+    issues += _correlation_issues(cfg.correlation)
+    ports: dict[int, str] = {}
     for key, value in (("exporter", cfg.exporter.listen), ("api", cfg.api.listen)):
-        if not re.fullmatch(r"[^:]*:\d+", value):
-            issues.append(ConfigIssue((key, "listen"), "expected host:port"))
+        try:
+            _, port = parse_listen(value)
+        except ValueError as err:
+            issues.append(ConfigIssue((key, "listen"), str(err)))
+            continue
+        if port and port in ports:
+            issues.append(ConfigIssue((key, "listen"), f"port {port} is already the {ports[port]}'s: one port each"))
+        ports[port] = key
+    issues += [ConfigIssue(path, message) for path, message in schedule_issues(cfg.schedule)]
     issues += [ConfigIssue(path, text) for path, text in notify.check(cfg.channels, cfg.roster, cfg.notify)]
-    if issues:
-        raise ConfigError(issues)
-    return cfg
+    return issues
+
+
+def _correlation_issues(rules: list[CorrelationRule]) -> list[ConfigIssue]:
+    from rules.pack import DEFAULT_RULES
+
+    known = {r.id for r in DEFAULT_RULES} | set(GATEWAY_RULES)
+    issues, classes = [], set()
+    for i, rule in enumerate(rules):
+        if rule.fault_class in classes:
+            issues.append(ConfigIssue(("correlation", i, "class"), f"class {rule.fault_class!r} given twice"))
+        classes.add(rule.fault_class)
+        unknown = [r for r in rule.rules if r not in known]
+        if unknown:  # a typo would silently keep a class of faults from ever making an incident
+            issues.append(ConfigIssue(("correlation", i, "rules"), f"no such rule: {', '.join(map(repr, unknown[:5]))}; "
+                                      f"known: {', '.join(sorted(known))}"))
+    return issues
 
 
 def load(path: str) -> Config:
-    with open(path, encoding="utf-8") as f:
-        return loads(f.read())
+    return loads(read(path))
 
 
-__all__ = ["Config", "CorrelationRule", "builtin_correlation", "load", "loads", "sample_text"]
+__all__ = ["GATEWAY_RULES", "Config", "CorrelationRule", "builtin_correlation", "load", "loads", "sample_text"]

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edge.catalog import METRICS
+from edge.config import parse_listen
 from edge.model import base_device
 from gateway import store
 from gateway.ingest import Stats
@@ -144,8 +145,8 @@ class GatewayCollector:
 
 def serve(listen: str, *collectors: Any) -> tuple[Any, Any]:
     """Start the endpoint on ``host:port`` (127.0.0.1 unless configured); returns (server, thread)."""
-    host, port = listen.rsplit(":", 1)
+    host, port = parse_listen(listen)
     registry = CollectorRegistry()
     for collector in collectors:
         registry.register(collector)
-    return start_http_server(int(port), addr=host, registry=registry)
+    return start_http_server(port, addr=host, registry=registry)

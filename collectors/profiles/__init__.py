@@ -7,6 +7,7 @@ Built-in profiles ship in this folder; a site adds a model by dropping a file in
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -36,12 +37,13 @@ def names(protocol: str) -> list[str]:
 @cache
 def load(protocol: str, name: str, schema: type[T]) -> T:
     """Load and validate one profile; the first folder on the search path that has it wins."""
-    for d in search_path():
-        path = d / protocol / f"{name}.toml"
-        if path.is_file():
-            try:
-                return msgspec.convert(tomllib.loads(path.read_text(encoding="utf-8")), schema)
-            except (tomllib.TOMLDecodeError, msgspec.ValidationError) as err:
-                raise ProfileError(f"profile {protocol}/{name} ({path}): {err}") from None
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) and ".." not in name:  # a name, never a path
+        for d in search_path():
+            path = d / protocol / f"{name}.toml"
+            if path.is_file():
+                try:
+                    return msgspec.convert(tomllib.loads(path.read_text(encoding="utf-8")), schema)
+                except (tomllib.TOMLDecodeError, msgspec.ValidationError) as err:
+                    raise ProfileError(f"profile {protocol}/{name} ({path}): {err}") from None
     known = ", ".join(names(protocol)) or "none"
-    raise ProfileError(f"no {protocol} profile named {name!r}; known: {known}")
+    raise ProfileError(f"no {protocol} profile named {name[:64]!r}; known: {known}")
