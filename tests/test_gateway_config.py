@@ -100,6 +100,7 @@ def test_type_errors_and_semantic_errors_are_reported_together():
 def test_a_bad_keys_file_line_is_reported(tmp_path):
     keys = tmp_path / "agent-keys"
     keys.write_text(f"s1/101 {KEY}\ns1/102 zz\n", encoding="utf-8")
+    keys.chmod(0o600)
     with pytest.raises(ConfigError) as exc:
         loads(f'[security]\nkeys_file = "{keys}"\n')
     assert [i.path for i in exc.value.issues] == [("security", "keys_file")]
