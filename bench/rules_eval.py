@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from edge.config import Agent, Config, Device
-from edge.model import Reading
-from rules.config import Schedule, Window
-from rules.engine import build_engine
+from examwatch.edge.config import Agent, Config, Device
+from examwatch.kernel.model import Reading
+from examwatch.rules.config import Schedule, Window
+from examwatch.rules.engine import build_engine
 
 KINDS = {f"rec{i}": "recorder" for i in range(4)} | {f"cam{i}": "camera" for i in range(4)}
 KINDS |= {"nvr1": "nvr", "ups1": "ups", "sw1": "switch", "wan": "link", "wan2": "link", "mic": "noise", "door1": "door", "host": "host"}

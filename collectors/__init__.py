@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from collectors.base import REGISTRY, Accumulator, Collector, DeviceError, Health, PollingCollector, register
+from examwatch.collectors.base import REGISTRY, Accumulator, Collector, DeviceError, Health, PollingCollector, register
 
 __all__ = ["REGISTRY", "Accumulator", "Collector", "DeviceError", "Health", "PollingCollector", "available", "get",
            "register"]
@@ -28,5 +28,5 @@ def get(protocol: str) -> type[Collector]:
     if protocol not in REGISTRY:
         if protocol not in available():
             raise KeyError(protocol)
-        importlib.import_module(f"collectors.{protocol}")
+        importlib.import_module(f"examwatch.collectors.{protocol}")
     return REGISTRY[protocol]

@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Protocol
 import msgspec
 import structlog
 
-from collectors import profiles
-from edge.model import Reading
+from examwatch.collectors import profiles
+from examwatch.kernel.model import Reading
 
 log = structlog.get_logger("examwatch.collector")
 

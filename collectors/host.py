@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 import psutil
 
-from collectors.base import PollingCollector, register
-from edge.model import Reading
+from examwatch.collectors.base import PollingCollector, register
+from examwatch.kernel.model import Reading
 
 
 class HostOptions(msgspec.Struct, forbid_unknown_fields=True):

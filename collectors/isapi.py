@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import msgspec
 
-from collectors.base import DeviceError, PollingCollector, register
-from edge.model import Reading
+from examwatch.collectors.base import DeviceError, PollingCollector, register
+from examwatch.kernel.model import Reading
 
 MIB = 1024 * 1024
 # Statuses of a healthy disk. "idle"/"sleeping": a disk resting in a disk group or spun down; it records

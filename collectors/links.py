@@ -21,8 +21,8 @@ from typing import Any, Literal
 import icmplib
 import msgspec
 
-from collectors.base import DeviceError, PollingCollector, register
-from edge.model import Reading
+from examwatch.collectors.base import DeviceError, PollingCollector, register
+from examwatch.kernel.model import Reading
 
 ROUTE_TABLE = Path("/proc/net/route")
 DEFAULT_GATEWAY = "default-gateway"  # the address that means "whatever the default route points at"

@@ -27,8 +27,8 @@ import msgspec
 import serial
 import structlog
 
-from collectors.base import DeviceError, PollingCollector, register
-from edge.model import Reading
+from examwatch.collectors.base import DeviceError, PollingCollector, register
+from examwatch.kernel.model import Reading
 
 log = structlog.get_logger("examwatch.collector.megatec")
 

@@ -22,8 +22,8 @@ from pymodbus import ModbusException
 from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.framer import FramerRTU, FramerType
 
-from collectors.base import DeviceError, PollingCollector, register
-from edge.model import Reading
+from examwatch.collectors.base import DeviceError, PollingCollector, register
+from examwatch.kernel.model import Reading
 
 # pymodbus logs every dropped frame and timeout itself; we report them as device states, once per flip.
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)

@@ -18,10 +18,10 @@ import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
-from collectors.base import Collector, register
-from edge.catalog import METRICS
-from edge.config import apply_broker_settings
-from edge.model import Reading
+from examwatch.collectors.base import Collector, register
+from examwatch.kernel.catalog import METRICS
+from examwatch.edge.config import apply_broker_settings
+from examwatch.kernel.model import Reading
 
 log = structlog.get_logger("examwatch.mqtt")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from collectors.base import DeviceError, PollingCollector, register
-from edge.model import Reading
+from examwatch.collectors.base import DeviceError, PollingCollector, register
+from examwatch.kernel.model import Reading
 
 # ups.status flags (NUT's docs/new-drivers.txt) -> the catalog's boolean metrics.
 STATUS_FLAGS: dict[str, frozenset[str]] = {

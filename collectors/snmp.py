@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 import msgspec
 
-from collectors import profiles
-from collectors.base import DeviceError, PollingCollector, register
-from edge.catalog import METRICS
-from edge.model import Reading
+from examwatch.collectors import profiles
+from examwatch.collectors.base import DeviceError, PollingCollector, register
+from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.model import Reading
 
 # --- profiles -----------------------------------------------------------------------------------------
 

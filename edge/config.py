@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import msgspec
 
-from rules.config import RuleOverride, Schedule
+from examwatch.rules.config import RuleOverride, Schedule
 
 DeviceKind = Literal["recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"]
 RoomKind = Literal["exam_room", "secrecy_room"]
@@ -107,8 +107,7 @@ class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @staticmethod
     def extension_type(raw: dict[str, Any]) -> type[msgspec.Struct] | str:
         """The struct that validates this device's protocol keys, or an error message."""
-        import collectors
-
+        from examwatch import collectors
         protocol = raw.get("protocol")
         try:
             return collectors.get(str(protocol)).Options
@@ -186,7 +185,7 @@ def parse(text: str, schema: type[msgspec.Struct]) -> dict[str, Any]:
 
 
 def sample_text() -> str:
-    return resources.files("edge").joinpath("sample.toml").read_text(encoding="utf-8")
+    return resources.files("examwatch.edge").joinpath("sample.toml").read_text(encoding="utf-8")
 
 
 # --- validation ---------------------------------------------------------------------------------------
@@ -251,8 +250,8 @@ def _build(raw: dict[str, Any]) -> Config:
 
 
 def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
-    import collectors
-    from rules.pack import DEFAULT_RULES, override_issues
+    from examwatch import collectors
+    from examwatch.rules.pack import DEFAULT_RULES, override_issues
 
     issues = []
     seen: set[str] = set()
@@ -279,7 +278,7 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
         issues.append(ConfigIssue(("uplink", "signing_key_file"),
                                   "the uplink signs every message: name this agent's key file (or give signing_key)"))
     elif up.enabled and up.signing_key:
-        from edge.wire import parse_key
+        from examwatch.kernel.wire import parse_key
 
         try:
             parse_key(up.signing_key)

@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from edge import __version__
-from edge.catalog import METRICS
-from edge.model import base_device
-from rules.schedule import PHASES
+from examwatch import __version__
+from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.model import base_device
+from examwatch.rules.schedule import PHASES
 
 if TYPE_CHECKING:
-    from edge.runtime import Agent
+    from examwatch.edge.runtime import Agent
 
 
 class AgentCollector(Collector):

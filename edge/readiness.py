@@ -93,7 +93,7 @@ def public_address(address: str) -> str:
 
 
 def judge_polled(device: Any, online: bool | None, readings: int, duration: float, reason: str, detail: str) -> Check:
-    from rules.engine import KIND_NAMES
+    from examwatch.rules.engine import KIND_NAMES
 
     item = f"设备 {device.name}（{KIND_NAMES.get(device.kind, device.kind)}，{device.protocol}）"
     if online:
@@ -109,7 +109,7 @@ def judge_polled(device: Any, online: bool | None, readings: int, duration: floa
 
 def judge_sensor(device: Any, readings: list[Any], refused: str, broker_ok: bool, wait: float) -> Check:
     """A push sensor: heard within the window, silent, offline by its availability, or unparseable."""
-    from rules.engine import KIND_NAMES
+    from examwatch.rules.engine import KIND_NAMES
 
     item = f"传感器 {device.name}（{KIND_NAMES.get(device.kind, device.kind)}，mqtt {device.topic}）"
     cid = f"device:{device.name}"
@@ -235,8 +235,8 @@ def readings_from_metrics(text: str, devices: set[str]) -> tuple[list[Any], dict
     """A running agent's exporter page -> its current readings of ``devices`` and their last poll's success."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from edge.catalog import METRICS
-    from edge.model import Reading, base_device
+    from examwatch.kernel.catalog import METRICS
+    from examwatch.kernel.model import Reading, base_device
 
     now = time.time()
     readings, success = [], {}
@@ -267,7 +267,7 @@ class _Readings:
 
 
 def _health() -> Any:
-    from collectors.base import Health
+    from examwatch.collectors.base import Health
 
     class CheckHealth(Health):
         """Health that also keeps each device's last error and refused message, for the rows."""
@@ -291,8 +291,7 @@ def _health() -> Any:
 
 async def probe_polled(devices: list[Any]) -> tuple[list[Any], list[Check]]:
     """Poll each device once with its real collector, all at once, each within its own timeout."""
-    import collectors
-
+    from examwatch import collectors
     acc, health = _Readings(), _health()
     by_protocol: dict[str, list[Any]] = defaultdict(list)
     for d in devices:
@@ -332,8 +331,7 @@ async def listen_sensors(cfg: Any, devices: list[Any], wait: float) -> tuple[lis
     Retained messages (availability, and state where Zigbee2MQTT retains it) arrive at once; the wait ends
     early once every sensor has been heard.
     """
-    import collectors
-
+    from examwatch import collectors
     broker = cfg.mqtt
     # Never the running agent's client id: the broker would drop the agent's own connection for ours.
     base = broker.client_id or f"examwatch-{cfg.agent.site}-{cfg.agent.room}-sensors"
@@ -375,8 +373,8 @@ def check_uplink(cfg: Any, timeout: float = CONNECT_TIMEOUT) -> list[Check]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from edge.config import apply_broker_settings
-    from edge.wire import load_key
+    from examwatch.edge.config import apply_broker_settings
+    from examwatch.kernel.wire import load_key
 
     up = cfg.uplink
     if not up.enabled:
@@ -496,8 +494,8 @@ def check_clock() -> Check | None:
 
 async def run_checks(cfg: Any, wait: float) -> list[Check]:
     """Every check after the config's, in the order a technician reads them."""
-    from rules.engine import build_engine
-    from rules.schedule import PHASE_NAMES, Calendar
+    from examwatch.rules.engine import build_engine
+    from examwatch.rules.schedule import PHASE_NAMES, Calendar
 
     exporter, agent_page = check_exporter(cfg.exporter.listen, cfg.agent_id)
     sensors = [d for d in cfg.devices if d.protocol == "mqtt"]
@@ -526,7 +524,7 @@ async def run_checks(cfg: Any, wait: float) -> list[Check]:
 
 
 def _from_running_agent(devices: list[Any], page: str) -> tuple[list[Any], list[Check]]:
-    from rules.engine import KIND_NAMES
+    from examwatch.rules.engine import KIND_NAMES
 
     if not devices:
         return [], []
@@ -549,7 +547,7 @@ def main(config_path: str, wait: float, as_json: bool) -> int:
     """``examwatch check --config F [--wait S] [--json]``: print the report; 0 ready, 1 failed, 2 bad config."""
     import structlog
 
-    from edge.config import ConfigError, load
+    from examwatch.edge.config import ConfigError, load
 
     try:
         cfg = load(config_path)
@@ -581,7 +579,7 @@ def main(config_path: str, wait: float, as_json: bool) -> int:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m edge.readiness", description="考前就绪检查")
+    p = argparse.ArgumentParser(prog="python -m examwatch.edge.readiness", description="考前就绪检查")
     p.add_argument("--config", required=True, help="agent TOML file")
     p.add_argument("--wait", type=float, default=15.0, help="seconds to wait for MQTT sensors (default 15)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -21,12 +21,12 @@ from typing import Any
 import msgspec
 import structlog
 
-import collectors
-from collectors import Health
-from edge.config import Config, Device
-from edge.model import AlarmEvent, Reading, base_device
-from edge.store import Store
-from rules.schedule import Calendar
+from examwatch import collectors
+from examwatch.collectors import Health
+from examwatch.edge.config import Config, Device
+from examwatch.kernel.model import AlarmEvent, Reading, base_device
+from examwatch.edge.store import Store
+from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.agent")
 
@@ -61,7 +61,7 @@ def with_host_device(cfg: Config) -> Config:
 
 class Agent:
     def __init__(self, cfg: Config) -> None:
-        from rules.engine import build_engine
+        from examwatch.rules.engine import build_engine
 
         self.cfg = with_host_device(cfg)
         self.host_device = next(d.name for d in self.cfg.devices if d.kind == "host")
@@ -231,12 +231,12 @@ class Agent:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Start everything, run until ``stop`` is set, then stop in order."""
-        from edge import exporter
+        from examwatch.edge import exporter
 
         cfg = self.cfg
         os.makedirs(cfg.agent.state_dir, exist_ok=True)
         if cfg.uplink.enabled:
-            from edge.uplink import Uplink
+            from examwatch.edge.uplink import Uplink
             self.uplink = Uplink(
                 cfg.uplink, agent_id=cfg.agent_id, db_path=self.db_path, on_acked=self._acked,
                 phase=lambda: self.calendar.phase(time.time()), kinds={d.name: d.kind for d in cfg.devices},

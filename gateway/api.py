@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
-from gateway import store
+from examwatch.gateway import store
 
 log = structlog.get_logger("examwatch.gateway.api")
 

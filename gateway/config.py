@@ -8,9 +8,9 @@ from pathlib import Path
 
 import msgspec
 
-from edge import wire
-from edge.config import BrokerSettings, ConfigError, ConfigIssue, parse
-from rules.config import Schedule
+from examwatch.kernel import wire
+from examwatch.edge.config import BrokerSettings, ConfigError, ConfigIssue, parse
+from examwatch.rules.config import Schedule
 
 
 class Gateway(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -94,7 +94,7 @@ class _Builtin(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def builtin_correlation() -> list[CorrelationRule]:
-    text = resources.files("gateway").joinpath("correlation.toml").read_text(encoding="utf-8")
+    text = resources.files("examwatch.gateway").joinpath("correlation.toml").read_text(encoding="utf-8")
     return msgspec.convert(parse(text, _Builtin), _Builtin).correlation
 
 
@@ -115,7 +115,7 @@ def _parse_keys_file(text: str) -> list[tuple[str, bytes]]:
 
 
 def sample_text() -> str:
-    return resources.files("gateway").joinpath("sample.toml").read_text(encoding="utf-8")
+    return resources.files("examwatch.gateway").joinpath("sample.toml").read_text(encoding="utf-8")
 
 
 def loads(text: str) -> Config:

@@ -17,11 +17,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from edge.catalog import METRICS
-from edge.model import base_device
-from gateway import store
-from gateway.ingest import Stats
-from rules.schedule import PHASES
+from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.model import base_device
+from examwatch.gateway import store
+from examwatch.gateway.ingest import Stats
+from examwatch.rules.schedule import PHASES
 
 
 class GatewayCollector:

@@ -25,13 +25,13 @@ from typing import Any, NamedTuple
 import msgspec
 import structlog
 
-from edge import wire
-from edge.config import DeviceKind
-from edge.model import AlarmEvent, Reading
-from gateway import store
-from gateway.config import Config
-from gateway.correlate import Fault, Incident, correlate
-from rules.schedule import Calendar
+from examwatch.kernel import wire
+from examwatch.edge.config import DeviceKind
+from examwatch.kernel.model import AlarmEvent, Reading
+from examwatch.gateway import store
+from examwatch.gateway.config import Config
+from examwatch.gateway.correlate import Fault, Incident, correlate
+from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.gateway")
 

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
-from edge.catalog import METRICS
-from edge.model import AlarmEvent, Reading, base_device
-from rules.model import Rule
-from rules.pack import effective_rules, override_issues
-from rules.schedule import PHASE_NAMES, Calendar
+from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.model import AlarmEvent, Reading, base_device
+from examwatch.rules.model import Rule
+from examwatch.rules.pack import effective_rules, override_issues
+from examwatch.rules.schedule import PHASE_NAMES, Calendar
 
 if TYPE_CHECKING:
-    from edge.config import Agent, Config, Device
-    from rules.config import Schedule
+    from examwatch.edge.config import Agent, Config, Device
+    from examwatch.rules.config import Schedule
 
 Key = tuple[str, str]  # (rule id, device or device part)
 

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import psutil
 import structlog
 
-from collectors.base import Health
-from collectors.host import HostCollector, HostOptions, parse_host
-from edge.config import Device
-from edge.model import Reading
+from examwatch.collectors.base import Health
+from examwatch.collectors.host import HostCollector, HostOptions, parse_host
+from examwatch.edge.config import Device
+from examwatch.kernel.model import Reading
 from tests.support import Recorder
 
 
@@ -58,7 +58,7 @@ def test_a_failing_device_is_a_state_logged_once_when_it_flips(tmp_path):
 
 def test_a_slow_device_does_not_delay_another(tmp_path):
     """Each device polls on its own task: a device that hangs costs its own timeout, nobody else's."""
-    from collectors.base import PollingCollector
+    from examwatch.collectors.base import PollingCollector
 
     class Slow(PollingCollector):
         protocol = "test-slow"

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from edge.cli import main
-from edge.config import ConfigError, loads, sample_text
+from examwatch.cli import main
+from examwatch.edge.config import ConfigError, loads, sample_text
 
 BROKEN = """
 [agent]
@@ -74,8 +74,8 @@ def test_cli_check_exit_codes(tmp_path, capsys):
 
 
 def test_cli_check_reads_stdin_and_prints_the_sample():
-    sample = subprocess.run([sys.executable, "-m", "edge.cli", "config", "sample"], capture_output=True, check=True)
-    checked = subprocess.run([sys.executable, "-m", "edge.cli", "config", "check", "-"], input=sample.stdout,
+    sample = subprocess.run([sys.executable, "-m", "examwatch", "config", "sample"], capture_output=True, check=True)
+    checked = subprocess.run([sys.executable, "-m", "examwatch", "config", "check", "-"], input=sample.stdout,
                              capture_output=True)
     assert checked.returncode == 0, checked.stderr
 

@@ -21,8 +21,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import wire
-from edge.model import AlarmEvent, Reading
+from examwatch.kernel import wire
+from examwatch.kernel.model import AlarmEvent, Reading
 from tests.support import until
 from tests.test_gateway_support import AgentProc, GatewayProc, key_hex, start
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.room import SimulatedRoom
+from examwatch.simulators.room import SimulatedRoom
 from tests.agent_support import Watcher, agent_toml, launch_agent
 from tests.conftest import free_port
 

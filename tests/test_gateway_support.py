@@ -29,7 +29,7 @@ def key_hex(agent: str) -> str:
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "edge.cli", *args], cwd=ROOT, env=env, stdout=out, stderr=out)
+        return subprocess.Popen([sys.executable, "-m", "examwatch", *args], cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
 def start(procs: list[Any], *processes: Any) -> None:

@@ -98,7 +98,7 @@ class Agent:
         self.log = self.dir / "log"
         self.hears_sensors = 'protocol = "mqtt"' in devices
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "agent", "run", "--config", str(config)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "examwatch", "agent", "run", "--config", str(config)],
                                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=out)
 
     def ready(self) -> None:

@@ -9,11 +9,11 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collectors.base import Health
-from collectors.mqtt import Field, MqttCollector, MqttOptions, Profile, parse_availability, parse_payload
-from collectors.profiles import load
-from edge.config import Device, Mqtt
-from edge.model import Reading
+from examwatch.collectors.base import Health
+from examwatch.collectors.mqtt import Field, MqttCollector, MqttOptions, Profile, parse_availability, parse_payload
+from examwatch.collectors.profiles import load
+from examwatch.edge.config import Device, Mqtt
+from examwatch.kernel.model import Reading
 from tests.support import Recorder
 
 CONTACT = load("mqtt", "zigbee2mqtt_contact", Profile).fields

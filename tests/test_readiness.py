@@ -18,13 +18,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import readiness
-from edge.config import loads
-from edge.model import Reading
-from edge.readiness import FAIL, GIB, MIB, OK, WARN, Check
-from rules.engine import build_engine
-from simulators.isapi import IsapiSimulator
-from simulators.room import SimulatedRoom
+from examwatch.edge import readiness
+from examwatch.edge.config import loads
+from examwatch.kernel.model import Reading
+from examwatch.edge.readiness import FAIL, GIB, MIB, OK, WARN, Check
+from examwatch.rules.engine import build_engine
+from examwatch.simulators.isapi import IsapiSimulator
+from examwatch.simulators.room import SimulatedRoom
 from tests.agent_support import launch_agent
 from tests.support import until
 from tests.conftest import free_port, wait_port

@@ -7,11 +7,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from edge.model import Reading
-from rules.config import RuleOverride, Schedule, Window
-from rules.engine import build_engine
-from rules.model import Rule
-from rules.pack import DEFAULT_RULES, effective_rules, load_pack, override_issues
+from examwatch.kernel.model import Reading
+from examwatch.rules.config import RuleOverride, Schedule, Window
+from examwatch.rules.engine import build_engine
+from examwatch.rules.model import Rule
+from examwatch.rules.pack import DEFAULT_RULES, effective_rules, load_pack, override_issues
 from tests.support import Driver, config
 
 SH = ZoneInfo("Asia/Shanghai")

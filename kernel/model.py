@@ -9,7 +9,7 @@ from enum import StrEnum
 
 import msgspec
 
-from edge.catalog import unit_of
+from examwatch.kernel.catalog import unit_of
 
 
 class Quality(StrEnum):

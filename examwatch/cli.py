@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import sys
 
-from edge import __version__
+from examwatch import __version__
 
 
 def _config_check(path: str) -> int:
-    from edge.config import ConfigError, loads
+    from examwatch.edge.config import ConfigError, loads
 
     try:
         text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
@@ -30,9 +30,9 @@ def _agent_run(path: str, log_level: str) -> int:
     # sqlite-utils imports numpy whenever it is installed, only to convert numpy scalars, which the agent
     # never stores: ~12 MB of a Pi agent's 50 MB budget. Only this process is spared it, never a library user.
     sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]
-    from edge import logs
-    from edge.config import ConfigError, load
-    from edge.runtime import Agent
+    from examwatch.edge import logs
+    from examwatch.edge.config import ConfigError, load
+    from examwatch.edge.runtime import Agent
 
     logs.configure(log_level)
     try:
@@ -54,8 +54,8 @@ def _agent_run(path: str, log_level: str) -> int:
 
 
 def _gateway_run(path: str, log_level: str) -> int:
-    from edge import logs
-    from gateway.main import run
+    from examwatch.edge import logs
+    from examwatch.gateway.main import run
 
     logs.configure(log_level)
     return run(path)
@@ -89,18 +89,18 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     if args.command == "config" and args.action == "sample":
-        from edge.config import sample_text
+        from examwatch.edge.config import sample_text
 
         sys.stdout.write(sample_text())
         return 0
     if args.command == "config":
         return _config_check(args.file)
     if args.command == "demo":
-        from simulators.demo import main as demo_main
+        from examwatch.simulators.demo import main as demo_main
 
         return demo_main(args.dir, args.duration, not args.no_scenario)
     if args.command == "check":
-        from edge.readiness import main as readiness
+        from examwatch.edge.readiness import main as readiness
 
         return readiness(args.config, args.wait, args.json)
     if args.command == "agent":
