@@ -69,7 +69,8 @@ def measure(fn, repeat: int = 7) -> float:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     rng = random.Random(1)
-    engine = build_engine(config())
+    cfg = config()
+    engine = build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule)
     t0 = datetime(2024, 5, 28, 9, 0).timestamp()
     state, _ = engine.evaluate(engine.initial_state(), readings(2000, t0, rng), t0 + 20)  # warm: every series seen
     rows = []

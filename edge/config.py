@@ -17,10 +17,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import msgspec
 
+from examwatch.kernel.model import DeviceKind, RoomKind
 from examwatch.rules.config import RuleOverride, Schedule
 
-DeviceKind = Literal["recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"]
-RoomKind = Literal["exam_room", "secrecy_room"]
 
 
 class Agent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -93,9 +93,9 @@ def public_address(address: str) -> str:
 
 
 def judge_polled(device: Any, online: bool | None, readings: int, duration: float, reason: str, detail: str) -> Check:
-    from examwatch.rules.engine import KIND_NAMES
+    from examwatch.kernel.model import DEVICE_KIND_NAMES
 
-    item = f"设备 {device.name}（{KIND_NAMES.get(device.kind, device.kind)}，{device.protocol}）"
+    item = f"设备 {device.name}（{DEVICE_KIND_NAMES.get(device.kind, device.kind)}，{device.protocol}）"
     if online:
         return Check(f"device:{device.name}", item, OK, f"有应答：{readings} 项读数，用时 {duration:.1f} 秒")
     what = REASONS.get(reason, reason or "无应答")
@@ -109,9 +109,9 @@ def judge_polled(device: Any, online: bool | None, readings: int, duration: floa
 
 def judge_sensor(device: Any, readings: list[Any], refused: str, broker_ok: bool, wait: float) -> Check:
     """A push sensor: heard within the window, silent, offline by its availability, or unparseable."""
-    from examwatch.rules.engine import KIND_NAMES
+    from examwatch.kernel.model import DEVICE_KIND_NAMES
 
-    item = f"传感器 {device.name}（{KIND_NAMES.get(device.kind, device.kind)}，mqtt {device.topic}）"
+    item = f"传感器 {device.name}（{DEVICE_KIND_NAMES.get(device.kind, device.kind)}，mqtt {device.topic}）"
     cid = f"device:{device.name}"
     if not broker_ok:
         return Check(cid, item, FAIL, "房间 MQTT 服务器连不上，无法确认该传感器（见“房间 MQTT 服务器”一行）")
@@ -517,21 +517,21 @@ async def run_checks(cfg: Any, wait: float) -> list[Check]:
     device_rows = [rows[f"device:{d.name}"] for d in cfg.devices if f"device:{d.name}" in rows]
     now = time.time()
     phase = PHASE_NAMES[Calendar(cfg.schedule).phase(now)]
-    alarms = judge_alarms(build_engine(cfg), polled_readings + sensor_readings + shared_readings, now, phase)
+    alarms = judge_alarms(build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule), polled_readings + sensor_readings + shared_readings, now, phase)
     clock = check_clock()
     return [*device_rows, *sensor_rows, *alarms, *uplink_rows, check_state_dir(cfg.agent.state_dir), exporter,
             *([clock] if clock else [])]
 
 
 def _from_running_agent(devices: list[Any], page: str) -> tuple[list[Any], list[Check]]:
-    from examwatch.rules.engine import KIND_NAMES
+    from examwatch.kernel.model import DEVICE_KIND_NAMES
 
     if not devices:
         return [], []
     readings, success = readings_from_metrics(page, {d.name for d in devices})
     rows = []
     for d in devices:
-        item = f"设备 {d.name}（{KIND_NAMES.get(d.kind, d.kind)}，{d.protocol}）"
+        item = f"设备 {d.name}（{DEVICE_KIND_NAMES.get(d.kind, d.kind)}，{d.protocol}）"
         ok = success.get(d.name)
         if ok is None:
             rows.append(Check(f"device:{d.name}", item, WARN, "串口由运行中的代理占用，代理尚未轮询到该设备：稍后重新检查"))

@@ -67,7 +67,7 @@ class Agent:
         self.host_device = next(d.name for d in self.cfg.devices if d.kind == "host")
         self.health = Health()
         self.intake = Intake(self.health)
-        self.engine = build_engine(self.cfg)
+        self.engine = build_engine(self.cfg.agent, self.cfg.devices, self.cfg.rules, self.cfg.schedule)
         self.calendar = Calendar(self.cfg.schedule)
         self.current: dict[tuple[str, str], Reading] = {}  # latest reading per (device, metric): the exporter's view
         self.active: dict[str, AlarmEvent] = {}  # alarms firing now, by id

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import sqlite3
-import typing
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +25,7 @@ import msgspec
 import structlog
 
 from examwatch.kernel import wire
-from examwatch.edge.config import DeviceKind
-from examwatch.kernel.model import AlarmEvent, Reading
+from examwatch.kernel.model import DEVICE_KINDS, AlarmEvent, Reading
 from examwatch.gateway import store
 from examwatch.gateway.config import Config
 from examwatch.gateway.correlate import Fault, Incident, correlate
@@ -39,7 +37,6 @@ REASON_NAMES = {"forged": "伪造", "replayed": "重放", "unsigned": "未签名
 SECURITY_REASONS = frozenset(REASON_NAMES)
 ROOM_REASONS = (*REASON_NAMES, "bad_body")  # rejections counted against the room they name
 ROOMLESS_REASONS = ("unknown_agent", "bad_topic")  # rejections that name no room on the roster
-DEVICE_KINDS = frozenset(typing.get_args(DeviceKind))
 SKEW_SAMPLES = 5
 
 

@@ -14,11 +14,11 @@ from typing import get_args
 import msgspec
 
 from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.model import DEVICE_KINDS
 from examwatch.rules.config import RuleOverride
 from examwatch.rules.model import Rule, rule_issues
 from examwatch.rules.schedule import PHASES
 
-DEVICE_KINDS = {"recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"}
 
 
 class _Pack(msgspec.Struct, forbid_unknown_fields=True):

@@ -116,7 +116,7 @@ class Driver:
     """Feeds readings and ticks through one engine the way the runtime does, keeping every event."""
 
     def __init__(self, cfg: Config, state: State | None = None) -> None:
-        self.engine: RuleEngine = build_engine(cfg)
+        self.engine: RuleEngine = build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule)
         self.state = state if state is not None else self.engine.initial_state()
         self.events: list[AlarmEvent] = []
 

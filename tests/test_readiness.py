@@ -356,7 +356,8 @@ def test_table_lines_up_chinese_and_gives_the_verdict():
 
 
 def _engine(devices: str):
-    return build_engine(loads(f'[agent]\nsite = "s1"\nroom = "r7"\n{devices}'))
+    cfg = loads(f'[agent]\nsite = "s1"\nroom = "r7"\n{devices}')
+    return build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule)
 
 
 def test_a_condition_behind_a_for_still_fails_the_check():
