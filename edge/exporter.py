@@ -98,8 +98,9 @@ class AgentCollector(Collector):
             phase.add_metric([*ids, name], 1.0 if name == current else 0.0)
         yield phase
 
+        # The outbox's fill is a reading of the host device (examwatch_outbox_used_ratio, for the rules too):
+        # a second family of the same name would make the whole scrape invalid exposition text.
         outbox = a.outbox_stats()
-        yield _gauge("examwatch_outbox_used_ratio", "share of the outbox's disk budget in use", ids, outbox["used_ratio"])
         dropped_total = CounterMetricFamily("examwatch_outbox_dropped", "readings messages given up over the disk budget",
                                             labels=["site", "room"])
         dropped_total.add_metric(ids, outbox["dropped"])

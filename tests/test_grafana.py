@@ -360,3 +360,12 @@ def test_provisioning_and_example_scrape_config_fit_the_dashboards() -> None:
     assert check.returncode == 0, check.stdout + check.stderr
     jobs = set(re.findall(r"job_name: (\S+)", example.read_text(encoding="utf-8")))
     assert jobs == set(JOBS.values())
+
+
+@pytest.mark.parametrize("exporter", ["agent_exporter", "gateway_exporter"])
+def test_metrics_are_valid_exposition_text(stack: Stack, exporter: str) -> None:
+    """Prometheus's own scraper is lenient; a strict parser rejects a whole scrape with, e.g., two HELP lines."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{getattr(stack, exporter)}/metrics", timeout=5) as r:
+        text = r.read()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+    assert check.returncode == 0, (check.stdout + check.stderr).decode()
