@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from examwatch.simulators.broker import Mosquitto, free_port, wait_port
-
-__all__ = ["Mosquitto", "free_port", "wait_port"]
+from examwatch.simulators.broker import Mosquitto
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.agent_support import RunningAgent, Watcher, agent_toml, launch_agent
+from tests.support.agent import RunningAgent, Watcher, agent_toml, launch_agent
 from tests.support import until
-from tests.conftest import free_port
+from examwatch.simulators.broker import free_port
 
 pytestmark = pytest.mark.integration
 

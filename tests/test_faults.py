@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from examwatch.kernel import wire
 from examwatch.kernel.model import AlarmEvent, Reading
 from tests.support import until
-from tests.test_gateway_support import AgentProc, GatewayProc, key_hex, start
+from tests.support.gateway import AgentProc, GatewayProc, key_hex, start
 
 pytestmark = pytest.mark.integration
 

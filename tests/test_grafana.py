@@ -29,9 +29,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Mosquitto, free_port, wait_port
+from examwatch.simulators.broker import Mosquitto, free_port, wait_port
 from tests.support import until
-from tests.test_gateway_support import GatewayProc, key_hex
+from tests.support.gateway import GatewayProc, key_hex
 
 pytestmark = pytest.mark.integration
 

@@ -25,9 +25,9 @@ from examwatch.edge.readiness import FAIL, GIB, MIB, OK, WARN, Check
 from examwatch.rules.engine import build_engine
 from examwatch.simulators.isapi import IsapiSimulator
 from examwatch.simulators.room import SimulatedRoom
-from tests.agent_support import launch_agent
+from tests.support.agent import launch_agent
 from tests.support import until
-from tests.conftest import free_port, wait_port
+from examwatch.simulators.broker import free_port, wait_port
 
 KEY = "ef" * 32
 

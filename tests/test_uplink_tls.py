@@ -15,7 +15,7 @@ from examwatch.edge.config import Uplink as UplinkConfig
 from examwatch.kernel.model import Reading
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
-from tests.conftest import free_port, wait_port
+from examwatch.simulators.broker import free_port, wait_port
 
 pytestmark = pytest.mark.integration
 
