@@ -9,6 +9,7 @@ turns the answer into plain Python values, and ``parse_snmp`` (pure) evaluates t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import weakref
@@ -158,6 +159,10 @@ parts = ["port1", "port24"]     # empty: every admin-up port
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sessions: dict[str, _Session] = {}
+        # Importing pysnmp and building its engine blocks the event loop for a second or more (seconds on a
+        # busy Pi): pay it here, before any device's poll timeout runs, or every device in the room times out.
+        with contextlib.suppress(RuntimeError):  # built outside a running loop: the first poll builds it
+            _engine()
 
     @classmethod
     def load_profile(cls, name: str) -> CompiledProfile:
