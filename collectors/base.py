@@ -252,7 +252,8 @@ class Collector:
         """After ``probe``: the device's row, from what it said (``readings``) and its health."""
         h = self.health.devices.get(device.name)
         if h is not None and h.online:
-            return Finding(OK, f"有应答：{h.readings} 项读数，用时 {h.last_duration:.1f} 秒", device, self.protocol)
+            answered = f"有应答：{h.readings} 项读数，用时 {h.last_duration:.1f} 秒"
+            return Finding(OK, answered, device, self.protocol)
         err = h.last_error if h is not None else None
         return self.failure(device, err.reason if err else "", err.detail if err else "")
 
@@ -267,8 +268,9 @@ class Collector:
     @classmethod
     def failure(cls, device: Any, reason: str, detail: str) -> Finding:
         why = f"（{detail[:120]}）" if detail else ""
-        return Finding(FAIL, f"{cls.reason_text(reason)}{why}。请检查设备电源、连线和地址 {public_address(device.address)}；"
-                             "无法修复时启用备用设备，并记下原设备编号和故障原因", device, cls.protocol)
+        return Finding(FAIL, f"{cls.reason_text(reason)}{why}。请检查设备电源、连线和地址 "
+                             f"{public_address(device.address)}；无法修复时启用备用设备，并记下原设备编号和故障原因",
+                       device, cls.protocol)
 
 
 class PollingCollector(Collector):

@@ -199,4 +199,5 @@ def check_clock() -> Check | None:
 
 
 __all__ = ["CONNECT_TIMEOUT", "FAIL", "GIB", "MIB", "OK", "WARN", "Check", "check_clock", "check_exporter",
-           "check_state_dir", "check_uplink", "judge_clock", "os_error_text", "judge_state_dir", "parse_ntp_synchronized", "running_agent"]
+           "check_state_dir", "check_uplink", "judge_clock", "judge_state_dir", "os_error_text", "parse_ntp_synchronized",
+           "running_agent"]
