@@ -8,7 +8,6 @@ the room broker), so a new protocol needs no change here.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 import msgspec
 
@@ -38,5 +37,5 @@ def build(protocol: str, devices: list[Device], acc: Accumulator, health: Health
     return collectors.get(protocol)(devices, acc, health, ctx)
 
 
-def build_all(devices: list[Device], acc: Accumulator, health: Health, ctx: Context) -> list[Any]:
+def build_all(devices: list[Device], acc: Accumulator, health: Health, ctx: Context) -> list[Collector]:
     return [build(p, group, acc, health, ctx) for p, group in by_protocol(devices).items()]
