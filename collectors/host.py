@@ -43,6 +43,15 @@ class HostCollector(PollingCollector):
 
     protocol = "host"
     Options = HostOptions
+    sample = """
+[[devices]]                     # the agent's own machine (added automatically when absent)
+name = "host"
+kind = "host"
+protocol = "host"
+address = "/var/lib/examwatch"  # whose disk to watch: the state directory
+interval = 30.0
+interfaces = []                 # which interfaces to watch; empty: all but loopback
+"""
 
     async def poll(self, device: Any) -> list[Reading]:
         opts: HostOptions = device.options or HostOptions()

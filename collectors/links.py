@@ -109,6 +109,19 @@ class LinksCollector(PollingCollector):
     protocol = "links"
     Options = Options
     needs_address = f"a link needs address = a host, an IP or \"{DEFAULT_GATEWAY}\""
+    reasons = {
+        "name_lookup": "域名解析失败",
+        "icmp_not_permitted": "本机不允许发 ping（ICMP）：改用 method = \"tcp\"",
+        "icmp_error": "ping（ICMP）出错",
+    }
+    sample = """
+[[devices]]                     # example: the exam platform's reachability, and which link carries it
+name = "uplink-net"
+kind = "link"
+protocol = "links"
+address = "default-gateway"     # or a host name / IP; see docs/profiles.md for probes and TCP
+primary_interface = "eth0"      # link_primary_active is 0 while the default route is on the backup link
+"""
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:

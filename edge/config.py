@@ -184,7 +184,12 @@ def parse(text: str, schema: type[msgspec.Struct]) -> dict[str, Any]:
 
 
 def sample_text() -> str:
-    return resources.files("examwatch.edge").joinpath("sample.toml").read_text(encoding="utf-8")
+    """edge/sample.toml with every protocol's own example devices where it says ``# @devices@``."""
+    from examwatch import collectors
+
+    text = resources.files("examwatch.edge").joinpath("sample.toml").read_text(encoding="utf-8")
+    head, marker, tail = text.partition("# @devices@")
+    return head + collectors.sample_blocks().lstrip("\n") + tail.partition("\n")[2] if marker else text
 
 
 # --- validation ---------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from typing import Any
 import msgspec
 import structlog
 
-from examwatch import collectors
 from examwatch.collectors import Health
+from examwatch.edge import bootstrap
 from examwatch.edge.config import Config, Device
 from examwatch.kernel.model import AlarmEvent, Reading, base_device
 from examwatch.edge.store import Store
@@ -270,20 +270,7 @@ class Agent:
         log.info("agent_stopped")
 
     def _collectors(self) -> list[Any]:
-        by_protocol: dict[str, list[Device]] = defaultdict(list)
-        for d in self.cfg.devices:
-            by_protocol[d.protocol].append(d)
-        out = []
-        for protocol, devices in by_protocol.items():
-            cls = collectors.get(protocol)
-            if protocol == "mqtt":
-                broker = self.cfg.mqtt
-                if not broker.client_id:
-                    broker = msgspec.structs.replace(broker, client_id=f"examwatch-{self.cfg.agent.site}-{self.cfg.agent.room}-sensors")
-                out.append(cls(devices, self.intake, self.health, broker=broker))  # type: ignore[call-arg]
-            else:
-                out.append(cls(devices, self.intake, self.health))
-        return out
+        return bootstrap.build_all(self.cfg.devices, self.intake, self.health, bootstrap.context(self.cfg))
 
     async def _watchdog(self, stop: asyncio.Event) -> None:
         """systemd: READY once serving, WATCHDOG only while the writer is proven alive (never free-running)."""

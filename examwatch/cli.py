@@ -100,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(args.dir, args.duration, not args.no_scenario)
     if args.command == "check":
+        from examwatch.edge import logs
         from examwatch.edge.readiness import main as readiness
 
+        logs.configure("error", stream="stderr")  # the report says what the collectors would log
         return readiness(args.config, args.wait, args.json)
     if args.command == "agent":
         return _agent_run(args.config, args.log_level)

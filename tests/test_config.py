@@ -44,9 +44,10 @@ def test_every_error_at_once_with_paths_and_lines():
 
 def test_protocol_options_are_checked_too():
     text = sample_text().replace("availability = true", "availabilty = true")
+    door = next(i for i, d in enumerate(loads(sample_text()).devices) if d.name == "secrecy-door")
     with pytest.raises(ConfigError) as exc:
         loads(text)
-    assert [i.path for i in exc.value.issues] == [("devices", 0, "availabilty")]
+    assert [i.path for i in exc.value.issues] == [("devices", door, "availabilty")]
 
 
 def test_a_typo_in_a_rule_id_is_an_error_not_a_silent_no_op():
@@ -95,14 +96,15 @@ kind = "ups"
 protocol = "nut"
 address = "127.0.0.1"
 """
-    n = len(loads(sample_text()).devices)
+    sample = loads(sample_text()).devices
+    n, noise = len(sample), next(i for i, d in enumerate(sample) if d.profile == "zigbee2mqtt_noise")
     text = text.replace('profile = "zigbee2mqtt_noise"', 'profile = "zigbee2mqtt_nosie"')
     with pytest.raises(ConfigError) as exc:
         loads(text)
     paths = {i.path[1:]: i.message for i in exc.value.issues}
-    assert set(paths) == {(1, "profile"), (n, "profile"), (n + 1, "address")}
+    assert set(paths) == {(noise, "profile"), (n, "profile"), (n + 1, "address")}
     assert "ups-mib" in paths[(n, "profile")]  # it names the profiles that exist
-    assert "zigbee2mqtt_noise" in paths[(1, "profile")]
+    assert "zigbee2mqtt_noise" in paths[(noise, "profile")]
 
 
 def test_an_override_that_would_make_a_rule_flap_is_an_error():

@@ -9,7 +9,7 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from examwatch.collectors.base import Health
+from examwatch.collectors.base import Context, Health
 from examwatch.collectors.mqtt import Field, MqttCollector, MqttOptions, Profile, parse_availability, parse_payload
 from examwatch.collectors.profiles import load
 from examwatch.edge.config import Device, Mqtt
@@ -26,7 +26,7 @@ def collector(sink: Recorder, health: Health) -> MqttCollector:
         Device(name="rec", kind="recorder", protocol="mqtt", topic="rec/1", profile="recorder_json",
                options=MqttOptions(fields=[Field(path="batt", metric="battery_percent")], availability=False)),
     ]
-    return MqttCollector(devices, sink, health, broker=Mqtt())
+    return MqttCollector(devices, sink, health, Context(broker=Mqtt()))
 
 
 def test_zigbee2mqtt_contact_true_means_closed():
