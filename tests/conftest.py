@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from examwatch.simulators.broker import Mosquitto
 
@@ -26,3 +27,10 @@ def procs() -> Iterator[list]:
     yield started
     for p in reversed(started):
         p.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """A test that runs the CLI configures structlog (e.g. ``check`` logs errors only); the next test starts clean."""
+    yield
+    structlog.reset_defaults()
