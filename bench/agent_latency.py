@@ -28,7 +28,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simulators.broker import Mosquitto, free_port, wait_port  # noqa: E402
+from examwatch.simulators.broker import Mosquitto, free_port, wait_port  # noqa: E402
 
 SENSORS = 20
 
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=60.0)
     args = ap.parse_args()
 
-    from edge import wire
+    from examwatch.kernel import wire
 
     with tempfile.TemporaryDirectory() as tmp:
         broker = Mosquitto(Path(tmp))
@@ -66,7 +66,7 @@ def main() -> None:
         exporter = free_port()
         cfg = Path(tmp) / "agent.toml"
         cfg.write_text(config(broker.port, exporter, Path(tmp) / "state"), encoding="utf-8")
-        agent = subprocess.Popen([sys.executable, "-m", "edge.cli", "--log-level", "warning", "agent", "run",
+        agent = subprocess.Popen([sys.executable, "-m", "examwatch", "--log-level", "warning", "agent", "run",
                                   "--config", str(cfg)], stdout=subprocess.DEVNULL,
                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         wait_port(exporter, 20)

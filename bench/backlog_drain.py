@@ -22,15 +22,15 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simulators.broker import free_port, wait_port  # noqa: E402
+from examwatch.simulators.broker import free_port, wait_port  # noqa: E402
 
-from edge.config import Uplink as UplinkConfig
-from edge.model import Reading
-from edge.store import OutboxReader, Store
-from edge.uplink import Uplink
-from gateway import store as gwstore
-from gateway.config import Api, Broker, Config, Gateway, Listen, Security
-from gateway.main import Gateway as GatewayRuntime
+from examwatch.edge.config import Uplink as UplinkConfig
+from examwatch.kernel.model import Reading
+from examwatch.edge.store import OutboxReader, Store
+from examwatch.edge.uplink import Uplink
+from examwatch.gateway import store as gwstore
+from examwatch.gateway.config import Api, Broker, Config, Gateway, Listen, Security
+from examwatch.gateway.main import Gateway as GatewayRuntime
 
 AGENT = "site001/room01"
 KEY = "ab" * 32

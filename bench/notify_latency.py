@@ -33,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from simulators.broker import Mosquitto, free_port, wait_port  # noqa: E402
+from examwatch.simulators.broker import Mosquitto, free_port, wait_port  # noqa: E402
 
 KEY = "cd" * 32
 
@@ -77,7 +77,7 @@ def percentile(xs: list[float], p: float) -> float:
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "edge.cli", "--log-level", "warning", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "examwatch", "--log-level", "warning", *args], cwd=ROOT,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simulators.broker import free_port, wait_port  # noqa: E402
+from examwatch.simulators.broker import free_port, wait_port  # noqa: E402
 
-from collectors import isapi, links, megatec, modbus_noise  # noqa: E402
-from collectors.base import Health  # noqa: E402
-from edge.config import Device  # noqa: E402
-from simulators.serial_pty import PtyPair  # noqa: E402
+from examwatch.collectors import isapi, links, megatec, modbus_noise  # noqa: E402
+from examwatch.collectors.base import Health  # noqa: E402
+from examwatch.edge.config import Device  # noqa: E402
+from examwatch.simulators.serial_pty import PtyPair  # noqa: E402
 
 CYCLES = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 
@@ -97,9 +97,9 @@ async def main() -> None:
     ups_pair.start()
     noise_pair.start()
     ports = [free_port(), free_port()]
-    procs = [sim("simulators.megatec", str(ups_pair.device)),
-             sim("simulators.modbus_noise", str(noise_pair.device), "generic-u16x10")]
-    procs += [sim("simulators.isapi", str(p)) for p in ports]
+    procs = [sim("examwatch.simulators.megatec", str(ups_pair.device)),
+             sim("examwatch.simulators.modbus_noise", str(noise_pair.device), "generic-u16x10")]
+    procs += [sim("examwatch.simulators.isapi", str(p)) for p in ports]
     try:
         for p in ports:
             wait_port(p)

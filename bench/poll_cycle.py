@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from collectors.base import Health  # noqa: E402
-from collectors.snmp import SnmpCollector, SnmpOptions, profile_named  # noqa: E402
-from edge.config import Device  # noqa: E402
-from simulators.snmp import MODELS, SnmpSimulator  # noqa: E402
+from examwatch.collectors.base import Health  # noqa: E402
+from examwatch.collectors.snmp import SnmpCollector, SnmpOptions, profile_named  # noqa: E402
+from examwatch.edge.config import Device  # noqa: E402
+from examwatch.simulators.snmp import MODELS, SnmpSimulator  # noqa: E402
 
 ROOM = {"ups": "ups", "switch": "switch", "cam1": "camera", "cam2": "camera"}  # community -> model
 
@@ -108,8 +108,8 @@ def main() -> None:
             serial: list[Device] = []
             root = Path(__file__).resolve().parent.parent
             # (protocol, simulator module, profile, extra options): a serial UPS and an RS485 noise meter on pty pairs
-            for protocol, simulator, profile in (("megatec", "simulators.megatec", "pack-voltage"),
-                                                 ("modbus_noise", "simulators.modbus_noise", "generic-u16x10")):
+            for protocol, simulator, profile in (("megatec", "examwatch.simulators.megatec", "pack-voltage"),
+                                                 ("modbus_noise", "examwatch.simulators.modbus_noise", "generic-u16x10")):
                 dev_end, agent_end = Path(tmp) / f"{protocol}-device", Path(tmp) / f"{protocol}-agent"
                 procs.append(subprocess.Popen(["socat", f"pty,raw,echo=0,link={dev_end}", f"pty,raw,echo=0,link={agent_end}"]))
                 while not (dev_end.exists() and agent_end.exists()):

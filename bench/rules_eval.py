@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from edge.config import Agent, Config, Device
-from edge.model import Reading
-from rules.config import Schedule, Window
-from rules.engine import build_engine
+from examwatch.edge.config import Agent, Config, Device
+from examwatch.kernel.model import Reading
+from examwatch.rules.config import Schedule, Window
+from examwatch.rules.engine import build_engine
 
 KINDS = {f"rec{i}": "recorder" for i in range(4)} | {f"cam{i}": "camera" for i in range(4)}
 KINDS |= {"nvr1": "nvr", "ups1": "ups", "sw1": "switch", "wan": "link", "wan2": "link", "mic": "noise", "door1": "door", "host": "host"}
@@ -69,7 +69,8 @@ def measure(fn, repeat: int = 7) -> float:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     rng = random.Random(1)
-    engine = build_engine(config())
+    cfg = config()
+    engine = build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule)
     t0 = datetime(2024, 5, 28, 9, 0).timestamp()
     state, _ = engine.evaluate(engine.initial_state(), readings(2000, t0, rng), t0 + 20)  # warm: every series seen
     rows = []

@@ -9,18 +9,19 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from collectors.base import REGISTRY, Accumulator, Collector, DeviceError, Health, PollingCollector, register
+from examwatch.collectors.base import (REGISTRY, Accumulator, Collector, Context, DeviceError, Health,
+                                       PollingCollector, register)
 
-__all__ = ["REGISTRY", "Accumulator", "Collector", "DeviceError", "Health", "PollingCollector", "available", "get",
-           "register"]
+__all__ = ["REGISTRY", "Accumulator", "Collector", "Context", "DeviceError", "Health", "PollingCollector", "available",
+           "get", "register", "sample_blocks"]
 
-_NOT_PROTOCOLS = {"base"}
+_NOT_PROTOCOLS = {"base"}  # and every module whose name starts with "_": a protocol's helpers
 
 
 def available() -> list[str]:
-    """Every built-in protocol's name, without importing any."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg and m.name not in _NOT_PROTOCOLS
-                  and not m.name.startswith("_"))
+    """Every protocol's name, built-in (without importing any) or registered from elsewhere."""
+    return sorted({m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg and m.name not in _NOT_PROTOCOLS
+                   and not m.name.startswith("_")} | REGISTRY.keys())
 
 
 def get(protocol: str) -> type[Collector]:
@@ -28,5 +29,10 @@ def get(protocol: str) -> type[Collector]:
     if protocol not in REGISTRY:
         if protocol not in available():
             raise KeyError(protocol)
-        importlib.import_module(f"collectors.{protocol}")
+        importlib.import_module(f"examwatch.collectors.{protocol}")
     return REGISTRY[protocol]
+
+
+def sample_blocks() -> str:
+    """Every protocol's sample ``[[devices]]`` blocks, for ``examwatch config sample`` (imports them all)."""
+    return "".join(get(p).sample for p in available())

@@ -3,21 +3,27 @@
 A collector does I/O and pure parsing only. It hands ``Reading``s to an ``Accumulator`` and reports a
 failing device with ``DeviceError``; it never touches the store, the rules, the uplink or Prometheus.
 A failing device is a state (``device_online`` 0, an error counter), logged once when it flips.
+
+A collector class declares everything the rest of the system needs to know about its protocol (its
+``Options``, whether it holds a serial port, its error reasons in words, its sample config block, its
+readiness probe), so a new protocol is one module: nothing outside collectors/ names protocols.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import msgspec
 import structlog
 
-from collectors import profiles
-from edge.model import Reading
+from examwatch.collectors import profiles
+from examwatch.kernel.model import Reading
 
 log = structlog.get_logger("examwatch.collector")
 
@@ -39,6 +45,84 @@ class Accumulator(Protocol):
     def add(self, reading: Reading) -> None: ...
 
 
+T = TypeVar("T")
+
+
+async def retry(attempt: Callable[[], Awaitable[T]], tries: int, final: Collection[str] = ()) -> T:
+    """Run ``attempt`` up to ``tries`` times while it raises ``DeviceError``, at once (the device's own
+    timeout was the wait); the last error is raised. A reason in ``final`` ends it: asking again would
+    not change the answer (a wrong password, a Modbus exception)."""
+    for left in range(max(1, tries) - 1, -1, -1):
+        try:
+            return await attempt()
+        except DeviceError as err:
+            if not left or err.reason in final:
+                raise
+    raise AssertionError("unreachable")
+
+
+class Backoff:
+    """Growing waits between reopening a lost connection (a pulled USB adapter): ``low`` doubling up to
+    ``high``, back to none after a success. Polls in between fail fast instead of hammering the port."""
+
+    def __init__(self, low: float = 1.0, high: float = 60.0) -> None:
+        self.low, self.high = low, high
+        self.delay = 0.0
+        self.until = 0.0  # time.monotonic() before which we do not try again
+
+    def failed(self) -> None:
+        self.delay = min(self.high, max(self.low, self.delay * 2))
+        self.until = time.monotonic() + self.delay
+
+    def succeeded(self) -> None:
+        self.delay = self.until = 0.0
+
+    def waiting(self) -> float:
+        """Seconds until the next try is due; 0 when it is."""
+        return max(0.0, self.until - time.monotonic())
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a protocol may need from the agent besides its devices: the room's broker (its client id
+    settled: the agent's, or the readiness check's own) and the agent's id. The agent's bootstrap
+    (edge/bootstrap.py) builds it; a collector takes what it needs."""
+
+    agent_id: str = ""
+    broker: Any = None  # the [mqtt] settings (host, port, login, TLS, client_id)
+
+
+# --- the readiness probe's vocabulary (``examwatch check``) -------------------------------------------------
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+# DeviceError reasons any collector may raise, in the technician's words; each protocol adds its own.
+COMMON_REASONS = {
+    "timeout": "无应答（超时）",
+    "profile": "型号（profile）配置有误",
+    "config": "地址配置有误",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One row of a readiness probe. About a device (``device`` set; the check names its kind) or about
+    the protocol's own connection (``id`` and ``item``, e.g. the room broker)."""
+
+    status: str  # ok | warn | fail
+    detail: str  # Chinese: what was found and what to do
+    device: Any = None
+    via: str = ""  # how the device is reached, e.g. "snmp", "mqtt zigbee2mqtt/door1"
+    noun: str = "设备"
+    id: str = ""
+    item: str = ""
+
+
+def public_address(address: str) -> str:
+    """An address fit to print: any ``user:password@`` removed."""
+    return re.sub(r"(?<=://)[^@/]*@", "", address)
+
+
 class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
     """For protocols that need no device options beyond the common ones."""
 
@@ -50,7 +134,9 @@ class DeviceHealth:
     last_ok: float | None = None
     last_duration: float = 0.0
     polls: int = 0
+    readings: int = 0  # readings handed over, device_online aside
     errors: Counter[str] = field(default_factory=Counter)
+    last_error: DeviceError | None = None
 
 
 class Health:
@@ -59,6 +145,7 @@ class Health:
     def __init__(self) -> None:
         self.devices: dict[str, DeviceHealth] = {}
         self.dropped: Counter[tuple[str, str]] = Counter()  # (source, reason) -> count
+        self.refused: dict[str, str] = {}  # device -> the reason its last refused input was dropped
         self._dropped_logged: set[tuple[str, str]] = set()
 
     def device(self, name: str, collector: str) -> DeviceHealth:
@@ -67,9 +154,10 @@ class Health:
             h = self.devices[name] = DeviceHealth(collector)
         return h
 
-    def ok(self, name: str, collector: str, duration: float, now: float) -> None:
+    def ok(self, name: str, collector: str, duration: float, now: float, readings: int = 0) -> None:
         h = self.device(name, collector)
         h.polls += 1
+        h.readings += readings
         h.last_ok = now
         h.last_duration = duration
         if h.online is not True:
@@ -82,6 +170,7 @@ class Health:
         h.polls += 1
         h.last_duration = duration
         h.errors[err.reason] += 1
+        h.last_error = err
         if h.online is not False:
             log.warning("device_offline", device=name, collector=collector, reason=err.reason, detail=err.detail)
             h.online = False
@@ -90,15 +179,17 @@ class Health:
         """Count input we refused (a malformed payload, an unknown device); log each kind once."""
         key = (source, reason)
         self.dropped[key] += 1
+        if "device" in detail:
+            self.refused[str(detail["device"])] = reason
         if key not in self._dropped_logged:
             self._dropped_logged.add(key)
             log.warning("input_dropped", source=source, reason=reason, **detail)
 
 
 class Collector:
-    """One protocol. Subclasses set ``protocol`` and, if they take device options, ``Options``; a protocol
-    whose devices are described by profiles sets ``profile_schema`` (and ``default_profile`` when a device
-    may name none)."""
+    """One protocol. Subclasses set ``protocol`` and ``sample`` and, if they take device options,
+    ``Options``; a protocol whose devices are described by profiles sets ``profile_schema`` (and
+    ``default_profile`` when a device may name none)."""
 
     protocol: ClassVar[str]
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
@@ -106,11 +197,16 @@ class Collector:
     profile_schema: ClassVar[type[msgspec.Struct] | None] = None
     profile_folder: ClassVar[str] = ""  # under collectors/profiles/; empty: the protocol's name
     default_profile: ClassVar[str] = ""
+    # On a serial line: one reader at a time, so the readiness check leaves a running agent's ports alone.
+    uses_serial_port: ClassVar[bool] = False
+    reasons: ClassVar[dict[str, str]] = {}  # its own DeviceError reasons, in the technician's words
+    sample: ClassVar[str] = ""  # its [[devices]] block(s) for `examwatch config sample`, commented
 
-    def __init__(self, devices: list[Any], acc: Accumulator, health: Health) -> None:
+    def __init__(self, devices: list[Any], acc: Accumulator, health: Health, context: Context | None = None) -> None:
         self.devices = devices
         self.acc = acc
         self.health = health
+        self.context = context or Context()
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
@@ -155,6 +251,37 @@ class Collector:
         """False when the collector can no longer read anything (the agent then reports itself unhealthy)."""
         return True
 
+    # --- the readiness probe: ``examwatch check`` ---
+
+    async def probe(self, wait: float) -> None:
+        """One round for the readiness check: ask every device once (a push protocol: listen up to
+        ``wait`` seconds). Readings go to the accumulator, outcomes to ``health``, as when running."""
+        raise NotImplementedError
+
+    def judge(self, device: Any, readings: list[Reading]) -> Finding:
+        """After ``probe``: the device's row, from what it said (``readings``) and its health."""
+        h = self.health.devices.get(device.name)
+        if h is not None and h.online:
+            answered = f"有应答：{h.readings} 项读数，用时 {h.last_duration:.1f} 秒"
+            return Finding(OK, answered, device, self.protocol)
+        err = h.last_error if h is not None else None
+        return self.failure(device, err.reason if err else "", err.detail if err else "")
+
+    def findings(self) -> list[Finding]:
+        """After ``probe``: rows about the protocol's own connection (the room broker), before its devices'."""
+        return []
+
+    @classmethod
+    def reason_text(cls, reason: str) -> str:
+        return cls.reasons.get(reason) or COMMON_REASONS.get(reason) or reason or "无应答"
+
+    @classmethod
+    def failure(cls, device: Any, reason: str, detail: str) -> Finding:
+        why = f"（{detail[:120]}）" if detail else ""
+        return Finding(FAIL, f"{cls.reason_text(reason)}{why}。请检查设备电源、连线和地址 "
+                             f"{public_address(device.address)}；无法修复时启用备用设备，并记下原设备编号和故障原因",
+                       device, cls.protocol)
+
 
 class PollingCollector(Collector):
     """A collector that asks each device on its own interval, one task per device.
@@ -170,6 +297,10 @@ class PollingCollector(Collector):
         async with asyncio.TaskGroup() as tg:
             for device in self.devices:
                 tg.create_task(self._loop(device, stop))
+
+    async def probe(self, wait: float) -> None:
+        """Every device once, all at once, each within its own timeout."""
+        await asyncio.gather(*(self.poll_once(d) for d in self.devices))
 
     async def poll_once(self, device: Any) -> None:
         """Poll one device and account for the outcome: readings, device_online, health."""
@@ -190,7 +321,7 @@ class PollingCollector(Collector):
             for r in readings:
                 self.acc.add(r)
             self.acc.add(Reading(device.name, "device_online", 1.0, now))
-            self.health.ok(device.name, self.protocol, time.monotonic() - start, now)
+            self.health.ok(device.name, self.protocol, time.monotonic() - start, now, len(readings))
 
     def _failed(self, device: Any, err: DeviceError, start: float) -> None:
         self.acc.add(Reading(device.name, "device_online", 0.0, time.time()))

@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 import psutil
 
-from collectors.base import PollingCollector, register
-from edge.model import Reading
+from examwatch.collectors.base import PollingCollector, register
+from examwatch.kernel.model import Reading
 
 
 class HostOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -43,6 +43,15 @@ class HostCollector(PollingCollector):
 
     protocol = "host"
     Options = HostOptions
+    sample = """
+[[devices]]                     # the agent's own machine (added automatically when absent)
+name = "host"
+kind = "host"
+protocol = "host"
+address = "/var/lib/examwatch"  # whose disk to watch: the state directory
+interval = 30.0
+interfaces = []                 # which interfaces to watch; empty: all but loopback
+"""
 
     async def poll(self, device: Any) -> list[Reading]:
         opts: HostOptions = device.options or HostOptions()

@@ -21,9 +21,9 @@ from typing import Annotated, Any, Literal
 import icmplib
 import msgspec
 
-from collectors.base import DeviceError, PollingCollector, register
-from edge.config import Port
-from edge.model import Reading
+from examwatch.collectors.base import DeviceError, PollingCollector, register
+from examwatch.edge.config import Port
+from examwatch.kernel.model import Reading
 
 ROUTE_TABLE = Path("/proc/net/route")
 DEFAULT_GATEWAY = "default-gateway"  # the address that means "whatever the default route points at"
@@ -111,6 +111,19 @@ class LinksCollector(PollingCollector):
     protocol = "links"
     Options = Options
     needs_address = f"a link needs address = a host, an IP or \"{DEFAULT_GATEWAY}\""
+    reasons = {
+        "name_lookup": "域名解析失败",
+        "icmp_not_permitted": "本机不允许发 ping（ICMP）：改用 method = \"tcp\"",
+        "icmp_error": "ping（ICMP）出错",
+    }
+    sample = """
+[[devices]]                     # example: the exam platform's reachability, and which link carries it
+name = "uplink-net"
+kind = "link"
+protocol = "links"
+address = "default-gateway"     # or a host name / IP; see docs/profiles.md for probes and TCP
+primary_interface = "eth0"      # link_primary_active is 0 while the default route is on the backup link
+"""
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:

@@ -27,12 +27,10 @@ import msgspec
 import serial
 import structlog
 
-from collectors.base import DeviceError, PollingCollector, register
-from edge.model import Reading
+from examwatch.collectors.base import Backoff, DeviceError, PollingCollector, register, retry
+from examwatch.kernel.model import Reading
 
 log = structlog.get_logger("examwatch.collector.megatec")
-
-BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
 
 
 # --- profiles ---------------------------------------------------------------------------------------------
@@ -159,8 +157,7 @@ class _Port:
         self.path, self.baud, self.timeout = path, baud, timeout
         self.serial: serial.Serial | None = None
         self.lock = threading.Lock()
-        self.backoff = 0.0
-        self.next_open = 0.0
+        self.backoff = Backoff()
         self.identified = False  # F and I asked since the port opened
         self.rating: Rating | None = None
         self.identity = ""
@@ -180,14 +177,14 @@ class _Port:
     def _open(self) -> serial.Serial:
         if self.serial is not None:
             return self.serial
-        if time.monotonic() < self.next_open:
-            raise DeviceError("port_unavailable", f"{self.path}: retrying in {self.next_open - time.monotonic():.0f}s")
+        if self.backoff.waiting():
+            raise DeviceError("port_unavailable", f"{self.path}: retrying in {self.backoff.waiting():.0f}s")
         try:
             self.serial = serial.Serial(self.path, self.baud, timeout=self.timeout, write_timeout=self.timeout)
         except (serial.SerialException, OSError) as err:
             self._lost(err)
             raise DeviceError("port_unavailable", str(err)) from None
-        self.backoff = 0.0
+        self.backoff.succeeded()
         return self.serial
 
     def _lost(self, err: Exception) -> None:
@@ -198,8 +195,7 @@ class _Port:
                 pass
             self.serial = None
             self.identified = False
-        self.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self.backoff * 2))
-        self.next_open = time.monotonic() + self.backoff
+        self.backoff.failed()
 
     def close(self) -> None:
         with self.lock:
@@ -215,6 +211,23 @@ class MegatecCollector(PollingCollector):
     needs_address = "a serial UPS needs address = \"/dev/serial/by-id/...\""
     profile_schema = Profile
     default_profile = "generic"
+    uses_serial_port = True
+    reasons = {
+        "port_unavailable": "串口打不开",
+        "port_lost": "串口断开",
+        "garbage": "应答无法解析",
+        "truncated": "应答不完整",
+    }
+    sample = """
+[[devices]]                     # example: a UPS with only an RS232 port (Megatec/Q1, 2400 8N1)
+name = "ups3"
+kind = "ups"
+protocol = "megatec"
+address = "/dev/serial/by-id/usb-Prolific_Technology_Inc._USB-Serial_Controller-if00-port0"
+profile = "pack-voltage"
+interval = 5.0
+timeout = 1.0
+"""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -227,23 +240,17 @@ class MegatecCollector(PollingCollector):
             port = self._ports[device.name] = _Port(device.address, device.options.baud, device.timeout)
         if not port.identified:
             await asyncio.to_thread(self._identify, device.name, port)
-        status = await asyncio.to_thread(self._status, port, device.retries)
+        # a lost or unopenable port is not asked again: the backoff decides when to reopen it
+        status = await retry(lambda: asyncio.to_thread(self._status, port), device.retries + 1,
+                             final=("port_lost", "port_unavailable"))
         return readings_from(device.name, status, profile, port.rating, time.time())
 
     @staticmethod
-    def _status(port: _Port, retries: int) -> Status:
-        err: DeviceError | None = None
-        for _ in range(retries + 1):
-            line = port.ask(b"Q1")
-            if not line:
-                err = DeviceError("timeout", f"no answer to Q1 within {port.timeout}s")
-                continue
-            try:
-                return parse_q1(line)
-            except DeviceError as e:
-                err = e
-        assert err is not None
-        raise err
+    def _status(port: _Port) -> Status:
+        line = port.ask(b"Q1")
+        if not line:
+            raise DeviceError("timeout", f"no answer to Q1 within {port.timeout}s")
+        return parse_q1(line)
 
     @staticmethod
     def _identify(name: str, port: _Port) -> None:

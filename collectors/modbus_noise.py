@@ -22,8 +22,8 @@ from pymodbus import ModbusException
 from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.framer import FramerRTU, FramerType
 
-from collectors.base import DeviceError, PollingCollector, register
-from edge.model import Reading
+from examwatch.collectors.base import DeviceError, PollingCollector, register, retry
+from examwatch.kernel.model import Reading
 
 # pymodbus logs every dropped frame and timeout itself; we report them as device states, once per flip.
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
@@ -120,6 +120,22 @@ class ModbusNoiseCollector(PollingCollector):
     profile_schema = Profile
     profile_folder = "modbus"
     default_profile = "generic-u16x10"
+    uses_serial_port = True
+    reasons = {
+        "port_unavailable": "串口打不开",
+        "garbage": "应答无法解析",
+        "crc": "应答校验错误",
+        "modbus_exception": "Modbus 设备返回异常",
+    }
+    sample = """
+[[devices]]                     # example: an RS485 noise meter (Modbus RTU)
+name = "noise-2"
+kind = "noise"
+protocol = "modbus_noise"
+address = "/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0"
+profile = "renke-rs-zs"
+slave = 1
+"""
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
@@ -138,18 +154,14 @@ class ModbusNoiseCollector(PollingCollector):
         bus = self._buses.get(device.address)
         if bus is None:
             bus = self._buses[device.address] = _Bus(device.address, p, o.baud, device.timeout)
-        err = DeviceError("timeout")
-        for _ in range(device.retries + 1):
+
+        async def attempt() -> list[int]:
             async with bus.lock:
-                try:
-                    registers = await bus.read(p, o.slave or p.slave)
-                except DeviceError as e:
-                    err = e
-                    if e.reason in ("port_unavailable", "modbus_exception"):
-                        break  # retrying won't change the answer
-                    continue
-            return [Reading(device.name, "noise_db", round(decode(registers, p), 2), time.time())]
-        raise err
+                return await bus.read(p, o.slave or p.slave)
+
+        # retrying won't change these answers
+        registers = await retry(attempt, device.retries + 1, final=("port_unavailable", "modbus_exception"))
+        return [Reading(device.name, "noise_db", round(decode(registers, p), 2), time.time())]
 
     async def close(self) -> None:
         for bus in self._buses.values():

@@ -24,11 +24,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from collectors.base import Collector, DeviceError, register
-from edge.catalog import METRICS
-from edge.config import apply_broker_settings
-from edge.model import Reading
-from rules.config import Finite
+from examwatch.collectors.base import FAIL, OK, WARN, Collector, Context, DeviceError, Finding, register
+from examwatch.kernel.catalog import METRICS
+from examwatch.edge.config import apply_broker_settings
+from examwatch.kernel.model import Reading
+from examwatch.rules.config import Finite
 
 log = structlog.get_logger("examwatch.mqtt")
 
@@ -37,6 +37,7 @@ MAX_PACKET = MAX_PAYLOAD + 8 * 1024  # MQTT v5 Maximum Packet Size we ask the br
 MAX_DEPTH = 32  # Zigbee2MQTT nests 2-3 levels; json.loads raises RecursionError near 1,000
 # JSON strings (skipped; an unterminated one runs to the end, so the scan stays linear) and brackets
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
+CONNECT_TIMEOUT = 5.0  # seconds the readiness probe gives the room broker to accept us
 
 
 class Field(msgspec.Struct, forbid_unknown_fields=True):
@@ -217,12 +218,48 @@ class MqttCollector(Collector):
 
     protocol = "mqtt"
     Options = MqttOptions
+    reasons = {
+        "subscribe_refused": "房间 MQTT 服务器拒绝订阅该主题：检查 mosquitto 的 ACL 中监测代理的读权限",
+        "bad_topic": "主题无效（含通配符、空层级或与其他设备重复）：修改该设备的 topic",
+    }
     profile_schema = Profile
     default_profile = "generic_json"  # no fields of its own: the device's ``fields`` say it all
+    sample = """
+[[devices]]                     # example: the secrecy-room door (Zigbee2MQTT contact sensor)
+name = "secrecy-door"
+kind = "door"
+protocol = "mqtt"
+topic = "zigbee2mqtt/secrecy-door"
+profile = "zigbee2mqtt_contact"
+interval = 3600.0               # a Zigbee contact reports on change plus a heartbeat about hourly: set your
+                                # model's heartbeat, or the "sensor silent" alarm (3 intervals) fires falsely
+availability = true             # also listen on <topic>/availability (online/offline)
 
-    def __init__(self, devices: list[Any], acc: Any, health: Any, broker: Any = None) -> None:
-        super().__init__(devices, acc, health)
-        self.broker = broker  # edge.config.Mqtt; the runtime passes it
+[[devices]]                     # example: a noise sensor
+name = "noise-1"
+kind = "noise"
+protocol = "mqtt"
+topic = "zigbee2mqtt/noise-1"
+profile = "zigbee2mqtt_noise"
+interval = 30.0
+
+[[devices]]                     # example: a recorder bridge publishing JSON; fields map JSON paths to metrics
+name = "recorder-1"
+kind = "recorder"
+protocol = "mqtt"
+topic = "recorders/recorder-1"
+profile = "recorder_json"
+interval = 60.0
+availability = false
+fields = [
+    { path = "batt", metric = "battery_percent" },   # example: this model says "batt", not "battery"
+]
+"""
+
+    def __init__(self, devices: list[Any], acc: Any, health: Any, context: Context | None = None) -> None:
+        super().__init__(devices, acc, health, context)
+        self.broker = self.context.broker  # the room's [mqtt], its client id settled by the agent
+        self.waited = 0.0  # how long the readiness probe listened
         self.routes: dict[str, tuple[Any, list[Field] | None]] = {}
         self.refused: dict[str, str] = {}  # device -> why it is not read
         for d in devices:
@@ -239,6 +276,7 @@ class MqttCollector(Collector):
             if opts.availability:
                 self.routes[f"{d.topic}/availability"] = (d, None)
         self.connected = False
+        self.reachable = False  # connected by the end of the readiness probe
         self.client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
         self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its topics, until the SUBACK
@@ -368,3 +406,54 @@ class MqttCollector(Collector):
             self.client.disconnect()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5)
+
+    # --- the readiness probe ---
+
+    async def probe(self, wait: float) -> None:
+        """Listen up to ``wait`` seconds. Retained messages (availability, and state where Zigbee2MQTT
+        retains it) arrive at once; it ends early once every sensor has been heard, or when the broker
+        has not accepted us within ``CONNECT_TIMEOUT``."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(self.run(stop))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        names = {d.name for d in self.devices}
+        while loop.time() - start < wait:
+            heard = set(self.health.devices) | set(self.health.refused)
+            if self.connected and names <= heard:
+                break
+            if not self.connected and loop.time() - start >= min(wait, CONNECT_TIMEOUT):
+                break
+            await asyncio.sleep(0.05)
+        self.waited = wait
+        self.reachable = self.connected
+        stop.set()
+        await task
+
+    def findings(self) -> list[Finding]:
+        item = f"房间 MQTT 服务器 {self.broker.host}:{self.broker.port}"
+        if self.reachable:
+            return [Finding(OK, f"已连接，订阅 {len(self.devices)} 个传感器的主题", id="broker", item=item)]
+        return [Finding(FAIL, "连不上：检查 mosquitto 是否在运行，以及 [mqtt] 的地址、账号和 TLS 设置",
+                        id="broker", item=item)]
+
+    def judge(self, device: Any, readings: list[Reading]) -> Finding:
+        """Heard within the window, silent, offline by its availability, or unparseable."""
+        refused = self.health.refused.get(device.name, "")
+        wait = self.waited
+
+        def row(status: str, detail: str) -> Finding:
+            return Finding(status, detail, device, f"mqtt {device.topic}", "传感器")
+
+        if not self.reachable:
+            return row(FAIL, "房间 MQTT 服务器连不上，无法确认该传感器（见“房间 MQTT 服务器”一行）")
+        online = [r for r in readings if r.metric == "device_online"]
+        if online and max(online, key=lambda r: r.ts).value == 0:
+            return row(FAIL, "传感器报告离线（availability = offline）：检查电池，"
+                             "以及 Zigbee 网关是否在信号范围内，必要时重新配对")
+        if readings:
+            return row(OK, f"{wait:g} 秒内收到消息（{len(readings)} 项读数，含保留消息）")
+        if refused:
+            return row(FAIL, f"收到消息但无法使用（{refused}）：检查该设备的 profile 和 fields 配置")
+        return row(WARN, f"{wait:g} 秒内没有消息（电池传感器上报较少）：请触发一次（如开关门）"
+                         "或在 Zigbee2MQTT 中确认该设备在线")

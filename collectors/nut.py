@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from collectors.base import DeviceError, PollingCollector, register
-from edge.model import Reading
+from examwatch.collectors.base import DeviceError, PollingCollector, register, retry
+from examwatch.kernel.model import Reading
 
 # ups.status flags (NUT's docs/new-drivers.txt) -> the catalog's boolean metrics.
 STATUS_FLAGS: dict[str, frozenset[str]] = {
@@ -123,6 +123,19 @@ class _Connection:
 class NutCollector(PollingCollector):
     protocol = "nut"
     Options = NutOptions
+    reasons = {
+        "connection": "连不上",
+        "stale": "UPS 服务在，但与 UPS 失去联系",
+        "auth": "无权限（账号被拒绝）",
+        "nut_error": "UPS 服务（upsd）报错",
+    }
+    sample = """
+[[devices]]                     # example: a UPS that NUT already drives
+name = "ups2"
+kind = "ups"
+protocol = "nut"
+address = "ups@127.0.0.1"       # NUT's syntax: <ups>@<host>[:<port>]
+"""
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
@@ -138,14 +151,14 @@ class NutCollector(PollingCollector):
 
     async def poll(self, device: Any) -> list[Reading]:
         ups, host, port = parse_address(device.address)
-        last: DeviceError | None = None
-        for _ in range(device.retries + 1):
+
+        async def attempt() -> list[str]:
             try:
-                lines = await asyncio.wait_for(self._list_var(device, ups, host, port), device.timeout)
-                break
+                return await asyncio.wait_for(self._list_var(device, ups, host, port), device.timeout)
             except (TimeoutError, OSError, ConnectionError) as err:
                 self._drop_connection(device.name)
-                last = DeviceError("timeout" if isinstance(err, TimeoutError) else "connection", str(err) or type(err).__name__)
+                reason = "timeout" if isinstance(err, TimeoutError) else "connection"
+                raise DeviceError(reason, str(err) or type(err).__name__) from None
             except NutError as err:
                 self._drop_connection(device.name)
                 # DATA-STALE / DRIVER-NOT-CONNECTED: upsd is up but has lost the UPS itself.
@@ -153,9 +166,8 @@ class NutCollector(PollingCollector):
                     err.code, "nut_error"
                 )
                 raise DeviceError(reason, f"upsd says {err.code} for {ups!r}") from None
-        else:
-            assert last is not None
-            raise last
+
+        lines = await retry(attempt, device.retries + 1, final=("stale", "auth", "nut_error"))
         variables = parse_list_var(lines, ups)
         readings, bad = parse_nut(variables, device.name, time.time())
         for name in bad:

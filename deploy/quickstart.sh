@@ -18,4 +18,4 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 python3 -m pip install -q --disable-pip-version-check -e ".[demo]"
 
-exec python3 -m edge.cli demo --dir .examwatch-demo "$@"
+exec python3 -m examwatch demo --dir .examwatch-demo "$@"

@@ -9,12 +9,13 @@ import ipaddress
 import re
 import socket
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 
-from edge.config_check import ConfigError, ConfigIssue, decode, error_at, fields_of, parse, read, validated
-from rules.config import DAY, RuleOverride, Schedule, schedule_issues
+from examwatch.edge.config_check import ConfigError, ConfigIssue, decode, error_at, fields_of, parse, read, validated
+from examwatch.kernel.model import DeviceKind, RoomKind
+from examwatch.rules.config import DAY, RuleOverride, Schedule, schedule_issues
 
 # Ranges, declared once and used beside the fields. A bound also refuses NaN and infinity.
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -24,8 +25,6 @@ Timeout = Annotated[float, msgspec.Meta(ge=0.01, le=600)]  # s to wait for one a
 # MQTT v5's 0xFFFFFFFF (never expires)
 SessionExpiry = Annotated[int, msgspec.Meta(ge=60, le=0xFFFFFFFF)]
 
-DeviceKind = Literal["recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"]
-RoomKind = Literal["exam_room", "secrecy_room"]
 
 
 class Agent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -116,8 +115,7 @@ class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @staticmethod
     def extension_type(raw: dict[str, Any]) -> type[msgspec.Struct] | str:
         """The struct that validates this device's protocol keys, or an error message."""
-        import collectors
-
+        from examwatch import collectors
         protocol = raw.get("protocol")
         try:
             return collectors.get(str(protocol)).Options
@@ -183,7 +181,12 @@ def check_host(host: str) -> None:
 
 
 def sample_text() -> str:
-    return resources.files("edge").joinpath("sample.toml").read_text(encoding="utf-8")
+    """edge/sample.toml with every protocol's own example devices where it says ``# @devices@``."""
+    from examwatch import collectors
+
+    text = resources.files("examwatch.edge").joinpath("sample.toml").read_text(encoding="utf-8")
+    head, marker, tail = text.partition("# @devices@")
+    return head + collectors.sample_blocks().lstrip("\n") + tail.partition("\n")[2] if marker else text
 
 
 # --- validation ---------------------------------------------------------------------------------------
@@ -200,7 +203,7 @@ def _build(raw: dict[str, Any]) -> Config:
 
 
 def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
-    from rules.pack import DEFAULT_RULES, override_issues
+    from examwatch.rules.pack import DEFAULT_RULES, override_issues
 
     issues = _device_issues(cfg.devices)
     for key in ("site", "room"):
@@ -223,7 +226,7 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
         issues.append(ConfigIssue(("uplink", "signing_key_file"),
                                   "the uplink signs every message: name this agent's key file (or give signing_key)"))
     elif up.enabled and up.signing_key:
-        from edge.wire import parse_key
+        from examwatch.kernel.wire import parse_key
 
         try:
             parse_key(up.signing_key)
@@ -235,8 +238,7 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
 
 def _device_issues(devices: list[Device]) -> list[ConfigIssue]:
     """Names, then each protocol's checks of its devices alone and together (e.g. two on one topic)."""
-    import collectors
-
+    from examwatch import collectors
     issues = []
     seen: set[str] = set()
     by_protocol: dict[str, list[tuple[int, Device]]] = {}

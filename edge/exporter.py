@@ -14,14 +14,14 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from edge import __version__
-from edge.catalog import METRICS
-from edge.config import parse_listen
-from edge.model import base_device
-from rules.schedule import PHASES
+from examwatch import __version__
+from examwatch.kernel.catalog import METRICS
+from examwatch.edge.config import parse_listen
+from examwatch.kernel.model import base_device
+from examwatch.rules.schedule import PHASES
 
 if TYPE_CHECKING:
-    from edge.runtime import Agent
+    from examwatch.edge.runtime import Agent
 
 
 class AgentCollector(Collector):
@@ -99,8 +99,9 @@ class AgentCollector(Collector):
             phase.add_metric([*ids, name], 1.0 if name == current else 0.0)
         yield phase
 
+        # The outbox's fill is a reading of the host device (examwatch_outbox_used_ratio, for the rules too):
+        # a second family of the same name would make the whole scrape invalid exposition text.
         outbox = a.outbox_stats()
-        yield _gauge("examwatch_outbox_used_ratio", "share of the outbox's disk budget in use", ids, outbox["used_ratio"])
         dropped_total = CounterMetricFamily("examwatch_outbox_dropped", "readings messages given up over the disk budget",
                                             labels=["site", "room"])
         dropped_total.add_metric(ids, outbox["dropped"])

@@ -8,8 +8,9 @@ import sys
 import structlog
 
 
-def configure(level: str = "info") -> None:
-    """Call once, before the first log line (structlog caches nothing here, so tests can capture)."""
+def configure(level: str = "info", stream: str = "stdout") -> None:
+    """Call once, before the first log line (structlog caches nothing here, so tests can capture).
+    ``stream`` "stderr" when stdout is the command's answer (``examwatch check``)."""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -20,6 +21,7 @@ def configure(level: str = "info") -> None:
             structlog.processors.JSONRenderer(ensure_ascii=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        # looked up at each line, not bound now: pytest swaps sys.stdout/stderr per test
+        logger_factory=lambda *_: structlog.PrintLogger(getattr(sys, stream)),
         cache_logger_on_first_use=False,
     )

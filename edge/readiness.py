@@ -12,119 +12,33 @@ no passwords, community strings or keys (addresses lose any ``user:pass@``).
 If an agent is already running (it holds the exporter address), devices on a serial line are not opened
 a second time: two readers on one tty steal each other's bytes, and the running agent would see garbage
 and raise a false alarm. Their state is read from the running agent's own exporter instead.
+
+The devices are grouped and their collectors built by the agent's own bootstrap (edge/bootstrap.py); each
+collector probes its devices and judges them (collectors/base.py: ``probe``, ``judge``, ``findings``), so
+nothing here knows a protocol. The rows about the agent's surroundings are in edge/checks.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import errno
 import json
-import os
-import re
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 import unicodedata
-import urllib.request
 from collections import defaultdict
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
-import msgspec
+from examwatch import collectors
+from examwatch.collectors.base import FAIL, OK, WARN, Finding, Health
+from examwatch.edge import bootstrap
+from examwatch.edge.checks import Check, check_clock, check_exporter, check_state_dir, check_uplink, os_error_text
+from examwatch.kernel.model import Reading, base_device
 
-OK, WARN, FAIL = "ok", "warn", "fail"
 STATUS_NAMES = {OK: "通过", WARN: "注意", FAIL: "失败"}
-
-GIB = 1024**3
-MIB = 1024**2
-DISK_WARN = 1 * GIB  # below this the state directory's disk gets a warning
-DISK_FAIL = 200 * MIB  # below this a day of readings and an outage's outbox may not fit
-CONNECT_TIMEOUT = 5.0  # seconds for a broker to accept us
-# Protocols on a serial line: one reader at a time (see the module doc).
-SERIAL_PROTOCOLS = frozenset({"megatec", "modbus_noise"})
-
-# DeviceError reasons (collectors/*.py) in the technician's words.
-REASONS = {
-    "timeout": "无应答（超时）",
-    "unreachable": "网络不通",
-    "connection": "连不上",
-    "port_unavailable": "串口打不开",
-    "port_lost": "串口断开",
-    "garbage": "应答无法解析",
-    "truncated": "应答不完整",
-    "crc": "应答校验错误",
-    "invalid_xml": "应答无法解析",
-    "unexpected_xml": "应答格式不符",
-    "no_such_object": "设备不支持所配置的型号（profile）",
-    "profile": "型号（profile）配置有误",
-    "config": "地址配置有误",
-    "snmp_error": "SNMP 出错",
-    "http_401": "用户名或密码错误",
-    "http_403": "无权限或设备无此功能",
-    "http_404": "设备无此功能（ISAPI 接口不存在）",
-    "http_5xx": "设备内部错误",
-    "auth": "无权限（账号被拒绝）",
-    "stale": "UPS 服务在，但与 UPS 失去联系",
-    "modbus_exception": "Modbus 设备返回异常",
-}
-
-
-@dataclass(frozen=True)
-class Check:
-    id: str  # stable, for scripts: config, device:<name>, broker, alarm:<rule>:<device>, rules, uplink, ...
-    item: str  # 检查项
-    status: str  # ok | warn | fail
-    detail: str  # 说明: what was found and what to do
 
 
 # --- pure judgements ------------------------------------------------------------------------------------
-
-
-def public_address(address: str) -> str:
-    """An address fit to print: any ``user:password@`` removed."""
-    return re.sub(r"(?<=://)[^@/]*@", "", address)
-
-
-def judge_polled(device: Any, online: bool | None, readings: int, duration: float, reason: str, detail: str) -> Check:
-    from rules.engine import KIND_NAMES
-
-    item = f"设备 {device.name}（{KIND_NAMES.get(device.kind, device.kind)}，{device.protocol}）"
-    if online:
-        return Check(f"device:{device.name}", item, OK, f"有应答：{readings} 项读数，用时 {duration:.1f} 秒")
-    what = REASONS.get(reason, reason or "无应答")
-    why = f"（{detail[:120]}）" if detail else ""
-    return Check(
-        f"device:{device.name}", item, FAIL,
-        f"{what}{why}。请检查设备电源、连线和地址 {public_address(device.address)}；"
-        "无法修复时启用备用设备，并记下原设备编号和故障原因",
-    )
-
-
-def judge_sensor(device: Any, readings: list[Any], refused: str, broker_ok: bool, wait: float) -> Check:
-    """A push sensor: heard within the window, silent, offline by its availability, or unparseable."""
-    from rules.engine import KIND_NAMES
-
-    item = f"传感器 {device.name}（{KIND_NAMES.get(device.kind, device.kind)}，mqtt {device.topic}）"
-    cid = f"device:{device.name}"
-    if not broker_ok:
-        return Check(cid, item, FAIL, "房间 MQTT 服务器连不上，无法确认该传感器（见“房间 MQTT 服务器”一行）")
-    online = [r for r in readings if r.metric == "device_online"]
-    if online and max(online, key=lambda r: r.ts).value == 0:
-        return Check(cid, item, FAIL, "传感器报告离线（availability = offline）：检查电池，"
-                                      "以及 Zigbee 网关是否在信号范围内，必要时重新配对")
-    if readings:
-        return Check(cid, item, OK, f"{wait:g} 秒内收到消息（{len(readings)} 项读数，含保留消息）")
-    if refused:
-        return Check(cid, item, FAIL, f"收到消息但无法使用（{refused}）：检查该设备的 profile 和 fields 配置")
-    return Check(cid, item, WARN, f"{wait:g} 秒内没有消息（电池传感器上报较少）：请触发一次（如开关门）"
-                                  "或在 Zigbee2MQTT 中确认该设备在线")
 
 
 def judge_alarms(engine: Any, readings: list[Any], now: float, phase_name: str) -> list[Check]:
@@ -153,34 +67,6 @@ def judge_alarms(engine: Any, readings: list[Any], now: float, phase_name: str) 
     if not rows:
         rows.append(Check("rules", "告警规则", OK, f"按当前读数不会告警（{len(readings)} 项读数，当前阶段：{phase_name}）"))
     return rows
-
-
-def judge_state_dir(path: str, exists: bool, writable: bool, free: int | None) -> Check:
-    item = f"数据目录 {path}"
-    if not writable:
-        where = "" if exists else "（目录不存在，且无法在上级目录中创建）"
-        return Check("state_dir", item, FAIL, f"不可写{where}：检查权限，或改 [agent].state_dir")
-    if free is None:
-        return Check("state_dir", item, FAIL, "无法读取剩余空间")
-    created = "" if exists else "目录尚不存在，代理启动时创建；"
-    space = f"剩余 {free / GIB:.1f} GiB" if free >= GIB else f"剩余 {free / MIB:.0f} MiB"
-    if free < DISK_FAIL:
-        return Check("state_dir", item, FAIL, f"{created}{space}，不足 200 MiB：清理磁盘或换更大的存储卡")
-    if free < DISK_WARN:
-        return Check("state_dir", item, WARN, f"{created}{space}，不足 1 GiB：断网时积压的消息可能放不下，建议清理")
-    return Check("state_dir", item, OK, f"{created}可写，{space}")
-
-
-def parse_ntp_synchronized(output: str) -> bool | None:
-    """``timedatectl show -p NTPSynchronized --value`` -> True/False, None when it says something else."""
-    return {"yes": True, "no": False}.get(output.strip())
-
-
-def judge_clock(synced: bool) -> Check:
-    if synced:
-        return Check("clock", "系统时钟", OK, "已与 NTP 同步")
-    return Check("clock", "系统时钟", WARN, "未与 NTP 同步：记录的时间可能不准（记录须客观准确），"
-                                         "请检查 systemd-timesyncd 或 chrony 及其时间服务器")
 
 
 def exit_code(checks: list[Check]) -> int:
@@ -217,26 +103,12 @@ def render_json(agent: str | None, checks: list[Check], code: int) -> str:
                       ensure_ascii=False, indent=2)
 
 
-def running_agent(page: str) -> str | None:
-    """The ``site/room`` of the agent whose exporter page this is, or None when it is not an agent's."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        for family in text_string_to_metric_families(page):
-            for s in family.samples:
-                if s.name == "examwatch_agent_info":
-                    return f"{s.labels.get('site', '')}/{s.labels.get('room', '')}"
-    except ValueError:  # not a metrics page at all
-        return None
-    return None
-
-
 def readings_from_metrics(text: str, devices: set[str]) -> tuple[list[Any], dict[str, bool]]:
     """A running agent's exporter page -> its current readings of ``devices`` and their last poll's success."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from edge.catalog import METRICS
-    from edge.model import Reading, base_device
+    from examwatch.kernel.catalog import METRICS
+    from examwatch.kernel.model import Reading, base_device
 
     now = time.time()
     readings, success = [], {}
@@ -253,287 +125,89 @@ def readings_from_metrics(text: str, devices: set[str]) -> tuple[list[Any], dict
     return readings, success
 
 
-# --- I/O: each check talks to the real thing -------------------------------------------------------------
+def _item(noun: str, device: Any, via: str) -> str:
+    from examwatch.kernel.model import DEVICE_KIND_NAMES
+
+    return f"{noun} {device.name}（{DEVICE_KIND_NAMES.get(device.kind, device.kind)}，{via}）"
+
+
+def row(f: Finding) -> Check:
+    """A collector's finding as a row; a device's names its kind in Chinese."""
+    if f.device is None:
+        return Check(f.id, f.item, f.status, f.detail)
+    return Check(f"device:{f.device.name}", _item(f.noun, f.device, f.via), f.status, f.detail)
+
+
+# --- I/O ------------------------------------------------------------------------------------------------
 
 
 class _Readings:
-    """The accumulator: collects what the collectors read (paho's thread adds too; list.append is atomic)."""
+    """The accumulator: keeps what the collectors read (paho's thread adds too; list.append is atomic)."""
 
     def __init__(self) -> None:
-        self.items: list[Any] = []
+        self.items: list[Reading] = []
 
-    def add(self, reading: Any) -> None:
+    def add(self, reading: Reading) -> None:
         self.items.append(reading)
 
 
-def _health() -> Any:
-    from collectors.base import Health
-
-    class CheckHealth(Health):
-        """Health that also keeps each device's last error and refused message, for the rows."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.last_error: dict[str, tuple[str, str]] = {}
-            self.refused: dict[str, str] = {}
-
-        def failed(self, name: str, collector: str, err: Any, duration: float) -> None:
-            self.last_error[name] = (err.reason, err.detail)
-            super().failed(name, collector, err, duration)
-
-        def drop(self, source: str, reason: str, **detail: Any) -> None:
-            if "device" in detail:
-                self.refused[detail["device"]] = reason
-            super().drop(source, reason, **detail)
-
-    return CheckHealth()
-
-
-async def probe_polled(devices: list[Any]) -> tuple[list[Any], list[Check]]:
-    """Poll each device once with its real collector, all at once, each within its own timeout."""
-    import collectors
-
-    acc, health = _Readings(), _health()
-    by_protocol: dict[str, list[Any]] = defaultdict(list)
-    for d in devices:
-        by_protocol[d.protocol].append(d)
-    started, polls, rows = [], [], {}
-    for protocol, group in by_protocol.items():
+async def probe_devices(cfg: Any, devices: list[Any], wait: float) -> tuple[list[Reading], list[Check]]:
+    """Build the devices' collectors as the agent does and let each probe its devices, all at once; then
+    each collector's own rows (the room broker) and its devices' rows, protocol by protocol."""
+    acc, health = _Readings(), Health()
+    ctx = bootstrap.context(cfg, checking=True)
+    built, findings = [], {}
+    for protocol, group in bootstrap.by_protocol(devices).items():
         try:
-            c = collectors.get(protocol)(group, acc, health)
-        except Exception as err:  # noqa: BLE001 - e.g. a profile gone since the config check: the devices' rows say it
-            for d in group:
-                rows[d.name] = judge_polled(d, False, 0, 0.0, "error", f"{type(err).__name__}: {err}")
-            continue
-        started.append(c)
-        polls += [c.poll_once(d) for d in group]
+            built.append(bootstrap.build(protocol, group, acc, health, ctx))
+        except Exception as err:  # noqa: BLE001 - e.g. a profile gone since the config check: the rows say it
+            findings[protocol] = [collectors.get(protocol).failure(d, "error", f"{type(err).__name__}: {err}")
+                                  for d in group]
     try:
-        await asyncio.gather(*polls)
+        await asyncio.gather(*(c.probe(wait) for c in built))
     finally:
-        for c in started:
+        for c in built:
             with contextlib.suppress(Exception):  # closing is best effort; the rows are what matter
                 await c.close()
-    counts: dict[str, int] = defaultdict(int)
-    for r in acc.items:
-        counts[r.device.split("/", 1)[0]] += r.metric != "device_online"
-    for d in devices:
-        if d.name in rows:
-            continue
-        h = health.devices.get(d.name)
-        reason, detail = health.last_error.get(d.name, ("", ""))
-        rows[d.name] = judge_polled(d, h.online if h else None, counts[d.name], h.last_duration if h else 0.0,
-                                    reason, detail)
-    return acc.items, [rows[d.name] for d in devices]
-
-
-async def listen_sensors(cfg: Any, devices: list[Any], wait: float) -> tuple[list[Any], list[Check]]:
-    """Connect to the room broker as the agent would and collect up to ``wait`` seconds of sensor messages.
-
-    Retained messages (availability, and state where Zigbee2MQTT retains it) arrive at once; the wait ends
-    early once every sensor has been heard.
-    """
-    import collectors
-
-    broker = cfg.mqtt
-    # Never the running agent's client id: the broker would drop the agent's own connection for ours.
-    base = broker.client_id or f"examwatch-{cfg.agent.site}-{cfg.agent.room}-sensors"
-    broker = msgspec.structs.replace(broker, client_id=f"{base}-check")
-    acc, health = _Readings(), _health()
-    sensor = collectors.get("mqtt")(devices, acc, health, broker=broker)  # type: ignore[call-arg]
-    stop = asyncio.Event()
-    task = asyncio.create_task(sensor.run(stop))
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    names = {d.name for d in devices}
-    while loop.time() - start < wait:
-        heard = {r.device.split("/", 1)[0] for r in acc.items} | set(health.refused)
-        if sensor.connected and names <= heard:
-            break
-        if not sensor.connected and loop.time() - start >= min(wait, CONNECT_TIMEOUT):
-            break
-        await asyncio.sleep(0.05)
-    connected = sensor.connected
-    stop.set()
-    await task
-    await sensor.close()
-    where = f"{broker.host}:{broker.port}"
-    if connected:
-        row = Check("broker", f"房间 MQTT 服务器 {where}", OK, f"已连接，订阅 {len(devices)} 个传感器的主题")
-    else:
-        row = Check("broker", f"房间 MQTT 服务器 {where}", FAIL,
-                    "连不上：检查 mosquitto 是否在运行，以及 [mqtt] 的地址、账号和 TLS 设置")
-    items = list(acc.items)
-    by_device: dict[str, list[Any]] = defaultdict(list)
-    for r in items:
-        by_device[r.device.split("/", 1)[0]].append(r)
-    rows = [judge_sensor(d, by_device[d.name], health.refused.get(d.name, ""), connected, wait) for d in devices]
-    return items, [row, *rows]
-
-
-def check_uplink(cfg: Any, timeout: float = CONNECT_TIMEOUT) -> list[Check]:
-    """The county broker accepts this agent (TLS, credentials) and the signing key loads. Blocking."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from edge.config import apply_broker_settings
-    from edge.wire import load_key
-
-    up = cfg.uplink
-    if not up.enabled:
-        return [Check("uplink", "县级上联", WARN, "未启用（[uplink] enabled = false）：告警只在本机，县里看不到；"
-                                                 "如需上报县招办，按部署说明启用")]
-    rows = []
-    try:
-        load_key(up.signing_key, up.signing_key_file)
-        rows.append(Check("signing_key", "签名密钥", OK, "已读取，格式正确"))
-    except (ValueError, OSError) as err:  # neither message repeats the key
-        rows.append(Check("signing_key", "签名密钥", FAIL, f"不可用：{err}；按部署说明重新生成或放回密钥文件"))
-    item = f"县级上联 {up.host}:{up.port}"
-    answer: dict[str, Any] = {}
-    got = threading.Event()
-
-    def on_connect(_c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        answer["reason"] = reason
-        got.set()
-
-    # Our own client id and a clean session: the agent's persistent session must stay untouched.
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"examwatch-check-{cfg.agent.site}-{cfg.agent.room}",
-                         protocol=mqtt.MQTTv5)
-    client.on_connect = on_connect
-    client.connect_timeout = timeout
-    try:
-        apply_broker_settings(client, up)
-        client.connect(up.host, up.port, keepalive=10)
-    except (OSError, ValueError) as err:  # refused, unreachable, TLS files or handshake
-        rows.insert(0, Check("uplink", item, FAIL, f"连不上：{_os_error(err)}。检查网络、[uplink] 的地址和 TLS 证书设置；"
-                                                   "断网期间告警存在本机，恢复后补发"))
-        return rows
-    client.loop_start()
-    try:
-        if not got.wait(timeout):
-            rows.insert(0, Check("uplink", item, FAIL, f"{timeout:g} 秒内服务器没有回应：检查网络和防火墙"))
-        elif answer["reason"].is_failure:
-            rows.insert(0, Check("uplink", item, FAIL, f"服务器拒绝连接（{answer['reason']}）：检查 [uplink] 的账号、密码或客户端证书"))
-        else:
-            rows.insert(0, Check("uplink", item, OK, "已连接" + ("（TLS）" if up.tls else "")))
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return rows
-
-
-def _os_error(err: Exception) -> str:
-    return err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
-
-
-def check_state_dir(path: str) -> Check:
-    p = Path(path)
-    existing = p
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    exists = existing == p
-    if exists and not p.is_dir():
-        return Check("state_dir", f"数据目录 {path}", FAIL, "这是一个文件，不是目录：改 [agent].state_dir")
-    if exists:
-        try:  # a real write: os.access says yes to root even on a read-only mount's files
-            with tempfile.NamedTemporaryFile(dir=p, prefix=".examwatch-check-"):
-                writable = True
-        except OSError:
-            writable = False
-    else:
-        writable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
-    try:
-        free: int | None = shutil.disk_usage(existing).free
-    except OSError:
-        free = None
-    return judge_state_dir(path, exists, writable, free)
-
-
-def check_exporter(listen: str, agent_id: str) -> tuple[Check, str | None]:
-    """Whether the exporter address can be bound; if a running agent holds it, also its metrics page."""
-    host, _, port_text = listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    item = f"指标端口 {listen}"
-    try:
-        port = int(port_text)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the exporter's HTTP server does
-            s.bind((host, port))
-        return Check("exporter", item, OK, "可以绑定"), None
-    except ValueError:
-        return Check("exporter", item, FAIL, "地址应为 host:port，例如 127.0.0.1:9108"), None
-    except OSError as err:
-        if err.errno != errno.EADDRINUSE:
-            return Check("exporter", item, FAIL, f"无法绑定：{_os_error(err)}；改 [exporter].listen"), None
-    probe = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
-    try:
-        with urllib.request.urlopen(f"http://{probe}:{port}/metrics", timeout=3) as resp:
-            page = resp.read().decode("utf-8", errors="replace")
-    except (OSError, ValueError):
-        page = ""
-    running = running_agent(page)
-    if running is None:
-        return Check("exporter", item, FAIL, "端口已被其他程序占用：停掉该程序，或改 [exporter].listen"), None
-    if running != agent_id:
-        return Check("exporter", item, FAIL, f"已被另一个考场的代理（{running}）占用：每个代理须用不同端口"), None
-    return Check("exporter", item, OK, "本考场的代理正在运行，已在此提供指标"), page
-
-
-def check_clock() -> Check | None:
-    """NTP sync as systemd sees it; skipped when that cannot be read without privileges (no systemd)."""
-    exe = shutil.which("timedatectl")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "show", "-p", "NTPSynchronized", "--value"], capture_output=True, text=True,
-                             timeout=3, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    synced = parse_ntp_synchronized(out.stdout) if out.returncode == 0 else None
-    return None if synced is None else judge_clock(synced)
+    heard: dict[str, list[Reading]] = defaultdict(list)
+    for r in list(acc.items):
+        heard[base_device(r.device)].append(r)
+    for c in built:
+        findings[c.protocol] = c.findings() + [c.judge(d, heard[d.name]) for d in c.devices]
+    rows = [row(f) for protocol in bootstrap.by_protocol(devices) for f in findings[protocol]]
+    return list(acc.items), rows
 
 
 async def run_checks(cfg: Any, wait: float) -> list[Check]:
     """Every check after the config's, in the order a technician reads them."""
-    from rules.engine import build_engine
-    from rules.schedule import PHASE_NAMES, Calendar
+    from examwatch.rules.engine import build_engine
+    from examwatch.rules.schedule import PHASE_NAMES, Calendar
 
     exporter, agent_page = check_exporter(cfg.exporter.listen, cfg.agent_id)
-    sensors = [d for d in cfg.devices if d.protocol == "mqtt"]
-    shared = [d for d in cfg.devices if d.protocol in SERIAL_PROTOCOLS and agent_page is not None]
-    polled = [d for d in cfg.devices if d.protocol != "mqtt" and d not in shared]
-
-    async def nothing() -> tuple[list[Any], list[Check]]:
-        return [], []
+    shared = [d for d in cfg.devices if agent_page is not None and collectors.get(d.protocol).uses_serial_port]
+    probed = [d for d in cfg.devices if d not in shared]
 
     uplink = asyncio.create_task(asyncio.to_thread(check_uplink, cfg))
-    (polled_readings, polled_rows), (sensor_readings, sensor_rows) = await asyncio.gather(
-        probe_polled(polled) if polled else nothing(),
-        listen_sensors(cfg, sensors, wait) if sensors else nothing(),
-    )
+    probed_readings, probed_rows = await probe_devices(cfg, probed, wait)
     shared_readings, shared_rows = _from_running_agent(shared, agent_page or "")
     uplink_rows = await uplink
 
-    rows = {r.id: r for r in polled_rows + shared_rows}
-    device_rows = [rows[f"device:{d.name}"] for d in cfg.devices if f"device:{d.name}" in rows]
+    device_rows = probed_rows + shared_rows
     now = time.time()
     phase = PHASE_NAMES[Calendar(cfg.schedule).phase(now)]
-    alarms = judge_alarms(build_engine(cfg), polled_readings + sensor_readings + shared_readings, now, phase)
+    alarms = judge_alarms(build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule), probed_readings + shared_readings, now, phase)
     clock = check_clock()
-    return [*device_rows, *sensor_rows, *alarms, *uplink_rows, check_state_dir(cfg.agent.state_dir), exporter,
+    return [*device_rows, *alarms, *uplink_rows, check_state_dir(cfg.agent.state_dir), exporter,
             *([clock] if clock else [])]
 
 
 def _from_running_agent(devices: list[Any], page: str) -> tuple[list[Any], list[Check]]:
-    from rules.engine import KIND_NAMES
-
     if not devices:
         return [], []
     readings, success = readings_from_metrics(page, {d.name for d in devices})
     rows = []
     for d in devices:
-        item = f"设备 {d.name}（{KIND_NAMES.get(d.kind, d.kind)}，{d.protocol}）"
+        item = _item("设备", d, d.protocol)
         ok = success.get(d.name)
         if ok is None:
             rows.append(Check(f"device:{d.name}", item, WARN, "串口由运行中的代理占用，代理尚未轮询到该设备：稍后重新检查"))
@@ -546,44 +220,28 @@ def _from_running_agent(devices: list[Any], page: str) -> tuple[list[Any], list[
 
 
 def main(config_path: str, wait: float, as_json: bool) -> int:
-    """``examwatch check --config F [--wait S] [--json]``: print the report; 0 ready, 1 failed, 2 bad config."""
-    import structlog
-
-    from edge.config import ConfigError, load
+    """``examwatch check --config F [--wait S] [--json]``: print the report; 0 ready, 1 failed, 2 bad config.
+    Logging is the caller's to set up (the CLI sends it to stderr: stdout is the report)."""
+    from examwatch.edge.config import ConfigError, load
 
     try:
         cfg = load(config_path)
     except (ConfigError, OSError) as err:
-        issues = [str(i) for i in err.issues] if isinstance(err, ConfigError) else [f"无法读取：{_os_error(err)}"]
-        row = Check("config", f"配置文件 {config_path}", FAIL, f"{len(issues)} 处错误：" + "；".join(issues))
+        issues = [str(i) for i in err.issues] if isinstance(err, ConfigError) else [f"无法读取：{os_error_text(err)}"]
+        invalid = Check("config", f"配置文件 {config_path}", FAIL, f"{len(issues)} 处错误：" + "；".join(issues))
         if as_json:
-            print(render_json(None, [row], 2))
+            print(render_json(None, [invalid], 2))
         else:
-            print(render_table([Check(row.id, row.item, FAIL, f"{len(issues)} 处错误，逐条如下：")]))
+            print(render_table([Check(invalid.id, invalid.item, FAIL, f"{len(issues)} 处错误，逐条如下：")]))
             for issue in issues:
                 print(f"  {issue}")
         return 2
     config_row = Check("config", f"配置文件 {config_path}", OK, f"有效：{cfg.agent_id}，{len(cfg.devices)} 台设备")
-    # The collectors log device state changes; here the table says it, so only errors reach stderr.
-    saved = structlog.get_config()
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer(ensure_ascii=False)],
-        wrapper_class=structlog.make_filtering_bound_logger(40),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-    try:
-        checks = [config_row, *asyncio.run(run_checks(cfg, wait))]
-    finally:
-        structlog.configure(**saved)
+    checks = [config_row, *asyncio.run(run_checks(cfg, wait))]
     code = exit_code(checks)
     print(render_json(cfg.agent_id, checks, code) if as_json else render_table(checks))
     return code
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m edge.readiness", description="考前就绪检查")
-    p.add_argument("--config", required=True, help="agent TOML file")
-    p.add_argument("--wait", type=float, default=15.0, help="seconds to wait for MQTT sensors (default 15)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    args = p.parse_args()
-    sys.exit(main(args.config, args.wait, args.json))
+__all__ = ["FAIL", "OK", "WARN", "Check", "judge_alarms", "main", "probe_devices", "render_json",
+           "render_table", "run_checks"]

@@ -26,13 +26,12 @@ from typing import Any
 import msgspec
 import structlog
 
-import collectors
-from collectors import Health
-from edge import statedir
-from edge.config import Config, Device
-from edge.model import AlarmEvent, Reading, base_device
-from edge.store import Store, is_corruption, open_checked
-from rules.schedule import Calendar
+from examwatch.collectors import Health
+from examwatch.edge import bootstrap, statedir
+from examwatch.edge.config import Config, Device
+from examwatch.kernel.model import AlarmEvent, Reading, base_device
+from examwatch.edge.store import Store, is_corruption, open_checked
+from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.agent")
 
@@ -69,13 +68,13 @@ def with_host_device(cfg: Config) -> Config:
 
 class Agent:
     def __init__(self, cfg: Config) -> None:
-        from rules.engine import build_engine
+        from examwatch.rules.engine import build_engine
 
         self.cfg = with_host_device(cfg)
         self.host_device = next(d.name for d in self.cfg.devices if d.kind == "host")
         self.health = Health()
         self.intake = Intake(self.health)
-        self.engine = build_engine(self.cfg)
+        self.engine = build_engine(self.cfg.agent, self.cfg.devices, self.cfg.rules, self.cfg.schedule)
         self.calendar = Calendar(self.cfg.schedule)
         self.current: dict[tuple[str, str], Reading] = {}  # latest reading per (device, metric): the exporter's view
         self.active: dict[str, AlarmEvent] = {}  # alarms firing now, by id
@@ -267,13 +266,13 @@ class Agent:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Start everything, run until ``stop`` is set, then stop in order."""
-        from edge import exporter
+        from examwatch.edge import exporter
 
         cfg = self.cfg
         statedir.private_dir(cfg.agent.state_dir)
         lock = statedir.StateLock(cfg.agent.state_dir)  # held until the process ends, however it ends
         if cfg.uplink.enabled:
-            from edge.uplink import Uplink
+            from examwatch.edge.uplink import Uplink
             self.uplink = Uplink(
                 cfg.uplink, agent_id=cfg.agent_id, db_path=self.db_path, on_acked=self._acked,
                 phase=lambda: self.calendar.phase(time.time()), kinds={d.name: d.kind for d in cfg.devices},
@@ -308,20 +307,7 @@ class Agent:
         log.info("agent_stopped")
 
     def _collectors(self) -> list[Any]:
-        by_protocol: dict[str, list[Device]] = defaultdict(list)
-        for d in self.cfg.devices:
-            by_protocol[d.protocol].append(d)
-        out = []
-        for protocol, devices in by_protocol.items():
-            cls = collectors.get(protocol)
-            if protocol == "mqtt":
-                broker = self.cfg.mqtt
-                if not broker.client_id:
-                    broker = msgspec.structs.replace(broker, client_id=f"examwatch-{self.cfg.agent.site}-{self.cfg.agent.room}-sensors")
-                out.append(cls(devices, self.intake, self.health, broker=broker))  # type: ignore[call-arg]
-            else:
-                out.append(cls(devices, self.intake, self.health))
-        return out
+        return bootstrap.build_all(self.cfg.devices, self.intake, self.health, bootstrap.context(self.cfg))
 
     async def _watchdog(self, stop: asyncio.Event) -> None:
         """systemd: READY once serving, WATCHDOG only while the writer is proven alive (never free-running)."""

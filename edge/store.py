@@ -18,8 +18,8 @@ from typing import NamedTuple
 import msgspec
 import sqlite_utils
 
-from edge import statedir
-from edge.model import AlarmEvent, Reading
+from examwatch.edge import statedir
+from examwatch.kernel.model import AlarmEvent, Reading
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,

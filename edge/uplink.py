@@ -32,9 +32,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge import wire
-from edge.config import Uplink as UplinkConfig
-from edge.config import apply_broker_settings
+from examwatch.kernel import wire
+from examwatch.edge.config import Uplink as UplinkConfig
+from examwatch.edge.config import apply_broker_settings
 
 log = structlog.get_logger("examwatch.uplink")
 
@@ -67,7 +67,7 @@ class UplinkHealth:
 
 
 def _default_reader(path: str) -> OutboxReaderLike:
-    from edge.store import OutboxReader
+    from examwatch.edge.store import OutboxReader
 
     return OutboxReader(path)
 

@@ -30,8 +30,8 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 import structlog
 
-from edge.config import parse_listen
-from gateway import store
+from examwatch.edge.config import parse_listen
+from examwatch.gateway import store
 
 log = structlog.get_logger("examwatch.gateway.api")
 

@@ -8,11 +8,11 @@ from typing import Annotated
 
 import msgspec
 
-from edge import wire
-from edge.config import BrokerSettings, ConfigIssue, SessionExpiry, check_host, parse, parse_listen, read, validated
-from edge.statedir import read_secret
-from gateway.notify import settings as notify
-from rules.config import DAY, Schedule, schedule_issues
+from examwatch.kernel import wire
+from examwatch.edge.config import BrokerSettings, ConfigIssue, SessionExpiry, check_host, parse, parse_listen, read, validated
+from examwatch.edge.statedir import read_secret
+from examwatch.gateway.notify import settings as notify
+from examwatch.rules.config import DAY, Schedule, schedule_issues
 
 # The alarm rules the gateway raises itself (gateway/ingest.py); correlation rules may name them too.
 GATEWAY_RULES = ("agent_offline", "clock_skew", "security_rejected")
@@ -107,7 +107,7 @@ class _Builtin(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def builtin_correlation() -> list[CorrelationRule]:
-    text = resources.files("gateway").joinpath("correlation.toml").read_text(encoding="utf-8")
+    text = resources.files("examwatch.gateway").joinpath("correlation.toml").read_text(encoding="utf-8")
     return msgspec.convert(parse(text, _Builtin), _Builtin).correlation
 
 
@@ -128,7 +128,7 @@ def _parse_keys_file(text: str) -> list[tuple[str, bytes]]:
 
 
 def sample_text() -> str:
-    return resources.files("gateway").joinpath("sample.toml").read_text(encoding="utf-8")
+    return resources.files("examwatch.gateway").joinpath("sample.toml").read_text(encoding="utf-8")
 
 
 def loads(text: str) -> Config:
@@ -171,7 +171,7 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
 
 
 def _correlation_issues(rules: list[CorrelationRule]) -> list[ConfigIssue]:
-    from rules.pack import DEFAULT_RULES
+    from examwatch.rules.pack import DEFAULT_RULES
 
     known = {r.id for r in DEFAULT_RULES} | set(GATEWAY_RULES)
     issues, classes = [], set()

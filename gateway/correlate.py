@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from gateway.config import CorrelationRule
+from examwatch.gateway.config import CorrelationRule
 
 
 class Fault(msgspec.Struct, frozen=True):

@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from edge.catalog import METRICS
-from edge.config import parse_listen
-from edge.model import base_device
-from gateway import store
-from gateway.ingest import Stats
-from rules.schedule import PHASES
+from examwatch.kernel.catalog import METRICS
+from examwatch.edge.config import parse_listen
+from examwatch.kernel.model import base_device
+from examwatch.gateway import store
+from examwatch.gateway.ingest import Stats
+from examwatch.rules.schedule import PHASES
 
 if TYPE_CHECKING:
-    from gateway.api import ApiServer
-    from gateway.mqtt import Subscriber
+    from examwatch.gateway.api import ApiServer
+    from examwatch.gateway.mqtt import Subscriber
 
 
 class GatewayCollector:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import sqlite3
-import typing
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +24,12 @@ from typing import Any, NamedTuple
 import msgspec
 import structlog
 
-from edge import wire
-from edge.config import DeviceKind
-from edge.model import AlarmEvent, Reading
-from gateway import store
-from gateway.config import Config
-from gateway.correlate import Fault, Incident, correlate
-from rules.schedule import Calendar
+from examwatch.kernel import wire
+from examwatch.kernel.model import DEVICE_KINDS, AlarmEvent, Reading
+from examwatch.gateway import store
+from examwatch.gateway.config import Config
+from examwatch.gateway.correlate import Fault, Incident, correlate
+from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.gateway")
 
@@ -39,7 +37,6 @@ REASON_NAMES = {"forged": "伪造", "replayed": "重放", "unsigned": "未签名
 SECURITY_REASONS = frozenset(REASON_NAMES)
 ROOM_REASONS = (*REASON_NAMES, "bad_body")  # rejections counted against the room they name
 ROOMLESS_REASONS = ("unknown_agent", "bad_topic")  # rejections that name no room on the roster
-DEVICE_KINDS = frozenset(typing.get_args(DeviceKind))
 SKEW_SAMPLES = 5
 
 

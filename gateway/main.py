@@ -13,14 +13,14 @@ from pathlib import Path
 import sdnotify
 import structlog
 
-from edge.config import ConfigError
-from gateway import config as gwconfig
-from gateway import store
-from gateway.api import ApiServer
-from gateway.exporter import GatewayCollector, serve
-from gateway.ingest import Engine, Message
-from gateway.mqtt import Subscriber
-from gateway.notify.worker import notifier_for
+from examwatch.edge.config import ConfigError
+from examwatch.gateway import config as gwconfig
+from examwatch.gateway import store
+from examwatch.gateway.api import ApiServer
+from examwatch.gateway.exporter import GatewayCollector, serve
+from examwatch.gateway.ingest import Engine, Message
+from examwatch.gateway.mqtt import Subscriber
+from examwatch.gateway.notify.worker import notifier_for
 
 log = structlog.get_logger("examwatch.gateway")
 

@@ -22,10 +22,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.config import apply_broker_settings
-from edge.wire import TOPIC_ROOT
-from gateway.config import Broker
-from gateway.ingest import Message
+from examwatch.edge.config import apply_broker_settings
+from examwatch.kernel.wire import TOPIC_ROOT
+from examwatch.gateway.config import Broker
+from examwatch.gateway.ingest import Message
 
 log = structlog.get_logger("examwatch.gateway.mqtt")
 

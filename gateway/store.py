@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge import statedir
+from examwatch.edge import statedir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL,

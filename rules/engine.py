@@ -14,34 +14,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple, Protocol
 
 import msgspec
 
-from edge.catalog import METRICS
-from edge.model import AlarmEvent, Reading, base_device
-from rules.model import Rule
-from rules.pack import effective_rules, override_issues
-from rules.schedule import PHASE_NAMES, Calendar
+from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.model import DEVICE_KIND_NAMES, AlarmEvent, Level, Reading, base_device
+from examwatch.rules.model import Rule
+from examwatch.rules.pack import effective_rules, override_issues
+from examwatch.rules.schedule import PHASE_NAMES, Calendar
 
-if TYPE_CHECKING:
-    from edge.config import Agent, Config, Device
-    from rules.config import Schedule
+from examwatch.rules.config import RuleOverride, Schedule
+
+
+class RoomLike(Protocol):
+    """What the engine must know of its room (the agent's ``[agent]`` section has it)."""
+
+    @property
+    def site(self) -> str: ...
+    @property
+    def room(self) -> str: ...
+    @property
+    def kind(self) -> str: ...  # "exam_room" | "secrecy_room"
+    @property
+    def site_name(self) -> str: ...
+    @property
+    def room_name(self) -> str: ...
+
+
+class DeviceLike(Protocol):
+    """What the engine must know of a watched device: its kind and how often it should be heard from."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def interval(self) -> float: ...
+
 
 Key = tuple[str, str]  # (rule id, device or device part)
 
-LEVEL_NAMES = {1: "一级", 2: "二级"}
-KIND_NAMES = {
-    "recorder": "录音笔",
-    "camera": "摄像机",
-    "nvr": "硬盘录像机",
-    "ups": "UPS",
-    "switch": "交换机",
-    "link": "网络链路",
-    "door": "门磁",
-    "noise": "噪声传感器",
-    "host": "监测终端",
-}
 
 
 class Track(msgspec.Struct, frozen=True):
@@ -72,7 +86,7 @@ class _DeviceRules(NamedTuple):
 
 
 class RuleEngine:
-    def __init__(self, rules: Sequence[Rule], devices: Iterable[Device], agent: Agent, schedule: Schedule) -> None:
+    def __init__(self, rules: Sequence[Rule], devices: Iterable[DeviceLike], agent: RoomLike, schedule: Schedule) -> None:
         self._site, self._room = agent.site, agent.room
         self._where = f"{agent.site_name or agent.site} {agent.room_name or agent.room}"
         self._calendar = Calendar(schedule)
@@ -252,7 +266,7 @@ class RuleEngine:
 
     def _title(self, rule: Rule | None, rule_id: str, device: str) -> str:
         d = self._devices.get(base_device(device))
-        kind = KIND_NAMES.get(d.kind, d.kind) if d is not None else "设备"
+        kind = DEVICE_KIND_NAMES.get(d.kind, d.kind) if d is not None else "设备"
         return rule.title.replace("{kind}", kind) if rule is not None else rule_id
 
     def _raise(self, rule: Rule, device: str, level: int, value: float | None, since: float, at: float, phase: str) -> AlarmEvent:
@@ -276,7 +290,7 @@ class RuleEngine:
             raised_at=at,
             since=since,
             phase=phase,
-            message=f"【{LEVEL_NAMES.get(level, level)}】{self._where} {device}：{self._title(rule, rule.id, device)}{detail}",
+            message=f"【{Level(level).label}】{self._where} {device}：{self._title(rule, rule.id, device)}{detail}",
             action=rule.action_for(level),
         )
 
@@ -286,7 +300,7 @@ class RuleEngine:
         title = self._title(rule, prev.rule, prev.device)
         now_text = f"，当前 {text}" if value is not None and prev.metric and (text := _value_text(prev.metric, value)) else ""
         if state == "updated":
-            message = f"【{LEVEL_NAMES.get(level, level)}】{self._where} {prev.device}：{title}，响应级别调整为{LEVEL_NAMES.get(level, level)}（{PHASE_NAMES[phase]}）"
+            message = f"【{Level(level).label}】{self._where} {prev.device}：{title}，响应级别调整为{Level(level).label}（{PHASE_NAMES[phase]}）"
             action = rule.action_for(level) if rule is not None else prev.action
         else:
             message = f"【已恢复】{self._where} {prev.device}：{title}已恢复{now_text}{note}"
@@ -321,12 +335,13 @@ def _detail(metric: str, value: float | None, threshold: float) -> str:
     return f"，当前 {now}（阈值 {_value_text(metric, threshold)}）"
 
 
-def build_engine(cfg: Config) -> RuleEngine:
-    """The engine for one agent: the default pack, the site's overrides, its devices and schedule."""
-    problems = override_issues(cfg.rules)
+def build_engine(room: RoomLike, devices: Iterable[DeviceLike], overrides: Mapping[str, RuleOverride],
+                 schedule: Schedule) -> RuleEngine:
+    """The engine for one room: the default pack with the site's overrides, its devices and schedule."""
+    problems = override_issues(dict(overrides))
     if problems:
         raise ValueError("; ".join(f"{'.'.join(path)}: {msg}" for path, msg in problems))
-    return RuleEngine(effective_rules(cfg.rules), cfg.devices, cfg.agent, cfg.schedule)
+    return RuleEngine(effective_rules(dict(overrides)), devices, room, schedule)
 
 
-__all__ = ["KIND_NAMES", "LEVEL_NAMES", "RuleEngine", "State", "Track", "build_engine"]
+__all__ = ["DeviceLike", "RoomLike", "RuleEngine", "State", "Track", "build_engine"]

@@ -19,8 +19,9 @@ from typing import Literal
 
 import msgspec
 
+from examwatch.kernel.model import RoomKind
+
 Op = Literal["<", "<=", ">", ">=", "==", "!="]
-RoomKind = Literal["exam_room", "secrecy_room"]
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,

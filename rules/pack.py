@@ -9,16 +9,15 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
-from typing import get_args
 
 import msgspec
 
-from edge.catalog import METRICS
-from rules.config import RuleOverride
-from rules.model import Rule, rule_issues
-from rules.schedule import PHASES
+from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.model import DEVICE_KINDS
+from examwatch.rules.config import RuleOverride
+from examwatch.rules.model import Rule, rule_issues
+from examwatch.rules.schedule import PHASES
 
-DEVICE_KINDS = {"recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"}
 
 
 class _Pack(msgspec.Struct, forbid_unknown_fields=True):
@@ -38,7 +37,7 @@ def load_pack(text: str) -> list[Rule]:
     return rules
 
 
-DEFAULT_RULES: list[Rule] = load_pack(resources.files("rules").joinpath("pack.toml").read_text(encoding="utf-8"))
+DEFAULT_RULES: list[Rule] = load_pack(resources.files("examwatch.rules").joinpath("pack.toml").read_text(encoding="utf-8"))
 
 
 def apply_override(rule: Rule, o: RuleOverride) -> Rule:

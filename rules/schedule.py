@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from rules.config import Schedule, Window
+from examwatch.rules.config import Schedule, Window
 
 # Precedence where two could apply: during > between > after > before > idle.
 PHASES = ("before", "during", "between", "after", "idle")

@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from simulators.broker import Mosquitto, free_port, wait_port
+from examwatch.simulators.broker import Mosquitto, free_port, wait_port
 
 SITE = "demo-school"
 TZ = ZoneInfo("Asia/Shanghai")
@@ -77,7 +77,7 @@ class DemoSite:
     # --- start and stop ---
 
     def start(self) -> None:
-        from simulators.room import SimulatedRoom
+        from examwatch.simulators.room import SimulatedRoom
 
         self.broker.start()
         self._start_gateway()
@@ -111,7 +111,7 @@ class DemoSite:
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
         with open(log, "ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "edge.cli", *args], stdout=out, stderr=out, env=env)
+            return subprocess.Popen([sys.executable, "-m", "examwatch", *args], stdout=out, stderr=out, env=env)
 
     def _start_gateway(self) -> None:
         gw = self.dir / "gateway"

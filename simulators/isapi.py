@@ -3,7 +3,7 @@
 Disks can be set ok / full / failed while it runs, the document can be served in either namespace seen
 in the wild (or none), and ``misbehave("invalid_xml" | "slow")`` breaks the answers on demand.
 
-    python -m simulators.isapi 8080        # serve on 127.0.0.1:8080, user admin, password sim-pass
+    python -m examwatch.simulators.isapi 8080        # serve on 127.0.0.1:8080, user admin, password sim-pass
 """
 
 from __future__ import annotations

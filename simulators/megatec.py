@@ -4,7 +4,7 @@ It answers ``Q1``, ``F`` and ``I`` like a small line-interactive UPS, accepts th
 commands NUT sends, and echoes anything else (what real Megatec UPSes do with a command they lack).
 ``misbehave("garbage" | "truncated" | "silent")`` makes it answer badly until ``misbehave(None)``.
 
-    python -m simulators.megatec /tmp/ups-device   # serve an existing pty end; type a state on stdin
+    python -m examwatch.simulators.megatec /tmp/ups-device   # serve an existing pty end; type a state on stdin
 """
 
 from __future__ import annotations

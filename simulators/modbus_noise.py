@@ -4,7 +4,7 @@ Each meter on the simulated bus has a slave address and encodes its dB value the
 (register, function code, data type, scale), so the collector is tested against the same profile data
 it reads in the field. ``misbehave("bad_crc" | "silent" | "exception")`` breaks the answers on demand.
 
-    python -m simulators.modbus_noise /tmp/noise-device renke-rs-zs   # then type a dB value on stdin
+    python -m examwatch.simulators.modbus_noise /tmp/noise-device renke-rs-zs   # then type a dB value on stdin
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Literal
 
 from pymodbus.framer import FramerRTU
 
-from collectors import profiles
-from collectors.modbus_noise import Profile
+from examwatch.collectors import profiles
+from examwatch.collectors.modbus_noise import Profile
 
 Misbehaviour = Literal["bad_crc", "silent", "exception"] | None
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from simulators.isapi import IsapiSimulator
-from simulators.megatec import MegatecSimulator
-from simulators.modbus_noise import NoiseMeterBus
-from simulators.nut import NutSimulator
-from simulators.serial_pty import PtyPair
-from simulators.snmp import SnmpSimulator, first_port_up
+from examwatch.simulators.isapi import IsapiSimulator
+from examwatch.simulators.megatec import MegatecSimulator
+from examwatch.simulators.modbus_noise import NoiseMeterBus
+from examwatch.simulators.nut import NutSimulator
+from examwatch.simulators.serial_pty import PtyPair
+from examwatch.simulators.snmp import SnmpSimulator, first_port_up
 
 ISAPI_PASSWORD = "sim-pass"  # the simulator's own test credential
 

@@ -6,10 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
-from simulators.broker import Mosquitto, free_port, wait_port
-
-__all__ = ["Mosquitto", "free_port", "wait_port"]
+from examwatch.simulators.broker import Mosquitto
 
 
 @pytest.fixture
@@ -28,3 +27,10 @@ def procs() -> Iterator[list]:
     yield started
     for p in reversed(started):
         p.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """A test that runs the CLI configures structlog (e.g. ``check`` logs errors only); the next test starts clean."""
+    yield
+    structlog.reset_defaults()

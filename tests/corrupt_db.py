@@ -9,8 +9,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from edge.model import AlarmEvent, Reading
-from edge.store import Store
+from examwatch.kernel.model import AlarmEvent, Reading
+from examwatch.edge.store import Store
 
 
 def mode(p: Path | str) -> int:

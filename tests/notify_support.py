@@ -18,9 +18,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
-from edge.model import AlarmEvent
-from gateway import store
-from tests.conftest import free_port
+from examwatch.kernel.model import AlarmEvent
+from examwatch.gateway import store
+from examwatch.simulators.broker import free_port
 
 
 class Bot(ThreadingHTTPServer):
@@ -169,7 +169,7 @@ def publisher(port: int) -> Any:
 
 def publish_alarm(client: Any, ev: AlarmEvent, seq: int) -> None:
     """Publish one transition as the room's agent does: signed, QoS 1, on the room's alarms topic."""
-    from edge import wire
+    from examwatch.kernel import wire
     from tests.test_gateway_support import key_hex
 
     agent = f"{ev.site}/{ev.room}"
@@ -180,7 +180,7 @@ def publish_alarm(client: Any, ev: AlarmEvent, seq: int) -> None:
 def wait_subscribed(gw: Any, client: Any, agent: str, timeout: float = 30.0) -> None:
     """Until the gateway stores a room's heartbeat: its subscription is in place (on a first start, what is
     published before it would not be queued for it)."""
-    from edge import wire
+    from examwatch.kernel import wire
     from tests.test_gateway_support import key_hex
 
     deadline = time.monotonic() + timeout

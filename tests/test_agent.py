@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.agent_support import RunningAgent, Watcher, agent_toml, launch_agent
+from tests.support.agent import RunningAgent, Watcher, agent_toml, launch_agent
 from tests.support import until
-from tests.conftest import free_port
+from examwatch.simulators.broker import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +137,7 @@ def test_sigterm_stops_cleanly_and_a_restart_keeps_the_alarm_open(start_agent, t
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(timeout=15) == 0
     assert until(lambda: any('"event": "agent_stopped"' in line for line in agent.log), timeout=2)
-    from edge.store import Store
+    from examwatch.edge.store import Store
 
     open_alarms = Store(tmp_path / "state0" / "agent.db").open_alarms()
     assert [e.rule for e in open_alarms if e.rule == "secrecy_door_open"] == ["secrecy_door_open"]

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from tests.agent_support import Watcher, agent_toml, launch_agent
-from tests.conftest import free_port
+from tests.support.agent import Watcher, agent_toml, launch_agent
+from examwatch.simulators.broker import free_port
 from tests.corrupt_db import CORRUPTIONS, mode, sound_db
 
 pytestmark = pytest.mark.integration
@@ -27,7 +27,7 @@ def start(mosquitto, tmp_path, state, *, body: str = "", umask: int = -1):
 
 def run_agent(config) -> subprocess.CompletedProcess[str]:
     """`examwatch agent run` expected to refuse to start: its exit code and everything it said."""
-    return subprocess.run([sys.executable, "-m", "edge.cli", "agent", "run", "--config", str(config)],
+    return subprocess.run([sys.executable, "-m", "examwatch", "agent", "run", "--config", str(config)],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 
@@ -126,7 +126,7 @@ def test_a_key_file_others_may_read_is_refused_by_agent_and_gateway(tmp_path):
 
     gw = tmp_path / "gateway.toml"
     gw.write_text(f'[gateway]\nstate_dir = "{tmp_path / "gw"}"\n[security]\nkeys_file = "{key}"\n', encoding="utf-8")
-    refused = subprocess.run([sys.executable, "-m", "edge.cli", "gateway", "run", "--config", str(gw)],
+    refused = subprocess.run([sys.executable, "-m", "examwatch", "gateway", "run", "--config", str(gw)],
                              capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert refused.returncode == 2
     assert f"permissions 0644 for '{key}' are too open" in refused.stderr

@@ -18,8 +18,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.agent_support import Watcher, agent_toml, launch_agent
-from tests.conftest import free_port
+from tests.support.agent import Watcher, agent_toml, launch_agent
+from examwatch.simulators.broker import free_port
 from tests.support import until
 
 pytestmark = pytest.mark.integration
@@ -194,10 +194,10 @@ def test_the_agent_is_unhealthy_once_a_collector_cannot_read(mosquitto):
     """The systemd watchdog is fed only while healthy(): a dead MQTT loop must stop it (and restart us)."""
     import asyncio
 
-    from collectors.base import Health
-    from collectors.mqtt import MqttCollector
-    from edge.config import Device, Mqtt
-    from edge.runtime import Agent
+    from examwatch.collectors.base import Health
+    from examwatch.collectors.mqtt import MqttCollector
+    from examwatch.edge.config import Device, Mqtt
+    from examwatch.edge.runtime import Agent
     from tests.support import Recorder, config, wait_until
 
     async def scenario() -> None:

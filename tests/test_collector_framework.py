@@ -6,12 +6,13 @@ import asyncio
 from types import SimpleNamespace
 
 import psutil
+import pytest
 import structlog
 
-from collectors.base import Health
-from collectors.host import HostCollector, HostOptions, parse_host
-from edge.config import Device
-from edge.model import Reading
+from examwatch.collectors.base import DeviceError, Health
+from examwatch.collectors.host import HostCollector, HostOptions, parse_host
+from examwatch.edge.config import Device
+from examwatch.kernel.model import Reading
 from tests.support import Recorder
 
 
@@ -58,7 +59,7 @@ def test_a_failing_device_is_a_state_logged_once_when_it_flips(tmp_path):
 
 def test_a_slow_device_does_not_delay_another(tmp_path):
     """Each device polls on its own task: a device that hangs costs its own timeout, nobody else's."""
-    from collectors.base import PollingCollector
+    from examwatch.collectors.base import PollingCollector
 
     class Slow(PollingCollector):
         protocol = "test-slow"
@@ -83,3 +84,64 @@ def test_a_slow_device_does_not_delay_another(tmp_path):
     fine = [r for r in sink.readings if r.device == "fine" and r.metric == "noise_db"]
     assert len(fine) >= 8  # ~20 polls at 0.05 s; the stuck one's 1.2 s timeouts did not hold it up
     assert health.devices["stuck"].errors["timeout"] >= 1 and health.devices["stuck"].online is False
+
+
+def test_retry_asks_again_until_an_answer_or_a_final_reason():
+    from examwatch.collectors.base import retry
+
+    def attempts(*outcomes):
+        calls = []
+
+        async def attempt():
+            calls.append(1)
+            outcome = outcomes[len(calls) - 1]
+            if isinstance(outcome, DeviceError):
+                raise outcome
+            return outcome
+
+        return attempt, calls
+
+    attempt, calls = attempts(DeviceError("timeout"), 42)
+    assert asyncio.run(retry(attempt, 2)) == 42 and len(calls) == 2
+    attempt, calls = attempts(DeviceError("timeout"), DeviceError("crc"), 42)
+    with pytest.raises(DeviceError) as exc:
+        asyncio.run(retry(attempt, 2))
+    assert exc.value.reason == "crc" and len(calls) == 2  # the last error is the one reported
+    attempt, calls = attempts(DeviceError("auth"), 42)
+    with pytest.raises(DeviceError) as exc:
+        asyncio.run(retry(attempt, 3, final=("auth",)))
+    assert exc.value.reason == "auth" and len(calls) == 1  # asking again would not change the answer
+
+
+def test_backoff_doubles_up_to_its_cap_and_resets_on_success():
+    from examwatch.collectors.base import Backoff
+
+    b = Backoff(1.0, 4.0)
+    assert b.waiting() == 0.0
+    delays = []
+    for _ in range(4):
+        b.failed()
+        delays.append(b.delay)
+    assert delays == [1.0, 2.0, 4.0, 4.0] and 3.0 < b.waiting() <= 4.0
+    b.succeeded()
+    assert b.waiting() == 0.0 and (b.failed(), b.delay)[1] == 1.0
+
+
+def test_every_reason_a_collector_raises_has_its_words():
+    """The readiness check tells the technician why in Chinese: every constant DeviceError reason in a
+    protocol's module is in its ``reasons`` (or the common ones)."""
+    import ast
+    import inspect
+
+    from examwatch import collectors
+    from examwatch.collectors.base import COMMON_REASONS
+
+    for protocol in collectors.available():
+        cls = collectors.get(protocol)
+        tree = ast.parse(inspect.getsource(inspect.getmodule(cls)))
+        raised = {node.args[0].value for node in ast.walk(tree)
+                  if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeviceError"
+                  and node.args and isinstance(node.args[0], ast.Constant)}
+        missing = raised - cls.reasons.keys() - COMMON_REASONS.keys()
+        assert not missing, f"{protocol}: no words for {sorted(missing)}"
+        assert cls.sample.strip().startswith("[[devices]]"), protocol

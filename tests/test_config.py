@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.cli import main
-from edge.config import ConfigError, decode, load, loads, parse_listen, sample_text
+from examwatch.cli import main
+from examwatch.edge.config import ConfigError, decode, load, loads, parse_listen, sample_text
 from tests.config_support import mutated
 
 BROKEN = """
@@ -47,9 +47,10 @@ def test_every_error_at_once_with_paths_and_lines():
 
 def test_protocol_options_are_checked_too():
     text = sample_text().replace("availability = true", "availabilty = true")
+    door = next(i for i, d in enumerate(loads(sample_text()).devices) if d.name == "secrecy-door")
     with pytest.raises(ConfigError) as exc:
         loads(text)
-    assert [i.path for i in exc.value.issues] == [("devices", 0, "availabilty")]
+    assert [i.path for i in exc.value.issues] == [("devices", door, "availabilty")]
 
 
 def test_a_typo_in_a_rule_id_is_an_error_not_a_silent_no_op():
@@ -77,8 +78,8 @@ def test_cli_check_exit_codes(tmp_path, capsys):
 
 
 def test_cli_check_reads_stdin_and_prints_the_sample():
-    sample = subprocess.run([sys.executable, "-m", "edge.cli", "config", "sample"], capture_output=True, check=True)
-    checked = subprocess.run([sys.executable, "-m", "edge.cli", "config", "check", "-"], input=sample.stdout,
+    sample = subprocess.run([sys.executable, "-m", "examwatch", "config", "sample"], capture_output=True, check=True)
+    checked = subprocess.run([sys.executable, "-m", "examwatch", "config", "check", "-"], input=sample.stdout,
                              capture_output=True)
     assert checked.returncode == 0, checked.stderr
 
@@ -98,14 +99,15 @@ kind = "ups"
 protocol = "nut"
 address = "127.0.0.1"
 """
-    n = len(loads(sample_text()).devices)
+    sample = loads(sample_text()).devices
+    n, noise = len(sample), next(i for i, d in enumerate(sample) if d.profile == "zigbee2mqtt_noise")
     text = text.replace('profile = "zigbee2mqtt_noise"', 'profile = "zigbee2mqtt_nosie"')
     with pytest.raises(ConfigError) as exc:
         loads(text)
     paths = {i.path[1:]: i.message for i in exc.value.issues}
-    assert set(paths) == {(1, "profile"), (n, "profile"), (n + 1, "address")}
+    assert set(paths) == {(noise, "profile"), (n, "profile"), (n + 1, "address")}
     assert "ups-mib" in paths[(n, "profile")]  # it names the profiles that exist
-    assert "zigbee2mqtt_noise" in paths[(1, "profile")]
+    assert "zigbee2mqtt_noise" in paths[(noise, "profile")]
 
 
 def test_an_override_that_would_make_a_rule_flap_is_an_error():
@@ -278,7 +280,7 @@ def test_reports_follow_the_file_order_and_stop_at_a_bound():
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=st.text(max_size=300) | st.sampled_from(["[agent]\nsite = nan", "a = [[[[[", "\x00", "[[devices]]\n" * 3]))
 def test_any_text_gives_a_config_or_a_config_error(which, text):
-    from gateway import config as gateway_config
+    from examwatch.gateway import config as gateway_config
 
     try:
         (loads if which == "agent" else gateway_config.loads)(text)
@@ -296,8 +298,8 @@ def test_any_toml_shaped_file_gives_a_config_or_a_config_error(text):
 
 
 def test_the_smallest_batch_max_still_sends_every_reading(tmp_path):
-    from edge.model import Reading
-    from edge.store import OutboxReader, Store
+    from examwatch.kernel.model import Reading
+    from examwatch.edge.store import OutboxReader, Store
 
     cfg = loads(agent_text(top='[uplink]\nbatch_max = 1'))
     store = Store(tmp_path / "agent.db")

@@ -15,9 +15,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from simulators.broker import COUNTY_CONF, REPO, CountyBroker
+from examwatch.simulators.broker import COUNTY_CONF, REPO, CountyBroker
 from tests.support import until
-from tests.test_gateway_support import AgentProc, GatewayProc, start
+from tests.support.gateway import AgentProc, GatewayProc, start
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulators.demo import main
+from examwatch.simulators.demo import main
 
 pytestmark = pytest.mark.integration
 

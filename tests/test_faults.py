@@ -21,10 +21,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import wire
-from edge.model import AlarmEvent, Reading
+from examwatch.kernel import wire
+from examwatch.kernel.model import AlarmEvent, Reading
 from tests.support import until
-from tests.test_gateway_support import AgentProc, GatewayProc, key_hex, start
+from tests.support.gateway import AgentProc, GatewayProc, key_hex, start
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support import until
-from tests.test_gateway_support import AgentProc, GatewayProc, Link, start
+from tests.support.gateway import AgentProc, GatewayProc, Link, start
 
 pytestmark = pytest.mark.integration
 

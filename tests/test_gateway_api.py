@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import api, store
-from gateway.api import BadRequest, parse_ack, parse_query
+from examwatch.gateway import api, store
+from examwatch.gateway.api import BadRequest, parse_ack, parse_query
 from tests.support import until
-from tests.test_gateway_support import GatewayProc, start
+from tests.support.gateway import GatewayProc, start
 
 
 @pytest.mark.parametrize(("path", "query", "why"), [

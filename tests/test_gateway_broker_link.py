@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from simulators.broker import CountyBroker
-from tests.conftest import Mosquitto, free_port
+from examwatch.simulators.broker import CountyBroker
+from examwatch.simulators.broker import Mosquitto, free_port
 from tests.support import until
-from tests.test_gateway_support import AgentProc, GatewayProc, start
+from tests.support.gateway import AgentProc, GatewayProc, start
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from edge.config import ConfigError
-from gateway.config import builtin_correlation, loads, sample_text
+from examwatch.edge.config import ConfigError
+from examwatch.gateway.config import builtin_correlation, loads, sample_text
 from tests.config_support import mutated
 
 KEY = "ab" * 32
@@ -108,7 +108,7 @@ def test_a_bad_keys_file_line_is_reported(tmp_path):
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "edge.cli", *args], input=stdin, capture_output=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "examwatch", *args], input=stdin, capture_output=True, timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.config import CorrelationRule
-from gateway.correlate import Fault, correlate
+from examwatch.gateway.config import CorrelationRule
+from examwatch.gateway.correlate import Fault, correlate
 
 NET = CorrelationRule(fault_class="network", title="考点多个考场网络中断", rules=["agent_offline", "link_down"],
                       min_rooms=2, window=300.0, site_share=0.5)

@@ -10,13 +10,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge import wire
-from edge.model import Reading
-from gateway import store
-from gateway.exporter import GatewayCollector
-from gateway.ingest import ROOM_REASONS, Engine, Message
-from rules.config import Schedule, Window
-from rules.schedule import PHASES
+from examwatch.kernel import wire
+from examwatch.kernel.model import Reading
+from examwatch.gateway import store
+from examwatch.gateway.exporter import GatewayCollector
+from examwatch.gateway.ingest import ROOM_REASONS, Engine, Message
+from examwatch.rules.config import Schedule, Window
+from examwatch.rules.schedule import PHASES
 from tests.test_gateway_ingest import KEYS, T0, alarm, alarm_msg, make, status_msg
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.support import until
-from tests.test_gateway_support import GatewayProc, start
+from tests.support.gateway import GatewayProc, start
 
 pytestmark = pytest.mark.integration
 

@@ -29,9 +29,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Mosquitto, free_port, wait_port
+from examwatch.simulators.broker import Mosquitto, free_port, wait_port
 from tests.support import until
-from tests.test_gateway_support import GatewayProc, key_hex
+from tests.support.gateway import GatewayProc, key_hex
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ class Agent:
         self.log = self.dir / "log"
         self.hears_sensors = 'protocol = "mqtt"' in devices
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "agent", "run", "--config", str(config)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "examwatch", "agent", "run", "--config", str(config)],
                                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=out)
 
     def ready(self) -> None:
@@ -360,3 +360,12 @@ def test_provisioning_and_example_scrape_config_fit_the_dashboards() -> None:
     assert check.returncode == 0, check.stdout + check.stderr
     jobs = set(re.findall(r"job_name: (\S+)", example.read_text(encoding="utf-8")))
     assert jobs == set(JOBS.values())
+
+
+@pytest.mark.parametrize("exporter", ["agent_exporter", "gateway_exporter"])
+def test_metrics_are_valid_exposition_text(stack: Stack, exporter: str) -> None:
+    """Prometheus's own scraper is lenient; a strict parser rejects a whole scrape with, e.g., two HELP lines."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{getattr(stack, exporter)}/metrics", timeout=5) as r:
+        text = r.read()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+    assert check.returncode == 0, (check.stdout + check.stderr).decode()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from collectors.base import DeviceError, Health
-from collectors.isapi import MIB, IsapiCollector, Options, parse_storage, readings_from
-from edge.config import Device
-from simulators.isapi import HIKVISION, STD_CGI, IsapiSimulator, SimDisk
+from examwatch.collectors.base import DeviceError, Health
+from examwatch.collectors.isapi import MIB, IsapiCollector, Options, parse_storage, readings_from
+from examwatch.edge.config import Device
+from examwatch.simulators.isapi import HIKVISION, STD_CGI, IsapiSimulator, SimDisk
 from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 DATA = Path(__file__).parent / "data" / "isapi"
@@ -192,7 +192,7 @@ def test_password_file_and_secret_stays_out_of_errors(nvr: IsapiSimulator, tmp_p
 
 
 def test_config_check_wants_a_password() -> None:
-    from edge.config import ConfigError, loads
+    from examwatch.edge.config import ConfigError, loads
 
     with pytest.raises(ConfigError) as err:
         loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "nvr1"\nkind = "nvr"\nprotocol = "isapi"\n'
@@ -202,7 +202,7 @@ def test_config_check_wants_a_password() -> None:
 
 def test_nvr_disk_failure_raises_the_alarm_within_one_interval(nvr: IsapiSimulator) -> None:
     """Simulator -> collector -> the default rule pack: a failed NVR disk is an alarm on nvr1/disk2."""
-    from edge.config import loads
+    from examwatch.edge.config import loads
 
     cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "nvr1"\nkind = "nvr"\nprotocol = "isapi"\n'
                 f'address = "{nvr.address}"\npassword = "sim-pass"\ninterval = 0.3\ntimeout = 1\nretries = 0\n')

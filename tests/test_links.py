@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from collectors.base import Health
-from collectors.links import DEFAULT_GATEWAY, ROUTE_TABLE, LinksCollector, Options, default_route, parse_routes, summarize
-from edge.config import Device
+from examwatch.collectors.base import Health
+from examwatch.collectors.links import DEFAULT_GATEWAY, ROUTE_TABLE, LinksCollector, Options, default_route, parse_routes, summarize
+from examwatch.edge.config import Device
 from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 HEADER = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
@@ -211,7 +211,7 @@ def test_primary_link_from_this_machines_routing_table() -> None:
 
 
 def test_config_check_burst_must_fit_the_poll_budget() -> None:
-    from edge.config import ConfigError, loads
+    from examwatch.edge.config import ConfigError, loads
 
     base = ('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "wan"\nkind = "link"\nprotocol = "links"\n'
             'address = "default-gateway"\n')
@@ -223,7 +223,7 @@ def test_config_check_burst_must_fit_the_poll_budget() -> None:
 
 def test_platform_unreachable_raises_link_down(platform: Platform) -> None:
     """Real sockets -> collector -> the default rule pack (``for`` shortened to 0)."""
-    from edge.config import loads
+    from examwatch.edge.config import loads
 
     cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "platform"\nkind = "link"\nprotocol = "links"\n'
                 f'address = "127.0.0.1"\nmethod = "tcp"\nport = {platform.port}\nprobes = 3\nprobe_interval = 0.05\n'

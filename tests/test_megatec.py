@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collectors import profiles
-from collectors.base import DeviceError, Health
-from collectors.megatec import Battery, MegatecCollector, Options, Profile, Rating, estimate_charge, parse_f, parse_i, parse_q1
-from edge.config import Device
-from simulators.megatec import MegatecSimulator
-from simulators.serial_pty import PtyPair
+from examwatch.collectors import profiles
+from examwatch.collectors.base import DeviceError, Health
+from examwatch.collectors.megatec import Battery, MegatecCollector, Options, Profile, Rating, estimate_charge, parse_f, parse_i, parse_q1
+from examwatch.edge.config import Device
+from examwatch.simulators.megatec import MegatecSimulator
+from examwatch.simulators.serial_pty import PtyPair
 from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 # Answers as real units send them (the Megatec protocol sheet and NUT's blazer/nutdrv_qx test notes).
@@ -215,7 +215,7 @@ def test_unknown_profile_is_a_device_state(ups: tuple[PtyPair, MegatecSimulator]
 
 
 def test_config_check_reports_unknown_profile_and_missing_port() -> None:
-    from edge.config import ConfigError, loads
+    from examwatch.edge.config import ConfigError, loads
 
     with pytest.raises(ConfigError) as err:
         loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
@@ -226,7 +226,7 @@ def test_config_check_reports_unknown_profile_and_missing_port() -> None:
 
 def test_mains_lost_raises_the_alarm_within_one_interval(ups: tuple[PtyPair, MegatecSimulator]) -> None:
     """Simulator -> collector -> the default rule pack: UPS on battery, then battery low, as alarms."""
-    from edge.config import loads
+    from examwatch.edge.config import loads
 
     pair, sim = ups
     cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from simulators.megatec import MegatecSimulator
-from simulators.serial_pty import PtyPair
+from examwatch.simulators.megatec import MegatecSimulator
+from examwatch.simulators.serial_pty import PtyPair
 
 DRIVER = Path("/lib/nut/nutdrv_qx")
 pytestmark = [

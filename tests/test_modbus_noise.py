@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from collectors import profiles
-from collectors.base import DeviceError, Health
-from collectors.modbus_noise import ModbusNoiseCollector, Options, Profile, classify_silence, decode
-from edge.config import Device
-from simulators.modbus_noise import NoiseMeterBus, crc, encode
-from simulators.serial_pty import PtyPair
+from examwatch.collectors import profiles
+from examwatch.collectors.base import DeviceError, Health
+from examwatch.collectors.modbus_noise import ModbusNoiseCollector, Options, Profile, classify_silence, decode
+from examwatch.edge.config import Device
+from examwatch.simulators.modbus_noise import NoiseMeterBus, crc, encode
+from examwatch.simulators.serial_pty import PtyPair
 from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 PROFILES = ["generic-u16x10", "renke-rs-zs", "generic-float32-input"]
@@ -165,7 +165,7 @@ def test_missing_port_is_a_device_state(tmp_path: Path) -> None:
 
 
 def test_config_check_reports_bad_slave_and_profile() -> None:
-    from edge.config import ConfigError, loads
+    from examwatch.edge.config import ConfigError, loads
 
     with pytest.raises(ConfigError) as err:
         loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "n1"\nkind = "noise"\nprotocol = "modbus_noise"\n'
@@ -179,7 +179,7 @@ def test_noise_over_the_limit_raises_the_alarm_during_a_session(rs485: tuple[Pty
     from datetime import datetime, timedelta
     from zoneinfo import ZoneInfo
 
-    from edge.config import loads
+    from examwatch.edge.config import loads
 
     pair, bus = rs485
     bus.add_meter("renke-rs-zs", db=45.0)

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from collectors.base import Health
-from collectors.mqtt import Field, MqttCollector, MqttOptions, Profile, parse_availability, parse_payload
-from collectors.profiles import load
-from edge.config import Device, Mqtt
-from edge.model import Reading
+from examwatch.collectors.base import Context, Health
+from examwatch.collectors.mqtt import Field, MqttCollector, MqttOptions, Profile, parse_availability, parse_payload
+from examwatch.collectors.profiles import load
+from examwatch.edge.config import Device, Mqtt
+from examwatch.kernel.model import Reading
 from tests.support import Recorder
 
 CONTACT = load("mqtt", "zigbee2mqtt_contact", Profile).fields
@@ -28,7 +28,7 @@ def collector(sink: Recorder, health: Health) -> MqttCollector:
         Device(name="rec", kind="recorder", protocol="mqtt", topic="rec/1", profile="recorder_json",
                options=MqttOptions(fields=[Field(path="batt", metric="battery_percent")], availability=False)),
     ]
-    return MqttCollector(devices, sink, health, broker=Mqtt())
+    return MqttCollector(devices, sink, health, Context(broker=Mqtt()))
 
 
 def test_zigbee2mqtt_contact_true_means_closed():
@@ -71,7 +71,7 @@ def test_zigbee2mqtt_conventions_booleans_and_numbers_as_text():
 def test_whole_message_faults_raise_and_depth_is_bounded_before_parsing():
     import pytest
 
-    from collectors.mqtt import MAX_DEPTH, PayloadError
+    from examwatch.collectors.mqtt import MAX_DEPTH, PayloadError
 
     def reason(payload: bytes) -> str:
         with pytest.raises(PayloadError) as err:
@@ -202,7 +202,7 @@ def test_a_subscription_the_broker_refuses_takes_that_device_offline_only():
 
 
 def test_a_wildcard_or_shared_topic_is_refused_for_its_device_alone():
-    from collectors.mqtt import topic_problem
+    from examwatch.collectors.mqtt import topic_problem
 
     sink, health = Recorder(), Health()
     devices = [Device(name=n, kind="door", protocol="mqtt", topic=t, profile="zigbee2mqtt_contact")

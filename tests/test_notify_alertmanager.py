@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from gateway import store
-from gateway.notify.settings import Channel, Notify
-from gateway.notify.worker import Notifier
-from tests.conftest import free_port, wait_port
+from examwatch.gateway import store
+from examwatch.gateway.notify.settings import Channel, Notify
+from examwatch.gateway.notify.worker import Notifier
+from examwatch.simulators.broker import free_port, wait_port
 from tests.notify_support import raised, store_alarm
 from tests.support import until
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway import store
-from gateway.notify import outbox
-from gateway.notify.settings import Channel, Notify, Roster
-from gateway.notify.worker import Notifier
+from examwatch.gateway import store
+from examwatch.gateway.notify import outbox
+from examwatch.gateway.notify.settings import Channel, Notify, Roster
+from examwatch.gateway.notify.worker import Notifier
 from tests.notify_support import Bot, raised, store_alarm
 from tests.support import until
 
@@ -190,8 +190,8 @@ def test_a_channel_down_catches_up_in_order_once_while_the_other_is_on_time(db, 
 @pytest.mark.parametrize("raw,reason", [(b"{" * 100_000, "bad_answer"), (b"[" * 50_000, "bad_answer"),
                                         (b"<html>ok</html>", "bad_answer"), (b"", "bad_answer")])
 def test_a_hostile_or_broken_answer_is_a_bounded_failure(bots, raw, reason):
-    from gateway.notify.channels import SendError, client, dingtalk
-    from gateway.notify.messages import Message
+    from examwatch.gateway.notify.channels import SendError, client, dingtalk
+    from examwatch.gateway.notify.messages import Message
 
     bot = Bot("dingtalk")
     bot.raw = raw

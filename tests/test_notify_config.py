@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import ConfigError
-from gateway.config import loads
+from examwatch.edge.config import ConfigError
+from examwatch.gateway.config import loads
 from tests.notify_support import Bot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def test_test_channel_reports_a_confirmed_send_and_a_refused_one(tmp_path):
         cfg = tmp_path / "gw.toml"
         for secret, code in (("SECright", 0), ("SECwrong", 1)):
             cfg.write_text(f'[[channels]]\nname = "tech"\ntype = "dingtalk"\nurl = "{bot.url}"\nsecret = "{secret}"\n')
-            done = subprocess.run([sys.executable, "-m", "edge.cli", "gateway", "test-channel", "tech", "--config", str(cfg)],
+            done = subprocess.run([sys.executable, "-m", "examwatch", "gateway", "test-channel", "tech", "--config", str(cfg)],
                                   cwd=ROOT, capture_output=True, text=True, timeout=60)
             assert done.returncode == code, done.stderr
             assert secret not in done.stdout + done.stderr

@@ -10,10 +10,10 @@ import json
 
 import msgspec
 
-from gateway.notify.channels import alertmanager, dingtalk, feishu, webhook, wecom
-from gateway.notify.core import Ack, Event, Planner, State
-from gateway.notify.messages import Item, Links, alarm_message
-from gateway.notify.settings import Channel, Notify, Roster
+from examwatch.gateway.notify.channels import alertmanager, dingtalk, feishu, webhook, wecom
+from examwatch.gateway.notify.core import Ack, Event, Planner, State
+from examwatch.gateway.notify.messages import Item, Links, alarm_message
+from examwatch.gateway.notify.settings import Channel, Notify, Roster
 
 T0 = 1780000000.0  # 2026-05-29 04:26:40 Beijing time
 CHANNELS = [

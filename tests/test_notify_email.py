@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.notify.channels import SendError
-from gateway.notify.channels.email import send
-from gateway.notify.messages import Item, Links, alarm_message
-from gateway.notify.settings import Channel
-from tests.conftest import free_port
+from examwatch.gateway.notify.channels import SendError
+from examwatch.gateway.notify.channels.email import send
+from examwatch.gateway.notify.messages import Item, Links, alarm_message
+from examwatch.gateway.notify.settings import Channel
+from examwatch.simulators.broker import free_port
 
 T0 = 1780000000.0
 

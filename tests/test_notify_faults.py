@@ -13,7 +13,7 @@ import pytest
 
 from tests.notify_support import Bot, publish_alarm, publisher, raised, wait_subscribed, webhook_channels
 from tests.support import until
-from tests.test_gateway_support import ROOT, GatewayProc, start
+from tests.support.gateway import ROOT, GatewayProc, start
 
 FAST = "retry_base = 0.2\nretry_max = 1.0\nfailing_after = 3\nstorm_window = 0.0\n"
 
@@ -143,7 +143,7 @@ def test_an_unacknowledged_alarm_is_resent_and_an_ack_by_the_cli_stops_it(tmp_pa
     until(lambda: {x["key"] for x in hook.bodies()} >= {"s1/101/recording_stopped/1:raised:2",
                                                          "s1/102/recording_stopped/1:raised:2"}, 20, "both sent")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EXAMWATCH_TOKEN": gw.token}
-    done = subprocess.run([sys.executable, "-m", "edge.cli", "ack", "s1/101/recording_stopped/1", "--who", "张老师",
+    done = subprocess.run([sys.executable, "-m", "examwatch", "ack", "s1/101/recording_stopped/1", "--who", "张老师",
                            "--note", "已换备用录像机", "--url", f"http://127.0.0.1:{gw.api_port}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr

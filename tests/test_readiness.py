@@ -18,16 +18,20 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import readiness
-from edge.config import loads
-from edge.model import Reading
-from edge.readiness import FAIL, GIB, MIB, OK, WARN, Check
-from rules.engine import build_engine
-from simulators.isapi import IsapiSimulator
-from simulators.room import SimulatedRoom
-from tests.agent_support import launch_agent
+from examwatch.cli import main as cli
+from examwatch.collectors.base import public_address
+from examwatch.edge import checks as surroundings
+from examwatch.edge import readiness
+from examwatch.edge.checks import GIB, MIB
+from examwatch.edge.config import loads
+from examwatch.kernel.model import Reading
+from examwatch.edge.readiness import FAIL, OK, WARN, Check
+from examwatch.rules.engine import build_engine
+from examwatch.simulators.isapi import IsapiSimulator
+from examwatch.simulators.room import SimulatedRoom
+from tests.support.agent import launch_agent
 from tests.support import until
-from tests.conftest import free_port, wait_port
+from examwatch.simulators.broker import free_port, wait_port
 
 KEY = "ef" * 32
 
@@ -85,8 +89,13 @@ def retain(port: int, messages: dict[str, str]) -> None:
         client.loop_stop()
 
 
+def run_check(config: Path, wait: float, as_json: bool = False) -> int:
+    """`examwatch check` as the command runs it (its logs to stderr: stdout is the report)."""
+    return cli(["check", "--config", str(config), "--wait", str(wait), *(["--json"] if as_json else [])])
+
+
 def check(capsys: pytest.CaptureFixture[str], config: Path, wait: float = 1.0) -> tuple[int, dict[str, dict]]:
-    code = readiness.main(str(config), wait, as_json=True)
+    code = run_check(config, wait, as_json=True)
     report = json.loads(capsys.readouterr().out)
     assert report["exit_code"] == code
     return code, {c["id"]: c for c in report["checks"]}
@@ -101,7 +110,7 @@ def test_healthy_room_is_ready_and_every_device_row_is_ok(mosquitto, room, tmp_p
                             "zigbee2mqtt/door1/availability": "online"})
     config = agent_toml(tmp_path, mosquitto.port, uplink=mosquitto.port,
                         devices=room.devices_toml(1.0) + sensor("door1"))
-    code = readiness.main(str(config), 5.0, as_json=False)
+    code = run_check(config, 5.0, as_json=False)
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.splitlines()[0].split() == ["检查项", "结果", "说明"]
@@ -141,7 +150,7 @@ timeout = 0.5
 retries = 0
 """
         config = agent_toml(tmp_path, mosquitto.port, devices=devices)
-        code = readiness.main(str(config), 1.0, as_json=False)
+        code = run_check(config, 1.0, as_json=False)
     out = capsys.readouterr().out
     assert code == 1
     row = next(line for line in out.splitlines() if "ups9" in line)
@@ -229,7 +238,7 @@ def test_sensor_with_retained_offline_availability_fails(mosquitto, tmp_path, ca
 @pytest.mark.integration
 def test_silent_sensor_is_a_warning_not_a_failure(mosquitto, tmp_path, capsys):
     config = agent_toml(tmp_path, mosquitto.port, devices=sensor("door1"))
-    code = readiness.main(str(config), 0.5, as_json=False)
+    code = run_check(config, 0.5, as_json=False)
     out = capsys.readouterr().out
     assert code == 0, out
     row = next(line for line in out.splitlines() if "door1" in line)
@@ -270,7 +279,7 @@ username = "s1-r7"
 password = "hunter2-secret"
 signing_key_file = "{tmp_path / 'missing.key'}"
 """)
-    code = readiness.main(str(config), 0.5, as_json=False)
+    code = run_check(config, 0.5, as_json=False)
     out = capsys.readouterr().out
     assert code == 1
     assert "签名密钥" in next(line for line in out.splitlines() if "签名密钥" in line) and "missing.key" in out
@@ -289,14 +298,14 @@ name = "ups1"
 kind = "toaster"
 protocol = "snmp"
 """, encoding="utf-8")
-    code = readiness.main(str(config), 1.0, as_json=False)
+    code = run_check(config, 1.0, as_json=False)
     out = capsys.readouterr().out
     assert code == 2
     assert "agent.colour" in out and "devices[0].kind" in out
-    code = readiness.main(str(config), 1.0, as_json=True)
+    code = run_check(config, 1.0, as_json=True)
     report = json.loads(capsys.readouterr().out)
     assert code == 2 and report["exit_code"] == 2 and [c["id"] for c in report["checks"]] == ["config"]
-    assert readiness.main(str(tmp_path / "nowhere.toml"), 1.0, as_json=False) == 2
+    assert run_check(tmp_path / "nowhere.toml", 1.0, as_json=False) == 2
     assert "无法读取" in capsys.readouterr().out
 
 
@@ -305,42 +314,42 @@ def test_exporter_port_taken_by_another_program_fails(tmp_path, capsys):
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        row, page = readiness.check_exporter(f"127.0.0.1:{port}", "s1/r7")
+        row, page = surroundings.check_exporter(f"127.0.0.1:{port}", "s1/r7")
     assert row.status == FAIL and "占用" in row.detail and page is None
-    assert readiness.check_exporter(f"127.0.0.1:{port}", "s1/r7")[0].status == OK
-    assert readiness.check_exporter("127.0.0.1:http", "s1/r7")[0].status == FAIL
+    assert surroundings.check_exporter(f"127.0.0.1:{port}", "s1/r7")[0].status == OK
+    assert surroundings.check_exporter("127.0.0.1:http", "s1/r7")[0].status == FAIL
 
 
 def test_state_dir_missing_but_creatable_is_ok_and_a_file_fails(tmp_path):
-    assert readiness.check_state_dir(str(tmp_path / "a" / "b")).status == OK
+    assert surroundings.check_state_dir(str(tmp_path / "a" / "b")).status == OK
     assert not (tmp_path / "a").exists()  # checking creates nothing
     (tmp_path / "file").write_text("x")
-    assert readiness.check_state_dir(str(tmp_path / "file")).status == FAIL
-    assert readiness.check_state_dir(str(tmp_path)).status == OK
+    assert surroundings.check_state_dir(str(tmp_path / "file")).status == FAIL
+    assert surroundings.check_state_dir(str(tmp_path)).status == OK
 
 
 # --- pure judgements ------------------------------------------------------------------------------------
 
 
 def test_disk_space_thresholds():
-    assert readiness.judge_state_dir("/d", True, True, 5 * GIB).status == OK
-    assert readiness.judge_state_dir("/d", True, True, GIB - 1).status == WARN
-    assert readiness.judge_state_dir("/d", True, True, 200 * MIB).status == WARN
-    low = readiness.judge_state_dir("/d", True, True, 200 * MIB - 1)
+    assert surroundings.judge_state_dir("/d", True, True, 5 * GIB).status == OK
+    assert surroundings.judge_state_dir("/d", True, True, GIB - 1).status == WARN
+    assert surroundings.judge_state_dir("/d", True, True, 200 * MIB).status == WARN
+    low = surroundings.judge_state_dir("/d", True, True, 200 * MIB - 1)
     assert low.status == FAIL and "200 MiB" in low.detail
-    assert readiness.judge_state_dir("/d", False, False, 5 * GIB).status == FAIL
+    assert surroundings.judge_state_dir("/d", False, False, 5 * GIB).status == FAIL
 
 
 def test_ntp_output():
-    assert readiness.parse_ntp_synchronized("yes\n") is True
-    assert readiness.parse_ntp_synchronized("no\n") is False
-    assert readiness.parse_ntp_synchronized("") is None
-    assert readiness.judge_clock(False).status == WARN and readiness.judge_clock(True).status == OK
+    assert surroundings.parse_ntp_synchronized("yes\n") is True
+    assert surroundings.parse_ntp_synchronized("no\n") is False
+    assert surroundings.parse_ntp_synchronized("") is None
+    assert surroundings.judge_clock(False).status == WARN and surroundings.judge_clock(True).status == OK
 
 
 def test_addresses_lose_their_credentials():
-    assert readiness.public_address("http://admin:pw@10.0.0.5/ISAPI") == "http://10.0.0.5/ISAPI"
-    assert readiness.public_address("10.0.0.5:161") == "10.0.0.5:161"
+    assert public_address("http://admin:pw@10.0.0.5/ISAPI") == "http://10.0.0.5/ISAPI"
+    assert public_address("10.0.0.5:161") == "10.0.0.5:161"
 
 
 def test_table_lines_up_chinese_and_gives_the_verdict():
@@ -356,7 +365,8 @@ def test_table_lines_up_chinese_and_gives_the_verdict():
 
 
 def _engine(devices: str):
-    return build_engine(loads(f'[agent]\nsite = "s1"\nroom = "r7"\n{devices}'))
+    cfg = loads(f'[agent]\nsite = "s1"\nroom = "r7"\n{devices}')
+    return build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule)
 
 
 def test_a_condition_behind_a_for_still_fails_the_check():

@@ -7,11 +7,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from edge.model import Reading
-from rules.config import RuleOverride, Schedule, Window
-from rules.engine import build_engine
-from rules.model import Rule
-from rules.pack import DEFAULT_RULES, effective_rules, load_pack, override_issues
+from examwatch.kernel.model import Reading
+from examwatch.rules.config import RuleOverride, Schedule, Window
+from examwatch.rules.engine import build_engine
+from examwatch.rules.model import Rule
+from examwatch.rules.pack import DEFAULT_RULES, effective_rules, load_pack, override_issues
 from tests.support import Driver, config
 
 SH = ZoneInfo("Asia/Shanghai")
@@ -285,7 +285,7 @@ def test_override_for() -> None:
 
 def test_override_levels_per_phase_merge_with_the_packs() -> None:
     cfg = config({"mic": "noise"}, schedule=EXAM_DAY, interval=HOURLY, rules={"noise_high": RuleOverride(levels={"during": 2, "between": 1})})
-    (rule,) = [r for r in build_engine(cfg).rules if r.id == "noise_high"]
+    (rule,) = [r for r in build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule).rules if r.id == "noise_high"]
     assert rule.levels == {"during": 2, "between": 1}
     d = Driver(cfg)
     t = at("2024-05-28T10:00")
@@ -299,7 +299,8 @@ def test_override_that_breaks_hysteresis_is_reported() -> None:
     bad = {"recorder_battery_low": RuleOverride(threshold=20, clear=10)}
     assert [p for p, _ in override_issues(bad)] == [("rules", "recorder_battery_low")]
     with pytest.raises(ValueError, match="recorder_battery_low"):
-        build_engine(config({}, rules=bad))
+        cfg = config({}, rules=bad)
+        build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule)
 
 
 def test_effective_rules_drop_disabled_ones() -> None:

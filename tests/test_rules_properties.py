@@ -5,11 +5,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.config import Agent, Device
-from edge.model import Reading
-from rules.config import Schedule
-from rules.engine import RuleEngine
-from rules.model import Rule
+from examwatch.edge.config import Agent, Device
+from examwatch.kernel.model import Reading
+from examwatch.rules.config import Schedule
+from examwatch.rules.engine import RuleEngine
+from examwatch.rules.model import Rule
 
 AGENT = Agent(site="s", room="r")
 MIC = [Device(name="mic", kind="noise", protocol="test", interval=1e9)]

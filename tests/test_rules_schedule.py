@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from rules.config import Schedule, Window
-from rules.schedule import PHASES, Calendar, in_window, phase_at
+from examwatch.rules.config import Schedule, Window
+from examwatch.rules.schedule import PHASES, Calendar, in_window, phase_at
 
 SH = ZoneInfo("Asia/Shanghai")
 

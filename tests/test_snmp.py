@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from collectors import profiles
-from collectors.base import Health
-from collectors.snmp import Expression, Profile, SnmpCollector, SnmpOptions, compile_profile, parse_snmp, profile_named
-from edge.config import Device
-from simulators.snmp import (
+from examwatch.collectors import profiles
+from examwatch.collectors.base import Health
+from examwatch.collectors.snmp import Expression, Profile, SnmpCollector, SnmpOptions, compile_profile, parse_snmp, profile_named
+from examwatch.edge.config import Device
+from examwatch.simulators.snmp import (
     HIK_DISK,
     HR_FIXED_DISK,
     HR_STORAGE,

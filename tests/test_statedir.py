@@ -14,10 +14,10 @@ import msgspec
 import pytest
 import structlog
 
-from edge import statedir
-from edge.model import Reading
-from edge.runtime import Agent
-from edge.store import Store, is_corruption, open_checked
+from examwatch.edge import statedir
+from examwatch.kernel.model import Reading
+from examwatch.edge.runtime import Agent
+from examwatch.edge.store import Store, is_corruption, open_checked
 from tests.corrupt_db import CORRUPTIONS, garbage_wal, mode, sound_db
 from tests.support import config
 
@@ -169,7 +169,7 @@ def test_loose_modes_found_at_start_are_tightened_and_logged(tmp_path):
 
 
 def test_the_gateway_database_is_owner_only(tmp_path):
-    from gateway import store
+    from examwatch.gateway import store
 
     with umask(0o022):
         store.connect(tmp_path / "gw" / "gateway.db").close()
@@ -213,8 +213,8 @@ def test_a_fifo_as_secret_is_refused_without_hanging(tmp_path):
 
 
 def test_the_gateway_refuses_a_keys_file_or_token_file_others_may_read(tmp_path):
-    from edge.config import ConfigError
-    from gateway import config as gwconfig
+    from examwatch.edge.config import ConfigError
+    from examwatch.gateway import config as gwconfig
 
     keys, token = tmp_path / "agent-keys", tmp_path / "api-token"
     keys.write_text(f"s1/r1 {'ab' * 32}\n")

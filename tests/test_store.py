@@ -13,8 +13,8 @@ import time
 
 import msgspec
 
-from edge.model import AlarmEvent, Reading
-from edge.store import OutboxReader, Store
+from examwatch.kernel.model import AlarmEvent, Reading
+from examwatch.edge.store import OutboxReader, Store
 
 
 def event(i: int, state: str = "raised") -> AlarmEvent:
@@ -68,8 +68,8 @@ def test_retention_prunes_old_readings(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from edge.model import AlarmEvent, Reading
-    from edge.store import Store
+    from examwatch.kernel.model import AlarmEvent, Reading
+    from examwatch.edge.store import Store
     store = Store(sys.argv[1])
     i = int(sys.argv[2])
     while True:

@@ -11,11 +11,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from edge.config import Uplink as UplinkConfig
-from edge.model import Reading
-from edge.store import OutboxReader, Store
-from edge.uplink import Uplink
-from tests.conftest import free_port, wait_port
+from examwatch.edge.config import Uplink as UplinkConfig
+from examwatch.kernel.model import Reading
+from examwatch.edge.store import OutboxReader, Store
+from examwatch.edge.uplink import Uplink
+from examwatch.simulators.broker import free_port, wait_port
 
 pytestmark = pytest.mark.integration
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from edge import wire
-from edge.model import AlarmEvent, Reading
+from examwatch.kernel import wire
+from examwatch.kernel.model import AlarmEvent, Reading
 
 KEY = bytes.fromhex("11" * 32)
 

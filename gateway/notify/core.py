@@ -12,9 +12,9 @@ from collections.abc import Iterable
 
 import msgspec
 
-from gateway.notify import messages as msg
-from gateway.notify.messages import Item, Links, Message
-from gateway.notify.settings import TIERS, Channel, Notify, Roster
+from examwatch.gateway.notify import messages as msg
+from examwatch.gateway.notify.messages import Item, Links, Message
+from examwatch.gateway.notify.settings import TIERS, Channel, Notify, Roster
 
 TIER_NAMES = {"technicians": "技术人员", "group_lead": "保障组组长", "leading_group": "考点领导小组",
               "county_office": "县招办"}

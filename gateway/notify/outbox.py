@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.notify.messages import Message
+from examwatch.gateway.notify.messages import Message
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS notify_outbox (id INTEGER PRIMARY KEY, channel TEXT NOT NULL, key TEXT NOT NULL,

@@ -16,11 +16,11 @@ import msgspec
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from gateway.notify import outbox, source
-from gateway.notify.channels import SendError, alertmanager, client, dingtalk, email, feishu, webhook, wecom
-from gateway.notify.core import Planner, State
-from gateway.notify.messages import Message
-from gateway.notify.settings import Channel, Notify, Roster
+from examwatch.gateway.notify import outbox, source
+from examwatch.gateway.notify.channels import SendError, alertmanager, client, dingtalk, email, feishu, webhook, wecom
+from examwatch.gateway.notify.core import Planner, State
+from examwatch.gateway.notify.messages import Message
+from examwatch.gateway.notify.settings import Channel, Notify, Roster
 
 log = structlog.get_logger("examwatch.gateway.notify")
 
@@ -270,7 +270,7 @@ class NotifyCollector:
 
 def test_channel(ch: Channel, county: str, now: float) -> None:
     """Send one test message to ``ch`` now, bypassing the outbox; raises SendError when it is not confirmed."""
-    from gateway.notify.messages import system_message
+    from examwatch.gateway.notify.messages import system_message
 
     m = system_message(key=f"test:{now}", thread="test", title="【测试】examwatch 通知渠道测试",
                        text=f"这是一条测试消息：渠道“{ch.name}”配置正确，能收到考点设备告警。", firing=False,
@@ -285,7 +285,7 @@ def test_channel(ch: Channel, county: str, now: float) -> None:
 
 def notifier_for(cfg: Any, db_path: str, clock: Callable[[], float] = time.time) -> Notifier:
     """The notifier of a gateway config (``gateway.config.Config``)."""
-    from gateway.correlate import rule_classes
+    from examwatch.gateway.correlate import rule_classes
 
     classes = {rule: c.fault_class for rule, c in rule_classes(cfg.correlation_rules()).items()}
     return Notifier(db_path, cfg.gateway.county, cfg.notify, cfg.channels, cfg.roster, classes, clock)

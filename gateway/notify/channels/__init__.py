@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from gateway.notify.settings import Channel
+from examwatch.gateway.notify.settings import Channel
 
 MAX_ANSWER = 64 * 1024  # a bot's answer is a small JSON object; anything bigger is not one
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.notify.channels import post_json
-from gateway.notify.messages import Item, Message, plain
-from gateway.notify.settings import Channel
+from examwatch.gateway.notify.channels import post_json
+from examwatch.gateway.notify.messages import Item, Message, plain
+from examwatch.gateway.notify.settings import Channel
 
 SEVERITY = {1: "warning", 2: "critical", 3: "critical"}
 

@@ -13,10 +13,10 @@ import hashlib
 import hmac
 from typing import Any
 
-from gateway.notify.channels import SendError, coded_answer, post_json
-from gateway.notify.channels.wecom import clip
-from gateway.notify.messages import Message
-from gateway.notify.settings import Channel
+from examwatch.gateway.notify.channels import SendError, coded_answer, post_json
+from examwatch.gateway.notify.channels.wecom import clip
+from examwatch.gateway.notify.messages import Message
+from examwatch.gateway.notify.settings import Channel
 
 RATE_CODES = {11232}
 SIGN_CODES = {19021}

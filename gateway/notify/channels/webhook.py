@@ -15,9 +15,9 @@ from typing import Any
 
 import msgspec
 
-from gateway.notify.channels import post_json
-from gateway.notify.messages import Message, markdown
-from gateway.notify.settings import Channel
+from examwatch.gateway.notify.channels import post_json
+from examwatch.gateway.notify.messages import Message, markdown
+from examwatch.gateway.notify.settings import Channel
 
 
 def body(m: Message) -> bytes:

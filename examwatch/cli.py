@@ -6,22 +6,22 @@ import argparse
 import asyncio
 import sys
 
-from edge import __version__
+from examwatch import __version__
 
 
 def _config_check(path: str, gateway: bool) -> int:
     """The agent's or the gateway's file: read and checked exactly as ``run`` reads and checks it."""
-    from edge.config import ConfigError, read
+    from examwatch.edge.config import ConfigError, read
 
     try:
         text = read(path)
         if gateway:
-            from gateway.config import loads as gateway_loads
+            from examwatch.gateway.config import loads as gateway_loads
 
             g = gateway_loads(text)
             summary = f"api {g.api.listen}, exporter {g.exporter.listen}, broker {g.broker.host}:{g.broker.port}"
         else:
-            from edge.config import loads
+            from examwatch.edge.config import loads
 
             cfg = loads(text)
             summary = f"{cfg.agent_id}, {len(cfg.devices)} devices"
@@ -39,9 +39,9 @@ def _agent_run(path: str, log_level: str) -> int:
     # sqlite-utils imports numpy whenever it is installed, only to convert numpy scalars, which the agent
     # never stores: ~12 MB of a Pi agent's 50 MB budget. Only this process is spared it, never a library user.
     sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]
-    from edge import logs
-    from edge.config import ConfigError, load
-    from edge.runtime import Agent
+    from examwatch.edge import logs
+    from examwatch.edge.config import ConfigError, load
+    from examwatch.edge.runtime import Agent
 
     logs.configure(log_level)
     try:
@@ -63,8 +63,8 @@ def _agent_run(path: str, log_level: str) -> int:
 
 
 def _gateway_run(path: str, log_level: str) -> int:
-    from edge import logs
-    from gateway.main import run
+    from examwatch.edge import logs
+    from examwatch.gateway.main import run
 
     logs.configure(log_level)
     return run(path)
@@ -72,8 +72,8 @@ def _gateway_run(path: str, log_level: str) -> int:
 
 def _gateway_config(path: str):  # noqa: ANN202 (gateway.config.Config, imported late)
     """The gateway config at ``path``, or None after printing every problem with it."""
-    from edge.config import ConfigError
-    from gateway import config as gwconfig
+    from examwatch.edge.config import ConfigError
+    from examwatch.gateway import config as gwconfig
 
     try:
         return gwconfig.load(path)
@@ -87,8 +87,8 @@ def _gateway_config(path: str):  # noqa: ANN202 (gateway.config.Config, imported
 def _test_channel(path: str, name: str) -> int:
     import time
 
-    from gateway.notify.channels import SendError
-    from gateway.notify.worker import test_channel
+    from examwatch.gateway.notify.channels import SendError
+    from examwatch.gateway.notify.worker import test_channel
 
     cfg = _gateway_config(path)
     if cfg is None:
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     if args.command == "config" and args.action == "sample":
-        from edge.config import sample_text
+        from examwatch.edge.config import sample_text
 
         sys.stdout.write(sample_text())
         return 0
@@ -198,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gateway" and args.action == "config":
         return _config_check(args.file, gateway=True)
     if args.command == "demo":
-        from simulators.demo import main as demo_main
+        from examwatch.simulators.demo import main as demo_main
 
         return demo_main(args.dir, args.duration, not args.no_scenario)
     if args.command == "check":
-        from edge.readiness import main as readiness
+        from examwatch.edge import logs
+        from examwatch.edge.readiness import main as readiness
 
+        logs.configure("error", stream="stderr")  # the report says what the collectors would log
         return readiness(args.config, args.wait, args.json)
     if args.command == "agent":
         return _agent_run(args.config, args.log_level)

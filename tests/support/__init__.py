@@ -10,11 +10,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from collectors.base import Collector
-from edge.config import Agent, Config, Device
-from edge.model import AlarmEvent, Reading
-from rules.config import RuleOverride, Schedule
-from rules.engine import RuleEngine, State, build_engine
+from examwatch.collectors.base import Collector
+from examwatch.edge.config import Agent, Config, Device
+from examwatch.kernel.model import AlarmEvent, Reading
+from examwatch.rules.config import RuleOverride, Schedule
+from examwatch.rules.engine import RuleEngine, State, build_engine
 
 POLL = 0.02  # seconds between checks while waiting
 
@@ -116,7 +116,7 @@ class Driver:
     """Feeds readings and ticks through one engine the way the runtime does, keeping every event."""
 
     def __init__(self, cfg: Config, state: State | None = None) -> None:
-        self.engine: RuleEngine = build_engine(cfg)
+        self.engine: RuleEngine = build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule)
         self.state = state if state is not None else self.engine.initial_state()
         self.events: list[AlarmEvent] = []
 

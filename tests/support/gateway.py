@@ -1,6 +1,6 @@
 """Real processes for the gateway and fault-injection tests: the gateway, room agents, and a cuttable link.
 
-No tests here; the helpers start the real ``examwatch gateway run`` and ``examwatch agent run`` as
+The helpers start the real ``examwatch gateway run`` and ``examwatch agent run`` as
 subprocesses, and a socat TCP relay that stands for a room's network link.
 """
 
@@ -17,9 +17,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import free_port, wait_port
+from examwatch.simulators.broker import free_port, wait_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def key_hex(agent: str) -> str:
@@ -29,7 +29,7 @@ def key_hex(agent: str) -> str:
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "edge.cli", *args], cwd=ROOT, env=env, stdout=out, stderr=out)
+        return subprocess.Popen([sys.executable, "-m", "examwatch", *args], cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
 def start(procs: list[Any], *processes: Any) -> None:

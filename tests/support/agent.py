@@ -17,9 +17,9 @@ import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import wire
-from edge.model import AlarmEvent
-from simulators.broker import wait_port
+from examwatch.kernel import wire
+from examwatch.kernel.model import AlarmEvent
+from examwatch.simulators.broker import wait_port
 from tests.support import until
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -124,7 +124,7 @@ def launch_agent(config: Path, exporter_port: int, broker_port: int, env: dict |
                  ready: tuple[str, ...] = ("agent_started", "mqtt_connected"), umask: int = -1) -> RunningAgent:
     """Start `examwatch agent run`; return once it serves metrics and has logged each ``ready`` event
     (by default: listening to its MQTT sensors)."""
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "agent", "run", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "examwatch", "agent", "run", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, umask=umask,
                             env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})})
     agent = RunningAgent(proc, exporter_port, broker_port)

@@ -5,11 +5,48 @@ Both are msgspec structs, so the same types serve in memory, in the store and on
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
+from typing import Literal, get_args
 
 import msgspec
 
-from edge.catalog import unit_of
+from examwatch.kernel.catalog import unit_of
+
+
+DeviceKind = Literal["recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"]
+DEVICE_KINDS: frozenset[str] = frozenset(get_args(DeviceKind))
+DEVICE_KIND_NAMES: dict[str, str] = {
+    "recorder": "录音笔",
+    "camera": "摄像机",
+    "nvr": "硬盘录像机",
+    "ups": "UPS",
+    "switch": "交换机",
+    "link": "网络链路",
+    "door": "门磁",
+    "noise": "噪声传感器",
+    "host": "监测终端",
+}
+
+RoomKind = Literal["exam_room", "secrecy_room"]  # 考场 or 保密室
+ROOM_KINDS: frozenset[str] = frozenset(get_args(RoomKind))
+
+
+class Level(IntEnum):
+    """The plans' response levels: 1 and 2 are raised in the room, 3 only by the county's correlation."""
+
+    MINOR = 1  # 一级: one room or one person; handled on the spot, fed back within 5 minutes
+    LOCAL = 2  # 二级: part of the process, e.g. two rooms; reported to the leading group within 10 minutes
+    SITE = 3  # 三级: the whole site
+
+    @property
+    def label(self) -> str:
+        return ("一级", "二级", "三级")[self - 1]
+
+
+class AlarmState(StrEnum):
+    RAISED = "raised"
+    UPDATED = "updated"  # its level changed while active
+    CLEARED = "cleared"
 
 
 class Quality(StrEnum):
@@ -52,8 +89,8 @@ class AlarmEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     site: str
     room: str
     rule: str
-    level: int
-    state: str  # "raised" | "updated" (level changed while active) | "cleared"
+    level: Level
+    state: AlarmState
     device: str
     metric: str | None = None
     value: float | None = None
