@@ -137,7 +137,7 @@ def main() -> None:
         broker.stop()
 
     ms = [x * 1000 for x in latencies]
-    print(f"| metric | value |\n|---|---|")
+    print("| metric | value |\n|---|---|")
     print(f"| door events (each one alarm transition) | {len(ms)} |")
     print(f"| event-to-alarm latency p50 | {statistics.median(ms):.1f} ms |")
     print(f"| event-to-alarm latency p99 | {percentile(ms, 99):.1f} ms |")

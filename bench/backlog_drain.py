@@ -22,15 +22,14 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examwatch.simulators.broker import free_port, wait_port  # noqa: E402
-
 from examwatch.edge.config import Uplink as UplinkConfig
-from examwatch.kernel.model import Reading
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
 from examwatch.gateway import store as gwstore
 from examwatch.gateway.config import Api, Broker, Config, Gateway, Listen, Security
 from examwatch.gateway.main import Gateway as GatewayRuntime
+from examwatch.kernel.model import Reading
+from examwatch.simulators.broker import free_port, wait_port  # noqa: E402
 
 AGENT = "site001/room01"
 KEY = "ab" * 32

@@ -20,11 +20,11 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examwatch.kernel import wire
-from examwatch.kernel.model import Reading
 from examwatch.gateway import store
 from examwatch.gateway.config import Config, Gateway
 from examwatch.gateway.ingest import Engine, Message
+from examwatch.kernel import wire
+from examwatch.kernel.model import Reading
 
 METRICS = ["battery_percent", "storage_used_ratio", "recording_active", "ups_charge_percent", "link_rtt_seconds",
            "noise_db", "door_open", "device_online"]

@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from examwatch.kernel import wire
-from examwatch.kernel.model import Reading
 from examwatch.gateway import store
 from examwatch.gateway.config import Config
 from examwatch.gateway.exporter import GatewayCollector
 from examwatch.gateway.ingest import Engine, Message
+from examwatch.kernel import wire
+from examwatch.kernel.model import Reading
 
 DEVICES = [("recorder", ["battery_percent", "recording_active", "storage_used_ratio", "device_online"]),
            ("camera", ["recording_active", "storage_used_ratio", "device_online"]),

@@ -9,8 +9,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from examwatch.collectors.base import (REGISTRY, Accumulator, Collector, Context, DeviceError, Health,
-                                       PollingCollector, register)
+from examwatch.collectors.base import (
+    REGISTRY,
+    Accumulator,
+    Collector,
+    Context,
+    DeviceError,
+    Health,
+    PollingCollector,
+    register,
+)
 
 __all__ = ["REGISTRY", "Accumulator", "Collector", "Context", "DeviceError", "Health", "PollingCollector", "available",
            "get", "register", "sample_blocks"]

@@ -14,16 +14,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
 from examwatch.collectors import profiles
 from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
 # --- profiles -----------------------------------------------------------------------------------------
 
 
-class Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class Table(Strict, kw_only=True):
     """A conceptual table: column name -> column OID (without index); one part per row."""
 
     columns: dict[str, str]
@@ -32,7 +31,7 @@ class Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     where: str = ""  # rows for which this is false are skipped (e.g. only fixed disks)
 
 
-class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class Profile(Strict, kw_only=True):
     description: str = ""
     scalars: dict[str, str] = {}  # name -> full OID (with .0 or the row index)
     metrics: dict[str, str] = {}  # metric -> expression over scalar names

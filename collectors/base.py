@@ -23,6 +23,7 @@ import msgspec
 import structlog
 
 from examwatch.collectors import profiles
+from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
 log = structlog.get_logger("examwatch.collector")
@@ -123,7 +124,7 @@ def public_address(address: str) -> str:
     return re.sub(r"(?<=://)[^@/]*@", "", address)
 
 
-class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
+class NoOptions(Strict):
     """For protocols that need no device options beyond the common ones."""
 
 

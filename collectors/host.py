@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import msgspec
 import psutil
 
 from examwatch.collectors.base import PollingCollector, register
+from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
 
-class HostOptions(msgspec.Struct, forbid_unknown_fields=True):
+class HostOptions(Strict):
     interfaces: list[str] = []  # which network interfaces to watch; empty: every one but loopback
 
 

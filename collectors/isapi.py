@@ -24,6 +24,7 @@ import httpx
 import msgspec
 
 from examwatch.collectors.base import DeviceError, PollingCollector, register, retry
+from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
 MIB = 1024 * 1024
@@ -33,7 +34,7 @@ MIB = 1024 * 1024
 HEALTHY = frozenset({"ok", "idle", "sleeping"})
 
 
-class Options(msgspec.Struct, forbid_unknown_fields=True):
+class Options(Strict):
     username: str = "admin"
     password: str = ""
     password_file: str = ""  # read at start instead of putting the password in the config

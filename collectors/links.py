@@ -22,14 +22,14 @@ import icmplib
 import msgspec
 
 from examwatch.collectors.base import DeviceError, PollingCollector, register
-from examwatch.edge.config import Port
+from examwatch.kernel.config import Port, Strict
 from examwatch.kernel.model import Reading
 
 ROUTE_TABLE = Path("/proc/net/route")
 DEFAULT_GATEWAY = "default-gateway"  # the address that means "whatever the default route points at"
 
 
-class Options(msgspec.Struct, forbid_unknown_fields=True):
+class Options(Strict):
     method: Literal["auto", "icmp", "tcp"] = "auto"
     port: Port = 443  # for TCP probes
     probes: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5  # per poll: the window loss and RTT are measured over

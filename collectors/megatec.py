@@ -28,6 +28,7 @@ import serial
 import structlog
 
 from examwatch.collectors.base import Backoff, DeviceError, PollingCollector, register, retry
+from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
 log = structlog.get_logger("examwatch.collector.megatec")
@@ -36,7 +37,7 @@ log = structlog.get_logger("examwatch.collector.megatec")
 # --- profiles ---------------------------------------------------------------------------------------------
 
 
-class Battery(msgspec.Struct, forbid_unknown_fields=True):
+class Battery(Strict):
     """How to turn Q1's battery voltage into a charge estimate (a straight line between empty and full)."""
 
     reports: Literal["cell", "pack"]  # Q1's S.SS is per cell (e.g. 2.25) or for the whole pack (e.g. 27.0)
@@ -45,12 +46,12 @@ class Battery(msgspec.Struct, forbid_unknown_fields=True):
     cells: int = 0  # cells in the pack; 0: nominal battery voltage from ``F`` / 2 V per cell
 
 
-class Profile(msgspec.Struct, forbid_unknown_fields=True):
+class Profile(Strict):
     description: str = ""
     battery: Battery | None = None  # none: the model's battery voltage says nothing reliable about charge
 
 
-class Options(msgspec.Struct, forbid_unknown_fields=True):
+class Options(Strict):
     baud: Annotated[int, msgspec.Meta(ge=300, le=115200)] = 2400  # Megatec is 2400 8N1; a few models use 9600
 
 

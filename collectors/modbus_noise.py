@@ -23,6 +23,7 @@ from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.framer import FramerRTU, FramerType
 
 from examwatch.collectors.base import DeviceError, PollingCollector, register, retry
+from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
 # pymodbus logs every dropped frame and timeout itself; we report them as device states, once per flip.
@@ -32,7 +33,7 @@ DataType = Literal["uint16", "int16", "uint32", "int32", "float32"]
 _FORMATS = {"uint16": ">H", "int16": ">h", "uint32": ">I", "int32": ">i", "float32": ">f"}
 
 
-class Profile(msgspec.Struct, forbid_unknown_fields=True):
+class Profile(Strict):
     description: str = ""
     baud: int = 9600
     parity: Literal["N", "E", "O"] = "N"
@@ -50,7 +51,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True):
         return 1 if self.datatype.endswith("16") else 2
 
 
-class Options(msgspec.Struct, forbid_unknown_fields=True):
+class Options(Strict):
     # 0: the profile's default; set it when several meters share a bus (Modbus addresses are 1..247)
     slave: Annotated[int, msgspec.Meta(ge=0, le=247)] = 0
     baud: Annotated[int, msgspec.Meta(ge=0, le=115200)] = 0  # 0: the profile's

@@ -17,7 +17,6 @@ import threading
 import time
 from typing import Any
 
-import msgspec
 import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,10 +24,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from examwatch.collectors.base import FAIL, OK, WARN, Collector, Context, DeviceError, Finding, register
+from examwatch.kernel.broker import apply_broker_settings
 from examwatch.kernel.catalog import METRICS
-from examwatch.edge.config import apply_broker_settings
+from examwatch.kernel.config import Finite, Strict
 from examwatch.kernel.model import Reading
-from examwatch.rules.config import Finite
 
 log = structlog.get_logger("examwatch.mqtt")
 
@@ -40,7 +39,7 @@ _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 CONNECT_TIMEOUT = 5.0  # seconds the readiness probe gives the room broker to accept us
 
 
-class Field(msgspec.Struct, forbid_unknown_fields=True):
+class Field(Strict):
     path: str  # dotted JSON path, list items by index: "storage.free_mb", "disks.0.status"
     metric: str
     scale: Finite = 1.0
@@ -54,12 +53,12 @@ class Field(msgspec.Struct, forbid_unknown_fields=True):
             self.map = {k.strip().lower(): v for k, v in self.map.items()}
 
 
-class Profile(msgspec.Struct, forbid_unknown_fields=True):
+class Profile(Strict):
     description: str = ""
     fields: list[Field] = []
 
 
-class MqttOptions(msgspec.Struct, forbid_unknown_fields=True):
+class MqttOptions(Strict):
     fields: list[Field] = []  # extra or overriding paths for this device (a generic JSON device needs them)
     availability: bool = True  # also listen on <topic>/availability (Zigbee2MQTT's availability feature)
 

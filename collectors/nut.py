@@ -13,9 +13,8 @@ import re
 import time
 from typing import Any
 
-import msgspec
-
 from examwatch.collectors.base import DeviceError, PollingCollector, register, retry
+from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
 # ups.status flags (NUT's docs/new-drivers.txt) -> the catalog's boolean metrics.
@@ -90,7 +89,7 @@ def parse_address(address: str) -> tuple[str, str, int]:
     return m.group(1), m.group(2).strip("[]"), int(m.group(3) or 3493)
 
 
-class NutOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class NutOptions(Strict, kw_only=True):
     """Reading variables needs no login on a default upsd; give one where upsd.users demands it."""
 
     username: str = ""

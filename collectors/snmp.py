@@ -18,15 +18,22 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from examwatch.collectors._snmp_profile import (CompiledProfile, Expression, Profile, compile_profile, parse_snmp,
-                                                profile_named)
+from examwatch.collectors._snmp_profile import (
+    CompiledProfile,
+    Expression,
+    Profile,
+    compile_profile,
+    parse_snmp,
+    profile_named,
+)
 from examwatch.collectors.base import DeviceError, PollingCollector, register
+from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
 # --- I/O -----------------------------------------------------------------------------------------------
 
 
-class SnmpOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class SnmpOptions(Strict, kw_only=True):
     """``[[devices]]`` keys of an SNMP device. v3 protocols are named explicitly: pysnmp's own default
     is MD5/DES, which no one should configure by accident."""
 

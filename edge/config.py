@@ -1,33 +1,39 @@
 """The agent's TOML config: schema with its ranges beside the fields, loading, and the checks that types
-cannot express, all reported at once (edge.config_check does the checking). A typo must never silently
+cannot express, all reported at once (the kernel's config base does the checking). A typo must never silently
 disable a rule: unknown keys and unknown rule ids are errors; so is a value that cannot work.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-import socket
 from importlib import resources
 from typing import Annotated, Any
 
 import msgspec
 
-from examwatch.edge.config_check import ConfigError, ConfigIssue, decode, error_at, fields_of, parse, read, validated
+from examwatch.kernel.broker import BrokerSettings, apply_broker_settings
+from examwatch.kernel.config import (
+    ConfigError,
+    ConfigIssue,
+    Interval,
+    Port,
+    SessionExpiry,
+    Strict,
+    Timeout,
+    check_host,
+    decode,
+    error_at,
+    fields_of,
+    parse,
+    parse_listen,
+    read,
+    validated,
+)
 from examwatch.kernel.model import DeviceKind, RoomKind
-from examwatch.rules.config import DAY, RuleOverride, Schedule, schedule_issues
-
-# Ranges, declared once and used beside the fields. A bound also refuses NaN and infinity.
-Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-Interval = Annotated[float, msgspec.Meta(ge=0.01, le=DAY)]  # s between polls or sends: never a busy loop
-Timeout = Annotated[float, msgspec.Meta(ge=0.01, le=600)]  # s to wait for one answer
-# s the MQTT broker keeps a session while the client is away: a minute at least (a restart), at most
-# MQTT v5's 0xFFFFFFFF (never expires)
-SessionExpiry = Annotated[int, msgspec.Meta(ge=60, le=0xFFFFFFFF)]
+from examwatch.rules.config import RuleOverride, Schedule, schedule_issues
 
 
-
-class Agent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Agent(Strict, kw_only=True):
     site: str  # site id (考点), ASCII: it appears in MQTT topics and metric labels
     room: str  # room id (考场 or 保密室)
     kind: RoomKind = "exam_room"
@@ -36,53 +42,22 @@ class Agent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     state_dir: str = "/var/lib/examwatch"
 
 
-class BrokerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Where an MQTT broker is and how we log in: the sensors' broker, the uplink's, the gateway's."""
-
-    host: str = "127.0.0.1"
-    port: Port = 1883
-    username: str = ""
-    password: str = ""
-    tls: bool = False
-    ca_file: str = ""  # empty: the system's CA certificates
-    cert_file: str = ""  # client certificate, for brokers that authenticate clients by certificate
-    key_file: str = ""
-
-
-def apply_broker_settings(client: Any, settings: BrokerSettings) -> None:
-    """Set up a paho client for ``settings``: login, TLS, and TCP_NODELAY (paho never sets it; without
-    it the first messages after connect, a door event or an alarm, can wait ~30 ms in Nagle's buffer)."""
-    if settings.username:
-        client.username_pw_set(settings.username, settings.password or None)
-    if settings.tls:
-        client.tls_set(ca_certs=settings.ca_file or None, certfile=settings.cert_file or None,
-                       keyfile=settings.key_file or None)
-    client.on_socket_open = _nodelay
-
-
-def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass  # TLS-wrapped or non-TCP socket
-
-
-class Mqtt(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
+class Mqtt(BrokerSettings, kw_only=True):
     """The room's local broker, where the sensors (e.g. Zigbee2MQTT) publish."""
 
     client_id: str = ""  # default: examwatch-<site>-<room>
 
 
-class Exporter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Exporter(Strict, kw_only=True):
     listen: str = "127.0.0.1:9108"
 
 
-class Store(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Store(Strict, kw_only=True):
     # readings older than this are deleted; alarm transitions are kept
     retention_hours: Annotated[float, msgspec.Meta(ge=1, le=24 * 366)] = 72.0
 
 
-class Uplink(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
+class Uplink(BrokerSettings, kw_only=True):
     """The county broker that carries readings and alarms to the gateway (MQTT v5, QoS 1)."""
 
     enabled: bool = False
@@ -98,7 +73,7 @@ class Uplink(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
     outbox_budget_mb: Annotated[float, msgspec.Meta(ge=1, le=100_000)] = 64.0
 
 
-class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Device(Strict, kw_only=True):
     """One monitored device. Keys beyond these belong to the protocol's own ``Options``."""
 
     name: str
@@ -123,7 +98,7 @@ class Device(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return f"unknown protocol {protocol!r}; known: {', '.join(collectors.available())}"
 
 
-class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Config(Strict, kw_only=True):
     agent: Agent
     mqtt: Mqtt = msgspec.field(default_factory=Mqtt)
     exporter: Exporter = msgspec.field(default_factory=Exporter)
@@ -145,39 +120,6 @@ def load(path: str) -> Config:
 def loads(text: str) -> Config:
     """Parse and validate; raise ``ConfigError`` listing every problem found."""
     return validated(text, Config, _build, _semantic_issues)
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6 address]:port`` -> (host, port); an empty host is 127.0.0.1 (never all
-    interfaces by accident), port 0 a free port the system picks (tests). ``ValueError`` says what is wrong."""
-    m = re.fullmatch(r"(?:\[([^\]]*)\]|([^:\[\]]*)):(\d{1,5})", listen)
-    if m is None:
-        raise ValueError('expected host:port, e.g. "127.0.0.1:9108" or "[::1]:9108"')
-    v6, host, port = m.group(1), m.group(2), int(m.group(3))
-    if v6 is not None:
-        try:
-            ipaddress.IPv6Address(v6)
-        except ValueError:
-            raise ValueError(f"{v6[:64]!r} is not an IPv6 address") from None
-    elif host:
-        check_host(host)
-    if port > 65535:
-        raise ValueError(f"port {port} is outside 1..65535")
-    return v6 or host or "127.0.0.1", port
-
-
-def check_host(host: str) -> None:
-    """``ValueError`` unless ``host`` is a host name or an IP address (v6 without brackets)."""
-    try:
-        ipaddress.ip_address(host)
-        return
-    except ValueError:
-        pass
-    if re.fullmatch(r"[\d.]+", host):
-        raise ValueError(f"{host!r} is not an IPv4 address")
-    if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", host):
-        raise ValueError(f"{host[:64]!r} is not a host name or address")
 
 
 def sample_text() -> str:

@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from examwatch import __version__
-from examwatch.kernel.catalog import METRICS
 from examwatch.edge.config import parse_listen
+from examwatch.kernel.catalog import METRICS
 from examwatch.kernel.model import base_device
 from examwatch.rules.schedule import PHASES
 

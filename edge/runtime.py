@@ -29,8 +29,9 @@ import structlog
 from examwatch.collectors import Health
 from examwatch.edge import bootstrap, statedir
 from examwatch.edge.config import Config, Device
-from examwatch.kernel.model import AlarmEvent, Reading, base_device
 from examwatch.edge.store import Store, is_corruption, open_checked
+from examwatch.kernel import files
+from examwatch.kernel.model import AlarmEvent, Reading, base_device
 from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.agent")
@@ -269,7 +270,7 @@ class Agent:
         from examwatch.edge import exporter
 
         cfg = self.cfg
-        statedir.private_dir(cfg.agent.state_dir)
+        files.private_dir(cfg.agent.state_dir)
         lock = statedir.StateLock(cfg.agent.state_dir)  # held until the process ends, however it ends
         if cfg.uplink.enabled:
             from examwatch.edge.uplink import Uplink

@@ -19,6 +19,7 @@ import msgspec
 import sqlite_utils
 
 from examwatch.edge import statedir
+from examwatch.kernel import files
 from examwatch.kernel.model import AlarmEvent, Reading
 
 SCHEMA = """
@@ -228,7 +229,7 @@ def open_checked(path: str | Path, *, retention_s: float, outbox_budget_bytes: i
     def store() -> Store:
         return Store(path, retention_s=retention_s, outbox_budget_bytes=outbox_budget_bytes)
 
-    statedir.private_db(path)
+    files.private_db(path)
     problem = _damage(path)
     if not problem:
         try:
@@ -247,7 +248,7 @@ def open_checked(path: str | Path, *, retention_s: float, outbox_budget_bytes: i
         # A connection left open would, when collected, delete "<path>-wal" by name: the new database's.
         gc.collect()
     aside = statedir.set_aside(path)
-    statedir.private_db(path)
+    files.private_db(path)
     return Opened(store(), [], aside, problem)
 
 

@@ -32,9 +32,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from examwatch.kernel import wire
 from examwatch.edge.config import Uplink as UplinkConfig
 from examwatch.edge.config import apply_broker_settings
+from examwatch.kernel import wire
 
 log = structlog.get_logger("examwatch.uplink")
 

@@ -30,8 +30,8 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 import structlog
 
-from examwatch.edge.config import parse_listen
 from examwatch.gateway import store
+from examwatch.kernel.config import parse_listen
 
 log = structlog.get_logger("examwatch.gateway.api")
 

@@ -8,10 +8,11 @@ from typing import Annotated
 
 import msgspec
 
-from examwatch.kernel import wire
-from examwatch.edge.config import BrokerSettings, ConfigIssue, SessionExpiry, check_host, parse, parse_listen, read, validated
-from examwatch.edge.statedir import read_secret
 from examwatch.gateway.notify import settings as notify
+from examwatch.kernel import wire
+from examwatch.kernel.broker import BrokerSettings
+from examwatch.kernel.config import ConfigIssue, SessionExpiry, Strict, check_host, parse, parse_listen, read, validated
+from examwatch.kernel.files import read_secret
 from examwatch.rules.config import DAY, Schedule, schedule_issues
 
 # The alarm rules the gateway raises itself (gateway/ingest.py); correlation rules may name them too.
@@ -21,7 +22,7 @@ Days = Annotated[float, msgspec.Meta(ge=0.01, le=3660)]  # retention: a quarter 
 Seconds = Annotated[float, msgspec.Meta(ge=0.1, le=DAY)]  # windows and timeouts: a tenth of a second .. a day
 
 
-class Gateway(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Gateway(Strict, kw_only=True):
     county: str = ""  # display name, e.g. "某某县招办"
     state_dir: str = "/var/lib/examwatch-gateway"  # gateway.db lives here
     retention_days: Days = 30.0  # readings and the (agent, seq) ledger older than this are deleted
@@ -29,7 +30,7 @@ class Gateway(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000  # messages ingested per transaction at most
 
 
-class Broker(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
+class Broker(BrokerSettings, kw_only=True):
     """The county broker the agents publish to."""
 
     client_id: str = "examwatch-gateway"
@@ -38,29 +39,29 @@ class Broker(BrokerSettings, kw_only=True, forbid_unknown_fields=True):
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000
 
 
-class Listen(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Listen(Strict, kw_only=True):
     listen: str = "127.0.0.1:9109"
 
 
-class Api(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Api(Strict, kw_only=True):
     listen: str = "127.0.0.1:8080"
     token: str = ""  # bearer token for acknowledgements; or token_file
     token_file: str = ""
 
 
-class Security(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Security(Strict, kw_only=True):
     keys_file: str = ""  # lines "<site>/<room> <hex key>"; the county's roster of rooms
     keys: dict[str, str] = {}  # or inline: "<site>/<room>" = "<hex key>"
     replay_window: Seconds = 600.0  # s: an already stored message arriving again this much later is a replay
     quiet: Seconds = 600.0  # s without rejections before a room's security alarm clears
 
 
-class Liveness(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Liveness(Strict, kw_only=True):
     heartbeat_timeout: Seconds = 90.0  # s without any message from an agent -> offline
     skew_max: Seconds = 5.0  # s between the agent's clock and ours before a clock alarm
 
 
-class CorrelationRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class CorrelationRule(Strict, kw_only=True):
     """One fault class: the alarm rules that belong to it and when rooms together make an incident."""
 
     fault_class: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = msgspec.field(name="class")
@@ -73,7 +74,7 @@ class CorrelationRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     site_rooms: list[str] = []  # rooms whose fault alone is site-wide (e.g. the room that watches the site's power)
 
 
-class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Config(Strict, kw_only=True):
     gateway: Gateway = msgspec.field(default_factory=Gateway)
     broker: Broker = msgspec.field(default_factory=Broker)
     exporter: Listen = msgspec.field(default_factory=Listen)
@@ -102,7 +103,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return self.correlation or builtin_correlation()
 
 
-class _Builtin(msgspec.Struct, forbid_unknown_fields=True):
+class _Builtin(Strict):
     correlation: list[CorrelationRule]
 
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from examwatch.kernel.catalog import METRICS
-from examwatch.edge.config import parse_listen
-from examwatch.kernel.model import base_device
 from examwatch.gateway import store
 from examwatch.gateway.ingest import Stats
+from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.config import parse_listen
+from examwatch.kernel.model import base_device
 from examwatch.rules.schedule import PHASES
 
 if TYPE_CHECKING:

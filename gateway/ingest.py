@@ -24,11 +24,11 @@ from typing import Any, NamedTuple
 import msgspec
 import structlog
 
-from examwatch.kernel import wire
-from examwatch.kernel.model import DEVICE_KINDS, AlarmEvent, Reading
 from examwatch.gateway import store
 from examwatch.gateway.config import Config
 from examwatch.gateway.correlate import Fault, Incident, correlate
+from examwatch.kernel import wire
+from examwatch.kernel.model import DEVICE_KINDS, AlarmEvent, Reading
 from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.gateway")

@@ -13,7 +13,6 @@ from pathlib import Path
 import sdnotify
 import structlog
 
-from examwatch.edge.config import ConfigError
 from examwatch.gateway import config as gwconfig
 from examwatch.gateway import store
 from examwatch.gateway.api import ApiServer
@@ -21,6 +20,7 @@ from examwatch.gateway.exporter import GatewayCollector, serve
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.gateway.mqtt import Subscriber
 from examwatch.gateway.notify.worker import notifier_for
+from examwatch.kernel.config import ConfigError
 
 log = structlog.get_logger("examwatch.gateway")
 

@@ -22,10 +22,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from examwatch.edge.config import apply_broker_settings
-from examwatch.kernel.wire import TOPIC_ROOT
 from examwatch.gateway.config import Broker
 from examwatch.gateway.ingest import Message
+from examwatch.kernel.broker import apply_broker_settings
+from examwatch.kernel.wire import TOPIC_ROOT
 
 log = structlog.get_logger("examwatch.gateway.mqtt")
 

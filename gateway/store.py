@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from examwatch.edge import statedir
+from examwatch.kernel import files
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL,
@@ -49,7 +49,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
     else:
-        statedir.private_db(path)  # 0700 directory, 0600 files, whatever the umask
+        files.private_db(path)  # 0700 directory, 0600 files, whatever the umask
         # Opened by the gateway's constructor, used by its ingest thread only (one at a time).
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")

@@ -12,7 +12,6 @@ import msgspec
 
 from examwatch.kernel.catalog import unit_of
 
-
 DeviceKind = Literal["recorder", "camera", "nvr", "ups", "switch", "link", "door", "noise", "host"]
 DEVICE_KINDS: frozenset[str] = frozenset(get_args(DeviceKind))
 DEVICE_KIND_NAMES: dict[str, str] = {

@@ -16,7 +16,7 @@ import hmac
 
 import msgspec
 
-from examwatch.edge.statedir import read_secret
+from examwatch.kernel.files import read_secret
 
 VERSION = 1
 KINDS = ("readings", "alarms", "status")

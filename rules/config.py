@@ -11,16 +11,15 @@ from typing import Annotated
 
 import msgspec
 
-DAY = 86400.0
+from examwatch.kernel.config import DAY, Finite, Strict
+
 YEARS = (2000, 2200)  # of an exam session or a secrecy window
 
-# Any value a metric can take (bytes of a disk included): finite, so NaN and inf are refused.
-Finite = Annotated[float, msgspec.Meta(ge=-1e15, le=1e15)]
 # Local wall-clock time of the exam site: a UTC offset would make it incomparable with the others.
 LocalTime = Annotated[datetime, msgspec.Meta(tz=False)]
 
 
-class RuleOverride(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class RuleOverride(Strict, kw_only=True):
     """A site's change to one rule of the pack, under ``[rules.<rule id>]``. Unset fields keep the pack's."""
 
     enabled: bool | None = None
@@ -32,13 +31,13 @@ class RuleOverride(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     levels: dict[str, int] | None = None  # per exam phase; 0 silences the rule in that phase
 
 
-class Window(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Window(Strict, kw_only=True):
     name: str = ""
     start: LocalTime
     end: LocalTime
 
 
-class Schedule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Schedule(Strict, kw_only=True):
     """The exam sessions and the secrecy room's permitted opening windows, in local time."""
 
     timezone: str = "Asia/Shanghai"

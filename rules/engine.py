@@ -13,19 +13,17 @@ then ``for`` timers and silent devices are checked against ``now``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 import msgspec
 
 from examwatch.kernel.catalog import METRICS
 from examwatch.kernel.model import DEVICE_KIND_NAMES, AlarmEvent, Level, Reading, base_device
+from examwatch.rules.config import RuleOverride, Schedule
 from examwatch.rules.model import Rule
 from examwatch.rules.pack import effective_rules, override_issues
 from examwatch.rules.schedule import PHASE_NAMES, Calendar
-
-from examwatch.rules.config import RuleOverride, Schedule
 
 
 class RoomLike(Protocol):

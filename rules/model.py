@@ -19,6 +19,7 @@ from typing import Literal
 
 import msgspec
 
+from examwatch.kernel.config import Strict
 from examwatch.kernel.model import RoomKind
 
 Op = Literal["<", "<=", ">", ">=", "==", "!="]
@@ -39,7 +40,7 @@ LEVEL_ACTIONS = {
 }
 
 
-class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Rule(Strict, frozen=True, kw_only=True):
     id: str
     type: Literal["threshold", "silent"] = "threshold"
     title: str  # what is wrong, in Chinese, e.g. "录音笔电量低"; "{kind}" names the device kind

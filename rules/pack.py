@@ -13,14 +13,14 @@ from importlib import resources
 import msgspec
 
 from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.config import Strict
 from examwatch.kernel.model import DEVICE_KINDS
 from examwatch.rules.config import RuleOverride
 from examwatch.rules.model import Rule, rule_issues
 from examwatch.rules.schedule import PHASES
 
 
-
-class _Pack(msgspec.Struct, forbid_unknown_fields=True):
+class _Pack(Strict):
     rules: list[Rule]
 
 

@@ -9,8 +9,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from examwatch.kernel.model import AlarmEvent, Reading
 from examwatch.edge.store import Store
+from examwatch.kernel.model import AlarmEvent, Reading
 
 
 def mode(p: Path | str) -> int:

@@ -18,8 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
-from examwatch.kernel.model import AlarmEvent
 from examwatch.gateway import store
+from examwatch.kernel.model import AlarmEvent
 from examwatch.simulators.broker import free_port
 
 

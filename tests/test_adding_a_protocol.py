@@ -23,7 +23,6 @@ from examwatch.kernel.model import Reading
 from examwatch.simulators.broker import free_port
 from tests.support import wait_until
 
-
 # --- the example of docs/collectors.md, as a protocol module would hold it ------------------------------
 
 

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.agent import RunningAgent, Watcher, agent_toml, launch_agent
-from tests.support import until
 from examwatch.simulators.broker import free_port
+from tests.support import until
+from tests.support.agent import RunningAgent, Watcher, agent_toml, launch_agent
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from tests.support.agent import Watcher, agent_toml, launch_agent
 from examwatch.simulators.broker import free_port
 from tests.corrupt_db import CORRUPTIONS, mode, sound_db
+from tests.support.agent import Watcher, agent_toml, launch_agent
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.agent import Watcher, agent_toml, launch_agent
 from examwatch.simulators.broker import free_port
 from tests.support import until
+from tests.support.agent import Watcher, agent_toml, launch_agent
 
 pytestmark = pytest.mark.integration
 

@@ -298,8 +298,8 @@ def test_any_toml_shaped_file_gives_a_config_or_a_config_error(text):
 
 
 def test_the_smallest_batch_max_still_sends_every_reading(tmp_path):
-    from examwatch.kernel.model import Reading
     from examwatch.edge.store import OutboxReader, Store
+    from examwatch.kernel.model import Reading
 
     cfg = loads(agent_text(top='[uplink]\nbatch_max = 1'))
     store = Store(tmp_path / "agent.db")

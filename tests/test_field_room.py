@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from examwatch.simulators.broker import free_port
 from examwatch.simulators.room import SimulatedRoom
 from tests.support.agent import Watcher, agent_toml, launch_agent
-from examwatch.simulators.broker import free_port
 
 pytestmark = pytest.mark.integration
 

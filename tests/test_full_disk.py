@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from tests.support.agent import Watcher, agent_toml, launch_agent, until
 from examwatch.simulators.broker import free_port
+from tests.support.agent import Watcher, agent_toml, launch_agent, until
 
 pytestmark = [
     pytest.mark.integration,

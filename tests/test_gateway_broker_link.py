@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from examwatch.simulators.broker import CountyBroker
-from examwatch.simulators.broker import Mosquitto, free_port
+from examwatch.simulators.broker import CountyBroker, Mosquitto, free_port
 from tests.support import until
 from tests.support.gateway import AgentProc, GatewayProc, start
 

@@ -10,11 +10,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from examwatch.kernel import wire
-from examwatch.kernel.model import Reading
 from examwatch.gateway import store
 from examwatch.gateway.exporter import GatewayCollector
 from examwatch.gateway.ingest import ROOM_REASONS, Engine, Message
+from examwatch.kernel import wire
+from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule, Window
 from examwatch.rules.schedule import PHASES
 from tests.test_gateway_ingest import KEYS, T0, alarm, alarm_msg, make, status_msg

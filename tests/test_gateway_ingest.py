@@ -5,11 +5,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from examwatch.kernel import wire
-from examwatch.kernel.model import AlarmEvent, Reading
 from examwatch.gateway import store
 from examwatch.gateway.config import Config, Liveness, Security
 from examwatch.gateway.ingest import Engine, Message, Seqs
+from examwatch.kernel import wire
+from examwatch.kernel.model import AlarmEvent, Reading
 from examwatch.rules.config import Schedule, Window
 
 KEYS = {f"s1/{r}": bytes([i + 1]) * 32 for i, r in enumerate(["101", "102", "103", "104", "105", "106"])}

@@ -12,7 +12,15 @@ from collections.abc import Iterator
 import pytest
 
 from examwatch.collectors.base import Health
-from examwatch.collectors.links import DEFAULT_GATEWAY, ROUTE_TABLE, LinksCollector, Options, default_route, parse_routes, summarize
+from examwatch.collectors.links import (
+    DEFAULT_GATEWAY,
+    ROUTE_TABLE,
+    LinksCollector,
+    Options,
+    default_route,
+    parse_routes,
+    summarize,
+)
 from examwatch.edge.config import Device
 from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 

@@ -12,7 +12,17 @@ from hypothesis import strategies as st
 
 from examwatch.collectors import profiles
 from examwatch.collectors.base import DeviceError, Health
-from examwatch.collectors.megatec import Battery, MegatecCollector, Options, Profile, Rating, estimate_charge, parse_f, parse_i, parse_q1
+from examwatch.collectors.megatec import (
+    Battery,
+    MegatecCollector,
+    Options,
+    Profile,
+    Rating,
+    estimate_charge,
+    parse_f,
+    parse_i,
+    parse_q1,
+)
 from examwatch.edge.config import Device
 from examwatch.simulators.megatec import MegatecSimulator
 from examwatch.simulators.serial_pty import PtyPair

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from examwatch.collectors.base import DeviceError, Health
-from examwatch.collectors.nut import STATUS_FLAGS, NutCollector, NutError, NutOptions, parse_address, parse_list_var, parse_nut
+from examwatch.collectors.nut import (
+    STATUS_FLAGS,
+    NutCollector,
+    NutError,
+    NutOptions,
+    parse_address,
+    parse_list_var,
+    parse_nut,
+)
 from examwatch.edge.config import Device
 from examwatch.simulators.nut import STATES, NutSimulator
 from tests.support import Recorder, running

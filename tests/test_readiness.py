@@ -24,14 +24,14 @@ from examwatch.edge import checks as surroundings
 from examwatch.edge import readiness
 from examwatch.edge.checks import GIB, MIB
 from examwatch.edge.config import loads
-from examwatch.kernel.model import Reading
 from examwatch.edge.readiness import FAIL, OK, WARN, Check
+from examwatch.kernel.model import Reading
 from examwatch.rules.engine import build_engine
+from examwatch.simulators.broker import free_port, wait_port
 from examwatch.simulators.isapi import IsapiSimulator
 from examwatch.simulators.room import SimulatedRoom
-from tests.support.agent import launch_agent
 from tests.support import until
-from examwatch.simulators.broker import free_port, wait_port
+from tests.support.agent import launch_agent
 
 KEY = "ef" * 32
 

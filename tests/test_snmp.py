@@ -14,7 +14,15 @@ import pytest
 
 from examwatch.collectors import profiles
 from examwatch.collectors.base import Health
-from examwatch.collectors.snmp import Expression, Profile, SnmpCollector, SnmpOptions, compile_profile, parse_snmp, profile_named
+from examwatch.collectors.snmp import (
+    Expression,
+    Profile,
+    SnmpCollector,
+    SnmpOptions,
+    compile_profile,
+    parse_snmp,
+    profile_named,
+)
 from examwatch.edge.config import Device
 from examwatch.simulators.snmp import (
     HIK_DISK,

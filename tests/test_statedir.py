@@ -15,9 +15,10 @@ import pytest
 import structlog
 
 from examwatch.edge import statedir
-from examwatch.kernel.model import Reading
 from examwatch.edge.runtime import Agent
 from examwatch.edge.store import Store, is_corruption, open_checked
+from examwatch.kernel import files
+from examwatch.kernel.model import Reading
 from tests.corrupt_db import CORRUPTIONS, garbage_wal, mode, sound_db
 from tests.support import config
 
@@ -159,12 +160,12 @@ def test_loose_modes_found_at_start_are_tightened_and_logged(tmp_path):
     for p, m in ((state, 0o755), (state / "agent.db", 0o644), (state / "agent.db-wal", 0o664)):
         p.chmod(m)
     with structlog.testing.capture_logs() as logs:
-        statedir.private_db(state / "agent.db")
+        files.private_db(state / "agent.db")
     assert (mode(state), mode(state / "agent.db"), mode(state / "agent.db-wal")) == (0o700, 0o600, 0o600)
     assert sorted((e["path"], e["was"]) for e in logs if e["event"] == "mode_tightened") == [
         (str(state), "0755"), (str(state / "agent.db"), "0644"), (str(state / "agent.db-wal"), "0664")]
     with structlog.testing.capture_logs() as logs:
-        statedir.private_db(state / "agent.db")
+        files.private_db(state / "agent.db")
     assert logs == []  # once tight, nothing more to say
 
 
@@ -185,7 +186,7 @@ def test_a_secret_others_may_read_is_refused(tmp_path, m):
     key.write_text("ab" * 32)
     key.chmod(m)
     with pytest.raises(ValueError, match=f"permissions {m:04o} for '{key}' are too open"):
-        statedir.read_secret(key)
+        files.read_secret(key)
 
 
 @pytest.mark.parametrize("m", [0o600, 0o400])
@@ -193,23 +194,23 @@ def test_an_owner_only_secret_is_read(tmp_path, m):
     key = tmp_path / "agent.key"
     key.write_text("ab" * 32 + "\n")
     key.chmod(m)
-    assert statedir.read_secret(key) == "ab" * 32 + "\n"
+    assert files.read_secret(key) == "ab" * 32 + "\n"
 
 
 def test_a_huge_secret_file_is_refused_unread(tmp_path):
     big = tmp_path / "big"
     with open(big, "wb") as f:
-        f.truncate(statedir.SECRET_MAX + 1)
+        f.truncate(files.SECRET_MAX + 1)
     big.chmod(0o600)
     with pytest.raises(ValueError, match="larger than"):
-        statedir.read_secret(big)
+        files.read_secret(big)
 
 
 def test_a_fifo_as_secret_is_refused_without_hanging(tmp_path):
     fifo = tmp_path / "agent.key"
     os.mkfifo(fifo, 0o600)
     with pytest.raises(ValueError, match="not a regular file"):
-        statedir.read_secret(fifo)
+        files.read_secret(fifo)
 
 
 def test_the_gateway_refuses_a_keys_file_or_token_file_others_may_read(tmp_path):

@@ -13,8 +13,8 @@ import time
 
 import msgspec
 
-from examwatch.kernel.model import AlarmEvent, Reading
 from examwatch.edge.store import OutboxReader, Store
+from examwatch.kernel.model import AlarmEvent, Reading
 
 
 def event(i: int, state: str = "raised") -> AlarmEvent:

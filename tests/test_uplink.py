@@ -13,11 +13,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from examwatch.kernel import wire
 from examwatch.edge.config import Uplink as UplinkConfig
-from examwatch.kernel.model import AlarmEvent, Reading
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
+from examwatch.kernel import wire
+from examwatch.kernel.model import AlarmEvent, Reading
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import msgspec
 import pytest
 
 from examwatch.edge.config import Uplink as UplinkConfig
-from examwatch.kernel.model import Reading
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
+from examwatch.kernel.model import Reading
 from examwatch.simulators.broker import free_port, wait_port
 
 pytestmark = pytest.mark.integration

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import msgspec
 
+from examwatch.kernel.config import Strict
+
 CHANNEL_TYPES = ("dingtalk", "wecom", "feishu", "email", "webhook", "alertmanager")
 TIERS = ("technicians", "group_lead", "leading_group", "county_office")  # 技术人员, 保障组组长, 领导小组, 县招办
 # Messages a minute the platform accepts from one robot (its documentation); 0: no documented limit.
@@ -14,7 +16,7 @@ RATE_LIMITS = {"dingtalk": 20, "wecom": 20, "feishu": 100, "email": 0, "webhook"
 MIN_GAPS = {"feishu": 0.2}  # s between two sends: Feishu also allows at most 5 a second
 
 
-class Channel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Channel(Strict, kw_only=True):
     """One place messages go: a group robot, a mailbox list, a webhook or an Alertmanager."""
 
     name: str
@@ -55,7 +57,7 @@ class Channel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return MIN_GAPS.get(self.type, 0.0) if self.rate_per_minute < 0 else 0.0
 
 
-class Roster(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Roster(Strict, kw_only=True):
     """Per site (or site = "*" for the county office): the channels that reach each tier."""
 
     site: str
@@ -68,7 +70,7 @@ class Roster(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return list(getattr(self, name))
 
 
-class Deadlines(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Deadlines(Strict, kw_only=True):
     """Seconds after the raise by which someone must acknowledge; each one missed escalates one tier."""
 
     level1: list[float] = msgspec.field(default_factory=lambda: [300.0, 900.0])  # 一级：5 分钟内反馈
@@ -79,7 +81,7 @@ class Deadlines(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return {1: self.level1, 2: self.level2}.get(level, self.level3)
 
 
-class Notify(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Notify(Strict, kw_only=True):
     ack_url: str = ""  # the gateway API as staff reach it, e.g. "https://gw.example.cn:8080"
     grafana_url: str = ""  # e.g. "https://grafana.example.cn/d/examwatch-room"; ?var-site=&var-room= appended
     timezone: str = "Asia/Shanghai"

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 
 import msgspec
 
-from examwatch.kernel.model import AlarmEvent
 from examwatch.gateway.notify.core import Ack, Event
+from examwatch.kernel.model import AlarmEvent
 
 _alarm = msgspec.json.Decoder(AlarmEvent)
 MAX_EVENT = 64 * 1024  # a stored event larger than this is not ours to parse (ingest bounds it already)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from urllib.parse import quote
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 

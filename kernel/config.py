@@ -1,4 +1,7 @@
-"""Checking a TOML file against msgspec structs: every error at once, each with its key path and line.
+"""The strict-TOML config base, shared by the agent's and the gateway's configs: one base struct that
+refuses unknown keys, the ranges used beside the fields, listen addresses, and the checker.
+
+Checking a TOML file against msgspec structs: every error at once, each with its key path and line.
 
 msgspec structs are the schema. msgspec stops at the first error, and a technician fixing a file on an
 exam morning wants all of them, so ``_walk`` checks the parsed TOML against the same structs field by
@@ -10,19 +13,37 @@ reading is one path for ``config check`` and ``run`` alike: bounded, strictly UT
 from __future__ import annotations
 
 import copy
+import ipaddress
 import math
 import re
 import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, get_args, get_origin
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 import msgspec
 
 MAX_BYTES = 1 << 20  # a config file is a few KB; a megabyte is not one (and would be slow to check)
 MAX_NESTING = 32  # brackets deep; tomllib recurses per level and a hostile file must not exhaust the stack
 MAX_ISSUES = 50  # reported per file: a technician fixes the first ones, and locating each costs a scan
+
+DAY = 86400.0
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True):
+    """Every config table: an unknown key is an error (a typo must never silently disable a setting)."""
+
+
+# Ranges, declared once and used beside the fields. A bound also refuses NaN and infinity.
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Interval = Annotated[float, msgspec.Meta(ge=0.01, le=DAY)]  # s between polls or sends: never a busy loop
+Timeout = Annotated[float, msgspec.Meta(ge=0.01, le=600)]  # s to wait for one answer
+# s the MQTT broker keeps a session while the client is away: a minute at least (a restart), at most
+# MQTT v5's 0xFFFFFFFF (never expires)
+SessionExpiry = Annotated[int, msgspec.Meta(ge=60, le=0xFFFFFFFF)]
+# Any value a metric can take (bytes of a disk included): finite, so NaN and inf are refused.
+Finite = Annotated[float, msgspec.Meta(ge=-1e15, le=1e15)]
 
 S = TypeVar("S", bound=msgspec.Struct)
 Path = tuple[str | int, ...]
@@ -253,4 +274,39 @@ def _line_of(text: str, path: Path) -> int | None:
     return None
 
 
-__all__ = ["MAX_BYTES", "ConfigError", "ConfigIssue", "decode", "error_at", "fields_of", "parse", "read", "validated"]
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6 address]:port`` -> (host, port); an empty host is 127.0.0.1 (never all
+    interfaces by accident), port 0 a free port the system picks (tests). ``ValueError`` says what is wrong."""
+    m = re.fullmatch(r"(?:\[([^\]]*)\]|([^:\[\]]*)):(\d{1,5})", listen)
+    if m is None:
+        raise ValueError('expected host:port, e.g. "127.0.0.1:9108" or "[::1]:9108"')
+    v6, host, port = m.group(1), m.group(2), int(m.group(3))
+    if v6 is not None:
+        try:
+            ipaddress.IPv6Address(v6)
+        except ValueError:
+            raise ValueError(f"{v6[:64]!r} is not an IPv6 address") from None
+    elif host:
+        check_host(host)
+    if port > 65535:
+        raise ValueError(f"port {port} is outside 1..65535")
+    return v6 or host or "127.0.0.1", port
+
+
+def check_host(host: str) -> None:
+    """``ValueError`` unless ``host`` is a host name or an IP address (v6 without brackets)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if re.fullmatch(r"[\d.]+", host):
+        raise ValueError(f"{host!r} is not an IPv4 address")
+    if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", host):
+        raise ValueError(f"{host[:64]!r} is not a host name or address")
+
+
+__all__ = ["DAY", "MAX_BYTES", "ConfigError", "ConfigIssue", "Finite", "Interval", "Port", "SessionExpiry", "Strict",
+           "Timeout", "check_host", "decode", "error_at", "fields_of", "parse", "parse_listen", "read", "validated"]
