@@ -22,12 +22,12 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examwatch.edge.config import Uplink as UplinkConfig
+from examwatch.edge.config import UplinkSettings
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
 from examwatch.gateway import store as gwstore
-from examwatch.gateway.config import Api, Broker, Config, Gateway, Listen, Security
-from examwatch.gateway.main import Gateway as GatewayRuntime
+from examwatch.gateway.config import Api, Broker, Config, GatewaySettings, Listen, Security
+from examwatch.gateway.main import Gateway
 from examwatch.kernel.model import Reading
 from examwatch.simulators.broker import free_port, wait_port  # noqa: E402
 
@@ -48,9 +48,9 @@ def scenario(workdir: Path, rows: int, per_row: int) -> tuple[float, int]:
     broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
-    cfg = Config(gateway=Gateway(state_dir=str(workdir / "gw")), broker=Broker(port=port),
+    cfg = Config(gateway=GatewaySettings(state_dir=str(workdir / "gw")), broker=Broker(port=port),
                  exporter=Listen(listen="127.0.0.1:0"), api=Api(listen="127.0.0.1:0"), security=Security(keys={AGENT: KEY}))
-    gw = GatewayRuntime(cfg)
+    gw = Gateway(cfg)
     gw_thread = threading.Thread(target=gw.run, daemon=True)
     gw_thread.start()
     if not gw.subscriber.subscribed.wait(10):
@@ -63,7 +63,7 @@ def scenario(workdir: Path, rows: int, per_row: int) -> tuple[float, int]:
         agent_store.write([], outbox=[("readings", msgspec.json.encode(
             [Reading(f"dev{j % 30}", "battery_percent", float(j), ts) for j in range(per_row)]))])
     acks: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
-    up = Uplink(UplinkConfig(enabled=True, port=port, signing_key=KEY), agent_id=AGENT, db_path=str(db), on_acked=acks.put)
+    up = Uplink(UplinkSettings(enabled=True, port=port, signing_key=KEY), agent_id=AGENT, db_path=str(db), on_acked=acks.put)
     total = rows * per_row
     reader = OutboxReader(db)
     gwdb = None

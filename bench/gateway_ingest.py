@@ -21,7 +21,7 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examwatch.gateway import store
-from examwatch.gateway.config import Config, Gateway
+from examwatch.gateway.config import Config, GatewaySettings
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
@@ -50,7 +50,7 @@ def run(n_agents: int, per_agent: int, per_message: int, batch: int) -> dict[str
     msgs = messages(agents, keys, per_agent, per_message, time.time())
     with tempfile.TemporaryDirectory() as d:
         conn = store.connect(Path(d) / "gw.db")
-        engine = Engine(Config(gateway=Gateway(batch_max=batch)), conn, keys)
+        engine = Engine(Config(gateway=GatewaySettings(batch_max=batch)), conn, keys)
         wall, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(msgs), batch):
             engine.ingest(msgs[i : i + batch], time.time())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from examwatch.edge.config import Agent, Config, Device
+from examwatch.edge.config import AgentSettings, Config, Device
 from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule, Window
 from examwatch.rules.engine import build_engine
@@ -43,7 +43,7 @@ def config() -> Config:
         ]
     )
     devices = [Device(name=n, kind=k, protocol="bench", interval=10.0) for n, k in KINDS.items()]  # type: ignore[arg-type]
-    return Config(agent=Agent(site="yz1", room="r3"), devices=devices, schedule=day)
+    return Config(agent=AgentSettings(site="yz1", room="r3"), devices=devices, schedule=day)
 
 
 def readings(n: int, t0: float, rng: random.Random) -> list[Reading]:

@@ -33,7 +33,7 @@ from examwatch.kernel.model import DeviceKind, RoomKind
 from examwatch.rules.config import RuleOverride, Schedule, schedule_issues
 
 
-class Agent(Strict, kw_only=True):
+class AgentSettings(Strict, kw_only=True):
     site: str  # site id (考点), ASCII: it appears in MQTT topics and metric labels
     room: str  # room id (考场 or 保密室)
     kind: RoomKind = "exam_room"
@@ -42,22 +42,22 @@ class Agent(Strict, kw_only=True):
     state_dir: str = "/var/lib/examwatch"
 
 
-class Mqtt(BrokerSettings, kw_only=True):
+class MqttSettings(BrokerSettings, kw_only=True):
     """The room's local broker, where the sensors (e.g. Zigbee2MQTT) publish."""
 
     client_id: str = ""  # default: examwatch-<site>-<room>
 
 
-class Exporter(Strict, kw_only=True):
+class ExporterSettings(Strict, kw_only=True):
     listen: str = "127.0.0.1:9108"
 
 
-class Store(Strict, kw_only=True):
+class StoreSettings(Strict, kw_only=True):
     # readings older than this are deleted; alarm transitions are kept
     retention_hours: Annotated[float, msgspec.Meta(ge=1, le=24 * 366)] = 72.0
 
 
-class Uplink(BrokerSettings, kw_only=True):
+class UplinkSettings(BrokerSettings, kw_only=True):
     """The county broker that carries readings and alarms to the gateway (MQTT v5, QoS 1)."""
 
     enabled: bool = False
@@ -99,11 +99,11 @@ class Device(Strict, kw_only=True):
 
 
 class Config(Strict, kw_only=True):
-    agent: Agent
-    mqtt: Mqtt = msgspec.field(default_factory=Mqtt)
-    exporter: Exporter = msgspec.field(default_factory=Exporter)
-    store: Store = msgspec.field(default_factory=Store)
-    uplink: Uplink = msgspec.field(default_factory=lambda: Uplink())
+    agent: AgentSettings
+    mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
+    exporter: ExporterSettings = msgspec.field(default_factory=ExporterSettings)
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    uplink: UplinkSettings = msgspec.field(default_factory=UplinkSettings)
     devices: list[Device] = []
     rules: dict[str, RuleOverride] = {}
     schedule: Schedule = msgspec.field(default_factory=Schedule)
@@ -200,5 +200,5 @@ def _device_issues(devices: list[Device]) -> list[ConfigIssue]:
 
 
 __all__ = ["BrokerSettings", "Config", "ConfigError", "ConfigIssue", "Device", "Interval", "Port", "SessionExpiry",
-           "Timeout", "Uplink", "apply_broker_settings", "check_host", "decode", "error_at", "load", "loads", "parse",
+           "Timeout", "UplinkSettings", "apply_broker_settings", "check_host", "decode", "error_at", "load", "loads", "parse",
            "parse_listen", "read", "sample_text", "validated"]

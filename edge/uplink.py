@@ -32,8 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from examwatch.edge.config import Uplink as UplinkConfig
-from examwatch.edge.config import apply_broker_settings
+from examwatch.edge.config import UplinkSettings, apply_broker_settings
 from examwatch.kernel import wire
 
 log = structlog.get_logger("examwatch.uplink")
@@ -75,7 +74,7 @@ def _default_reader(path: str) -> OutboxReaderLike:
 class Uplink:
     def __init__(
         self,
-        cfg: UplinkConfig,
+        cfg: UplinkSettings,
         *,
         agent_id: str,
         db_path: str,

@@ -22,7 +22,7 @@ Days = Annotated[float, msgspec.Meta(ge=0.01, le=3660)]  # retention: a quarter 
 Seconds = Annotated[float, msgspec.Meta(ge=0.1, le=DAY)]  # windows and timeouts: a tenth of a second .. a day
 
 
-class Gateway(Strict, kw_only=True):
+class GatewaySettings(Strict, kw_only=True):
     county: str = ""  # display name, e.g. "某某县招办"
     state_dir: str = "/var/lib/examwatch-gateway"  # gateway.db lives here
     retention_days: Days = 30.0  # readings and the (agent, seq) ledger older than this are deleted
@@ -75,7 +75,7 @@ class CorrelationRule(Strict, kw_only=True):
 
 
 class Config(Strict, kw_only=True):
-    gateway: Gateway = msgspec.field(default_factory=Gateway)
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
     broker: Broker = msgspec.field(default_factory=Broker)
     exporter: Listen = msgspec.field(default_factory=Listen)
     api: Api = msgspec.field(default_factory=Api)

@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from examwatch.collectors.base import Context, Health
 from examwatch.collectors.mqtt import Field, MqttCollector, MqttOptions, Profile, parse_availability, parse_payload
 from examwatch.collectors.profiles import load
-from examwatch.edge.config import Device, Mqtt
+from examwatch.edge.config import Device, MqttSettings
 from examwatch.kernel.model import Reading
 from tests.support import Recorder
 
@@ -28,7 +28,7 @@ def collector(sink: Recorder, health: Health) -> MqttCollector:
         Device(name="rec", kind="recorder", protocol="mqtt", topic="rec/1", profile="recorder_json",
                options=MqttOptions(fields=[Field(path="batt", metric="battery_percent")], availability=False)),
     ]
-    return MqttCollector(devices, sink, health, Context(broker=Mqtt()))
+    return MqttCollector(devices, sink, health, Context(broker=MqttSettings()))
 
 
 def test_zigbee2mqtt_contact_true_means_closed():
@@ -207,7 +207,7 @@ def test_a_wildcard_or_shared_topic_is_refused_for_its_device_alone():
     sink, health = Recorder(), Health()
     devices = [Device(name=n, kind="door", protocol="mqtt", topic=t, profile="zigbee2mqtt_contact")
                for n, t in (("a", "z2m107/#"), ("b", "z2m/+/door"), ("c", "z2m/c"), ("d", "z2m/c"), ("e", "z2m/e"))]
-    c = MqttCollector(devices, sink, health, broker=Mqtt())
+    c = MqttCollector(devices, sink, health, Context(broker=MqttSettings()))
     assert set(c.routes) == {"z2m/c", "z2m/c/availability", "z2m/e", "z2m/e/availability"}
     assert set(c.refused) == {"a", "b", "d"}
     assert {r.device for r in sink.readings if r.metric == "device_online" and r.value == 0} == {"a", "b", "d"}
@@ -224,7 +224,7 @@ def test_a_dead_network_loop_is_seen(mosquitto):
     async def scenario() -> None:
         sink, health = Recorder(), Health()
         c = collector(sink, health)
-        c.broker = Mqtt(port=mosquitto.port, client_id="dead-loop")
+        c.broker = MqttSettings(port=mosquitto.port, client_id="dead-loop")
         stop = asyncio.Event()
         task = asyncio.create_task(c.run(stop))
         await wait_until(lambda: c.connected, 5)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from examwatch.edge.config import Agent, Device
+from examwatch.edge.config import AgentSettings, Device
 from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule
 from examwatch.rules.engine import RuleEngine
 from examwatch.rules.model import Rule
 
-AGENT = Agent(site="s", room="r")
+AGENT = AgentSettings(site="s", room="r")
 MIC = [Device(name="mic", kind="noise", protocol="test", interval=1e9)]
 FAST = settings(max_examples=150, deadline=None)
 

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from examwatch.edge.config import Uplink as UplinkConfig
+from examwatch.edge.config import UplinkSettings
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
 from examwatch.kernel import wire
@@ -63,7 +63,7 @@ class Room:
     def __init__(self, path: Path, port: int, **cfg: object) -> None:
         self.store = Store(path)
         self.acks: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
-        self.cfg = UplinkConfig(enabled=True, port=port, signing_key=KEY_HEX, heartbeat=0.5, **cfg)  # type: ignore[arg-type]
+        self.cfg = UplinkSettings(enabled=True, port=port, signing_key=KEY_HEX, heartbeat=0.5, **cfg)  # type: ignore[arg-type]
         self.path = path
         self.uplink: Uplink | None = None
         self.n = 0
@@ -230,4 +230,4 @@ def test_status_online_heartbeat_then_offline_on_stop(mosquitto, listener, tmp_p
 
 def test_missing_signing_key_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="signing key"):
-        Uplink(UplinkConfig(enabled=True), agent_id="s1/r1", db_path=str(tmp_path / "a.db"), on_acked=print)
+        Uplink(UplinkSettings(enabled=True), agent_id="s1/r1", db_path=str(tmp_path / "a.db"), on_acked=print)

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from examwatch.edge.config import Uplink as UplinkConfig
+from examwatch.edge.config import UplinkSettings
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
 from examwatch.kernel.model import Reading
@@ -75,7 +75,7 @@ class TlsBroker:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_uplink(tmp_path: Path, agent: str, cfg: UplinkConfig, rows: int = 20) -> tuple[Uplink, Store]:
+def run_uplink(tmp_path: Path, agent: str, cfg: UplinkSettings, rows: int = 20) -> tuple[Uplink, Store]:
     store = Store(tmp_path / "a.db")
     for i in range(rows):
         store.write([], outbox=[("readings", msgspec.json.encode([Reading("ups1", "ups_charge_percent", i, 1000.0 + i)]))])
@@ -95,7 +95,7 @@ def test_tls_delivery_with_password_or_certificate(pki, tmp_path, certificates):
     try:
         auth = ({"cert_file": str(pki / "agent.crt"), "key_file": str(pki / "agent.key")} if certificates
                 else {"username": "s1-101", "password": "room-pass"})
-        cfg = UplinkConfig(enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY, **auth)
+        cfg = UplinkSettings(enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY, **auth)
         up, _ = run_uplink(tmp_path, "s1/101", cfg)
         h = up.health()
         up.stop()
@@ -108,7 +108,7 @@ def test_tls_delivery_with_password_or_certificate(pki, tmp_path, certificates):
 def test_acl_refuses_another_rooms_topic_and_rows_stay(pki, tmp_path):
     broker = TlsBroker(pki, certificates=False)
     try:
-        cfg = UplinkConfig(enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY,
+        cfg = UplinkSettings(enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY,
                            username="s1-101", password="room-pass")
         up, _ = run_uplink(tmp_path, "s1/102", cfg, rows=3)  # 101's credentials, 102's topics
         h = up.health()
@@ -122,7 +122,7 @@ def test_acl_refuses_another_rooms_topic_and_rows_stay(pki, tmp_path):
 def test_wrong_password_is_reported_and_nothing_is_lost(pki, tmp_path):
     broker = TlsBroker(pki, certificates=False)
     try:
-        cfg = UplinkConfig(enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY,
+        cfg = UplinkSettings(enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY,
                            username="s1-101", password="wrong")
         store = Store(tmp_path / "a.db")
         store.write([], outbox=[("readings", b"[]")])

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from examwatch.collectors.base import Collector
-from examwatch.edge.config import Agent, Config, Device
+from examwatch.edge.config import AgentSettings, Config, Device
 from examwatch.kernel.model import AlarmEvent, Reading
 from examwatch.rules.config import RuleOverride, Schedule
 from examwatch.rules.engine import RuleEngine, State, build_engine
@@ -105,7 +105,7 @@ def config(
 ) -> Config:
     """A config built in code: device name -> kind, in room yz1/r3."""
     return Config(
-        agent=Agent(site="yz1", room="r3", kind=room_kind, site_name="第一中学", room_name="第3考场"),  # type: ignore[arg-type]
+        agent=AgentSettings(site="yz1", room="r3", kind=room_kind, site_name="第一中学", room_name="第3考场"),  # type: ignore[arg-type]
         devices=[Device(name=n, kind=k, protocol="test", interval=interval) for n, k in devices.items()],  # type: ignore[arg-type]
         rules=rules or {},
         schedule=schedule or Schedule(),
