@@ -224,6 +224,7 @@ class Result:
     missing: str = ""  # why the target's function cannot be found
     inputs: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the machine may be shared: CPU time says what the parser costs
     failures: dict[tuple[str, str], Failure] = field(default_factory=dict)
 
 
@@ -246,14 +247,15 @@ def attempt(target: Target, fn: Callable, allowed: tuple[type[BaseException], ..
     return None
 
 
-def shrink(target: Target, fn: Callable, allowed: tuple, failure: Failure, budget: int = 2000) -> Any:
-    """Delta debugging: drop ever smaller chunks while the input still fails the same way."""
+def shrink(target: Target, fn: Callable, allowed: tuple, failure: Failure, budget: int = 2000, seconds: float = 3.0) -> Any:
+    """Delta debugging: drop ever smaller chunks while the input still fails the same way (within a budget)."""
     best = failure.example
+    deadline = time.monotonic() + seconds
     key = (failure.kind, failure.where)
     chunk = max(1, len(best) // 2)
     while chunk >= 1 and budget > 0:
         i, progressed = 0, False
-        while i < len(best) and budget > 0:
+        while i < len(best) and budget > 0 and time.monotonic() < deadline:
             candidate = best[:i] + best[i + chunk :]
             budget -= 1
             f = attempt(target, fn, allowed, candidate)
@@ -261,6 +263,8 @@ def shrink(target: Target, fn: Callable, allowed: tuple, failure: Failure, budge
                 best, progressed = candidate, True
             else:
                 i += chunk
+        if time.monotonic() >= deadline:
+            break
         if not progressed:
             chunk //= 2
     return best
@@ -302,7 +306,7 @@ def run(name: str, n: int, seed_value: int = 0) -> Result:
             corpus.append(raw)
         one(data)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     test = settings(
         max_examples=drawn, database=None, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck)
     )(given(strategy)(remember))
@@ -311,7 +315,7 @@ def run(name: str, n: int, seed_value: int = 0) -> Result:
     for _ in range(n - result.inputs):
         data = mutate(rng, rng.choice(corpus), corpus)
         one(data.decode("utf-8", "replace") if target.text else data)
-    result.seconds = time.perf_counter() - start
+    result.seconds, result.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     for f in result.failures.values():
         f.example = shrink(target, fn, allowed, f)
     return result
@@ -354,14 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         return replay(args.target[0], args.replay)
     names = sorted(TARGETS) if args.all or not args.target else args.target
     escaped = False
-    print(f"{'target':<16}{'inputs':>9}{'seconds':>9}{'inputs/s':>10}  failures")
+    print(f"{'target':<16}{'inputs':>9}{'seconds':>9}{'cpu s':>8}{'inputs/s':>10}{'per cpu s':>10}  failures")
     for name in names:
         r = run(name, args.n, args.seed)
         if r.missing:
-            print(f"{name:<16}{'-':>9}{'-':>9}{'-':>10}  missing ({r.missing})", flush=True)
+            print(f"{name:<16}{'-':>9}{'-':>9}{'-':>8}{'-':>10}{'-':>10}  missing ({r.missing})", flush=True)
             continue
-        rate = r.inputs / r.seconds if r.seconds else 0.0
-        print(f"{name:<16}{r.inputs:>9}{r.seconds:>9.1f}{rate:>10.0f}  {len(r.failures)}", flush=True)
+        rate, cpu_rate = r.inputs / max(r.seconds, 1e-9), r.inputs / max(r.cpu_seconds, 1e-9)
+        print(f"{name:<16}{r.inputs:>9}{r.seconds:>9.1f}{r.cpu_seconds:>8.1f}{rate:>10.0f}{cpu_rate:>10.0f}  {len(r.failures)}",
+              flush=True)
         for path, f in zip(write_reproducers(r, args.out), r.failures.values(), strict=True):
             escaped = True
             print(f"    {f.kind} at {f.where} ({f.count}x): {f.message[:100]}\n      reproducer: {path}")
