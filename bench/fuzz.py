@@ -231,7 +231,7 @@ class Result:
 def _where(err: BaseException) -> str:
     frames = traceback.extract_tb(err.__traceback__)[1:]  # [0] is the harness's own call
     ours = [f for f in frames if f.filename.startswith(str(ROOT)) and "/bench/" not in f.filename]
-    pick = [f for f in (ours[-1:] + frames[-1:]) if f]
+    pick = ours[-1:] + frames[-1:]
     return " < ".join(dict.fromkeys(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in pick)) or "?"
 
 
@@ -283,12 +283,10 @@ def run(name: str, n: int, seed_value: int = 0) -> Result:
         result.missing = f"{type(err).__name__}: {err}"
         return result
     strategy = target.inputs()
-    limit = sys.getrecursionlimit()
 
     def one(data: Any) -> None:
         result.inputs += 1
         f = attempt(target, fn, allowed, data)
-        sys.setrecursionlimit(limit)  # a RecursionError deep in C code must not leave the next input crippled
         if f is not None:
             known = result.failures.setdefault((f.kind, f.where), f)
             known.count += 1
