@@ -13,6 +13,8 @@ always looks full; whether "full" is an alarm is the rules' business, not the co
 
 from __future__ import annotations
 
+import math
+import re
 import ssl
 import time
 import xml.etree.ElementTree as ET
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import certifi
+import defusedxml.ElementTree
 import httpx
 import msgspec
 
@@ -28,6 +31,8 @@ from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
 MIB = 1024 * 1024
+MAX_BODY = 1024 * 1024  # a Storage document with 16 disks is ~5 KiB
+_PART_ID = re.compile(r"[A-Za-z0-9_.-]{1,16}")  # a disk id becomes part of a device name: keep it a name
 # Statuses of a healthy disk. "idle"/"sleeping": a disk resting in a disk group or spun down; it records
 # again when its turn comes. Everything else (error, unformatted, notexist, smartFailed, mismatch,
 # offline, formating, reparing, ...) needs a technician.
@@ -67,28 +72,36 @@ def _text(el: ET.Element, name: str) -> str:
 
 
 def _mib(el: ET.Element, name: str) -> float | None:
-    text = _text(el, name)
+    """A size in MiB as bytes; None when absent or not a size (negative, NaN, infinite, not a number)."""
     try:
-        return float(text) * MIB if text else None
+        value = float(_text(el, name)) * MIB
     except ValueError:
         return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def parse_storage(body: bytes) -> list[Disk]:
-    """An ISAPI Storage document -> its disks and NAS volumes; DeviceError if it is not one."""
+    """An ISAPI Storage document -> its disks and NAS volumes; DeviceError if it is not one.
+
+    A document type declaration is refused outright (no device needs one; entities are how XML bombs
+    and external-entity reads work), and so is a body larger than any real Storage document.
+    """
+    if len(body) > MAX_BODY:
+        raise DeviceError("too_large", f"{len(body)} bytes")
     try:
-        root = ET.fromstring(body)
-    except ET.ParseError as err:
-        raise DeviceError("invalid_xml", str(err)) from None
+        root = defusedxml.ElementTree.fromstring(body, forbid_dtd=True)
+    except (ET.ParseError, ValueError, LookupError) as err:  # DTDForbidden is a ValueError; LookupError: unknown encoding
+        raise DeviceError("invalid_xml", str(err)[:200]) from None
     if _local(root.tag) != "storage":
         raise DeviceError("unexpected_xml", f"root element <{_local(root.tag)}>, expected <storage>")
     disks = []
     for list_name, item_name, prefix in (("hddlist", "hdd", "disk"), ("naslist", "nas", "nas")):
         lst = _child(root, list_name)
         for i, item in enumerate(c for c in (lst if lst is not None else []) if _local(c.tag) == item_name):
+            id_ = _text(item, "id")
             disks.append(
                 Disk(
-                    part=f"{prefix}{_text(item, 'id') or i + 1}",
+                    part=f"{prefix}{id_ if _PART_ID.fullmatch(id_) else i + 1}",
                     status=_text(item, "status") or "unknown",
                     capacity_bytes=_mib(item, "capacity"),
                     free_bytes=_mib(item, "freespace"),

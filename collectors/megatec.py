@@ -57,8 +57,10 @@ class Options(Strict):
 
 # --- pure parsing -----------------------------------------------------------------------------------------
 
-_NUM = r"(\d+(?:\.\d+)?)"
-_Q1 = re.compile(rf"\({_NUM} {_NUM} {_NUM} {_NUM} {_NUM} {_NUM} (-?\d+(?:\.\d+)?|-[-.]*) ([01]{{8}})\r")
+# Fields are fixed-width (MMM.M, S.SS): bounding the digits keeps every value finite and in range, so a
+# line garbled into 400 nines is garbage, not an infinite voltage.
+_NUM = r"(\d{1,4}(?:\.\d{1,3})?)"
+_Q1 = re.compile(rf"\({_NUM} {_NUM} {_NUM} {_NUM} {_NUM} {_NUM} (-?\d{{1,4}}(?:\.\d{{1,3}})?|-[-.]*) ([01]{{8}})\r")
 _F = re.compile(rf"#{_NUM} +{_NUM} +{_NUM} +{_NUM}\r?")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import struct
 import time
 from typing import Annotated, Any, Literal
@@ -63,7 +64,10 @@ def decode(registers: list[int], p: Profile) -> float:
         raise DeviceError("garbage", f"expected {p.count} registers, got {len(registers)}")
     words = registers[::-1] if p.word_order == "little" else registers
     raw = struct.unpack(_FORMATS[p.datatype], b"".join(w.to_bytes(2, "big") for w in words))[0]
-    return raw * p.scale + p.offset
+    value = raw * p.scale + p.offset
+    if not math.isfinite(value):  # a float32 meter in an error state may send NaN; a reading never is one
+        raise DeviceError("garbage", f"registers {registers} are not a number")
+    return value
 
 
 def classify_silence(received: bytes) -> DeviceError:

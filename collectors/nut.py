@@ -9,6 +9,7 @@ NUT's standard variable names onto the catalog.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from typing import Any
@@ -62,7 +63,7 @@ def parse_list_var(lines: list[str], ups: str) -> dict[str, str]:
 
 
 def parse_nut(variables: dict[str, str], device: str, ts: float) -> tuple[list[Reading], list[str]]:
-    """Map NUT variables onto Readings; returns (readings, names of values that were not numbers)."""
+    """Map NUT variables onto Readings; returns (readings, names of values that were not finite numbers)."""
     readings: list[Reading] = []
     bad: list[str] = []
     status = variables.get("ups.status")
@@ -75,8 +76,12 @@ def parse_nut(variables: dict[str, str], device: str, ts: float) -> tuple[list[R
         if text is None:
             continue
         try:
-            readings.append(Reading(device, metric, float(text), ts))
+            value = float(text)
         except ValueError:
+            value = math.nan
+        if math.isfinite(value):  # "nan", "inf" and "1e999" parse as floats but are not readings
+            readings.append(Reading(device, metric, value, ts))
+        else:
             bad.append(name)
     return readings, bad
 

@@ -74,6 +74,49 @@ def test_parse_garbage_raises_device_error(body: bytes) -> None:
         parse_storage(body)
 
 
+LAUGHS = (b'<?xml version="1.0"?><!DOCTYPE storage [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+          b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]><storage><hddList><hdd><id>1</id><status>&c;</status></hdd>'
+          b"</hddList></storage>")
+XXE = (b'<?xml version="1.0"?><!DOCTYPE storage [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+       b"<storage><hddList><hdd><id>&x;</id><status>ok</status></hdd></hddList></storage>")
+
+
+@pytest.mark.parametrize("body", [LAUGHS, XXE, b'<?xml version="1.0" encoding="m"?><storage/>'], ids=["entities", "external", "encoding"])
+def test_document_types_and_unknown_encodings_are_refused(body: bytes) -> None:
+    # Found by bench/fuzz.py: an unknown encoding in the XML declaration raised LookupError. A DTD is
+    # refused outright: no camera needs one, and entities are how XML bombs and file reads work.
+    with pytest.raises(DeviceError) as err:
+        parse_storage(body)
+    assert err.value.reason == "invalid_xml"
+
+
+def test_a_body_larger_than_any_storage_document_is_refused_before_parsing() -> None:
+    with pytest.raises(DeviceError) as err:
+        parse_storage(b"<storage>" + b" " * (2 * 1024 * 1024) + b"</storage>")
+    assert err.value.reason == "too_large"
+
+
+def test_sizes_that_are_not_sizes_and_ids_that_are_not_names_are_left_out() -> None:
+    # Found by bench/fuzz.py: capacity 1e999 gave infinite bytes and a used ratio of -inf; a negative
+    # free space gave negative bytes; any text in <id> became part of the device name.
+    def hdd(id_: str, cap: str, free: str) -> str:
+        return f"<hdd><id>{id_}</id><status>ok</status><capacity>{cap}</capacity><freeSpace>{free}</freeSpace></hdd>"
+
+    body = ("<storage><hddList>" + hdd("1", "1e999", "10") + hdd("x" * 300, "100", "-1") + hdd("a/../b", "nan", "1")
+            + hdd("7", "100", "25") + "</hddList></storage>").encode()
+    got = {(r.device, r.metric): r.value for r in readings_from("nvr1", parse_storage(body), 0.0)}
+    assert got == {
+        ("nvr1/disk1", "storage_ok"): 1.0,  # no sizes: capacity is infinite
+        ("nvr1/disk2", "storage_ok"): 1.0,  # the 300-character id: named by position
+        ("nvr1/disk2", "storage_total_bytes"): 100 * MIB,  # no free space: it was negative
+        ("nvr1/disk3", "storage_ok"): 1.0,  # "a/../b" is not a name; NaN capacity: no sizes
+        ("nvr1/disk7", "storage_ok"): 1.0,
+        ("nvr1/disk7", "storage_total_bytes"): 100 * MIB,
+        ("nvr1/disk7", "storage_free_bytes"): 25 * MIB,
+        ("nvr1/disk7", "storage_used_ratio"): 0.75,
+    }
+
+
 # --- against the simulator ------------------------------------------------------------------------------------
 
 

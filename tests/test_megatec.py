@@ -89,6 +89,18 @@ def test_parse_f_and_i() -> None:
         parse_f(b"F\r")
 
 
+def test_numbers_wider_than_the_fields_are_garbage_not_infinite() -> None:
+    # Found by bench/fuzz.py: 400 nines parsed as an infinite battery voltage, and the pack profile's
+    # cell count (round(inf / 2)) then raised OverflowError out of the poll.
+    with pytest.raises(DeviceError) as err:
+        parse_f(b"#230.0 004 " + b"9" * 400 + b" 50.0\r")
+    assert err.value.reason == "garbage"
+    with pytest.raises(DeviceError) as err:
+        parse_q1(b"(" + b"9" * 400 + b" 230.0 230.0 018 50.0 13.60 25.0 00001000\r")
+    assert err.value.reason == "garbage"
+    assert parse_q1(b"(1230.0 230.0 230.0 018 50.0 13.60 -25.0 00001000\r").input_voltage == 1230.0
+
+
 def test_charge_estimate_from_profiles() -> None:
     pack = profiles.load("megatec", "pack-voltage", Profile).battery
     cell = profiles.load("megatec", "cell-voltage", Profile).battery

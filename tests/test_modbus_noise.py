@@ -31,6 +31,15 @@ def test_decode_known_register_values() -> None:
         decode([1, 2], u16)
 
 
+@pytest.mark.parametrize("registers", [[0x7FC0, 0x0000], [0x7F80, 0x0000], [0xFF80, 0x0000]], ids=["nan", "inf", "-inf"])
+def test_decode_refuses_what_is_not_a_number(registers: list[int]) -> None:
+    # Found by bench/fuzz.py: a float32 meter's NaN became a noise_db reading of NaN.
+    f32 = profiles.load("modbus", "generic-float32-input", Profile)
+    with pytest.raises(DeviceError) as err:
+        decode(registers, f32)
+    assert err.value.reason == "garbage"
+
+
 @pytest.mark.parametrize("name", PROFILES)
 def test_profiles_round_trip_through_the_simulators_encoding(name: str) -> None:
     p = profiles.load("modbus", name, Profile)

@@ -82,6 +82,15 @@ def test_non_numbers_are_reported_not_raised() -> None:
     assert bad == ["battery.charge"] and [(r.metric, r.value) for r in readings] == [("ups_load_percent", 17.0)]
 
 
+def test_nan_and_infinite_values_are_reported_not_read() -> None:
+    # Found by bench/fuzz.py: float() takes "nan", "inf" and "1e900", and they became readings.
+    variables = parse_list_var(['VAR ups1 battery.charge "1e900"', 'VAR ups1 ups.load "nan"',
+                                'VAR ups1 input.voltage "-inf"', 'VAR ups1 output.voltage "230.0"'], "ups1")
+    readings, bad = parse_nut(variables, "u", 0.0)
+    assert sorted(bad) == ["battery.charge", "input.voltage", "ups.load"]
+    assert [(r.metric, r.value) for r in readings] == [("output_voltage_volts", 230.0)]
+
+
 def test_parse_address() -> None:
     assert parse_address("ups1@10.0.0.5") == ("ups1", "10.0.0.5", 3493)
     assert parse_address("myups@[::1]:3500") == ("myups", "::1", 3500)
