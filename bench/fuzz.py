@@ -91,7 +91,7 @@ def _call_mqtt(parse_payload: Callable, data: bytes) -> None:
         fields = load("mqtt", name, Profile).fields
         try:
             _readings(parse_payload(fields, "dev", data, 0.0))
-        except _obj("collectors.mqtt:PayloadError"):
+        except _obj("examwatch.collectors.mqtt:PayloadError"):
             pass
 
 
@@ -191,17 +191,17 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
-    "wire": Target("edge.wire:decode", envelope, _call_wire, ("edge.wire:WireError",)),
-    "mqtt_payload": Target("collectors.mqtt:parse_payload", mqtt_payload, _call_mqtt, ("collectors.mqtt:PayloadError",)),
-    "megatec_q1": Target("collectors.megatec:parse_q1", megatec_q1, _call_q1, ("collectors.base:DeviceError",)),
-    "megatec_f": Target("collectors.megatec:parse_f", megatec_f, _call_f, ("collectors.base:DeviceError",)),
-    "megatec_i": Target("collectors.megatec:parse_i", megatec_i, _call_i, ("collectors.base:DeviceError",)),
-    "modbus_noise": Target("collectors.modbus_noise:decode", modbus_reply, _call_modbus, ("collectors.base:DeviceError",)),
-    "nut": Target("collectors.nut:parse_list_var", nut_lines, _call_nut, ("collectors.nut:NutError",), True),
-    "isapi": Target("collectors.isapi:parse_storage", isapi_xml, _call_isapi, ("collectors.base:DeviceError",)),
-    "edge_config": Target("edge.config:loads", lambda: toml_config("edge"), _call_loads, ("edge.config:ConfigError",), True),
-    "gateway_config": Target("gateway.config:loads", lambda: toml_config("gateway"), _call_loads, ("edge.config:ConfigError",), True),
-    "api_query": Target("gateway.api:parse_query", api_query, _call_api, ("gateway.api:BadRequest",), True),
+    "wire": Target("examwatch.kernel.wire:decode", envelope, _call_wire, ("examwatch.kernel.wire:WireError",)),
+    "mqtt_payload": Target("examwatch.collectors.mqtt:parse_payload", mqtt_payload, _call_mqtt, ("examwatch.collectors.mqtt:PayloadError",)),
+    "megatec_q1": Target("examwatch.collectors.megatec:parse_q1", megatec_q1, _call_q1, ("examwatch.collectors.base:DeviceError",)),
+    "megatec_f": Target("examwatch.collectors.megatec:parse_f", megatec_f, _call_f, ("examwatch.collectors.base:DeviceError",)),
+    "megatec_i": Target("examwatch.collectors.megatec:parse_i", megatec_i, _call_i, ("examwatch.collectors.base:DeviceError",)),
+    "modbus_noise": Target("examwatch.collectors.modbus_noise:decode", modbus_reply, _call_modbus, ("examwatch.collectors.base:DeviceError",)),
+    "nut": Target("examwatch.collectors.nut:parse_list_var", nut_lines, _call_nut, ("examwatch.collectors.nut:NutError",), True),
+    "isapi": Target("examwatch.collectors.isapi:parse_storage", isapi_xml, _call_isapi, ("examwatch.collectors.base:DeviceError",)),
+    "edge_config": Target("examwatch.edge.config:loads", lambda: toml_config("edge"), _call_loads, ("examwatch.kernel.config:ConfigError",), True),
+    "gateway_config": Target("examwatch.gateway.config:loads", lambda: toml_config("gateway"), _call_loads, ("examwatch.kernel.config:ConfigError",), True),
+    "api_query": Target("examwatch.gateway.api:parse_query", api_query, _call_api, ("examwatch.gateway.api:BadRequest",), True),
 }
 
 

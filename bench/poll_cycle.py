@@ -58,7 +58,7 @@ def netsnmp_commands(address: str) -> list[list[str]]:
 
 
 async def ours(devices: list[Device], serial: list[Device], cycles: int) -> tuple[float, float, int]:
-    import collectors as registry
+    from examwatch import collectors as registry
 
     sink, health = Sink(), Health()
     snmp = SnmpCollector(devices, sink, health)
@@ -103,7 +103,7 @@ def main() -> None:
                        options=SnmpOptions(community=c))
                 for c, m in ROOM.items()
             ]  # fmt: skip
-            import collectors as registry
+            from examwatch import collectors as registry
 
             serial: list[Device] = []
             root = Path(__file__).resolve().parent.parent

@@ -15,11 +15,12 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL = {"edge", "collectors", "rules", "gateway", "simulators", "bench", "tests"}
+LOCAL = {"examwatch", "bench", "tests"}  # the project itself: one namespace, plus the scripts and tests beside it
 # Which groups of pyproject.toml may provide an import, by the folder that imports it: the agent and the
 # gateway get only the main dependencies; the simulators also the demo extra; bench/ and tests/ everything.
 GROUPS = {
     "edge": ("main",), "collectors": ("main",), "rules": ("main",), "gateway": ("main",),
+    "kernel": ("main",), "examwatch": ("main",),
     "simulators": ("main", "demo"), "bench": ("main", "demo", "test"), "tests": ("main", "demo", "test"),
 }
 # Imported by a dependency only when a feature is used, so no import of ours shows them: (group, why).

@@ -14,11 +14,6 @@ from bench import fuzz
 INPUTS = 2_000
 SEED = 7
 
-# Targets whose function another part of issue 7 is adding. Transitional: empty this once they are
-# merged, so that a target whose function disappears fails instead of being skipped.
-NOT_YET = {"api_query": "gateway.api.parse_query is being added (issue 7, API query strings)"}
-
-
 def describe(result: fuzz.Result) -> str:
     return "\n".join(
         f"{f.kind} at {f.where} ({f.count} of {result.inputs} inputs): {f.message}\n    smallest input: {f.example[:300]!r}"
@@ -30,8 +25,6 @@ def describe(result: fuzz.Result) -> str:
 def test_only_the_documented_error_escapes(name: str) -> None:
     result = fuzz.run(name, INPUTS, SEED)
     if result.missing:
-        if name in NOT_YET:
-            pytest.skip(f"{NOT_YET[name]} ({result.missing})")
         pytest.fail(f"{fuzz.TARGETS[name].function} is gone: {result.missing}")
     assert result.inputs == INPUTS
     assert not result.failures, describe(result)

@@ -91,7 +91,7 @@ def test_only_a_damaged_file_is_corruption(tmp_path):
 def test_a_busy_database_is_not_set_aside(tmp_path, monkeypatch):
     db = tmp_path / "agent.db"
     sound_db(db)
-    monkeypatch.setattr("edge.store.BUSY_TIMEOUT", 0.1)  # the agent waits 30 s for a lock
+    monkeypatch.setattr("examwatch.edge.store.BUSY_TIMEOUT", 0.1)  # the agent waits 30 s for a lock
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("PRAGMA locking_mode=EXCLUSIVE")
     holder.execute("BEGIN EXCLUSIVE")
