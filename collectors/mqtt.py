@@ -192,20 +192,6 @@ def parse_availability(payload: bytes) -> float:
     raise PayloadError("unknown_availability")
 
 
-def topic_problem(topic: str) -> str:
-    """Why ``topic`` cannot be a sensor's topic ("" when it can): a device is one exact topic, since each
-    message is routed to its device by that topic, and paho raises on some topics it cannot subscribe to."""
-    if not topic:
-        return "empty"
-    if "+" in topic or "#" in topic:
-        return "wildcard (+ or #)"
-    if "\0" in topic:
-        return "NUL character"
-    if len(topic.encode("utf-8", "surrogatepass")) > 65_000:
-        return "too long"
-    return ""
-
-
 @register
 class MqttCollector(Collector):
     """Listens to the room's local broker; one subscription per sensor topic (and its availability).
@@ -263,7 +249,7 @@ fields = [
         self.refused: dict[str, str] = {}  # device -> why it is not read
         for d in devices:
             topics = [d.topic] + ([f"{d.topic}/availability"] if (d.options or MqttOptions()).availability else [])
-            problem = topic_problem(d.topic) or ("the topic of another device" if any(t in self.routes for t in topics) else "")
+            problem = topic_issue(d.topic) or ("the topic of another device" if any(t in self.routes for t in topics) else "")
             if problem:
                 self._refuse(d, "bad_topic", f"topic {d.topic[:200]!r}: {problem}")
                 continue
@@ -343,7 +329,7 @@ fields = [
         if self.routes:
             try:
                 rc, mid = client.subscribe([(t, 1) for t in self.routes])
-            except ValueError as err:  # a topic paho will not send; topic_problem() should have caught it
+            except ValueError as err:  # a topic paho will not send; topic_issue() should have caught it
                 self.health.drop("mqtt", "subscribe_failed", error=str(err))
             else:
                 if rc == mqtt.MQTT_ERR_SUCCESS:
