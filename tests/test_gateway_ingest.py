@@ -14,16 +14,19 @@ from rules.config import Schedule, Window
 
 KEYS = {f"s1/{r}": bytes([i + 1]) * 32 for i, r in enumerate(["101", "102", "103", "104", "105", "106"])}
 T0 = 1_700_000_000.0
+EPOCH = 7
 
 
 def make(tmp_path, **kw) -> Engine:
-    cfg = Config(security=Security(replay_window=60.0, quiet=30.0), liveness=Liveness(heartbeat_timeout=20, skew_max=2), **kw)
+    cfg = Config(security=Security(quiet=30.0), liveness=Liveness(heartbeat_timeout=20, skew_max=2), **kw)
     return Engine(cfg, store.connect(tmp_path / "gw.db"), KEYS)
 
 
-def readings_msg(agent: str, seq: int, t: float, n: int = 3, key: bytes | None = None, retained: bool = False) -> Message:
+def readings_msg(agent: str, seq: int, t: float, n: int = 3, key: bytes | None = None, retained: bool = False,
+                 epoch: int = EPOCH) -> Message:
     body = msgspec.json.encode([Reading("ups1", "ups_charge_percent", float(seq * 10 + i), t + i) for i in range(n)])
-    return Message(wire.topic(agent, "readings"), wire.encode(key or KEYS[agent], agent, seq, t, "readings", body), retained, t)
+    payload = wire.encode(key or KEYS[agent], agent, seq, t, "readings", body, epoch=epoch)
+    return Message(wire.topic(agent, "readings"), payload, retained, t)
 
 
 def alarm(agent: str, state: str, at: float, raised_at: float, rule: str = "link_down", n: int = 1) -> AlarmEvent:
@@ -32,14 +35,20 @@ def alarm(agent: str, state: str, at: float, raised_at: float, rule: str = "link
                       at=at, raised_at=raised_at, message="网络中断")
 
 
-def alarm_msg(agent: str, seq: int, ev: AlarmEvent, received: float) -> Message:
-    body = msgspec.json.encode(ev)
-    return Message(wire.topic(agent, "alarms"), wire.encode(KEYS[agent], agent, seq, received, "alarms", body), False, received)
+def alarm_msg(agent: str, seq: int, ev: AlarmEvent, received: float, signer: str | None = None) -> Message:
+    body, signer = msgspec.json.encode(ev), signer or agent
+    payload = wire.encode(KEYS[signer], signer, seq, received, "alarms", body, epoch=EPOCH)
+    return Message(wire.topic(signer, "alarms"), payload, False, received)
 
 
-def status_msg(agent: str, state: str, ts: float, received: float, retained: bool = False, phase: str | None = None) -> Message:
-    body = msgspec.json.encode(wire.Status(state=state, reason="lost" if state == "offline" else "", phase=phase))
-    return Message(wire.topic(agent, "status"), wire.encode(KEYS[agent], agent, 0, ts, "status", body), retained, received)
+def status_msg(agent: str, state: str, ts: float, received: float, retained: bool = False, phase: str | None = None,
+               *, conn: int = 1, n: int | None = None, boot: int = 1, epoch: int = EPOCH) -> Message:
+    """A status at its place (boot, conn, n): a last will is the last of its connection."""
+    n = (wire.LAST if state == "offline" else 1) if n is None else n
+    body = msgspec.json.encode(wire.Status(state=state, reason="lost" if state == "offline" else "", phase=phase,
+                                           boot=boot, conn=conn, n=n))
+    payload = wire.encode(KEYS[agent], agent, 0, ts, "status", body, epoch=epoch)
+    return Message(wire.topic(agent, "status"), payload, retained, received)
 
 
 def count(e: Engine, sql: str, *args) -> int:
@@ -56,7 +65,7 @@ def test_idempotent_on_agent_and_seq_and_gaps_reported(tmp_path):
     assert e.stats.duplicates == 2 and e.stats.readings == 15
     a = store.agents(e.conn)[0]
     assert (a["agent"], a["max_seq"], a["missing"]) == ("s1/101", 6, 1)
-    assert e.agents["s1/101"].seqs.gaps(0) == [(4, 4)]
+    assert e.agents["s1/101"].epochs[EPOCH].seqs.gaps(0) == [(4, 4)]
     e.ingest([readings_msg("s1/101", 4, T0 + 4)], T0 + 12)  # late, after a reconnect: fills the gap
     assert store.agents(e.conn)[0]["missing"] == 0
     latest = {(r["device"], r["metric"]): r["value"] for r in store.latest(e.conn)}
@@ -68,12 +77,12 @@ def test_state_survives_a_restart(tmp_path):
     e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 4)], T0 + 5)
     e.conn.close()
     e = make(tmp_path)
-    assert e.agents["s1/101"].seqs.runs == [[1, 2], [4, 4]]
+    assert e.agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 2], [4, 4]]
     e.ingest([readings_msg("s1/101", 2, T0 + 2)], T0 + 6)
     assert e.stats.duplicates == 1 and count(e, "SELECT COUNT(*) FROM ledger") == 3
 
 
-def test_forged_unsigned_wrong_room_and_replayed_are_rejected_with_a_security_alarm(tmp_path):
+def test_forged_unsigned_and_wrong_room_are_rejected_with_a_security_alarm_a_replay_is_a_duplicate(tmp_path):
     e = make(tmp_path)
     good = readings_msg("s1/101", 1, T0)
     e.ingest([good], T0)
@@ -83,20 +92,22 @@ def test_forged_unsigned_wrong_room_and_replayed_are_rejected_with_a_security_al
     other_room = Message(wire.topic("s1/102", "readings"), good.payload, False, T0)  # 101's message on 102's topic
     garbage = Message(wire.topic("s1/101", "alarms"), b"\x00not json", False, T0)
     e.ingest([forged, unsigned, other_room, garbage], T0 + 1)
-    e.ingest([good._replace(received=T0 + 100)], T0 + 100)  # stored 100 s ago, replay window 60 s
+    e.ingest([good._replace(received=T0 + 86400)], T0 + 86400)  # captured and sent again a day later: stored already
     assert +e.stats.rejected == {("forged", "s1/101"): 1, ("unsigned", "s1/101"): 1, ("forged", "s1/102"): 1,
-                                      ("malformed", "s1/101"): 1, ("replayed", "s1/101"): 1}
+                                 ("malformed", "s1/101"): 1}
+    assert e.stats.duplicates == 1
+    assert [r["reason"] for r in store.dead_letters(e.conn)] == ["malformed", "forged", "unsigned", "forged"]
     assert count(e, "SELECT COUNT(*) FROM ledger") == 1
     sec = {a["room"]: a for a in store.alarms(e.conn, state="active") if a["rule"] == "security_rejected"}
     assert set(sec) == {"101", "102"} and sec["101"]["level"] == 2 and "冒用" in sec["101"]["message"]
-    e.tick(T0 + 200, None)  # quiet for longer than security.quiet
+    e.tick(T0 + 86400 + 200, None)  # quiet for longer than security.quiet
     assert [a["rule"] for a in store.alarms(e.conn, state="active")] == []
 
 
 def test_unknown_agents_and_topics_are_counted_without_an_alarm(tmp_path):
     e = make(tmp_path)
     key = b"\x05" * 32
-    msg = Message(wire.topic("s9/999", "readings"), wire.encode(key, "s9/999", 1, T0, "readings", b"[]"), False, T0)
+    msg = Message(wire.topic("s9/999", "readings"), wire.encode(key, "s9/999", 1, T0, "readings", b"[]", epoch=1), False, T0)
     e.ingest([msg, Message("examwatch/v1/x", b"{}", False, T0)], T0)
     assert +e.stats.rejected == {("unknown_agent", ""): 1, ("bad_topic", ""): 1}
     assert store.alarms(e.conn) == []
@@ -121,18 +132,18 @@ def test_offline_by_will_and_by_silence_level2_in_a_session_and_two_rooms_make_a
                      end=datetime.fromtimestamp(T0 + 3600, tz).replace(tzinfo=None))
     e = make(tmp_path, schedule=Schedule(sessions=[session]))
     e.ingest([status_msg(a, "online", T0, T0) for a in KEYS], T0)
-    e.ingest([status_msg("s1/101", "offline", T0 - 500, T0 + 5)], T0 + 5)  # last will, set at connect
+    e.ingest([status_msg("s1/101", "offline", T0 - 500, T0 + 5)], T0 + 5)  # last will, set at connect (its time)
     e.tick(T0 + 10, broker_up_since=T0 - 100)
     assert [(a["room"], a["level"]) for a in store.alarms(e.conn, state="active")] == [("101", 2)]
     assert store.incidents(e.conn) == []
     # 102 stops talking: silence past the heartbeat bound (our own link has been up all along)
-    e.ingest([status_msg(a, "online", T0 + 15, T0 + 15) for a in KEYS if a not in ("s1/101", "s1/102")], T0 + 15)
+    e.ingest([status_msg(a, "online", T0 + 15, T0 + 15, n=2) for a in KEYS if a not in ("s1/101", "s1/102")], T0 + 15)
     e.tick(T0 + 30, broker_up_since=T0 - 100)
     [inc] = store.incidents(e.conn, state="open")
     assert (inc["level"], inc["members"], inc["fault_class"]) == (2, ["101", "102"], "network")
     # 102 is back: it leaves; 101 back: the incident closes with both still listed
-    e.ingest([status_msg("s1/102", "online", T0 + 31, T0 + 31)], T0 + 31)
-    e.ingest([status_msg("s1/101", "online", T0 + 32, T0 + 32)], T0 + 32)
+    e.ingest([status_msg("s1/102", "online", T0 + 31, T0 + 31, conn=2)], T0 + 31)
+    e.ingest([status_msg("s1/101", "online", T0 + 32, T0 + 32, conn=2)], T0 + 32)
     [inc] = store.incidents(e.conn)
     assert inc["state"] == "closed" and inc["members"] == ["101", "102"]
     assert [t["what"] for t in inc["timeline"]] == ["opened", "left", "left", "closed"]
@@ -147,13 +158,14 @@ def test_silence_is_not_judged_while_our_own_broker_link_is_young(tmp_path):
     assert store.alarms(e.conn) == []
 
 
-def test_replayed_online_status_is_rejected_retained_copy_is_ignored(tmp_path):
+def test_a_replayed_status_is_stale_and_changes_nothing_a_retained_copy_is_ignored(tmp_path):
     e = make(tmp_path)
     first = status_msg("s1/101", "online", T0, T0)
-    e.ingest([first, status_msg("s1/101", "online", T0 + 30, T0 + 30)], T0 + 30)
+    e.ingest([first, status_msg("s1/101", "online", T0 + 30, T0 + 30, n=2)], T0 + 30)
     e.ingest([first._replace(received=T0 + 40)], T0 + 40)
-    e.ingest([status_msg("s1/101", "online", T0 + 30, T0 + 50, retained=True)], T0 + 50)
-    assert +e.stats.rejected == {("replayed", "s1/101"): 1}
+    e.ingest([status_msg("s1/101", "online", T0 + 30, T0 + 50, retained=True, n=2)], T0 + 50)
+    assert +e.stats.rejected == {("stale", "s1/101"): 1}
+    assert store.alarms(e.conn) == [] and store.dead_letters(e.conn) == []
 
 
 def test_clock_skew_alarm_and_recovery(tmp_path):
@@ -163,7 +175,7 @@ def test_clock_skew_alarm_and_recovery(tmp_path):
     assert a["rule"] == "clock_skew" and "+10.0" in a["message"]
     assert store.agents(e.conn)[0]["skew"] == pytest.approx(10.0)
     for i in range(1, 6):  # corrected; the old sample ages out of the window of samples
-        e.ingest([status_msg("s1/101", "online", T0 + 10 + i, T0 + 10 + i)], T0 + 10 + i)
+        e.ingest([status_msg("s1/101", "online", T0 + 10 + i, T0 + 10 + i, n=1 + i)], T0 + 10 + i)
     assert store.alarms(e.conn, state="active") == []
 
 
@@ -172,8 +184,11 @@ def test_retention_prunes_and_old_seqs_stay_known(tmp_path):
     e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 3)], T0 + 3)
     e.retention(T0 + 31 * 86400)
     assert count(e, "SELECT COUNT(*) FROM readings") == 0 and count(e, "SELECT COUNT(*) FROM ledger") == 0
+    e.conn.close()
+    e = make(tmp_path)  # the floor survives a restart
     e.ingest([readings_msg("s1/101", 2, T0 + 2)._replace(received=T0 + 31 * 86400)], T0 + 31 * 86400)
-    assert e.stats.rejected[("replayed", "s1/101")] == 1
+    assert e.stats.duplicates == 1 and +e.stats.rejected == {}
+    assert count(e, "SELECT COUNT(*) FROM readings") == 0
 
 
 def test_seqs_runs():

@@ -1,0 +1,160 @@
+"""What the gateway has received from each agent, and the rows one transaction writes.
+
+Pure bookkeeping, no I/O: sequence numbers are kept per (agent, epoch) as sorted disjoint runs; an
+agent's epochs are ranked in the order first seen, and its status messages are ordered by
+(rank, boot, conn, n) (see ``edge.wire.Status``). ``Rows`` collects what one message (or the gateway's own
+work) changes, so a batch can be written whole, or message by message when the whole fails.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway import store
+
+StatusKey = tuple[int, int, int, int]  # (epoch rank, boot, conn, n)
+
+
+class Seqs:
+    """The sequence numbers received in one epoch, as sorted disjoint runs [lo, hi]."""
+
+    def __init__(self, runs: list[list[int]] | None = None) -> None:
+        self.runs = runs or []
+
+    def __contains__(self, seq: int) -> bool:
+        i = bisect.bisect_right(self.runs, [seq, float("inf")]) - 1
+        return i >= 0 and self.runs[i][0] <= seq <= self.runs[i][1]
+
+    def add(self, seq: int) -> None:
+        runs = self.runs
+        if runs and runs[-1][1] + 1 == seq:  # the usual case: the next one in order
+            runs[-1][1] = seq
+            return
+        i = bisect.bisect_right(runs, [seq, float("inf")])
+        runs.insert(i, [seq, seq])
+        if i + 1 < len(runs) and runs[i + 1][0] == seq + 1:
+            runs[i][1] = runs.pop(i + 1)[1]
+        if i > 0 and runs[i - 1][1] + 1 == seq:
+            runs[i - 1][1] = runs.pop(i)[1]
+
+    def gaps(self, floor: int, limit: int = 20) -> list[tuple[int, int]]:
+        """Missing runs above ``floor`` up to the highest received."""
+        out, expect = [], floor + 1
+        for lo, hi in self.runs:
+            if hi <= floor:
+                continue
+            if lo > expect:
+                out.append((expect, lo - 1))
+            expect = max(expect, hi + 1)
+        return out[:limit]
+
+    def missing(self, floor: int) -> int:
+        top = self.runs[-1][1] if self.runs else floor
+        have = sum(hi - max(lo, floor + 1) + 1 for lo, hi in self.runs if hi > floor)
+        return max(0, top - floor - have)
+
+    def drop_below(self, floor: int) -> None:
+        self.runs = [[max(lo, floor + 1), hi] for lo, hi in self.runs if hi > floor]
+
+
+@dataclass
+class Epoch:
+    """One outbox database of an agent: its rank among the agent's epochs, and what arrived from it."""
+
+    rank: int
+    floor: int = 0  # sequence numbers at or below this were pruned from the ledger (seen long ago)
+    seqs: Seqs = field(default_factory=Seqs)
+
+    def has(self, seq: int) -> bool:
+        return seq <= self.floor or seq in self.seqs
+
+    @property
+    def top(self) -> int:
+        return self.seqs.runs[-1][1] if self.seqs.runs else self.floor
+
+    @property
+    def missing(self) -> int:
+        return self.seqs.missing(self.floor)
+
+
+def newer(key: StatusKey, than: StatusKey | None) -> bool:
+    """Whether a status with ``key`` is news after the one applied last (``than``)."""
+    return than is None or key > than
+
+
+class Rows:
+    """The rows one transaction writes for one message (or for the gateway's own work)."""
+
+    def __init__(self) -> None:
+        self.ledger: list[tuple[Any, ...]] = []
+        self.readings: list[tuple[Any, ...]] = []
+        self.latest: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        self.alarm_events: list[tuple[Any, ...]] = []
+        self.alarms: list[tuple[Any, ...]] = []
+        self.incidents: dict[str, tuple[Any, ...]] = {}
+        self.incident_events: list[tuple[Any, ...]] = []
+        self.agents: set[str] = set()
+        self.epochs: dict[tuple[str, int], tuple[Any, ...]] = {}  # (agent, epoch) -> (agent, epoch, rank, floor)
+        self.devices: dict[str, dict[str, str]] = {}  # agent -> its devices' kinds, replacing the stored ones
+        self.dead_letters: list[tuple[Any, ...]] = []
+
+    def latest_reading(self, row: tuple[Any, ...]) -> None:
+        """Keep the newest value per (agent, device, metric) by the room's time."""
+        k = row[:3]
+        prev = self.latest.get(k)
+        if prev is None or row[4] >= prev[4]:
+            self.latest[k] = row
+
+    def merge(self, other: Rows) -> None:
+        for name in ("ledger", "readings", "alarm_events", "alarms", "incident_events", "dead_letters"):
+            getattr(self, name).extend(getattr(other, name))
+        for row in other.latest.values():
+            self.latest_reading(row)
+        self.incidents.update(other.incidents)
+        self.agents |= other.agents
+        self.epochs.update(other.epochs)
+        self.devices.update(other.devices)
+
+    def statements(self, agent_rows: list[tuple[Any, ...]]) -> list[tuple[str, Sequence[Sequence[Any]]]]:
+        return [
+            ("INSERT OR IGNORE INTO ledger (agent, epoch, seq, kind, ts, received) VALUES (?,?,?,?,?,?)", self.ledger),
+            ("INSERT INTO readings (agent, device, metric, value, ts, quality, seq) VALUES (?,?,?,?,?,?,?)", self.readings),
+            (("INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE "
+             "SET value = excluded.value, ts = excluded.ts, quality = excluded.quality WHERE excluded.ts >= latest.ts"),
+             list(self.latest.values())),
+            ("INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
+             self.alarm_events),
+            # A transition older than the one stored (out of order after an outage) joins the timeline only; and a
+            # row changes only for its own room and source (ingest refuses the rest before it gets here).
+            (("INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
+             " source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, "
+             "state = excluded.state, message = excluded.message, updated_at = excluded.updated_at, "
+             "cleared_at = excluded.cleared_at WHERE excluded.updated_at >= alarms.updated_at "
+             "AND alarms.site = excluded.site AND alarms.room = excluded.room AND alarms.source = excluded.source"),
+             self.alarms),
+            (("INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members, active)"
+             " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state,"
+             " closed_at = excluded.closed_at, members = excluded.members, active = excluded.active"),
+             list(self.incidents.values())),
+            ("INSERT INTO incident_events (incident_id, at, what, rooms, level) VALUES (?,?,?,?,?)", self.incident_events),
+            ("DELETE FROM devices WHERE agent = ?", [(agent,) for agent in self.devices]),
+            ("INSERT INTO devices (agent, device, kind) VALUES (?,?,?)",
+             [(agent, device, kind) for agent, kinds in self.devices.items() for device, kind in kinds.items()]),
+            (("INSERT INTO epochs (agent, epoch, rank, floor_seq) VALUES (?,?,?,?) ON CONFLICT (agent, epoch) "
+              "DO UPDATE SET floor_seq = excluded.floor_seq"), list(self.epochs.values())),
+            (("INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq, max_seq,"
+             " missing, epoch, status_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (agent) DO UPDATE SET "
+             "status = excluded.status, last_seen = excluded.last_seen, last_status_ts = excluded.last_status_ts, "
+             "skew = excluded.skew, phase = excluded.phase, floor_seq = excluded.floor_seq, max_seq = excluded.max_seq, "
+             "missing = excluded.missing, epoch = excluded.epoch, status_key = excluded.status_key"), agent_rows),
+            ("INSERT INTO dead_letters (received, reason, agent, topic, detail, size, payload) VALUES (?,?,?,?,?,?,?)",
+             self.dead_letters),
+            ("DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?",
+             [(store.DEAD_LETTERS_MAX,)] if self.dead_letters else []),
+        ]
+
+
+__all__ = ["Epoch", "Rows", "Seqs", "StatusKey", "newer"]
