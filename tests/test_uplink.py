@@ -216,6 +216,10 @@ def test_status_online_heartbeat_then_offline_on_stop(mosquitto, listener, tmp_p
     status = [msgspec.json.decode(e.body, type=wire.Status) for e in listener.envelopes("status")]
     assert {s.state for s in status} == {"online"}
     assert all(wire.verify(KEY, e) and e.seq == 0 for e in listener.envelopes("status"))
+    # each in its place: this boot of the database, the first connection, counted; the epoch is the database's
+    epoch, boot = OutboxReader(room.path).identity()
+    assert {e.epoch for e in listener.envelopes("status")} == {epoch} and epoch > 0
+    assert [s.order() for s in status] == [(boot, 1, n) for n in range(1, len(status) + 1)]
     up.stop()
     # retained: a subscriber arriving later sees the last word, signed
     late = Listener(mosquitto.port)
@@ -223,7 +227,8 @@ def test_status_online_heartbeat_then_offline_on_stop(mosquitto, listener, tmp_p
         room.wait(lambda: len(late.envelopes("status")) == 1)
         env = late.envelopes("status")[0]
         assert wire.verify(KEY, env)
-        assert msgspec.json.decode(env.body, type=wire.Status) == wire.Status(state="offline", reason="shutdown")
+        last = msgspec.json.decode(env.body, type=wire.Status)
+        assert (last.state, last.reason, last.order()) == ("offline", "shutdown", (boot, 1, wire.LAST))
     finally:
         late.close()
 
