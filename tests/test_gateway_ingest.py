@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 import pytest
 
@@ -202,3 +204,150 @@ def test_seqs_runs():
     assert s.runs == [[1, 7], [10, 10]]
     s.drop_below(8)
     assert s.runs == [[10, 10]] and s.missing(8) == 1
+
+
+# --- the trust boundary --------------------------------------------------------------------------------
+
+
+def test_poison_messages_are_rejected_set_aside_and_the_rest_of_the_batch_stored(tmp_path):
+    e = make(tmp_path)
+    topic = wire.topic("s1/101", "readings")
+    nested = b'{"v":1,"agent":"s1/101","epoch":1,"seq":1,"ts":1.0,"kind":"readings","body":' + b"[" * 3000 + b"]" * 3000 + b"}"
+    huge = wire.encode(KEYS["s1/101"], "s1/101", 2**63, T0, "readings", b"[]", epoch=EPOCH)  # signed by the room
+    old = wire.encode(KEYS["s1/101"], "s1/101", 5, T0, "readings", b"[]", epoch=0)  # an agent from before epochs
+    bad_body = wire.encode(KEYS["s1/101"], "s1/101", 6, T0, "readings", b'[["ups1", "x", 1e999, 1.0]]', epoch=EPOCH)
+    e.ingest([readings_msg("s1/101", 1, T0), *(Message(topic, p, False, T0) for p in (nested, huge, old, bad_body)),
+              readings_msg("s1/101", 2, T0 + 1)], T0 + 1)
+    assert +e.stats.rejected == {("malformed", "s1/101"): 2, ("outdated", "s1/101"): 1, ("bad_body", "s1/101"): 1}
+    assert count(e, "SELECT COUNT(*) FROM ledger") == 2 and e.stats.readings == 6
+    letters = store.dead_letters(e.conn)
+    assert [d["reason"] for d in letters] == ["bad_body", "outdated", "malformed", "malformed"]
+    assert letters[-1]["size"] == len(nested) and letters[-1]["payload"] == nested[:store.DEAD_LETTER_BYTES]  # truncated
+
+
+def test_a_bug_on_one_message_rejects_that_message_only(tmp_path, monkeypatch):
+    e = make(tmp_path)
+    real = Engine._readings
+
+    def failing(self, a, seq, readings):
+        if seq == 2:
+            raise KeyError("a bug")
+        return real(self, a, seq, readings)
+
+    monkeypatch.setattr(Engine, "_readings", failing)
+    e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 3)], T0 + 3)
+    assert +e.stats.rejected == {("internal", "s1/101"): 1}
+    assert [s for (s,) in e.conn.execute("SELECT seq FROM ledger ORDER BY seq")] == [1, 3]
+    assert e.agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 1], [3, 3]]  # memory agrees with the database
+    assert [d["reason"] for d in store.dead_letters(e.conn)] == ["internal"]
+    monkeypatch.setattr(Engine, "_readings", real)
+    e.ingest([readings_msg("s1/101", 2, T0 + 2)], T0 + 4)  # sent again (the agent re-sends its outbox): taken
+    assert count(e, "SELECT COUNT(*) FROM ledger") == 3
+
+
+def test_a_batch_the_database_refuses_is_written_message_by_message(tmp_path):
+    e = make(tmp_path)
+    # a row SQLite itself refuses (a constraint we did not foresee), from one message of the batch
+    e.conn.execute("CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.value = 21.0 "
+                   "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 3)] + [status_msg("s1/102", "online", T0, T0)], T0 + 3)
+    assert [s for (s,) in e.conn.execute("SELECT seq FROM ledger ORDER BY seq")] == [1, 3]
+    assert +e.stats.rejected == {("internal", "s1/101"): 1}
+    assert [(d["reason"], d["agent"]) for d in store.dead_letters(e.conn)] == [("internal", "s1/101")]
+    assert e.agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 1], [3, 3]]
+    assert {a["agent"]: a["status"] for a in store.agents(e.conn)} == {"s1/101": "online", "s1/102": "online"}
+
+
+def test_a_room_changes_only_its_own_alarms(tmp_path):
+    e = make(tmp_path)
+    door = alarm("s1/102", "raised", T0, T0, rule="secrecy_door_open")
+    e.ingest([alarm_msg("s1/102", 1, door, T0)], T0)
+    clear = msgspec.structs.replace(door, state="cleared", at=T0 + 1)
+    as_itself = msgspec.structs.replace(clear, room="101")  # its own room, another room's alarm id
+    own_id_other_room = msgspec.structs.replace(alarm("s1/101", "cleared", T0 + 1, T0), room="102")
+    e.ingest([alarm_msg("s1/102", 1, m, T0 + 1, signer="s1/101")._replace(
+        payload=wire.encode(KEYS["s1/101"], "s1/101", seq, T0 + 1, "alarms", msgspec.json.encode(m), epoch=EPOCH))
+        for seq, m in enumerate([clear, as_itself, own_id_other_room], start=1)], T0 + 1)
+    assert +e.stats.rejected == {("unauthorized", "s1/101"): 3}
+    rows = {(a["room"], a["rule"]): a for a in store.alarms(e.conn, state="active")}
+    assert rows[("102", "secrecy_door_open")]["state"] == "raised"
+    assert rows[("102", "security_rejected")]["level"] == 2 and ("101", "security_rejected") in rows
+    # nor the gateway's own alarms: 101 cannot clear the security alarm raised about it
+    sec = rows[("101", "security_rejected")]
+    ours = AlarmEvent(id=sec["id"], site="s1", room="101", rule="security_rejected", level=2, state="cleared",
+                      device="agent", at=T0 + 2, raised_at=T0 + 1, message="x")
+    e.ingest([alarm_msg("s1/101", 4, ours, T0 + 2)], T0 + 2)
+    assert e.stats.rejected[("unauthorized", "s1/101")] == 4
+    assert ("101", "security_rejected") in {(a["room"], a["rule"]) for a in store.alarms(e.conn, state="active")}
+
+
+def test_statuses_are_ordered_by_their_place_not_their_clock(tmp_path):
+    e = make(tmp_path)
+    e.ingest([status_msg("s1/101", "online", T0, T0, n=1), status_msg("s1/101", "online", T0 + 1, T0 + 1, n=2)], T0 + 1)
+    # a day ahead by its clock, then the right time again: the later heartbeats are news
+    e.ingest([status_msg("s1/101", "online", T0 + 86400, T0 + 2, n=3)], T0 + 2)
+    e.ingest([status_msg("s1/101", "online", T0 + 3 + i, T0 + 3 + i, n=4 + i) for i in range(6)], T0 + 9)
+    assert +e.stats.rejected == {}
+    assert store.agents(e.conn)[0]["status"] == "online"
+    assert [a["rule"] for a in store.alarms(e.conn, state="active")] == []  # the skew came and went
+    # the will of this connection outranks its heartbeats; a captured older will is stale; a new connection outranks it
+    old_will = status_msg("s1/101", "offline", T0 - 500, T0 + 10, conn=0)
+    e.ingest([old_will], T0 + 10)
+    assert e.stats.rejected[("stale", "s1/101")] == 1
+    assert store.agents(e.conn)[0]["status"] == "online"
+    e.ingest([status_msg("s1/101", "offline", T0, T0 + 11)], T0 + 11)
+    assert store.agents(e.conn)[0]["status"] == "offline"
+    e.ingest([status_msg("s1/101", "online", T0 + 12, T0 + 12, n=99)], T0 + 12)  # same connection: stale
+    assert store.agents(e.conn)[0]["status"] == "offline"
+    e.ingest([status_msg("s1/101", "online", T0 + 13, T0 + 13, conn=2)], T0 + 13)
+    assert store.agents(e.conn)[0]["status"] == "online"
+    # a restarted agent (next boot) and a replaced database (new epoch, boot 1 again) are news
+    e.ingest([status_msg("s1/101", "online", T0 + 14, T0 + 14, boot=2)], T0 + 14)
+    e.ingest([status_msg("s1/101", "online", T0 + 15, T0 + 15, epoch=99)], T0 + 15)
+    e.ingest([status_msg("s1/101", "online", T0 + 16, T0 + 16, boot=5, n=50)], T0 + 16)  # the old database: stale
+    assert e.stats.rejected[("stale", "s1/101")] == 3
+    assert json.loads(store.agents(e.conn)[0]["status_key"]) == [1, 1, 1, 1]
+    assert store.alarms(e.conn, state="active") == []
+
+
+def test_a_replaced_database_starts_a_new_epoch_of_new_data(tmp_path):
+    e = make(tmp_path)
+    e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 3)], T0 + 3)
+    e.ingest([readings_msg("s1/101", s, T0 + 10 + s, epoch=8) for s in (1, 2)], T0 + 13)
+    assert count(e, "SELECT COUNT(*) FROM readings") == 15 and e.stats.duplicates == 0 and +e.stats.rejected == {}
+    a = store.agents(e.conn)[0]
+    assert (a["epoch"], a["max_seq"], a["missing"]) == (8, 2, 0)
+    e.conn.close()
+    e = make(tmp_path)
+    e.ingest([readings_msg("s1/101", 3, T0 + 3), readings_msg("s1/101", 2, T0 + 12, epoch=8)], T0 + 20)
+    assert e.stats.duplicates == 2
+
+
+OLD_SCHEMA = """
+CREATE TABLE agents (agent TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'unknown', last_seen REAL, last_status_ts REAL, skew REAL, phase TEXT,
+    floor_seq INTEGER NOT NULL DEFAULT 0, max_seq INTEGER NOT NULL DEFAULT 0, missing INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE ledger (agent TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, ts REAL NOT NULL,
+    received REAL NOT NULL, PRIMARY KEY (agent, seq)) WITHOUT ROWID;
+CREATE INDEX ledger_received ON ledger (received);
+CREATE TABLE readings (agent TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
+    value REAL NOT NULL, ts REAL NOT NULL, quality TEXT NOT NULL, seq INTEGER NOT NULL);
+INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts) VALUES ('s1/101', 's1', '101', 'online', 1, 1);
+INSERT INTO ledger VALUES ('s1/101', 1, 'readings', 1, 1);
+INSERT INTO readings VALUES ('s1/101', 'ups1', 'ups_charge_percent', 50, 1, 'good', 1);
+"""
+
+
+def test_a_gateway_database_from_before_epochs_is_migrated(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "gw.db")
+    old.executescript(OLD_SCHEMA)
+    old.close()
+    e = make(tmp_path)
+    assert e.conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
+    assert count(e, "SELECT COUNT(*) FROM readings") == 1 and count(e, "SELECT COUNT(*) FROM ledger") == 0
+    e.ingest([readings_msg("s1/101", 1, T0), status_msg("s1/101", "online", T0, T0)], T0)
+    assert count(e, "SELECT COUNT(*) FROM readings") == 4 and store.agents(e.conn)[0]["epoch"] == EPOCH
+    e.conn.close()
+    assert make(tmp_path).agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 1]]  # and opens again as it is
