@@ -21,10 +21,9 @@ its devices' kinds are the ones its agent's status names (older agents name none
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import typing
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -38,7 +37,7 @@ from edge.model import AlarmEvent, Reading
 from gateway import store
 from gateway.config import Config
 from gateway.correlate import Fault, Incident, correlate
-from gateway.ledger import Epoch, Rows, Seqs, StatusKey, newer
+from gateway.ledger import AgentState, Epoch, Rows, Seqs, StatusKey, load_agents, newer
 from rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.gateway")
@@ -50,7 +49,6 @@ SECURITY_REASONS = frozenset(REASON_NAMES)
 ROOM_REASONS = (*REASON_NAMES, "bad_body", "outdated", "stale", "internal")
 ROOMLESS_REASONS = ("unknown_agent", "bad_topic", "internal")  # rejections that name no room on the roster
 DEVICE_KINDS = frozenset(typing.get_args(DeviceKind))
-SKEW_SAMPLES = 5
 READINGS_MAX = 5000  # per message (the agent sends uplink.batch_max, 500 by default)
 
 
@@ -59,37 +57,6 @@ class Message(NamedTuple):
     payload: bytes
     retained: bool
     received: float  # our clock when it arrived
-
-
-@dataclass
-class AgentState:
-    agent: str
-    site: str
-    room: str
-    status: str = "unknown"  # "online" | "offline" | "unknown" (never heard of since the roster)
-    last_seen: float | None = None  # our time of the last live message
-    last_status_ts: float = 0.0  # the agent's time of the last status we applied (data only)
-    status_key: StatusKey | None = None  # the place of the last status we applied
-    phase: str | None = None  # the schedule's phase, else the agent's last reported one
-    kinds: dict[str, str] = field(default_factory=dict)  # device -> kind, as the agent's status names them
-    epochs: dict[int, Epoch] = field(default_factory=dict)  # its outbox epochs, in the order first seen
-    skews: deque[float] = field(default_factory=lambda: deque(maxlen=SKEW_SAMPLES))
-
-    @property
-    def skew(self) -> float | None:
-        # Transit delay only makes the agent look behind; the largest recent sample is the closest to its clock.
-        return max(self.skews) if self.skews else None
-
-    @property
-    def newest(self) -> tuple[int, Epoch] | None:
-        return next(reversed(self.epochs.items()), None)
-
-    def row(self) -> tuple[Any, ...]:
-        newest = self.newest
-        e = newest[1] if newest else Epoch(0)
-        return (self.agent, self.site, self.room, self.status, self.last_seen, self.last_status_ts, self.skew, self.phase,
-                e.floor, e.top, sum(x.missing for x in self.epochs.values()), newest[0] if newest else None,
-                json.dumps(self.status_key) if self.status_key else None)
 
 
 @dataclass
@@ -149,29 +116,7 @@ class Engine:
     # --- state at start-up ----------------------------------------------------------------------------
 
     def _load(self) -> None:
-        rows = {r["agent"]: r for r in self.conn.execute("SELECT * FROM agents")}
-        runs = store.received_ranges(self.conn)
-        kinds = store.device_kinds(self.conn)
-        epochs: dict[str, list[sqlite3.Row]] = {}
-        for r in self.conn.execute("SELECT * FROM epochs ORDER BY agent, rank"):
-            epochs.setdefault(r["agent"], []).append(r)
-        self._stored: set[str] = set(rows)  # agents with a row in the agents table
-        self.agents: dict[str, AgentState] = {}
-        for agent in sorted(self.keys.keys() | rows.keys()):
-            site, room = agent.split("/", 1)
-            a = AgentState(agent, site, room)
-            if agent in rows:
-                r = rows[agent]
-                a.status, a.last_seen, a.last_status_ts = r["status"], r["last_seen"], r["last_status_ts"] or 0.0
-                a.phase = r["phase"]
-                a.status_key = tuple(json.loads(r["status_key"])) if r["status_key"] else None  # type: ignore[assignment]
-                if r["skew"] is not None:
-                    a.skews.append(r["skew"])
-            a.kinds = kinds.get(agent, {})
-            for e in epochs.get(agent, []):
-                a.epochs[e["epoch"]] = ep = Epoch(e["rank"], e["floor_seq"], Seqs(runs.get((agent, e["epoch"]), [])))
-                ep.seqs.drop_below(ep.floor)
-            self.agents[agent] = a
+        self.agents, self._stored = load_agents(self.conn, self.keys)  # _stored: those with a row in the store
         # Alarms still open (the agents' and ours) and the last transition time of each, for ordering.
         self.open_alarms: dict[str, tuple[Fault, float, str]] = {}  # id -> (fault, updated_at, source)
         self.gateway_alarms: dict[tuple[str, str], AlarmEvent] = {}  # (agent, rule) -> the raise

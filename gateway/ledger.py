@@ -1,4 +1,4 @@
-"""What the gateway has received from each agent, and the rows one transaction writes.
+"""What the gateway knows of each agent, what it has received from it, and the rows one transaction writes.
 
 Pure bookkeeping, no I/O: sequence numbers are kept per (agent, epoch) as sorted disjoint runs; an
 agent's epochs are ranked in the order first seen, and its status messages are ordered by
@@ -9,13 +9,17 @@ work) changes, so a batch can be written whole, or message by message when the w
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+import json
+import sqlite3
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import store
 
 StatusKey = tuple[int, int, int, int]  # (epoch rank, boot, conn, n)
+SKEW_SAMPLES = 5
 
 
 class Seqs:
@@ -78,6 +82,64 @@ class Epoch:
     @property
     def missing(self) -> int:
         return self.seqs.missing(self.floor)
+
+
+@dataclass
+class AgentState:
+    agent: str
+    site: str
+    room: str
+    status: str = "unknown"  # "online" | "offline" | "unknown" (never heard of since the roster)
+    last_seen: float | None = None  # our time of the last live message
+    last_status_ts: float = 0.0  # the agent's time of the last status we applied (data only)
+    status_key: StatusKey | None = None  # the place of the last status we applied
+    phase: str | None = None  # the schedule's phase, else the agent's last reported one
+    kinds: dict[str, str] = field(default_factory=dict)  # device -> kind, as the agent's status names them
+    epochs: dict[int, Epoch] = field(default_factory=dict)  # its outbox epochs, in the order first seen
+    skews: deque[float] = field(default_factory=lambda: deque(maxlen=SKEW_SAMPLES))
+
+    @property
+    def skew(self) -> float | None:
+        # Transit delay only makes the agent look behind; the largest recent sample is the closest to its clock.
+        return max(self.skews) if self.skews else None
+
+    @property
+    def newest(self) -> tuple[int, Epoch] | None:
+        return next(reversed(self.epochs.items()), None)
+
+    def row(self) -> tuple[Any, ...]:
+        newest = self.newest
+        e = newest[1] if newest else Epoch(0)
+        return (self.agent, self.site, self.room, self.status, self.last_seen, self.last_status_ts, self.skew, self.phase,
+                e.floor, e.top, sum(x.missing for x in self.epochs.values()), newest[0] if newest else None,
+                json.dumps(self.status_key) if self.status_key else None)
+
+
+def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[str, AgentState], set[str]]:
+    """Every agent of the roster or the store, as the store left it; and those the store has a row for."""
+    rows = {r["agent"]: r for r in conn.execute("SELECT * FROM agents")}
+    runs = store.received_ranges(conn)
+    kinds = store.device_kinds(conn)
+    epochs: dict[str, list[sqlite3.Row]] = {}
+    for r in conn.execute("SELECT * FROM epochs ORDER BY agent, rank"):
+        epochs.setdefault(r["agent"], []).append(r)
+    agents: dict[str, AgentState] = {}
+    for agent in sorted(set(roster) | rows.keys()):
+        site, room = agent.split("/", 1)
+        a = AgentState(agent, site, room)
+        if agent in rows:
+            r = rows[agent]
+            a.status, a.last_seen, a.last_status_ts = r["status"], r["last_seen"], r["last_status_ts"] or 0.0
+            a.phase = r["phase"]
+            a.status_key = tuple(json.loads(r["status_key"])) if r["status_key"] else None  # type: ignore[assignment]
+            if r["skew"] is not None:
+                a.skews.append(r["skew"])
+        a.kinds = kinds.get(agent, {})
+        for e in epochs.get(agent, []):
+            a.epochs[e["epoch"]] = ep = Epoch(e["rank"], e["floor_seq"], Seqs(runs.get((agent, e["epoch"]), [])))
+            ep.seqs.drop_below(ep.floor)
+        agents[agent] = a
+    return agents, set(rows)
 
 
 def newer(key: StatusKey, than: StatusKey | None) -> bool:
@@ -157,4 +219,4 @@ class Rows:
         ]
 
 
-__all__ = ["Epoch", "Rows", "Seqs", "StatusKey", "newer"]
+__all__ = ["AgentState", "Epoch", "Rows", "Seqs", "StatusKey", "load_agents", "newer"]
