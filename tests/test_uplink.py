@@ -233,6 +233,32 @@ def test_status_online_heartbeat_then_offline_on_stop(mosquitto, listener, tmp_p
         late.close()
 
 
+def test_the_last_will_outranks_its_connection_and_the_next_connection_outranks_it(mosquitto, listener, tmp_path):
+    from tests.test_gateway_support import Link
+
+    link = Link(mosquitto.port)
+    link.up()
+    room = Room(tmp_path / "a.db", link.port)
+    up = room.start()
+    try:
+        room.wait(lambda: len(listener.envelopes("status")) >= 2)
+        link.cut()  # the broker sees the connection die: it publishes the will set for that connection
+        room.wait(lambda: any(b'"offline"' in bytes(e.body) for e in listener.envelopes("status")))
+        link.up()
+        room.wait(lambda: len(listener.envelopes("status")) >= 5, timeout=30)
+    finally:
+        up.stop()
+        link.cut()
+    status = [msgspec.json.decode(e.body, type=wire.Status) for e in listener.envelopes("status")]
+    will = next(s for s in status if s.reason == "lost")
+    before = [s for s in status[: status.index(will)] if s.state == "online"]
+    after = [s for s in status[status.index(will) + 1 :] if s.state == "online"]
+    assert before and after
+    assert will.order() == (before[0].boot, 1, wire.LAST)
+    assert all(s.order() < will.order() < a.order() for s in before for a in after)
+    assert {a.conn for a in after} == {2}
+
+
 def test_missing_signing_key_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="signing key"):
         Uplink(UplinkConfig(enabled=True), agent_id="s1/r1", db_path=str(tmp_path / "a.db"), on_acked=print)
