@@ -7,52 +7,32 @@ sent again is a duplicate however late; a replaced agent database is new data.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import msgspec
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge import wire
 from edge.model import AlarmEvent
 from tests.support import until
 from tests.test_gateway_support import AgentProc, GatewayProc, key_hex, start
+from tests.test_uplink import Listener
 
 pytestmark = pytest.mark.integration
 
 
-class Client:
-    """A plain MQTT client on the county broker: publishes what it is given, keeps what it hears."""
+class Client(Listener):
+    """A plain MQTT client on the county broker: keeps what it hears on every county topic, publishes what it is given."""
 
-    def __init__(self, port: int, subscribe: str = "") -> None:
-        self.heard: list[mqtt.MQTTMessage] = []
-        self.lock = threading.Lock()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.c.on_message = lambda _c, _u, m: self._keep(m)
-        subscribed = threading.Event()
-        self.c.on_subscribe = lambda *_a: subscribed.set()
-        self.c.connect("127.0.0.1", port)
-        self.c.loop_start()
-        if subscribe:
-            self.c.subscribe(subscribe, qos=1)
-            assert subscribed.wait(5)
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
 
-    def _keep(self, m: mqtt.MQTTMessage) -> None:
+    def heard(self, kind: str) -> list[mqtt.MQTTMessage]:
         with self.lock:
-            self.heard.append(m)
+            return [m for m in self.messages if m.topic.endswith("/" + kind) and not m.retain]
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
-
-    def messages(self, kind: str) -> list[mqtt.MQTTMessage]:
-        with self.lock:
-            return [m for m in self.heard if m.topic.endswith("/" + kind) and not m.retain]
-
-    def stop(self) -> None:
-        self.c.loop_stop()
-        self.c.disconnect()
+    stop = Listener.close
 
 
 def key(agent: str) -> bytes:
@@ -138,7 +118,7 @@ def test_a_room_key_cannot_clear_another_rooms_alarm(mosquitto, procs, tmp_path)
 def test_replayed_offline_statuses_raise_nothing(mosquitto, procs, tmp_path):
     rooms = ["s1/101", "s1/102"]
     gw = GatewayProc(tmp_path, mosquitto.port, rooms)
-    tap = Client(mosquitto.port, subscribe="examwatch/v1/+/+/status")
+    tap = Client(mosquitto.port)
     agents = [AgentProc(tmp_path, a, mosquitto.port) for a in rooms]
     procs.append(tap)
     start(procs, gw, *agents)
@@ -146,7 +126,7 @@ def test_replayed_offline_statuses_raise_nothing(mosquitto, procs, tmp_path):
     for a in agents:  # both stop, cleanly: each says "offline" (captured by the tap), an incident opens
         a.stop()
     until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"], what="the real incident")
-    offline = [m for m in tap.messages("status") if b'"offline"' in m.payload]
+    offline = [m for m in tap.heard("status") if b'"offline"' in m.payload]
     assert len(offline) == 2
     for a in agents:
         a.start()
@@ -161,15 +141,21 @@ def test_replayed_offline_statuses_raise_nothing(mosquitto, procs, tmp_path):
     assert all(status_of(gw, a) == "online" for a in rooms)
 
 
-def test_a_future_dated_status_does_not_poison_later_heartbeats(mosquitto, procs, tmp_path):
+def one_room(mosquitto, procs, tmp_path) -> tuple[GatewayProc, Client, AgentProc]:
+    """The gateway, a tap on the county topics, and room 101's real agent."""
     gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101"])
-    tap = Client(mosquitto.port, subscribe="examwatch/v1/+/+/status")
+    tap = Client(mosquitto.port)
     agent = AgentProc(tmp_path, "s1/101", mosquitto.port)
     procs.append(tap)
     start(procs, gw, agent)
-    until(lambda: len(tap.messages("status")) >= 2, what="heartbeats")
+    return gw, tap, agent
+
+
+def test_a_future_dated_status_does_not_poison_later_heartbeats(mosquitto, procs, tmp_path):
+    gw, tap, _ = one_room(mosquitto, procs, tmp_path)
+    until(lambda: len(tap.heard("status")) >= 2, what="heartbeats")
     # the agent's clock jumps a day ahead for one heartbeat (its next place, signed with its key), then is right
-    env = wire.decode(tap.messages("status")[-1].payload)
+    env = wire.decode(tap.heard("status")[-1].payload)
     st = msgspec.json.decode(env.body, type=wire.Status)
     ahead = msgspec.json.encode(msgspec.structs.replace(st, n=st.n + 1))
     tap.publish(wire.topic("s1/101", "status"), wire.encode(key("s1/101"), "s1/101", 0, time.time() + 86400, "status",
@@ -184,14 +170,10 @@ def test_a_future_dated_status_does_not_poison_later_heartbeats(mosquitto, procs
 
 
 def test_data_sent_again_long_after_is_a_duplicate_never_a_replay(mosquitto, procs, tmp_path):
-    gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101"])
-    tap = Client(mosquitto.port, subscribe="examwatch/v1/+/+/readings")
-    agent = AgentProc(tmp_path, "s1/101", mosquitto.port)
-    procs.append(tap)
-    start(procs, gw, agent)
-    until(lambda: len(tap.messages("readings")) >= 3, timeout=60, what="readings sent")
+    gw, tap, agent = one_room(mosquitto, procs, tmp_path)
+    until(lambda: len(tap.heard("readings")) >= 3, timeout=60, what="readings sent")
     agent.stop()  # the power cut
-    sent = tap.messages("readings")
+    sent = tap.heard("readings")
     until(lambda: gw.query("SELECT COUNT(*) FROM ledger")[0][0] >= len(sent), what="all stored")
     rows = gw.query("SELECT COUNT(*) FROM readings")[0][0]
     dupes = counter(gw, "duplicates_total")
