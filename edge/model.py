@@ -18,7 +18,7 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]  # device, met
 Text = Annotated[str, msgspec.Meta(max_length=2000)]  # messages and actions for people
 Time = Annotated[float, msgspec.Meta(ge=0, le=2**32)]  # unix seconds, finite
 Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]  # inf out (JSON has no NaN)
-Counter = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
 
 class Quality(StrEnum):

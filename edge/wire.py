@@ -27,7 +27,7 @@ from typing import Annotated
 
 import msgspec
 
-from edge.model import Counter, Name, Time
+from edge.model import Count, Name, Time
 
 VERSION = 1
 KINDS = ("readings", "alarms", "status")
@@ -68,7 +68,7 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     state: Annotated[str, msgspec.Meta(max_length=16)]  # "online" | "offline"
     reason: Annotated[str, msgspec.Meta(max_length=16)] = ""  # for offline: "lost" (last will) or "shutdown"
-    pending: Counter | None = None  # outbox rows waiting at the agent
+    pending: Count | None = None  # outbox rows waiting at the agent
     phase: Annotated[str, msgspec.Meta(max_length=16)] | None = None  # the exam phase the agent is in, when it knows
     # device name -> kind (recorder, ups, ...): the county labels readings with it
     kinds: Annotated[dict[Name, Annotated[str, msgspec.Meta(max_length=16)]], msgspec.Meta(max_length=1000)] | None = None
