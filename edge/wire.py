@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import re
 from pathlib import Path
 from typing import Annotated
@@ -112,18 +111,25 @@ def encode(key: bytes, agent: str, seq: int, ts: float, kind: str, body: bytes, 
 _decoder = msgspec.json.Decoder(Envelope)
 _ESCAPE = re.compile(rb"\\.", re.DOTALL)
 _NOT_BRACKET = bytes(set(range(256)) - set(b"[]{}"))
-_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_SQUARE = bytes.maketrans(b"{}", b"[]")  # for depth a brace is a bracket
 
 
-def depth(payload: bytes) -> int:
-    """The deepest JSON nesting in ``payload``, by a byte scan (strings skipped), without parsing it.
+def depth(payload: bytes, limit: int = MAX_DEPTH) -> int:
+    """How deep the JSON in ``payload`` nests, by a byte scan without parsing it; ``limit + 1`` means deeper
+    than ``limit`` (or brackets that do not pair up, which no parser would take either; ``[}`` pairs here,
+    the parser then refuses it).
 
-    Linear in the size: escapes go first; then every other piece between quotes is outside strings, and
-    only the brackets there are walked.
+    Linear in the size: escapes go first; then every other piece between quotes is outside strings; of
+    that, only the brackets are kept (braces as brackets), and each round strips the innermost pairs: one
+    ``replace`` pass removes exactly one level, since it does not rescan what it has just joined.
     """
     outside = b"".join(_ESCAPE.sub(b"", payload).split(b'"')[::2])
-    brackets = outside.translate(None, _NOT_BRACKET)
-    return max(itertools.accumulate(_STEP[b] for b in brackets), default=0)
+    brackets = outside.translate(_SQUARE, _NOT_BRACKET)
+    for level in range(limit + 1):
+        if not brackets:
+            return level
+        brackets = brackets.replace(b"[]", b"")
+    return limit + 1 if brackets else limit
 
 
 def decode(payload: bytes) -> Envelope:
@@ -133,8 +139,8 @@ def decode(payload: bytes) -> Envelope:
     """
     if len(payload) > MAX_PAYLOAD:
         raise WireError(f"envelope of {len(payload)} bytes, more than {MAX_PAYLOAD}")
-    if (d := depth(payload)) > MAX_DEPTH:
-        raise WireError(f"JSON nested {d} deep, more than {MAX_DEPTH}")
+    if depth(payload) > MAX_DEPTH:
+        raise WireError(f"JSON nested more than {MAX_DEPTH} deep (or unbalanced)")
     try:
         env = _decoder.decode(payload)
     except (msgspec.DecodeError, RecursionError) as err:

@@ -229,10 +229,7 @@ class Engine:
                            victims=claimed - {a.agent})
 
     def _readings(self, a: AgentState, seq: int, readings: list[Reading]) -> None:
-        rows = self._batch.readings
-        for r in readings:
-            rows.append((a.agent, r.device, r.metric, r.value, r.ts, r.quality, seq))
-            self._batch.latest_reading((a.agent, r.device, r.metric, r.value, r.ts, r.quality))
+        self._batch.readings.extend((a.agent, r.device, r.metric, r.value, r.ts, r.quality, seq) for r in readings)
         self.stats.readings += len(readings)
 
     def _store_alarm(self, a: AgentState, ev: AlarmEvent, body: bytes, received: float, seq: int, source: str) -> None:

@@ -153,7 +153,6 @@ class Rows:
     def __init__(self) -> None:
         self.ledger: list[tuple[Any, ...]] = []
         self.readings: list[tuple[Any, ...]] = []
-        self.latest: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self.alarm_events: list[tuple[Any, ...]] = []
         self.alarms: list[tuple[Any, ...]] = []
         self.incidents: dict[str, tuple[Any, ...]] = {}
@@ -163,18 +162,18 @@ class Rows:
         self.devices: dict[str, dict[str, str]] = {}  # agent -> its devices' kinds, replacing the stored ones
         self.dead_letters: list[tuple[Any, ...]] = []
 
-    def latest_reading(self, row: tuple[Any, ...]) -> None:
-        """Keep the newest value per (agent, device, metric) by the room's time."""
-        k = row[:3]
-        prev = self.latest.get(k)
-        if prev is None or row[4] >= prev[4]:
-            self.latest[k] = row
+    def latest(self) -> list[tuple[Any, ...]]:
+        """The newest reading per (agent, device, metric) by the room's time (the store keeps the newer of it and its own)."""
+        out: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        for r in self.readings:
+            prev = out.get(r[:3])
+            if prev is None or r[4] >= prev[4]:
+                out[r[:3]] = r
+        return [r[:6] for r in out.values()]
 
     def merge(self, other: Rows) -> None:
         for name in ("ledger", "readings", "alarm_events", "alarms", "incident_events", "dead_letters"):
             getattr(self, name).extend(getattr(other, name))
-        for row in other.latest.values():
-            self.latest_reading(row)
         self.incidents.update(other.incidents)
         self.agents |= other.agents
         self.epochs.update(other.epochs)
@@ -186,7 +185,7 @@ class Rows:
             ("INSERT INTO readings (agent, device, metric, value, ts, quality, seq) VALUES (?,?,?,?,?,?,?)", self.readings),
             (("INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE "
              "SET value = excluded.value, ts = excluded.ts, quality = excluded.quality WHERE excluded.ts >= latest.ts"),
-             list(self.latest.values())),
+             self.latest()),
             ("INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
              self.alarm_events),
             # A transition older than the one stored (out of order after an outage) joins the timeline only; and a

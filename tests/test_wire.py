@@ -60,8 +60,8 @@ def envelope(raw: bytes = b"[]", **fields: object) -> bytes:
 
 
 @pytest.mark.parametrize("payload,why", [
-    (envelope(b"[" * 1000 + b"]" * 1000), "nested 1001 deep"),  # RecursionError before the bound
-    (envelope(b"[" * 9 + b"]" * 9), "nested 10 deep"),
+    (envelope(b"[" * 1000 + b"]" * 1000), "nested more than 8"),  # RecursionError before the bound
+    (envelope(b"[" * 9 + b"]" * 9), "nested more than 8"),
     (envelope(b'"' + b"x" * wire.MAX_PAYLOAD + b'"'), "more than"),
     (envelope(seq=2**63), "not an envelope"),  # crashed SQLite's INTEGER bind at the county
     (envelope(seq=wire.SEQ_MAX + 1), "not an envelope"),
@@ -79,7 +79,8 @@ def test_out_of_bounds_is_a_wire_error_before_anything_recurses(payload, why):
 
 
 def test_depth_skips_strings_and_escapes():
-    assert wire.depth(b"") == 0 and wire.depth(b"{}") == 1
+    assert wire.depth(b"") == 0 and wire.depth(b"{}") == 1 and wire.depth(b"[" * 50 + b"]" * 50) == wire.MAX_DEPTH + 1
+    assert wire.depth(b"[[]") == wire.depth(b"][") == wire.MAX_DEPTH + 1  # unbalanced: no parser takes it either
     assert wire.depth(rb'[["[[[[", "\"[[[", "\\", [1]]]') == 3  # brackets inside strings do not count
     assert wire.depth(b'{"v": 1, "body": [["d", "m", 1.0, 2.0, "good"]]}') == 3
     assert wire.decode(envelope(b"[" * 7 + b"]" * 7)).seq == 1  # at the bound: accepted
