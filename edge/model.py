@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -62,7 +62,7 @@ class AlarmEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     room: Name
     rule: Name
     level: Annotated[int, msgspec.Meta(ge=1, le=3)]
-    state: Annotated[str, msgspec.Meta(max_length=16)]  # "raised" | "updated" (level changed while active) | "cleared"
+    state: Literal["raised", "updated", "cleared"]  # "updated": the level changed while active
     device: Name
     metric: Name | None = None
     value: Finite | None = None

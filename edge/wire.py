@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -65,7 +65,7 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     the next connection's heartbeats outrank it.
     """
 
-    state: Annotated[str, msgspec.Meta(max_length=16)]  # "online" | "offline"
+    state: Literal["online", "offline"]
     reason: Annotated[str, msgspec.Meta(max_length=16)] = ""  # for offline: "lost" (last will) or "shutdown"
     pending: Count | None = None  # outbox rows waiting at the agent
     phase: Annotated[str, msgspec.Meta(max_length=16)] | None = None  # the exam phase the agent is in, when it knows

@@ -249,8 +249,6 @@ class Engine:
             st = _status.decode(env.body)
         except msgspec.DecodeError as err:
             raise Rejected("bad_body", a.agent, str(err)) from None
-        if st.state not in ("online", "offline"):
-            raise Rejected("bad_body", a.agent, f"status state {st.state[:20]!r}")
         known = env.epoch in a.epochs
         key: StatusKey = (a.epochs[env.epoch].rank if known else len(a.epochs), *st.order())
         if not newer(key, a.status_key):

@@ -93,12 +93,14 @@ def test_bodies_are_bounded_too():
         with pytest.raises(msgspec.ValidationError):
             readings.decode(bad)
     ev = msgspec.json.decode(msgspec.json.encode(alarm()))
-    for field, value in (("level", 7), ("at", 1e20), ("message", "长" * 3000), ("id", ""), ("site", None)):
+    for field, value in (("level", 7), ("at", 1e20), ("message", "长" * 3000), ("id", ""), ("site", None), ("state", "gone")):
         with pytest.raises(msgspec.ValidationError):
             msgspec.json.decode(json.dumps({**ev, field: value}).encode(), type=AlarmEvent)
     status = msgspec.json.Decoder(wire.Status)
     with pytest.raises(msgspec.ValidationError):
         status.decode(msgspec.json.encode({"state": "online", "n": 2**63}))
+    with pytest.raises(msgspec.ValidationError):
+        status.decode(msgspec.json.encode({"state": "asleep"}))
 
 
 def test_status_order_a_will_outranks_its_connection_and_the_next_connection_outranks_the_will():
