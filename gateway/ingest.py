@@ -37,7 +37,7 @@ from edge.model import AlarmEvent, Reading
 from gateway import store
 from gateway.config import Config
 from gateway.correlate import Fault, Incident, correlate
-from gateway.ledger import AgentState, Epoch, Rows, Seqs, StatusKey, load_agents, newer
+from gateway.ledger import AgentState, Epoch, Order, Rows, Seqs, StatusKey, load_agents, newer
 from rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.gateway")
@@ -118,10 +118,11 @@ class Engine:
     def _load(self) -> None:
         self.agents, self._stored = load_agents(self.conn, self.keys)  # _stored: those with a row in the store
         # Alarms still open (the agents' and ours) and the last transition time of each, for ordering.
-        self.open_alarms: dict[str, tuple[Fault, float, str]] = {}  # id -> (fault, updated_at, source)
+        self.open_alarms: dict[str, tuple[Fault, Order, str]] = {}  # id -> (fault, order of its last transition, source)
         self.gateway_alarms: dict[tuple[str, str], AlarmEvent] = {}  # (agent, rule) -> the raise
         for r in self.conn.execute("SELECT * FROM alarms WHERE state != 'cleared'"):
-            self.open_alarms[r["id"]] = (Fault(r["site"], r["room"], r["rule"], r["raised_at"]), r["updated_at"], r["source"])
+            self.open_alarms[r["id"]] = (Fault(r["site"], r["room"], r["rule"], r["raised_at"]), (r["epoch_rank"], r["seq"]),
+                                         r["source"])
             if r["source"] == "gateway":
                 ev = self.conn.execute("SELECT event FROM alarm_events WHERE alarm_id = ? ORDER BY rowid LIMIT 1",
                                        [r["id"]]).fetchone()
@@ -202,7 +203,7 @@ class Engine:
         if kind == "readings":
             self._readings(a, env.seq, body)
         else:
-            self._store_alarm(a, body, bytes(env.body), m.received, env.seq, "agent")
+            self._store_alarm(a, body, bytes(env.body), m.received, (epoch.rank, env.seq), "agent")
         self.stats.messages[kind] += 1
         return None
 
@@ -223,7 +224,7 @@ class Engine:
         held = self.conn.execute("SELECT site, room, source FROM alarms WHERE id = ?", [ev.id]).fetchone()
         if held is not None:
             claimed.add(f"{held['site']}/{held['room']}")
-        ours = self.open_alarms.get(ev.id, (None, 0.0, "agent"))[2] == "gateway" or (held and held["source"] != "agent")
+        ours = self.open_alarms.get(ev.id, (None, (0, 0), "agent"))[2] == "gateway" or (held and held["source"] != "agent")
         if claimed != {a.agent} or ours:
             raise Rejected("unauthorized", a.agent, f"alarm {ev.id[:120]} of {sorted(claimed)} signed by {a.agent}",
                            victims=claimed - {a.agent})
@@ -232,17 +233,23 @@ class Engine:
         self._batch.readings.extend((a.agent, r.device, r.metric, r.value, r.ts, r.quality, seq) for r in readings)
         self.stats.readings += len(readings)
 
-    def _store_alarm(self, a: AgentState, ev: AlarmEvent, body: bytes, received: float, seq: int, source: str) -> None:
+    def _store_alarm(self, a: AgentState, ev: AlarmEvent, body: bytes, received: float, order: Order, source: str) -> None:
+        """One transition: into the timeline always; into the alarm's state if it is the latest by ``order``.
+
+        An agent's transitions are ordered by its outbox (epoch rank, seq), never by their times (``at`` is
+        data: a clock that jumped must not keep a cleared alarm raised); ours by our clock.
+        """
+        seq = order[1] if source == "agent" else 0
         self._batch.alarm_events.append((ev.id, ev.at, ev.state, ev.level, received, seq, body))
         self._batch.alarms.append((ev.id, a.site, a.room, ev.rule, ev.level, ev.state, ev.device, ev.message,
-                                   ev.raised_at, ev.at, ev.at if ev.state == "cleared" else None, source))
+                                   ev.raised_at, ev.at, ev.at if ev.state == "cleared" else None, source, *order))
         prev = self.open_alarms.get(ev.id)
-        if prev is not None and ev.at < prev[1]:
+        if prev is not None and order < prev[1]:
             return  # an older transition arriving late: timeline only
         if ev.state == "cleared":
             self.open_alarms.pop(ev.id, None)
         else:
-            self.open_alarms[ev.id] = (Fault(a.site, a.room, ev.rule, ev.raised_at), ev.at, source)
+            self.open_alarms[ev.id] = (Fault(a.site, a.room, ev.rule, ev.raised_at), order, source)
 
     def _status(self, a: AgentState, env: wire.Envelope, m: Message) -> None:
         try:
@@ -334,14 +341,14 @@ class Engine:
                         room=a.room, rule=rule, level=level, state=state, device="agent", value=value, at=now,
                         raised_at=current.raised_at if current else now, message=message)
         self.gateway_alarms[(a.agent, rule)] = ev
-        self._store_alarm(a, ev, _json.encode(ev), now, 0, "gateway")
+        self._store_alarm(a, ev, _json.encode(ev), now, (0, round(now * 1000)), "gateway")
 
     def _clear_gw(self, a: AgentState, rule: str, message: str, now: float) -> None:
         current = self.gateway_alarms.pop((a.agent, rule), None)
         if current is None:
             return
         ev = msgspec.structs.replace(current, state="cleared", at=now, message=message)
-        self._store_alarm(a, ev, _json.encode(ev), now, 0, "gateway")
+        self._store_alarm(a, ev, _json.encode(ev), now, (0, round(now * 1000)), "gateway")
 
     def _check_skew(self, a: AgentState, now: float) -> None:
         skew, bound = a.skew, self.cfg.liveness.skew_max

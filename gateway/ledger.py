@@ -19,6 +19,7 @@ from typing import Any
 from gateway import store
 
 StatusKey = tuple[int, int, int, int]  # (epoch rank, boot, conn, n)
+Order = tuple[int, int]  # an alarm transition's place: (epoch rank, seq) for an agent's, (0, our ms) for ours
 SKEW_SAMPLES = 5
 
 
@@ -188,12 +189,13 @@ class Rows:
              self.latest()),
             ("INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
              self.alarm_events),
-            # A transition older than the one stored (out of order after an outage) joins the timeline only; and a
+            # A transition before the one stored (out of order after an outage) joins the timeline only; and a
             # row changes only for its own room and source (ingest refuses the rest before it gets here).
             (("INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
-             " source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, "
-             "state = excluded.state, message = excluded.message, updated_at = excluded.updated_at, "
-             "cleared_at = excluded.cleared_at WHERE excluded.updated_at >= alarms.updated_at "
+             " source, epoch_rank, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+             "level = excluded.level, state = excluded.state, message = excluded.message, updated_at = excluded.updated_at, "
+             "cleared_at = excluded.cleared_at, epoch_rank = excluded.epoch_rank, seq = excluded.seq "
+             "WHERE (excluded.epoch_rank, excluded.seq) >= (alarms.epoch_rank, alarms.seq) "
              "AND alarms.site = excluded.site AND alarms.room = excluded.room AND alarms.source = excluded.source"),
              self.alarms),
             (("INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members, active)"
@@ -218,4 +220,4 @@ class Rows:
         ]
 
 
-__all__ = ["AgentState", "Epoch", "Rows", "Seqs", "StatusKey", "load_agents", "newer"]
+__all__ = ["AgentState", "Epoch", "Order", "Rows", "Seqs", "StatusKey", "load_agents", "newer"]

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS latest (agent TEXT NOT NULL, device TEXT NOT NULL, me
     value REAL NOT NULL, ts REAL NOT NULL, quality TEXT NOT NULL, PRIMARY KEY (agent, device, metric)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alarms (id TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL, rule TEXT NOT NULL,
     level INTEGER NOT NULL, state TEXT NOT NULL, device TEXT NOT NULL, message TEXT NOT NULL, raised_at REAL NOT NULL,
-    updated_at REAL NOT NULL, cleared_at REAL, source TEXT NOT NULL, acked_by TEXT, acked_note TEXT, acked_at REAL);
+    updated_at REAL NOT NULL, cleared_at REAL, source TEXT NOT NULL, acked_by TEXT, acked_note TEXT, acked_at REAL,
+    epoch_rank INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS alarms_state ON alarms (state, site);
 CREATE TABLE IF NOT EXISTS alarm_events (alarm_id TEXT NOT NULL, at REAL NOT NULL, state TEXT NOT NULL,
     level INTEGER NOT NULL, received REAL NOT NULL, seq INTEGER NOT NULL, event BLOB NOT NULL);
@@ -78,7 +79,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
     Before version 2 the ledger was keyed on (agent, seq) without epochs. Its rows cannot match any
     message from now on (every envelope carries an epoch), so the table is rebuilt empty rather than
-    guessed at; the agents table gains its new columns. Readings, alarms and incidents are kept as they are.
+    guessed at; the agents and alarms tables gain their new columns (an old alarm's order is (0, 0), so
+    any new transition of it applies). Readings, alarms and incidents are kept as they are.
     """
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version >= SCHEMA_VERSION:
@@ -88,10 +90,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
         ledger = [r[1] for r in conn.execute("PRAGMA table_info(ledger)")]
         if ledger and "epoch" not in ledger:
             conn.execute("DROP TABLE ledger")
-        agents = [r[1] for r in conn.execute("PRAGMA table_info(agents)")]
-        for column in ("epoch INTEGER", "status_key TEXT"):
-            if agents and column.split()[0] not in agents:
-                conn.execute(f"ALTER TABLE agents ADD COLUMN {column}")
+        for table, columns in (("agents", ("epoch INTEGER", "status_key TEXT")),
+                               ("alarms", ("epoch_rank INTEGER NOT NULL DEFAULT 0", "seq INTEGER NOT NULL DEFAULT 0"))):
+            have = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+            for column in columns:
+                if have and column.split()[0] not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)

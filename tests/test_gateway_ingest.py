@@ -281,6 +281,16 @@ def test_a_room_changes_only_its_own_alarms(tmp_path):
     assert ("101", "security_rejected") in {(a["room"], a["rule"]) for a in store.alarms(e.conn, state="active")}
 
 
+def test_alarm_transitions_are_ordered_by_sequence_not_by_the_rooms_clock(tmp_path):
+    e = make(tmp_path)
+    ahead = alarm("s1/101", "raised", T0 + 86400, T0 + 86400)  # raised while its clock was a day ahead
+    cleared = alarm("s1/101", "cleared", T0 + 60, T0 + 86400)  # cleared after the clock was put right
+    e.ingest([alarm_msg("s1/101", 1, ahead, T0), alarm_msg("s1/101", 2, cleared, T0 + 60)], T0 + 60)
+    [row] = store.alarms(e.conn)
+    assert row["state"] == "cleared" and store.alarms(e.conn, state="active") == []
+    assert [t["state"] for t in store.alarm_timeline(e.conn, ahead.id)] == ["cleared", "raised"]  # by the room's times
+
+
 def test_statuses_are_ordered_by_their_place_not_their_clock(tmp_path):
     e = make(tmp_path)
     e.ingest([status_msg("s1/101", "online", T0, T0, n=1), status_msg("s1/101", "online", T0 + 1, T0 + 1, n=2)], T0 + 1)
@@ -332,6 +342,11 @@ CREATE TABLE ledger (agent TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NU
 CREATE INDEX ledger_received ON ledger (received);
 CREATE TABLE readings (agent TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
     value REAL NOT NULL, ts REAL NOT NULL, quality TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE TABLE alarms (id TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL, rule TEXT NOT NULL,
+    level INTEGER NOT NULL, state TEXT NOT NULL, device TEXT NOT NULL, message TEXT NOT NULL, raised_at REAL NOT NULL,
+    updated_at REAL NOT NULL, cleared_at REAL, source TEXT NOT NULL, acked_by TEXT, acked_note TEXT, acked_at REAL);
+INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, source)
+    VALUES ('s1/101/link_down/sw1/1', 's1', '101', 'link_down', 1, 'raised', 'sw1', 'x', 1, 1, 'agent');
 INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts) VALUES ('s1/101', 's1', '101', 'online', 1, 1);
 INSERT INTO ledger VALUES ('s1/101', 1, 'readings', 1, 1);
 INSERT INTO readings VALUES ('s1/101', 'ups1', 'ups_charge_percent', 50, 1, 'good', 1);
@@ -349,5 +364,7 @@ def test_a_gateway_database_from_before_epochs_is_migrated(tmp_path):
     assert count(e, "SELECT COUNT(*) FROM readings") == 1 and count(e, "SELECT COUNT(*) FROM ledger") == 0
     e.ingest([readings_msg("s1/101", 1, T0), status_msg("s1/101", "online", T0, T0)], T0)
     assert count(e, "SELECT COUNT(*) FROM readings") == 4 and store.agents(e.conn)[0]["epoch"] == EPOCH
+    e.ingest([alarm_msg("s1/101", 2, alarm("s1/101", "cleared", T0, 1), T0)], T0)  # an alarm from before: still clears
+    assert store.alarms(e.conn, state="active") == []
     e.conn.close()
-    assert make(tmp_path).agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 1]]  # and opens again as it is
+    assert make(tmp_path).agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 2]]  # and opens again as it is
