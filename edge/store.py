@@ -54,6 +54,12 @@ def _connect(path: Path) -> sqlite_utils.Database:
     return db
 
 
+def identity(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(epoch, boot) from the meta table (0 where not set)."""
+    rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('epoch', 'boot')").fetchall())
+    return rows.get("epoch", 0), rows.get("boot", 0)
+
+
 class Store:
     def __init__(self, path: str | Path, *, retention_s: float = 72 * 3600, outbox_budget_bytes: int = 64 << 20) -> None:
         self.path = Path(path)
@@ -192,11 +198,6 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
-
-
-def identity(conn: sqlite3.Connection) -> tuple[int, int]:
-    rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('epoch', 'boot')").fetchall())
-    return rows.get("epoch", 0), rows.get("boot", 0)
 
 
 class OutboxReader:

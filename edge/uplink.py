@@ -105,6 +105,10 @@ class Uplink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
+        self._reader: OutboxReaderLike | None = None
+        self._epoch = self._boot = 0  # the outbox database's, read at start
+        self._conn = 0  # connections attempted since start (network thread; the will's)
+        self._status_conn = self._status_n = 0  # the connection the worker announces on, and its statuses so far
         # worker-thread state
         self._connected = False
         self._inflight: dict[int, int] = {}  # mid -> seq
@@ -112,10 +116,6 @@ class Uplink:
         self._retry: dict[int, float] = {}  # seq -> when to send it again
         self._last_heartbeat = 0.0
         self._last_count = 0.0
-        self._reader: OutboxReaderLike | None = None
-        self._epoch = self._boot = 0  # the outbox database's, read at start
-        self._conn = 0  # connections attempted since start (network thread; the will's)
-        self._status_conn = self._status_n = 0  # the connection the worker announces on, and its statuses so far
         # read by health() from other threads: plain ints/bools, replaced atomically
         self._pending = 0
         self._sent = self._acked = self._refused = self._connects = 0

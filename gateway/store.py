@@ -20,10 +20,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2  # 0/1: before epochs (main up to issue 7)
-DEAD_LETTERS_MAX = 10_000  # rows kept, newest
-DEAD_LETTER_BYTES = 4096  # of each payload
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'unknown', last_seen REAL, last_status_ts REAL, skew REAL, phase TEXT,
@@ -58,6 +54,11 @@ CREATE TABLE IF NOT EXISTS devices (agent TEXT NOT NULL, device TEXT NOT NULL, k
 CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY, received REAL NOT NULL, reason TEXT NOT NULL,
     agent TEXT NOT NULL, topic TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL);
 """
+
+
+SCHEMA_VERSION = 2  # 0/1: before epochs (main up to issue 7)
+DEAD_LETTERS_MAX = 10_000  # rows kept, newest
+DEAD_LETTER_BYTES = 4096  # of each payload
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
