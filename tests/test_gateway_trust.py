@@ -48,8 +48,8 @@ def counter(gw: GatewayProc, name: str, **labels: str) -> float:
 
 
 def active(gw: GatewayProc, **query: str) -> dict[tuple[str, str], dict]:
-    q = "&".join(f"{k}={v}" for k, v in query.items())
-    return {(a["room"], a["rule"]): a for a in gw.get(f"/api/v1/alarms?state=active&{q}")["alarms"]}
+    q = "".join(f"&{k}={v}" for k, v in query.items())
+    return {(a["room"], a["rule"]): a for a in gw.get(f"/api/v1/alarms?state=active{q}")["alarms"]}
 
 
 def status_of(gw: GatewayProc, agent: str) -> str:
