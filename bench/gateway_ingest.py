@@ -40,7 +40,7 @@ def messages(agents: list[str], keys: dict[str, bytes], per_agent: int, per_mess
                 Reading(f"dev{i % 10}", METRICS[i % len(METRICS)], rng.random() * 100, ts + i * 0.001)
                 for i in range(per_message)
             ])
-            out.append(Message(wire.topic(a, "readings"), wire.encode(keys[a], a, seq, ts, "readings", body), False, ts))
+            out.append(Message(wire.topic(a, "readings"), wire.encode(keys[a], a, seq, ts, "readings", body, epoch=1), False, ts))
     return out
 
 

@@ -46,10 +46,10 @@ def fill(engine: Engine, rooms: list[str], keys: dict[str, bytes], n_devices: in
     msgs, readings = [], 0
     for a in rooms:
         status = msgspec.json.encode(wire.Status(state="online", phase="during", kinds={d: k for d, k, _ in devices}))
-        msgs.append(Message(wire.topic(a, "status"), wire.encode(keys[a], a, 0, t0, "status", status), False, t0))
+        msgs.append(Message(wire.topic(a, "status"), wire.encode(keys[a], a, 0, t0, "status", status, epoch=1), False, t0))
         body = [Reading(d, m, rng.random(), t0 - rng.random() * 60) for d, _, metrics in devices for m in metrics]
         readings += len(body)
-        msgs.append(Message(wire.topic(a, "readings"), wire.encode(keys[a], a, 1, t0, "readings", msgspec.json.encode(body)),
+        msgs.append(Message(wire.topic(a, "readings"), wire.encode(keys[a], a, 1, t0, "readings", msgspec.json.encode(body), epoch=1),
                             False, t0))
     for i in range(0, len(msgs), 5000):
         engine.ingest(msgs[i : i + 5000], t0)

@@ -4,11 +4,17 @@ One writer: ``Store`` is used only from the agent's writer thread. Each ``write`
 holds the readings, the alarm transitions they caused and the outbox rows that carry both to the county,
 so a kill -9 at any moment leaves either all of a batch or none of it. The uplink reads the outbox through
 its own read-only connection (``OutboxReader``) and hands acknowledged sequence numbers back to the writer.
+
+The outbox's sequence numbers belong to the database's ``epoch``, a random number chosen when the database
+is created: a database set aside and replaced starts its sequence at 1 again under a new epoch, and the
+county takes it as new data. ``boot`` counts the opens of the database (the agent's starts): it orders
+the agent's status messages across restarts.
 """
 
 from __future__ import annotations
 
 import gc
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -52,6 +58,12 @@ def _connect(path: Path) -> sqlite_utils.Database:
     return db
 
 
+def identity(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(epoch, boot) from the meta table (0 where not set)."""
+    rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('epoch', 'boot')").fetchall())
+    return rows.get("epoch", 0), rows.get("boot", 0)
+
+
 class Store:
     def __init__(self, path: str | Path, *, retention_s: float = 72 * 3600, outbox_budget_bytes: int = 64 << 20) -> None:
         self.path = Path(path)
@@ -65,6 +77,15 @@ class Store:
         self.outbox_dropped = 0  # readings rows given up because the outbox was over its budget
         self._outbox_bytes = self._scalar("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM outbox")
         self._pruned_at = 0.0
+        self.epoch, self.boot = self._identity()
+
+    def _identity(self) -> tuple[int, int]:
+        """This database's outbox epoch (chosen at creation) and this open's boot number."""
+        with self.db.atomic():
+            conn = self.db.conn
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.randbelow(2**62) + 1,))
+            conn.execute("INSERT INTO meta (key, value) VALUES ('boot', 1) ON CONFLICT (key) DO UPDATE SET value = value + 1")
+        return identity(conn)
 
     def _scalar(self, sql: str, *args: object) -> int:
         return self.db.execute(sql, args).fetchone()[0]
@@ -266,6 +287,10 @@ class OutboxReader:
 
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    def identity(self) -> tuple[int, int]:
+        """(epoch, boot) as the writer set them when it opened the database."""
+        return identity(self.conn)
 
     def close(self) -> None:
         self.conn.close()

@@ -9,7 +9,9 @@ Store-and-forward with nothing lost:
 - a publish made while the link is down stays queued inside paho and goes out after reconnect, so it is
   never published twice from here; after a restart every row still in the outbox is sent again (the
   gateway drops duplicates on (agent, seq));
-- ``status`` is retained: ``online`` at connect and on every heartbeat, ``offline`` as last will.
+- ``status`` is retained: ``online`` at connect and on every heartbeat, ``offline`` as last will; each
+  carries its place (boot, connection, count; see ``wire.Status``), so the county orders them without
+  trusting any clock. The will is set again before every connect, for that connection.
 
 Threads: paho's network thread runs the callbacks; they only put events on a queue and wake the
 uplink's own worker thread, which does all reading, publishing and bookkeeping. (Taking a lock inside
@@ -51,6 +53,7 @@ class OutboxRowLike(Protocol):
 class OutboxReaderLike(Protocol):
     def pending(self, after_seq: int = 0, limit: int = 500) -> list[Any]: ...
     def count(self) -> int: ...
+    def identity(self) -> tuple[int, int]: ...
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,10 @@ class Uplink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
+        self._reader: OutboxReaderLike | None = None
+        self._epoch = self._boot = 0  # the outbox database's, read at start
+        self._conn = 0  # connections attempted since start (network thread; the will's)
+        self._status_conn = self._status_n = 0  # the connection the worker announces on, and its statuses so far
         # worker-thread state
         self._connected = False
         self._inflight: dict[int, int] = {}  # mid -> seq
@@ -119,6 +126,8 @@ class Uplink:
     # --- public API --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._reader = self._reader_factory(self.db_path)
+        self._epoch, self._boot = self._reader.identity()
         self._client = self._make_client()
         self._client.connect_async(
             self.cfg.host,
@@ -146,7 +155,7 @@ class Uplink:
             return
         if client.is_connected():
             info = client.publish(
-                wire.topic(self.agent, "status"), self._status("offline", reason="shutdown"), qos=1, retain=True
+                wire.topic(self.agent, "status"), self._status("offline", reason="shutdown", n=wire.LAST), qos=1, retain=True
             )
             try:
                 info.wait_for_publish(timeout=min(timeout, 2.0))
@@ -175,7 +184,7 @@ class Uplink:
         c.max_inflight_messages_set(self.window + 2)  # + status messages
         c.reconnect_delay_set(min_delay=1, max_delay=15)
         apply_broker_settings(c, self.cfg)
-        c.will_set(wire.topic(self.agent, "status"), self._status("offline", reason="lost"), qos=1, retain=True)
+        c.on_pre_connect = lambda client, _u: self._will(client)
         c.on_connect = lambda _c, _u, flags, rc, _p: self._event("connect", (rc, flags.session_present))
         c.on_disconnect = lambda _c, _u, _f, rc, _p: self._event("disconnect", rc)
         c.on_publish = lambda _c, _u, mid, rc, _p: self._event("puback", (mid, rc))
@@ -187,6 +196,12 @@ class Uplink:
         props.MaximumPacketSize = MAX_PACKET  # the broker drops anything bigger instead of sending it to us
         return props
 
+    def _will(self, client: mqtt.Client) -> None:
+        """Before each connect: the last will for this connection, outranking its heartbeats."""
+        self._conn += 1
+        will = self._status("offline", reason="lost", conn=self._conn, n=wire.LAST)
+        client.will_set(wire.topic(self.agent, "status"), will, qos=1, retain=True)
+
     def _event(self, kind: str, data: Any) -> None:
         self._events.put((kind, data))
         self._wake.set()
@@ -194,7 +209,8 @@ class Uplink:
     # --- worker thread ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        reader = self._reader_factory(self.db_path)
+        reader = self._reader
+        assert reader is not None
         try:
             self._pending = reader.count()
             while not self._stop.is_set():
@@ -243,6 +259,7 @@ class Uplink:
                     continue
                 self._connected = True
                 self._connects += 1
+                self._status_conn, self._status_n = self._conn, 0
                 if self._error_kind.startswith("connect"):  # that error is over
                     self._last_error = self._error_kind = ""
                 self._last_heartbeat = -self.cfg.heartbeat  # announce online at once
@@ -276,7 +293,7 @@ class Uplink:
 
     def _publish(self, row: OutboxRowLike) -> bool:
         assert self._client is not None
-        payload = wire.encode(self._key, self.agent, row.seq, self.clock(), row.kind, row.body)
+        payload = wire.encode(self._key, self.agent, row.seq, self.clock(), row.kind, row.body, epoch=self._epoch)
         info = self._client.publish(wire.topic(self.agent, row.kind), payload, qos=1)
         # NO_CONN: paho queued it and sends it after reconnect; publishing it again would duplicate it.
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
@@ -288,14 +305,17 @@ class Uplink:
 
     def _heartbeat(self, now: float) -> None:
         assert self._client is not None
-        self._client.publish(wire.topic(self.agent, "status"), self._status("online"), qos=1, retain=True)
+        self._status_n += 1
+        status = self._status("online", conn=self._status_conn, n=self._status_n)
+        self._client.publish(wire.topic(self.agent, "status"), status, qos=1, retain=True)
         self._last_heartbeat = now
 
-    def _status(self, state: str, reason: str = "") -> bytes:
+    def _status(self, state: str, *, n: int, reason: str = "", conn: int | None = None) -> bytes:
         pending = self._pending if state == "online" else None
         body = msgspec.json.encode(wire.Status(state=state, reason=reason, pending=pending, phase=self.phase(),
-                                                  kinds=self.kinds))
-        return wire.encode(self._key, self.agent, 0, self.clock(), "status", body)
+                                               kinds=self.kinds, boot=self._boot, conn=self._conn if conn is None else conn,
+                                               n=n))
+        return wire.encode(self._key, self.agent, 0, self.clock(), "status", body, epoch=self._epoch)
 
     def _set_error(self, message: str, kind: str) -> None:
         """Keep the latest error for health(); log it when its kind changes, not for every message."""

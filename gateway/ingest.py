@@ -1,12 +1,19 @@
 """The gateway's ingest: check each message, store batches idempotently, keep liveness, alarms and incidents.
 
-Used only from the ingest thread. A message is accepted only if it comes from a room on the roster, is
-signed with that room's key, and names the room of the topic it came on. Readings and alarms are
-idempotent on (agent, seq): a copy arriving again soon (QoS 1 redelivery, an agent re-sending after a
-crash) is counted as a duplicate; one arriving after ``replay_window`` is a replay. Every rejection
-is counted by reason, and a room whose identity was used gets a security alarm.
+Used only from the ingest thread. A message is accepted only if it comes from a room on the roster, fits
+the wire's bounds, is signed with that room's key, names the room of the topic it came on, and changes
+only that room's data (authorisation: an alarm event must be the signer's own, by site, room and id).
 
-Alarms keep the rooms' own timestamps (``at`` of each transition); ``received`` is ours.
+Freshness is by sequence, never by wall clock. Readings and alarms are idempotent on (agent, epoch, seq):
+a copy arriving again, however much later (QoS 1 redelivery, an agent re-sending after a power cut, a
+captured message replayed), is a harmless duplicate. Statuses are ordered by (epoch rank, boot, conn, n)
+(``edge.wire.Status``): one not newer than the last applied changes nothing and is counted ``stale``.
+The rooms' timestamps are data: alarms keep them (``at`` of each transition), the clock-skew check
+compares them with ours; ``received`` is ours.
+
+No message can stop the loop: a message that cannot be taken is rejected, counted by reason, set aside
+in ``dead_letters`` and acknowledged like any other; a room whose identity was used gets a security alarm.
+A bug handling one message rejects that message; a batch whose commit fails is written message by message.
 
 A room's phase is the gateway's schedule's when it has sessions, else the one the agent last reported;
 its devices' kinds are the ones its agent's status names (older agents name none).
@@ -14,12 +21,11 @@ its devices' kinds are the ones its agent's status names (older agents name none
 
 from __future__ import annotations
 
-import bisect
 import sqlite3
-from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 import structlog
@@ -27,17 +33,20 @@ import structlog
 from examwatch.gateway import store
 from examwatch.gateway.config import Config
 from examwatch.gateway.correlate import Fault, Incident, correlate
+from examwatch.gateway.ledger import AgentState, Epoch, Order, Rows, Seqs, StatusKey, load_agents, newer
 from examwatch.kernel import wire
 from examwatch.kernel.model import DEVICE_KINDS, AlarmEvent, Reading
 from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.gateway")
 
-REASON_NAMES = {"forged": "伪造", "replayed": "重放", "unsigned": "未签名", "malformed": "格式错误"}
+REASON_NAMES = {"forged": "伪造", "unauthorized": "越权", "unsigned": "未签名", "malformed": "格式错误"}
 SECURITY_REASONS = frozenset(REASON_NAMES)
-ROOM_REASONS = (*REASON_NAMES, "bad_body")  # rejections counted against the room they name
-ROOMLESS_REASONS = ("unknown_agent", "bad_topic")  # rejections that name no room on the roster
-SKEW_SAMPLES = 5
+# rejections counted against the room they name; "outdated": an agent without outbox epochs (upgrade it),
+# "stale": a status not newer than the last applied, "internal": a message our own code failed on
+ROOM_REASONS = (*REASON_NAMES, "bad_body", "outdated", "stale", "internal")
+ROOMLESS_REASONS = ("unknown_agent", "bad_topic", "internal")  # rejections that name no room on the roster
+READINGS_MAX = 5000  # per message (the agent sends uplink.batch_max, 500 by default)
 
 
 class Message(NamedTuple):
@@ -45,68 +54,6 @@ class Message(NamedTuple):
     payload: bytes
     retained: bool
     received: float  # our clock when it arrived
-
-
-class Seqs:
-    """The sequence numbers received from one agent, as sorted disjoint runs [lo, hi]."""
-
-    def __init__(self, runs: list[list[int]] | None = None) -> None:
-        self.runs = runs or []
-
-    def __contains__(self, seq: int) -> bool:
-        i = bisect.bisect_right(self.runs, [seq, float("inf")]) - 1
-        return i >= 0 and self.runs[i][0] <= seq <= self.runs[i][1]
-
-    def add(self, seq: int) -> None:
-        runs = self.runs
-        if runs and runs[-1][1] + 1 == seq:  # the usual case: the next one in order
-            runs[-1][1] = seq
-            return
-        i = bisect.bisect_right(runs, [seq, float("inf")])
-        runs.insert(i, [seq, seq])
-        if i + 1 < len(runs) and runs[i + 1][0] == seq + 1:
-            runs[i][1] = runs.pop(i + 1)[1]
-        if i > 0 and runs[i - 1][1] + 1 == seq:
-            runs[i - 1][1] = runs.pop(i)[1]
-
-    def gaps(self, floor: int, limit: int = 20) -> list[tuple[int, int]]:
-        """Missing runs above ``floor`` up to the highest received."""
-        out, expect = [], floor + 1
-        for lo, hi in self.runs:
-            if hi <= floor:
-                continue
-            if lo > expect:
-                out.append((expect, lo - 1))
-            expect = max(expect, hi + 1)
-        return out[:limit]
-
-    def missing(self, floor: int) -> int:
-        top = self.runs[-1][1] if self.runs else floor
-        have = sum(hi - max(lo, floor + 1) + 1 for lo, hi in self.runs if hi > floor)
-        return max(0, top - floor - have)
-
-    def drop_below(self, floor: int) -> None:
-        self.runs = [[max(lo, floor + 1), hi] for lo, hi in self.runs if hi > floor]
-
-
-@dataclass
-class AgentState:
-    agent: str
-    site: str
-    room: str
-    status: str = "unknown"  # "online" | "offline" | "unknown" (never heard of since the roster)
-    last_seen: float | None = None  # our time of the last live message
-    last_status_ts: float = 0.0  # the agent's time of the last status we applied
-    phase: str | None = None  # the schedule's phase, else the agent's last reported one
-    kinds: dict[str, str] = field(default_factory=dict)  # device -> kind, as the agent's status names them
-    floor: int = 0  # sequence numbers at or below this were pruned from the ledger (seen long ago)
-    seqs: Seqs = field(default_factory=Seqs)
-    skews: deque[float] = field(default_factory=lambda: deque(maxlen=SKEW_SAMPLES))
-
-    @property
-    def skew(self) -> float | None:
-        # Transit delay only makes the agent look behind; the largest recent sample is the closest to its clock.
-        return max(self.skews) if self.skews else None
 
 
 @dataclass
@@ -127,58 +74,23 @@ class Stats:
         return s
 
 
-class _Batch:
-    """The rows one transaction will write."""
+class Rejected(Exception):
+    """A message refused: ``reason`` (a counter label), the room to count it against, and why."""
 
-    def __init__(self) -> None:
-        self.ledger: list[tuple[Any, ...]] = []
-        self.readings: list[tuple[Any, ...]] = []
-        self.latest: dict[tuple[str, str, str], tuple[Any, ...]] = {}
-        self.alarm_events: list[tuple[Any, ...]] = []
-        self.alarms: list[tuple[Any, ...]] = []
-        self.incidents: dict[str, tuple[Any, ...]] = {}
-        self.incident_events: list[tuple[Any, ...]] = []
-        self.agents: set[str] = set()
-        self.devices: dict[str, dict[str, str]] = {}  # agent -> its devices' kinds, replacing the stored ones
-
-    def statements(self, agents: dict[str, AgentState]) -> list[tuple[str, Sequence[Sequence[Any]]]]:
-        agent_rows = []
-        for a in (agents[x] for x in sorted(self.agents)):
-            agent_rows.append((a.agent, a.site, a.room, a.status, a.last_seen, a.last_status_ts, a.skew, a.phase,
-                               a.floor, a.seqs.runs[-1][1] if a.seqs.runs else a.floor, a.seqs.missing(a.floor)))
-        return [
-            ("INSERT OR IGNORE INTO ledger (agent, seq, kind, ts, received) VALUES (?,?,?,?,?)", self.ledger),
-            ("INSERT INTO readings (agent, device, metric, value, ts, quality, seq) VALUES (?,?,?,?,?,?,?)", self.readings),
-            (("INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE "
-             "SET value = excluded.value, ts = excluded.ts, quality = excluded.quality WHERE excluded.ts >= latest.ts"),
-             list(self.latest.values())),
-            ("INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
-             self.alarm_events),
-            # A transition older than the one stored (out of order after an outage) joins the timeline only.
-            (("INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
-             " source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, "
-             "state = excluded.state, message = excluded.message, updated_at = excluded.updated_at, "
-             "cleared_at = excluded.cleared_at WHERE excluded.updated_at >= alarms.updated_at"), self.alarms),
-            (("INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members, active)"
-             " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state,"
-             " closed_at = excluded.closed_at, members = excluded.members, active = excluded.active"),
-             list(self.incidents.values())),
-            ("INSERT INTO incident_events (incident_id, at, what, rooms, level) VALUES (?,?,?,?,?)", self.incident_events),
-            ("DELETE FROM devices WHERE agent = ?", [(agent,) for agent in self.devices]),
-            ("INSERT INTO devices (agent, device, kind) VALUES (?,?,?)",
-             [(agent, device, kind) for agent, kinds in self.devices.items() for device, kind in kinds.items()]),
-            (("INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq, max_seq,"
-             " missing) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (agent) DO UPDATE SET status = excluded.status, "
-             "last_seen = excluded.last_seen, last_status_ts = excluded.last_status_ts, skew = excluded.skew, "
-             "phase = excluded.phase, floor_seq = excluded.floor_seq, max_seq = excluded.max_seq, "
-             "missing = excluded.missing"), agent_rows),
-        ]
+    def __init__(self, reason: str, agent: str, detail: str, victims: Iterable[str] = ()) -> None:
+        super().__init__(detail)
+        self.reason, self.agent, self.detail, self.victims = reason, agent, detail, tuple(victims)
 
 
-_readings = msgspec.json.Decoder(list[Reading])
+_readings = msgspec.json.Decoder(Annotated[list[Reading], msgspec.Meta(max_length=READINGS_MAX)])
 _alarm = msgspec.json.Decoder(AlarmEvent)
 _status = msgspec.json.Decoder(wire.Status)
 _json = msgspec.json.Encoder()
+
+
+def _owner(alarm_id: str) -> str:
+    """The ``site/room`` an alarm id belongs to: agents' ids and ours start with it."""
+    return "/".join(alarm_id.split("/", 2)[:2])
 
 
 class Engine:
@@ -190,38 +102,24 @@ class Engine:
         self.calendar = Calendar(cfg.schedule) if cfg.schedule.sessions else None
         self.roster: Counter[str] = Counter(a.split("/", 1)[0] for a in keys)
         self.stats = Stats.for_roster(keys)
-        self.agents: dict[str, AgentState] = {}
-        self._stored: set[str] = set()  # agents with a row in the agents table
+        self._security: dict[str, float] = {}  # agent -> our time of its last rejected message
         self._load()
-        self._batch = _Batch()
+        self._batch = Rows()  # the rows of the message in hand (or of the gateway's own work)
+        self._parts: list[tuple[Message, Rows]] = []  # the batch so far, message by message
+        self._resync = False  # in-memory state may be ahead of the database: reload it after the commit
         self._logged: set[tuple[str, str]] = set()
         self._last_retention = 0.0
 
     # --- state at start-up ----------------------------------------------------------------------------
 
     def _load(self) -> None:
-        rows = {r["agent"]: r for r in self.conn.execute("SELECT * FROM agents")}
-        runs = store.received_ranges(self.conn)
-        kinds = store.device_kinds(self.conn)
-        for agent in sorted(self.keys.keys() | rows.keys()):
-            site, room = agent.split("/", 1)
-            a = AgentState(agent, site, room)
-            if agent in rows:
-                r = rows[agent]
-                a.status, a.last_seen, a.last_status_ts = r["status"], r["last_seen"], r["last_status_ts"] or 0.0
-                a.phase, a.floor = r["phase"], r["floor_seq"]
-                if r["skew"] is not None:
-                    a.skews.append(r["skew"])
-                self._stored.add(agent)
-            a.kinds = kinds.get(agent, {})
-            a.seqs = Seqs(runs.get(agent, []))
-            a.seqs.drop_below(a.floor)
-            self.agents[agent] = a
+        self.agents, self._stored = load_agents(self.conn, self.keys)  # _stored: those with a row in the store
         # Alarms still open (the agents' and ours) and the last transition time of each, for ordering.
-        self.open_alarms: dict[str, tuple[Fault, float, str]] = {}  # id -> (fault, updated_at, source)
+        self.open_alarms: dict[str, tuple[Fault, Order, str]] = {}  # id -> (fault, order of its last transition, source)
         self.gateway_alarms: dict[tuple[str, str], AlarmEvent] = {}  # (agent, rule) -> the raise
         for r in self.conn.execute("SELECT * FROM alarms WHERE state != 'cleared'"):
-            self.open_alarms[r["id"]] = (Fault(r["site"], r["room"], r["rule"], r["raised_at"]), r["updated_at"], r["source"])
+            self.open_alarms[r["id"]] = (Fault(r["site"], r["room"], r["rule"], r["raised_at"]), (r["epoch_rank"], r["seq"]),
+                                         r["source"])
             if r["source"] == "gateway":
                 ev = self.conn.execute("SELECT event FROM alarm_events WHERE alarm_id = ? ORDER BY rowid LIMIT 1",
                                        [r["id"]]).fetchone()
@@ -231,97 +129,138 @@ class Engine:
             self.incidents[(r["site"], r["fault_class"])] = Incident(
                 id=r["id"], site=r["site"], fault_class=r["fault_class"], title=r["title"], level=r["level"],
                 opened_at=r["opened_at"], members=msgspec.json.decode(r["members"]), active=msgspec.json.decode(r["active"]))
-        self._security: dict[str, float] = {}  # agent -> our time of its last rejected message
 
     # --- ingest -------------------------------------------------------------------------------------
 
     def ingest(self, messages: Iterable[Message], now: float) -> None:
-        """Check and store one batch in one transaction (the caller acknowledges the messages after it)."""
+        """Check and store one batch (the caller acknowledges every message after it returns).
+
+        Raises only when the database itself cannot be written (then nothing is acknowledged and the
+        broker delivers the batch again); never because of what a message holds.
+        """
         for m in messages:
-            self._one(m)
-        self._correlate(now)
+            self._batch = Rows()
+            try:
+                self._one(m)
+            except Rejected as r:
+                self._reject(r, m)
+            except Exception as err:  # our bug, on this message: it alone is refused and set aside
+                log.exception("message_failed", topic=m.topic[:200])
+                self._batch, self._resync = Rows(), True
+                self._reject(Rejected("internal", self._roster_agent(m.topic), f"{type(err).__name__}: {err}"), m)
+            self._parts.append((m, self._batch))
+        self._batch = Rows()
+        try:
+            self._correlate(now)
+        except Exception:  # correlation is retried at every tick; the messages must be stored regardless
+            log.exception("correlation_failed")
         self._commit()
+
+    def _roster_agent(self, topic: str) -> str:
+        where = wire.parse_topic(topic)
+        return where[0] if where and where[0] in self.agents else ""
 
     def _one(self, m: Message) -> None:
         where = wire.parse_topic(m.topic)
         if where is None:
-            return self._reject("bad_topic", "", m.topic)
+            raise Rejected("bad_topic", "", m.topic)
         agent, kind = where
         key = self.keys.get(agent)
         if key is None:
-            return self._reject("unknown_agent", "", agent)
+            raise Rejected("unknown_agent", "", agent)
         try:
             env = wire.decode(m.payload)
         except wire.WireError as err:
-            return self._reject("malformed", agent, str(err), m.received)
+            raise Rejected("malformed", agent, str(err)) from None
         if not env.sig:
-            return self._reject("unsigned", agent, kind, m.received)
+            raise Rejected("unsigned", agent, kind)
+        if env.epoch == 0:  # signed the old way, without the epoch: cannot be checked, nor ordered
+            raise Rejected("outdated", agent, "envelope without an outbox epoch: upgrade this room's agent")
         if env.agent != agent or env.kind != kind or not wire.verify(key, env):
-            return self._reject("forged", agent, kind, m.received)
+            raise Rejected("forged", agent, kind)
         a = self.agents[agent]
         if kind == "status":
             return self._status(a, env, m)
-        if env.seq <= a.floor or env.seq in a.seqs:
-            first = self.conn.execute("SELECT received FROM ledger WHERE agent = ? AND seq = ?", [agent, env.seq]).fetchone()
-            if first is None or m.received - first[0] > self.cfg.security.replay_window:
-                return self._reject("replayed", agent, f"seq {env.seq}", m.received)
-            self.stats.duplicates += 1
+        epoch = a.epochs.get(env.epoch)
+        if epoch is not None and epoch.has(env.seq):
+            self.stats.duplicates += 1  # stored already, however long ago: harmless
             return None
-        if a.seqs.runs and env.seq > a.seqs.runs[-1][1] + 1:
-            log.info("sequence_gap", agent=agent, after=a.seqs.runs[-1][1], got=env.seq)
-        a.seqs.add(env.seq)
-        self._seen(a, m.received)
-        self._batch.ledger.append((agent, env.seq, kind, env.ts, m.received))
         try:
-            if kind == "readings":
-                self._readings(a, env.seq, _readings.decode(env.body))
-            else:
-                self._agent_alarm(a, env.seq, _alarm.decode(env.body), bytes(env.body), m.received)
+            body: Any = _readings.decode(env.body) if kind == "readings" else _alarm.decode(env.body)
         except msgspec.DecodeError as err:  # signed by the room but unreadable: an agent bug, not an attack
-            self._reject("bad_body", agent, str(err))
-            return None
+            raise Rejected("bad_body", agent, str(err)) from None
+        if kind == "alarms":
+            self._authorize(a, body)
+        epoch = self._epoch(a, env.epoch)
+        if epoch.seqs.runs and env.seq > epoch.top + 1:
+            log.info("sequence_gap", agent=agent, epoch=env.epoch, after=epoch.top, got=env.seq)
+        epoch.seqs.add(env.seq)
+        self._seen(a, m.received)
+        self._batch.ledger.append((agent, env.epoch, env.seq, kind, env.ts, m.received))
+        if kind == "readings":
+            self._readings(a, env.seq, body)
+        else:
+            self._store_alarm(a, body, bytes(env.body), m.received, (epoch.rank, env.seq), "agent")
         self.stats.messages[kind] += 1
         return None
 
+    def _epoch(self, a: AgentState, epoch: int) -> Epoch:
+        """The agent's epoch, ranked after all it had when first seen (a new outbox database)."""
+        e = a.epochs.get(epoch)
+        if e is None:
+            e = a.epochs[epoch] = Epoch(len(a.epochs))
+            if a.epochs and len(a.epochs) > 1:
+                log.warning("agent_new_epoch", agent=a.agent, epoch=epoch, epochs=len(a.epochs))
+            self._batch.epochs[(a.agent, epoch)] = (a.agent, epoch, e.rank, e.floor)
+            self._batch.agents.add(a.agent)
+        return e
+
+    def _authorize(self, a: AgentState, ev: AlarmEvent) -> None:
+        """A room's key changes that room's own alarms only; the gateway's alarms are nobody's but ours."""
+        claimed = {f"{ev.site}/{ev.room}", _owner(ev.id)}
+        held = self.conn.execute("SELECT site, room, source FROM alarms WHERE id = ?", [ev.id]).fetchone()
+        if held is not None:
+            claimed.add(f"{held['site']}/{held['room']}")
+        ours = self.open_alarms.get(ev.id, (None, (0, 0), "agent"))[2] == "gateway" or (held and held["source"] != "agent")
+        if claimed != {a.agent} or ours:
+            raise Rejected("unauthorized", a.agent, f"alarm {ev.id[:120]} of {sorted(claimed)} signed by {a.agent}",
+                           victims=claimed - {a.agent})
+
     def _readings(self, a: AgentState, seq: int, readings: list[Reading]) -> None:
-        rows = self._batch.readings
-        latest = self._batch.latest
-        for r in readings:
-            rows.append((a.agent, r.device, r.metric, r.value, r.ts, r.quality, seq))
-            k = (a.agent, r.device, r.metric)
-            prev = latest.get(k)
-            if prev is None or r.ts >= prev[4]:
-                latest[k] = (a.agent, r.device, r.metric, r.value, r.ts, r.quality)
+        self._batch.readings.extend((a.agent, r.device, r.metric, r.value, r.ts, r.quality, seq) for r in readings)
         self.stats.readings += len(readings)
 
-    def _agent_alarm(self, a: AgentState, seq: int, ev: AlarmEvent, body: bytes, received: float) -> None:
-        self._store_alarm(a, ev, body, received, seq, "agent")
+    def _store_alarm(self, a: AgentState, ev: AlarmEvent, body: bytes, received: float, order: Order, source: str) -> None:
+        """One transition: into the timeline always; into the alarm's state if it is the latest by ``order``.
 
-    def _store_alarm(self, a: AgentState, ev: AlarmEvent, body: bytes, received: float, seq: int, source: str) -> None:
-        # The room is the signer's, whatever the event says.
+        An agent's transitions are ordered by its outbox (epoch rank, seq), never by their times (``at`` is
+        data: a clock that jumped must not keep a cleared alarm raised); ours by our clock.
+        """
+        seq = order[1] if source == "agent" else 0
         self._batch.alarm_events.append((ev.id, ev.at, ev.state, ev.level, received, seq, body))
         self._batch.alarms.append((ev.id, a.site, a.room, ev.rule, ev.level, ev.state, ev.device, ev.message,
-                                   ev.raised_at, ev.at, ev.at if ev.state == "cleared" else None, source))
+                                   ev.raised_at, ev.at, ev.at if ev.state == "cleared" else None, source, *order))
         prev = self.open_alarms.get(ev.id)
-        if prev is not None and ev.at < prev[1]:
+        if prev is not None and order < prev[1]:
             return  # an older transition arriving late: timeline only
         if ev.state == "cleared":
             self.open_alarms.pop(ev.id, None)
         else:
-            self.open_alarms[ev.id] = (Fault(a.site, a.room, ev.rule, ev.raised_at), ev.at, source)
+            self.open_alarms[ev.id] = (Fault(a.site, a.room, ev.rule, ev.raised_at), order, source)
 
     def _status(self, a: AgentState, env: wire.Envelope, m: Message) -> None:
         try:
             st = _status.decode(env.body)
         except msgspec.DecodeError as err:
-            return self._reject("bad_body", a.agent, str(err))
-        if env.ts <= a.last_status_ts:
-            if m.retained:
-                return None  # our own last word, delivered again at subscribe: already applied
-            if st.state == "online":  # an old "online" again would hide an outage
-                return self._reject("replayed", a.agent, "status", m.received)
-            # A last will carries the time it was set (connect); it is news all the same.
-        a.last_status_ts = max(a.last_status_ts, env.ts)
+            raise Rejected("bad_body", a.agent, str(err)) from None
+        known = env.epoch in a.epochs
+        key: StatusKey = (a.epochs[env.epoch].rank if known else len(a.epochs), *st.order())
+        if not newer(key, a.status_key):
+            if not (m.retained and key == a.status_key):  # our own last word, delivered again at subscribe
+                raise Rejected("stale", a.agent, f"status {key} not newer than {a.status_key}")
+            return None
+        self._epoch(a, env.epoch)
+        a.status_key, a.last_status_ts = key, env.ts
         # A last will tells the phase of when it was set (at connect), maybe hours ago: only heartbeats say it.
         reported = st.phase if st.state == "online" else None
         a.phase = self.calendar.phase(m.received) if self.calendar else reported or a.phase
@@ -355,17 +294,23 @@ class Engine:
             a.status = "online"
             self._clear_gw(a, "agent_offline", "考场监测代理已恢复连接", received)
 
-    def _reject(self, reason: str, agent: str, detail: str, received: float | None = None) -> None:
-        self.stats.rejected[(reason, agent)] += 1
-        if (reason, agent) not in self._logged:  # once per kind and room: a flood must not flood the log
-            self._logged.add((reason, agent))
-            log.warning("message_rejected", reason=reason, agent=agent or None, detail=detail[:200])
-        if agent and reason in SECURITY_REASONS and received is not None:
-            self._security[agent] = received
-            a = self.agents[agent]
-            if (agent, "security_rejected") not in self.gateway_alarms:
-                self._raise_gw(a, "security_rejected", 2,
-                               f"收到冒用本考场身份的{REASON_NAMES[reason]}消息，已拒收；请核查网络与设备", received)
+    def _reject(self, r: Rejected, m: Message) -> None:
+        """Count, log once per reason and room, set aside, and raise the security alarm where one is due."""
+        self.stats.rejected[(r.reason, r.agent)] += 1
+        if (r.reason, r.agent) not in self._logged:  # once per kind and room: a flood must not flood the log
+            self._logged.add((r.reason, r.agent))
+            log.warning("message_rejected", reason=r.reason, agent=r.agent or None, detail=r.detail[:200])
+        if r.reason == "stale":
+            return  # an old status: nothing to inspect
+        self._batch.dead_letters.append((m.received, r.reason, r.agent, m.topic[:300], r.detail[:500], len(m.payload),
+                                         m.payload[:store.DEAD_LETTER_BYTES]))
+        if r.reason in SECURITY_REASONS and r.agent:
+            # the room whose key or name was used, and any room whose alarm it tried to change
+            for agent in (r.agent, *sorted(v for v in r.victims if v in self.agents)):
+                self._security[agent] = m.received
+                if (agent, "security_rejected") not in self.gateway_alarms:
+                    self._raise_gw(self.agents[agent], "security_rejected", 2,
+                                   f"收到冒用本考场身份的{REASON_NAMES[r.reason]}消息，已拒收；请核查网络与设备", m.received)
 
     # --- gateway's own alarms -----------------------------------------------------------------------
 
@@ -393,14 +338,14 @@ class Engine:
                         room=a.room, rule=rule, level=level, state=state, device="agent", value=value, at=now,
                         raised_at=current.raised_at if current else now, message=message)
         self.gateway_alarms[(a.agent, rule)] = ev
-        self._store_alarm(a, ev, _json.encode(ev), now, 0, "gateway")
+        self._store_alarm(a, ev, _json.encode(ev), now, (0, round(now * 1000)), "gateway")
 
     def _clear_gw(self, a: AgentState, rule: str, message: str, now: float) -> None:
         current = self.gateway_alarms.pop((a.agent, rule), None)
         if current is None:
             return
         ev = msgspec.structs.replace(current, state="cleared", at=now, message=message)
-        self._store_alarm(a, ev, _json.encode(ev), now, 0, "gateway")
+        self._store_alarm(a, ev, _json.encode(ev), now, (0, round(now * 1000)), "gateway")
 
     def _check_skew(self, a: AgentState, now: float) -> None:
         skew, bound = a.skew, self.cfg.liveness.skew_max
@@ -454,21 +399,49 @@ class Engine:
                                              _json.encode(inc.active).decode())
 
     def _commit(self) -> None:
-        batch, self._batch = self._batch, _Batch()
-        store.write_batch(self.conn, batch.statements(self.agents))
-        self._stored |= batch.agents
+        """Write the batch in one transaction; if that fails, message by message, setting aside what still fails."""
+        parts, self._parts = [*self._parts, (None, self._batch)], []
+        self._batch = whole = Rows()
+        for _, rows in parts:
+            whole.merge(rows)
+        self._batch = Rows()
+        try:
+            self._write(whole)
+        except Exception as err:  # a row SQLite refuses: find the message it came from
+            log.error("batch_commit_failed", error=f"{type(err).__name__}: {err}", messages=len(parts) - 1)
+            for m, rows in parts:
+                try:
+                    self._write(rows)
+                except Exception as one:
+                    self._resync = True
+                    if m is None:
+                        log.exception("gateway_rows_failed")  # our own alarms and incidents: derived again later
+                        continue
+                    self._reject(Rejected("internal", self._roster_agent(m.topic), f"not stored: {type(one).__name__}: {one}"), m)
+                    self._write(self._batch)  # the dead letter alone; if even that fails the database is broken: raise
+                    self._batch = Rows()
+        if self._resync:  # the database is the truth: what memory holds of refused rows goes
+            self._resync = False
+            self._load()
+
+    def _write(self, rows: Rows) -> None:
+        store.write_batch(self.conn, rows.statements([self.agents[a].row() for a in sorted(rows.agents)]))
+        self._stored |= rows.agents
         self.stats.batches += 1
 
     def retention(self, now: float) -> None:
         cut = now - self.cfg.gateway.retention_days * 86400
         alarm_cut = now - self.cfg.gateway.alarm_retention_days * 86400
-        floors = dict(self.conn.execute("SELECT agent, MAX(seq) FROM ledger WHERE received < ? GROUP BY agent", [cut]).fetchall())
-        for agent, floor in floors.items():
-            if agent in self.agents and floor > self.agents[agent].floor:
-                self.agents[agent].floor = floor
-                self.agents[agent].seqs.drop_below(floor)
+        floors = self.conn.execute("SELECT agent, epoch, MAX(seq) FROM ledger WHERE received < ? GROUP BY agent, epoch",
+                                   [cut]).fetchall()
+        for agent, epoch, floor in floors:
+            e = self.agents[agent].epochs.get(epoch) if agent in self.agents else None
+            if e is not None and floor > e.floor:
+                e.floor = floor
+                e.seqs.drop_below(floor)
+                self._batch.epochs[(agent, epoch)] = (agent, epoch, e.rank, e.floor)
                 self._batch.agents.add(agent)
-        self._commit()  # floors first: a crash between the two leaves nothing replayable
+        self._commit()  # floors first: a crash between the two leaves nothing to be taken as new
         store.write_batch(self.conn, [
             ("DELETE FROM ledger WHERE received < ?", [(cut,)]),
             ("DELETE FROM readings WHERE ts < ?", [(cut,)]),
@@ -478,6 +451,7 @@ class Engine:
             (("DELETE FROM incident_events WHERE incident_id IN (SELECT id FROM incidents WHERE state = 'closed' "
              "AND closed_at < ?)"), [(alarm_cut,)]),
             ("DELETE FROM incidents WHERE state = 'closed' AND closed_at < ?", [(alarm_cut,)]),
+            ("DELETE FROM dead_letters WHERE received < ?", [(alarm_cut,)]),
         ])
 
 

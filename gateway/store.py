@@ -3,6 +3,13 @@
 WAL, one writer (the ingest thread); readers open their own connections. Everything a batch changes is
 written in one transaction, so a gateway killed mid-batch has either stored a message or will get it again
 from the broker (it is acknowledged only after the commit).
+
+The ledger is keyed on (agent, epoch, seq): an agent's outbox database has its own random epoch, so a
+replaced database's sequence starting again at 1 is new data. ``epochs`` keeps each agent's epochs in the
+order first seen (their rank orders the agent's status messages). A message that could not be taken goes
+to ``dead_letters`` (payload truncated, newest rows kept) for people to inspect.
+
+The schema's version is ``PRAGMA user_version``; ``connect`` brings an older file up to date (see ``_migrate``).
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ from examwatch.kernel import files
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'unknown', last_seen REAL, last_status_ts REAL, skew REAL, phase TEXT,
-    floor_seq INTEGER NOT NULL DEFAULT 0, max_seq INTEGER NOT NULL DEFAULT 0, missing INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS ledger (agent TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, ts REAL NOT NULL,
-    received REAL NOT NULL, PRIMARY KEY (agent, seq)) WITHOUT ROWID;
+    floor_seq INTEGER NOT NULL DEFAULT 0, max_seq INTEGER NOT NULL DEFAULT 0, missing INTEGER NOT NULL DEFAULT 0,
+    epoch INTEGER, status_key TEXT);
+CREATE TABLE IF NOT EXISTS epochs (agent TEXT NOT NULL, epoch INTEGER NOT NULL, rank INTEGER NOT NULL,
+    floor_seq INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (agent, epoch)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger (agent TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+    ts REAL NOT NULL, received REAL NOT NULL, PRIMARY KEY (agent, epoch, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_received ON ledger (received);
 CREATE TABLE IF NOT EXISTS readings (agent TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
     value REAL NOT NULL, ts REAL NOT NULL, quality TEXT NOT NULL, seq INTEGER NOT NULL);
@@ -29,7 +39,8 @@ CREATE TABLE IF NOT EXISTS latest (agent TEXT NOT NULL, device TEXT NOT NULL, me
     value REAL NOT NULL, ts REAL NOT NULL, quality TEXT NOT NULL, PRIMARY KEY (agent, device, metric)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alarms (id TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL, rule TEXT NOT NULL,
     level INTEGER NOT NULL, state TEXT NOT NULL, device TEXT NOT NULL, message TEXT NOT NULL, raised_at REAL NOT NULL,
-    updated_at REAL NOT NULL, cleared_at REAL, source TEXT NOT NULL, acked_by TEXT, acked_note TEXT, acked_at REAL);
+    updated_at REAL NOT NULL, cleared_at REAL, source TEXT NOT NULL, acked_by TEXT, acked_note TEXT, acked_at REAL,
+    epoch_rank INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS alarms_state ON alarms (state, site);
 CREATE TABLE IF NOT EXISTS alarm_events (alarm_id TEXT NOT NULL, at REAL NOT NULL, state TEXT NOT NULL,
     level INTEGER NOT NULL, received REAL NOT NULL, seq INTEGER NOT NULL, event BLOB NOT NULL);
@@ -42,7 +53,14 @@ CREATE TABLE IF NOT EXISTS incident_events (incident_id TEXT NOT NULL, at REAL N
 CREATE INDEX IF NOT EXISTS incident_events_id ON incident_events (incident_id, at);
 CREATE TABLE IF NOT EXISTS devices (agent TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL,
     PRIMARY KEY (agent, device)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY, received REAL NOT NULL, reason TEXT NOT NULL,
+    agent TEXT NOT NULL, topic TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL);
 """
+
+
+SCHEMA_VERSION = 2  # 0/1: before epochs (main up to issue 7)
+DEAD_LETTERS_MAX = 10_000  # rows kept, newest
+DEAD_LETTER_BYTES = 4096  # of each payload
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -54,21 +72,58 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(SCHEMA)
+        _migrate(conn)
     conn.row_factory = sqlite3.Row
     return conn
 
 
-def received_ranges(conn: sqlite3.Connection) -> dict[str, list[list[int]]]:
-    """Per agent, the runs of consecutive sequence numbers in the ledger (gaps and islands)."""
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a gateway.db of an older schema up to ``SCHEMA_VERSION``, in one transaction.
+
+    Before version 2 the ledger was keyed on (agent, seq) without epochs. Its rows cannot match any
+    message from now on (every envelope carries an epoch), so the table is rebuilt empty rather than
+    guessed at; the agents and alarms tables gain their new columns (an old alarm's order is (0, 0), so
+    any new transition of it applies). Readings, alarms and incidents are kept as they are.
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        ledger = [r[1] for r in conn.execute("PRAGMA table_info(ledger)")]
+        if ledger and "epoch" not in ledger:
+            conn.execute("DROP TABLE ledger")
+        for table, columns in (("agents", ("epoch INTEGER", "status_key TEXT")),
+                               ("alarms", ("epoch_rank INTEGER NOT NULL DEFAULT 0", "seq INTEGER NOT NULL DEFAULT 0"))):
+            have = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+            for column in columns:
+                if have and column.split()[0] not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def received_ranges(conn: sqlite3.Connection) -> dict[tuple[str, int], list[list[int]]]:
+    """Per (agent, epoch), the runs of consecutive sequence numbers in the ledger (gaps and islands)."""
     rows = conn.execute(
-        "SELECT agent, MIN(seq), MAX(seq) FROM (SELECT agent, seq, seq - ROW_NUMBER() OVER "
-        "(PARTITION BY agent ORDER BY seq) AS g FROM ledger) GROUP BY agent, g ORDER BY agent, MIN(seq)"
+        "SELECT agent, epoch, MIN(seq), MAX(seq) FROM (SELECT agent, epoch, seq, seq - ROW_NUMBER() OVER "
+        "(PARTITION BY agent, epoch ORDER BY seq) AS g FROM ledger) GROUP BY agent, epoch, g ORDER BY agent, epoch, MIN(seq)"
     ).fetchall()
-    out: dict[str, list[list[int]]] = {}
-    for agent, lo, hi in rows:
-        out.setdefault(agent, []).append([lo, hi])
+    out: dict[tuple[str, int], list[list[int]]] = {}
+    for agent, epoch, lo, hi in rows:
+        out.setdefault((agent, epoch), []).append([lo, hi])
     return out
+
+
+def dead_letters(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest messages set aside, for people to inspect (``payload`` as stored, truncated)."""
+    return _dicts(conn.execute("SELECT * FROM dead_letters ORDER BY id DESC LIMIT ?", [limit]))
 
 
 # --- reads for the API and the exporter (own connection per thread) ---------------------------------------

@@ -5,8 +5,9 @@ Both are msgspec structs, so the same types serve in memory, in the store and on
 
 from __future__ import annotations
 
+import sys
 from enum import IntEnum, StrEnum
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
@@ -47,6 +48,13 @@ class AlarmState(StrEnum):
     UPDATED = "updated"  # its level changed while active
     CLEARED = "cleared"
 
+# Bounds checked when these are decoded (from the wire, from the store); building them in code checks nothing.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]  # device, metric, rule, site, room
+Text = Annotated[str, msgspec.Meta(max_length=2000)]  # messages and actions for people
+Time = Annotated[float, msgspec.Meta(ge=0, le=2**32)]  # unix seconds, finite
+Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]  # inf out (JSON has no NaN)
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+
 
 class Quality(StrEnum):
     GOOD = "good"
@@ -61,11 +69,11 @@ class Reading(msgspec.Struct, frozen=True, array_like=True, gc=False):
     interface) is named ``<device>/<part>`` and inherits the device's kind.
     """
 
-    device: str
-    metric: str
-    value: float
-    ts: float  # unix seconds, from the agent's clock when the value was read
-    quality: str = Quality.GOOD
+    device: Name
+    metric: Name
+    value: Finite
+    ts: Time  # unix seconds, from the agent's clock when the value was read
+    quality: Annotated[str, msgspec.Meta(max_length=16)] = Quality.GOOD
 
     @property
     def unit(self) -> str:
@@ -84,18 +92,18 @@ class AlarmEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     happened, ``raised_at`` when the occurrence was first raised, ``since`` when its condition began.
     """
 
-    id: str
-    site: str
-    room: str
-    rule: str
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    site: Name
+    room: Name
+    rule: Name
     level: Level
     state: AlarmState
-    device: str
-    metric: str | None = None
-    value: float | None = None
-    at: float
-    raised_at: float
-    since: float | None = None
-    phase: str | None = None
-    message: str
-    action: str = ""
+    device: Name
+    metric: Name | None = None
+    value: Finite | None = None
+    at: Time
+    raised_at: Time
+    since: Time | None = None
+    phase: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+    message: Text
+    action: Text = ""

@@ -170,10 +170,10 @@ def publisher(port: int) -> Any:
 def publish_alarm(client: Any, ev: AlarmEvent, seq: int) -> None:
     """Publish one transition as the room's agent does: signed, QoS 1, on the room's alarms topic."""
     from examwatch.kernel import wire
-    from tests.test_gateway_support import key_hex
+    from tests.support.gateway import key_hex
 
     agent = f"{ev.site}/{ev.room}"
-    payload = wire.encode(bytes.fromhex(key_hex(agent)), agent, seq, ev.at, "alarms", msgspec.json.encode(ev))
+    payload = wire.encode(bytes.fromhex(key_hex(agent)), agent, seq, ev.at, "alarms", msgspec.json.encode(ev), epoch=1)
     client.publish(wire.topic(agent, "alarms"), payload, qos=1).wait_for_publish(10)
 
 
@@ -181,12 +181,12 @@ def wait_subscribed(gw: Any, client: Any, agent: str, timeout: float = 30.0) -> 
     """Until the gateway stores a room's heartbeat: its subscription is in place (on a first start, what is
     published before it would not be queued for it)."""
     from examwatch.kernel import wire
-    from tests.test_gateway_support import key_hex
+    from tests.support.gateway import key_hex
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body = msgspec.json.encode(wire.Status(state="online"))
-        payload = wire.encode(bytes.fromhex(key_hex(agent)), agent, 0, time.time(), "status", body)
+        body = msgspec.json.encode(wire.Status(state="online", boot=1, conn=1, n=time.monotonic_ns()))
+        payload = wire.encode(bytes.fromhex(key_hex(agent)), agent, 0, time.time(), "status", body, epoch=1)
         client.publish(wire.topic(agent, "status"), payload, qos=1).wait_for_publish(10)
         for _ in range(10):
             if gw.query("SELECT 1 FROM agents WHERE agent = ? AND status = 'online'", agent):

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from examwatch.gateway import store
 from examwatch.gateway.exporter import GatewayCollector
-from examwatch.gateway.ingest import ROOM_REASONS, Engine, Message
+from examwatch.gateway.ingest import ROOM_REASONS, ROOMLESS_REASONS, Engine, Message
 from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule, Window
@@ -41,14 +41,14 @@ def labels(**kw: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(kw.items()))
 
 
-def kinds_status(agent: str, kinds: dict[str, str] | None, ts: float, received: float) -> Message:
-    body = msgspec.json.encode(wire.Status(state="online", kinds=kinds))
-    return Message(wire.topic(agent, "status"), wire.encode(KEYS[agent], agent, 0, ts, "status", body), False, received)
+def kinds_status(agent: str, kinds: dict[str, str] | None, ts: float, received: float, n: int = 1) -> Message:
+    body = msgspec.json.encode(wire.Status(state="online", kinds=kinds, boot=1, conn=1, n=n))
+    return Message(wire.topic(agent, "status"), wire.encode(KEYS[agent], agent, 0, ts, "status", body, epoch=1), False, received)
 
 
 def readings(agent: str, seq: int, items: list[Reading], received: float) -> Message:
     body = msgspec.json.encode(items)
-    return Message(wire.topic(agent, "readings"), wire.encode(KEYS[agent], agent, seq, received, "readings", body), False,
+    return Message(wire.topic(agent, "readings"), wire.encode(KEYS[agent], agent, seq, received, "readings", body, epoch=1), False,
                    received)
 
 
@@ -83,7 +83,7 @@ def test_readings_carry_kind_unit_and_age_by_the_rooms_clock(tmp_path):
     assert age[labels(site="s1", room="103", device="ups1", kind="ups", metric="ups_charge_percent")] == pytest.approx(5.0)
 
     # A room that renames its devices replaces its kinds; they survive a gateway restart.
-    e.ingest([kinds_status("s1/101", {"ups1": "ups"}, T0 + 200, T0 + 200)], T0 + 200)
+    e.ingest([kinds_status("s1/101", {"ups1": "ups"}, T0 + 200, T0 + 200, n=2)], T0 + 200)
     e.conn.close()
     e = make(tmp_path)
     assert e.agents["s1/101"].kinds == {"ups1": "ups"}
@@ -97,12 +97,13 @@ def test_counters_start_at_zero_for_every_roster_room_and_reason(tmp_path):
     got = scrape(e, tmp_path, T0)
     rejected = got["examwatch_gateway_rejected_total"]
     want = {labels(reason=r, site="s1", room=a.split("/")[1]): 0.0 for a in KEYS for r in ROOM_REASONS}
-    want |= {labels(reason=r, site="", room=""): 0.0 for r in ("unknown_agent", "bad_topic")}
+    want |= {labels(reason=r, site="", room=""): 0.0 for r in ROOMLESS_REASONS}
     assert rejected == want
     assert got["examwatch_gateway_messages_total"] == {labels(kind=k): 0.0 for k in ("readings", "alarms", "status")}
     # a room's first forged message: its series goes from 0 to 1, which increase() sees
     good = readings("s1/104", 1, [Reading("ups1", "ups_charge_percent", 1.0, T0)], T0)
-    e.ingest([good._replace(payload=good.payload.replace(b'"sig":"', b'"sig":"00'))], T0)
+    forged = msgspec.structs.replace(wire.decode(good.payload), sig="00" * 32)
+    e.ingest([good._replace(payload=msgspec.json.encode(forged))], T0)
     rejected = scrape(e, tmp_path, T0)["examwatch_gateway_rejected_total"]
     assert rejected[labels(reason="forged", site="s1", room="104")] == 1.0
     assert sum(rejected.values()) == 1.0 and len(rejected) == len(want)

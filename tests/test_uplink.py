@@ -216,6 +216,10 @@ def test_status_online_heartbeat_then_offline_on_stop(mosquitto, listener, tmp_p
     status = [msgspec.json.decode(e.body, type=wire.Status) for e in listener.envelopes("status")]
     assert {s.state for s in status} == {"online"}
     assert all(wire.verify(KEY, e) and e.seq == 0 for e in listener.envelopes("status"))
+    # each in its place: this boot of the database, the first connection, counted; the epoch is the database's
+    epoch, boot = OutboxReader(room.path).identity()
+    assert {e.epoch for e in listener.envelopes("status")} == {epoch} and epoch > 0
+    assert [s.order() for s in status] == [(boot, 1, n) for n in range(1, len(status) + 1)]
     up.stop()
     # retained: a subscriber arriving later sees the last word, signed
     late = Listener(mosquitto.port)
@@ -223,9 +227,36 @@ def test_status_online_heartbeat_then_offline_on_stop(mosquitto, listener, tmp_p
         room.wait(lambda: len(late.envelopes("status")) == 1)
         env = late.envelopes("status")[0]
         assert wire.verify(KEY, env)
-        assert msgspec.json.decode(env.body, type=wire.Status) == wire.Status(state="offline", reason="shutdown")
+        last = msgspec.json.decode(env.body, type=wire.Status)
+        assert (last.state, last.reason, last.order()) == ("offline", "shutdown", (boot, 1, wire.LAST))
     finally:
         late.close()
+
+
+def test_the_last_will_outranks_its_connection_and_the_next_connection_outranks_it(mosquitto, listener, tmp_path):
+    from tests.support.gateway import Link
+
+    link = Link(mosquitto.port)
+    link.up()
+    room = Room(tmp_path / "a.db", link.port)
+    up = room.start()
+    try:
+        room.wait(lambda: len(listener.envelopes("status")) >= 2)
+        link.cut()  # the broker sees the connection die: it publishes the will set for that connection
+        room.wait(lambda: any(b'"offline"' in bytes(e.body) for e in listener.envelopes("status")))
+        link.up()
+        room.wait(lambda: len(listener.envelopes("status")) >= 5, timeout=30)
+    finally:
+        up.stop()
+        link.cut()
+    status = [msgspec.json.decode(e.body, type=wire.Status) for e in listener.envelopes("status")]
+    will = next(s for s in status if s.reason == "lost")
+    before = [s for s in status[: status.index(will)] if s.state == "online"]
+    after = [s for s in status[status.index(will) + 1 :] if s.state == "online"]
+    assert before and after
+    assert will.order() == (before[0].boot, 1, wire.LAST)
+    assert all(s.order() < will.order() < a.order() for s in before for a in after)
+    assert {a.conn for a in after} == {2}
 
 
 def test_missing_signing_key_is_a_clear_error(tmp_path):

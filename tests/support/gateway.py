@@ -147,3 +147,18 @@ class Link:
         self.proc = None
 
     stop = cut
+
+
+def until_subscribed(gw: GatewayProc, client: Any) -> None:
+    """Wait until the gateway hears the broker: a message published before its first subscription is lost to it.
+
+    ``client`` (a connected paho client) publishes a probe on a topic outside the contract until the
+    gateway has counted one (as ``bad_topic``, room "").
+    """
+    from tests.support import until
+
+    def heard() -> bool:
+        client.publish("examwatch/v1/probe/probe/probe", b"", qos=1).wait_for_publish(5)
+        return 'examwatch_gateway_rejected_total{reason="bad_topic",room="",site=""} 0.0' not in gw.metrics()
+
+    until(heard, what="the gateway subscribed")
