@@ -442,17 +442,7 @@ class Engine:
                 self._batch.epochs[(agent, epoch)] = (agent, epoch, e.rank, e.floor)
                 self._batch.agents.add(agent)
         self._commit()  # floors first: a crash between the two leaves nothing to be taken as new
-        store.write_batch(self.conn, [
-            ("DELETE FROM ledger WHERE received < ?", [(cut,)]),
-            ("DELETE FROM readings WHERE ts < ?", [(cut,)]),
-            ("DELETE FROM alarm_events WHERE alarm_id IN (SELECT id FROM alarms WHERE state = 'cleared' AND cleared_at < ?)",
-             [(alarm_cut,)]),
-            ("DELETE FROM alarms WHERE state = 'cleared' AND cleared_at < ?", [(alarm_cut,)]),
-            (("DELETE FROM incident_events WHERE incident_id IN (SELECT id FROM incidents WHERE state = 'closed' "
-             "AND closed_at < ?)"), [(alarm_cut,)]),
-            ("DELETE FROM incidents WHERE state = 'closed' AND closed_at < ?", [(alarm_cut,)]),
-            ("DELETE FROM dead_letters WHERE received < ?", [(alarm_cut,)]),
-        ])
+        store.prune(self.conn, cut, alarm_cut)
 
 
 __all__ = ["AgentState", "Engine", "Message", "Seqs", "Stats"]

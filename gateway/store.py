@@ -211,3 +211,19 @@ def write_batch(conn: sqlite3.Connection, statements: Sequence[tuple[str, Sequen
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def prune(conn: sqlite3.Connection, cut: float, alarm_cut: float) -> None:
+    """Retention: the ledger and readings received before ``cut``; cleared alarms, closed incidents and dead
+    letters before ``alarm_cut`` (the ledger's floors must be stored first: see Engine.retention)."""
+    write_batch(conn, [
+        ("DELETE FROM ledger WHERE received < ?", [(cut,)]),
+        ("DELETE FROM readings WHERE ts < ?", [(cut,)]),
+        ("DELETE FROM alarm_events WHERE alarm_id IN (SELECT id FROM alarms WHERE state = 'cleared' AND cleared_at < ?)",
+         [(alarm_cut,)]),
+        ("DELETE FROM alarms WHERE state = 'cleared' AND cleared_at < ?", [(alarm_cut,)]),
+        ("DELETE FROM incident_events WHERE incident_id IN (SELECT id FROM incidents WHERE state = 'closed' "
+         "AND closed_at < ?)", [(alarm_cut,)]),
+        ("DELETE FROM incidents WHERE state = 'closed' AND closed_at < ?", [(alarm_cut,)]),
+        ("DELETE FROM dead_letters WHERE received < ?", [(alarm_cut,)]),
+    ])
