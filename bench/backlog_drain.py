@@ -45,11 +45,19 @@ def scenario(workdir: Path, rows: int, per_row: int) -> tuple[float, int]:
     port = free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nlog_dest none\n")
-    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = subprocess.Popen(
+        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_port(port)
-    cfg = Config(gateway=GatewaySettings(state_dir=str(workdir / "gw")), broker=Broker(port=port),
-                 exporter=Listen(listen="127.0.0.1:0"), api=Api(listen="127.0.0.1:0"), security=Security(keys={AGENT: KEY}))
+    cfg = Config(
+        gateway=GatewaySettings(state_dir=str(workdir / "gw")),
+        broker=Broker(port=port),
+        exporter=Listen(listen="127.0.0.1:0"),
+        api=Api(listen="127.0.0.1:0"),
+        security=Security(keys={AGENT: KEY}),
+    )
     gw = Gateway(cfg)
     gw_thread = threading.Thread(target=gw.run, daemon=True)
     gw_thread.start()
@@ -60,10 +68,21 @@ def scenario(workdir: Path, rows: int, per_row: int) -> tuple[float, int]:
     t0 = time.time() - 3600
     for i in range(rows):  # the hour offline, in the writer's own transactions (chunked to be quick)
         ts = t0 + i * 3600 / rows
-        agent_store.write([], outbox=[("readings", msgspec.json.encode(
-            [Reading(f"dev{j % 30}", "battery_percent", float(j), ts) for j in range(per_row)]))])
+        agent_store.write(
+            [],
+            outbox=[
+                (
+                    "readings",
+                    msgspec.json.encode(
+                        [Reading(f"dev{j % 30}", "battery_percent", float(j), ts) for j in range(per_row)]
+                    ),
+                )
+            ],
+        )
     acks: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
-    up = Uplink(UplinkSettings(enabled=True, port=port, signing_key=KEY), agent_id=AGENT, db_path=str(db), on_acked=acks.put)
+    up = Uplink(
+        UplinkSettings(enabled=True, port=port, signing_key=KEY), agent_id=AGENT, db_path=str(db), on_acked=acks.put
+    )
     total = rows * per_row
     reader = OutboxReader(db)
     gwdb = None
@@ -77,7 +96,11 @@ def scenario(workdir: Path, rows: int, per_row: int) -> tuple[float, int]:
                 pass
             if gwdb is None and (workdir / "gw" / "gateway.db").exists():
                 gwdb = gwstore.connect(workdir / "gw" / "gateway.db", readonly=True)
-            if reader.count() == 0 and gwdb is not None and gwdb.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == total:
+            if (
+                reader.count() == 0
+                and gwdb is not None
+                and gwdb.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == total
+            ):
                 break
             if not gw_thread.is_alive():
                 raise RuntimeError("the gateway stopped; see its log above")

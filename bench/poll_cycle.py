@@ -108,14 +108,24 @@ def main() -> None:
             serial: list[Device] = []
             root = Path(__file__).resolve().parent.parent
             # (protocol, simulator module, profile, extra options): a serial UPS and an RS485 noise meter on pty pairs
-            for protocol, simulator, profile in (("megatec", "examwatch.simulators.megatec", "pack-voltage"),
-                                                 ("modbus_noise", "examwatch.simulators.modbus_noise", "generic-u16x10")):
+            for protocol, simulator, profile in (
+                ("megatec", "examwatch.simulators.megatec", "pack-voltage"),
+                ("modbus_noise", "examwatch.simulators.modbus_noise", "generic-u16x10"),
+            ):
                 dev_end, agent_end = Path(tmp) / f"{protocol}-device", Path(tmp) / f"{protocol}-agent"
-                procs.append(subprocess.Popen(["socat", f"pty,raw,echo=0,link={dev_end}", f"pty,raw,echo=0,link={agent_end}"]))
+                procs.append(
+                    subprocess.Popen(["socat", f"pty,raw,echo=0,link={dev_end}", f"pty,raw,echo=0,link={agent_end}"])
+                )
                 while not (dev_end.exists() and agent_end.exists()):
                     time.sleep(0.02)
-                procs.append(subprocess.Popen([sys.executable, "-m", simulator, str(dev_end)], stdin=subprocess.PIPE,
-                                              stdout=subprocess.DEVNULL, cwd=root))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", simulator, str(dev_end)],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                        cwd=root,
+                    )
+                )
                 serial.append(Device(name=protocol, kind="ups" if protocol == "megatec" else "noise", protocol=protocol,
                                      address=str(agent_end), profile=profile, interval=10, timeout=1, retries=1,
                                      options=registry.get(protocol).Options()))  # fmt: skip
@@ -141,13 +151,19 @@ def main() -> None:
                 p.wait()
 
     ms = 1000
-    print(f"## CPU per poll cycle ({cycles} cycles; SNMP: UPS-MIB UPS, 25-port switch, 2 cameras with HOST-RESOURCES storage)\n")
+    print(
+        f"## CPU per poll cycle ({cycles} cycles; SNMP: UPS-MIB UPS, 25-port switch, 2 cameras with HOST-RESOURCES storage)\n"
+    )
     print("| what | CPU ms / cycle | wall ms / cycle | readings / cycle | processes / cycle |")
     print("|---|---:|---:|---:|---:|")
     print(f"| examwatch SNMP collector (4 devices, pysnmp asyncio) | {snmp_cpu * ms:.1f} | | {snmp_readings} | 0 |")
-    print(f"| examwatch whole room (4 SNMP + serial UPS + noise meter) | {room_cpu * ms:.1f} | {room_wall * ms:.1f} | {room_readings} | 0 |")
+    print(
+        f"| examwatch whole room (4 SNMP + serial UPS + noise meter) | {room_cpu * ms:.1f} | {room_wall * ms:.1f} | {room_readings} | 0 |"
+    )
     print(f"| of which serial UPS and noise meter (difference) | {(room_cpu - snmp_cpu) * ms:.1f} | | | 0 |")
-    print(f"| net-snmp snmpget + snmpbulkwalk, same SNMP requests | {net_cpu * ms:.1f} | {net_wall * ms:.1f} | (text only) | {len(cmds)} |")
+    print(
+        f"| net-snmp snmpget + snmpbulkwalk, same SNMP requests | {net_cpu * ms:.1f} | {net_wall * ms:.1f} | (text only) | {len(cmds)} |"
+    )
     print(f"\nnet-snmp / examwatch SNMP CPU ratio: {net_cpu / snmp_cpu:.1f}x")
 
 

@@ -279,9 +279,13 @@ class Collector:
     @classmethod
     def failure(cls, device: Any, reason: str, detail: str) -> Finding:
         why = f"（{detail[:120]}）" if detail else ""
-        return Finding(FAIL, f"{cls.reason_text(reason)}{why}。请检查设备电源、连线和地址 "
-                             f"{public_address(device.address)}；无法修复时启用备用设备，并记下原设备编号和故障原因",
-                       device, cls.protocol)
+        return Finding(
+            FAIL,
+            f"{cls.reason_text(reason)}{why}。请检查设备电源、连线和地址 "
+            f"{public_address(device.address)}；无法修复时启用备用设备，并记下原设备编号和故障原因",
+            device,
+            cls.protocol,
+        )
 
 
 class PollingCollector(Collector):

@@ -90,7 +90,11 @@ def parse_storage(body: bytes) -> list[Disk]:
         raise DeviceError("too_large", f"{len(body)} bytes")
     try:
         root = defusedxml.ElementTree.fromstring(body, forbid_dtd=True)
-    except (ET.ParseError, ValueError, LookupError) as err:  # DTDForbidden is a ValueError; LookupError: unknown encoding
+    except (
+        ET.ParseError,
+        ValueError,
+        LookupError,
+    ) as err:  # DTDForbidden is a ValueError; LookupError: unknown encoding
         raise DeviceError("invalid_xml", str(err)[:200]) from None
     if _local(root.tag) != "storage":
         raise DeviceError("unexpected_xml", f"root element <{_local(root.tag)}>, expected <storage>")
@@ -139,7 +143,7 @@ def base_url(address: str) -> str:
 class IsapiCollector(PollingCollector):
     protocol = "isapi"
     Options = Options
-    needs_address = "a camera or NVR needs address = \"host[:port]\" or a URL"
+    needs_address = 'a camera or NVR needs address = "host[:port]" or a URL'
     reasons = {
         "unreachable": "网络不通",
         "invalid_xml": "应答无法解析",

@@ -110,10 +110,10 @@ async def tcp_probe(host: str, port: int, timeout: float) -> float | None:
 class LinksCollector(PollingCollector):
     protocol = "links"
     Options = Options
-    needs_address = f"a link needs address = a host, an IP or \"{DEFAULT_GATEWAY}\""
+    needs_address = f'a link needs address = a host, an IP or "{DEFAULT_GATEWAY}"'
     reasons = {
         "name_lookup": "域名解析失败",
-        "icmp_not_permitted": "本机不允许发 ping（ICMP）：改用 method = \"tcp\"",
+        "icmp_not_permitted": '本机不允许发 ping（ICMP）：改用 method = "tcp"',
         "icmp_error": "ping（ICMP）出错",
     }
     sample = """
@@ -173,8 +173,9 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
         modes = [self._icmp_privileged] if self._icmp_privileged is not None else [False, True]
         for privileged in modes:
             try:
-                h = await icmplib.async_ping(host, count=o.probes, interval=o.probe_interval, timeout=timeout,
-                                             privileged=privileged)
+                h = await icmplib.async_ping(
+                    host, count=o.probes, interval=o.probe_interval, timeout=timeout, privileged=privileged
+                )
             except icmplib.SocketPermissionError:
                 continue
             except icmplib.NameLookupError as err:

@@ -211,7 +211,7 @@ class _Port:
 class MegatecCollector(PollingCollector):
     protocol = "megatec"
     Options = Options
-    needs_address = "a serial UPS needs address = \"/dev/serial/by-id/...\""
+    needs_address = 'a serial UPS needs address = "/dev/serial/by-id/..."'
     profile_schema = Profile
     default_profile = "generic"
     uses_serial_port = True
@@ -244,8 +244,9 @@ timeout = 1.0
         if not port.identified:
             await asyncio.to_thread(self._identify, device.name, port)
         # a lost or unopenable port is not asked again: the backoff decides when to reopen it
-        status = await retry(lambda: asyncio.to_thread(self._status, port), device.retries + 1,
-                             final=("port_lost", "port_unavailable"))
+        status = await retry(
+            lambda: asyncio.to_thread(self._status, port), device.retries + 1, final=("port_lost", "port_unavailable")
+        )
         return readings_from(device.name, status, profile, port.rating, time.time())
 
     @staticmethod

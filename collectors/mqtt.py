@@ -249,7 +249,9 @@ fields = [
         self.refused: dict[str, str] = {}  # device -> why it is not read
         for d in devices:
             topics = [d.topic] + ([f"{d.topic}/availability"] if (d.options or MqttOptions()).availability else [])
-            problem = topic_issue(d.topic) or ("the topic of another device" if any(t in self.routes for t in topics) else "")
+            problem = topic_issue(d.topic) or (
+                "the topic of another device" if any(t in self.routes for t in topics) else ""
+            )
             if problem:
                 self._refuse(d, "bad_topic", f"topic {d.topic[:200]!r}: {problem}")
                 continue
@@ -345,7 +347,9 @@ fields = [
             if reason.is_failure and topic in self.routes:  # e.g. the broker's ACL: noted per topic
                 device = self.routes[topic][0]
                 self.health.drop("mqtt", "subscribe_refused", device=device.name, topic=topic, refusal=str(reason))
-                self.health.failed(device.name, self.protocol, DeviceError("subscribe_refused", f"{topic}: {reason}"), 0.0)
+                self.health.failed(
+                    device.name, self.protocol, DeviceError("subscribe_refused", f"{topic}: {reason}"), 0.0
+                )
                 self.acc.add(Reading(device.name, "device_online", 0.0, time.time()))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -419,8 +423,11 @@ fields = [
         item = f"房间 MQTT 服务器 {self.broker.host}:{self.broker.port}"
         if self.reachable:
             return [Finding(OK, f"已连接，订阅 {len(self.devices)} 个传感器的主题", id="broker", item=item)]
-        return [Finding(FAIL, "连不上：检查 mosquitto 是否在运行，以及 [mqtt] 的地址、账号和 TLS 设置",
-                        id="broker", item=item)]
+        return [
+            Finding(
+                FAIL, "连不上：检查 mosquitto 是否在运行，以及 [mqtt] 的地址、账号和 TLS 设置", id="broker", item=item
+            )
+        ]
 
     def judge(self, device: Any, readings: list[Reading]) -> Finding:
         """Heard within the window, silent, offline by its availability, or unparseable."""
@@ -434,11 +441,15 @@ fields = [
             return row(FAIL, "房间 MQTT 服务器连不上，无法确认该传感器（见“房间 MQTT 服务器”一行）")
         online = [r for r in readings if r.metric == "device_online"]
         if online and max(online, key=lambda r: r.ts).value == 0:
-            return row(FAIL, "传感器报告离线（availability = offline）：检查电池，"
-                             "以及 Zigbee 网关是否在信号范围内，必要时重新配对")
+            return row(
+                FAIL,
+                "传感器报告离线（availability = offline）：检查电池，以及 Zigbee 网关是否在信号范围内，必要时重新配对",
+            )
         if readings:
             return row(OK, f"{wait:g} 秒内收到消息（{len(readings)} 项读数，含保留消息）")
         if refused:
             return row(FAIL, f"收到消息但无法使用（{refused}）：检查该设备的 profile 和 fields 配置")
-        return row(WARN, f"{wait:g} 秒内没有消息（电池传感器上报较少）：请触发一次（如开关门）"
-                         "或在 Zigbee2MQTT 中确认该设备在线")
+        return row(
+            WARN,
+            f"{wait:g} 秒内没有消息（电池传感器上报较少）：请触发一次（如开关门）或在 Zigbee2MQTT 中确认该设备在线",
+        )

@@ -49,7 +49,9 @@ class SnmpOptions(Strict, kw_only=True):
     max_repetitions: Annotated[int, msgspec.Meta(ge=1, le=100)] = 25  # rows per GETBULK
 
     def __repr__(self) -> str:  # a logged Device must not carry the community or the keys
-        return f"SnmpOptions(version={self.version!r}, user={self.user!r}, context={self.context!r}, parts={self.parts!r})"
+        return (
+            f"SnmpOptions(version={self.version!r}, user={self.user!r}, context={self.context!r}, parts={self.parts!r})"
+        )
 
 
 _engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
@@ -132,7 +134,7 @@ class _Session:
 class SnmpCollector(PollingCollector):
     protocol = "snmp"
     Options = SnmpOptions
-    needs_address = "an SNMP device needs address = \"host[:port]\""
+    needs_address = 'an SNMP device needs address = "host[:port]"'
     profile_schema = Profile
     reasons = {
         "no_such_object": "设备不支持所配置的型号（profile）",

@@ -65,7 +65,9 @@ def identity(conn: sqlite3.Connection) -> tuple[int, int]:
 
 
 class Store:
-    def __init__(self, path: str | Path, *, retention_s: float = 72 * 3600, outbox_budget_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, path: str | Path, *, retention_s: float = 72 * 3600, outbox_budget_bytes: int = 64 << 20
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = _connect(self.path)
@@ -84,7 +86,9 @@ class Store:
         with self.db.atomic():
             conn = self.db.conn
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.randbelow(2**62) + 1,))
-            conn.execute("INSERT INTO meta (key, value) VALUES ('boot', 1) ON CONFLICT (key) DO UPDATE SET value = value + 1")
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('boot', 1) ON CONFLICT (key) DO UPDATE SET value = value + 1"
+            )
         return identity(conn)
 
     def _scalar(self, sql: str, *args: object) -> int:
@@ -117,8 +121,16 @@ class Store:
             conn.executemany(
                 "INSERT INTO alarms (alarm_id, state, at, rule, level, device, event, evidence) VALUES (?,?,?,?,?,?,?,?)",
                 [
-                    (e.id, e.state, e.at, e.rule, e.level, e.device, msgspec.json.encode(e),
-                     _readings.encode((evidence or {}).get(e.id, [])))
+                    (
+                        e.id,
+                        e.state,
+                        e.at,
+                        e.rule,
+                        e.level,
+                        e.device,
+                        msgspec.json.encode(e),
+                        _readings.encode((evidence or {}).get(e.id, [])),
+                    )
                     for e in events
                 ],
             )

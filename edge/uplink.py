@@ -155,7 +155,10 @@ class Uplink:
             return
         if client.is_connected():
             info = client.publish(
-                wire.topic(self.agent, "status"), self._status("offline", reason="shutdown", n=wire.LAST), qos=1, retain=True
+                wire.topic(self.agent, "status"),
+                self._status("offline", reason="shutdown", n=wire.LAST),
+                qos=1,
+                retain=True,
             )
             try:
                 info.wait_for_publish(timeout=min(timeout, 2.0))
@@ -312,9 +315,18 @@ class Uplink:
 
     def _status(self, state: str, *, n: int, reason: str = "", conn: int | None = None) -> bytes:
         pending = self._pending if state == "online" else None
-        body = msgspec.json.encode(wire.Status(state=state, reason=reason, pending=pending, phase=self.phase(),
-                                               kinds=self.kinds, boot=self._boot, conn=self._conn if conn is None else conn,
-                                               n=n))
+        body = msgspec.json.encode(
+            wire.Status(
+                state=state,
+                reason=reason,
+                pending=pending,
+                phase=self.phase(),
+                kinds=self.kinds,
+                boot=self._boot,
+                conn=self._conn if conn is None else conn,
+                n=n,
+            )
+        )
         return wire.encode(self._key, self.agent, 0, self.clock(), "status", body, epoch=self._epoch)
 
     def _set_error(self, message: str, kind: str) -> None:

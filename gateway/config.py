@@ -182,8 +182,12 @@ def _correlation_issues(rules: list[CorrelationRule]) -> list[ConfigIssue]:
         classes.add(rule.fault_class)
         unknown = [r for r in rule.rules if r not in known]
         if unknown:  # a typo would silently keep a class of faults from ever making an incident
-            issues.append(ConfigIssue(("correlation", i, "rules"), f"no such rule: {', '.join(map(repr, unknown[:5]))}; "
-                                      f"known: {', '.join(sorted(known))}"))
+            issues.append(
+                ConfigIssue(
+                    ("correlation", i, "rules"),
+                    f"no such rule: {', '.join(map(repr, unknown[:5]))}; known: {', '.join(sorted(known))}",
+                )
+            )
     return issues
 
 

@@ -111,9 +111,21 @@ class AgentState:
     def row(self) -> tuple[Any, ...]:
         newest = self.newest
         e = newest[1] if newest else Epoch(0)
-        return (self.agent, self.site, self.room, self.status, self.last_seen, self.last_status_ts, self.skew, self.phase,
-                e.floor, e.top, sum(x.missing for x in self.epochs.values()), newest[0] if newest else None,
-                json.dumps(self.status_key) if self.status_key else None)
+        return (
+            self.agent,
+            self.site,
+            self.room,
+            self.status,
+            self.last_seen,
+            self.last_status_ts,
+            self.skew,
+            self.phase,
+            e.floor,
+            e.top,
+            sum(x.missing for x in self.epochs.values()),
+            newest[0] if newest else None,
+            json.dumps(self.status_key) if self.status_key else None,
+        )
 
 
 def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[str, AgentState], set[str]]:
@@ -183,40 +195,76 @@ class Rows:
     def statements(self, agent_rows: list[tuple[Any, ...]]) -> list[tuple[str, Sequence[Sequence[Any]]]]:
         return [
             ("INSERT OR IGNORE INTO ledger (agent, epoch, seq, kind, ts, received) VALUES (?,?,?,?,?,?)", self.ledger),
-            ("INSERT INTO readings (agent, device, metric, value, ts, quality, seq) VALUES (?,?,?,?,?,?,?)", self.readings),
-            (("INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE "
-             "SET value = excluded.value, ts = excluded.ts, quality = excluded.quality WHERE excluded.ts >= latest.ts"),
-             self.latest()),
-            ("INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
-             self.alarm_events),
+            (
+                "INSERT INTO readings (agent, device, metric, value, ts, quality, seq) VALUES (?,?,?,?,?,?,?)",
+                self.readings,
+            ),
+            (
+                (
+                    "INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE "
+                    "SET value = excluded.value, ts = excluded.ts, quality = excluded.quality WHERE excluded.ts >= latest.ts"
+                ),
+                self.latest(),
+            ),
+            (
+                "INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
+                self.alarm_events,
+            ),
             # A transition before the one stored (out of order after an outage) joins the timeline only; and a
             # row changes only for its own room and source (ingest refuses the rest before it gets here).
-            (("INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
-             " source, epoch_rank, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
-             "level = excluded.level, state = excluded.state, message = excluded.message, updated_at = excluded.updated_at, "
-             "cleared_at = excluded.cleared_at, epoch_rank = excluded.epoch_rank, seq = excluded.seq "
-             "WHERE (excluded.epoch_rank, excluded.seq) >= (alarms.epoch_rank, alarms.seq) "
-             "AND alarms.site = excluded.site AND alarms.room = excluded.room AND alarms.source = excluded.source"),
-             self.alarms),
-            (("INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members, active)"
-             " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state,"
-             " closed_at = excluded.closed_at, members = excluded.members, active = excluded.active"),
-             list(self.incidents.values())),
-            ("INSERT INTO incident_events (incident_id, at, what, rooms, level) VALUES (?,?,?,?,?)", self.incident_events),
+            (
+                (
+                    "INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
+                    " source, epoch_rank, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+                    "level = excluded.level, state = excluded.state, message = excluded.message, updated_at = excluded.updated_at, "
+                    "cleared_at = excluded.cleared_at, epoch_rank = excluded.epoch_rank, seq = excluded.seq "
+                    "WHERE (excluded.epoch_rank, excluded.seq) >= (alarms.epoch_rank, alarms.seq) "
+                    "AND alarms.site = excluded.site AND alarms.room = excluded.room AND alarms.source = excluded.source"
+                ),
+                self.alarms,
+            ),
+            (
+                (
+                    "INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members, active)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state,"
+                    " closed_at = excluded.closed_at, members = excluded.members, active = excluded.active"
+                ),
+                list(self.incidents.values()),
+            ),
+            (
+                "INSERT INTO incident_events (incident_id, at, what, rooms, level) VALUES (?,?,?,?,?)",
+                self.incident_events,
+            ),
             ("DELETE FROM devices WHERE agent = ?", [(agent,) for agent in self.devices]),
-            ("INSERT INTO devices (agent, device, kind) VALUES (?,?,?)",
-             [(agent, device, kind) for agent, kinds in self.devices.items() for device, kind in kinds.items()]),
-            (("INSERT INTO epochs (agent, epoch, rank, floor_seq) VALUES (?,?,?,?) ON CONFLICT (agent, epoch) "
-              "DO UPDATE SET floor_seq = excluded.floor_seq"), list(self.epochs.values())),
-            (("INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq, max_seq,"
-             " missing, epoch, status_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (agent) DO UPDATE SET "
-             "status = excluded.status, last_seen = excluded.last_seen, last_status_ts = excluded.last_status_ts, "
-             "skew = excluded.skew, phase = excluded.phase, floor_seq = excluded.floor_seq, max_seq = excluded.max_seq, "
-             "missing = excluded.missing, epoch = excluded.epoch, status_key = excluded.status_key"), agent_rows),
-            ("INSERT INTO dead_letters (received, reason, agent, topic, detail, size, payload) VALUES (?,?,?,?,?,?,?)",
-             self.dead_letters),
-            ("DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?",
-             [(store.DEAD_LETTERS_MAX,)] if self.dead_letters else []),
+            (
+                "INSERT INTO devices (agent, device, kind) VALUES (?,?,?)",
+                [(agent, device, kind) for agent, kinds in self.devices.items() for device, kind in kinds.items()],
+            ),
+            (
+                (
+                    "INSERT INTO epochs (agent, epoch, rank, floor_seq) VALUES (?,?,?,?) ON CONFLICT (agent, epoch) "
+                    "DO UPDATE SET floor_seq = excluded.floor_seq"
+                ),
+                list(self.epochs.values()),
+            ),
+            (
+                (
+                    "INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq, max_seq,"
+                    " missing, epoch, status_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (agent) DO UPDATE SET "
+                    "status = excluded.status, last_seen = excluded.last_seen, last_status_ts = excluded.last_status_ts, "
+                    "skew = excluded.skew, phase = excluded.phase, floor_seq = excluded.floor_seq, max_seq = excluded.max_seq, "
+                    "missing = excluded.missing, epoch = excluded.epoch, status_key = excluded.status_key"
+                ),
+                agent_rows,
+            ),
+            (
+                "INSERT INTO dead_letters (received, reason, agent, topic, detail, size, payload) VALUES (?,?,?,?,?,?,?)",
+                self.dead_letters,
+            ),
+            (
+                "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?",
+                [(store.DEAD_LETTERS_MAX,)] if self.dead_letters else [],
+            ),
         ]
 
 

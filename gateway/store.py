@@ -93,8 +93,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
         ledger = [r[1] for r in conn.execute("PRAGMA table_info(ledger)")]
         if ledger and "epoch" not in ledger:
             conn.execute("DROP TABLE ledger")
-        for table, columns in (("agents", ("epoch INTEGER", "status_key TEXT")),
-                               ("alarms", ("epoch_rank INTEGER NOT NULL DEFAULT 0", "seq INTEGER NOT NULL DEFAULT 0"))):
+        for table, columns in (
+            ("agents", ("epoch INTEGER", "status_key TEXT")),
+            ("alarms", ("epoch_rank INTEGER NOT NULL DEFAULT 0", "seq INTEGER NOT NULL DEFAULT 0")),
+        ):
             have = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
             for column in columns:
                 if have and column.split()[0] not in have:
@@ -133,8 +135,15 @@ def _dicts(rows: Iterable[sqlite3.Row]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def alarms(conn: sqlite3.Connection, *, state: str = "", level: int | None = None, site: str = "", room: str = "",
-           limit: int = 500) -> list[dict[str, Any]]:
+def alarms(
+    conn: sqlite3.Connection,
+    *,
+    state: str = "",
+    level: int | None = None,
+    site: str = "",
+    room: str = "",
+    limit: int = 500,
+) -> list[dict[str, Any]]:
     sql, args = "SELECT * FROM alarms WHERE 1=1", []
     if state == "active":
         sql += " AND state != 'cleared'"
@@ -150,14 +159,24 @@ def alarms(conn: sqlite3.Connection, *, state: str = "", level: int | None = Non
 
 
 def alarm_timeline(conn: sqlite3.Connection, alarm_id: str) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT at, state, level, received, event FROM alarm_events WHERE alarm_id = ? ORDER BY at, rowid",
-                        [alarm_id]).fetchall()
-    return [{"at": r["at"], "state": r["state"], "level": r["level"], "received": r["received"],
-             "event": json.loads(r["event"])} for r in rows]
+    rows = conn.execute(
+        "SELECT at, state, level, received, event FROM alarm_events WHERE alarm_id = ? ORDER BY at, rowid", [alarm_id]
+    ).fetchall()
+    return [
+        {
+            "at": r["at"],
+            "state": r["state"],
+            "level": r["level"],
+            "received": r["received"],
+            "event": json.loads(r["event"]),
+        }
+        for r in rows
+    ]
 
 
-def incidents(conn: sqlite3.Connection, *, state: str = "", site: str = "", level: int | None = None,
-              limit: int = 200) -> list[dict[str, Any]]:
+def incidents(
+    conn: sqlite3.Connection, *, state: str = "", site: str = "", level: int | None = None, limit: int = 200
+) -> list[dict[str, Any]]:
     sql, args = "SELECT * FROM incidents WHERE 1=1", []
     if state:
         sql, args = sql + " AND state = ?", args + [state]
@@ -170,8 +189,9 @@ def incidents(conn: sqlite3.Connection, *, state: str = "", site: str = "", leve
         inc["members"], inc["active"] = json.loads(inc["members"]), json.loads(inc["active"])
         inc["timeline"] = [
             {**dict(r), "rooms": json.loads(r["rooms"])}
-            for r in conn.execute("SELECT at, what, rooms, level FROM incident_events WHERE incident_id = ? ORDER BY rowid",
-                                  [inc["id"]])
+            for r in conn.execute(
+                "SELECT at, what, rooms, level FROM incident_events WHERE incident_id = ? ORDER BY rowid", [inc["id"]]
+            )
         ]
     return out
 
@@ -195,8 +215,9 @@ def device_kinds(conn: sqlite3.Connection) -> dict[str, dict[str, str]]:
 def acknowledge(conn: sqlite3.Connection, table: str, item_id: str, who: str, note: str, now: float) -> bool:
     """Record who acknowledged an alarm or incident and why; False if there is no such one."""
     assert table in ("alarms", "incidents")
-    cur = conn.execute(f"UPDATE {table} SET acked_by = ?, acked_note = ?, acked_at = ? WHERE id = ?",
-                       [who, note, now, item_id])
+    cur = conn.execute(
+        f"UPDATE {table} SET acked_by = ?, acked_note = ?, acked_at = ? WHERE id = ?", [who, note, now, item_id]
+    )
     return cur.rowcount == 1
 
 
@@ -216,14 +237,22 @@ def write_batch(conn: sqlite3.Connection, statements: Sequence[tuple[str, Sequen
 def prune(conn: sqlite3.Connection, cut: float, alarm_cut: float) -> None:
     """Retention: the ledger and readings received before ``cut``; cleared alarms, closed incidents and dead
     letters before ``alarm_cut`` (the ledger's floors must be stored first: see Engine.retention)."""
-    write_batch(conn, [
-        ("DELETE FROM ledger WHERE received < ?", [(cut,)]),
-        ("DELETE FROM readings WHERE ts < ?", [(cut,)]),
-        ("DELETE FROM alarm_events WHERE alarm_id IN (SELECT id FROM alarms WHERE state = 'cleared' AND cleared_at < ?)",
-         [(alarm_cut,)]),
-        ("DELETE FROM alarms WHERE state = 'cleared' AND cleared_at < ?", [(alarm_cut,)]),
-        ("DELETE FROM incident_events WHERE incident_id IN (SELECT id FROM incidents WHERE state = 'closed' "
-         "AND closed_at < ?)", [(alarm_cut,)]),
-        ("DELETE FROM incidents WHERE state = 'closed' AND closed_at < ?", [(alarm_cut,)]),
-        ("DELETE FROM dead_letters WHERE received < ?", [(alarm_cut,)]),
-    ])
+    write_batch(
+        conn,
+        [
+            ("DELETE FROM ledger WHERE received < ?", [(cut,)]),
+            ("DELETE FROM readings WHERE ts < ?", [(cut,)]),
+            (
+                "DELETE FROM alarm_events WHERE alarm_id IN (SELECT id FROM alarms WHERE state = 'cleared' AND cleared_at < ?)",
+                [(alarm_cut,)],
+            ),
+            ("DELETE FROM alarms WHERE state = 'cleared' AND cleared_at < ?", [(alarm_cut,)]),
+            (
+                "DELETE FROM incident_events WHERE incident_id IN (SELECT id FROM incidents WHERE state = 'closed' "
+                "AND closed_at < ?)",
+                [(alarm_cut,)],
+            ),
+            ("DELETE FROM incidents WHERE state = 'closed' AND closed_at < ?", [(alarm_cut,)]),
+            ("DELETE FROM dead_letters WHERE received < ?", [(alarm_cut,)]),
+        ],
+    )

@@ -27,8 +27,9 @@ def apply_broker_settings(client: Any, settings: BrokerSettings) -> None:
     if settings.username:
         client.username_pw_set(settings.username, settings.password or None)
     if settings.tls:
-        client.tls_set(ca_certs=settings.ca_file or None, certfile=settings.cert_file or None,
-                       keyfile=settings.key_file or None)
+        client.tls_set(
+            ca_certs=settings.ca_file or None, certfile=settings.cert_file or None, keyfile=settings.key_file or None
+        )
     client.on_socket_open = _nodelay
 
 

@@ -88,12 +88,18 @@ def decode(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:  # Windows editors save GBK by default
         line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError([ConfigIssue((), "not UTF-8 text (GBK from a Windows editor?): save the file as UTF-8 "
-                                           "(另存为 UTF-8 编码)", line)]) from None
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    (), "not UTF-8 text (GBK from a Windows editor?): save the file as UTF-8 (另存为 UTF-8 编码)", line
+                )
+            ]
+        ) from None
 
 
-def validated(text: str, schema: type[S], build: Callable[[dict[str, Any]], S],
-              semantic_issues: Callable[[S], list[ConfigIssue]]) -> S:
+def validated(
+    text: str, schema: type[S], build: Callable[[dict[str, Any]], S], semantic_issues: Callable[[S], list[ConfigIssue]]
+) -> S:
     """The agent's and the gateway's checker: ``schema``'s issues and, on the parts that are sound, the
     semantic ones (``semantic_issues`` of the built config) together, so one check shows every error."""
     text = text.removeprefix("\ufeff")
@@ -274,7 +280,6 @@ def _line_of(text: str, path: Path) -> int | None:
     return None
 
 
-
 def parse_listen(listen: str) -> tuple[str, int]:
     """``host:port`` or ``[v6 address]:port`` -> (host, port); an empty host is 127.0.0.1 (never all
     interfaces by accident), port 0 a free port the system picks (tests). ``ValueError`` says what is wrong."""
@@ -303,10 +308,31 @@ def check_host(host: str) -> None:
         pass
     if re.fullmatch(r"[\d.]+", host):
         raise ValueError(f"{host!r} is not an IPv4 address")
-    if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", host):
+    if not re.fullmatch(
+        r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+        host,
+    ):
         raise ValueError(f"{host[:64]!r} is not a host name or address")
 
 
-__all__ = ["DAY", "MAX_BYTES", "ConfigError", "ConfigIssue", "Finite", "Interval", "Port", "SessionExpiry", "Strict",
-           "Timeout", "check_host", "decode", "error_at", "fields_of", "parse", "parse_listen", "read", "validated"]
+__all__ = [
+    "DAY",
+    "MAX_BYTES",
+    "ConfigError",
+    "ConfigIssue",
+    "Finite",
+    "Interval",
+    "Port",
+    "SessionExpiry",
+    "Strict",
+    "Timeout",
+    "check_host",
+    "decode",
+    "error_at",
+    "fields_of",
+    "parse",
+    "parse_listen",
+    "read",
+    "validated",
+]

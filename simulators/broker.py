@@ -82,8 +82,9 @@ class CountyBroker(Mosquitto):
         passwd.touch()
         for user, password in users.items():
             subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
-        made = subprocess.run(["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), str(keys)],
-                              check=True, capture_output=True, text=True)
+        made = subprocess.run(
+            ["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), str(keys)], check=True, capture_output=True, text=True
+        )
         acl.write_text(made.stdout)
         self.conf.write_text(county_conf(COUNTY_CONF.read_text(), self.port, self.workdir, passwd, acl))
 

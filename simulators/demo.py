@@ -146,8 +146,10 @@ class DemoSite:
         if r.field_devices is not None:
             devices = r.field_devices.devices_toml(self.interval)  # type: ignore[attr-defined]
         else:
-            devices = ('[[devices]]\nname = "secrecy-door"\nkind = "door"\nprotocol = "mqtt"\n'
-                       f'topic = "zigbee2mqtt/{r.room}-door"\nprofile = "zigbee2mqtt_contact"\ninterval = 60.0\n')
+            devices = (
+                '[[devices]]\nname = "secrecy-door"\nkind = "door"\nprotocol = "mqtt"\n'
+                f'topic = "zigbee2mqtt/{r.room}-door"\nprofile = "zigbee2mqtt_contact"\ninterval = 60.0\n'
+            )
         (d / "agent.toml").write_text(
             f'[agent]\nsite = "{SITE}"\nroom = "{r.room}"\nkind = "{r.kind}"\nsite_name = "演示中学考点"\n'
             f'room_name = "{r.name}"\nstate_dir = "{d}"\n'
@@ -184,7 +186,9 @@ class DemoSite:
 
 
 def _active(site: DemoSite, rule: str, room: str) -> bool:
-    return any(a.get("rule") == rule and a.get("room") == room for a in site.get("/api/v1/alarms?state=active")["alarms"])
+    return any(
+        a.get("rule") == rule and a.get("room") == room for a in site.get("/api/v1/alarms?state=active")["alarms"]
+    )
 
 
 def _incident(site: DemoSite, rooms: set[str]) -> bool:
@@ -197,16 +201,35 @@ def _fault(room: str, name: str, undo: bool = False):  # noqa: ANN202
 
 # (pause before, what happens, how, what the county must then see)
 STEPS = [
-    (10, "101 考场市电中断（UPS 转电池供电）", _fault("101", "ups_on_battery"),
-     lambda s: _active(s, "ups_on_battery", "101")),
-    (10, "101、102 考场上联交换机端口断开：县级网关合并为一个事件（三个房间过半，三级）",
-     lambda s: (_fault("101", "switch_port_down")(s), _fault("102", "switch_port_down")(s)),
-     lambda s: _incident(s, {"101", "102"})),
-    (10, "保密室门在非规定时间被打开", lambda s: s.set_door(False), lambda s: _active(s, "secrecy_door_open", "secrecy")),
-    (10, "一切恢复：市电、网络、保密室门",
-     lambda s: (_fault("101", "ups_on_battery", True)(s), _fault("101", "switch_port_down", True)(s),
-                _fault("102", "switch_port_down", True)(s), s.set_door(True)),
-     lambda s: not s.get("/api/v1/alarms?state=active")["alarms"]),
+    (
+        10,
+        "101 考场市电中断（UPS 转电池供电）",
+        _fault("101", "ups_on_battery"),
+        lambda s: _active(s, "ups_on_battery", "101"),
+    ),
+    (
+        10,
+        "101、102 考场上联交换机端口断开：县级网关合并为一个事件（三个房间过半，三级）",
+        lambda s: (_fault("101", "switch_port_down")(s), _fault("102", "switch_port_down")(s)),
+        lambda s: _incident(s, {"101", "102"}),
+    ),
+    (
+        10,
+        "保密室门在非规定时间被打开",
+        lambda s: s.set_door(False),
+        lambda s: _active(s, "secrecy_door_open", "secrecy"),
+    ),
+    (
+        10,
+        "一切恢复：市电、网络、保密室门",
+        lambda s: (
+            _fault("101", "ups_on_battery", True)(s),
+            _fault("101", "switch_port_down", True)(s),
+            _fault("102", "switch_port_down", True)(s),
+            s.set_door(True),
+        ),
+        lambda s: not s.get("/api/v1/alarms?state=active")["alarms"],
+    ),
 ]
 
 

@@ -39,12 +39,19 @@ def toml_doc(table: dict[str, Any]) -> str:
 # Values a TOML file can hold, the awkward ones first: NaN, inf, huge and negative numbers, offsets.
 leaves = st.one_of(
     st.sampled_from([math.nan, math.inf, -math.inf, 0, -1, 0.0, -0.0, 1e308, 2**63 - 1, -(2**63), 65536, "", "#", "+"]),
-    st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(), st.text(max_size=40), st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(),
+    st.text(max_size=40),
+    st.booleans(),
     st.datetimes(timezones=st.sampled_from([None, timezone.utc, timezone(timedelta(hours=8))])),
-    st.dates(), st.times(),
+    st.dates(),
+    st.times(),
 )
-values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-                      max_leaves=12)
+values = st.recursive(
+    leaves,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def _paths(v: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -14,6 +14,7 @@ from bench import fuzz
 INPUTS = 2_000
 SEED = 7
 
+
 def describe(result: fuzz.Result) -> str:
     return "\n".join(
         f"{f.kind} at {f.where} ({f.count} of {result.inputs} inputs): {f.message}\n    smallest input: {f.example[:300]!r}"

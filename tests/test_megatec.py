@@ -160,7 +160,11 @@ def test_mode_flips_show_within_one_interval(ups: tuple[PtyPair, MegatecSimulato
     async def go() -> None:
         async with running(c):
             await acc.reaches("ups1", "power_on_battery", 0.0, 5)
-            for mode, metric in [("battery", "power_on_battery"), ("battery_low", "ups_battery_low"), ("fault", "ups_fault")]:
+            for mode, metric in [
+                ("battery", "power_on_battery"),
+                ("battery_low", "ups_battery_low"),
+                ("fault", "ups_fault"),
+            ]:
                 sim.set_mode(mode)
                 await acc.reaches("ups1", metric, 1.0, dev.interval + 1)
             assert acc.latest("ups1", "power_on_battery") == 0.0  # fault on line power
@@ -171,7 +175,9 @@ def test_mode_flips_show_within_one_interval(ups: tuple[PtyPair, MegatecSimulato
 
 
 @pytest.mark.parametrize(("how", "reason"), [("garbage", "garbage"), ("truncated", "truncated"), ("silent", "timeout")])
-def test_bad_answers_are_a_device_state_and_recover(ups: tuple[PtyPair, MegatecSimulator], how: str, reason: str) -> None:
+def test_bad_answers_are_a_device_state_and_recover(
+    ups: tuple[PtyPair, MegatecSimulator], how: str, reason: str
+) -> None:
     pair, sim = ups
     acc, health = Recorder(), Health()
     c = MegatecCollector([device(pair.agent, timeout=0.3)], acc, health)
@@ -240,8 +246,10 @@ def test_config_check_reports_unknown_profile_and_missing_port() -> None:
     from examwatch.edge.config import ConfigError, loads
 
     with pytest.raises(ConfigError) as err:
-        loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
-              'profile = "no-such-model"\nbaud = 2400\n')
+        loads(
+            '[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
+            'profile = "no-such-model"\nbaud = 2400\n'
+        )
     text = str(err.value)
     assert "devices[0].profile" in text and "devices[0].address" in text
 
@@ -251,8 +259,10 @@ def test_mains_lost_raises_the_alarm_within_one_interval(ups: tuple[PtyPair, Meg
     from examwatch.edge.config import loads
 
     pair, sim = ups
-    cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
-                f'address = "{pair.agent}"\nprofile = "pack-voltage"\ninterval = 0.3\ntimeout = 0.5\nretries = 0\n')
+    cfg = loads(
+        '[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
+        f'address = "{pair.agent}"\nprofile = "pack-voltage"\ninterval = 0.3\ntimeout = 0.5\nretries = 0\n'
+    )
     alarms = RulesRecorder(cfg)
     c = MegatecCollector(cfg.devices, alarms, Health())
 

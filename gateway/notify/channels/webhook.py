@@ -21,8 +21,15 @@ from examwatch.gateway.notify.settings import Channel
 
 
 def body(m: Message) -> bytes:
-    doc = {"key": m.key, "thread": m.thread, "kind": m.kind, "level": m.level, "title": m.title,
-           "text": markdown(m), "items": msgspec.to_builtins(m.items)}
+    doc = {
+        "key": m.key,
+        "thread": m.thread,
+        "kind": m.kind,
+        "level": m.level,
+        "title": m.title,
+        "text": markdown(m),
+        "items": msgspec.to_builtins(m.items),
+    }
     return json.dumps(doc, ensure_ascii=False, sort_keys=True).encode()
 
 
