@@ -28,7 +28,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examwatch.simulators.broker import Mosquitto, free_port, wait_port  # noqa: E402
+from examwatch.simulators.broker import Mosquitto, free_port, wait_port
 
 SENSORS = 20
 
@@ -55,7 +55,7 @@ def config(port: int, exporter: int, state: Path) -> str:
 
 def percentile(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def main() -> None:
@@ -83,7 +83,7 @@ def main() -> None:
         arrived = threading.Event()
         got: list[str] = []
 
-        def on_message(client, userdata, msg):  # noqa: ANN001
+        def on_message(client, userdata, msg):
             env = wire.decode(msg.payload)
             got.append(json.loads(bytes(env.body))["state"])
             arrived.set()

@@ -22,6 +22,8 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
+
 from examwatch.edge.config import UplinkSettings
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
@@ -29,7 +31,7 @@ from examwatch.gateway import store as gwstore
 from examwatch.gateway.config import Api, Broker, Config, GatewaySettings, Listen, Security
 from examwatch.gateway.main import Gateway
 from examwatch.kernel.model import Reading
-from examwatch.simulators.broker import free_port, wait_port  # noqa: E402
+from examwatch.simulators.broker import free_port, wait_port
 
 AGENT = "site001/room01"
 KEY = "ab" * 32
@@ -90,10 +92,8 @@ def scenario(workdir: Path, rows: int, per_row: int) -> tuple[float, int]:
     up.start()
     try:
         while True:
-            try:
+            with contextlib.suppress(queue.Empty):
                 agent_store.ack(acks.get(timeout=0.05))
-            except queue.Empty:
-                pass
             if gwdb is None and (workdir / "gw" / "gateway.db").exists():
                 gwdb = gwstore.connect(workdir / "gw" / "gateway.db", readonly=True)
             if (

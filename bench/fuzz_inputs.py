@@ -276,7 +276,7 @@ def nut_lines() -> st.SearchStrategy[str]:
         ),
         st.text(max_size=12),
     )
-    value = st.one_of(st.sampled_from(NUMBERS + ["OL", "OB LB", "OL CHRG RB", "ALARM OVER", ""]), st.text(max_size=12))
+    value = st.one_of(st.sampled_from([*NUMBERS, "OL", "OB LB", "OL CHRG RB", "ALARM OVER", ""]), st.text(max_size=12))
     var = st.builds(
         lambda ups, n, v: f'VAR {ups} {n} "{v}"',
         st.sampled_from(["ups1", "ups2", "", "ups1 x"]),
@@ -304,7 +304,7 @@ def isapi_xml() -> st.SearchStrategy[bytes]:
     ns = st.sampled_from(
         ["", ' xmlns="http://www.hikvision.com/ver20/XMLSchema"', ' xmlns="http://www.std-cgi.com/ver20/XMLSchema"']
     )
-    text = st.one_of(st.sampled_from(NUMBERS + ["ok", "idle", "error", "OK", "notexist", ""]), st.text(max_size=12))
+    text = st.one_of(st.sampled_from([*NUMBERS, "ok", "idle", "error", "OK", "notexist", ""]), st.text(max_size=12))
     esc = text.map(lambda t: t.replace("&", "&amp;").replace("<", "&lt;"))
     disk = st.builds(
         lambda tag, id_, status, cap, free: (
@@ -415,7 +415,7 @@ def api_query() -> st.SearchStrategy[str]:
     )
     keys = st.sampled_from(["state", "level", "site", "room", "limit", "id", "since", "x", ""])
     vals = st.one_of(
-        st.sampled_from(NUMBERS + ["active", "open", "closed", "raised", "S", "R", "%00", "%ZZ", ""]),
+        st.sampled_from([*NUMBERS, "active", "open", "closed", "raised", "S", "R", "%00", "%ZZ", ""]),
         st.text(max_size=10),
     )
     query = st.lists(st.builds(lambda k, v: f"{k}={v}", keys, vals), max_size=6).map("&".join)

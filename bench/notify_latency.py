@@ -73,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def percentile(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -97,17 +97,18 @@ def alertmanager(tmp: Path, hook: Receiver) -> tuple[subprocess.Popen[bytes], st
         f"  repeat_interval: 1h\nreceivers:\n- name: hook\n  webhook_configs:\n  - url: {hook.url}\n"
         "    send_resolved: true\n"
     )
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={cfg}",
-            f"--storage.path={tmp / 'am'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp / "am.log", "wb"),
-    )
+    with open(tmp / "am.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={cfg}",
+                f"--storage.path={tmp / 'am'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     wait_port(port, 20)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -164,7 +165,7 @@ def main() -> None:
             time.sleep(3)  # Alertmanager's stragglers
             raises = sent_at[0::2]
             firing = [t for t, b in am_hook.got if b["status"] == "firing"]
-            am_lat = [t - t0 for t, t0 in zip(firing, raises)] if am else []
+            am_lat = [t - t0 for t, t0 in zip(firing, raises, strict=False)] if am else []
         finally:
             agent.terminate()
             gateway.terminate()

@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examwatch.collectors import isapi, links, megatec, modbus_noise  # noqa: E402
-from examwatch.collectors.base import Health  # noqa: E402
-from examwatch.edge.config import Device  # noqa: E402
-from examwatch.simulators.broker import free_port, wait_port  # noqa: E402
-from examwatch.simulators.serial_pty import PtyPair  # noqa: E402
+from examwatch.collectors import isapi, links, megatec, modbus_noise
+from examwatch.collectors.base import Health
+from examwatch.edge.config import Device
+from examwatch.simulators.broker import free_port, wait_port
+from examwatch.simulators.serial_pty import PtyPair
 
 CYCLES = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examwatch.collectors.base import Health  # noqa: E402
-from examwatch.collectors.snmp import SnmpCollector, SnmpOptions, profile_named  # noqa: E402
-from examwatch.edge.config import Device  # noqa: E402
-from examwatch.simulators.snmp import MODELS, SnmpSimulator  # noqa: E402
+from examwatch.collectors.base import Health
+from examwatch.collectors.snmp import SnmpCollector, SnmpOptions, profile_named
+from examwatch.edge.config import Device
+from examwatch.simulators.snmp import MODELS, SnmpSimulator
 
 ROOM = {"ups": "ups", "switch": "switch", "cam1": "camera", "cam2": "camera"}  # community -> model
 

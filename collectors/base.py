@@ -12,6 +12,7 @@ readiness probe), so a new protocol is one module: nothing outside collectors/ n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import Counter
@@ -337,10 +338,8 @@ class PollingCollector(Collector):
             started = time.monotonic()
             await self.poll_once(device)
             delay = max(0.0, device.interval - (time.monotonic() - started))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
 
 REGISTRY: dict[str, type[Collector]] = {}

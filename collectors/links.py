@@ -13,6 +13,7 @@ the configured primary interface, 0 while traffic goes over the backup, e.g. a 4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def parse_routes(text: str) -> list[Route]:
 
 def default_route(routes: list[Route]) -> Route | None:
     """The default route the kernel uses: up, 0.0.0.0/0, lowest metric."""
-    candidates = [r for r in routes if r.up and r.destination == "0.0.0.0" and r.mask == "0.0.0.0"]
+    candidates = [r for r in routes if r.up and r.destination == "0.0.0.0" and r.mask == "0.0.0.0"]  # noqa: S104 - a route, not a bind
     return min(candidates, key=lambda r: r.metric, default=None)
 
 
@@ -99,10 +100,8 @@ async def tcp_probe(host: str, port: int, timeout: float) -> float | None:
         return None
     rtt = time.monotonic() - start
     writer.close()
-    try:
+    with contextlib.suppress(OSError):
         await writer.wait_closed()
-    except OSError:
-        pass
     return rtt
 
 
@@ -129,9 +128,8 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
     def check(cls, device: Any) -> list[tuple[str, str]]:
         issues = super().check(device)
         o = device.options
-        if o is not None:
-            # The framework gives a poll timeout x (retries + 1) + 1 s; the burst must fit in it.
-            if (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1:
+        # The framework gives a poll timeout x (retries + 1) + 1 s; the burst must fit in it.
+        if o is not None and (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1:
                 issues.append(("probes", "probes x probe_interval does not fit in the poll's time budget"))
         return issues
 

@@ -17,6 +17,7 @@ reopened with a growing backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import termios
 import threading
@@ -192,10 +193,8 @@ class _Port:
 
     def _lost(self, err: Exception) -> None:
         if self.serial is not None:
-            try:
+            with contextlib.suppress(serial.SerialException, OSError):
                 self.serial.close()
-            except (serial.SerialException, OSError):
-                pass
             self.serial = None
             self.identified = False
         self.backoff.failed()

@@ -10,6 +10,7 @@ sending it, and paho never buffers it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -343,7 +344,7 @@ fields = [
         self.connected = True
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], props: Any) -> None:
-        for topic, reason in zip(self._subscribing.pop(mid, []), reasons):
+        for topic, reason in zip(self._subscribing.pop(mid, []), reasons, strict=False):
             if reason.is_failure and topic in self.routes:  # e.g. the broker's ACL: noted per topic
                 device = self.routes[topic][0]
                 self.health.drop("mqtt", "subscribe_refused", device=device.name, topic=topic, refusal=str(reason))
@@ -383,10 +384,8 @@ fields = [
         self._thread = threading.Thread(target=self._loop, args=(client,), name="mqtt-sensors", daemon=True)
         self._thread.start()
         while not stop.is_set() and self._thread.is_alive():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
         if not stop.is_set():
             log.error("mqtt_loop_stopped", detail="no sensor is read until the agent restarts")
 

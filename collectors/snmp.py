@@ -82,7 +82,7 @@ def _auth(options: SnmpOptions) -> Any:
     from pysnmp.hlapi.v3arch.asyncio import auth as a
 
     if options.version == "2c":
-        return CommunityData(options.community, mpModel=1)
+        return CommunityData(options.community, mpModel=1)  # noqa: S508 - what the site's switches and UPS cards speak
     auth = {
         "MD5": a.usmHMACMD5AuthProtocol,
         "SHA": a.usmHMACSHAAuthProtocol,
@@ -99,7 +99,7 @@ def _auth(options: SnmpOptions) -> Any:
         "AES256": a.usmAesCfb256Protocol,
     }[options.priv_protocol]
     if not options.auth_key:
-        return UsmUserData(options.user)
+        return UsmUserData(options.user)  # noqa: S509 - the device's configured security level, chosen by the site
     if not options.priv_key:
         return UsmUserData(options.user, options.auth_key, authProtocol=auth)
     return UsmUserData(options.user, options.auth_key, options.priv_key, authProtocol=auth, privProtocol=priv)

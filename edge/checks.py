@@ -199,9 +199,8 @@ def check_exporter(listen: str, agent_id: str) -> tuple[Check, str | None]:
     except OSError as err:
         if err.errno != errno.EADDRINUSE:
             return Check("exporter", item, FAIL, f"无法绑定：{os_error_text(err)}；改 [exporter].listen"), None
-    probe = (
-        "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
-    )
+    any_ipv4 = host in ("0.0.0.0", "")  # noqa: S104 - which address to probe when the exporter binds every one
+    probe = "127.0.0.1" if any_ipv4 else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
     try:
         with urllib.request.urlopen(f"http://{probe}:{port}/metrics", timeout=3) as resp:
             page = resp.read().decode("utf-8", errors="replace")

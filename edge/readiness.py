@@ -173,7 +173,7 @@ async def probe_devices(cfg: Any, devices: list[Any], wait: float) -> tuple[list
     for protocol, group in bootstrap.by_protocol(devices).items():
         try:
             built.append(bootstrap.build(protocol, group, acc, health, ctx))
-        except Exception as err:  # noqa: BLE001 - e.g. a profile gone since the config check: the rows say it
+        except Exception as err:  # e.g. a profile gone since the config check: the rows say it
             findings[protocol] = [
                 collectors.get(protocol).failure(d, "error", f"{type(err).__name__}: {err}") for d in group
             ]

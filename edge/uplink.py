@@ -20,6 +20,7 @@ uplink's own worker thread, which does all reading, publishing and bookkeeping. 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -160,10 +161,9 @@ class Uplink:
                 qos=1,
                 retain=True,
             )
-            try:
+            # connection lost at the same moment: the last will says offline instead
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=min(timeout, 2.0))
-            except (RuntimeError, ValueError):
-                pass  # connection lost at the same moment; the last will says offline instead
             self._drain_events()  # PUBACKs that arrived meanwhile still delete their rows
         client.disconnect()
         client.loop_stop()

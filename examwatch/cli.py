@@ -70,7 +70,7 @@ def _gateway_run(path: str, log_level: str) -> int:
     return run(path)
 
 
-def _gateway_config(path: str):  # noqa: ANN202 (gateway.config.Config, imported late)
+def _gateway_config(path: str):  # -> gateway.config.Config, imported late
     """The gateway config at ``path``, or None after printing every problem with it."""
     from examwatch.edge.config import ConfigError
     from examwatch.gateway import config as gwconfig

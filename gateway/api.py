@@ -15,6 +15,7 @@ Each request uses its own SQLite connection (WAL: readers never block the ingest
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import re
@@ -228,13 +229,11 @@ class ApiServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.refuse("busy", f"{MAX_CONNECTIONS} connections open")
-            try:
+            with contextlib.suppress(OSError):
                 request.sendall(
                     b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                     b'Content-Length: 30\r\nConnection: close\r\n\r\n{"error": "too many requests"}'
                 )
-            except OSError:
-                pass
             self.shutdown_request(request)
             return
         with self._open_lock:
@@ -265,10 +264,8 @@ class ApiServer(ThreadingHTTPServer):
                 late = [s for s, since in self._open.items() if now - since > CONNECTION_DEADLINE]
             for s in late:
                 self.refuse("deadline", f"connection open over {CONNECTION_DEADLINE:g} s")
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that broke mid-request (reset, timed out): counted, logged once, no traceback on stderr."""

@@ -114,11 +114,10 @@ def builtin_correlation() -> list[CorrelationRule]:
 
 def _parse_keys_file(text: str) -> list[tuple[str, bytes]]:
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+    for n, raw in enumerate(text.splitlines(), 1):
+        parts = raw.split("#", 1)[0].split()
+        if not parts:
             continue
-        parts = line.split()
         if len(parts) != 2:
             raise ValueError(f"keys file line {n}: expected '<site>/<room> <hex key>'")
         try:

@@ -148,14 +148,14 @@ def alarms(
     if state == "active":
         sql += " AND state != 'cleared'"
     elif state:
-        sql, args = sql + " AND state = ?", args + [state]
+        sql, args = sql + " AND state = ?", [*args, state]
     if level is not None:
-        sql, args = sql + " AND level = ?", args + [level]
+        sql, args = sql + " AND level = ?", [*args, level]
     if site:
-        sql, args = sql + " AND site = ?", args + [site]
+        sql, args = sql + " AND site = ?", [*args, site]
     if room:
-        sql, args = sql + " AND room = ?", args + [room]
-    return _dicts(conn.execute(sql + " ORDER BY raised_at DESC LIMIT ?", args + [limit]))
+        sql, args = sql + " AND room = ?", [*args, room]
+    return _dicts(conn.execute(sql + " ORDER BY raised_at DESC LIMIT ?", [*args, limit]))
 
 
 def alarm_timeline(conn: sqlite3.Connection, alarm_id: str) -> list[dict[str, Any]]:
@@ -179,12 +179,12 @@ def incidents(
 ) -> list[dict[str, Any]]:
     sql, args = "SELECT * FROM incidents WHERE 1=1", []
     if state:
-        sql, args = sql + " AND state = ?", args + [state]
+        sql, args = sql + " AND state = ?", [*args, state]
     if site:
-        sql, args = sql + " AND site = ?", args + [site]
+        sql, args = sql + " AND site = ?", [*args, site]
     if level is not None:
-        sql, args = sql + " AND level = ?", args + [level]
-    out = _dicts(conn.execute(sql + " ORDER BY opened_at DESC LIMIT ?", args + [limit]))
+        sql, args = sql + " AND level = ?", [*args, level]
+    out = _dicts(conn.execute(sql + " ORDER BY opened_at DESC LIMIT ?", [*args, limit]))
     for inc in out:
         inc["members"], inc["active"] = json.loads(inc["members"]), json.loads(inc["active"])
         inc["timeline"] = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Any
 
@@ -34,10 +35,8 @@ def apply_broker_settings(client: Any, settings: BrokerSettings) -> None:
 
 
 def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # TLS-wrapped or non-TCP socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass  # TLS-wrapped or non-TCP socket
 
 
 __all__ = ["BrokerSettings", "apply_broker_settings"]

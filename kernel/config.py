@@ -191,19 +191,19 @@ def _walk(value: Any, tp: Any, path: Path, issues: list[ConfigIssue]) -> None:
         extension = getattr(tp, "extension_type", None)
         extra = {k: v for k, v in value.items() if k not in fields}
         for k in [k for k in value if k in fields]:  # in the file's order, so reports are too
-            _walk(value[k], fields[k].type, path + (k,), issues)
+            _walk(value[k], fields[k].type, (*path, k), issues)
         for k, f in fields.items():
             if f.required and k not in value:
-                issues.append(ConfigIssue(path + (k,), "missing required key"))
+                issues.append(ConfigIssue((*path, k), "missing required key"))
         if extension is not None and "protocol" in value:
             ext = extension(value)
             if isinstance(ext, str):
-                issues.append(ConfigIssue(path + ("protocol",), ext))
+                issues.append(ConfigIssue((*path, "protocol"), ext))
                 return
             _walk(extra, ext, path, issues)
         else:
             for k in extra:
-                issues.append(ConfigIssue(path + (k,), f"unknown key; expected one of: {', '.join(fields)}"))
+                issues.append(ConfigIssue((*path, k), f"unknown key; expected one of: {', '.join(fields)}"))
             if len(issues) == before and hasattr(tp, "__post_init__"):  # its own checks, once its fields are sound
                 _leaf(value, tp, path, issues)
     elif origin is list:
@@ -211,13 +211,13 @@ def _walk(value: Any, tp: Any, path: Path, issues: list[ConfigIssue]) -> None:
             issues.append(ConfigIssue(path, f"expected an array, got {type(value).__name__}"))
             return
         for i, item in enumerate(value):
-            _walk(item, get_args(tp)[0], path + (i,), issues)
+            _walk(item, get_args(tp)[0], (*path, i), issues)
     elif origin is dict and get_args(tp)[1] is not Any:
         if not isinstance(value, dict):
             issues.append(ConfigIssue(path, f"expected a table, got {type(value).__name__}"))
             return
         for k, item in value.items():
-            _walk(item, get_args(tp)[1], path + (k,), issues)
+            _walk(item, get_args(tp)[1], (*path, k), issues)
     else:
         _leaf(value, tp, path, issues)
 
@@ -256,17 +256,17 @@ def _line_of(text: str, path: Path) -> int | None:
     while keys:
         head = keys[0]
         if len(keys) > 1 and isinstance(keys[1], int):
-            hdr = re.compile(rf"^\s*\[\[\s*{re.escape('.'.join(table + [str(head)]))}\s*\]\]")
-            hits = [i for i, l in enumerate(lines) if i >= start and hdr.match(l)]
+            hdr = re.compile(rf"^\s*\[\[\s*{re.escape('.'.join([*table, str(head)]))}\s*\]\]")
+            hits = [i for i, ln in enumerate(lines) if i >= start and hdr.match(ln)]
             if keys[1] >= len(hits):
                 return None
             start = hits[keys[1]] + 1
-            table, keys = table + [str(head)], keys[2:]
+            table, keys = [*table, str(head)], keys[2:]
             continue
-        hdr = re.compile(rf"^\s*\[\s*{re.escape('.'.join(table + [str(head)]))}\s*\]")
-        hit = next((i for i, l in enumerate(lines) if i >= start and hdr.match(l)), None)
+        hdr = re.compile(rf"^\s*\[\s*{re.escape('.'.join([*table, str(head)]))}\s*\]")
+        hit = next((i for i, ln in enumerate(lines) if i >= start and hdr.match(ln)), None)
         if len(keys) > 1:  # [a.b] or [[a.b]] may stand without an [a] header
-            start, table, keys = (start if hit is None else hit + 1), table + [str(head)], keys[1:]
+            start, table, keys = (start if hit is None else hit + 1), [*table, str(head)], keys[1:]
             continue
         if hit is not None:
             return hit + 1

@@ -98,7 +98,7 @@ class RuleEngine:
             by_metric: dict[str, tuple[Rule, ...]] = {}
             for r in applicable:
                 if r.type == "threshold":
-                    by_metric[r.metric] = by_metric.get(r.metric, ()) + (r,)
+                    by_metric[r.metric] = (*by_metric.get(r.metric, ()), r)
             silent = tuple(r for r in applicable if r.type == "silent")
             after = tuple(r.silent_intervals * d.interval for r in silent)
             self._devices[d.name] = _DeviceRules(d.kind, by_metric, silent, after, min(after, default=math.inf))
@@ -265,7 +265,7 @@ class RuleEngine:
         due = math.inf
         for dev, d in self._devices.items():
             last = last_seen.get(dev, started)
-            for rule, limit in zip(d.silent, d.silent_after):
+            for rule, limit in zip(d.silent, d.silent_after, strict=True):
                 key = (rule.id, dev)
                 t = tracks.get(key)
                 if t is not None and t.alarm is not None:

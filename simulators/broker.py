@@ -97,8 +97,8 @@ def county_conf(example: str, port: int, workdir: Path, passwd: Path, acl: Path)
     """The example config on ``port``: without the TLS listener's lines, files moved into ``workdir``."""
     replaced = {"password_file": passwd, "acl_file": acl, "persistence_location": f"{workdir}/"}
     out, tls_listener = [], False
-    for line in example.splitlines():
-        words = line.split()
+    for original in example.splitlines():
+        line, words = original, original.split()
         if words[:1] == ["listener"]:
             tls_listener = len(words) == 2  # "listener 8883": every interface, TLS
             line = "" if tls_listener else f"listener {port} 127.0.0.1"

@@ -195,7 +195,7 @@ def _incident(site: DemoSite, rooms: set[str]) -> bool:
     return any(rooms <= set(i.get("members", [])) for i in site.get("/api/v1/incidents?state=open")["incidents"])
 
 
-def _fault(room: str, name: str, undo: bool = False):  # noqa: ANN202
+def _fault(room: str, name: str, undo: bool = False):
     return lambda s: (s.room(room).field_devices.recover if undo else s.room(room).field_devices.fault)(name)
 
 

@@ -13,6 +13,7 @@ and ``devices_toml()`` is the ``[[devices]]`` part of an agent config that watch
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,10 +66,8 @@ class SimulatedRoom:
             self.snmp.stop,
         ):
             if stop is not None:
-                try:
+                with contextlib.suppress(Exception):  # stop the rest whatever one of them does
                     stop()
-                except Exception:  # stop the rest whatever one of them does
-                    pass
 
     # --- faults: name -> (cause, undo), and the alarm the default rule pack raises for each ---
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any
 
 from hypothesis import strategies as st
@@ -43,7 +43,7 @@ leaves = st.one_of(
     st.floats(),
     st.text(max_size=40),
     st.booleans(),
-    st.datetimes(timezones=st.sampled_from([None, timezone.utc, timezone(timedelta(hours=8))])),
+    st.datetimes(timezones=st.sampled_from([None, UTC, timezone(timedelta(hours=8))])),
     st.dates(),
     st.times(),
 )
@@ -58,10 +58,10 @@ def _paths(v: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     out = [path] if path else []
     if isinstance(v, dict):
         for k, x in v.items():
-            out += _paths(x, path + (k,))
+            out += _paths(x, (*path, k))
     elif isinstance(v, list):
         for i, x in enumerate(v):
-            out += _paths(x, path + (i,))
+            out += _paths(x, (*path, i))
     return out
 
 

@@ -87,7 +87,7 @@ def test_the_bottom_layers_use_only_the_standard_library_and_their_few_libraries
     for path in FOLDERS[pkg].rglob("*.py"):
         for module in imports(path):
             top = module.split(".")[0]
-            if top not in sys.stdlib_module_names and top != "examwatch" and top != "__future__":
+            if top not in sys.stdlib_module_names and top not in {"examwatch", "__future__"}:
                 third_party.add(top)
     assert third_party <= THIRD_PARTY[pkg]
 

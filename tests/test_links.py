@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -200,7 +201,7 @@ def test_silent_target_does_not_stall_others(platform: Platform) -> None:
 
 
 def icmp_permitted() -> bool:
-    lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ping_group_range").read().split())
+    lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ping_group_range").read_text().split())
     return os.geteuid() == 0 or lo <= os.getegid() <= hi
 
 

@@ -263,7 +263,7 @@ def test_a_dead_network_loop_is_seen(mosquitto):
         pub.connect("127.0.0.1", mosquitto.port)
         pub.publish("z2m/door", b"{}", qos=0)
         pub.disconnect()
-        await wait_until(lambda: task.done(), 5)  # run() returns: the agent's health turns bad
+        await wait_until(task.done, 5)  # run() returns: the agent's health turns bad
         assert not c.alive()
         stop.set()
         await c.close()

@@ -59,17 +59,18 @@ def alertmanager(tmp_path: Path) -> Iterator[tuple[str, Receiver]]:
         "  repeat_interval: 1h\nreceivers:\n- name: hook\n  webhook_configs:\n"
         f"  - url: http://127.0.0.1:{receiver.server_address[1]}/am\n    send_resolved: true\n"
     )
-    proc = subprocess.Popen(
-        [
-            BINARY,
-            f"--config.file={cfg}",
-            f"--storage.path={tmp_path / 'am'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "am.log", "wb"),
-    )
+    with open(tmp_path / "am.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [
+                BINARY,
+                f"--config.file={cfg}",
+                f"--storage.path={tmp_path / 'am'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
         wait_port(port, 20)
         yield f"http://127.0.0.1:{port}", receiver

@@ -240,7 +240,7 @@ def test_a_first_start_tells_the_alarms_open_now_but_not_the_history(db, bots):
     store_alarm(conn, raised("102"))  # still open
     n = run(path, [Channel(name="h", type="webhook", url=hook.url, secret="s")])
     try:
-        until(lambda: hook.bodies(), 20, "something sent")
+        until(hook.bodies, 20, "something sent")
         store_alarm(conn, raised("103"))
         until(lambda: len(room_alarms(hook)) == 2, 20, "the new one too")
         assert room_alarms(hook) == ["s1/102/recording_stopped/1:raised:2", "s1/103/recording_stopped/1:raised:2"]

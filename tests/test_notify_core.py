@@ -255,7 +255,7 @@ def test_flapping_is_held_as_one_message_with_the_count():
     assert kinds == ["raised", "cleared", "raised", "cleared", "flapping"]
     flap = next(m for ch, m in sent if ch == "tech" and m.kind == "flapping")
     assert "**反复**：已告警 3 次，期间的告警与恢复合并为本条，不再逐条发送" in flap.lines
-    out, lines = p.step([], {}, T0 + 300 + 30 + 600)  # quiet for the window: one closing message with the count
+    out, _ = p.step([], {}, T0 + 300 + 30 + 600)  # quiet for the window: one closing message with the count
     assert [m.kind for ch, m in out if ch == "tech"] == ["cleared"]
     assert out[0][1].lines[0] == "**反复**：期间共告警 6 次，现已稳定恢复"
 

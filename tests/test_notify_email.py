@@ -72,12 +72,12 @@ class Inbox:
     def __init__(self) -> None:
         self.mails: list[tuple[str, list[str], bytes]] = []
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201 (aiosmtpd's handler hook)
+    async def handle_DATA(self, server, session, envelope):  # aiosmtpd's handler hook
         self.mails.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 OK"
 
 
-def _login(server, session, envelope, mechanism, auth_data):  # noqa: ANN001, ANN202
+def _login(server, session, envelope, mechanism, auth_data):
     return AuthResult(success=(auth_data.login, auth_data.password) == (b"gw", b"pw"))
 
 

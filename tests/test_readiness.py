@@ -400,7 +400,7 @@ def test_table_lines_up_chinese_and_gives_the_verdict():
     ]
     lines = readiness.render_table(checks).splitlines()
     status_at = set()
-    for line, word in zip([lines[0], *lines[2:5]], ["结果", "通过", "失败", "注意"]):
+    for line, word in zip([lines[0], *lines[2:5]], ["结果", "通过", "失败", "注意"], strict=True):
         status_at.add(readiness._width(line[: line.index(word)]))
     assert len(status_at) == 1  # the result column starts at the same place on every row
     assert lines[-1] == "结论：未就绪，1 项失败，1 项需注意。请按说明处理后重新检查。"

@@ -130,8 +130,8 @@ def run_uplink(tmp_path: Path, agent: str, cfg: UplinkSettings, rows: int = 20) 
         store.write(
             [], outbox=[("readings", msgspec.json.encode([Reading("ups1", "ups_charge_percent", i, 1000.0 + i)]))]
         )
-    up = Uplink(cfg, agent_id=agent, db_path=str(tmp_path / "a.db"), on_acked=lambda seqs: acks.extend(seqs))
     acks: list[int] = []
+    up = Uplink(cfg, agent_id=agent, db_path=str(tmp_path / "a.db"), on_acked=acks.extend)
     up.start()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and len(acks) < rows and not up.health().refused:

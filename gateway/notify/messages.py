@@ -89,7 +89,7 @@ class Links(msgspec.Struct, frozen=True):
 
 def deadline_line(level: int, raised_at: float, deadlines: list[float], links: Links) -> str:
     words = DEADLINE_WORDS.get(level, DEADLINE_WORDS[3])
-    parts = [f"{links.clock(raised_at + d)} 前{w}" for d, w in zip(deadlines, words)]
+    parts = [f"{links.clock(raised_at + d)} 前{w}" for d, w in zip(deadlines, words, strict=False)]
     return "**时限**：请于 " + "，".join(parts) if parts else ""
 
 

@@ -3,6 +3,7 @@ and ``[[roster]]`` (who is reached through which channels, tier by tier)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import msgspec
@@ -131,7 +132,7 @@ def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list
             issues.append((("notify", "start_tier", lv), f"level 1-3 -> one of {', '.join(TIERS)}"))
     for lv in (1, 2, 3):
         marks = notify.deadlines.of(lv)
-        if any(not 0 < m <= 86400 or m != m for m in marks) or marks != sorted(marks):
+        if any(not 0 < m <= 86400 or math.isnan(m) for m in marks) or marks != sorted(marks):
             issues.append((("notify", "deadlines", f"level{lv}"), "rising seconds between 0 and 86400"))
     if not 1 <= notify.flap_count <= 100 or not 0 < notify.flap_window <= 86400:
         issues.append((("notify",), "flap_count 1-100, flap_window up to a day"))
@@ -142,4 +143,4 @@ def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list
     return issues
 
 
-__all__ = ["CHANNEL_TYPES", "Channel", "Deadlines", "Notify", "RATE_LIMITS", "Roster", "TIERS", "check"]
+__all__ = ["CHANNEL_TYPES", "RATE_LIMITS", "TIERS", "Channel", "Deadlines", "Notify", "Roster", "check"]
