@@ -129,8 +129,11 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
         issues = super().check(device)
         o = device.options
         # The framework gives a poll timeout x (retries + 1) + 1 s; the burst must fit in it.
-        if o is not None and (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1:
-                issues.append(("probes", "probes x probe_interval does not fit in the poll's time budget"))
+        if (
+            o is not None
+            and (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1
+        ):
+            issues.append(("probes", "probes x probe_interval does not fit in the poll's time budget"))
         return issues
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
