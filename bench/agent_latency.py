@@ -35,14 +35,17 @@ SENSORS = 20
 
 def config(port: int, exporter: int, state: Path) -> str:
     devices = [
-        'name = "door"\nkind = "door"\nprotocol = "mqtt"\ntopic = "z2m/door"\nprofile = "zigbee2mqtt_contact"\ninterval = 60'
+        'name = "door"\nkind = "door"\nprotocol = "mqtt"\ntopic = "z2m/door"\nprofile = "zigbee2mqtt_contact"\n'
+        "interval = 60"
     ]
     devices += [
-        f'name = "noise{i}"\nkind = "noise"\nprotocol = "mqtt"\ntopic = "z2m/noise{i}"\nprofile = "zigbee2mqtt_noise"\ninterval = 60'
+        f'name = "noise{i}"\nkind = "noise"\nprotocol = "mqtt"\ntopic = "z2m/noise{i}"\nprofile = "zigbee2mqtt_noise"\n'
+        "interval = 60"
         for i in range(9)
     ]
     devices += [
-        f'name = "rec{i}"\nkind = "recorder"\nprotocol = "mqtt"\ntopic = "rec/{i}"\nprofile = "recorder_json"\ninterval = 60\navailability = false'
+        f'name = "rec{i}"\nkind = "recorder"\nprotocol = "mqtt"\ntopic = "rec/{i}"\nprofile = "recorder_json"\n'
+        "interval = 60\navailability = false"
         for i in range(SENSORS - 10)
     ]
     return (

@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rate, cpu_rate = r.inputs / max(r.seconds, 1e-9), r.inputs / max(r.cpu_seconds, 1e-9)
         print(
-            f"{name:<16}{r.inputs:>9}{r.seconds:>9.1f}{r.cpu_seconds:>8.1f}{rate:>10.0f}{cpu_rate:>10.0f}  {len(r.failures)}",
+            f"{name:<16}{r.inputs:>9}{r.seconds:>9.1f}{r.cpu_seconds:>8.1f}{rate:>10.0f}{cpu_rate:>10.0f}  "
+            f"{len(r.failures)}",
             flush=True,
         )
         for path, f in zip(write_reproducers(r, args.out), r.failures.values(), strict=True):

@@ -169,7 +169,10 @@ def envelope() -> st.SearchStrategy[bytes]:
     deep = st.one_of(nested(b"[", b"]"), nested(b'{"a":', b"}")).map(
         lambda b: b'{"v":1,"agent":"s1/r1","seq":1,"ts":1.0,"kind":"readings","body":' + b + b',"sig":""}'
     )
-    sample = b'{"v":1,"agent":"s1/r1","seq":7,"ts":1700000000.5,"kind":"readings","body":[{"device":"ups1","metric":"ups_load_percent","value":12.0,"ts":1.0}],"sig":"00"}'
+    sample = (
+        b'{"v":1,"agent":"s1/r1","seq":7,"ts":1700000000.5,"kind":"readings",'
+        b'"body":[{"device":"ups1","metric":"ups_load_percent","value":12.0,"ts":1.0}],"sig":"00"}'
+    )
     return st.one_of(shaped(fields, [sample]), deep)
 
 

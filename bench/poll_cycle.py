@@ -1,7 +1,7 @@
 """CPU time per poll cycle of one exam room: an SNMP UPS, a switch, two cameras, a serial UPS, a noise meter.
 
-Side by side in one run: our collectors (SNMP through pysnmp, Megatec and Modbus through pyserial/pymodbus), and net-snmp's
-``snmpget``/``snmpbulkwalk`` doing the same SNMP requests (one snmpget for a device's scalars, one
+Side by side in one run: our collectors (SNMP through pysnmp, Megatec and Modbus through pyserial/pymodbus), and
+net-snmp's ``snmpget``/``snmpbulkwalk`` doing the same SNMP requests (one snmpget for a device's scalars, one
 snmpbulkwalk per table column, as net-snmp walks one subtree per call). Our CPU is this process's
 (``time.process_time``: parsing and Readings included); net-snmp's is its child processes' user+sys
 (``resource.getrusage(RUSAGE_CHILDREN)``). The simulators run as child processes that are only reaped
@@ -152,17 +152,20 @@ def main() -> None:
 
     ms = 1000
     print(
-        f"## CPU per poll cycle ({cycles} cycles; SNMP: UPS-MIB UPS, 25-port switch, 2 cameras with HOST-RESOURCES storage)\n"
+        f"## CPU per poll cycle ({cycles} cycles; SNMP: UPS-MIB UPS, 25-port switch, 2 cameras with HOST-RESOURCES "
+        "storage)\n"
     )
     print("| what | CPU ms / cycle | wall ms / cycle | readings / cycle | processes / cycle |")
     print("|---|---:|---:|---:|---:|")
     print(f"| examwatch SNMP collector (4 devices, pysnmp asyncio) | {snmp_cpu * ms:.1f} | | {snmp_readings} | 0 |")
     print(
-        f"| examwatch whole room (4 SNMP + serial UPS + noise meter) | {room_cpu * ms:.1f} | {room_wall * ms:.1f} | {room_readings} | 0 |"
+        f"| examwatch whole room (4 SNMP + serial UPS + noise meter) | {room_cpu * ms:.1f} | {room_wall * ms:.1f} | "
+        f"{room_readings} | 0 |"
     )
     print(f"| of which serial UPS and noise meter (difference) | {(room_cpu - snmp_cpu) * ms:.1f} | | | 0 |")
     print(
-        f"| net-snmp snmpget + snmpbulkwalk, same SNMP requests | {net_cpu * ms:.1f} | {net_wall * ms:.1f} | (text only) | {len(cmds)} |"
+        f"| net-snmp snmpget + snmpbulkwalk, same SNMP requests | {net_cpu * ms:.1f} | {net_wall * ms:.1f} | "
+        f"(text only) | {len(cmds)} |"
     )
     print(f"\nnet-snmp / examwatch SNMP CPU ratio: {net_cpu / snmp_cpu:.1f}x")
 

@@ -148,6 +148,7 @@ class IsapiCollector(PollingCollector):
         "unreachable": "网络不通",
         "invalid_xml": "应答无法解析",
         "unexpected_xml": "应答格式不符",
+        "too_large": "应答过大，不像硬盘录像机的存储信息",
         "http_401": "用户名或密码错误",
         "http_403": "无权限或设备无此功能",
         "http_404": "设备无此功能（ISAPI 接口不存在）",

@@ -119,7 +119,8 @@ class Store:
                 [(r.ts, r.device, r.metric, r.value, r.quality) for r in readings],
             )
             conn.executemany(
-                "INSERT INTO alarms (alarm_id, state, at, rule, level, device, event, evidence) VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO alarms (alarm_id, state, at, rule, level, device, event, evidence) VALUES "
+                "(?,?,?,?,?,?,?,?)",
                 [
                     (
                         e.id,

@@ -176,7 +176,10 @@ class Rows:
         self.dead_letters: list[tuple[Any, ...]] = []
 
     def latest(self) -> list[tuple[Any, ...]]:
-        """The newest reading per (agent, device, metric) by the room's time (the store keeps the newer of it and its own)."""
+        """The newest reading per (agent, device, metric) by the room's time.
+
+        The store keeps the newer of it and its own.
+        """
         out: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         for r in self.readings:
             prev = out.get(r[:3])
@@ -201,8 +204,9 @@ class Rows:
             ),
             (
                 (
-                    "INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE "
-                    "SET value = excluded.value, ts = excluded.ts, quality = excluded.quality WHERE excluded.ts >= latest.ts"
+                    "INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) "
+                    "ON CONFLICT DO UPDATE SET value = excluded.value, ts = excluded.ts, quality = excluded.quality "
+                    "WHERE excluded.ts >= latest.ts"
                 ),
                 self.latest(),
             ),
@@ -214,19 +218,22 @@ class Rows:
             # row changes only for its own room and source (ingest refuses the rest before it gets here).
             (
                 (
-                    "INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
-                    " source, epoch_rank, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
-                    "level = excluded.level, state = excluded.state, message = excluded.message, updated_at = excluded.updated_at, "
+                    "INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at,"
+                    " cleared_at, source, epoch_rank, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state, "
+                    "message = excluded.message, updated_at = excluded.updated_at, "
                     "cleared_at = excluded.cleared_at, epoch_rank = excluded.epoch_rank, seq = excluded.seq "
                     "WHERE (excluded.epoch_rank, excluded.seq) >= (alarms.epoch_rank, alarms.seq) "
-                    "AND alarms.site = excluded.site AND alarms.room = excluded.room AND alarms.source = excluded.source"
+                    "AND alarms.site = excluded.site AND alarms.room = excluded.room "
+                    "AND alarms.source = excluded.source"
                 ),
                 self.alarms,
             ),
             (
                 (
-                    "INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members, active)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state,"
+                    "INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members,"
+                    " active) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state,"
                     " closed_at = excluded.closed_at, members = excluded.members, active = excluded.active"
                 ),
                 list(self.incidents.values()),
@@ -249,16 +256,20 @@ class Rows:
             ),
             (
                 (
-                    "INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq, max_seq,"
-                    " missing, epoch, status_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (agent) DO UPDATE SET "
-                    "status = excluded.status, last_seen = excluded.last_seen, last_status_ts = excluded.last_status_ts, "
-                    "skew = excluded.skew, phase = excluded.phase, floor_seq = excluded.floor_seq, max_seq = excluded.max_seq, "
+                    "INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq,"
+                    " max_seq, missing, epoch, status_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (agent) DO UPDATE SET "
+                    "status = excluded.status, last_seen = excluded.last_seen, "
+                    "last_status_ts = excluded.last_status_ts, skew = excluded.skew, phase = excluded.phase, "
+                    "floor_seq = excluded.floor_seq, "
+                    "max_seq = excluded.max_seq, "
                     "missing = excluded.missing, epoch = excluded.epoch, status_key = excluded.status_key"
                 ),
                 agent_rows,
             ),
             (
-                "INSERT INTO dead_letters (received, reason, agent, topic, detail, size, payload) VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO dead_letters (received, reason, agent, topic, detail, size, payload) VALUES "
+                "(?,?,?,?,?,?,?)",
                 self.dead_letters,
             ),
             (

@@ -83,7 +83,10 @@ class Gateway:
             log.info("gateway_stopped")
 
     def healthy(self) -> bool:
-        """The threads beside the ingest loop still run, the notifier's too (a broker that is down is not ours to fix by restarting)."""
+        """The threads beside the ingest loop still run, the notifier's too.
+
+        A broker that is down is not ours to fix by restarting.
+        """
         return self.api_thread.is_alive() and self.subscriber.alive() and self.notifier.alive()
 
     def _take(self, timeout: float) -> list[tuple[int, int, Message]]:

@@ -29,8 +29,8 @@ CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, site TEXT NOT NULL, r
     epoch INTEGER, status_key TEXT);
 CREATE TABLE IF NOT EXISTS epochs (agent TEXT NOT NULL, epoch INTEGER NOT NULL, rank INTEGER NOT NULL,
     floor_seq INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (agent, epoch)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS ledger (agent TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
-    ts REAL NOT NULL, received REAL NOT NULL, PRIMARY KEY (agent, epoch, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger (agent TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+    kind TEXT NOT NULL, ts REAL NOT NULL, received REAL NOT NULL, PRIMARY KEY (agent, epoch, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_received ON ledger (received);
 CREATE TABLE IF NOT EXISTS readings (agent TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
     value REAL NOT NULL, ts REAL NOT NULL, quality TEXT NOT NULL, seq INTEGER NOT NULL);
@@ -115,7 +115,8 @@ def received_ranges(conn: sqlite3.Connection) -> dict[tuple[str, int], list[list
     """Per (agent, epoch), the runs of consecutive sequence numbers in the ledger (gaps and islands)."""
     rows = conn.execute(
         "SELECT agent, epoch, MIN(seq), MAX(seq) FROM (SELECT agent, epoch, seq, seq - ROW_NUMBER() OVER "
-        "(PARTITION BY agent, epoch ORDER BY seq) AS g FROM ledger) GROUP BY agent, epoch, g ORDER BY agent, epoch, MIN(seq)"
+        "(PARTITION BY agent, epoch ORDER BY seq) AS g FROM ledger) GROUP BY agent, epoch, g ORDER BY agent, epoch, "
+        "MIN(seq)"
     ).fetchall()
     out: dict[tuple[str, int], list[list[int]]] = {}
     for agent, epoch, lo, hi in rows:
@@ -243,7 +244,8 @@ def prune(conn: sqlite3.Connection, cut: float, alarm_cut: float) -> None:
             ("DELETE FROM ledger WHERE received < ?", [(cut,)]),
             ("DELETE FROM readings WHERE ts < ?", [(cut,)]),
             (
-                "DELETE FROM alarm_events WHERE alarm_id IN (SELECT id FROM alarms WHERE state = 'cleared' AND cleared_at < ?)",
+                "DELETE FROM alarm_events WHERE alarm_id IN (SELECT id FROM alarms WHERE state = 'cleared' AND "
+                "cleared_at < ?)",
                 [(alarm_cut,)],
             ),
             ("DELETE FROM alarms WHERE state = 'cleared' AND cleared_at < ?", [(alarm_cut,)]),

@@ -323,7 +323,10 @@ class RuleEngine:
             f"，当前 {text}" if value is not None and prev.metric and (text := _value_text(prev.metric, value)) else ""
         )
         if state == "updated":
-            message = f"【{Level(level).label}】{self._where} {prev.device}：{title}，响应级别调整为{Level(level).label}（{PHASE_NAMES[phase]}）"
+            message = (
+                f"【{Level(level).label}】{self._where} {prev.device}：{title}，"
+                f"响应级别调整为{Level(level).label}（{PHASE_NAMES[phase]}）"
+            )
             action = rule.action_for(level) if rule is not None else prev.action
         else:
             message = f"【已恢复】{self._where} {prev.device}：{title}已恢复{now_text}{note}"

@@ -135,7 +135,10 @@ class DemoSite:
     def _schedule(self) -> str:
         now = datetime.now(TZ).replace(tzinfo=None, microsecond=0)
         start, end = (now - timedelta(minutes=10)).isoformat(), (now + timedelta(minutes=110)).isoformat()
-        return f'[schedule]\ntimezone = "Asia/Shanghai"\n[[schedule.sessions]]\nname = "数学"\nstart = {start}\nend = {end}\n'
+        return (
+            f'[schedule]\ntimezone = "Asia/Shanghai"\n'
+            f'[[schedule.sessions]]\nname = "数学"\nstart = {start}\nend = {end}\n'
+        )
 
     def _start_agent(self, r: Room) -> None:
         d = self.dir / f"agent-{r.room}"

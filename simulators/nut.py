@@ -37,11 +37,12 @@ BASE: dict[str, str] = {
     "ups.status": "OL",
 }
 
+NO_MAINS = {"input.voltage": "0.0", "input.frequency": "0.0"}
 STATES: dict[str, dict[str, str]] = {
     "online": {},
-    "on_battery": {"ups.status": "OB DISCHRG", "input.voltage": "0.0", "input.frequency": "0.0", "battery.charge": "83", "battery.runtime": "1260"},
-    "low_battery": {"ups.status": "OB DISCHRG LB", "input.voltage": "0.0", "input.frequency": "0.0", "battery.charge": "9", "battery.runtime": "95"},
-    "shutdown": {"ups.status": "OB LB FSD", "input.voltage": "0.0", "input.frequency": "0.0", "battery.charge": "5", "battery.runtime": "40"},
+    "on_battery": {"ups.status": "OB DISCHRG", **NO_MAINS, "battery.charge": "83", "battery.runtime": "1260"},
+    "low_battery": {"ups.status": "OB DISCHRG LB", **NO_MAINS, "battery.charge": "9", "battery.runtime": "95"},
+    "shutdown": {"ups.status": "OB LB FSD", **NO_MAINS, "battery.charge": "5", "battery.runtime": "40"},
     "bypass": {"ups.status": "OL BYPASS"},
     "boost": {"ups.status": "OL BOOST", "input.voltage": "187.0"},
     "self_test": {"ups.status": "OL CAL"},
@@ -106,7 +107,8 @@ class NutSimulator:
         state.mkdir(parents=True, exist_ok=True)
         (self.workdir / "nut.conf").write_text("MODE=standalone\n")
         (self.workdir / "ups.conf").write_text(
-            f'[{self.ups}]\n  driver = dummy-ups\n  port = {self.dev_file.name}\n  pollinterval = 1\n  desc = "examwatch simulator"\n'
+            f"[{self.ups}]\n  driver = dummy-ups\n  port = {self.dev_file.name}\n  pollinterval = 1\n  desc = "
+            '"examwatch simulator"\n'
         )
         (self.workdir / "upsd.conf").write_text(f"LISTEN 127.0.0.1 {self.port}\n")
         users = self.workdir / "upsd.users"

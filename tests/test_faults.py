@@ -212,5 +212,6 @@ def test_rogue_client_forged_alarms_are_rejected_counted_and_alarmed_replays_are
     assert len(gw.get(f"/api/v1/alarms/timeline?id={ev.id}")["timeline"]) == 1
     assert gw.query("SELECT COUNT(*) FROM ledger")[0][0] == 1
     print(
-        f"\nrogue sent {sum(sent.values()) + replayed}: {dict(sent)}, {replayed} replayed; gateway rejected {rejected()}"
+        f"\nrogue sent {sum(sent.values()) + replayed}: {dict(sent)}, {replayed} replayed; gateway rejected "
+        f"{rejected()}"
     )

@@ -17,7 +17,8 @@ SEED = 7
 
 def describe(result: fuzz.Result) -> str:
     return "\n".join(
-        f"{f.kind} at {f.where} ({f.count} of {result.inputs} inputs): {f.message}\n    smallest input: {f.example[:300]!r}"
+        f"{f.kind} at {f.where} ({f.count} of {result.inputs} inputs): {f.message}\n    smallest input: "
+        f"{f.example[:300]!r}"
         for f in result.failures.values()
     )
 

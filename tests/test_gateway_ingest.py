@@ -412,7 +412,8 @@ CREATE TABLE alarms (id TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL
     updated_at REAL NOT NULL, cleared_at REAL, source TEXT NOT NULL, acked_by TEXT, acked_note TEXT, acked_at REAL);
 INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, source)
     VALUES ('s1/101/link_down/sw1/1', 's1', '101', 'link_down', 1, 'raised', 'sw1', 'x', 1, 1, 'agent');
-INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts) VALUES ('s1/101', 's1', '101', 'online', 1, 1);
+INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts)
+    VALUES ('s1/101', 's1', '101', 'online', 1, 1);
 INSERT INTO ledger VALUES ('s1/101', 1, 'readings', 1, 1);
 INSERT INTO readings VALUES ('s1/101', 'ups1', 'ups_charge_percent', 50, 1, 'good', 1);
 """

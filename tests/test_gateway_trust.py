@@ -23,7 +23,10 @@ pytestmark = pytest.mark.integration
 
 
 class Client(Listener):
-    """A plain MQTT client on the county broker: keeps what it hears on every county topic, publishes what it is given."""
+    """A plain MQTT client on the county broker.
+
+    Keeps what it hears on every county topic, publishes what it is given.
+    """
 
     def publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, qos=1).wait_for_publish(5)

@@ -94,7 +94,8 @@ SECRECY_ROOM_DEVICES = "".join(
             '{path = "loss", metric = "link_loss_ratio"}',
         ),
         # the backup disk is not mounted: a polling device that fails, for the collector-error panels
-        '[[devices]]\nname = "backup"\nkind = "host"\nprotocol = "host"\naddress = "/nonexistent/backup"\ninterval = 0.5\n',
+        '[[devices]]\nname = "backup"\nkind = "host"\nprotocol = "host"\naddress = "/nonexistent/backup"\ninterval = '
+        "0.5\n",
     ]
 )
 EXAM_ROOM_DEVICES = mqtt_device("noise", "noise", "z2m/noise2", "zigbee2mqtt_noise")

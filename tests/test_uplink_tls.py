@@ -96,7 +96,10 @@ class TlsBroker:
         self.dir.chmod(0o755)
         # The ACL made the way deploy/mosquitto/examwatch.acl.example says, from the gateway's keys file.
         (self.dir / "agent-keys").write_text(f"# site/room key\ns1/101 {KEY}\ns1/102 {KEY}\n")
-        awk = 'NF==2 && !/^#/ { split($1, a, "/"); printf "user %s-%s\\ntopic write examwatch/v1/%s/#\\n\\n", a[1], a[2], $1 }'
+        awk = (
+            'NF==2 && !/^#/ { split($1, a, "/"); '
+            'printf "user %s-%s\\ntopic write examwatch/v1/%s/#\\n\\n", a[1], a[2], $1 }'
+        )
         acl = subprocess.run(
             ["awk", awk, str(self.dir / "agent-keys")], check=True, capture_output=True, text=True
         ).stdout
