@@ -147,14 +147,14 @@ async def main() -> None:
                         "link",
                         "links",
                         "127.0.0.1",
-                        links.Options(method="tcp", port=tcp_service(), probe_interval=0.0),
+                        links.LinkOptions(method="tcp", port=tcp_service(), probe_interval=0.0),
                     )
                 ],
             ),
             (
                 "link (5 ICMP echoes, loopback)",
                 links.LinksCollector,
-                [device("wan", "link", "links", "127.0.0.1", links.Options(method="icmp", probe_interval=0.0))],
+                [device("wan", "link", "links", "127.0.0.1", links.LinkOptions(method="icmp", probe_interval=0.0))],
             ),
         ]
         for label, cls, devices in cases:

@@ -30,7 +30,7 @@ ROUTE_TABLE = Path("/proc/net/route")
 DEFAULT_GATEWAY = "default-gateway"  # the address that means "whatever the default route points at"
 
 
-class Options(Strict):
+class LinkOptions(Strict):
     method: Literal["auto", "icmp", "tcp"] = "auto"
     port: Port = 443  # for TCP probes
     probes: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5  # per poll: the window loss and RTT are measured over
@@ -108,7 +108,7 @@ async def tcp_probe(host: str, port: int, timeout: float) -> float | None:
 @register
 class LinksCollector(PollingCollector):
     protocol = "links"
-    Options = Options
+    Options = LinkOptions
     needs_address = f'a link needs address = a host, an IP or "{DEFAULT_GATEWAY}"'
     reasons = {
         "name_lookup": "域名解析失败",
@@ -141,7 +141,7 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
         self._icmp_privileged: bool | None = None  # how ICMP works here; None: not found out yet
 
     async def poll(self, device: Any) -> list[Reading]:
-        o: Options = device.options
+        o: LinkOptions = device.options
         now = time.time()
         route = default_route(parse_routes(ROUTE_TABLE.read_text())) if ROUTE_TABLE.exists() else None
         out = []
@@ -156,7 +156,7 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
         rtts = await self._probe(target, device.timeout, o)
         return out + summarize(device.name, rtts, time.time())
 
-    async def _probe(self, host: str, timeout: float, o: Options) -> list[float | None]:
+    async def _probe(self, host: str, timeout: float, o: LinkOptions) -> list[float | None]:
         if o.method != "tcp":
             rtts = await self._icmp(host, timeout, o)
             if rtts is not None:
@@ -165,11 +165,11 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
                 raise DeviceError("icmp_not_permitted", "neither ICMP sockets nor raw sockets are allowed here")
         return list(await asyncio.gather(*(self._spaced_tcp(i, host, timeout, o) for i in range(o.probes))))
 
-    async def _spaced_tcp(self, i: int, host: str, timeout: float, o: Options) -> float | None:
+    async def _spaced_tcp(self, i: int, host: str, timeout: float, o: LinkOptions) -> float | None:
         await asyncio.sleep(i * o.probe_interval)
         return await tcp_probe(host, o.port, timeout)
 
-    async def _icmp(self, host: str, timeout: float, o: Options) -> list[float | None] | None:
+    async def _icmp(self, host: str, timeout: float, o: LinkOptions) -> list[float | None] | None:
         """A burst of echoes, or None when this system permits no ICMP sockets to us."""
         modes = [self._icmp_privileged] if self._icmp_privileged is not None else [False, True]
         for privileged in modes:

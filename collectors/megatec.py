@@ -98,10 +98,11 @@ def parse_q1(line: bytes) -> Status:
         if not text.endswith("\r"):
             raise DeviceError("truncated", f"incomplete Q1 answer {text[:60]!r}")
         raise DeviceError("garbage", f"not a Q1 answer: {text[:60]!r}")
-    v = [float(g) for g in m.groups()[:6]]
+    vin, vfault, vout, load, freq, vbat = (float(g) for g in m.groups()[:6])
     temp = m.group(7)
     bits = [c == "1" for c in m.group(8)]
-    return Status(*v, None if temp.startswith("--") or temp == "-" else float(temp), *bits)  # "--.-": no sensor
+    celsius = None if temp.startswith("--") or temp == "-" else float(temp)  # "--.-": no sensor
+    return Status(vin, vfault, vout, load, freq, vbat, celsius, *bits)
 
 
 def parse_f(line: bytes) -> Rating:

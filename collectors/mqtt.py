@@ -308,7 +308,8 @@ fields = [
         device, fields = route
         try:
             if fields is None:
-                readings, rejected = [Reading(device.name, "device_online", parse_availability(payload), now)], []
+                readings = [Reading(device.name, "device_online", parse_availability(payload), now)]
+                rejected: list[str] = []
             else:
                 readings, rejected = parse_payload(fields, device.name, payload, now)
         except PayloadError as err:
@@ -335,7 +336,7 @@ fields = [
             except ValueError as err:  # a topic paho will not send; topic_issue() should have caught it
                 self.health.drop("mqtt", "subscribe_failed", error=str(err))
             else:
-                if rc == mqtt.MQTT_ERR_SUCCESS:
+                if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                     self._subscribing[mid] = list(self.routes)
                 else:
                     self.health.drop("mqtt", "subscribe_failed", error=mqtt.error_string(rc))
@@ -359,7 +360,7 @@ fields = [
         self.connected = False
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.handle(msg.topic, msg.payload, time.time())
+        self.handle(msg.topic, bytes(msg.payload), time.time())  # paho's bytes: no copy
 
     def _loop(self, client: mqtt.Client) -> None:
         try:

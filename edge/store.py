@@ -186,11 +186,10 @@ class Store:
 
     def ack(self, seqs: Iterable[int]) -> None:
         """Delete outbox rows the broker acknowledged."""
-        seqs = [(s,) for s in seqs]
         with self.db.atomic():
             conn = self.db.conn
             freed = 0
-            for (seq,) in seqs:
+            for seq in list(seqs):
                 row = conn.execute("DELETE FROM outbox WHERE seq = ? RETURNING LENGTH(body)", (seq,)).fetchone()
                 freed += row[0] if row else 0
         self._outbox_bytes -= freed

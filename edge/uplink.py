@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 import paho.mqtt.client as mqtt
@@ -313,7 +313,9 @@ class Uplink:
         self._client.publish(wire.topic(self.agent, "status"), status, qos=1, retain=True)
         self._last_heartbeat = now
 
-    def _status(self, state: str, *, n: int, reason: str = "", conn: int | None = None) -> bytes:
+    def _status(
+        self, state: Literal["online", "offline"], *, n: int, reason: str = "", conn: int | None = None
+    ) -> bytes:
         pending = self._pending if state == "online" else None
         body = msgspec.json.encode(
             wire.Status(

@@ -11,9 +11,19 @@ import msgspec
 from examwatch.gateway.notify import settings as notify
 from examwatch.kernel import wire
 from examwatch.kernel.broker import BrokerSettings
-from examwatch.kernel.config import ConfigIssue, SessionExpiry, Strict, check_host, parse, parse_listen, read, validated
+from examwatch.kernel.config import (
+    DAY,
+    ConfigIssue,
+    SessionExpiry,
+    Strict,
+    check_host,
+    parse,
+    parse_listen,
+    read,
+    validated,
+)
 from examwatch.kernel.files import read_secret
-from examwatch.rules.config import DAY, Schedule, schedule_issues
+from examwatch.rules.config import Schedule, schedule_issues
 
 # The alarm rules the gateway raises itself (gateway/ingest.py); correlation rules may name them too.
 GATEWAY_RULES = ("agent_offline", "clock_skew", "security_rejected")

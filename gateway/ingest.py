@@ -35,7 +35,7 @@ from examwatch.gateway.config import Config
 from examwatch.gateway.correlate import Fault, Incident, correlate
 from examwatch.gateway.ledger import AgentState, Epoch, Order, Rows, Seqs, StatusKey, load_agents, newer
 from examwatch.kernel import wire
-from examwatch.kernel.model import DEVICE_KINDS, AlarmEvent, Reading
+from examwatch.kernel.model import DEVICE_KINDS, AlarmEvent, AlarmState, Level, Reading
 from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.gateway")
@@ -387,13 +387,13 @@ class Engine:
         current = self.gateway_alarms.get((a.agent, rule))
         if current is not None and current.level >= level:
             return
-        state = "updated" if current is not None else "raised"
+        state = AlarmState.UPDATED if current is not None else AlarmState.RAISED
         ev = AlarmEvent(
             id=current.id if current else f"{a.agent}/{rule}/gateway/{int(now * 1000)}",
             site=a.site,
             room=a.room,
             rule=rule,
-            level=level,
+            level=Level(level),
             state=state,
             device="agent",
             value=value,

@@ -144,7 +144,7 @@ def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[s
             r = rows[agent]
             a.status, a.last_seen, a.last_status_ts = r["status"], r["last_seen"], r["last_status_ts"] or 0.0
             a.phase = r["phase"]
-            a.status_key = tuple(json.loads(r["status_key"])) if r["status_key"] else None  # type: ignore[assignment]
+            a.status_key = tuple(json.loads(r["status_key"])) if r["status_key"] else None
             if r["skew"] is not None:
                 a.skews.append(r["skew"])
         a.kinds = kinds.get(agent, {})

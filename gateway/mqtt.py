@@ -130,5 +130,5 @@ class Subscriber:
 
     def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
         self.inbox.put(
-            (self.connection, m.mid if m.qos else 0, Message(m.topic, m.payload, bool(m.retain), time.time()))
+            (self.connection, m.mid if m.qos else 0, Message(m.topic, bytes(m.payload), bool(m.retain), time.time()))
         )

@@ -145,7 +145,8 @@ def alarms(
     room: str = "",
     limit: int = 500,
 ) -> list[dict[str, Any]]:
-    sql, args = "SELECT * FROM alarms WHERE 1=1", []
+    sql = "SELECT * FROM alarms WHERE 1=1"
+    args: list[Any] = []
     if state == "active":
         sql += " AND state != 'cleared'"
     elif state:
@@ -178,7 +179,8 @@ def alarm_timeline(conn: sqlite3.Connection, alarm_id: str) -> list[dict[str, An
 def incidents(
     conn: sqlite3.Connection, *, state: str = "", site: str = "", level: int | None = None, limit: int = 200
 ) -> list[dict[str, Any]]:
-    sql, args = "SELECT * FROM incidents WHERE 1=1", []
+    sql = "SELECT * FROM incidents WHERE 1=1"
+    args: list[Any] = []
     if state:
         sql, args = sql + " AND state = ?", [*args, state]
     if site:

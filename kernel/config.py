@@ -250,7 +250,8 @@ def _nesting(text: str) -> int:
 def _line_of(text: str, path: Path) -> int | None:
     """Best-effort line of a key path in the TOML text (tomllib keeps no positions)."""
     lines = text.splitlines()
-    start, table = 0, []
+    start = 0
+    table: list[str] = []
     keys = [p for p in path]
     # Walk down table headers: [a], [a.b], [[a]] (the n-th one for an index).
     while keys:

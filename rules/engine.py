@@ -19,7 +19,7 @@ from typing import NamedTuple, Protocol
 import msgspec
 
 from examwatch.kernel.catalog import METRICS
-from examwatch.kernel.model import DEVICE_KIND_NAMES, AlarmEvent, Level, Reading, base_device
+from examwatch.kernel.model import DEVICE_KIND_NAMES, AlarmEvent, AlarmState, Level, Reading, base_device
 from examwatch.rules.config import RuleOverride, Schedule
 from examwatch.rules.model import Rule
 from examwatch.rules.pack import effective_rules, override_issues
@@ -189,9 +189,9 @@ class RuleEngine:
                 silent_due = min(silent_due, ts + d.silent_soonest)  # its own deadline may be the next
             for rule in d.silent:  # any reading ends a silence
                 key = (rule.id, dev)
-                t = tracks.pop(key, None)
-                if t is not None and t.alarm is not None:
-                    events.append(self._event(t.alarm, "cleared", t.alarm.level, r.ts, phase, None))
+                silence = tracks.pop(key, None)
+                if silence is not None and silence.alarm is not None:
+                    events.append(self._event(silence.alarm, "cleared", silence.alarm.level, r.ts, phase, None))
             rules = d.by_metric.get(r.metric)
             if rules is None or r.quality == "bad" or not math.isfinite(r.value):
                 continue
@@ -300,8 +300,8 @@ class RuleEngine:
             site=self._site,
             room=self._room,
             rule=rule.id,
-            level=level,
-            state="raised",
+            level=Level(level),
+            state=AlarmState.RAISED,
             device=device,
             metric=rule.metric or None,
             value=value,

@@ -69,7 +69,7 @@ def override_issues(
     """Problems an override makes in its rule (e.g. ``clear`` on the wrong side of ``threshold``),
     as (key path, message) for the config checker. Unknown ids are the checker's own business."""
     by_id = {r.id: r for r in pack}
-    issues = []
+    issues: list[tuple[tuple[str, ...], str]] = []
     for rule_id, o in overrides.items():
         if rule_id in by_id:
             rule = apply_override(by_id[rule_id], o)

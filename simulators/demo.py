@@ -84,7 +84,7 @@ class DemoSite:
         for r in self.rooms:
             if r.kind == "exam_room":
                 r.field_devices = SimulatedRoom(self.dir / f"devices-{r.room}")
-                r.field_devices.start()  # type: ignore[attr-defined]
+                r.field_devices.start()
             self._start_agent(r)
         self.door.connect("127.0.0.1", self.broker.port)
         self.door.loop_start()

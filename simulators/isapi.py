@@ -85,7 +85,7 @@ class IsapiSimulator:
         ns = f' xmlns="{self.namespace}"' if self.namespace else ""
         v = ' version="2.0"' + ns
         with self._lock:
-            items = {"hdd": [], "nas": []}
+            items: dict[str, list[str]] = {"hdd": [], "nas": []}
             for d in self.disks:
                 cap = 0 if d.status == "notexist" else d.capacity_mib
                 free = 0 if d.status == "notexist" else d.free_mib

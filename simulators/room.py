@@ -38,7 +38,7 @@ class SimulatedRoom:
         self.megatec: MegatecSimulator | None = None
         self.noise: NoiseMeterBus | None = None
         self.isapi = IsapiSimulator(password=ISAPI_PASSWORD)
-        self.monitored_port: int | None = None
+        self.monitored_port: str | None = None
 
     def start(self) -> None:
         self.snmp.start()

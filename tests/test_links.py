@@ -16,8 +16,8 @@ from examwatch.collectors.base import Health
 from examwatch.collectors.links import (
     DEFAULT_GATEWAY,
     ROUTE_TABLE,
+    LinkOptions,
     LinksCollector,
-    Options,
     default_route,
     parse_routes,
     summarize,
@@ -132,7 +132,7 @@ def link(name: str, address: str, **opts: object) -> Device:
         interval=0.3,
         timeout=0.3,
         retries=0,
-        options=Options(**o),
+        options=LinkOptions(**o),
     )  # type: ignore[arg-type]
 
 

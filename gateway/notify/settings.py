@@ -130,10 +130,10 @@ def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list
     for lv, tier in notify.start_tier.items():
         if lv not in ("1", "2", "3") or tier not in TIERS:
             issues.append((("notify", "start_tier", lv), f"level 1-3 -> one of {', '.join(TIERS)}"))
-    for lv in (1, 2, 3):
-        marks = notify.deadlines.of(lv)
+    for level in (1, 2, 3):
+        marks = notify.deadlines.of(level)
         if any(not 0 < m <= 86400 or math.isnan(m) for m in marks) or marks != sorted(marks):
-            issues.append((("notify", "deadlines", f"level{lv}"), "rising seconds between 0 and 86400"))
+            issues.append((("notify", "deadlines", f"level{level}"), "rising seconds between 0 and 86400"))
     if not 1 <= notify.flap_count <= 100 or not 0 < notify.flap_window <= 86400:
         issues.append((("notify",), "flap_count 1-100, flap_window up to a day"))
     if not 0 <= notify.storm_window <= 600 or not 0 < notify.retry_base <= notify.retry_max <= 86400:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import msgspec
 
 from examwatch.gateway.notify.core import Ack, Event
-from examwatch.kernel.model import AlarmEvent
+from examwatch.kernel.model import AlarmEvent, AlarmState, Level
 
 _alarm = msgspec.json.Decoder(AlarmEvent)
 MAX_EVENT = 64 * 1024  # a stored event larger than this is not ours to parse (ingest bounds it already)
@@ -141,8 +141,8 @@ def channel_alarm(conn: sqlite3.Connection, county: str, channel: str, down: boo
         site=county,
         room="gateway",
         rule=rule,
-        level=1,
-        state="raised" if down else "cleared",
+        level=Level.MINOR,
+        state=AlarmState.RAISED if down else AlarmState.CLEARED,
         device=f"channel:{channel}",
         at=now,
         raised_at=row[1] if row else now,
