@@ -250,9 +250,8 @@ fields = [
         self.refused: dict[str, str] = {}  # device -> why it is not read
         for d in devices:
             topics = [d.topic] + ([f"{d.topic}/availability"] if (d.options or MqttOptions()).availability else [])
-            problem = topic_issue(d.topic) or (
-                "the topic of another device" if any(t in self.routes for t in topics) else ""
-            )
+            taken = any(t in self.routes for t in topics)
+            problem = topic_issue(d.topic) or ("the topic of another device" if taken else "")
             if problem:
                 self._refuse(d, "bad_topic", f"topic {d.topic[:200]!r}: {problem}")
                 continue
@@ -307,11 +306,10 @@ fields = [
             return
         device, fields = route
         try:
-            if fields is None:
-                readings = [Reading(device.name, "device_online", parse_availability(payload), now)]
-                rejected: list[str] = []
-            else:
+            if fields is not None:
                 readings, rejected = parse_payload(fields, device.name, payload, now)
+            else:
+                readings, rejected = [Reading(device.name, "device_online", parse_availability(payload), now)], []
         except PayloadError as err:
             self.health.drop("mqtt", err.reason, device=device.name, topic=topic)
             return
@@ -349,9 +347,8 @@ fields = [
             if reason.is_failure and topic in self.routes:  # e.g. the broker's ACL: noted per topic
                 device = self.routes[topic][0]
                 self.health.drop("mqtt", "subscribe_refused", device=device.name, topic=topic, refusal=str(reason))
-                self.health.failed(
-                    device.name, self.protocol, DeviceError("subscribe_refused", f"{topic}: {reason}"), 0.0
-                )
+                refused = DeviceError("subscribe_refused", f"{topic}: {reason}")
+                self.health.failed(device.name, self.protocol, refused, 0.0)
                 self.acc.add(Reading(device.name, "device_online", 0.0, time.time()))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -423,11 +420,8 @@ fields = [
         item = f"房间 MQTT 服务器 {self.broker.host}:{self.broker.port}"
         if self.reachable:
             return [Finding(OK, f"已连接，订阅 {len(self.devices)} 个传感器的主题", id="broker", item=item)]
-        return [
-            Finding(
-                FAIL, "连不上：检查 mosquitto 是否在运行，以及 [mqtt] 的地址、账号和 TLS 设置", id="broker", item=item
-            )
-        ]
+        advice = "连不上：检查 mosquitto 是否在运行，以及 [mqtt] 的地址、账号和 TLS 设置"
+        return [Finding(FAIL, advice, id="broker", item=item)]
 
     def judge(self, device: Any, readings: list[Reading]) -> Finding:
         """Heard within the window, silent, offline by its availability, or unparseable."""

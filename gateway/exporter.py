@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from examwatch.gateway import store
-from examwatch.gateway.ingest import Stats
+from examwatch.gateway.ledger import Stats
 from examwatch.kernel.catalog import METRICS
 from examwatch.kernel.config import parse_listen
 from examwatch.kernel.model import base_device

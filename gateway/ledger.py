@@ -3,7 +3,9 @@
 Pure bookkeeping, no I/O: sequence numbers are kept per (agent, epoch) as sorted disjoint runs; an
 agent's epochs are ranked in the order first seen, and its status messages are ordered by
 (rank, boot, conn, n) (see ``edge.wire.Status``). ``Rows`` collects what one message (or the gateway's own
-work) changes, so a batch can be written whole, or message by message when the whole fails.
+work) changes, so a batch can be written whole, or message by message when the whole fails. ``Stats``
+counts the messages by kind and the rejections by reason and room; ``load_agents`` and ``load_open`` read
+back at start-up what the store holds.
 """
 
 from __future__ import annotations
@@ -11,16 +13,50 @@ from __future__ import annotations
 import bisect
 import json
 import sqlite3
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from examwatch.gateway import store
+from examwatch.gateway.correlate import Fault, Incident
+from examwatch.kernel import wire
+from examwatch.kernel.model import AlarmEvent
 
 StatusKey = tuple[int, int, int, int]  # (epoch rank, boot, conn, n)
 Order = tuple[int, int]  # an alarm transition's place: (epoch rank, seq) for an agent's, (0, our ms) for ours
+OpenAlarms = dict[str, tuple[Fault, Order, str]]  # id -> (fault, order of its last transition, source)
 SKEW_SAMPLES = 5
+_alarm = msgspec.json.Decoder(AlarmEvent)
+_json = msgspec.json.Encoder()
+
+
+REASON_NAMES = {"forged": "伪造", "unauthorized": "越权", "unsigned": "未签名", "malformed": "格式错误"}
+SECURITY_REASONS = frozenset(REASON_NAMES)
+# rejections counted against the room they name; "outdated": an agent without outbox epochs (upgrade it),
+# "stale": a status not newer than the last applied, "internal": a message our own code failed on
+ROOM_REASONS = (*REASON_NAMES, "bad_body", "outdated", "stale", "internal")
+ROOMLESS_REASONS = ("unknown_agent", "bad_topic", "internal")  # rejections that name no room on the roster
+
+
+@dataclass
+class Stats:
+    messages: Counter[str] = field(default_factory=Counter)  # accepted, by kind
+    readings: int = 0
+    duplicates: int = 0
+    rejected: Counter[tuple[str, str]] = field(default_factory=Counter)  # (reason, agent or "") -> count
+    batches: int = 0
+
+    @classmethod
+    def for_roster(cls, agents: Iterable[str]) -> Stats:
+        """Every label set the counters can take, at 0: PromQL's increase() cannot see a series born at 1."""
+        s = cls()
+        s.messages.update(dict.fromkeys(wire.KINDS, 0))
+        s.rejected.update({(reason, agent): 0 for agent in agents for reason in ROOM_REASONS})
+        s.rejected.update({(reason, ""): 0 for reason in ROOMLESS_REASONS})
+        return s
 
 
 class Seqs:
@@ -155,6 +191,36 @@ def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[s
     return agents, set(rows)
 
 
+def load_open(
+    conn: sqlite3.Connection,
+) -> tuple[OpenAlarms, dict[tuple[str, str], AlarmEvent], dict[tuple[str, str], Incident]]:
+    """Alarms still open (the agents' and ours) with their last transition's order, for ordering; the raise of
+    each of our own by (agent, rule); the open incidents by (site, fault class)."""
+    open_alarms: OpenAlarms = {}
+    gateway_alarms: dict[tuple[str, str], AlarmEvent] = {}
+    for r in conn.execute("SELECT * FROM alarms WHERE state != 'cleared'"):
+        fault = Fault(r["site"], r["room"], r["rule"], r["raised_at"])
+        open_alarms[r["id"]] = (fault, (r["epoch_rank"], r["seq"]), r["source"])
+        if r["source"] == "gateway":
+            ev = conn.execute(
+                "SELECT event FROM alarm_events WHERE alarm_id = ? ORDER BY rowid LIMIT 1", [r["id"]]
+            ).fetchone()
+            gateway_alarms[(f"{r['site']}/{r['room']}", r["rule"])] = _alarm.decode(ev[0])
+    incidents: dict[tuple[str, str], Incident] = {}
+    for r in conn.execute("SELECT * FROM incidents WHERE state = 'open'"):
+        incidents[(r["site"], r["fault_class"])] = Incident(
+            id=r["id"],
+            site=r["site"],
+            fault_class=r["fault_class"],
+            title=r["title"],
+            level=r["level"],
+            opened_at=r["opened_at"],
+            members=msgspec.json.decode(r["members"]),
+            active=msgspec.json.decode(r["active"]),
+        )
+    return open_alarms, gateway_alarms, incidents
+
+
 def newer(key: StatusKey, than: StatusKey | None) -> bool:
     """Whether a status with ``key`` is news after the one applied last (``than``)."""
     return than is None or key > than
@@ -174,6 +240,21 @@ class Rows:
         self.epochs: dict[tuple[str, int], tuple[Any, ...]] = {}  # (agent, epoch) -> (agent, epoch, rank, floor)
         self.devices: dict[str, dict[str, str]] = {}  # agent -> its devices' kinds, replacing the stored ones
         self.dead_letters: list[tuple[Any, ...]] = []
+
+    def alarm(self, ev: AlarmEvent, site: str, room: str, source: str, order: Order) -> None:
+        """The alarm's row as this transition leaves it (written only if it is the latest by ``order``)."""
+        cleared_at = ev.at if ev.state == "cleared" else None
+        row = (ev.id, site, room, ev.rule, ev.level, ev.state, ev.device, ev.message, ev.raised_at, ev.at, cleared_at)
+        self.alarms.append((*row, source, *order))
+
+    def incident(self, inc: Incident) -> None:
+        members, active = _json.encode(inc.members).decode(), _json.encode(inc.active).decode()
+        row = (inc.id, inc.site, inc.fault_class, inc.title, inc.level, inc.state, inc.opened_at, inc.closed_at)
+        self.incidents[inc.id] = (*row, members, active)
+
+    def dead_letter(self, received: float, reason: str, agent: str, topic: str, detail: str, payload: bytes) -> None:
+        row = (received, reason, agent, topic[:300], detail[:500], len(payload), payload[: store.DEAD_LETTER_BYTES])
+        self.dead_letters.append(row)
 
     def latest(self) -> list[tuple[Any, ...]]:
         """The newest reading per (agent, device, metric) by the room's time.

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from examwatch.gateway import store
 from examwatch.gateway.exporter import GatewayCollector
-from examwatch.gateway.ingest import ROOM_REASONS, ROOMLESS_REASONS, Engine, Message
+from examwatch.gateway.ingest import Engine, Message
+from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS
 from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule, Window
