@@ -28,17 +28,26 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examwatch.simulators.broker import Mosquitto, free_port, wait_port  # noqa: E402
+from examwatch.simulators.broker import Mosquitto, free_port, wait_port
 
 SENSORS = 20
 
 
 def config(port: int, exporter: int, state: Path) -> str:
-    devices = ['name = "door"\nkind = "door"\nprotocol = "mqtt"\ntopic = "z2m/door"\nprofile = "zigbee2mqtt_contact"\ninterval = 60']
-    devices += [f'name = "noise{i}"\nkind = "noise"\nprotocol = "mqtt"\ntopic = "z2m/noise{i}"\nprofile = "zigbee2mqtt_noise"\ninterval = 60'
-                for i in range(9)]
-    devices += [f'name = "rec{i}"\nkind = "recorder"\nprotocol = "mqtt"\ntopic = "rec/{i}"\nprofile = "recorder_json"\ninterval = 60\navailability = false'
-                for i in range(SENSORS - 10)]
+    devices = [
+        'name = "door"\nkind = "door"\nprotocol = "mqtt"\ntopic = "z2m/door"\nprofile = "zigbee2mqtt_contact"\n'
+        "interval = 60"
+    ]
+    devices += [
+        f'name = "noise{i}"\nkind = "noise"\nprotocol = "mqtt"\ntopic = "z2m/noise{i}"\nprofile = "zigbee2mqtt_noise"\n'
+        "interval = 60"
+        for i in range(9)
+    ]
+    devices += [
+        f'name = "rec{i}"\nkind = "recorder"\nprotocol = "mqtt"\ntopic = "rec/{i}"\nprofile = "recorder_json"\n'
+        "interval = 60\navailability = false"
+        for i in range(SENSORS - 10)
+    ]
     return (
         f'[agent]\nsite = "bench"\nroom = "secrecy"\nkind = "secrecy_room"\nstate_dir = "{state}"\n'
         f'[mqtt]\nport = {port}\n[exporter]\nlisten = "127.0.0.1:{exporter}"\n'
@@ -49,7 +58,7 @@ def config(port: int, exporter: int, state: Path) -> str:
 
 def percentile(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def main() -> None:
@@ -66,16 +75,18 @@ def main() -> None:
         exporter = free_port()
         cfg = Path(tmp) / "agent.toml"
         cfg.write_text(config(broker.port, exporter, Path(tmp) / "state"), encoding="utf-8")
-        agent = subprocess.Popen([sys.executable, "-m", "examwatch", "--log-level", "warning", "agent", "run",
-                                  "--config", str(cfg)], stdout=subprocess.DEVNULL,
-                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "examwatch", "--log-level", "warning", "agent", "run", "--config", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
         wait_port(exporter, 20)
         time.sleep(1.0)
 
         arrived = threading.Event()
         got: list[str] = []
 
-        def on_message(client, userdata, msg):  # noqa: ANN001
+        def on_message(client, userdata, msg):
             env = wire.decode(msg.payload)
             got.append(json.loads(bytes(env.body))["state"])
             arrived.set()
@@ -111,8 +122,10 @@ def main() -> None:
                 for i in range(9):
                     pub.publish(f"z2m/noise{i}", json.dumps({"noise": 40 + n % 5, "battery": 80}))
                 for i in range(SENSORS - 10):
-                    pub.publish(f"rec/{i}", json.dumps({"battery": 90, "recording": True,
-                                                        "storage": {"free_mb": 5000, "total_mb": 16000}}))
+                    pub.publish(
+                        f"rec/{i}",
+                        json.dumps({"battery": 90, "recording": True, "storage": {"free_mb": 5000, "total_mb": 16000}}),
+                    )
                 pub.publish("z2m/door", json.dumps({"contact": True, "battery": 95}))
                 n += 1
                 stop.wait(10)

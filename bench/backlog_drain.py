@@ -22,6 +22,8 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
+
 from examwatch.edge.config import UplinkSettings
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
@@ -29,7 +31,7 @@ from examwatch.gateway import store as gwstore
 from examwatch.gateway.config import Api, Broker, Config, GatewaySettings, Listen, Security
 from examwatch.gateway.main import Gateway
 from examwatch.kernel.model import Reading
-from examwatch.simulators.broker import free_port, wait_port  # noqa: E402
+from examwatch.simulators.broker import free_port, wait_port
 
 AGENT = "site001/room01"
 KEY = "ab" * 32
@@ -45,11 +47,19 @@ def scenario(workdir: Path, rows: int, per_row: int) -> tuple[float, int]:
     port = free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nlog_dest none\n")
-    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = subprocess.Popen(
+        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_port(port)
-    cfg = Config(gateway=GatewaySettings(state_dir=str(workdir / "gw")), broker=Broker(port=port),
-                 exporter=Listen(listen="127.0.0.1:0"), api=Api(listen="127.0.0.1:0"), security=Security(keys={AGENT: KEY}))
+    cfg = Config(
+        gateway=GatewaySettings(state_dir=str(workdir / "gw")),
+        broker=Broker(port=port),
+        exporter=Listen(listen="127.0.0.1:0"),
+        api=Api(listen="127.0.0.1:0"),
+        security=Security(keys={AGENT: KEY}),
+    )
     gw = Gateway(cfg)
     gw_thread = threading.Thread(target=gw.run, daemon=True)
     gw_thread.start()
@@ -60,10 +70,21 @@ def scenario(workdir: Path, rows: int, per_row: int) -> tuple[float, int]:
     t0 = time.time() - 3600
     for i in range(rows):  # the hour offline, in the writer's own transactions (chunked to be quick)
         ts = t0 + i * 3600 / rows
-        agent_store.write([], outbox=[("readings", msgspec.json.encode(
-            [Reading(f"dev{j % 30}", "battery_percent", float(j), ts) for j in range(per_row)]))])
+        agent_store.write(
+            [],
+            outbox=[
+                (
+                    "readings",
+                    msgspec.json.encode(
+                        [Reading(f"dev{j % 30}", "battery_percent", float(j), ts) for j in range(per_row)]
+                    ),
+                )
+            ],
+        )
     acks: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
-    up = Uplink(UplinkSettings(enabled=True, port=port, signing_key=KEY), agent_id=AGENT, db_path=str(db), on_acked=acks.put)
+    up = Uplink(
+        UplinkSettings(enabled=True, port=port, signing_key=KEY), agent_id=AGENT, db_path=str(db), on_acked=acks.put
+    )
     total = rows * per_row
     reader = OutboxReader(db)
     gwdb = None
@@ -71,13 +92,15 @@ def scenario(workdir: Path, rows: int, per_row: int) -> tuple[float, int]:
     up.start()
     try:
         while True:
-            try:
+            with contextlib.suppress(queue.Empty):
                 agent_store.ack(acks.get(timeout=0.05))
-            except queue.Empty:
-                pass
             if gwdb is None and (workdir / "gw" / "gateway.db").exists():
                 gwdb = gwstore.connect(workdir / "gw" / "gateway.db", readonly=True)
-            if reader.count() == 0 and gwdb is not None and gwdb.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == total:
+            if (
+                reader.count() == 0
+                and gwdb is not None
+                and gwdb.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == total
+            ):
                 break
             if not gw_thread.is_alive():
                 raise RuntimeError("the gateway stopped; see its log above")

@@ -17,6 +17,7 @@ Exit status 1 when anything escaped. A target whose function does not exist (yet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import random
@@ -145,10 +146,8 @@ def _call_modbus(decode: Callable, data: bytes) -> None:
         return
     registers = list(getattr(pdu, "registers", []))
     for p in (Profile(), Profile(datatype="float32", function=4), Profile(datatype="int32", word_order="little")):
-        try:
+        with contextlib.suppress(DeviceError):  # the next profile may take this many registers
             _finite([decode(registers, p)], "noise_db")
-        except DeviceError:
-            pass  # the next profile may take this many registers
 
 
 def _call_nut(parse_list_var: Callable, text: str) -> None:
@@ -192,16 +191,47 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     "wire": Target("examwatch.kernel.wire:decode", envelope, _call_wire, ("examwatch.kernel.wire:WireError",)),
-    "mqtt_payload": Target("examwatch.collectors.mqtt:parse_payload", mqtt_payload, _call_mqtt, ("examwatch.collectors.mqtt:PayloadError",)),
-    "megatec_q1": Target("examwatch.collectors.megatec:parse_q1", megatec_q1, _call_q1, ("examwatch.collectors.base:DeviceError",)),
-    "megatec_f": Target("examwatch.collectors.megatec:parse_f", megatec_f, _call_f, ("examwatch.collectors.base:DeviceError",)),
-    "megatec_i": Target("examwatch.collectors.megatec:parse_i", megatec_i, _call_i, ("examwatch.collectors.base:DeviceError",)),
-    "modbus_noise": Target("examwatch.collectors.modbus_noise:decode", modbus_reply, _call_modbus, ("examwatch.collectors.base:DeviceError",)),
-    "nut": Target("examwatch.collectors.nut:parse_list_var", nut_lines, _call_nut, ("examwatch.collectors.nut:NutError",), True),
-    "isapi": Target("examwatch.collectors.isapi:parse_storage", isapi_xml, _call_isapi, ("examwatch.collectors.base:DeviceError",)),
-    "edge_config": Target("examwatch.edge.config:loads", lambda: toml_config("edge"), _call_loads, ("examwatch.kernel.config:ConfigError",), True),
-    "gateway_config": Target("examwatch.gateway.config:loads", lambda: toml_config("gateway"), _call_loads, ("examwatch.kernel.config:ConfigError",), True),
-    "api_query": Target("examwatch.gateway.api:parse_query", api_query, _call_api, ("examwatch.gateway.api:BadRequest",), True),
+    "mqtt_payload": Target(
+        "examwatch.collectors.mqtt:parse_payload", mqtt_payload, _call_mqtt, ("examwatch.collectors.mqtt:PayloadError",)
+    ),
+    "megatec_q1": Target(
+        "examwatch.collectors.megatec:parse_q1", megatec_q1, _call_q1, ("examwatch.collectors.base:DeviceError",)
+    ),
+    "megatec_f": Target(
+        "examwatch.collectors.megatec:parse_f", megatec_f, _call_f, ("examwatch.collectors.base:DeviceError",)
+    ),
+    "megatec_i": Target(
+        "examwatch.collectors.megatec:parse_i", megatec_i, _call_i, ("examwatch.collectors.base:DeviceError",)
+    ),
+    "modbus_noise": Target(
+        "examwatch.collectors.modbus_noise:decode",
+        modbus_reply,
+        _call_modbus,
+        ("examwatch.collectors.base:DeviceError",),
+    ),
+    "nut": Target(
+        "examwatch.collectors.nut:parse_list_var", nut_lines, _call_nut, ("examwatch.collectors.nut:NutError",), True
+    ),
+    "isapi": Target(
+        "examwatch.collectors.isapi:parse_storage", isapi_xml, _call_isapi, ("examwatch.collectors.base:DeviceError",)
+    ),
+    "edge_config": Target(
+        "examwatch.edge.config:loads",
+        lambda: toml_config("edge"),
+        _call_loads,
+        ("examwatch.kernel.config:ConfigError",),
+        True,
+    ),
+    "gateway_config": Target(
+        "examwatch.gateway.config:loads",
+        lambda: toml_config("gateway"),
+        _call_loads,
+        ("examwatch.kernel.config:ConfigError",),
+        True,
+    ),
+    "api_query": Target(
+        "examwatch.gateway.api:parse_query", api_query, _call_api, ("examwatch.gateway.api:BadRequest",), True
+    ),
 }
 
 
@@ -240,13 +270,15 @@ def attempt(target: Target, fn: Callable, allowed: tuple[type[BaseException], ..
         target.call(fn, data)
     except allowed:
         return None
-    except Exception as err:  # noqa: BLE001 - finding these is the point; RecursionError and MemoryError included
+    except Exception as err:  # finding these is the point; RecursionError and MemoryError included
         kind = type(err).__name__
         return Failure(kind, _where(err), str(err)[:200], data)
     return None
 
 
-def shrink(target: Target, fn: Callable, allowed: tuple, failure: Failure, budget: int = 2000, seconds: float = 3.0) -> Any:
+def shrink(
+    target: Target, fn: Callable, allowed: tuple, failure: Failure, budget: int = 2000, seconds: float = 3.0
+) -> Any:
     """Delta debugging: drop ever smaller chunks while the input still fails the same way (within a budget)."""
     best = failure.example
     deadline = time.monotonic() + seconds
@@ -305,7 +337,11 @@ def run(name: str, n: int, seed_value: int = 0) -> Result:
 
     start, cpu_start = time.perf_counter(), time.process_time()
     test = settings(
-        max_examples=drawn, database=None, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck)
+        max_examples=drawn,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
     )(given(strategy)(remember))
     seed(seed_value)(test)()
     rng = random.Random(seed_value)
@@ -362,8 +398,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<16}{'-':>9}{'-':>9}{'-':>8}{'-':>10}{'-':>10}  missing ({r.missing})", flush=True)
             continue
         rate, cpu_rate = r.inputs / max(r.seconds, 1e-9), r.inputs / max(r.cpu_seconds, 1e-9)
-        print(f"{name:<16}{r.inputs:>9}{r.seconds:>9.1f}{r.cpu_seconds:>8.1f}{rate:>10.0f}{cpu_rate:>10.0f}  {len(r.failures)}",
-              flush=True)
+        print(
+            f"{name:<16}{r.inputs:>9}{r.seconds:>9.1f}{r.cpu_seconds:>8.1f}{rate:>10.0f}{cpu_rate:>10.0f}  "
+            f"{len(r.failures)}",
+            flush=True,
+        )
         for path, f in zip(write_reproducers(r, args.out), r.failures.values(), strict=True):
             escaped = True
             print(f"    {f.kind} at {f.where} ({f.count}x): {f.message[:100]}\n      reproducer: {path}")

@@ -26,8 +26,16 @@ from examwatch.gateway.ingest import Engine, Message
 from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
 
-METRICS = ["battery_percent", "storage_used_ratio", "recording_active", "ups_charge_percent", "link_rtt_seconds",
-           "noise_db", "door_open", "device_online"]
+METRICS = [
+    "battery_percent",
+    "storage_used_ratio",
+    "recording_active",
+    "ups_charge_percent",
+    "link_rtt_seconds",
+    "noise_db",
+    "door_open",
+    "device_online",
+]
 
 
 def messages(agents: list[str], keys: dict[str, bytes], per_agent: int, per_message: int, t0: float) -> list[Message]:
@@ -36,11 +44,17 @@ def messages(agents: list[str], keys: dict[str, bytes], per_agent: int, per_mess
     for seq in range(1, per_agent + 1):
         for a in agents:
             ts = t0 + seq
-            body = msgspec.json.encode([
-                Reading(f"dev{i % 10}", METRICS[i % len(METRICS)], rng.random() * 100, ts + i * 0.001)
-                for i in range(per_message)
-            ])
-            out.append(Message(wire.topic(a, "readings"), wire.encode(keys[a], a, seq, ts, "readings", body, epoch=1), False, ts))
+            body = msgspec.json.encode(
+                [
+                    Reading(f"dev{i % 10}", METRICS[i % len(METRICS)], rng.random() * 100, ts + i * 0.001)
+                    for i in range(per_message)
+                ]
+            )
+            out.append(
+                Message(
+                    wire.topic(a, "readings"), wire.encode(keys[a], a, seq, ts, "readings", body, epoch=1), False, ts
+                )
+            )
     return out
 
 
@@ -72,8 +86,10 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for n in a.readings:
         r = run(a.agents, a.messages, n, a.batch)
-        print(f"| {n} | {r['messages']:,} | {r['readings']:,} | {r['wall']:.2f} | {r['readings'] / r['wall']:,.0f} "
-              f"| {r['readings'] / r['cpu']:,.0f} |")
+        print(
+            f"| {n} | {r['messages']:,} | {r['readings']:,} | {r['wall']:.2f} | {r['readings'] / r['wall']:,.0f} "
+            f"| {r['readings'] / r['cpu']:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

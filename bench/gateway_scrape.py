@@ -31,13 +31,15 @@ from examwatch.gateway.ingest import Engine, Message
 from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
 
-DEVICES = [("recorder", ["battery_percent", "recording_active", "storage_used_ratio", "device_online"]),
-           ("camera", ["recording_active", "storage_used_ratio", "device_online"]),
-           ("ups", ["power_on_battery", "ups_charge_percent", "ups_runtime_seconds", "input_voltage_volts"]),
-           ("link", ["link_up", "link_rtt_seconds", "link_loss_ratio"]),
-           ("door", ["door_open", "battery_percent"]),
-           ("noise", ["noise_db", "battery_percent"]),
-           ("host", ["cpu_temperature_celsius", "memory_used_ratio", "storage_used_ratio", "outbox_used_ratio"])]
+DEVICES = [
+    ("recorder", ["battery_percent", "recording_active", "storage_used_ratio", "device_online"]),
+    ("camera", ["recording_active", "storage_used_ratio", "device_online"]),
+    ("ups", ["power_on_battery", "ups_charge_percent", "ups_runtime_seconds", "input_voltage_volts"]),
+    ("link", ["link_up", "link_rtt_seconds", "link_loss_ratio"]),
+    ("door", ["door_open", "battery_percent"]),
+    ("noise", ["noise_db", "battery_percent"]),
+    ("host", ["cpu_temperature_celsius", "memory_used_ratio", "storage_used_ratio", "outbox_used_ratio"]),
+]
 
 
 def fill(engine: Engine, rooms: list[str], keys: dict[str, bytes], n_devices: int, t0: float) -> int:
@@ -46,11 +48,19 @@ def fill(engine: Engine, rooms: list[str], keys: dict[str, bytes], n_devices: in
     msgs, readings = [], 0
     for a in rooms:
         status = msgspec.json.encode(wire.Status(state="online", phase="during", kinds={d: k for d, k, _ in devices}))
-        msgs.append(Message(wire.topic(a, "status"), wire.encode(keys[a], a, 0, t0, "status", status, epoch=1), False, t0))
+        msgs.append(
+            Message(wire.topic(a, "status"), wire.encode(keys[a], a, 0, t0, "status", status, epoch=1), False, t0)
+        )
         body = [Reading(d, m, rng.random(), t0 - rng.random() * 60) for d, _, metrics in devices for m in metrics]
         readings += len(body)
-        msgs.append(Message(wire.topic(a, "readings"), wire.encode(keys[a], a, 1, t0, "readings", msgspec.json.encode(body), epoch=1),
-                            False, t0))
+        msgs.append(
+            Message(
+                wire.topic(a, "readings"),
+                wire.encode(keys[a], a, 1, t0, "readings", msgspec.json.encode(body), epoch=1),
+                False,
+                t0,
+            )
+        )
     for i in range(0, len(msgs), 5000):
         engine.ingest(msgs[i : i + 5000], t0)
     return readings
@@ -70,8 +80,13 @@ def run(n_rooms: int, n_devices: int, runs: int) -> dict[str, float]:
             text = generate_latest(registry)
             times.append(time.perf_counter() - start)
     series = sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
-    return {"readings": readings, "series": series, "bytes": len(text), "median": statistics.median(times),
-            "max": max(times)}
+    return {
+        "readings": readings,
+        "series": series,
+        "bytes": len(text),
+        "median": statistics.median(times),
+        "max": max(times),
+    }
 
 
 def main() -> None:
@@ -85,8 +100,10 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for n in args.rooms:
         r = run(n, args.devices, args.runs)
-        print(f"| {n:,} | {r['readings']:,} | {r['series']:,} | {r['bytes'] / 1e6:.1f} MB | {r['median'] * 1000:.0f} ms "
-              f"| {r['max'] * 1000:.0f} ms |")
+        print(
+            f"| {n:,} | {r['readings']:,} | {r['series']:,} | {r['bytes'] / 1e6:.1f} MB | {r['median'] * 1000:.0f} ms "
+            f"| {r['max'] * 1000:.0f} ms |"
+        )
 
 
 if __name__ == "__main__":

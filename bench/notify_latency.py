@@ -73,12 +73,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 def percentile(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "examwatch", "--log-level", "warning", *args], cwd=ROOT,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.Popen(
+        [sys.executable, "-m", "examwatch", "--log-level", "warning", *args],
+        cwd=ROOT,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def alertmanager(tmp: Path, hook: Receiver) -> tuple[subprocess.Popen[bytes], str] | None:
@@ -87,12 +92,23 @@ def alertmanager(tmp: Path, hook: Receiver) -> tuple[subprocess.Popen[bytes], st
         return None
     port = free_port()
     cfg = tmp / "am.yml"
-    cfg.write_text("route:\n  receiver: hook\n  group_by: ['examwatch_id']\n  group_wait: 0s\n  group_interval: 1s\n"
-                   f"  repeat_interval: 1h\nreceivers:\n- name: hook\n  webhook_configs:\n  - url: {hook.url}\n"
-                   "    send_resolved: true\n")
-    proc = subprocess.Popen([binary, f"--config.file={cfg}", f"--storage.path={tmp / 'am'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "am.log", "wb"))
+    cfg.write_text(
+        "route:\n  receiver: hook\n  group_by: ['examwatch_id']\n  group_wait: 0s\n  group_interval: 1s\n"
+        f"  repeat_interval: 1h\nreceivers:\n- name: hook\n  webhook_configs:\n  - url: {hook.url}\n"
+        "    send_resolved: true\n"
+    )
+    with open(tmp / "am.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={cfg}",
+                f"--storage.path={tmp / 'am'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     wait_port(port, 20)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -113,7 +129,8 @@ def main() -> None:
             f'[gateway]\nstate_dir = "{tmp / "gw"}"\n[broker]\nport = {broker.port}\n'
             f'[exporter]\nlisten = "127.0.0.1:{metrics}"\n[api]\nlisten = "127.0.0.1:{api}"\n'
             f'[[channels]]\nname = "hook"\ntype = "webhook"\nurl = "{hook.url}"\nsecret = "bench"\n{am_channel}'
-            f'[notify]\nstorm_window = 0.0\nflap_window = 0.001\n[security.keys]\n"bench/secrecy" = "{KEY}"\n')
+            f'[notify]\nstorm_window = 0.0\nflap_window = 0.001\n[security.keys]\n"bench/secrecy" = "{KEY}"\n'
+        )
         gateway = spawn(["gateway", "run", "--config", str(tmp / "gw.toml")], tmp / "gw.log")
         wait_port(api, 20)
         time.sleep(1.0)  # its subscription in place
@@ -122,7 +139,8 @@ def main() -> None:
             f'[mqtt]\nport = {broker.port}\n[exporter]\nlisten = "127.0.0.1:{agent_exporter}"\n'
             f'[uplink]\nenabled = true\nport = {broker.port}\nsigning_key = "{KEY}"\n'
             '[[devices]]\nname = "door"\nkind = "door"\nprotocol = "mqtt"\ntopic = "z2m/door"\n'
-            'profile = "zigbee2mqtt_contact"\ninterval = 60\n')
+            'profile = "zigbee2mqtt_contact"\ninterval = 60\n'
+        )
         agent = spawn(["agent", "run", "--config", str(tmp / "agent.toml")], tmp / "agent.log")
         wait_port(agent_exporter, 20)
         pub = mqtt.Client(CallbackAPIVersion.VERSION2)
@@ -147,7 +165,7 @@ def main() -> None:
             time.sleep(3)  # Alertmanager's stragglers
             raises = sent_at[0::2]
             firing = [t for t, b in am_hook.got if b["status"] == "firing"]
-            am_lat = [t - t0 for t, t0 in zip(firing, raises)] if am else []
+            am_lat = [t - t0 for t, t0 in zip(firing, raises, strict=False)] if am else []
         finally:
             agent.terminate()
             gateway.terminate()

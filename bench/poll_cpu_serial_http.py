@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examwatch.collectors import isapi, links, megatec, modbus_noise  # noqa: E402
-from examwatch.collectors.base import Health  # noqa: E402
-from examwatch.edge.config import Device  # noqa: E402
-from examwatch.simulators.broker import free_port, wait_port  # noqa: E402
-from examwatch.simulators.serial_pty import PtyPair  # noqa: E402
+from examwatch.collectors import isapi, links, megatec, modbus_noise
+from examwatch.collectors.base import Health
+from examwatch.edge.config import Device
+from examwatch.simulators.broker import free_port, wait_port
+from examwatch.simulators.serial_pty import PtyPair
 
 CYCLES = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 
@@ -48,8 +48,12 @@ def tcp_service() -> int:
 
 
 def sim(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parent.parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
 
 
 async def measure(collector, cycles: int) -> tuple[float, float, int]:  # type: ignore[no-untyped-def]
@@ -66,8 +70,17 @@ async def measure(collector, cycles: int) -> tuple[float, float, int]:  # type: 
 
 
 def device(name: str, kind: str, protocol: str, address: str, options: object, **kw: object) -> Device:
-    return Device(name=name, kind=kind, protocol=protocol, address=address, interval=1, timeout=1, retries=0,  # type: ignore[arg-type]
-                  options=options, **kw)
+    return Device(
+        name=name,
+        kind=kind,
+        protocol=protocol,
+        address=address,
+        interval=1,
+        timeout=1,
+        retries=0,  # type: ignore[arg-type]
+        options=options,
+        **kw,
+    )
 
 
 def parse_bench() -> list[tuple[str, float]]:
@@ -96,8 +109,10 @@ async def main() -> None:
     ups_pair.start()
     noise_pair.start()
     ports = [free_port(), free_port()]
-    procs = [sim("examwatch.simulators.megatec", str(ups_pair.device)),
-             sim("examwatch.simulators.modbus_noise", str(noise_pair.device), "generic-u16x10")]
+    procs = [
+        sim("examwatch.simulators.megatec", str(ups_pair.device)),
+        sim("examwatch.simulators.modbus_noise", str(noise_pair.device), "generic-u16x10"),
+    ]
     procs += [sim("examwatch.simulators.isapi", str(p)) for p in ports]
     try:
         for p in ports:
@@ -105,17 +120,42 @@ async def main() -> None:
         time.sleep(0.3)  # serial simulators open their ports
         rows = []
         cases = [
-            ("serial UPS (Megatec Q1, 1 request)", megatec.MegatecCollector,
-             [device("ups", "ups", "megatec", str(ups_pair.agent), megatec.Options(), profile="pack-voltage")]),
-            ("noise meter (Modbus RTU, 1 read)", modbus_noise.ModbusNoiseCollector,
-             [device("noise", "noise", "modbus_noise", str(noise_pair.agent), modbus_noise.Options())]),
-            ("2 cameras (ISAPI storage, digest)", isapi.IsapiCollector,
-             [device(f"cam{i}", "camera", "isapi", f"127.0.0.1:{p}", isapi.Options(password="sim-pass"))
-              for i, p in enumerate(ports, 1)]),
-            ("link (5 TCP probes)", links.LinksCollector,
-             [device("wan", "link", "links", "127.0.0.1", links.Options(method="tcp", port=tcp_service(), probe_interval=0.0))]),
-            ("link (5 ICMP echoes, loopback)", links.LinksCollector,
-             [device("wan", "link", "links", "127.0.0.1", links.Options(method="icmp", probe_interval=0.0))]),
+            (
+                "serial UPS (Megatec Q1, 1 request)",
+                megatec.MegatecCollector,
+                [device("ups", "ups", "megatec", str(ups_pair.agent), megatec.Options(), profile="pack-voltage")],
+            ),
+            (
+                "noise meter (Modbus RTU, 1 read)",
+                modbus_noise.ModbusNoiseCollector,
+                [device("noise", "noise", "modbus_noise", str(noise_pair.agent), modbus_noise.Options())],
+            ),
+            (
+                "2 cameras (ISAPI storage, digest)",
+                isapi.IsapiCollector,
+                [
+                    device(f"cam{i}", "camera", "isapi", f"127.0.0.1:{p}", isapi.Options(password="sim-pass"))
+                    for i, p in enumerate(ports, 1)
+                ],
+            ),
+            (
+                "link (5 TCP probes)",
+                links.LinksCollector,
+                [
+                    device(
+                        "wan",
+                        "link",
+                        "links",
+                        "127.0.0.1",
+                        links.LinkOptions(method="tcp", port=tcp_service(), probe_interval=0.0),
+                    )
+                ],
+            ),
+            (
+                "link (5 ICMP echoes, loopback)",
+                links.LinksCollector,
+                [device("wan", "link", "links", "127.0.0.1", links.LinkOptions(method="icmp", probe_interval=0.0))],
+            ),
         ]
         for label, cls, devices in cases:
             c = cls(devices, NullAcc(), Health())

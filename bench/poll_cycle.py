@@ -1,7 +1,7 @@
 """CPU time per poll cycle of one exam room: an SNMP UPS, a switch, two cameras, a serial UPS, a noise meter.
 
-Side by side in one run: our collectors (SNMP through pysnmp, Megatec and Modbus through pyserial/pymodbus), and net-snmp's
-``snmpget``/``snmpbulkwalk`` doing the same SNMP requests (one snmpget for a device's scalars, one
+Side by side in one run: our collectors (SNMP through pysnmp, Megatec and Modbus through pyserial/pymodbus), and
+net-snmp's ``snmpget``/``snmpbulkwalk`` doing the same SNMP requests (one snmpget for a device's scalars, one
 snmpbulkwalk per table column, as net-snmp walks one subtree per call). Our CPU is this process's
 (``time.process_time``: parsing and Readings included); net-snmp's is its child processes' user+sys
 (``resource.getrusage(RUSAGE_CHILDREN)``). The simulators run as child processes that are only reaped
@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examwatch.collectors.base import Health  # noqa: E402
-from examwatch.collectors.snmp import SnmpCollector, SnmpOptions, profile_named  # noqa: E402
-from examwatch.edge.config import Device  # noqa: E402
-from examwatch.simulators.snmp import MODELS, SnmpSimulator  # noqa: E402
+from examwatch.collectors.base import Health
+from examwatch.collectors.snmp import SnmpCollector, SnmpOptions, profile_named
+from examwatch.edge.config import Device
+from examwatch.simulators.snmp import MODELS, SnmpSimulator
 
 ROOM = {"ups": "ups", "switch": "switch", "cam1": "camera", "cam2": "camera"}  # community -> model
 
@@ -108,14 +108,24 @@ def main() -> None:
             serial: list[Device] = []
             root = Path(__file__).resolve().parent.parent
             # (protocol, simulator module, profile, extra options): a serial UPS and an RS485 noise meter on pty pairs
-            for protocol, simulator, profile in (("megatec", "examwatch.simulators.megatec", "pack-voltage"),
-                                                 ("modbus_noise", "examwatch.simulators.modbus_noise", "generic-u16x10")):
+            for protocol, simulator, profile in (
+                ("megatec", "examwatch.simulators.megatec", "pack-voltage"),
+                ("modbus_noise", "examwatch.simulators.modbus_noise", "generic-u16x10"),
+            ):
                 dev_end, agent_end = Path(tmp) / f"{protocol}-device", Path(tmp) / f"{protocol}-agent"
-                procs.append(subprocess.Popen(["socat", f"pty,raw,echo=0,link={dev_end}", f"pty,raw,echo=0,link={agent_end}"]))
+                procs.append(
+                    subprocess.Popen(["socat", f"pty,raw,echo=0,link={dev_end}", f"pty,raw,echo=0,link={agent_end}"])
+                )
                 while not (dev_end.exists() and agent_end.exists()):
                     time.sleep(0.02)
-                procs.append(subprocess.Popen([sys.executable, "-m", simulator, str(dev_end)], stdin=subprocess.PIPE,
-                                              stdout=subprocess.DEVNULL, cwd=root))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", simulator, str(dev_end)],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                        cwd=root,
+                    )
+                )
                 serial.append(Device(name=protocol, kind="ups" if protocol == "megatec" else "noise", protocol=protocol,
                                      address=str(agent_end), profile=profile, interval=10, timeout=1, retries=1,
                                      options=registry.get(protocol).Options()))  # fmt: skip
@@ -141,13 +151,22 @@ def main() -> None:
                 p.wait()
 
     ms = 1000
-    print(f"## CPU per poll cycle ({cycles} cycles; SNMP: UPS-MIB UPS, 25-port switch, 2 cameras with HOST-RESOURCES storage)\n")
+    print(
+        f"## CPU per poll cycle ({cycles} cycles; SNMP: UPS-MIB UPS, 25-port switch, 2 cameras with HOST-RESOURCES "
+        "storage)\n"
+    )
     print("| what | CPU ms / cycle | wall ms / cycle | readings / cycle | processes / cycle |")
     print("|---|---:|---:|---:|---:|")
     print(f"| examwatch SNMP collector (4 devices, pysnmp asyncio) | {snmp_cpu * ms:.1f} | | {snmp_readings} | 0 |")
-    print(f"| examwatch whole room (4 SNMP + serial UPS + noise meter) | {room_cpu * ms:.1f} | {room_wall * ms:.1f} | {room_readings} | 0 |")
+    print(
+        f"| examwatch whole room (4 SNMP + serial UPS + noise meter) | {room_cpu * ms:.1f} | {room_wall * ms:.1f} | "
+        f"{room_readings} | 0 |"
+    )
     print(f"| of which serial UPS and noise meter (difference) | {(room_cpu - snmp_cpu) * ms:.1f} | | | 0 |")
-    print(f"| net-snmp snmpget + snmpbulkwalk, same SNMP requests | {net_cpu * ms:.1f} | {net_wall * ms:.1f} | (text only) | {len(cmds)} |")
+    print(
+        f"| net-snmp snmpget + snmpbulkwalk, same SNMP requests | {net_cpu * ms:.1f} | {net_wall * ms:.1f} | "
+        f"(text only) | {len(cmds)} |"
+    )
     print(f"\nnet-snmp / examwatch SNMP CPU ratio: {net_cpu / snmp_cpu:.1f}x")
 
 

@@ -21,12 +21,31 @@ from examwatch.rules.config import Schedule, Window
 from examwatch.rules.engine import build_engine
 
 KINDS = {f"rec{i}": "recorder" for i in range(4)} | {f"cam{i}": "camera" for i in range(4)}
-KINDS |= {"nvr1": "nvr", "ups1": "ups", "sw1": "switch", "wan": "link", "wan2": "link", "mic": "noise", "door1": "door", "host": "host"}
+KINDS |= {
+    "nvr1": "nvr",
+    "ups1": "ups",
+    "sw1": "switch",
+    "wan": "link",
+    "wan2": "link",
+    "mic": "noise",
+    "door1": "door",
+    "host": "host",
+}
 METRICS = {
-    "recorder": [("battery_percent", 50, 90), ("storage_used_ratio", 0.1, 0.8), ("recording_active", 1, 1), ("device_online", 1, 1)],
+    "recorder": [
+        ("battery_percent", 50, 90),
+        ("storage_used_ratio", 0.1, 0.8),
+        ("recording_active", 1, 1),
+        ("device_online", 1, 1),
+    ],
     "camera": [("battery_percent", 50, 90), ("storage_used_ratio", 0.1, 0.8), ("recording_active", 1, 1)],
     "nvr": [("storage_ok", 1, 1), ("storage_used_ratio", 0.1, 0.8)],
-    "ups": [("power_on_battery", 0, 0), ("ups_runtime_seconds", 1200, 3000), ("ups_charge_percent", 90, 100), ("input_voltage_volts", 215, 235)],
+    "ups": [
+        ("power_on_battery", 0, 0),
+        ("ups_runtime_seconds", 1200, 3000),
+        ("ups_charge_percent", 90, 100),
+        ("input_voltage_volts", 215, 235),
+    ],
     "switch": [("link_up", 1, 1)],
     "link": [("link_up", 1, 1), ("link_rtt_seconds", 0.001, 0.02), ("link_loss_ratio", 0, 0.01)],
     "noise": [("noise_db", 35, 55)],
@@ -110,7 +129,9 @@ def main() -> None:
         for r in flips:
             s, _ = engine.evaluate(s, [r], r.ts)
 
-    rows.append(("raise or clear (builds the Chinese event)", measure(transitions) / len(flips) * 1e6, "µs per transition"))
+    rows.append(
+        ("raise or clear (builds the Chinese event)", measure(transitions) / len(flips) * 1e6, "µs per transition")
+    )
 
     print(f"{len(KINDS)} devices, {len(engine.rules)} rules, {len(state.tracks)} open tracks after warm-up\n")
     print("| case | time | unit |")

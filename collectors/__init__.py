@@ -20,16 +20,33 @@ from examwatch.collectors.base import (
     register,
 )
 
-__all__ = ["REGISTRY", "Accumulator", "Collector", "Context", "DeviceError", "Health", "PollingCollector", "available",
-           "get", "register", "sample_blocks"]
+__all__ = [
+    "REGISTRY",
+    "Accumulator",
+    "Collector",
+    "Context",
+    "DeviceError",
+    "Health",
+    "PollingCollector",
+    "available",
+    "get",
+    "register",
+    "sample_blocks",
+]
 
 _NOT_PROTOCOLS = {"base"}  # and every module whose name starts with "_": a protocol's helpers
 
 
 def available() -> list[str]:
     """Every protocol's name, built-in (without importing any) or registered from elsewhere."""
-    return sorted({m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg and m.name not in _NOT_PROTOCOLS
-                   and not m.name.startswith("_")} | REGISTRY.keys())
+    return sorted(
+        {
+            m.name
+            for m in pkgutil.iter_modules(__path__)
+            if not m.ispkg and m.name not in _NOT_PROTOCOLS and not m.name.startswith("_")
+        }
+        | REGISTRY.keys()
+    )
 
 
 def get(protocol: str) -> type[Collector]:

@@ -12,6 +12,7 @@ readiness probe), so a new protocol is one module: nothing outside collectors/ n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import Counter
@@ -279,9 +280,13 @@ class Collector:
     @classmethod
     def failure(cls, device: Any, reason: str, detail: str) -> Finding:
         why = f"（{detail[:120]}）" if detail else ""
-        return Finding(FAIL, f"{cls.reason_text(reason)}{why}。请检查设备电源、连线和地址 "
-                             f"{public_address(device.address)}；无法修复时启用备用设备，并记下原设备编号和故障原因",
-                       device, cls.protocol)
+        return Finding(
+            FAIL,
+            f"{cls.reason_text(reason)}{why}。请检查设备电源、连线和地址 "
+            f"{public_address(device.address)}；无法修复时启用备用设备，并记下原设备编号和故障原因",
+            device,
+            cls.protocol,
+        )
 
 
 class PollingCollector(Collector):
@@ -333,10 +338,8 @@ class PollingCollector(Collector):
             started = time.monotonic()
             await self.poll_once(device)
             delay = max(0.0, device.interval - (time.monotonic() - started))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
 
 REGISTRY: dict[str, type[Collector]] = {}

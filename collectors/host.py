@@ -17,7 +17,14 @@ class HostOptions(Strict):
 
 
 def parse_host(
-    name: str, now: float, *, temps: dict[str, list[Any]], disk: Any, memory: Any, nics: dict[str, Any], watch: list[str]
+    name: str,
+    now: float,
+    *,
+    temps: dict[str, list[Any]],
+    disk: Any,
+    memory: Any,
+    nics: dict[str, Any],
+    watch: list[str],
 ) -> list[Reading]:
     """psutil's answers -> readings. Pure, so the mapping is tested without the machine."""
     out = [

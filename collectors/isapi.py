@@ -90,7 +90,11 @@ def parse_storage(body: bytes) -> list[Disk]:
         raise DeviceError("too_large", f"{len(body)} bytes")
     try:
         root = defusedxml.ElementTree.fromstring(body, forbid_dtd=True)
-    except (ET.ParseError, ValueError, LookupError) as err:  # DTDForbidden is a ValueError; LookupError: unknown encoding
+    except (
+        ET.ParseError,
+        ValueError,
+        LookupError,
+    ) as err:  # DTDForbidden is a ValueError; LookupError: unknown encoding
         raise DeviceError("invalid_xml", str(err)[:200]) from None
     if _local(root.tag) != "storage":
         raise DeviceError("unexpected_xml", f"root element <{_local(root.tag)}>, expected <storage>")
@@ -139,11 +143,12 @@ def base_url(address: str) -> str:
 class IsapiCollector(PollingCollector):
     protocol = "isapi"
     Options = Options
-    needs_address = "a camera or NVR needs address = \"host[:port]\" or a URL"
+    needs_address = 'a camera or NVR needs address = "host[:port]" or a URL'
     reasons = {
         "unreachable": "网络不通",
         "invalid_xml": "应答无法解析",
         "unexpected_xml": "应答格式不符",
+        "too_large": "应答过大，不像硬盘录像机的存储信息",
         "http_401": "用户名或密码错误",
         "http_403": "无权限或设备无此功能",
         "http_404": "设备无此功能（ISAPI 接口不存在）",

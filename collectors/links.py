@@ -13,6 +13,7 @@ the configured primary interface, 0 while traffic goes over the backup, e.g. a 4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ ROUTE_TABLE = Path("/proc/net/route")
 DEFAULT_GATEWAY = "default-gateway"  # the address that means "whatever the default route points at"
 
 
-class Options(Strict):
+class LinkOptions(Strict):
     method: Literal["auto", "icmp", "tcp"] = "auto"
     port: Port = 443  # for TCP probes
     probes: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5  # per poll: the window loss and RTT are measured over
@@ -70,7 +71,7 @@ def parse_routes(text: str) -> list[Route]:
 
 def default_route(routes: list[Route]) -> Route | None:
     """The default route the kernel uses: up, 0.0.0.0/0, lowest metric."""
-    candidates = [r for r in routes if r.up and r.destination == "0.0.0.0" and r.mask == "0.0.0.0"]
+    candidates = [r for r in routes if r.up and r.destination == "0.0.0.0" and r.mask == "0.0.0.0"]  # noqa: S104 - a route, not a bind
     return min(candidates, key=lambda r: r.metric, default=None)
 
 
@@ -99,21 +100,19 @@ async def tcp_probe(host: str, port: int, timeout: float) -> float | None:
         return None
     rtt = time.monotonic() - start
     writer.close()
-    try:
+    with contextlib.suppress(OSError):
         await writer.wait_closed()
-    except OSError:
-        pass
     return rtt
 
 
 @register
 class LinksCollector(PollingCollector):
     protocol = "links"
-    Options = Options
-    needs_address = f"a link needs address = a host, an IP or \"{DEFAULT_GATEWAY}\""
+    Options = LinkOptions
+    needs_address = f'a link needs address = a host, an IP or "{DEFAULT_GATEWAY}"'
     reasons = {
         "name_lookup": "域名解析失败",
-        "icmp_not_permitted": "本机不允许发 ping（ICMP）：改用 method = \"tcp\"",
+        "icmp_not_permitted": '本机不允许发 ping（ICMP）：改用 method = "tcp"',
         "icmp_error": "ping（ICMP）出错",
     }
     sample = """
@@ -129,10 +128,12 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
     def check(cls, device: Any) -> list[tuple[str, str]]:
         issues = super().check(device)
         o = device.options
-        if o is not None:
-            # The framework gives a poll timeout x (retries + 1) + 1 s; the burst must fit in it.
-            if (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1:
-                issues.append(("probes", "probes x probe_interval does not fit in the poll's time budget"))
+        # The framework gives a poll timeout x (retries + 1) + 1 s; the burst must fit in it.
+        if (
+            o is not None
+            and (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1
+        ):
+            issues.append(("probes", "probes x probe_interval does not fit in the poll's time budget"))
         return issues
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -140,7 +141,7 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
         self._icmp_privileged: bool | None = None  # how ICMP works here; None: not found out yet
 
     async def poll(self, device: Any) -> list[Reading]:
-        o: Options = device.options
+        o: LinkOptions = device.options
         now = time.time()
         route = default_route(parse_routes(ROUTE_TABLE.read_text())) if ROUTE_TABLE.exists() else None
         out = []
@@ -155,7 +156,7 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
         rtts = await self._probe(target, device.timeout, o)
         return out + summarize(device.name, rtts, time.time())
 
-    async def _probe(self, host: str, timeout: float, o: Options) -> list[float | None]:
+    async def _probe(self, host: str, timeout: float, o: LinkOptions) -> list[float | None]:
         if o.method != "tcp":
             rtts = await self._icmp(host, timeout, o)
             if rtts is not None:
@@ -164,17 +165,18 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
                 raise DeviceError("icmp_not_permitted", "neither ICMP sockets nor raw sockets are allowed here")
         return list(await asyncio.gather(*(self._spaced_tcp(i, host, timeout, o) for i in range(o.probes))))
 
-    async def _spaced_tcp(self, i: int, host: str, timeout: float, o: Options) -> float | None:
+    async def _spaced_tcp(self, i: int, host: str, timeout: float, o: LinkOptions) -> float | None:
         await asyncio.sleep(i * o.probe_interval)
         return await tcp_probe(host, o.port, timeout)
 
-    async def _icmp(self, host: str, timeout: float, o: Options) -> list[float | None] | None:
+    async def _icmp(self, host: str, timeout: float, o: LinkOptions) -> list[float | None] | None:
         """A burst of echoes, or None when this system permits no ICMP sockets to us."""
         modes = [self._icmp_privileged] if self._icmp_privileged is not None else [False, True]
         for privileged in modes:
             try:
-                h = await icmplib.async_ping(host, count=o.probes, interval=o.probe_interval, timeout=timeout,
-                                             privileged=privileged)
+                h = await icmplib.async_ping(
+                    host, count=o.probes, interval=o.probe_interval, timeout=timeout, privileged=privileged
+                )
             except icmplib.SocketPermissionError:
                 continue
             except icmplib.NameLookupError as err:

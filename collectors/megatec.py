@@ -17,6 +17,7 @@ reopened with a growing backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import termios
 import threading
@@ -97,10 +98,11 @@ def parse_q1(line: bytes) -> Status:
         if not text.endswith("\r"):
             raise DeviceError("truncated", f"incomplete Q1 answer {text[:60]!r}")
         raise DeviceError("garbage", f"not a Q1 answer: {text[:60]!r}")
-    v = [float(g) for g in m.groups()[:6]]
+    vin, vfault, vout, load, freq, vbat = (float(g) for g in m.groups()[:6])
     temp = m.group(7)
     bits = [c == "1" for c in m.group(8)]
-    return Status(*v, None if temp.startswith("--") or temp == "-" else float(temp), *bits)  # "--.-": no sensor
+    celsius = None if temp.startswith("--") or temp == "-" else float(temp)  # "--.-": no sensor
+    return Status(vin, vfault, vout, load, freq, vbat, celsius, *bits)
 
 
 def parse_f(line: bytes) -> Rating:
@@ -192,10 +194,8 @@ class _Port:
 
     def _lost(self, err: Exception) -> None:
         if self.serial is not None:
-            try:
+            with contextlib.suppress(serial.SerialException, OSError):
                 self.serial.close()
-            except (serial.SerialException, OSError):
-                pass
             self.serial = None
             self.identified = False
         self.backoff.failed()
@@ -211,7 +211,7 @@ class _Port:
 class MegatecCollector(PollingCollector):
     protocol = "megatec"
     Options = Options
-    needs_address = "a serial UPS needs address = \"/dev/serial/by-id/...\""
+    needs_address = 'a serial UPS needs address = "/dev/serial/by-id/..."'
     profile_schema = Profile
     default_profile = "generic"
     uses_serial_port = True
@@ -244,8 +244,9 @@ timeout = 1.0
         if not port.identified:
             await asyncio.to_thread(self._identify, device.name, port)
         # a lost or unopenable port is not asked again: the backoff decides when to reopen it
-        status = await retry(lambda: asyncio.to_thread(self._status, port), device.retries + 1,
-                             final=("port_lost", "port_unavailable"))
+        status = await retry(
+            lambda: asyncio.to_thread(self._status, port), device.retries + 1, final=("port_lost", "port_unavailable")
+        )
         return readings_from(device.name, status, profile, port.rating, time.time())
 
     @staticmethod

@@ -121,7 +121,7 @@ class _Bus:
 class ModbusNoiseCollector(PollingCollector):
     protocol = "modbus_noise"
     Options = Options
-    needs_address = "a noise meter needs address = \"/dev/serial/by-id/...\""
+    needs_address = 'a noise meter needs address = "/dev/serial/by-id/..."'
     profile_schema = Profile
     profile_folder = "modbus"
     default_profile = "generic-u16x10"

@@ -10,6 +10,7 @@ sending it, and paho never buffers it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -249,7 +250,8 @@ fields = [
         self.refused: dict[str, str] = {}  # device -> why it is not read
         for d in devices:
             topics = [d.topic] + ([f"{d.topic}/availability"] if (d.options or MqttOptions()).availability else [])
-            problem = topic_issue(d.topic) or ("the topic of another device" if any(t in self.routes for t in topics) else "")
+            taken = any(t in self.routes for t in topics)
+            problem = topic_issue(d.topic) or ("the topic of another device" if taken else "")
             if problem:
                 self._refuse(d, "bad_topic", f"topic {d.topic[:200]!r}: {problem}")
                 continue
@@ -304,10 +306,10 @@ fields = [
             return
         device, fields = route
         try:
-            if fields is None:
-                readings, rejected = [Reading(device.name, "device_online", parse_availability(payload), now)], []
-            else:
+            if fields is not None:
                 readings, rejected = parse_payload(fields, device.name, payload, now)
+            else:
+                readings, rejected = [Reading(device.name, "device_online", parse_availability(payload), now)], []
         except PayloadError as err:
             self.health.drop("mqtt", err.reason, device=device.name, topic=topic)
             return
@@ -332,7 +334,7 @@ fields = [
             except ValueError as err:  # a topic paho will not send; topic_issue() should have caught it
                 self.health.drop("mqtt", "subscribe_failed", error=str(err))
             else:
-                if rc == mqtt.MQTT_ERR_SUCCESS:
+                if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                     self._subscribing[mid] = list(self.routes)
                 else:
                     self.health.drop("mqtt", "subscribe_failed", error=mqtt.error_string(rc))
@@ -341,11 +343,12 @@ fields = [
         self.connected = True
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], props: Any) -> None:
-        for topic, reason in zip(self._subscribing.pop(mid, []), reasons):
+        for topic, reason in zip(self._subscribing.pop(mid, []), reasons, strict=False):
             if reason.is_failure and topic in self.routes:  # e.g. the broker's ACL: noted per topic
                 device = self.routes[topic][0]
                 self.health.drop("mqtt", "subscribe_refused", device=device.name, topic=topic, refusal=str(reason))
-                self.health.failed(device.name, self.protocol, DeviceError("subscribe_refused", f"{topic}: {reason}"), 0.0)
+                refused = DeviceError("subscribe_refused", f"{topic}: {reason}")
+                self.health.failed(device.name, self.protocol, refused, 0.0)
                 self.acc.add(Reading(device.name, "device_online", 0.0, time.time()))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -354,7 +357,7 @@ fields = [
         self.connected = False
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.handle(msg.topic, msg.payload, time.time())
+        self.handle(msg.topic, bytes(msg.payload), time.time())  # paho's bytes: no copy
 
     def _loop(self, client: mqtt.Client) -> None:
         try:
@@ -379,10 +382,8 @@ fields = [
         self._thread = threading.Thread(target=self._loop, args=(client,), name="mqtt-sensors", daemon=True)
         self._thread.start()
         while not stop.is_set() and self._thread.is_alive():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
         if not stop.is_set():
             log.error("mqtt_loop_stopped", detail="no sensor is read until the agent restarts")
 
@@ -419,8 +420,8 @@ fields = [
         item = f"房间 MQTT 服务器 {self.broker.host}:{self.broker.port}"
         if self.reachable:
             return [Finding(OK, f"已连接，订阅 {len(self.devices)} 个传感器的主题", id="broker", item=item)]
-        return [Finding(FAIL, "连不上：检查 mosquitto 是否在运行，以及 [mqtt] 的地址、账号和 TLS 设置",
-                        id="broker", item=item)]
+        advice = "连不上：检查 mosquitto 是否在运行，以及 [mqtt] 的地址、账号和 TLS 设置"
+        return [Finding(FAIL, advice, id="broker", item=item)]
 
     def judge(self, device: Any, readings: list[Reading]) -> Finding:
         """Heard within the window, silent, offline by its availability, or unparseable."""
@@ -434,11 +435,15 @@ fields = [
             return row(FAIL, "房间 MQTT 服务器连不上，无法确认该传感器（见“房间 MQTT 服务器”一行）")
         online = [r for r in readings if r.metric == "device_online"]
         if online and max(online, key=lambda r: r.ts).value == 0:
-            return row(FAIL, "传感器报告离线（availability = offline）：检查电池，"
-                             "以及 Zigbee 网关是否在信号范围内，必要时重新配对")
+            return row(
+                FAIL,
+                "传感器报告离线（availability = offline）：检查电池，以及 Zigbee 网关是否在信号范围内，必要时重新配对",
+            )
         if readings:
             return row(OK, f"{wait:g} 秒内收到消息（{len(readings)} 项读数，含保留消息）")
         if refused:
             return row(FAIL, f"收到消息但无法使用（{refused}）：检查该设备的 profile 和 fields 配置")
-        return row(WARN, f"{wait:g} 秒内没有消息（电池传感器上报较少）：请触发一次（如开关门）"
-                         "或在 Zigbee2MQTT 中确认该设备在线")
+        return row(
+            WARN,
+            f"{wait:g} 秒内没有消息（电池传感器上报较少）：请触发一次（如开关门）或在 Zigbee2MQTT 中确认该设备在线",
+        )

@@ -49,7 +49,9 @@ class SnmpOptions(Strict, kw_only=True):
     max_repetitions: Annotated[int, msgspec.Meta(ge=1, le=100)] = 25  # rows per GETBULK
 
     def __repr__(self) -> str:  # a logged Device must not carry the community or the keys
-        return f"SnmpOptions(version={self.version!r}, user={self.user!r}, context={self.context!r}, parts={self.parts!r})"
+        return (
+            f"SnmpOptions(version={self.version!r}, user={self.user!r}, context={self.context!r}, parts={self.parts!r})"
+        )
 
 
 _engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
@@ -80,7 +82,7 @@ def _auth(options: SnmpOptions) -> Any:
     from pysnmp.hlapi.v3arch.asyncio import auth as a
 
     if options.version == "2c":
-        return CommunityData(options.community, mpModel=1)
+        return CommunityData(options.community, mpModel=1)  # noqa: S508 - what the site's switches and UPS cards speak
     auth = {
         "MD5": a.usmHMACMD5AuthProtocol,
         "SHA": a.usmHMACSHAAuthProtocol,
@@ -97,7 +99,7 @@ def _auth(options: SnmpOptions) -> Any:
         "AES256": a.usmAesCfb256Protocol,
     }[options.priv_protocol]
     if not options.auth_key:
-        return UsmUserData(options.user)
+        return UsmUserData(options.user)  # noqa: S509 - the device's configured security level, chosen by the site
     if not options.priv_key:
         return UsmUserData(options.user, options.auth_key, authProtocol=auth)
     return UsmUserData(options.user, options.auth_key, options.priv_key, authProtocol=auth, privProtocol=priv)
@@ -132,7 +134,7 @@ class _Session:
 class SnmpCollector(PollingCollector):
     protocol = "snmp"
     Options = SnmpOptions
-    needs_address = "an SNMP device needs address = \"host[:port]\""
+    needs_address = 'an SNMP device needs address = "host[:port]"'
     profile_schema = Profile
     reasons = {
         "no_such_object": "设备不支持所配置的型号（profile）",

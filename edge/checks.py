@@ -56,8 +56,12 @@ def parse_ntp_synchronized(output: str) -> bool | None:
 def judge_clock(synced: bool) -> Check:
     if synced:
         return Check("clock", "系统时钟", OK, "已与 NTP 同步")
-    return Check("clock", "系统时钟", WARN, "未与 NTP 同步：记录的时间可能不准（记录须客观准确），"
-                                         "请检查 systemd-timesyncd 或 chrony 及其时间服务器")
+    return Check(
+        "clock",
+        "系统时钟",
+        WARN,
+        "未与 NTP 同步：记录的时间可能不准（记录须客观准确），请检查 systemd-timesyncd 或 chrony 及其时间服务器",
+    )
 
 
 def running_agent(page: str) -> str | None:
@@ -84,8 +88,14 @@ def check_uplink(cfg: Any, timeout: float = CONNECT_TIMEOUT) -> list[Check]:
 
     up = cfg.uplink
     if not up.enabled:
-        return [Check("uplink", "县级上联", WARN, "未启用（[uplink] enabled = false）：告警只在本机，县里看不到；"
-                                                 "如需上报县招办，按部署说明启用")]
+        return [
+            Check(
+                "uplink",
+                "县级上联",
+                WARN,
+                "未启用（[uplink] enabled = false）：告警只在本机，县里看不到；如需上报县招办，按部署说明启用",
+            )
+        ]
     rows = []
     try:
         load_key(up.signing_key, up.signing_key_file)
@@ -101,23 +111,42 @@ def check_uplink(cfg: Any, timeout: float = CONNECT_TIMEOUT) -> list[Check]:
         got.set()
 
     # Our own client id and a clean session: the agent's persistent session must stay untouched.
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"examwatch-check-{cfg.agent.site}-{cfg.agent.room}",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"examwatch-check-{cfg.agent.site}-{cfg.agent.room}",
+        protocol=mqtt.MQTTv5,
+    )
     client.on_connect = on_connect
     client.connect_timeout = timeout
     try:
         apply_broker_settings(client, up)
         client.connect(up.host, up.port, keepalive=10)
     except (OSError, ValueError) as err:  # refused, unreachable, TLS files or handshake
-        rows.insert(0, Check("uplink", item, FAIL, f"连不上：{os_error_text(err)}。检查网络、[uplink] 的地址和 TLS 证书设置；"
-                                                   "断网期间告警存在本机，恢复后补发"))
+        rows.insert(
+            0,
+            Check(
+                "uplink",
+                item,
+                FAIL,
+                f"连不上：{os_error_text(err)}。检查网络、[uplink] 的地址和 TLS 证书设置；"
+                "断网期间告警存在本机，恢复后补发",
+            ),
+        )
         return rows
     client.loop_start()
     try:
         if not got.wait(timeout):
             rows.insert(0, Check("uplink", item, FAIL, f"{timeout:g} 秒内服务器没有回应：检查网络和防火墙"))
         elif answer["reason"].is_failure:
-            rows.insert(0, Check("uplink", item, FAIL, f"服务器拒绝连接（{answer['reason']}）：检查 [uplink] 的账号、密码或客户端证书"))
+            rows.insert(
+                0,
+                Check(
+                    "uplink",
+                    item,
+                    FAIL,
+                    f"服务器拒绝连接（{answer['reason']}）：检查 [uplink] 的账号、密码或客户端证书",
+                ),
+            )
         else:
             rows.insert(0, Check("uplink", item, OK, "已连接" + ("（TLS）" if up.tls else "")))
     finally:
@@ -170,7 +199,8 @@ def check_exporter(listen: str, agent_id: str) -> tuple[Check, str | None]:
     except OSError as err:
         if err.errno != errno.EADDRINUSE:
             return Check("exporter", item, FAIL, f"无法绑定：{os_error_text(err)}；改 [exporter].listen"), None
-    probe = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+    any_ipv4 = host in ("0.0.0.0", "")  # noqa: S104 - which address to probe when the exporter binds every one
+    probe = "127.0.0.1" if any_ipv4 else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
     try:
         with urllib.request.urlopen(f"http://{probe}:{port}/metrics", timeout=3) as resp:
             page = resp.read().decode("utf-8", errors="replace")
@@ -190,14 +220,30 @@ def check_clock() -> Check | None:
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, "show", "-p", "NTPSynchronized", "--value"], capture_output=True, text=True,
-                             timeout=3, check=False)
+        out = subprocess.run(
+            [exe, "show", "-p", "NTPSynchronized", "--value"], capture_output=True, text=True, timeout=3, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     synced = parse_ntp_synchronized(out.stdout) if out.returncode == 0 else None
     return None if synced is None else judge_clock(synced)
 
 
-__all__ = ["CONNECT_TIMEOUT", "FAIL", "GIB", "MIB", "OK", "WARN", "Check", "check_clock", "check_exporter",
-           "check_state_dir", "check_uplink", "judge_clock", "judge_state_dir", "os_error_text", "parse_ntp_synchronized",
-           "running_agent"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "FAIL",
+    "GIB",
+    "MIB",
+    "OK",
+    "WARN",
+    "Check",
+    "check_clock",
+    "check_exporter",
+    "check_state_dir",
+    "check_uplink",
+    "judge_clock",
+    "judge_state_dir",
+    "os_error_text",
+    "parse_ntp_synchronized",
+    "running_agent",
+]

@@ -91,6 +91,7 @@ class Device(Strict, kw_only=True):
     def extension_type(raw: dict[str, Any]) -> type[msgspec.Struct] | str:
         """The struct that validates this device's protocol keys, or an error message."""
         from examwatch import collectors
+
         protocol = raw.get("protocol")
         try:
             return collectors.get(str(protocol)).Options
@@ -151,9 +152,11 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
     for key in ("site", "room"):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", getattr(cfg.agent, key)):
             issues.append(ConfigIssue(("agent", key), "1 to 64 letters, digits, '-' or '_' (an MQTT topic level)"))
-    for path, check, value in ((("exporter", "listen"), parse_listen, cfg.exporter.listen),
-                               (("mqtt", "host"), check_host, cfg.mqtt.host),
-                               (("uplink", "host"), check_host, cfg.uplink.host)):
+    for path, check, value in (
+        (("exporter", "listen"), parse_listen, cfg.exporter.listen),
+        (("mqtt", "host"), check_host, cfg.mqtt.host),
+        (("uplink", "host"), check_host, cfg.uplink.host),
+    ):
         try:
             check(value)
         except ValueError as err:
@@ -165,8 +168,12 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
     issues += [ConfigIssue(path, message) for path, message in override_issues(cfg.rules)]
     up = cfg.uplink
     if up.enabled and not (up.signing_key or up.signing_key_file):
-        issues.append(ConfigIssue(("uplink", "signing_key_file"),
-                                  "the uplink signs every message: name this agent's key file (or give signing_key)"))
+        issues.append(
+            ConfigIssue(
+                ("uplink", "signing_key_file"),
+                "the uplink signs every message: name this agent's key file (or give signing_key)",
+            )
+        )
     elif up.enabled and up.signing_key:
         from examwatch.kernel.wire import parse_key
 
@@ -181,6 +188,7 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
 def _device_issues(devices: list[Device]) -> list[ConfigIssue]:
     """Names, then each protocol's checks of its devices alone and together (e.g. two on one topic)."""
     from examwatch import collectors
+
     issues = []
     seen: set[str] = set()
     by_protocol: dict[str, list[tuple[int, Device]]] = {}
@@ -199,6 +207,26 @@ def _device_issues(devices: list[Device]) -> list[ConfigIssue]:
     return issues
 
 
-__all__ = ["BrokerSettings", "Config", "ConfigError", "ConfigIssue", "Device", "Interval", "Port", "SessionExpiry",
-           "Timeout", "UplinkSettings", "apply_broker_settings", "check_host", "decode", "error_at", "load", "loads", "parse",
-           "parse_listen", "read", "sample_text", "validated"]
+__all__ = [
+    "BrokerSettings",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "Device",
+    "Interval",
+    "Port",
+    "SessionExpiry",
+    "Timeout",
+    "UplinkSettings",
+    "apply_broker_settings",
+    "check_host",
+    "decode",
+    "error_at",
+    "load",
+    "loads",
+    "parse",
+    "parse_listen",
+    "read",
+    "sample_text",
+    "validated",
+]

@@ -62,10 +62,18 @@ def judge_alarms(engine: Any, readings: list[Any], now: float, phase_name: str) 
         if e.state != "raised" or rule.type == "silent" or rule.metric == "device_online":
             continue
         held = f"（条件持续 {rule.for_:g} 秒后告警）" if e.id in delayed else ""
-        rows.append(Check(f"alarm:{e.rule}:{e.device}", f"告警 {e.device}（{e.rule}）", FAIL,
-                          f"{e.message}{held}。处置：{e.action}"))
+        rows.append(
+            Check(
+                f"alarm:{e.rule}:{e.device}",
+                f"告警 {e.device}（{e.rule}）",
+                FAIL,
+                f"{e.message}{held}。处置：{e.action}",
+            )
+        )
     if not rows:
-        rows.append(Check("rules", "告警规则", OK, f"按当前读数不会告警（{len(readings)} 项读数，当前阶段：{phase_name}）"))
+        rows.append(
+            Check("rules", "告警规则", OK, f"按当前读数不会告警（{len(readings)} 项读数，当前阶段：{phase_name}）")
+        )
     return rows
 
 
@@ -92,15 +100,20 @@ def render_table(checks: list[Check]) -> str:
     failed = sum(c.status == FAIL for c in checks)
     warned = sum(c.status == WARN for c in checks)
     if failed:
-        verdict = f"结论：未就绪，{failed} 项失败" + (f"，{warned} 项需注意" if warned else "") + "。请按说明处理后重新检查。"
+        verdict = (
+            f"结论：未就绪，{failed} 项失败" + (f"，{warned} 项需注意" if warned else "") + "。请按说明处理后重新检查。"
+        )
     else:
         verdict = "结论：已就绪" + (f"，{warned} 项需注意" if warned else "") + "。"
     return "\n".join([*lines, "", verdict])
 
 
 def render_json(agent: str | None, checks: list[Check], code: int) -> str:
-    return json.dumps({"agent": agent, "ready": code == 0, "exit_code": code, "checks": [asdict(c) for c in checks]},
-                      ensure_ascii=False, indent=2)
+    return json.dumps(
+        {"agent": agent, "ready": code == 0, "exit_code": code, "checks": [asdict(c) for c in checks]},
+        ensure_ascii=False,
+        indent=2,
+    )
 
 
 def readings_from_metrics(text: str, devices: set[str]) -> tuple[list[Any], dict[str, bool]]:
@@ -160,9 +173,10 @@ async def probe_devices(cfg: Any, devices: list[Any], wait: float) -> tuple[list
     for protocol, group in bootstrap.by_protocol(devices).items():
         try:
             built.append(bootstrap.build(protocol, group, acc, health, ctx))
-        except Exception as err:  # noqa: BLE001 - e.g. a profile gone since the config check: the rows say it
-            findings[protocol] = [collectors.get(protocol).failure(d, "error", f"{type(err).__name__}: {err}")
-                                  for d in group]
+        except Exception as err:  # e.g. a profile gone since the config check: the rows say it
+            findings[protocol] = [
+                collectors.get(protocol).failure(d, "error", f"{type(err).__name__}: {err}") for d in group
+            ]
     try:
         await asyncio.gather(*(c.probe(wait) for c in built))
     finally:
@@ -195,10 +209,18 @@ async def run_checks(cfg: Any, wait: float) -> list[Check]:
     device_rows = probed_rows + shared_rows
     now = time.time()
     phase = PHASE_NAMES[Calendar(cfg.schedule).phase(now)]
-    alarms = judge_alarms(build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule), probed_readings + shared_readings, now, phase)
+    alarms = judge_alarms(
+        build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule), probed_readings + shared_readings, now, phase
+    )
     clock = check_clock()
-    return [*device_rows, *alarms, *uplink_rows, check_state_dir(cfg.agent.state_dir), exporter,
-            *([clock] if clock else [])]
+    return [
+        *device_rows,
+        *alarms,
+        *uplink_rows,
+        check_state_dir(cfg.agent.state_dir),
+        exporter,
+        *([clock] if clock else []),
+    ]
 
 
 def _from_running_agent(devices: list[Any], page: str) -> tuple[list[Any], list[Check]]:
@@ -210,12 +232,20 @@ def _from_running_agent(devices: list[Any], page: str) -> tuple[list[Any], list[
         item = _item("设备", d, d.protocol)
         ok = success.get(d.name)
         if ok is None:
-            rows.append(Check(f"device:{d.name}", item, WARN, "串口由运行中的代理占用，代理尚未轮询到该设备：稍后重新检查"))
+            rows.append(
+                Check(f"device:{d.name}", item, WARN, "串口由运行中的代理占用，代理尚未轮询到该设备：稍后重新检查")
+            )
         elif ok:
             rows.append(Check(f"device:{d.name}", item, OK, "有应答（串口由运行中的代理占用，按代理最近一次轮询判断）"))
         else:
-            rows.append(Check(f"device:{d.name}", item, FAIL,
-                              f"代理最近一次轮询无应答。请检查设备电源、连线和串口 {d.address}；无法修复时启用备用设备"))
+            rows.append(
+                Check(
+                    f"device:{d.name}",
+                    item,
+                    FAIL,
+                    f"代理最近一次轮询无应答。请检查设备电源、连线和串口 {d.address}；无法修复时启用备用设备",
+                )
+            )
     return readings, rows
 
 
@@ -243,5 +273,15 @@ def main(config_path: str, wait: float, as_json: bool) -> int:
     return code
 
 
-__all__ = ["FAIL", "OK", "WARN", "Check", "judge_alarms", "main", "probe_devices", "render_json",
-           "render_table", "run_checks"]
+__all__ = [
+    "FAIL",
+    "OK",
+    "WARN",
+    "Check",
+    "judge_alarms",
+    "main",
+    "probe_devices",
+    "render_json",
+    "render_table",
+    "run_checks",
+]

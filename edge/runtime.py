@@ -41,7 +41,9 @@ QUEUE_MAX = 20_000
 BATCH_MAX = 5_000
 SELF_METRICS_EVERY = 10.0  # seconds between the agent's own readings (outbox fill, store health)
 UNSTORED_MAX = 50_000  # readings held in memory while the disk refuses them (a few MB; alarms always kept)
-CLOCK_STEP = 1.0  # seconds the wall clock may move apart from the monotonic one between ticks before it counts as a step
+CLOCK_STEP = (
+    1.0  # seconds the wall clock may move apart from the monotonic one between ticks before it counts as a step
+)
 CLOCK_STEP_HOLD = 3600.0  # seconds ``clock_jump_seconds`` reports a step (keeps its alarm up for people to see)
 
 
@@ -109,8 +111,12 @@ class Agent:
 
     def healthy(self) -> bool:
         """The writer ticks and every collector still runs (a dead MQTT loop reads no sensor at all)."""
-        return (self.ready.is_set() and time.monotonic() - self.writer_beat < 10 * TICK
-                and not any(t.done() for t in self._tasks) and all(c.alive() for c in self._collectors_running))
+        return (
+            self.ready.is_set()
+            and time.monotonic() - self.writer_beat < 10 * TICK
+            and not any(t.done() for t in self._tasks)
+            and all(c.alive() for c in self._collectors_running)
+        )
 
     # --- the writer thread ---
 
@@ -164,8 +170,11 @@ class Agent:
     def _open_store(self) -> tuple[Store, list[AlarmEvent]]:
         """Open the database; a corrupt one is set aside for a fresh one, and ``store_corrupt`` says so
         with the other self-readings (1 raises the alarm until the agent restarts on a sound database)."""
-        opened = open_checked(self.db_path, retention_s=self.cfg.store.retention_hours * 3600,
-                              outbox_budget_bytes=int(self.cfg.uplink.outbox_budget_mb * 1024 * 1024))
+        opened = open_checked(
+            self.db_path,
+            retention_s=self.cfg.store.retention_hours * 3600,
+            outbox_budget_bytes=int(self.cfg.uplink.outbox_budget_mb * 1024 * 1024),
+        )
         if opened.set_aside:
             log.error("store_corrupt", problem=opened.problem, set_aside=str(opened.set_aside))
         self.store_set_aside = opened.set_aside is not None
@@ -215,8 +224,13 @@ class Agent:
             outbox = [("alarms", msgspec.json.encode(e)) for e in events] if self.uplink is not None else []
             last = len(self._unstored) == 1
             try:
-                store.write(batch, events, evidence=evidence, outbox=outbox,
-                            flush_readings=self.cfg.uplink.batch_max if flush and last and self.uplink else 0)
+                store.write(
+                    batch,
+                    events,
+                    evidence=evidence,
+                    outbox=outbox,
+                    flush_readings=self.cfg.uplink.batch_max if flush and last and self.uplink else 0,
+                )
             except sqlite3.Error as err:
                 reason = "corrupt" if is_corruption(err) else "disk_full" if "full" in str(err) else "write_failed"
                 self.health.drop("store", reason, error=str(err))
@@ -274,9 +288,14 @@ class Agent:
         lock = statedir.StateLock(cfg.agent.state_dir)  # held until the process ends, however it ends
         if cfg.uplink.enabled:
             from examwatch.edge.uplink import Uplink
+
             self.uplink = Uplink(
-                cfg.uplink, agent_id=cfg.agent_id, db_path=self.db_path, on_acked=self._acked,
-                phase=lambda: self.calendar.phase(time.time()), kinds={d.name: d.kind for d in cfg.devices},
+                cfg.uplink,
+                agent_id=cfg.agent_id,
+                db_path=self.db_path,
+                on_acked=self._acked,
+                phase=lambda: self.calendar.phase(time.time()),
+                kinds={d.name: d.kind for d in cfg.devices},
             )
         writer = threading.Thread(target=self._writer, name="writer", daemon=True)
         writer.start()

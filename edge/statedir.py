@@ -36,8 +36,10 @@ class StateLock:
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            raise StateDirBusy(f"state dir {state_dir} is in use by another agent (PID {holder or 'unknown'}); "
-                               "give each agent its own state_dir") from None
+            raise StateDirBusy(
+                f"state dir {state_dir} is in use by another agent (PID {holder or 'unknown'}); "
+                "give each agent its own state_dir"
+            ) from None
         os.fchmod(fd, FILE_MODE)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

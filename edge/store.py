@@ -65,7 +65,9 @@ def identity(conn: sqlite3.Connection) -> tuple[int, int]:
 
 
 class Store:
-    def __init__(self, path: str | Path, *, retention_s: float = 72 * 3600, outbox_budget_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, path: str | Path, *, retention_s: float = 72 * 3600, outbox_budget_bytes: int = 64 << 20
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = _connect(self.path)
@@ -84,7 +86,9 @@ class Store:
         with self.db.atomic():
             conn = self.db.conn
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.randbelow(2**62) + 1,))
-            conn.execute("INSERT INTO meta (key, value) VALUES ('boot', 1) ON CONFLICT (key) DO UPDATE SET value = value + 1")
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('boot', 1) ON CONFLICT (key) DO UPDATE SET value = value + 1"
+            )
         return identity(conn)
 
     def _scalar(self, sql: str, *args: object) -> int:
@@ -115,10 +119,19 @@ class Store:
                 [(r.ts, r.device, r.metric, r.value, r.quality) for r in readings],
             )
             conn.executemany(
-                "INSERT INTO alarms (alarm_id, state, at, rule, level, device, event, evidence) VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO alarms (alarm_id, state, at, rule, level, device, event, evidence) VALUES "
+                "(?,?,?,?,?,?,?,?)",
                 [
-                    (e.id, e.state, e.at, e.rule, e.level, e.device, msgspec.json.encode(e),
-                     _readings.encode((evidence or {}).get(e.id, [])))
+                    (
+                        e.id,
+                        e.state,
+                        e.at,
+                        e.rule,
+                        e.level,
+                        e.device,
+                        msgspec.json.encode(e),
+                        _readings.encode((evidence or {}).get(e.id, [])),
+                    )
                     for e in events
                 ],
             )
@@ -173,11 +186,10 @@ class Store:
 
     def ack(self, seqs: Iterable[int]) -> None:
         """Delete outbox rows the broker acknowledged."""
-        seqs = [(s,) for s in seqs]
         with self.db.atomic():
             conn = self.db.conn
             freed = 0
-            for (seq,) in seqs:
+            for seq in list(seqs):
                 row = conn.execute("DELETE FROM outbox WHERE seq = ? RETURNING LENGTH(body)", (seq,)).fetchone()
                 freed += row[0] if row else 0
         self._outbox_bytes -= freed

@@ -20,12 +20,13 @@ uplink's own worker thread, which does all reading, publishing and bookkeeping. 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 import paho.mqtt.client as mqtt
@@ -155,12 +156,14 @@ class Uplink:
             return
         if client.is_connected():
             info = client.publish(
-                wire.topic(self.agent, "status"), self._status("offline", reason="shutdown", n=wire.LAST), qos=1, retain=True
+                wire.topic(self.agent, "status"),
+                self._status("offline", reason="shutdown", n=wire.LAST),
+                qos=1,
+                retain=True,
             )
-            try:
+            # connection lost at the same moment: the last will says offline instead
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=min(timeout, 2.0))
-            except (RuntimeError, ValueError):
-                pass  # connection lost at the same moment; the last will says offline instead
             self._drain_events()  # PUBACKs that arrived meanwhile still delete their rows
         client.disconnect()
         client.loop_stop()
@@ -310,11 +313,22 @@ class Uplink:
         self._client.publish(wire.topic(self.agent, "status"), status, qos=1, retain=True)
         self._last_heartbeat = now
 
-    def _status(self, state: str, *, n: int, reason: str = "", conn: int | None = None) -> bytes:
+    def _status(
+        self, state: Literal["online", "offline"], *, n: int, reason: str = "", conn: int | None = None
+    ) -> bytes:
         pending = self._pending if state == "online" else None
-        body = msgspec.json.encode(wire.Status(state=state, reason=reason, pending=pending, phase=self.phase(),
-                                               kinds=self.kinds, boot=self._boot, conn=self._conn if conn is None else conn,
-                                               n=n))
+        body = msgspec.json.encode(
+            wire.Status(
+                state=state,
+                reason=reason,
+                pending=pending,
+                phase=self.phase(),
+                kinds=self.kinds,
+                boot=self._boot,
+                conn=self._conn if conn is None else conn,
+                n=n,
+            )
+        )
         return wire.encode(self._key, self.agent, 0, self.clock(), "status", body, epoch=self._epoch)
 
     def _set_error(self, message: str, kind: str) -> None:

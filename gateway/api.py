@@ -15,6 +15,7 @@ Each request uses its own SQLite connection (WAL: readers never block the ingest
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import re
@@ -44,8 +45,18 @@ CONNECTION_DEADLINE = 30.0  # s a connection may last at all, however slowly it 
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a site or room id
 # Why a request was refused, counted in examwatch_gateway_api_refused_total{reason}.
-REFUSALS = ("bad_query", "not_found", "unauthorized", "length_required", "too_large", "bad_body", "timeout",
-            "busy", "deadline", "broken")
+REFUSALS = (
+    "bad_query",
+    "not_found",
+    "unauthorized",
+    "length_required",
+    "too_large",
+    "bad_body",
+    "timeout",
+    "busy",
+    "deadline",
+    "broken",
+)
 ALARM_STATES = ("active", "raised", "updated", "cleared")
 INCIDENT_STATES = ("open", "closed")
 
@@ -65,6 +76,7 @@ def _choice(values: tuple[str, ...]) -> Any:
         if v not in values:
             raise BadRequest(f"must be one of {', '.join(values)}")
         return v
+
     return check
 
 
@@ -79,6 +91,7 @@ def _int(lo: int, hi: int) -> Any:
         if not re.fullmatch(r"[0-9]{1,7}", v) or not lo <= int(v) <= hi:
             raise BadRequest(f"must be an integer from {lo} to {hi}")
         return int(v)
+
     return check
 
 
@@ -90,11 +103,21 @@ def _alarm_id(v: str) -> str:
 
 # Per endpoint: parameter -> validator, and the defaults of those not given.
 ENDPOINTS: dict[str, tuple[dict[str, Any], dict[str, object]]] = {
-    "/api/v1/alarms": ({"state": _choice(ALARM_STATES), "level": _int(1, 3), "site": _name, "room": _name,
-                        "limit": _int(1, LIMIT_MAX)}, {"state": "", "level": None, "site": "", "room": "", "limit": 500}),
+    "/api/v1/alarms": (
+        {
+            "state": _choice(ALARM_STATES),
+            "level": _int(1, 3),
+            "site": _name,
+            "room": _name,
+            "limit": _int(1, LIMIT_MAX),
+        },
+        {"state": "", "level": None, "site": "", "room": "", "limit": 500},
+    ),
     "/api/v1/alarms/timeline": ({"id": _alarm_id}, {}),
-    "/api/v1/incidents": ({"state": _choice(INCIDENT_STATES), "level": _int(1, 3), "site": _name,
-                           "limit": _int(1, LIMIT_MAX)}, {"state": "", "level": None, "site": "", "limit": 200}),
+    "/api/v1/incidents": (
+        {"state": _choice(INCIDENT_STATES), "level": _int(1, 3), "site": _name, "limit": _int(1, LIMIT_MAX)},
+        {"state": "", "level": None, "site": "", "limit": 200},
+    ),
     "/api/v1/agents": ({}, {}),
 }
 REQUIRED = {"/api/v1/alarms/timeline": ("id",)}
@@ -206,11 +229,11 @@ class ApiServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.refuse("busy", f"{MAX_CONNECTIONS} connections open")
-            try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: 30\r\nConnection: close\r\n\r\n{\"error\": \"too many requests\"}")
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 30\r\nConnection: close\r\n\r\n{"error": "too many requests"}'
+                )
             self.shutdown_request(request)
             return
         with self._open_lock:
@@ -241,10 +264,8 @@ class ApiServer(ThreadingHTTPServer):
                 late = [s for s, since in self._open.items() if now - since > CONNECTION_DEADLINE]
             for s in late:
                 self.refuse("deadline", f"connection open over {CONNECTION_DEADLINE:g} s")
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that broke mid-request (reset, timed out): counted, logged once, no traceback on stderr."""
@@ -293,11 +314,13 @@ class _Handler(BaseHTTPRequestHandler):
         if urlsplit(self.path).path != "/api/v1/ack":
             return self._refuse(NotFound("no such endpoint"), "not_found")
         if not self._authorised():
-            return self._refuse(_Unauthorized("acknowledgement needs a valid token (Authorization: Bearer <token>)"),
-                                "unauthorized")
+            return self._refuse(
+                _Unauthorized("acknowledgement needs a valid token (Authorization: Bearer <token>)"), "unauthorized"
+            )
         try:
-            length = content_length(self.headers.get("Content-Length"),
-                                    "chunked" in self.headers.get("Transfer-Encoding", "").lower())
+            length = content_length(
+                self.headers.get("Content-Length"), "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+            )
             body = self.rfile.read(length)
             if len(body) != length:
                 raise BadRequest("body shorter than Content-Length")
@@ -322,5 +345,6 @@ class _Handler(BaseHTTPRequestHandler):
         """Bearer only, compared in constant time; no token configured: nobody may acknowledge."""
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
         token = self.server.token
-        return (bool(token) and scheme.lower() == "bearer"
-                and hmac.compare_digest(given.strip().encode(), token.encode()))
+        return (
+            bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+        )

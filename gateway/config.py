@@ -11,9 +11,19 @@ import msgspec
 from examwatch.gateway.notify import settings as notify
 from examwatch.kernel import wire
 from examwatch.kernel.broker import BrokerSettings
-from examwatch.kernel.config import ConfigIssue, SessionExpiry, Strict, check_host, parse, parse_listen, read, validated
+from examwatch.kernel.config import (
+    DAY,
+    ConfigIssue,
+    SessionExpiry,
+    Strict,
+    check_host,
+    parse,
+    parse_listen,
+    read,
+    validated,
+)
 from examwatch.kernel.files import read_secret
-from examwatch.rules.config import DAY, Schedule, schedule_issues
+from examwatch.rules.config import Schedule, schedule_issues
 
 # The alarm rules the gateway raises itself (gateway/ingest.py); correlation rules may name them too.
 GATEWAY_RULES = ("agent_offline", "clock_skew", "security_rejected")
@@ -114,11 +124,10 @@ def builtin_correlation() -> list[CorrelationRule]:
 
 def _parse_keys_file(text: str) -> list[tuple[str, bytes]]:
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+    for n, raw in enumerate(text.splitlines(), 1):
+        parts = raw.split("#", 1)[0].split()
+        if not parts:
             continue
-        parts = line.split()
         if len(parts) != 2:
             raise ValueError(f"keys file line {n}: expected '<site>/<room> <hex key>'")
         try:
@@ -182,8 +191,12 @@ def _correlation_issues(rules: list[CorrelationRule]) -> list[ConfigIssue]:
         classes.add(rule.fault_class)
         unknown = [r for r in rule.rules if r not in known]
         if unknown:  # a typo would silently keep a class of faults from ever making an incident
-            issues.append(ConfigIssue(("correlation", i, "rules"), f"no such rule: {', '.join(map(repr, unknown[:5]))}; "
-                                      f"known: {', '.join(sorted(known))}"))
+            issues.append(
+                ConfigIssue(
+                    ("correlation", i, "rules"),
+                    f"no such rule: {', '.join(map(repr, unknown[:5]))}; known: {', '.join(sorted(known))}",
+                )
+            )
     return issues
 
 

@@ -84,7 +84,11 @@ def correlate(
                 changes.append(Change(inc.id, "opened", tuple(inc.active), inc.level))
             else:
                 inc = msgspec.structs.replace(inc, members=list(inc.members), active=list(inc.active))
-                joined = [r for r in sorted(active, key=lambda r: (active[r], r)) if r not in inc.active and active[r] >= inc.opened_at - rule.window]
+                joined = [
+                    r
+                    for r in sorted(active, key=lambda r: (active[r], r))
+                    if r not in inc.active and active[r] >= inc.opened_at - rule.window
+                ]
                 left = [r for r in inc.active if r not in active]
                 inc.active = [r for r in inc.active if r in active] + joined
                 inc.members += [r for r in joined if r not in inc.members]

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from examwatch.gateway import store
-from examwatch.gateway.ingest import Stats
+from examwatch.gateway.ledger import Stats
 from examwatch.kernel.catalog import METRICS
 from examwatch.kernel.config import parse_listen
 from examwatch.kernel.model import base_device
@@ -30,8 +30,14 @@ if TYPE_CHECKING:
 
 
 class GatewayCollector:
-    def __init__(self, db_path: str, stats: Stats, clock: Callable[[], float] = time.time,
-                 broker: Subscriber | None = None, api: ApiServer | None = None) -> None:
+    def __init__(
+        self,
+        db_path: str,
+        stats: Stats,
+        clock: Callable[[], float] = time.time,
+        broker: Subscriber | None = None,
+        api: ApiServer | None = None,
+    ) -> None:
         self.db_path = db_path
         self.stats = stats
         self.broker = broker  # the Subscriber: its link's state
@@ -55,8 +61,11 @@ class GatewayCollector:
         room_now = {a["agent"]: now + (a["skew"] or 0.0) for a in agents}
         kinds = store.device_kinds(db)
         readings: dict[str, GaugeMetricFamily] = {}
-        age = GaugeMetricFamily("examwatch_reading_age_seconds", "seconds since the metric was read, by the room's clock",
-                                labels=["site", "room", "device", "kind", "metric"])
+        age = GaugeMetricFamily(
+            "examwatch_reading_age_seconds",
+            "seconds since the metric was read, by the room's clock",
+            labels=["site", "room", "device", "kind", "metric"],
+        )
         for r in store.latest(db):
             meta = METRICS.get(r["metric"])
             if meta is None:
@@ -64,15 +73,20 @@ class GatewayCollector:
             fam = readings.get(r["metric"])
             if fam is None:
                 fam = readings[r["metric"]] = GaugeMetricFamily(
-                    f"examwatch_{r['metric']}", f"{meta.help} ({meta.unit})", labels=["site", "room", "device", "kind"])
+                    f"examwatch_{r['metric']}", f"{meta.help} ({meta.unit})", labels=["site", "room", "device", "kind"]
+                )
             site, room = r["agent"].split("/", 1)
             kind = kinds.get(r["agent"], {}).get(base_device(r["device"]), "")
             fam.add_metric([site, room, r["device"], kind], r["value"])
-            age.add_metric([site, room, r["device"], kind, r["metric"]], max(0.0, room_now.get(r["agent"], now) - r["ts"]))
+            age.add_metric(
+                [site, room, r["device"], kind, r["metric"]], max(0.0, room_now.get(r["agent"], now) - r["ts"])
+            )
         yield from readings.values()
         yield age
 
-        active = GaugeMetricFamily("examwatch_alarm_active", "1 while an alarm fires", labels=["site", "room", "rule", "level"])
+        active = GaugeMetricFamily(
+            "examwatch_alarm_active", "1 while an alarm fires", labels=["site", "room", "rule", "level"]
+        )
         seen: set[tuple[str, ...]] = set()
         for a in store.alarms(db, state="active", limit=100_000):
             key = (a["site"], a["room"], a["rule"], str(a["level"]))
@@ -81,8 +95,11 @@ class GatewayCollector:
                 active.add_metric(list(key), 1)
         yield active
 
-        incidents = GaugeMetricFamily("examwatch_gateway_incidents_open", "open cross-room incidents by fault class",
-                                      labels=["site", "level", "class"])
+        incidents = GaugeMetricFamily(
+            "examwatch_gateway_incidents_open",
+            "open cross-room incidents by fault class",
+            labels=["site", "level", "class"],
+        )
         counts: dict[tuple[str, str, str], int] = {}
         for i in store.incidents(db, state="open", limit=100_000):
             k = (i["site"], str(i["level"]), i["fault_class"])
@@ -91,16 +108,27 @@ class GatewayCollector:
             incidents.add_metric(list(k), n)
         yield incidents
 
-        up = GaugeMetricFamily("examwatch_gateway_agent_up", "1 while the room's agent is online", labels=["site", "room"])
-        last_seen = GaugeMetricFamily("examwatch_gateway_agent_last_seen_age_seconds",
-                                      "seconds since the agent was last heard", labels=["site", "room"])
-        skew = GaugeMetricFamily("examwatch_gateway_agent_clock_skew_seconds", "agent clock minus gateway clock",
-                                 labels=["site", "room"])
-        missing = GaugeMetricFamily("examwatch_gateway_seq_missing", "sequence numbers not (yet) received from the agent",
-                                    labels=["site", "room"])
-        phase = GaugeMetricFamily("examwatch_gateway_agent_phase",
-                                  "1 for the exam phase the room is in (the gateway's schedule, else the agent's)",
-                                  labels=["site", "room", "phase"])
+        up = GaugeMetricFamily(
+            "examwatch_gateway_agent_up", "1 while the room's agent is online", labels=["site", "room"]
+        )
+        last_seen = GaugeMetricFamily(
+            "examwatch_gateway_agent_last_seen_age_seconds",
+            "seconds since the agent was last heard",
+            labels=["site", "room"],
+        )
+        skew = GaugeMetricFamily(
+            "examwatch_gateway_agent_clock_skew_seconds", "agent clock minus gateway clock", labels=["site", "room"]
+        )
+        missing = GaugeMetricFamily(
+            "examwatch_gateway_seq_missing",
+            "sequence numbers not (yet) received from the agent",
+            labels=["site", "room"],
+        )
+        phase = GaugeMetricFamily(
+            "examwatch_gateway_agent_phase",
+            "1 for the exam phase the room is in (the gateway's schedule, else the agent's)",
+            labels=["site", "room", "phase"],
+        )
         for a in agents:
             labels = [a["site"], a["room"]]
             up.add_metric(labels, 1 if a["status"] == "online" else 0)
@@ -120,9 +148,14 @@ class GatewayCollector:
             msgs.add_metric([kind], n)
         yield msgs
         yield CounterMetricFamily("examwatch_gateway_readings", "readings stored", value=s.readings)
-        yield CounterMetricFamily("examwatch_gateway_duplicates", "messages received again and dropped", value=s.duplicates)
-        rejected = CounterMetricFamily("examwatch_gateway_rejected", "messages rejected, by reason and claimed room",
-                                       labels=["reason", "site", "room"])
+        yield CounterMetricFamily(
+            "examwatch_gateway_duplicates", "messages received again and dropped", value=s.duplicates
+        )
+        rejected = CounterMetricFamily(
+            "examwatch_gateway_rejected",
+            "messages rejected, by reason and claimed room",
+            labels=["reason", "site", "room"],
+        )
         for (reason, agent), n in list(s.rejected.items()):
             site, _, room = agent.partition("/")
             rejected.add_metric([reason, site, room], n)
@@ -131,13 +164,17 @@ class GatewayCollector:
             yield GaugeMetricFamily(
                 "examwatch_gateway_broker_connected",
                 "1 while connected and subscribed to the county broker; at 0 no room is heard or judged",
-                value=1 if self.broker.connected else 0)
-            yield CounterMetricFamily("examwatch_gateway_broker_connect_failures",
-                                      "attempts to reach the county broker that failed (unreachable or refused)",
-                                      value=self.broker.connect_failures)
+                value=1 if self.broker.connected else 0,
+            )
+            yield CounterMetricFamily(
+                "examwatch_gateway_broker_connect_failures",
+                "attempts to reach the county broker that failed (unreachable or refused)",
+                value=self.broker.connect_failures,
+            )
         if self.api is not None:
-            refused = CounterMetricFamily("examwatch_gateway_api_refused", "API requests refused, by reason",
-                                          labels=["reason"])
+            refused = CounterMetricFamily(
+                "examwatch_gateway_api_refused", "API requests refused, by reason", labels=["reason"]
+            )
             for reason, n in list(self.api.refused.items()):
                 refused.add_metric([reason], n)
             yield refused

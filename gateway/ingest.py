@@ -24,7 +24,6 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Annotated, Any, NamedTuple
 
 import msgspec
@@ -32,20 +31,27 @@ import structlog
 
 from examwatch.gateway import store
 from examwatch.gateway.config import Config
-from examwatch.gateway.correlate import Fault, Incident, correlate
-from examwatch.gateway.ledger import AgentState, Epoch, Order, Rows, Seqs, StatusKey, load_agents, newer
+from examwatch.gateway.correlate import Fault, correlate
+from examwatch.gateway.ledger import (
+    REASON_NAMES,
+    SECURITY_REASONS,
+    AgentState,
+    Epoch,
+    Order,
+    Rows,
+    Seqs,
+    Stats,
+    StatusKey,
+    load_agents,
+    load_open,
+    newer,
+)
 from examwatch.kernel import wire
-from examwatch.kernel.model import DEVICE_KINDS, AlarmEvent, Reading
+from examwatch.kernel.model import DEVICE_KINDS, AlarmEvent, AlarmState, Level, Reading
 from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.gateway")
 
-REASON_NAMES = {"forged": "伪造", "unauthorized": "越权", "unsigned": "未签名", "malformed": "格式错误"}
-SECURITY_REASONS = frozenset(REASON_NAMES)
-# rejections counted against the room they name; "outdated": an agent without outbox epochs (upgrade it),
-# "stale": a status not newer than the last applied, "internal": a message our own code failed on
-ROOM_REASONS = (*REASON_NAMES, "bad_body", "outdated", "stale", "internal")
-ROOMLESS_REASONS = ("unknown_agent", "bad_topic", "internal")  # rejections that name no room on the roster
 READINGS_MAX = 5000  # per message (the agent sends uplink.batch_max, 500 by default)
 
 
@@ -54,24 +60,6 @@ class Message(NamedTuple):
     payload: bytes
     retained: bool
     received: float  # our clock when it arrived
-
-
-@dataclass
-class Stats:
-    messages: Counter[str] = field(default_factory=Counter)  # accepted, by kind
-    readings: int = 0
-    duplicates: int = 0
-    rejected: Counter[tuple[str, str]] = field(default_factory=Counter)  # (reason, agent or "") -> count
-    batches: int = 0
-
-    @classmethod
-    def for_roster(cls, agents: Iterable[str]) -> Stats:
-        """Every label set the counters can take, at 0: PromQL's increase() cannot see a series born at 1."""
-        s = cls()
-        s.messages.update(dict.fromkeys(wire.KINDS, 0))
-        s.rejected.update({(reason, agent): 0 for agent in agents for reason in ROOM_REASONS})
-        s.rejected.update({(reason, ""): 0 for reason in ROOMLESS_REASONS})
-        return s
 
 
 class Rejected(Exception):
@@ -114,21 +102,7 @@ class Engine:
 
     def _load(self) -> None:
         self.agents, self._stored = load_agents(self.conn, self.keys)  # _stored: those with a row in the store
-        # Alarms still open (the agents' and ours) and the last transition time of each, for ordering.
-        self.open_alarms: dict[str, tuple[Fault, Order, str]] = {}  # id -> (fault, order of its last transition, source)
-        self.gateway_alarms: dict[tuple[str, str], AlarmEvent] = {}  # (agent, rule) -> the raise
-        for r in self.conn.execute("SELECT * FROM alarms WHERE state != 'cleared'"):
-            self.open_alarms[r["id"]] = (Fault(r["site"], r["room"], r["rule"], r["raised_at"]), (r["epoch_rank"], r["seq"]),
-                                         r["source"])
-            if r["source"] == "gateway":
-                ev = self.conn.execute("SELECT event FROM alarm_events WHERE alarm_id = ? ORDER BY rowid LIMIT 1",
-                                       [r["id"]]).fetchone()
-                self.gateway_alarms[(f"{r['site']}/{r['room']}", r["rule"])] = _alarm.decode(ev[0])
-        self.incidents: dict[tuple[str, str], Incident] = {}
-        for r in self.conn.execute("SELECT * FROM incidents WHERE state = 'open'"):
-            self.incidents[(r["site"], r["fault_class"])] = Incident(
-                id=r["id"], site=r["site"], fault_class=r["fault_class"], title=r["title"], level=r["level"],
-                opened_at=r["opened_at"], members=msgspec.json.decode(r["members"]), active=msgspec.json.decode(r["active"]))
+        self.open_alarms, self.gateway_alarms, self.incidents = load_open(self.conn)
 
     # --- ingest -------------------------------------------------------------------------------------
 
@@ -221,16 +195,18 @@ class Engine:
         held = self.conn.execute("SELECT site, room, source FROM alarms WHERE id = ?", [ev.id]).fetchone()
         if held is not None:
             claimed.add(f"{held['site']}/{held['room']}")
-        ours = self.open_alarms.get(ev.id, (None, (0, 0), "agent"))[2] == "gateway" or (held and held["source"] != "agent")
-        if claimed != {a.agent} or ours:
-            raise Rejected("unauthorized", a.agent, f"alarm {ev.id[:120]} of {sorted(claimed)} signed by {a.agent}",
-                           victims=claimed - {a.agent})
+        ours = self.open_alarms.get(ev.id, (None, (0, 0), "agent"))[2] == "gateway"
+        if claimed != {a.agent} or ours or (held and held["source"] != "agent"):
+            detail = f"alarm {ev.id[:120]} of {sorted(claimed)} signed by {a.agent}"
+            raise Rejected("unauthorized", a.agent, detail, victims=claimed - {a.agent})
 
     def _readings(self, a: AgentState, seq: int, readings: list[Reading]) -> None:
         self._batch.readings.extend((a.agent, r.device, r.metric, r.value, r.ts, r.quality, seq) for r in readings)
         self.stats.readings += len(readings)
 
-    def _store_alarm(self, a: AgentState, ev: AlarmEvent, body: bytes, received: float, order: Order, source: str) -> None:
+    def _store_alarm(
+        self, a: AgentState, ev: AlarmEvent, body: bytes, received: float, order: Order, source: str
+    ) -> None:
         """One transition: into the timeline always; into the alarm's state if it is the latest by ``order``.
 
         An agent's transitions are ordered by its outbox (epoch rank, seq), never by their times (``at`` is
@@ -238,8 +214,7 @@ class Engine:
         """
         seq = order[1] if source == "agent" else 0
         self._batch.alarm_events.append((ev.id, ev.at, ev.state, ev.level, received, seq, body))
-        self._batch.alarms.append((ev.id, a.site, a.room, ev.rule, ev.level, ev.state, ev.device, ev.message,
-                                   ev.raised_at, ev.at, ev.at if ev.state == "cleared" else None, source, *order))
+        self._batch.alarm(ev, a.site, a.room, source, order)
         prev = self.open_alarms.get(ev.id)
         if prev is not None and order < prev[1]:
             return  # an older transition arriving late: timeline only
@@ -275,7 +250,8 @@ class Engine:
                 log.warning("agent_offline", agent=a.agent, reason=st.reason or "lost")
             a.status = "offline"
             what = "代理程序已停止" if st.reason == "shutdown" else "与县级网关失去连接（网络中断或断电）"
-            self._raise_gw(a, "agent_offline", self._offline_level(a, m.received), f"考场监测代理离线：{what}", m.received)
+            level = self._offline_level(a, m.received)
+            self._raise_gw(a, "agent_offline", level, f"考场监测代理离线：{what}", m.received)
             return None
         if not m.retained:
             a.skews.append(env.ts - m.received)
@@ -302,15 +278,14 @@ class Engine:
             log.warning("message_rejected", reason=r.reason, agent=r.agent or None, detail=r.detail[:200])
         if r.reason == "stale":
             return  # an old status: nothing to inspect
-        self._batch.dead_letters.append((m.received, r.reason, r.agent, m.topic[:300], r.detail[:500], len(m.payload),
-                                         m.payload[:store.DEAD_LETTER_BYTES]))
+        self._batch.dead_letter(m.received, r.reason, r.agent, m.topic, r.detail, m.payload)
         if r.reason in SECURITY_REASONS and r.agent:
             # the room whose key or name was used, and any room whose alarm it tried to change
             for agent in (r.agent, *sorted(v for v in r.victims if v in self.agents)):
                 self._security[agent] = m.received
                 if (agent, "security_rejected") not in self.gateway_alarms:
-                    self._raise_gw(self.agents[agent], "security_rejected", 2,
-                                   f"收到冒用本考场身份的{REASON_NAMES[r.reason]}消息，已拒收；请核查网络与设备", m.received)
+                    text = f"收到冒用本考场身份的{REASON_NAMES[r.reason]}消息，已拒收；请核查网络与设备"
+                    self._raise_gw(self.agents[agent], "security_rejected", 2, text, m.received)
 
     # --- gateway's own alarms -----------------------------------------------------------------------
 
@@ -329,14 +304,26 @@ class Engine:
                 a.phase = phase
                 self._batch.agents.add(agent)
 
-    def _raise_gw(self, a: AgentState, rule: str, level: int, message: str, now: float, value: float | None = None) -> None:
+    def _raise_gw(
+        self, a: AgentState, rule: str, level: int, message: str, now: float, value: float | None = None
+    ) -> None:
         current = self.gateway_alarms.get((a.agent, rule))
         if current is not None and current.level >= level:
             return
-        state = "updated" if current is not None else "raised"
-        ev = AlarmEvent(id=current.id if current else f"{a.agent}/{rule}/gateway/{int(now * 1000)}", site=a.site,
-                        room=a.room, rule=rule, level=level, state=state, device="agent", value=value, at=now,
-                        raised_at=current.raised_at if current else now, message=message)
+        state = AlarmState.UPDATED if current is not None else AlarmState.RAISED
+        ev = AlarmEvent(
+            id=current.id if current else f"{a.agent}/{rule}/gateway/{int(now * 1000)}",
+            site=a.site,
+            room=a.room,
+            rule=rule,
+            level=Level(level),
+            state=state,
+            device="agent",
+            value=value,
+            at=now,
+            raised_at=current.raised_at if current else now,
+            message=message,
+        )
         self.gateway_alarms[(a.agent, rule)] = ev
         self._store_alarm(a, ev, _json.encode(ev), now, (0, round(now * 1000)), "gateway")
 
@@ -352,8 +339,8 @@ class Engine:
         if skew is None:
             return
         if abs(skew) > bound:
-            self._raise_gw(a, "clock_skew", 1, f"考场代理时钟偏差 {skew:+.1f} 秒，超过 {bound:g} 秒：记录时间不可信，请校时",
-                           now, value=skew)
+            text = f"考场代理时钟偏差 {skew:+.1f} 秒，超过 {bound:g} 秒：记录时间不可信，请校时"
+            self._raise_gw(a, "clock_skew", 1, text, now, value=skew)
         elif abs(skew) <= bound / 2:
             self._clear_gw(a, "clock_skew", "考场代理时钟已校准", now)
 
@@ -370,8 +357,8 @@ class Engine:
                     a.status = "silent"
                     self._batch.agents.add(a.agent)
                     log.warning("agent_silent", agent=a.agent, last_seen=a.last_seen)
-                    self._raise_gw(a, "agent_offline", self._offline_level(a, now),
-                                   f"考场监测代理 {timeout:g} 秒无心跳：网络中断或设备故障", now)
+                    text = f"考场监测代理 {timeout:g} 秒无心跳：网络中断或设备故障"
+                    self._raise_gw(a, "agent_offline", self._offline_level(a, now), text, now)
         for (agent, rule), ev in list(self.gateway_alarms.items()):
             a = self.agents[agent]
             if rule == "agent_offline" and self._offline_level(a, now) > ev.level:
@@ -394,9 +381,7 @@ class Engine:
             inc = by_id[c.incident]
             log.warning("incident_" + c.what, incident=inc.id, level=c.level, rooms=list(c.rooms))
             self._batch.incident_events.append((inc.id, now, c.what, _json.encode(list(c.rooms)).decode(), c.level))
-            self._batch.incidents[inc.id] = (inc.id, inc.site, inc.fault_class, inc.title, inc.level, inc.state,
-                                             inc.opened_at, inc.closed_at, _json.encode(inc.members).decode(),
-                                             _json.encode(inc.active).decode())
+            self._batch.incident(inc)
 
     def _commit(self) -> None:
         """Write the batch in one transaction; if that fails, message by message, setting aside what still fails."""
@@ -417,7 +402,9 @@ class Engine:
                     if m is None:
                         log.exception("gateway_rows_failed")  # our own alarms and incidents: derived again later
                         continue
-                    self._reject(Rejected("internal", self._roster_agent(m.topic), f"not stored: {type(one).__name__}: {one}"), m)
+                    self._reject(
+                        Rejected("internal", self._roster_agent(m.topic), f"not stored: {type(one).__name__}: {one}"), m
+                    )
                     self._write(self._batch)  # the dead letter alone; if even that fails the database is broken: raise
                     self._batch = Rows()
         if self._resync:  # the database is the truth: what memory holds of refused rows goes
@@ -432,8 +419,9 @@ class Engine:
     def retention(self, now: float) -> None:
         cut = now - self.cfg.gateway.retention_days * 86400
         alarm_cut = now - self.cfg.gateway.alarm_retention_days * 86400
-        floors = self.conn.execute("SELECT agent, epoch, MAX(seq) FROM ledger WHERE received < ? GROUP BY agent, epoch",
-                                   [cut]).fetchall()
+        floors = self.conn.execute(
+            "SELECT agent, epoch, MAX(seq) FROM ledger WHERE received < ? GROUP BY agent, epoch", [cut]
+        ).fetchall()
         for agent, epoch, floor in floors:
             e = self.agents[agent].epochs.get(epoch) if agent in self.agents else None
             if e is not None and floor > e.floor:

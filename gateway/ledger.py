@@ -3,7 +3,9 @@
 Pure bookkeeping, no I/O: sequence numbers are kept per (agent, epoch) as sorted disjoint runs; an
 agent's epochs are ranked in the order first seen, and its status messages are ordered by
 (rank, boot, conn, n) (see ``edge.wire.Status``). ``Rows`` collects what one message (or the gateway's own
-work) changes, so a batch can be written whole, or message by message when the whole fails.
+work) changes, so a batch can be written whole, or message by message when the whole fails. ``Stats``
+counts the messages by kind and the rejections by reason and room; ``load_agents`` and ``load_open`` read
+back at start-up what the store holds.
 """
 
 from __future__ import annotations
@@ -11,16 +13,50 @@ from __future__ import annotations
 import bisect
 import json
 import sqlite3
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from examwatch.gateway import store
+from examwatch.gateway.correlate import Fault, Incident
+from examwatch.kernel import wire
+from examwatch.kernel.model import AlarmEvent
 
 StatusKey = tuple[int, int, int, int]  # (epoch rank, boot, conn, n)
 Order = tuple[int, int]  # an alarm transition's place: (epoch rank, seq) for an agent's, (0, our ms) for ours
+OpenAlarms = dict[str, tuple[Fault, Order, str]]  # id -> (fault, order of its last transition, source)
 SKEW_SAMPLES = 5
+_alarm = msgspec.json.Decoder(AlarmEvent)
+_json = msgspec.json.Encoder()
+
+
+REASON_NAMES = {"forged": "伪造", "unauthorized": "越权", "unsigned": "未签名", "malformed": "格式错误"}
+SECURITY_REASONS = frozenset(REASON_NAMES)
+# rejections counted against the room they name; "outdated": an agent without outbox epochs (upgrade it),
+# "stale": a status not newer than the last applied, "internal": a message our own code failed on
+ROOM_REASONS = (*REASON_NAMES, "bad_body", "outdated", "stale", "internal")
+ROOMLESS_REASONS = ("unknown_agent", "bad_topic", "internal")  # rejections that name no room on the roster
+
+
+@dataclass
+class Stats:
+    messages: Counter[str] = field(default_factory=Counter)  # accepted, by kind
+    readings: int = 0
+    duplicates: int = 0
+    rejected: Counter[tuple[str, str]] = field(default_factory=Counter)  # (reason, agent or "") -> count
+    batches: int = 0
+
+    @classmethod
+    def for_roster(cls, agents: Iterable[str]) -> Stats:
+        """Every label set the counters can take, at 0: PromQL's increase() cannot see a series born at 1."""
+        s = cls()
+        s.messages.update(dict.fromkeys(wire.KINDS, 0))
+        s.rejected.update({(reason, agent): 0 for agent in agents for reason in ROOM_REASONS})
+        s.rejected.update({(reason, ""): 0 for reason in ROOMLESS_REASONS})
+        return s
 
 
 class Seqs:
@@ -111,9 +147,21 @@ class AgentState:
     def row(self) -> tuple[Any, ...]:
         newest = self.newest
         e = newest[1] if newest else Epoch(0)
-        return (self.agent, self.site, self.room, self.status, self.last_seen, self.last_status_ts, self.skew, self.phase,
-                e.floor, e.top, sum(x.missing for x in self.epochs.values()), newest[0] if newest else None,
-                json.dumps(self.status_key) if self.status_key else None)
+        return (
+            self.agent,
+            self.site,
+            self.room,
+            self.status,
+            self.last_seen,
+            self.last_status_ts,
+            self.skew,
+            self.phase,
+            e.floor,
+            e.top,
+            sum(x.missing for x in self.epochs.values()),
+            newest[0] if newest else None,
+            json.dumps(self.status_key) if self.status_key else None,
+        )
 
 
 def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[str, AgentState], set[str]]:
@@ -132,7 +180,7 @@ def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[s
             r = rows[agent]
             a.status, a.last_seen, a.last_status_ts = r["status"], r["last_seen"], r["last_status_ts"] or 0.0
             a.phase = r["phase"]
-            a.status_key = tuple(json.loads(r["status_key"])) if r["status_key"] else None  # type: ignore[assignment]
+            a.status_key = tuple(json.loads(r["status_key"])) if r["status_key"] else None
             if r["skew"] is not None:
                 a.skews.append(r["skew"])
         a.kinds = kinds.get(agent, {})
@@ -141,6 +189,36 @@ def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[s
             ep.seqs.drop_below(ep.floor)
         agents[agent] = a
     return agents, set(rows)
+
+
+def load_open(
+    conn: sqlite3.Connection,
+) -> tuple[OpenAlarms, dict[tuple[str, str], AlarmEvent], dict[tuple[str, str], Incident]]:
+    """Alarms still open (the agents' and ours) with their last transition's order, for ordering; the raise of
+    each of our own by (agent, rule); the open incidents by (site, fault class)."""
+    open_alarms: OpenAlarms = {}
+    gateway_alarms: dict[tuple[str, str], AlarmEvent] = {}
+    for r in conn.execute("SELECT * FROM alarms WHERE state != 'cleared'"):
+        fault = Fault(r["site"], r["room"], r["rule"], r["raised_at"])
+        open_alarms[r["id"]] = (fault, (r["epoch_rank"], r["seq"]), r["source"])
+        if r["source"] == "gateway":
+            ev = conn.execute(
+                "SELECT event FROM alarm_events WHERE alarm_id = ? ORDER BY rowid LIMIT 1", [r["id"]]
+            ).fetchone()
+            gateway_alarms[(f"{r['site']}/{r['room']}", r["rule"])] = _alarm.decode(ev[0])
+    incidents: dict[tuple[str, str], Incident] = {}
+    for r in conn.execute("SELECT * FROM incidents WHERE state = 'open'"):
+        incidents[(r["site"], r["fault_class"])] = Incident(
+            id=r["id"],
+            site=r["site"],
+            fault_class=r["fault_class"],
+            title=r["title"],
+            level=r["level"],
+            opened_at=r["opened_at"],
+            members=msgspec.json.decode(r["members"]),
+            active=msgspec.json.decode(r["active"]),
+        )
+    return open_alarms, gateway_alarms, incidents
 
 
 def newer(key: StatusKey, than: StatusKey | None) -> bool:
@@ -163,8 +241,26 @@ class Rows:
         self.devices: dict[str, dict[str, str]] = {}  # agent -> its devices' kinds, replacing the stored ones
         self.dead_letters: list[tuple[Any, ...]] = []
 
+    def alarm(self, ev: AlarmEvent, site: str, room: str, source: str, order: Order) -> None:
+        """The alarm's row as this transition leaves it (written only if it is the latest by ``order``)."""
+        cleared_at = ev.at if ev.state == "cleared" else None
+        row = (ev.id, site, room, ev.rule, ev.level, ev.state, ev.device, ev.message, ev.raised_at, ev.at, cleared_at)
+        self.alarms.append((*row, source, *order))
+
+    def incident(self, inc: Incident) -> None:
+        members, active = _json.encode(inc.members).decode(), _json.encode(inc.active).decode()
+        row = (inc.id, inc.site, inc.fault_class, inc.title, inc.level, inc.state, inc.opened_at, inc.closed_at)
+        self.incidents[inc.id] = (*row, members, active)
+
+    def dead_letter(self, received: float, reason: str, agent: str, topic: str, detail: str, payload: bytes) -> None:
+        row = (received, reason, agent, topic[:300], detail[:500], len(payload), payload[: store.DEAD_LETTER_BYTES])
+        self.dead_letters.append(row)
+
     def latest(self) -> list[tuple[Any, ...]]:
-        """The newest reading per (agent, device, metric) by the room's time (the store keeps the newer of it and its own)."""
+        """The newest reading per (agent, device, metric) by the room's time.
+
+        The store keeps the newer of it and its own.
+        """
         out: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         for r in self.readings:
             prev = out.get(r[:3])
@@ -183,40 +279,84 @@ class Rows:
     def statements(self, agent_rows: list[tuple[Any, ...]]) -> list[tuple[str, Sequence[Sequence[Any]]]]:
         return [
             ("INSERT OR IGNORE INTO ledger (agent, epoch, seq, kind, ts, received) VALUES (?,?,?,?,?,?)", self.ledger),
-            ("INSERT INTO readings (agent, device, metric, value, ts, quality, seq) VALUES (?,?,?,?,?,?,?)", self.readings),
-            (("INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE "
-             "SET value = excluded.value, ts = excluded.ts, quality = excluded.quality WHERE excluded.ts >= latest.ts"),
-             self.latest()),
-            ("INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
-             self.alarm_events),
+            (
+                "INSERT INTO readings (agent, device, metric, value, ts, quality, seq) VALUES (?,?,?,?,?,?,?)",
+                self.readings,
+            ),
+            (
+                (
+                    "INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) "
+                    "ON CONFLICT DO UPDATE SET value = excluded.value, ts = excluded.ts, quality = excluded.quality "
+                    "WHERE excluded.ts >= latest.ts"
+                ),
+                self.latest(),
+            ),
+            (
+                "INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
+                self.alarm_events,
+            ),
             # A transition before the one stored (out of order after an outage) joins the timeline only; and a
             # row changes only for its own room and source (ingest refuses the rest before it gets here).
-            (("INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
-             " source, epoch_rank, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
-             "level = excluded.level, state = excluded.state, message = excluded.message, updated_at = excluded.updated_at, "
-             "cleared_at = excluded.cleared_at, epoch_rank = excluded.epoch_rank, seq = excluded.seq "
-             "WHERE (excluded.epoch_rank, excluded.seq) >= (alarms.epoch_rank, alarms.seq) "
-             "AND alarms.site = excluded.site AND alarms.room = excluded.room AND alarms.source = excluded.source"),
-             self.alarms),
-            (("INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members, active)"
-             " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state,"
-             " closed_at = excluded.closed_at, members = excluded.members, active = excluded.active"),
-             list(self.incidents.values())),
-            ("INSERT INTO incident_events (incident_id, at, what, rooms, level) VALUES (?,?,?,?,?)", self.incident_events),
+            (
+                (
+                    "INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at,"
+                    " cleared_at, source, epoch_rank, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state, "
+                    "message = excluded.message, updated_at = excluded.updated_at, "
+                    "cleared_at = excluded.cleared_at, epoch_rank = excluded.epoch_rank, seq = excluded.seq "
+                    "WHERE (excluded.epoch_rank, excluded.seq) >= (alarms.epoch_rank, alarms.seq) "
+                    "AND alarms.site = excluded.site AND alarms.room = excluded.room "
+                    "AND alarms.source = excluded.source"
+                ),
+                self.alarms,
+            ),
+            (
+                (
+                    "INSERT INTO incidents (id, site, fault_class, title, level, state, opened_at, closed_at, members,"
+                    " active) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (id) DO UPDATE SET level = excluded.level, state = excluded.state,"
+                    " closed_at = excluded.closed_at, members = excluded.members, active = excluded.active"
+                ),
+                list(self.incidents.values()),
+            ),
+            (
+                "INSERT INTO incident_events (incident_id, at, what, rooms, level) VALUES (?,?,?,?,?)",
+                self.incident_events,
+            ),
             ("DELETE FROM devices WHERE agent = ?", [(agent,) for agent in self.devices]),
-            ("INSERT INTO devices (agent, device, kind) VALUES (?,?,?)",
-             [(agent, device, kind) for agent, kinds in self.devices.items() for device, kind in kinds.items()]),
-            (("INSERT INTO epochs (agent, epoch, rank, floor_seq) VALUES (?,?,?,?) ON CONFLICT (agent, epoch) "
-              "DO UPDATE SET floor_seq = excluded.floor_seq"), list(self.epochs.values())),
-            (("INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq, max_seq,"
-             " missing, epoch, status_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (agent) DO UPDATE SET "
-             "status = excluded.status, last_seen = excluded.last_seen, last_status_ts = excluded.last_status_ts, "
-             "skew = excluded.skew, phase = excluded.phase, floor_seq = excluded.floor_seq, max_seq = excluded.max_seq, "
-             "missing = excluded.missing, epoch = excluded.epoch, status_key = excluded.status_key"), agent_rows),
-            ("INSERT INTO dead_letters (received, reason, agent, topic, detail, size, payload) VALUES (?,?,?,?,?,?,?)",
-             self.dead_letters),
-            ("DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?",
-             [(store.DEAD_LETTERS_MAX,)] if self.dead_letters else []),
+            (
+                "INSERT INTO devices (agent, device, kind) VALUES (?,?,?)",
+                [(agent, device, kind) for agent, kinds in self.devices.items() for device, kind in kinds.items()],
+            ),
+            (
+                (
+                    "INSERT INTO epochs (agent, epoch, rank, floor_seq) VALUES (?,?,?,?) ON CONFLICT (agent, epoch) "
+                    "DO UPDATE SET floor_seq = excluded.floor_seq"
+                ),
+                list(self.epochs.values()),
+            ),
+            (
+                (
+                    "INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts, skew, phase, floor_seq,"
+                    " max_seq, missing, epoch, status_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (agent) DO UPDATE SET "
+                    "status = excluded.status, last_seen = excluded.last_seen, "
+                    "last_status_ts = excluded.last_status_ts, skew = excluded.skew, phase = excluded.phase, "
+                    "floor_seq = excluded.floor_seq, "
+                    "max_seq = excluded.max_seq, "
+                    "missing = excluded.missing, epoch = excluded.epoch, status_key = excluded.status_key"
+                ),
+                agent_rows,
+            ),
+            (
+                "INSERT INTO dead_letters (received, reason, agent, topic, detail, size, payload) VALUES "
+                "(?,?,?,?,?,?,?)",
+                self.dead_letters,
+            ),
+            (
+                "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?",
+                [(store.DEAD_LETTERS_MAX,)] if self.dead_letters else [],
+            ),
         ]
 
 

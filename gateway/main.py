@@ -45,8 +45,12 @@ class Gateway:
         self.api_thread = self.api.start()
         self.notifier.start()
         self.subscriber.start()
-        log.info("gateway_started", agents=len(self.engine.agents), api=self.cfg.api.listen,
-                 exporter=self.cfg.exporter.listen)
+        log.info(
+            "gateway_started",
+            agents=len(self.engine.agents),
+            api=self.cfg.api.listen,
+            exporter=self.cfg.exporter.listen,
+        )
         systemd = sdnotify.SystemdNotifier()
         systemd.notify("READY=1")
         period, last_tick, last_watchdog = watchdog_period(), 0.0, 0.0
@@ -66,8 +70,10 @@ class Gateway:
                 if time.monotonic() - last_watchdog >= period and self.healthy():
                     last_watchdog = time.monotonic()
                     systemd.notify("WATCHDOG=1")
-                    systemd.notify(f"STATUS=broker {'connected' if self.subscriber.connected else 'NOT connected'}, "
-                                   f"{len(self.engine.agents)} rooms")
+                    systemd.notify(
+                        f"STATUS=broker {'connected' if self.subscriber.connected else 'NOT connected'}, "
+                        f"{len(self.engine.agents)} rooms"
+                    )
         finally:
             self.subscriber.stop()
             self.notifier.stop()
@@ -77,7 +83,10 @@ class Gateway:
             log.info("gateway_stopped")
 
     def healthy(self) -> bool:
-        """The threads beside the ingest loop still run, the notifier's too (a broker that is down is not ours to fix by restarting)."""
+        """The threads beside the ingest loop still run, the notifier's too.
+
+        A broker that is down is not ours to fix by restarting.
+        """
         return self.api_thread.is_alive() and self.subscriber.alive() and self.notifier.alive()
 
     def _take(self, timeout: float) -> list[tuple[int, int, Message]]:

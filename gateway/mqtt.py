@@ -101,8 +101,12 @@ class Subscriber:
 
     def _on_subscribe(self, _c: Any, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
         if any(rc.is_failure for rc in codes):
-            self._changed("subscription refused", "gateway_broker_subscription_refused",
-                          reason=", ".join(map(str, codes)), hint="the broker's ACL must let the gateway read examwatch/v1/#")
+            self._changed(
+                "subscription refused",
+                "gateway_broker_subscription_refused",
+                reason=", ".join(map(str, codes)),
+                hint="the broker's ACL must let the gateway read examwatch/v1/#",
+            )
             return
         # Rooms are judged silent only a whole heartbeat_timeout after this: from when we can hear them.
         self.up_since = time.time()
@@ -111,8 +115,12 @@ class Subscriber:
 
     def _on_connect_fail(self, _c: Any, _u: Any) -> None:
         self.connect_failures += 1
-        self._changed("unreachable", "gateway_broker_unreachable", ever_connected=self.connection > 0,
-                      hint="no room can be heard and no room is judged silent until the broker is reached")
+        self._changed(
+            "unreachable",
+            "gateway_broker_unreachable",
+            ever_connected=self.connection > 0,
+            hint="no room can be heard and no room is judged silent until the broker is reached",
+        )
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if self.connected:
@@ -121,4 +129,6 @@ class Subscriber:
         self.up_since = None
 
     def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
-        self.inbox.put((self.connection, m.mid if m.qos else 0, Message(m.topic, m.payload, bool(m.retain), time.time())))
+        self.inbox.put(
+            (self.connection, m.mid if m.qos else 0, Message(m.topic, bytes(m.payload), bool(m.retain), time.time()))
+        )

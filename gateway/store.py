@@ -29,8 +29,8 @@ CREATE TABLE IF NOT EXISTS agents (agent TEXT PRIMARY KEY, site TEXT NOT NULL, r
     epoch INTEGER, status_key TEXT);
 CREATE TABLE IF NOT EXISTS epochs (agent TEXT NOT NULL, epoch INTEGER NOT NULL, rank INTEGER NOT NULL,
     floor_seq INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (agent, epoch)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS ledger (agent TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
-    ts REAL NOT NULL, received REAL NOT NULL, PRIMARY KEY (agent, epoch, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger (agent TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+    kind TEXT NOT NULL, ts REAL NOT NULL, received REAL NOT NULL, PRIMARY KEY (agent, epoch, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_received ON ledger (received);
 CREATE TABLE IF NOT EXISTS readings (agent TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
     value REAL NOT NULL, ts REAL NOT NULL, quality TEXT NOT NULL, seq INTEGER NOT NULL);
@@ -93,8 +93,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
         ledger = [r[1] for r in conn.execute("PRAGMA table_info(ledger)")]
         if ledger and "epoch" not in ledger:
             conn.execute("DROP TABLE ledger")
-        for table, columns in (("agents", ("epoch INTEGER", "status_key TEXT")),
-                               ("alarms", ("epoch_rank INTEGER NOT NULL DEFAULT 0", "seq INTEGER NOT NULL DEFAULT 0"))):
+        for table, columns in (
+            ("agents", ("epoch INTEGER", "status_key TEXT")),
+            ("alarms", ("epoch_rank INTEGER NOT NULL DEFAULT 0", "seq INTEGER NOT NULL DEFAULT 0")),
+        ):
             have = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
             for column in columns:
                 if have and column.split()[0] not in have:
@@ -113,7 +115,8 @@ def received_ranges(conn: sqlite3.Connection) -> dict[tuple[str, int], list[list
     """Per (agent, epoch), the runs of consecutive sequence numbers in the ledger (gaps and islands)."""
     rows = conn.execute(
         "SELECT agent, epoch, MIN(seq), MAX(seq) FROM (SELECT agent, epoch, seq, seq - ROW_NUMBER() OVER "
-        "(PARTITION BY agent, epoch ORDER BY seq) AS g FROM ledger) GROUP BY agent, epoch, g ORDER BY agent, epoch, MIN(seq)"
+        "(PARTITION BY agent, epoch ORDER BY seq) AS g FROM ledger) GROUP BY agent, epoch, g ORDER BY agent, epoch, "
+        "MIN(seq)"
     ).fetchall()
     out: dict[tuple[str, int], list[list[int]]] = {}
     for agent, epoch, lo, hi in rows:
@@ -133,45 +136,65 @@ def _dicts(rows: Iterable[sqlite3.Row]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def alarms(conn: sqlite3.Connection, *, state: str = "", level: int | None = None, site: str = "", room: str = "",
-           limit: int = 500) -> list[dict[str, Any]]:
-    sql, args = "SELECT * FROM alarms WHERE 1=1", []
+def alarms(
+    conn: sqlite3.Connection,
+    *,
+    state: str = "",
+    level: int | None = None,
+    site: str = "",
+    room: str = "",
+    limit: int = 500,
+) -> list[dict[str, Any]]:
+    sql = "SELECT * FROM alarms WHERE 1=1"
+    args: list[Any] = []
     if state == "active":
         sql += " AND state != 'cleared'"
     elif state:
-        sql, args = sql + " AND state = ?", args + [state]
+        sql, args = sql + " AND state = ?", [*args, state]
     if level is not None:
-        sql, args = sql + " AND level = ?", args + [level]
+        sql, args = sql + " AND level = ?", [*args, level]
     if site:
-        sql, args = sql + " AND site = ?", args + [site]
+        sql, args = sql + " AND site = ?", [*args, site]
     if room:
-        sql, args = sql + " AND room = ?", args + [room]
-    return _dicts(conn.execute(sql + " ORDER BY raised_at DESC LIMIT ?", args + [limit]))
+        sql, args = sql + " AND room = ?", [*args, room]
+    return _dicts(conn.execute(sql + " ORDER BY raised_at DESC LIMIT ?", [*args, limit]))
 
 
 def alarm_timeline(conn: sqlite3.Connection, alarm_id: str) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT at, state, level, received, event FROM alarm_events WHERE alarm_id = ? ORDER BY at, rowid",
-                        [alarm_id]).fetchall()
-    return [{"at": r["at"], "state": r["state"], "level": r["level"], "received": r["received"],
-             "event": json.loads(r["event"])} for r in rows]
+    rows = conn.execute(
+        "SELECT at, state, level, received, event FROM alarm_events WHERE alarm_id = ? ORDER BY at, rowid", [alarm_id]
+    ).fetchall()
+    return [
+        {
+            "at": r["at"],
+            "state": r["state"],
+            "level": r["level"],
+            "received": r["received"],
+            "event": json.loads(r["event"]),
+        }
+        for r in rows
+    ]
 
 
-def incidents(conn: sqlite3.Connection, *, state: str = "", site: str = "", level: int | None = None,
-              limit: int = 200) -> list[dict[str, Any]]:
-    sql, args = "SELECT * FROM incidents WHERE 1=1", []
+def incidents(
+    conn: sqlite3.Connection, *, state: str = "", site: str = "", level: int | None = None, limit: int = 200
+) -> list[dict[str, Any]]:
+    sql = "SELECT * FROM incidents WHERE 1=1"
+    args: list[Any] = []
     if state:
-        sql, args = sql + " AND state = ?", args + [state]
+        sql, args = sql + " AND state = ?", [*args, state]
     if site:
-        sql, args = sql + " AND site = ?", args + [site]
+        sql, args = sql + " AND site = ?", [*args, site]
     if level is not None:
-        sql, args = sql + " AND level = ?", args + [level]
-    out = _dicts(conn.execute(sql + " ORDER BY opened_at DESC LIMIT ?", args + [limit]))
+        sql, args = sql + " AND level = ?", [*args, level]
+    out = _dicts(conn.execute(sql + " ORDER BY opened_at DESC LIMIT ?", [*args, limit]))
     for inc in out:
         inc["members"], inc["active"] = json.loads(inc["members"]), json.loads(inc["active"])
         inc["timeline"] = [
             {**dict(r), "rooms": json.loads(r["rooms"])}
-            for r in conn.execute("SELECT at, what, rooms, level FROM incident_events WHERE incident_id = ? ORDER BY rowid",
-                                  [inc["id"]])
+            for r in conn.execute(
+                "SELECT at, what, rooms, level FROM incident_events WHERE incident_id = ? ORDER BY rowid", [inc["id"]]
+            )
         ]
     return out
 
@@ -195,8 +218,9 @@ def device_kinds(conn: sqlite3.Connection) -> dict[str, dict[str, str]]:
 def acknowledge(conn: sqlite3.Connection, table: str, item_id: str, who: str, note: str, now: float) -> bool:
     """Record who acknowledged an alarm or incident and why; False if there is no such one."""
     assert table in ("alarms", "incidents")
-    cur = conn.execute(f"UPDATE {table} SET acked_by = ?, acked_note = ?, acked_at = ? WHERE id = ?",
-                       [who, note, now, item_id])
+    cur = conn.execute(
+        f"UPDATE {table} SET acked_by = ?, acked_note = ?, acked_at = ? WHERE id = ?", [who, note, now, item_id]
+    )
     return cur.rowcount == 1
 
 
@@ -216,14 +240,23 @@ def write_batch(conn: sqlite3.Connection, statements: Sequence[tuple[str, Sequen
 def prune(conn: sqlite3.Connection, cut: float, alarm_cut: float) -> None:
     """Retention: the ledger and readings received before ``cut``; cleared alarms, closed incidents and dead
     letters before ``alarm_cut`` (the ledger's floors must be stored first: see Engine.retention)."""
-    write_batch(conn, [
-        ("DELETE FROM ledger WHERE received < ?", [(cut,)]),
-        ("DELETE FROM readings WHERE ts < ?", [(cut,)]),
-        ("DELETE FROM alarm_events WHERE alarm_id IN (SELECT id FROM alarms WHERE state = 'cleared' AND cleared_at < ?)",
-         [(alarm_cut,)]),
-        ("DELETE FROM alarms WHERE state = 'cleared' AND cleared_at < ?", [(alarm_cut,)]),
-        ("DELETE FROM incident_events WHERE incident_id IN (SELECT id FROM incidents WHERE state = 'closed' "
-         "AND closed_at < ?)", [(alarm_cut,)]),
-        ("DELETE FROM incidents WHERE state = 'closed' AND closed_at < ?", [(alarm_cut,)]),
-        ("DELETE FROM dead_letters WHERE received < ?", [(alarm_cut,)]),
-    ])
+    write_batch(
+        conn,
+        [
+            ("DELETE FROM ledger WHERE received < ?", [(cut,)]),
+            ("DELETE FROM readings WHERE ts < ?", [(cut,)]),
+            (
+                "DELETE FROM alarm_events WHERE alarm_id IN (SELECT id FROM alarms WHERE state = 'cleared' AND "
+                "cleared_at < ?)",
+                [(alarm_cut,)],
+            ),
+            ("DELETE FROM alarms WHERE state = 'cleared' AND cleared_at < ?", [(alarm_cut,)]),
+            (
+                "DELETE FROM incident_events WHERE incident_id IN (SELECT id FROM incidents WHERE state = 'closed' "
+                "AND closed_at < ?)",
+                [(alarm_cut,)],
+            ),
+            ("DELETE FROM incidents WHERE state = 'closed' AND closed_at < ?", [(alarm_cut,)]),
+            ("DELETE FROM dead_letters WHERE received < ?", [(alarm_cut,)]),
+        ],
+    )

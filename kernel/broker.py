@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Any
 
@@ -27,16 +28,15 @@ def apply_broker_settings(client: Any, settings: BrokerSettings) -> None:
     if settings.username:
         client.username_pw_set(settings.username, settings.password or None)
     if settings.tls:
-        client.tls_set(ca_certs=settings.ca_file or None, certfile=settings.cert_file or None,
-                       keyfile=settings.key_file or None)
+        client.tls_set(
+            ca_certs=settings.ca_file or None, certfile=settings.cert_file or None, keyfile=settings.key_file or None
+        )
     client.on_socket_open = _nodelay
 
 
 def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # TLS-wrapped or non-TCP socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass  # TLS-wrapped or non-TCP socket
 
 
 __all__ = ["BrokerSettings", "apply_broker_settings"]

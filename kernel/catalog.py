@@ -56,9 +56,14 @@ METRICS: dict[str, Metric] = {
     "memory_available_bytes": Metric("bytes", "memory available on the agent's machine"),
     "memory_used_ratio": Metric("ratio", "used share of the agent's memory, 0-1"),
     "store_ok": Metric("bool", "1 while the agent's local database accepts writes"),
-    "store_corrupt": Metric("bool", "1 after the agent found its local database corrupt, set it aside and started afresh"
-                            " (until it restarts on a sound one)"),
-    "clock_jump_seconds": Metric("seconds", "size of the latest step of the agent's wall clock within the last hour, 0 if none"),
+    "store_corrupt": Metric(
+        "bool",
+        "1 after the agent found its local database corrupt, set it aside and started afresh"
+        " (until it restarts on a sound one)",
+    ),
+    "clock_jump_seconds": Metric(
+        "seconds", "size of the latest step of the agent's wall clock within the last hour, 0 if none"
+    ),
     "outbox_used_ratio": Metric("ratio", "share of the uplink outbox's disk budget in use, 0-1"),
 }
 

@@ -88,12 +88,18 @@ def decode(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:  # Windows editors save GBK by default
         line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError([ConfigIssue((), "not UTF-8 text (GBK from a Windows editor?): save the file as UTF-8 "
-                                           "(另存为 UTF-8 编码)", line)]) from None
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    (), "not UTF-8 text (GBK from a Windows editor?): save the file as UTF-8 (另存为 UTF-8 编码)", line
+                )
+            ]
+        ) from None
 
 
-def validated(text: str, schema: type[S], build: Callable[[dict[str, Any]], S],
-              semantic_issues: Callable[[S], list[ConfigIssue]]) -> S:
+def validated(
+    text: str, schema: type[S], build: Callable[[dict[str, Any]], S], semantic_issues: Callable[[S], list[ConfigIssue]]
+) -> S:
     """The agent's and the gateway's checker: ``schema``'s issues and, on the parts that are sound, the
     semantic ones (``semantic_issues`` of the built config) together, so one check shows every error."""
     text = text.removeprefix("\ufeff")
@@ -185,19 +191,19 @@ def _walk(value: Any, tp: Any, path: Path, issues: list[ConfigIssue]) -> None:
         extension = getattr(tp, "extension_type", None)
         extra = {k: v for k, v in value.items() if k not in fields}
         for k in [k for k in value if k in fields]:  # in the file's order, so reports are too
-            _walk(value[k], fields[k].type, path + (k,), issues)
+            _walk(value[k], fields[k].type, (*path, k), issues)
         for k, f in fields.items():
             if f.required and k not in value:
-                issues.append(ConfigIssue(path + (k,), "missing required key"))
+                issues.append(ConfigIssue((*path, k), "missing required key"))
         if extension is not None and "protocol" in value:
             ext = extension(value)
             if isinstance(ext, str):
-                issues.append(ConfigIssue(path + ("protocol",), ext))
+                issues.append(ConfigIssue((*path, "protocol"), ext))
                 return
             _walk(extra, ext, path, issues)
         else:
             for k in extra:
-                issues.append(ConfigIssue(path + (k,), f"unknown key; expected one of: {', '.join(fields)}"))
+                issues.append(ConfigIssue((*path, k), f"unknown key; expected one of: {', '.join(fields)}"))
             if len(issues) == before and hasattr(tp, "__post_init__"):  # its own checks, once its fields are sound
                 _leaf(value, tp, path, issues)
     elif origin is list:
@@ -205,13 +211,13 @@ def _walk(value: Any, tp: Any, path: Path, issues: list[ConfigIssue]) -> None:
             issues.append(ConfigIssue(path, f"expected an array, got {type(value).__name__}"))
             return
         for i, item in enumerate(value):
-            _walk(item, get_args(tp)[0], path + (i,), issues)
+            _walk(item, get_args(tp)[0], (*path, i), issues)
     elif origin is dict and get_args(tp)[1] is not Any:
         if not isinstance(value, dict):
             issues.append(ConfigIssue(path, f"expected a table, got {type(value).__name__}"))
             return
         for k, item in value.items():
-            _walk(item, get_args(tp)[1], path + (k,), issues)
+            _walk(item, get_args(tp)[1], (*path, k), issues)
     else:
         _leaf(value, tp, path, issues)
 
@@ -244,23 +250,24 @@ def _nesting(text: str) -> int:
 def _line_of(text: str, path: Path) -> int | None:
     """Best-effort line of a key path in the TOML text (tomllib keeps no positions)."""
     lines = text.splitlines()
-    start, table = 0, []
+    start = 0
+    table: list[str] = []
     keys = [p for p in path]
     # Walk down table headers: [a], [a.b], [[a]] (the n-th one for an index).
     while keys:
         head = keys[0]
         if len(keys) > 1 and isinstance(keys[1], int):
-            hdr = re.compile(rf"^\s*\[\[\s*{re.escape('.'.join(table + [str(head)]))}\s*\]\]")
-            hits = [i for i, l in enumerate(lines) if i >= start and hdr.match(l)]
+            hdr = re.compile(rf"^\s*\[\[\s*{re.escape('.'.join([*table, str(head)]))}\s*\]\]")
+            hits = [i for i, ln in enumerate(lines) if i >= start and hdr.match(ln)]
             if keys[1] >= len(hits):
                 return None
             start = hits[keys[1]] + 1
-            table, keys = table + [str(head)], keys[2:]
+            table, keys = [*table, str(head)], keys[2:]
             continue
-        hdr = re.compile(rf"^\s*\[\s*{re.escape('.'.join(table + [str(head)]))}\s*\]")
-        hit = next((i for i, l in enumerate(lines) if i >= start and hdr.match(l)), None)
+        hdr = re.compile(rf"^\s*\[\s*{re.escape('.'.join([*table, str(head)]))}\s*\]")
+        hit = next((i for i, ln in enumerate(lines) if i >= start and hdr.match(ln)), None)
         if len(keys) > 1:  # [a.b] or [[a.b]] may stand without an [a] header
-            start, table, keys = (start if hit is None else hit + 1), table + [str(head)], keys[1:]
+            start, table, keys = (start if hit is None else hit + 1), [*table, str(head)], keys[1:]
             continue
         if hit is not None:
             return hit + 1
@@ -272,7 +279,6 @@ def _line_of(text: str, path: Path) -> int | None:
                 return i + 1
         return None
     return None
-
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -303,10 +309,31 @@ def check_host(host: str) -> None:
         pass
     if re.fullmatch(r"[\d.]+", host):
         raise ValueError(f"{host!r} is not an IPv4 address")
-    if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", host):
+    if not re.fullmatch(
+        r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+        host,
+    ):
         raise ValueError(f"{host[:64]!r} is not a host name or address")
 
 
-__all__ = ["DAY", "MAX_BYTES", "ConfigError", "ConfigIssue", "Finite", "Interval", "Port", "SessionExpiry", "Strict",
-           "Timeout", "check_host", "decode", "error_at", "fields_of", "parse", "parse_listen", "read", "validated"]
+__all__ = [
+    "DAY",
+    "MAX_BYTES",
+    "ConfigError",
+    "ConfigIssue",
+    "Finite",
+    "Interval",
+    "Port",
+    "SessionExpiry",
+    "Strict",
+    "Timeout",
+    "check_host",
+    "decode",
+    "error_at",
+    "fields_of",
+    "parse",
+    "parse_listen",
+    "read",
+    "validated",
+]

@@ -72,8 +72,10 @@ def read_secret(path: str | Path) -> str:
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"'{path}' is not a regular file")
         if mode & 0o077:
-            raise ValueError(f"permissions {mode:04o} for '{path}' are too open: it must be readable by its "
-                             f"owner only (chmod 600 '{path}')")
+            raise ValueError(
+                f"permissions {mode:04o} for '{path}' are too open: it must be readable by its "
+                f"owner only (chmod 600 '{path}')"
+            )
         data = f.read(SECRET_MAX + 1)
     if len(data) > SECRET_MAX:
         raise ValueError(f"'{path}' is larger than {SECRET_MAX} bytes: not a key file")

@@ -48,6 +48,7 @@ class AlarmState(StrEnum):
     UPDATED = "updated"  # its level changed while active
     CLEARED = "cleared"
 
+
 # Bounds checked when these are decoded (from the wire, from the store); building them in code checks nothing.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]  # device, metric, rule, site, room
 Text = Annotated[str, msgspec.Meta(max_length=2000)]  # messages and actions for people

@@ -70,7 +70,9 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     pending: Count | None = None  # outbox rows waiting at the agent
     phase: Annotated[str, msgspec.Meta(max_length=16)] | None = None  # the exam phase the agent is in, when it knows
     # device name -> kind (recorder, ups, ...): the county labels readings with it
-    kinds: Annotated[dict[Name, Annotated[str, msgspec.Meta(max_length=16)]], msgspec.Meta(max_length=1000)] | None = None
+    kinds: Annotated[dict[Name, Annotated[str, msgspec.Meta(max_length=16)]], msgspec.Meta(max_length=1000)] | None = (
+        None
+    )
     boot: Seq = 0
     conn: Seq = 0
     n: Seq = 0
@@ -184,4 +186,21 @@ def load_key(inline: str, file: str) -> bytes:
     raise ValueError("no signing key: set uplink.signing_key_file (or signing_key)")
 
 
-__all__ = ["LAST", "MAX_DEPTH", "MAX_PAYLOAD", "SEQ_MAX", "Envelope", "Status", "WireError", "decode", "depth", "encode", "load_key", "parse_key", "parse_topic", "sign", "topic", "verify"]
+__all__ = [
+    "LAST",
+    "MAX_DEPTH",
+    "MAX_PAYLOAD",
+    "SEQ_MAX",
+    "Envelope",
+    "Status",
+    "WireError",
+    "decode",
+    "depth",
+    "encode",
+    "load_key",
+    "parse_key",
+    "parse_topic",
+    "sign",
+    "topic",
+    "verify",
+]

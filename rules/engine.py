@@ -19,7 +19,7 @@ from typing import NamedTuple, Protocol
 import msgspec
 
 from examwatch.kernel.catalog import METRICS
-from examwatch.kernel.model import DEVICE_KIND_NAMES, AlarmEvent, Level, Reading, base_device
+from examwatch.kernel.model import DEVICE_KIND_NAMES, AlarmEvent, AlarmState, Level, Reading, base_device
 from examwatch.rules.config import RuleOverride, Schedule
 from examwatch.rules.model import Rule
 from examwatch.rules.pack import effective_rules, override_issues
@@ -55,7 +55,6 @@ class DeviceLike(Protocol):
 Key = tuple[str, str]  # (rule id, device or device part)
 
 
-
 class Track(msgspec.Struct, frozen=True):
     since: float  # when the condition began to hold (threshold) or the device fell silent
     value: float | None = None  # the latest value while it holds
@@ -84,7 +83,9 @@ class _DeviceRules(NamedTuple):
 
 
 class RuleEngine:
-    def __init__(self, rules: Sequence[Rule], devices: Iterable[DeviceLike], agent: RoomLike, schedule: Schedule) -> None:
+    def __init__(
+        self, rules: Sequence[Rule], devices: Iterable[DeviceLike], agent: RoomLike, schedule: Schedule
+    ) -> None:
         self._site, self._room = agent.site, agent.room
         self._where = f"{agent.site_name or agent.site} {agent.room_name or agent.room}"
         self._calendar = Calendar(schedule)
@@ -97,7 +98,7 @@ class RuleEngine:
             by_metric: dict[str, tuple[Rule, ...]] = {}
             for r in applicable:
                 if r.type == "threshold":
-                    by_metric[r.metric] = by_metric.get(r.metric, ()) + (r,)
+                    by_metric[r.metric] = (*by_metric.get(r.metric, ()), r)
             silent = tuple(r for r in applicable if r.type == "silent")
             after = tuple(r.silent_intervals * d.interval for r in silent)
             self._devices[d.name] = _DeviceRules(d.kind, by_metric, silent, after, min(after, default=math.inf))
@@ -117,7 +118,9 @@ class RuleEngine:
             if e.state == "cleared":
                 continue
             if self._applies(e.rule, e.device, e.metric):
-                tracks[(e.rule, e.device)] = Track(since=e.since if e.since is not None else e.raised_at, value=e.value, alarm=e)
+                tracks[(e.rule, e.device)] = Track(
+                    since=e.since if e.since is not None else e.raised_at, value=e.value, alarm=e
+                )
             else:
                 retired.append(e)
         return State(tracks=tracks, retired=tuple(retired))
@@ -159,7 +162,9 @@ class RuleEngine:
                 rule = self._rules[key[0]]
                 level = rule.level_in(phase, in_window)
                 if level == 0:
-                    events.append(self._event(t.alarm, "cleared", t.alarm.level, now, phase, t.value, "（当前时段不告警）"))
+                    events.append(
+                        self._event(t.alarm, "cleared", t.alarm.level, now, phase, t.value, "（当前时段不告警）")
+                    )
                     if rule.type == "silent":
                         del tracks[key]  # the silence sweep raises it again if the device is still silent
                     else:
@@ -184,9 +189,9 @@ class RuleEngine:
                 silent_due = min(silent_due, ts + d.silent_soonest)  # its own deadline may be the next
             for rule in d.silent:  # any reading ends a silence
                 key = (rule.id, dev)
-                t = tracks.pop(key, None)
-                if t is not None and t.alarm is not None:
-                    events.append(self._event(t.alarm, "cleared", t.alarm.level, r.ts, phase, None))
+                silence = tracks.pop(key, None)
+                if silence is not None and silence.alarm is not None:
+                    events.append(self._event(silence.alarm, "cleared", silence.alarm.level, r.ts, phase, None))
             rules = d.by_metric.get(r.metric)
             if rules is None or r.quality == "bad" or not math.isfinite(r.value):
                 continue
@@ -209,7 +214,15 @@ class RuleEngine:
         new = State(started, context, tracks, frozenset(pending), last_seen, silent_due)
         return new, events
 
-    def _step(self, rule: Rule, r: Reading, tracks: dict[Key, Track], pending: set[Key], context: tuple[str, bool], events: list[AlarmEvent]) -> None:
+    def _step(
+        self,
+        rule: Rule,
+        r: Reading,
+        tracks: dict[Key, Track],
+        pending: set[Key],
+        context: tuple[str, bool],
+        events: list[AlarmEvent],
+    ) -> None:
         key = (rule.id, r.device)
         t = tracks.get(key)
         v = r.value
@@ -235,7 +248,13 @@ class RuleEngine:
             pending.discard(key)
 
     def _sweep_silent(
-        self, tracks: dict[Key, Track], last_seen: dict[str, float], started: float, now: float, context: tuple[str, bool], events: list[AlarmEvent]
+        self,
+        tracks: dict[Key, Track],
+        last_seen: dict[str, float],
+        started: float,
+        now: float,
+        context: tuple[str, bool],
+        events: list[AlarmEvent],
     ) -> float:
         """Raise for devices silent too long; return the earliest moment another one could fall silent.
 
@@ -246,7 +265,7 @@ class RuleEngine:
         due = math.inf
         for dev, d in self._devices.items():
             last = last_seen.get(dev, started)
-            for rule, limit in zip(d.silent, d.silent_after):
+            for rule, limit in zip(d.silent, d.silent_after, strict=True):
                 key = (rule.id, dev)
                 t = tracks.get(key)
                 if t is not None and t.alarm is not None:
@@ -267,7 +286,9 @@ class RuleEngine:
         kind = DEVICE_KIND_NAMES.get(d.kind, d.kind) if d is not None else "设备"
         return rule.title.replace("{kind}", kind) if rule is not None else rule_id
 
-    def _raise(self, rule: Rule, device: str, level: int, value: float | None, since: float, at: float, phase: str) -> AlarmEvent:
+    def _raise(
+        self, rule: Rule, device: str, level: int, value: float | None, since: float, at: float, phase: str
+    ) -> AlarmEvent:
         if rule.type == "silent":
             d = self._devices[device]
             interval = d.silent_after[d.silent.index(rule)] / rule.silent_intervals
@@ -279,8 +300,8 @@ class RuleEngine:
             site=self._site,
             room=self._room,
             rule=rule.id,
-            level=level,
-            state="raised",
+            level=Level(level),
+            state=AlarmState.RAISED,
             device=device,
             metric=rule.metric or None,
             value=value,
@@ -292,18 +313,27 @@ class RuleEngine:
             action=rule.action_for(level),
         )
 
-    def _event(self, prev: AlarmEvent, state: str, level: int, at: float, phase: str, value: float | None, note: str = "") -> AlarmEvent:
+    def _event(
+        self, prev: AlarmEvent, state: str, level: int, at: float, phase: str, value: float | None, note: str = ""
+    ) -> AlarmEvent:
         """A later transition of an open alarm (``updated`` or ``cleared``)."""
         rule = self._rules.get(prev.rule)
         title = self._title(rule, prev.rule, prev.device)
-        now_text = f"，当前 {text}" if value is not None and prev.metric and (text := _value_text(prev.metric, value)) else ""
+        now_text = (
+            f"，当前 {text}" if value is not None and prev.metric and (text := _value_text(prev.metric, value)) else ""
+        )
         if state == "updated":
-            message = f"【{Level(level).label}】{self._where} {prev.device}：{title}，响应级别调整为{Level(level).label}（{PHASE_NAMES[phase]}）"
+            message = (
+                f"【{Level(level).label}】{self._where} {prev.device}：{title}，"
+                f"响应级别调整为{Level(level).label}（{PHASE_NAMES[phase]}）"
+            )
             action = rule.action_for(level) if rule is not None else prev.action
         else:
             message = f"【已恢复】{self._where} {prev.device}：{title}已恢复{now_text}{note}"
             action = ""
-        return msgspec.structs.replace(prev, state=state, level=level, at=at, phase=phase, value=value, message=message, action=action)
+        return msgspec.structs.replace(
+            prev, state=state, level=level, at=at, phase=phase, value=value, message=message, action=action
+        )
 
 
 def _value_text(metric: str, v: float) -> str:
@@ -333,8 +363,9 @@ def _detail(metric: str, value: float | None, threshold: float) -> str:
     return f"，当前 {now}（阈值 {_value_text(metric, threshold)}）"
 
 
-def build_engine(room: RoomLike, devices: Iterable[DeviceLike], overrides: Mapping[str, RuleOverride],
-                 schedule: Schedule) -> RuleEngine:
+def build_engine(
+    room: RoomLike, devices: Iterable[DeviceLike], overrides: Mapping[str, RuleOverride], schedule: Schedule
+) -> RuleEngine:
     """The engine for one room: the default pack with the site's overrides, its devices and schedule."""
     problems = override_issues(dict(overrides))
     if problems:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Literal
 
 import msgspec
@@ -40,7 +41,7 @@ LEVEL_ACTIONS = {
 }
 
 
-class Rule(Strict, frozen=True, kw_only=True):
+class Rule(Strict, frozen=True, kw_only=True):  # type: ignore[misc]  # msgspec allows frozen over Strict
     id: str
     type: Literal["threshold", "silent"] = "threshold"
     title: str  # what is wrong, in Chinese, e.g. "录音笔电量低"; "{kind}" names the device kind
@@ -90,7 +91,7 @@ class Rule(Strict, frozen=True, kw_only=True):
         return "；".join(a for a in (self.action, LEVEL_ACTIONS.get(level, "")) if a)
 
 
-def rule_issues(rule: Rule, metrics: set[str], kinds: set[str], phases: tuple[str, ...]) -> list[str]:
+def rule_issues(rule: Rule, metrics: AbstractSet[str], kinds: AbstractSet[str], phases: tuple[str, ...]) -> list[str]:
     """What is wrong with one rule (pack entry or overridden), as messages; empty when it is sound."""
     issues = []
     for k in rule.kinds + rule.except_kinds:

@@ -37,7 +37,9 @@ def load_pack(text: str) -> list[Rule]:
     return rules
 
 
-DEFAULT_RULES: list[Rule] = load_pack(resources.files("examwatch.rules").joinpath("pack.toml").read_text(encoding="utf-8"))
+DEFAULT_RULES: list[Rule] = load_pack(
+    resources.files("examwatch.rules").joinpath("pack.toml").read_text(encoding="utf-8")
+)
 
 
 def apply_override(rule: Rule, o: RuleOverride) -> Rule:
@@ -61,11 +63,13 @@ def effective_rules(overrides: Mapping[str, RuleOverride], pack: list[Rule] = DE
     return out
 
 
-def override_issues(overrides: Mapping[str, RuleOverride], pack: list[Rule] = DEFAULT_RULES) -> list[tuple[tuple[str, ...], str]]:
+def override_issues(
+    overrides: Mapping[str, RuleOverride], pack: list[Rule] = DEFAULT_RULES
+) -> list[tuple[tuple[str, ...], str]]:
     """Problems an override makes in its rule (e.g. ``clear`` on the wrong side of ``threshold``),
     as (key path, message) for the config checker. Unknown ids are the checker's own business."""
     by_id = {r.id: r for r in pack}
-    issues = []
+    issues: list[tuple[tuple[str, ...], str]] = []
     for rule_id, o in overrides.items():
         if rule_id in by_id:
             rule = apply_override(by_id[rule_id], o)

@@ -82,8 +82,9 @@ class CountyBroker(Mosquitto):
         passwd.touch()
         for user, password in users.items():
             subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
-        made = subprocess.run(["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), str(keys)],
-                              check=True, capture_output=True, text=True)
+        made = subprocess.run(
+            ["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), str(keys)], check=True, capture_output=True, text=True
+        )
         acl.write_text(made.stdout)
         self.conf.write_text(county_conf(COUNTY_CONF.read_text(), self.port, self.workdir, passwd, acl))
 
@@ -96,8 +97,8 @@ def county_conf(example: str, port: int, workdir: Path, passwd: Path, acl: Path)
     """The example config on ``port``: without the TLS listener's lines, files moved into ``workdir``."""
     replaced = {"password_file": passwd, "acl_file": acl, "persistence_location": f"{workdir}/"}
     out, tls_listener = [], False
-    for line in example.splitlines():
-        words = line.split()
+    for original in example.splitlines():
+        line, words = original, original.split()
         if words[:1] == ["listener"]:
             tls_listener = len(words) == 2  # "listener 8883": every interface, TLS
             line = "" if tls_listener else f"listener {port} 127.0.0.1"

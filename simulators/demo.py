@@ -84,7 +84,7 @@ class DemoSite:
         for r in self.rooms:
             if r.kind == "exam_room":
                 r.field_devices = SimulatedRoom(self.dir / f"devices-{r.room}")
-                r.field_devices.start()  # type: ignore[attr-defined]
+                r.field_devices.start()
             self._start_agent(r)
         self.door.connect("127.0.0.1", self.broker.port)
         self.door.loop_start()
@@ -135,7 +135,10 @@ class DemoSite:
     def _schedule(self) -> str:
         now = datetime.now(TZ).replace(tzinfo=None, microsecond=0)
         start, end = (now - timedelta(minutes=10)).isoformat(), (now + timedelta(minutes=110)).isoformat()
-        return f'[schedule]\ntimezone = "Asia/Shanghai"\n[[schedule.sessions]]\nname = "数学"\nstart = {start}\nend = {end}\n'
+        return (
+            f'[schedule]\ntimezone = "Asia/Shanghai"\n'
+            f'[[schedule.sessions]]\nname = "数学"\nstart = {start}\nend = {end}\n'
+        )
 
     def _start_agent(self, r: Room) -> None:
         d = self.dir / f"agent-{r.room}"
@@ -146,8 +149,10 @@ class DemoSite:
         if r.field_devices is not None:
             devices = r.field_devices.devices_toml(self.interval)  # type: ignore[attr-defined]
         else:
-            devices = ('[[devices]]\nname = "secrecy-door"\nkind = "door"\nprotocol = "mqtt"\n'
-                       f'topic = "zigbee2mqtt/{r.room}-door"\nprofile = "zigbee2mqtt_contact"\ninterval = 60.0\n')
+            devices = (
+                '[[devices]]\nname = "secrecy-door"\nkind = "door"\nprotocol = "mqtt"\n'
+                f'topic = "zigbee2mqtt/{r.room}-door"\nprofile = "zigbee2mqtt_contact"\ninterval = 60.0\n'
+            )
         (d / "agent.toml").write_text(
             f'[agent]\nsite = "{SITE}"\nroom = "{r.room}"\nkind = "{r.kind}"\nsite_name = "演示中学考点"\n'
             f'room_name = "{r.name}"\nstate_dir = "{d}"\n'
@@ -184,29 +189,50 @@ class DemoSite:
 
 
 def _active(site: DemoSite, rule: str, room: str) -> bool:
-    return any(a.get("rule") == rule and a.get("room") == room for a in site.get("/api/v1/alarms?state=active")["alarms"])
+    return any(
+        a.get("rule") == rule and a.get("room") == room for a in site.get("/api/v1/alarms?state=active")["alarms"]
+    )
 
 
 def _incident(site: DemoSite, rooms: set[str]) -> bool:
     return any(rooms <= set(i.get("members", [])) for i in site.get("/api/v1/incidents?state=open")["incidents"])
 
 
-def _fault(room: str, name: str, undo: bool = False):  # noqa: ANN202
+def _fault(room: str, name: str, undo: bool = False):
     return lambda s: (s.room(room).field_devices.recover if undo else s.room(room).field_devices.fault)(name)
 
 
 # (pause before, what happens, how, what the county must then see)
 STEPS = [
-    (10, "101 考场市电中断（UPS 转电池供电）", _fault("101", "ups_on_battery"),
-     lambda s: _active(s, "ups_on_battery", "101")),
-    (10, "101、102 考场上联交换机端口断开：县级网关合并为一个事件（三个房间过半，三级）",
-     lambda s: (_fault("101", "switch_port_down")(s), _fault("102", "switch_port_down")(s)),
-     lambda s: _incident(s, {"101", "102"})),
-    (10, "保密室门在非规定时间被打开", lambda s: s.set_door(False), lambda s: _active(s, "secrecy_door_open", "secrecy")),
-    (10, "一切恢复：市电、网络、保密室门",
-     lambda s: (_fault("101", "ups_on_battery", True)(s), _fault("101", "switch_port_down", True)(s),
-                _fault("102", "switch_port_down", True)(s), s.set_door(True)),
-     lambda s: not s.get("/api/v1/alarms?state=active")["alarms"]),
+    (
+        10,
+        "101 考场市电中断（UPS 转电池供电）",
+        _fault("101", "ups_on_battery"),
+        lambda s: _active(s, "ups_on_battery", "101"),
+    ),
+    (
+        10,
+        "101、102 考场上联交换机端口断开：县级网关合并为一个事件（三个房间过半，三级）",
+        lambda s: (_fault("101", "switch_port_down")(s), _fault("102", "switch_port_down")(s)),
+        lambda s: _incident(s, {"101", "102"}),
+    ),
+    (
+        10,
+        "保密室门在非规定时间被打开",
+        lambda s: s.set_door(False),
+        lambda s: _active(s, "secrecy_door_open", "secrecy"),
+    ),
+    (
+        10,
+        "一切恢复：市电、网络、保密室门",
+        lambda s: (
+            _fault("101", "ups_on_battery", True)(s),
+            _fault("101", "switch_port_down", True)(s),
+            _fault("102", "switch_port_down", True)(s),
+            s.set_door(True),
+        ),
+        lambda s: not s.get("/api/v1/alarms?state=active")["alarms"],
+    ),
 ]
 
 

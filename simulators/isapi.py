@@ -40,8 +40,9 @@ def _md5(text: str) -> str:
 class IsapiSimulator:
     realm = "DS-SIMULATED-NVR"
 
-    def __init__(self, username: str = "admin", password: str = "sim-pass", namespace: str | None = HIKVISION,
-                 port: int = 0) -> None:
+    def __init__(
+        self, username: str = "admin", password: str = "sim-pass", namespace: str | None = HIKVISION, port: int = 0
+    ) -> None:
         self.username, self.password, self.namespace = username, password, namespace
         self.disks = [SimDisk(1), SimDisk(2)]
         self.misbehaviour: Misbehaviour = None
@@ -84,12 +85,15 @@ class IsapiSimulator:
         ns = f' xmlns="{self.namespace}"' if self.namespace else ""
         v = ' version="2.0"' + ns
         with self._lock:
-            items = {"hdd": [], "nas": []}
+            items: dict[str, list[str]] = {"hdd": [], "nas": []}
             for d in self.disks:
                 cap = 0 if d.status == "notexist" else d.capacity_mib
                 free = 0 if d.status == "notexist" else d.free_mib
-                extra = (f"<hddName>hdd{d.id}</hddName><hddPath></hddPath><hddType>SATA</hddType>"
-                         if d.kind == "hdd" else "<ipAddress>192.0.2.50</ipAddress><path>/nvr</path><nasType>NFS</nasType>")
+                extra = (
+                    f"<hddName>hdd{d.id}</hddName><hddPath></hddPath><hddType>SATA</hddType>"
+                    if d.kind == "hdd"
+                    else "<ipAddress>192.0.2.50</ipAddress><path>/nvr</path><nasType>NFS</nasType>"
+                )
                 items[d.kind].append(
                     f"<{d.kind}{v}>\n<id>{d.id}</id>\n{extra}\n<status>{d.status}</status>\n"
                     f"<capacity>{cap}</capacity>\n<freeSpace>{free}</freeSpace>\n<property>RW</property>\n</{d.kind}>"
@@ -107,7 +111,9 @@ class IsapiSimulator:
         nonce = secrets.token_hex(16)
         with self._lock:
             self._nonces.add(nonce)
-        return f'Digest realm="{self.realm}", qop="auth", nonce="{nonce}", opaque="{secrets.token_hex(8)}", algorithm=MD5'
+        return (
+            f'Digest realm="{self.realm}", qop="auth", nonce="{nonce}", opaque="{secrets.token_hex(8)}", algorithm=MD5'
+        )
 
     def authorized(self, method: str, header: str | None) -> bool:
         if not header or not header.startswith("Digest "):
@@ -169,8 +175,9 @@ class IsapiSimulator:
         return Handler
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="isapi-sim", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="isapi-sim", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -191,8 +198,11 @@ class IsapiSimulator:
 def main() -> None:
     sim = IsapiSimulator(port=int(sys.argv[1]) if len(sys.argv) > 1 else 8080)
     sim.start()
-    print(f"ISAPI simulator on http://{sim.address}{STORAGE_PATH} (admin / sim-pass); "
-          "type '<disk> ok|full|error|notexist' or 'invalid_xml|slow|ok'", flush=True)
+    print(
+        f"ISAPI simulator on http://{sim.address}{STORAGE_PATH} (admin / sim-pass); "
+        "type '<disk> ok|full|error|notexist' or 'invalid_xml|slow|ok'",
+        flush=True,
+    )
     for line in sys.stdin:
         words = line.split()
         if len(words) == 2 and words[0].isdigit():

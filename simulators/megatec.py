@@ -9,6 +9,7 @@ commands NUT sends, and echoes anything else (what real Megatec UPSes do with a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import sys
@@ -156,10 +157,8 @@ class MegatecSimulator:
                 self.commands.append(command)
                 reply = self._misbehaved(self.answer(command))
                 if reply:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.write(fd, reply)
-                    except OSError:
-                        pass
         if fd >= 0:
             os.close(fd)
 

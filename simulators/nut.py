@@ -37,11 +37,12 @@ BASE: dict[str, str] = {
     "ups.status": "OL",
 }
 
+NO_MAINS = {"input.voltage": "0.0", "input.frequency": "0.0"}
 STATES: dict[str, dict[str, str]] = {
     "online": {},
-    "on_battery": {"ups.status": "OB DISCHRG", "input.voltage": "0.0", "input.frequency": "0.0", "battery.charge": "83", "battery.runtime": "1260"},
-    "low_battery": {"ups.status": "OB DISCHRG LB", "input.voltage": "0.0", "input.frequency": "0.0", "battery.charge": "9", "battery.runtime": "95"},
-    "shutdown": {"ups.status": "OB LB FSD", "input.voltage": "0.0", "input.frequency": "0.0", "battery.charge": "5", "battery.runtime": "40"},
+    "on_battery": {"ups.status": "OB DISCHRG", **NO_MAINS, "battery.charge": "83", "battery.runtime": "1260"},
+    "low_battery": {"ups.status": "OB DISCHRG LB", **NO_MAINS, "battery.charge": "9", "battery.runtime": "95"},
+    "shutdown": {"ups.status": "OB LB FSD", **NO_MAINS, "battery.charge": "5", "battery.runtime": "40"},
     "bypass": {"ups.status": "OL BYPASS"},
     "boost": {"ups.status": "OL BOOST", "input.voltage": "187.0"},
     "self_test": {"ups.status": "OL CAL"},
@@ -91,7 +92,9 @@ class NutSimulator:
     def _write(self, text: str | None = None) -> None:
         tmp = self.dev_file.with_suffix(".tmp")
         if text is None:
-            text = "".join(f"{k}: {v}\n" for k, v in sorted(self.variables.items(), key=lambda kv: kv[0] != "ups.status"))
+            text = "".join(
+                f"{k}: {v}\n" for k, v in sorted(self.variables.items(), key=lambda kv: kv[0] != "ups.status")
+            )
         # dummy-ups 2.8.0 drops the file's last line: end with a comment it may drop.
         tmp.write_text(text + "# end\n")
         # dummy-ups compares whole-second mtimes: always move forward.
@@ -104,11 +107,14 @@ class NutSimulator:
         state.mkdir(parents=True, exist_ok=True)
         (self.workdir / "nut.conf").write_text("MODE=standalone\n")
         (self.workdir / "ups.conf").write_text(
-            f"[{self.ups}]\n  driver = dummy-ups\n  port = {self.dev_file.name}\n  pollinterval = 1\n  desc = \"examwatch simulator\"\n"
+            f"[{self.ups}]\n  driver = dummy-ups\n  port = {self.dev_file.name}\n  pollinterval = 1\n  desc = "
+            '"examwatch simulator"\n'
         )
         (self.workdir / "upsd.conf").write_text(f"LISTEN 127.0.0.1 {self.port}\n")
         users = self.workdir / "upsd.users"
-        users.write_text(f"[{self.username}]\n  password = {self.password}\n  upsmon secondary\n" if self.username else "")
+        users.write_text(
+            f"[{self.username}]\n  password = {self.password}\n  upsmon secondary\n" if self.username else ""
+        )
         users.chmod(0o600)
         self._write()
         env = dict(os.environ, NUT_CONFPATH=str(self.workdir), NUT_STATEPATH=str(state), NUT_ALTPIDPATH=str(state))
@@ -116,7 +122,9 @@ class NutSimulator:
         log = open(self.workdir / "nut.log", "ab")  # noqa: SIM115 - inherited by the children
         try:
             self._procs.append(
-                subprocess.Popen([str(NUT_LIB / "dummy-ups"), "-a", self.ups, "-F", *user], env=env, stdout=log, stderr=log)
+                subprocess.Popen(
+                    [str(NUT_LIB / "dummy-ups"), "-a", self.ups, "-F", *user], env=env, stdout=log, stderr=log
+                )
             )
             self._wait(lambda: any(state.glob(f"dummy-ups-{self.ups}*")), timeout, "dummy-ups socket")
             self._procs.append(subprocess.Popen([str(NUT_LIB / "upsd"), "-F", *user], env=env, stdout=log, stderr=log))

@@ -13,6 +13,7 @@ and ``devices_toml()`` is the ``[[devices]]`` part of an agent config that watch
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class SimulatedRoom:
         self.megatec: MegatecSimulator | None = None
         self.noise: NoiseMeterBus | None = None
         self.isapi = IsapiSimulator(password=ISAPI_PASSWORD)
-        self.monitored_port: int | None = None
+        self.monitored_port: str | None = None
 
     def start(self) -> None:
         self.snmp.start()
@@ -55,13 +56,18 @@ class SimulatedRoom:
         self.monitored_port = first_port_up(self.snmp.recording("switch"))
 
     def stop(self) -> None:
-        for stop in (self.isapi.stop, getattr(self.noise, "stop", None), self.noise_pty.stop,
-                     getattr(self.megatec, "stop", None), self.ups_pty.stop, self.nut.stop, self.snmp.stop):
+        for stop in (
+            self.isapi.stop,
+            getattr(self.noise, "stop", None),
+            self.noise_pty.stop,
+            getattr(self.megatec, "stop", None),
+            self.ups_pty.stop,
+            self.nut.stop,
+            self.snmp.stop,
+        ):
             if stop is not None:
-                try:
+                with contextlib.suppress(Exception):  # stop the rest whatever one of them does
                     stop()
-                except Exception:  # stop the rest whatever one of them does
-                    pass
 
     # --- faults: name -> (cause, undo), and the alarm the default rule pack raises for each ---
 
@@ -69,22 +75,38 @@ class SimulatedRoom:
         assert self.megatec is not None and self.noise is not None
         meg, noise = self.megatec, self.noise
         return {
-            "ups_on_battery": (lambda: self.snmp.set_state("ups", "on_battery"),
-                               lambda: self.snmp.set_state("ups", "healthy")),
-            "ups_charge_low": (lambda: self.snmp.set_state("ups", "low_charge"),
-                               lambda: self.snmp.set_state("ups", "healthy")),
-            "switch_port_down": (lambda: self.snmp.set_state("switch", "link_down"),
-                                 lambda: self.snmp.set_state("switch", "recorded")),
-            "nvr_disk_failed": (lambda: self.snmp.set_state("nvr", "disk_failed"),
-                                lambda: self.snmp.set_state("nvr", "healthy")),
+            "ups_on_battery": (
+                lambda: self.snmp.set_state("ups", "on_battery"),
+                lambda: self.snmp.set_state("ups", "healthy"),
+            ),
+            "ups_charge_low": (
+                lambda: self.snmp.set_state("ups", "low_charge"),
+                lambda: self.snmp.set_state("ups", "healthy"),
+            ),
+            "switch_port_down": (
+                lambda: self.snmp.set_state("switch", "link_down"),
+                lambda: self.snmp.set_state("switch", "recorded"),
+            ),
+            "nvr_disk_failed": (
+                lambda: self.snmp.set_state("nvr", "disk_failed"),
+                lambda: self.snmp.set_state("nvr", "healthy"),
+            ),
             "nut_on_battery": (lambda: self.nut.set_state("on_battery"), lambda: self.nut.set_state("online")),
             "serial_ups_on_battery": (lambda: meg.set_mode("battery"), lambda: meg.set_mode("line")),
             "noise_high": (lambda: noise.set_db(85.0, 1), lambda: noise.set_db(42.0, 1)),
             "camera_disk_error": (lambda: self.isapi.set_disk(2, "error"), lambda: self.isapi.set_disk(2, "ok")),
         }
 
-    FAULTS = ("ups_on_battery", "ups_charge_low", "switch_port_down", "nvr_disk_failed", "nut_on_battery",
-              "serial_ups_on_battery", "noise_high", "camera_disk_error")
+    FAULTS = (
+        "ups_on_battery",
+        "ups_charge_low",
+        "switch_port_down",
+        "nvr_disk_failed",
+        "nut_on_battery",
+        "serial_ups_on_battery",
+        "noise_high",
+        "camera_disk_error",
+    )
 
     def fault(self, name: str) -> None:
         self._faults()[name][0]()

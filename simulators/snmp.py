@@ -171,7 +171,9 @@ MODELS: dict[str, Model] = {
         "ups-mib",
         {"healthy": _ups_mib_healthy, "on_battery": _ups_mib_on_battery, "low_charge": _ups_mib_low_charge},
     ),
-    "ups-xups": Model("UPS/eaton-9px-partial", "eaton-xups", {"on_battery": _xups_on_battery, "low_charge": _xups_low_charge}),
+    "ups-xups": Model(
+        "UPS/eaton-9px-partial", "eaton-xups", {"on_battery": _xups_on_battery, "low_charge": _xups_low_charge}
+    ),
     "switch": Model("network/switch/maipu-sm4200-16gef8ge-ac", "if-mib", {"link_down": _link_down}),
     "nvr": Model(
         "camera/hikvision-network-video-recorder",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any
 
 from hypothesis import strategies as st
@@ -39,22 +39,29 @@ def toml_doc(table: dict[str, Any]) -> str:
 # Values a TOML file can hold, the awkward ones first: NaN, inf, huge and negative numbers, offsets.
 leaves = st.one_of(
     st.sampled_from([math.nan, math.inf, -math.inf, 0, -1, 0.0, -0.0, 1e308, 2**63 - 1, -(2**63), 65536, "", "#", "+"]),
-    st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(), st.text(max_size=40), st.booleans(),
-    st.datetimes(timezones=st.sampled_from([None, timezone.utc, timezone(timedelta(hours=8))])),
-    st.dates(), st.times(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(),
+    st.text(max_size=40),
+    st.booleans(),
+    st.datetimes(timezones=st.sampled_from([None, UTC, timezone(timedelta(hours=8))])),
+    st.dates(),
+    st.times(),
 )
-values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-                      max_leaves=12)
+values = st.recursive(
+    leaves,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def _paths(v: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     out = [path] if path else []
     if isinstance(v, dict):
         for k, x in v.items():
-            out += _paths(x, path + (k,))
+            out += _paths(x, (*path, k))
     elif isinstance(v, list):
         for i, x in enumerate(v):
-            out += _paths(x, path + (i,))
+            out += _paths(x, (*path, i))
     return out
 
 

@@ -20,11 +20,22 @@ def mode(p: Path | str) -> int:
 def sound_db(path: Path) -> AlarmEvent:
     """An agent database with 10 000 readings and one open alarm; returns the alarm."""
     store = Store(path)
-    alarm = AlarmEvent(id="s1/r1/door/d1/1", site="s1", room="r1", rule="secrecy_door_open", level=2,
-                       state="raised", device="d1", at=100.0, raised_at=100.0, message="保密室门在非开启时段被打开")
+    alarm = AlarmEvent(
+        id="s1/r1/door/d1/1",
+        site="s1",
+        room="r1",
+        rule="secrecy_door_open",
+        level=2,
+        state="raised",
+        device="d1",
+        at=100.0,
+        raised_at=100.0,
+        message="保密室门在非开启时段被打开",
+    )
     for i in range(20):
-        store.write([Reading("ups1", "ups_charge_percent", float(j), 100.0 + i) for j in range(500)],
-                    [alarm] if i == 0 else [])
+        store.write(
+            [Reading("ups1", "ups_charge_percent", float(j), 100.0 + i) for j in range(500)], [alarm] if i == 0 else []
+        )
     store.close()  # the last connection: the WAL is checkpointed into the file and removed
     return alarm
 
@@ -41,8 +52,12 @@ def truncated(p: Path) -> None:
 def garbage_pages(p: Path) -> None:
     """Overwrite the cells of b-tree leaf pages that hold readings rows, keeping the page headers."""
     conn = sqlite3.connect(p)
-    pages = [n for (n,) in conn.execute("SELECT pageno FROM dbstat WHERE name = 'readings' AND pagetype = 'leaf'"
-                                        " AND ncell > 0 ORDER BY pageno")]
+    pages = [
+        n
+        for (n,) in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'readings' AND pagetype = 'leaf' AND ncell > 0 ORDER BY pageno"
+        )
+    ]
     size = conn.execute("PRAGMA page_size").fetchone()[0]
     conn.close()
     rnd = random.Random(7)
@@ -57,7 +72,8 @@ def garbage_wal(p: Path) -> None:
 
 
 CORRUPTIONS: dict[str, Callable[[Path], None]] = {
-    "zeroed_header": zeroed_header, "truncated": truncated, "garbage_pages": garbage_pages, "garbage_wal": garbage_wal,
+    "zeroed_header": zeroed_header,
+    "truncated": truncated,
+    "garbage_pages": garbage_pages,
+    "garbage_wal": garbage_wal,
 }
-
-

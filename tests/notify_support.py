@@ -30,7 +30,9 @@ class Bot(ThreadingHTTPServer):
 
     def __init__(self, platform: str, secret: str = "", key: str = "k", per_minute: int | None = None) -> None:
         self.platform, self.secret, self.key = platform, secret, key
-        self.per_minute = per_minute if per_minute is not None else {"dingtalk": 20, "wecom": 20, "feishu": 100}.get(platform, 0)
+        self.per_minute = (
+            per_minute if per_minute is not None else {"dingtalk": 20, "wecom": 20, "feishu": 100}.get(platform, 0)
+        )
         self.received: list[Any] = []
         self.headers_seen: list[dict[str, str]] = []
         self.answers: list[int] = []
@@ -46,10 +48,11 @@ class Bot(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         port = self.server_address[1]
-        return {"dingtalk": f"http://127.0.0.1:{port}/robot/send?access_token={self.key}",
-                "wecom": f"http://127.0.0.1:{port}/cgi-bin/webhook/send?key={self.key}",
-                "feishu": f"http://127.0.0.1:{port}/open-apis/bot/v2/hook/{self.key}"}.get(
-            self.platform, f"http://127.0.0.1:{port}/hook")
+        return {
+            "dingtalk": f"http://127.0.0.1:{port}/robot/send?access_token={self.key}",
+            "wecom": f"http://127.0.0.1:{port}/cgi-bin/webhook/send?key={self.key}",
+            "feishu": f"http://127.0.0.1:{port}/open-apis/bot/v2/hook/{self.key}",
+        }.get(self.platform, f"http://127.0.0.1:{port}/hook")
 
     def stop(self) -> None:
         self.shutdown()
@@ -81,8 +84,9 @@ class Bot(ThreadingHTTPServer):
                 return 200, {"errcode": 300001, "errmsg": "token is not exist"}
             if self.secret:
                 ts = int(q.get("timestamp", "0"))
-                want = base64.b64encode(hmac.new(self.secret.encode(), f"{ts}\n{self.secret}".encode(),
-                                                 hashlib.sha256).digest()).decode()
+                want = base64.b64encode(
+                    hmac.new(self.secret.encode(), f"{ts}\n{self.secret}".encode(), hashlib.sha256).digest()
+                ).decode()
                 if q.get("sign") != want or abs(now * 1000 - ts) > 3600_000:
                     return 200, {"errcode": 310000, "errmsg": "sign not match"}
             if body.get("msgtype") != "markdown" or not body["markdown"].get("title"):
@@ -95,9 +99,14 @@ class Bot(ThreadingHTTPServer):
         elif self.platform == "feishu":
             if self.secret:
                 ts = int(body.get("timestamp", "0"))
-                want = base64.b64encode(hmac.new(f"{ts}\n{self.secret}".encode(), b"", hashlib.sha256).digest()).decode()
+                want = base64.b64encode(
+                    hmac.new(f"{ts}\n{self.secret}".encode(), b"", hashlib.sha256).digest()
+                ).decode()
                 if body.get("sign") != want or abs(now - ts) > 3600:
-                    return 200, {"code": 19021, "msg": "sign match fail or timestamp is not within one hour from current time"}
+                    return 200, {
+                        "code": 19021,
+                        "msg": "sign match fail or timestamp is not within one hour from current time",
+                    }
             if len(data) > 20 * 1024:
                 return 200, {"code": 9499, "msg": "request body too large"}
         if self.fail_with is not None:
@@ -137,19 +146,43 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(out)
 
 
-_ALARMS = ("INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
-           " source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level,"
-           " state = excluded.state, updated_at = excluded.updated_at, cleared_at = excluded.cleared_at")
+_ALARMS = (
+    "INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, cleared_at,"
+    " source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET level = excluded.level,"
+    " state = excluded.state, updated_at = excluded.updated_at, cleared_at = excluded.cleared_at"
+)
 
 
 def store_alarm(conn: Any, ev: AlarmEvent, received: float | None = None) -> None:
     """Write one transition the way the gateway's ingest does (alarms row and alarm_events row)."""
-    store.write_batch(conn, [
-        ("INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
-         [(ev.id, ev.at, ev.state, ev.level, received or ev.at, 0, msgspec.json.encode(ev))]),
-        (_ALARMS, [(ev.id, ev.site, ev.room, ev.rule, ev.level, ev.state, ev.device, ev.message, ev.raised_at, ev.at,
-                    ev.at if ev.state == "cleared" else None, "agent")]),
-    ])
+    store.write_batch(
+        conn,
+        [
+            (
+                "INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
+                [(ev.id, ev.at, ev.state, ev.level, received or ev.at, 0, msgspec.json.encode(ev))],
+            ),
+            (
+                _ALARMS,
+                [
+                    (
+                        ev.id,
+                        ev.site,
+                        ev.room,
+                        ev.rule,
+                        ev.level,
+                        ev.state,
+                        ev.device,
+                        ev.message,
+                        ev.raised_at,
+                        ev.at,
+                        ev.at if ev.state == "cleared" else None,
+                        "agent",
+                    )
+                ],
+            ),
+        ],
+    )
 
 
 def webhook_channels(*bots: tuple[str, Bot], notify: str = "") -> str:
@@ -195,9 +228,28 @@ def wait_subscribed(gw: Any, client: Any, agent: str, timeout: float = 30.0) -> 
     raise AssertionError(f"the gateway never stored {agent}'s heartbeat")
 
 
-def raised(room: str, n: int = 1, level: int = 2, at: float | None = None, rule: str = "recording_stopped",
-           site: str = "s1", state: str = "raised") -> AlarmEvent:
+def raised(
+    room: str,
+    n: int = 1,
+    level: int = 2,
+    at: float | None = None,
+    rule: str = "recording_stopped",
+    site: str = "s1",
+    state: str = "raised",
+) -> AlarmEvent:
     t = at or time.time()
-    return AlarmEvent(id=f"{site}/{room}/{rule}/{n}", site=site, room=room, rule=rule, level=level, state=state,
-                      device="nvr", metric="recording", value=0.0, at=t, raised_at=t, message=f"{room} 录像中断",
-                      action="立即检查录像机")
+    return AlarmEvent(
+        id=f"{site}/{room}/{rule}/{n}",
+        site=site,
+        room=room,
+        rule=rule,
+        level=level,
+        state=state,
+        device="nvr",
+        metric="recording",
+        value=0.0,
+        at=t,
+        raised_at=t,
+        message=f"{room} 录像中断",
+        action="立即检查录像机",
+    )

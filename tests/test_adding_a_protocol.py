@@ -73,7 +73,7 @@ def room(tmp_path: Path, level: Path, extra: str = "") -> str:
 [agent]
 site = "s1"
 room = "r9"
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [exporter]
 listen = "127.0.0.1:{free_port()}"
 [[devices]]
@@ -136,8 +136,11 @@ def test_the_agent_runtime_polls_it(textfile, tmp_path):
         try:
             await wait_until(lambda: ("noise-file", "noise_db") in agent.current, 20, "a noise_db reading stored")
             level.write_text("nonsense")
-            await wait_until(lambda: agent.health.devices["noise-file"].errors["not_a_number"], 20,
-                             "the garbled file counted as not_a_number")
+            await wait_until(
+                lambda: agent.health.devices["noise-file"].errors["not_a_number"],
+                20,
+                "the garbled file counted as not_a_number",
+            )
         finally:
             stop.set()
             await asyncio.wait_for(serving, 30)

@@ -50,8 +50,18 @@ def start_agent(mosquitto, tmp_path) -> Iterator:
     def start(env: dict | None = None, **kw) -> RunningAgent:
         exporter_port = free_port()
         path = tmp_path / f"agent{len(running)}.toml"
-        path.write_text(agent_toml(mosquitto.port, exporter_port, tmp_path / f"state{len(running)}",
-                                   kind=kw.pop("room_kind"), room_name="保密室", body=SENSORS, **kw), encoding="utf-8")
+        path.write_text(
+            agent_toml(
+                mosquitto.port,
+                exporter_port,
+                tmp_path / f"state{len(running)}",
+                kind=kw.pop("room_kind"),
+                room_name="保密室",
+                body=SENSORS,
+                **kw,
+            ),
+            encoding="utf-8",
+        )
         agent = launch_agent(path, exporter_port, mosquitto.port, env)
         running.append(agent)
         return agent
@@ -76,7 +86,8 @@ def test_secrecy_door_open_outside_window_is_level_2_within_a_second_and_clears(
     assert until(lambda: agent.alarm_exported("secrecy_door_open", 2), timeout=1.0 - (time.monotonic() - sent) + 0.2)
     logged = [json.loads(line) for line in agent.log if '"event": "alarm"' in line]
     assert [(x["alarm"]["rule"], x["alarm"]["level"], x["alarm"]["state"]) for x in logged] == [
-        ("secrecy_door_open", 2, "raised")]
+        ("secrecy_door_open", 2, "raised")
+    ]
 
     agent.publish("z2m/door", {"contact": True})
     cleared = watcher.wait(lambda e: e.id == event.id and e.state == "cleared", timeout=2.0)
@@ -123,11 +134,13 @@ def test_a_sensor_that_falls_silent_raises_the_staleness_alarm(start_agent):
 def test_availability_offline_raises_an_alarm(start_agent):
     agent = start_agent(room_kind="exam_room", sessions=[(-20, 40)])
     agent.publish("z2m/noise/availability", {"state": "offline"})
-    got = start_agent.watcher.wait(lambda e: e.device == "noise" and e.state == "raised" and "offline" in e.rule,
-                                   timeout=2.0)
+    got = start_agent.watcher.wait(
+        lambda e: e.device == "noise" and e.state == "raised" and "offline" in e.rule, timeout=2.0
+    )
     assert got is not None
-    assert until(lambda: 'examwatch_device_online{device="noise",kind="noise",room="r1",site="s1"} 0.0'
-                 in agent.metrics(), 1.0)
+    assert until(
+        lambda: 'examwatch_device_online{device="noise",kind="noise",room="r1",site="s1"} 0.0' in agent.metrics(), 1.0
+    )
 
 
 def test_sigterm_stops_cleanly_and_a_restart_keeps_the_alarm_open(start_agent, tmp_path):
@@ -149,7 +162,9 @@ def test_systemd_ready_then_watchdog_only_while_healthy(start_agent, tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify"))
     sock.settimeout(5)
-    agent = start_agent(room_kind="exam_room", env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"})
+    agent = start_agent(
+        room_kind="exam_room", env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
+    )
     got = [sock.recv(256).decode() for _ in range(4)]
     assert got[0] == "READY=1"
     assert "WATCHDOG=1" in got[1:]

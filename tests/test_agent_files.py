@@ -27,8 +27,13 @@ def start(mosquitto, tmp_path, state, *, body: str = "", umask: int = -1):
 
 def run_agent(config) -> subprocess.CompletedProcess[str]:
     """`examwatch agent run` expected to refuse to start: its exit code and everything it said."""
-    return subprocess.run([sys.executable, "-m", "examwatch", "agent", "run", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    return subprocess.run(
+        [sys.executable, "-m", "examwatch", "agent", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
@@ -47,7 +52,9 @@ def test_a_corrupt_database_alarms_and_the_agent_runs_on_a_fresh_one(mosquitto, 
         assert "数据库已损坏并另存" in alarm.action and "本地数据库已损坏" in alarm.message
         assert agent.alarm_exported("agent_store_corrupt", 1)
         assert any('"event": "store_corrupt"' in line and "set_aside" in line for line in agent.log)
-        assert [p.name[: len("agent.db.corrupt-")] for p in state.glob("agent.db.corrupt-*[0-9]")] == ["agent.db.corrupt-"]
+        assert [p.name[: len("agent.db.corrupt-")] for p in state.glob("agent.db.corrupt-*[0-9]")] == [
+            "agent.db.corrupt-"
+        ]
         assert agent.proc.poll() is None
     finally:
         agent.close()
@@ -118,15 +125,21 @@ def test_a_key_file_others_may_read_is_refused_by_agent_and_gateway(tmp_path):
     key.write_text("cd" * 32 + "\n")
     key.chmod(0o644)
     config = tmp_path / "agent.toml"
-    config.write_text(agent_toml(free_port(), free_port(), tmp_path / "state", body=f'signing_key_file = "{key}"'),
-                      encoding="utf-8")
+    config.write_text(
+        agent_toml(free_port(), free_port(), tmp_path / "state", body=f'signing_key_file = "{key}"'), encoding="utf-8"
+    )
     refused = run_agent(config)
     assert refused.returncode == 1
     assert f"permissions 0644 for '{key}' are too open" in refused.stdout + refused.stderr
 
     gw = tmp_path / "gateway.toml"
     gw.write_text(f'[gateway]\nstate_dir = "{tmp_path / "gw"}"\n[security]\nkeys_file = "{key}"\n', encoding="utf-8")
-    refused = subprocess.run([sys.executable, "-m", "examwatch", "gateway", "run", "--config", str(gw)],
-                             capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    refused = subprocess.run(
+        [sys.executable, "-m", "examwatch", "gateway", "run", "--config", str(gw)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     assert refused.returncode == 2
     assert f"permissions 0644 for '{key}' are too open" in refused.stderr

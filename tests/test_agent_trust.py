@@ -38,8 +38,12 @@ interval = {interval}
 def start(mosquitto, tmp_path: Path, body: str, env: dict | None = None, **kw):
     exporter = free_port()
     path = tmp_path / "agent.toml"
-    path.write_text(agent_toml(mosquitto.port, exporter, tmp_path / "state", kind="secrecy_room", room_name="保密室",
-                               body=body, **kw), encoding="utf-8")
+    path.write_text(
+        agent_toml(
+            mosquitto.port, exporter, tmp_path / "state", kind="secrecy_room", room_name="保密室", body=body, **kw
+        ),
+        encoding="utf-8",
+    )
     return launch_agent(path, exporter, mosquitto.port, env)
 
 
@@ -57,7 +61,9 @@ def test_a_door_opening_survives_a_battery_value_it_cannot_read(mosquitto, tmp_p
 
 
 def test_a_wildcard_topic_costs_its_own_device_only(mosquitto, tmp_path):
-    body = DOOR.format(interval=60) + """
+    body = (
+        DOOR.format(interval=60)
+        + """
 [[devices]]
 name = "door107"
 kind = "door"
@@ -65,6 +71,7 @@ protocol = "mqtt"
 topic = "z2m107/#"
 profile = "zigbee2mqtt_contact"
 """
+    )
     watcher = Watcher(mosquitto.port)
     agent = start(mosquitto, tmp_path, body, windows=[(60, 90)])
     try:
@@ -115,14 +122,14 @@ LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 # libfaketime 0.9.10 with DONT_FAKE_MONOTONIC breaks Python 3.11's time.sleep (clock_nanosleep with an
 # absolute monotonic deadline -> EINVAL; wolfcw/libfaketime#426). The agent under test gets a sleep that
 # waits on select() instead, only here; everything else (Event.wait, queues, asyncio) works unchanged.
-SLEEP_SHIM = '''
+SLEEP_SHIM = """
 import select, time
 def _sleep(secs):
     if secs < 0:
         raise ValueError("sleep length must be non-negative")
     select.select([], [], [], secs)
 time.sleep = _sleep
-'''
+"""
 
 
 @pytest.mark.skipif(not os.path.exists(LIBFAKETIME), reason="needs libfaketime (apt-get install faketime)")
@@ -132,8 +139,13 @@ def test_the_wall_clock_stepping_a_day_and_back_raises_the_clock_alarm_only_and_
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(SLEEP_SHIM)
-    env = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_NO_CACHE": "1",
-           "DONT_FAKE_MONOTONIC": "1", "PYTHONPATH": f"{shim}:{os.getcwd()}"}
+    env = {
+        "LD_PRELOAD": LIBFAKETIME,
+        "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_NO_CACHE": "1",
+        "DONT_FAKE_MONOTONIC": "1",
+        "PYTHONPATH": f"{shim}:{os.getcwd()}",
+    }
     # the door reports every 2 s (silent after 12 s); the room is inside its secrecy window now, a day later
     # it is not, so the door stays closed: whatever alarm comes is the clock's
     body = "heartbeat = 1.0\nbatch_interval = 1.0\n" + DOOR.format(interval=4)
@@ -173,8 +185,11 @@ def test_the_wall_clock_stepping_a_day_and_back_raises_the_clock_alarm_only_and_
             got = watcher.wait(lambda e: e.rule == "agent_clock_jump", timeout=5)  # raised at the first step
             assert got is not None and got[1].level == 1 and got[1].value >= 86_000 and "校时" in got[1].action
             # heartbeats and reading batches go on at their pace on the monotonic clock
-            assert until(lambda: heard_since(stepped, "status", 3) and heard_since(stepped, "readings", 2), 20,
-                         lambda: f"heartbeats and readings after the step: {[s for s in status if s[0] > stepped]}")
+            assert until(
+                lambda: heard_since(stepped, "status", 3) and heard_since(stepped, "readings", 2),
+                20,
+                lambda: f"heartbeats and readings after the step: {[s for s in status if s[0] > stepped]}",
+            )
         time.sleep(13)  # longer than the door's silence limit: a false silence would have come by now
         raised = [e for _, e in watcher.alarms if e.state == "raised"]
         assert {e.rule for e in raised} == {"agent_clock_jump"}, [(e.rule, e.device) for e in raised]

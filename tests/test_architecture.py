@@ -63,8 +63,12 @@ def edges() -> dict[str, dict[str, set[str]]]:
 
 
 def test_each_package_imports_only_what_lies_below_it() -> None:
-    wrong = {f"{pkg} -> {target}: {sorted(files)}" for pkg, targets in edges().items()
-             for target, files in targets.items() if target not in ALLOWED[pkg]}
+    wrong = {
+        f"{pkg} -> {target}: {sorted(files)}"
+        for pkg, targets in edges().items()
+        for target, files in targets.items()
+        if target not in ALLOWED[pkg]
+    }
     assert not wrong, "\n".join(sorted(wrong))
 
 
@@ -83,12 +87,16 @@ def test_the_bottom_layers_use_only_the_standard_library_and_their_few_libraries
     for path in FOLDERS[pkg].rglob("*.py"):
         for module in imports(path):
             top = module.split(".")[0]
-            if top not in sys.stdlib_module_names and top != "examwatch" and top != "__future__":
+            if top not in sys.stdlib_module_names and top not in {"examwatch", "__future__"}:
                 third_party.add(top)
     assert third_party <= THIRD_PARTY[pkg]
 
 
 def test_no_source_file_over_the_limit() -> None:
-    long = {str(p.relative_to(ROOT)): n for folder in [*FOLDERS.values(), ROOT / "bench"] for p in folder.rglob("*.py")
-            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(ROOT)): n
+        for folder in [*FOLDERS.values(), ROOT / "bench"]
+        for p in folder.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
     assert not long

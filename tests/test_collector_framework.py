@@ -21,12 +21,19 @@ def test_parse_host_maps_psutil_answers():
     memory = SimpleNamespace(available=300, total=1000)
     temps = {"cpu_thermal": [SimpleNamespace(current=61.5)]}
     nics = {"lo": SimpleNamespace(isup=True), "eth0": SimpleNamespace(isup=True), "wlan0": SimpleNamespace(isup=False)}
-    got = {(r.device, r.metric): r.value for r in parse_host("pi", 1.0, temps=temps, disk=disk, memory=memory,
-                                                             nics=nics, watch=[])}
+    got = {
+        (r.device, r.metric): r.value
+        for r in parse_host("pi", 1.0, temps=temps, disk=disk, memory=memory, nics=nics, watch=[])
+    }
     assert got == {
-        ("pi", "storage_free_bytes"): 25.0, ("pi", "storage_total_bytes"): 100.0, ("pi", "storage_used_ratio"): 0.75,
-        ("pi", "memory_available_bytes"): 300.0, ("pi", "memory_used_ratio"): 0.7,
-        ("pi", "cpu_temperature_celsius"): 61.5, ("pi/eth0", "link_up"): 1.0, ("pi/wlan0", "link_up"): 0.0,
+        ("pi", "storage_free_bytes"): 25.0,
+        ("pi", "storage_total_bytes"): 100.0,
+        ("pi", "storage_used_ratio"): 0.75,
+        ("pi", "memory_available_bytes"): 300.0,
+        ("pi", "memory_used_ratio"): 0.7,
+        ("pi", "cpu_temperature_celsius"): 61.5,
+        ("pi/eth0", "link_up"): 1.0,
+        ("pi/wlan0", "link_up"): 0.0,
     }
     # a watched interface that does not exist is down, not forgotten
     only = parse_host("pi", 1.0, temps={}, disk=disk, memory=memory, nics=nics, watch=["eth1"])
@@ -35,8 +42,7 @@ def test_parse_host_maps_psutil_answers():
 
 def test_a_failing_device_is_a_state_logged_once_when_it_flips(tmp_path):
     gone = tmp_path / "gone"
-    device = Device(name="host", kind="host", protocol="host", address=str(gone), interval=0.05,
-                    options=HostOptions())
+    device = Device(name="host", kind="host", protocol="host", address=str(gone), interval=0.05, options=HostOptions())
     sink, health = Recorder(), Health()
     collector = HostCollector([device], sink, health)
 
@@ -69,8 +75,10 @@ def test_a_slow_device_does_not_delay_another(tmp_path):
                 await asyncio.sleep(3600)
             return [Reading(device.name, "noise_db", 40.0, 0.0)]
 
-    devices = [Device(name=n, kind="noise", protocol="test-slow", interval=0.05, timeout=0.2, retries=0)
-               for n in ("stuck", "fine")]
+    devices = [
+        Device(name=n, kind="noise", protocol="test-slow", interval=0.05, timeout=0.2, retries=0)
+        for n in ("stuck", "fine")
+    ]
     sink, health = Recorder(), Health()
 
     async def run_for(seconds: float) -> None:
@@ -139,9 +147,14 @@ def test_every_reason_a_collector_raises_has_its_words():
     for protocol in collectors.available():
         cls = collectors.get(protocol)
         tree = ast.parse(inspect.getsource(inspect.getmodule(cls)))
-        raised = {node.args[0].value for node in ast.walk(tree)
-                  if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeviceError"
-                  and node.args and isinstance(node.args[0], ast.Constant)}
+        raised = {
+            node.args[0].value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and getattr(node.func, "id", "") == "DeviceError"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        }
         missing = raised - cls.reasons.keys() - COMMON_REASONS.keys()
         assert not missing, f"{protocol}: no words for {sorted(missing)}"
         assert cls.sample.strip().startswith("[[devices]]"), protocol

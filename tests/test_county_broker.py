@@ -104,8 +104,10 @@ def test_a_room_cannot_take_over_the_gateways_session(county):
     thief.close()
     back = Client(county.port, "examwatch-gateway", "examwatch-gateway", clean_start=False)
     assert back.session_present
-    assert drain(back.received, 4) == [*(("examwatch/v1/xx-1/101/readings", b"r%d" % i) for i in range(3)),
-                                       ("examwatch/v1/xx-1/102/status", b"marker")]
+    assert drain(back.received, 4) == [
+        *(("examwatch/v1/xx-1/101/readings", b"r%d" % i) for i in range(3)),
+        ("examwatch/v1/xx-1/102/status", b"marker"),
+    ]
     back.close()
 
 
@@ -120,7 +122,9 @@ def test_a_room_publishes_its_own_topics_only_and_reads_nothing(county):
         a.subscribe(topic)  # granted by mosquitto's acl_file, but nothing is delivered:
     assert not b.publish("examwatch/v1/xx-1/102/alarms", b"b's alarm").is_failure
     assert a.heard("examwatch/v1/xx-1/101/alarms") == []
-    assert gw.heard("examwatch/v1/xx-1/101/alarms")  # the gateway may not write == ["examwatch/v1/xx-1/102/alarms", "examwatch/v1/xx-1/101/alarms"]
+    assert gw.heard(
+        "examwatch/v1/xx-1/101/alarms"
+    )  # the gateway may not write == ["examwatch/v1/xx-1/102/alarms", "examwatch/v1/xx-1/101/alarms"]
     a.close()
     b.close()
     gw.close()
@@ -170,8 +174,10 @@ def test_real_gateway_and_agents_work_through_it_and_a_rooms_credentials_speak_f
     denied = re.compile(r"Denied PUBLISH from xx-1-101 .*'examwatch/v1/xx-1/102/readings'")
     until(lambda: denied.search(county.log()), what="the broker refusing the impostor's readings")
     room_rows = gw.query("SELECT COUNT(*) FROM readings WHERE agent = 'xx-1/101'")[0][0]
-    until(lambda: gw.query("SELECT COUNT(*) FROM readings WHERE agent = 'xx-1/101'")[0][0] > room_rows,
-          what="101 still delivering beside the impostor")
+    until(
+        lambda: gw.query("SELECT COUNT(*) FROM readings WHERE agent = 'xx-1/101'")[0][0] > room_rows,
+        what="101 still delivering beside the impostor",
+    )
     assert gw.query("SELECT COUNT(*) FROM ledger WHERE agent = 'xx-1/102'") == [(0,)]
     # One login on two boxes: each connection takes over the other's session, so the room flaps; seen as
     # repeated uplink_lost in the room's log (a cloned SD card looks the same).

@@ -19,9 +19,15 @@ LOCAL = {"examwatch", "bench", "tests"}  # the project itself: one namespace, pl
 # Which groups of pyproject.toml may provide an import, by the folder that imports it: the agent and the
 # gateway get only the main dependencies; the simulators also the demo extra; bench/ and tests/ everything.
 GROUPS = {
-    "edge": ("main",), "collectors": ("main",), "rules": ("main",), "gateway": ("main",),
-    "kernel": ("main",), "examwatch": ("main",),
-    "simulators": ("main", "demo"), "bench": ("main", "demo", "test"), "tests": ("main", "demo", "test"),
+    "edge": ("main",),
+    "collectors": ("main",),
+    "rules": ("main",),
+    "gateway": ("main",),
+    "kernel": ("main",),
+    "examwatch": ("main",),
+    "simulators": ("main", "demo"),
+    "bench": ("main", "demo", "test"),
+    "tests": ("main", "demo", "test"),
 }
 # Imported by a dependency only when a feature is used, so no import of ours shows them: (group, why).
 NEEDED_LAZILY = {"cryptography": ("main", "pysnmp imports it only for SNMPv3 privacy (AES, DES)")}
@@ -81,7 +87,9 @@ def test_every_imported_module_is_declared_in_the_right_group() -> None:
             if not dists:
                 problems.append(f"{where} imports {module}, which no installed distribution provides: declare it")
             elif not dists & allowed:
-                problems.append(f"{where} imports {module} ({', '.join(sorted(dists))}), not in {' or '.join(GROUPS[folder])}")
+                problems.append(
+                    f"{where} imports {module} ({', '.join(sorted(dists))}), not in {' or '.join(GROUPS[folder])}"
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -92,7 +100,9 @@ def test_what_dependencies_import_lazily_is_declared_and_works() -> None:
     import pysnmp.hlapi.v3arch.asyncio  # noqa: F401 - what the collector imports; the priv modules alone import in a cycle
     from pysnmp.proto.secmod.rfc3826.priv import aes
 
-    assert not aes.PysnmpCryptoError, "pysnmp cannot encrypt: SNMPv3 privacy would fail with 'Ciphering services not available'"
+    assert not aes.PysnmpCryptoError, (
+        "pysnmp cannot encrypt: SNMPv3 privacy would fail with 'Ciphering services not available'"
+    )
 
 
 def test_the_scan_sees_imports_and_groups() -> None:

@@ -31,14 +31,15 @@ pytestmark = pytest.mark.integration
 OUTAGE = float(os.environ.get("EXAMWATCH_OUTAGE_S", "60"))  # the minute; shorten locally with the variable
 
 
-
-
 def _readings(agent: AgentProc, gw: GatewayProc) -> tuple[Counter[tuple], Counter[tuple], Counter[tuple]]:
     produced = Counter(agent.query("SELECT device, metric, ts, value FROM readings"))
     # pending: queued in the outbox, or stored and not yet queued (the next flush, after any restart, takes them)
-    pending: Counter[tuple] = Counter(agent.query(
-        "SELECT device, metric, ts, value FROM readings"
-        " WHERE id > COALESCE((SELECT value FROM meta WHERE key = 'readings_sent'), 0)"))
+    pending: Counter[tuple] = Counter(
+        agent.query(
+            "SELECT device, metric, ts, value FROM readings"
+            " WHERE id > COALESCE((SELECT value FROM meta WHERE key = 'readings_sent'), 0)"
+        )
+    )
     for (body,) in agent.query("SELECT body FROM outbox WHERE kind = 'readings'"):
         pending.update((r.device, r.metric, r.ts, r.value) for r in msgspec.json.decode(body, type=list[Reading]))
     stored = Counter(gw.query("SELECT device, metric, ts, value FROM readings WHERE agent = ?", agent.agent))
@@ -57,9 +58,13 @@ def account(agent: AgentProc, gw: GatewayProc) -> dict[str, int]:
     lost = produced - pending - stored
     assert not lost, f"lost {sum(lost.values())} acknowledged readings"
     seqs = [s for (s,) in gw.query("SELECT seq FROM readings WHERE agent = ? ORDER BY rowid", agent.agent)]
-    return {"produced": sum(produced.values()), "stored": sum(stored.values()), "pending": sum(pending.values()),
-            "in_order": int(seqs == sorted(seqs)), "missing": gw.query("SELECT missing FROM agents WHERE agent = ?",
-                                                                      agent.agent)[0][0]}
+    return {
+        "produced": sum(produced.values()),
+        "stored": sum(stored.values()),
+        "pending": sum(pending.values()),
+        "in_order": int(seqs == sorted(seqs)),
+        "missing": gw.query("SELECT missing FROM agents WHERE agent = ?", agent.agent)[0][0],
+    }
 
 
 def drain_and_stop(agents: list[AgentProc], gw: GatewayProc) -> None:
@@ -68,6 +73,7 @@ def drain_and_stop(agents: list[AgentProc], gw: GatewayProc) -> None:
         until(lambda a=a: 0 <= a.outbox() <= 5, timeout=60, what=f"{a.agent} outbox drained")
     for a in agents:
         a.stop()
+
     def lost(a: AgentProc) -> Counter[tuple]:
         produced, pending, stored = _readings(a, gw)
         return produced - pending - stored
@@ -111,7 +117,9 @@ def test_agent_killed_50_times_while_publishing(mosquitto, procs, tmp_path):
     agent.start()
     drain_and_stop([agent], gw)
     counts = account(agent, gw)
-    dup = next(line.split()[1] for line in gw.metrics().splitlines() if line.startswith("examwatch_gateway_duplicates_total "))
+    dup = next(
+        line.split()[1] for line in gw.metrics().splitlines() if line.startswith("examwatch_gateway_duplicates_total ")
+    )
     print(f"\n{kills} SIGKILLs: {counts}, duplicates dropped by the gateway: {dup}")
     assert counts["stored"] > 0 and counts["missing"] == 0
 
@@ -137,8 +145,18 @@ def test_rogue_client_forged_alarms_are_rejected_counted_and_alarmed_replays_are
     start(procs, gw)
     room_key, other_key = bytes.fromhex(key_hex("s1/101")), bytes.fromhex(key_hex("s1/102"))
     now = time.time()
-    ev = AlarmEvent(id="s1/101/secrecy_door_open/door1/1", site="s1", room="101", rule="secrecy_door_open", level=2,
-                    state="raised", device="door1", at=now, raised_at=now, message="保密室门在非规定时间打开")
+    ev = AlarmEvent(
+        id="s1/101/secrecy_door_open/door1/1",
+        site="s1",
+        room="101",
+        rule="secrecy_door_open",
+        level=2,
+        state="raised",
+        device="door1",
+        at=now,
+        raised_at=now,
+        message="保密室门在非规定时间打开",
+    )
     body = msgspec.json.encode(ev)
     legit = wire.encode(room_key, "s1/101", 1, now, "alarms", body, epoch=5)
     topic = wire.topic("s1/101", "alarms")
@@ -158,7 +176,9 @@ def test_rogue_client_forged_alarms_are_rejected_counted_and_alarmed_replays_are
             forged = wire.encode(bytes(32), "s1/101", 100 + i, time.time(), "alarms", cleared, epoch=5)  # wrong key
             rogue.publish(topic, forged, qos=1).wait_for_publish(5)
             sent["forged"] += 1
-            other = wire.encode(other_key, "s1/101", 200 + i, time.time(), "alarms", cleared, epoch=5)  # another room's key
+            other = wire.encode(
+                other_key, "s1/101", 200 + i, time.time(), "alarms", cleared, epoch=5
+            )  # another room's key
             rogue.publish(topic, other, qos=1).wait_for_publish(5)
             sent["forged"] += 1
             env = wire.decode(forged)
@@ -179,11 +199,19 @@ def test_rogue_client_forged_alarms_are_rejected_counted_and_alarmed_replays_are
         return {reason: n for reason, n in out.items() if n}  # every reason is exported, from 0
 
     until(lambda: rejected() == dict(sent), what=f"rejections counted {dict(sent)}")
-    until(lambda: f"examwatch_gateway_duplicates_total {float(replayed)}" in gw.metrics(), what="replays counted as duplicates")
-    assert gw.query("SELECT reason, COUNT(*) FROM dead_letters WHERE agent = 's1/101' GROUP BY reason") == sorted(sent.items())
+    until(
+        lambda: f"examwatch_gateway_duplicates_total {float(replayed)}" in gw.metrics(),
+        what="replays counted as duplicates",
+    )
+    assert gw.query("SELECT reason, COUNT(*) FROM dead_letters WHERE agent = 's1/101' GROUP BY reason") == sorted(
+        sent.items()
+    )
     alarms = {a["rule"]: a for a in gw.get("/api/v1/alarms?state=active&room=101")["alarms"]}
     assert alarms["security_rejected"]["level"] == 2 and "冒用" in alarms["security_rejected"]["message"]
     assert alarms["secrecy_door_open"]["state"] == "raised"  # no forged "cleared" got through
     assert len(gw.get(f"/api/v1/alarms/timeline?id={ev.id}")["timeline"]) == 1
     assert gw.query("SELECT COUNT(*) FROM ledger")[0][0] == 1
-    print(f"\nrogue sent {sum(sent.values()) + replayed}: {dict(sent)}, {replayed} replayed; gateway rejected {rejected()}")
+    print(
+        f"\nrogue sent {sum(sent.values()) + replayed}: {dict(sent)}, {replayed} replayed; gateway rejected "
+        f"{rejected()}"
+    )

@@ -45,17 +45,30 @@ def room(tmp_path: Path):
 def test_every_fault_raises_its_alarm_within_one_interval_plus_a_second(mosquitto, room, tmp_path):
     exporter = free_port()
     config = tmp_path / "agent.toml"
-    config.write_text(agent_toml(mosquitto.port, exporter, tmp_path / "state", room="r7", room_name="第7考场",
-                                 body="[rules.link_down]\nfor = 0\n[rules.noise_high]\nfor = 0\n"
-                                      + room.devices_toml(INTERVAL),
-                                 sessions=[(-30, 60)]), encoding="utf-8")
+    config.write_text(
+        agent_toml(
+            mosquitto.port,
+            exporter,
+            tmp_path / "state",
+            room="r7",
+            room_name="第7考场",
+            body="[rules.link_down]\nfor = 0\n[rules.noise_high]\nfor = 0\n" + room.devices_toml(INTERVAL),
+            sessions=[(-30, 60)],
+        ),
+        encoding="utf-8",
+    )
     watcher = Watcher(mosquitto.port)
     agent = launch_agent(config, exporter, mosquitto.port, ready=("agent_started",))
     try:
         expected = dict(EXPECTED, switch_port_down=("link_down", f"switch1/port{room.monitored_port}", 1))
         # every device answers before any fault: device_online 1 for all seven
-        assert _until(lambda: agent.metrics().count("examwatch_device_online{") >= 7
-                      and 'examwatch_device_online{device="cam1"' in agent.metrics(), 20), agent.metrics()
+        assert _until(
+            lambda: (
+                agent.metrics().count("examwatch_device_online{") >= 7
+                and 'examwatch_device_online{device="cam1"' in agent.metrics()
+            ),
+            20,
+        ), agent.metrics()
         time.sleep(INTERVAL + 0.5)
         baseline = {(e.rule, e.device) for _, e in watcher.alarms if e.state == "raised"}
         assert baseline == set(), baseline  # a healthy room is quiet
@@ -63,9 +76,13 @@ def test_every_fault_raises_its_alarm_within_one_interval_plus_a_second(mosquitt
         for fault, (rule, device, level) in expected.items():
             caused = time.monotonic()
             room.fault(fault)
-            got = watcher.wait(lambda e, r=rule, d=device: e.rule == r and e.device == d and e.state == "raised",
-                               timeout=INTERVAL + 1.0 + 0.5)  # + the time a poll itself takes on a busy machine
-            assert got is not None, f"{fault}: no {rule} on {device}; got {[(e.rule, e.device) for _, e in watcher.alarms]}"
+            got = watcher.wait(
+                lambda e, r=rule, d=device: e.rule == r and e.device == d and e.state == "raised",
+                timeout=INTERVAL + 1.0 + 0.5,
+            )  # + the time a poll itself takes on a busy machine
+            assert got is not None, (
+                f"{fault}: no {rule} on {device}; got {[(e.rule, e.device) for _, e in watcher.alarms]}"
+            )
             assert got[0] - caused <= INTERVAL + 1.5
             assert got[1].level == level
             room.recover(fault)

@@ -35,10 +35,18 @@ def small_disk(tmp_path):
 def test_full_disk_keeps_the_agent_alarming_and_loses_no_transition(mosquitto, small_disk, tmp_path):
     exporter = free_port()
     config = tmp_path / "agent.toml"
-    config.write_text(agent_toml(mosquitto.port, exporter, small_disk, room="sec", kind="secrecy_room",
-                                 body='[[devices]]\nname = "door"\nkind = "door"\nprotocol = "mqtt"\n'
-                                      'topic = "z2m/door"\nprofile = "zigbee2mqtt_contact"\ninterval = 60\n'),
-                      encoding="utf-8")
+    config.write_text(
+        agent_toml(
+            mosquitto.port,
+            exporter,
+            small_disk,
+            room="sec",
+            kind="secrecy_room",
+            body='[[devices]]\nname = "door"\nkind = "door"\nprotocol = "mqtt"\n'
+            'topic = "z2m/door"\nprofile = "zigbee2mqtt_contact"\ninterval = 60\n',
+        ),
+        encoding="utf-8",
+    )
     watcher = Watcher(mosquitto.port)
     agent = launch_agent(config, exporter, mosquitto.port)
     filler = small_disk / "filler"
@@ -73,4 +81,7 @@ def test_full_disk_keeps_the_agent_alarming_and_loses_no_transition(mosquitto, s
     db = sqlite3.connect(small_disk / "agent.db")
     stored = [r[0] for r in db.execute("SELECT rule FROM alarms WHERE state = 'raised'")]
     assert "secrecy_door_open" in stored and "agent_store_failed" in stored
-    assert db.execute("SELECT COUNT(*) FROM readings WHERE device = 'door' AND metric = 'battery_percent'").fetchone()[0] >= 20
+    assert (
+        db.execute("SELECT COUNT(*) FROM readings WHERE device = 'door' AND metric = 'battery_percent'").fetchone()[0]
+        >= 20
+    )

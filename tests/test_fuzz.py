@@ -14,9 +14,11 @@ from bench import fuzz
 INPUTS = 2_000
 SEED = 7
 
+
 def describe(result: fuzz.Result) -> str:
     return "\n".join(
-        f"{f.kind} at {f.where} ({f.count} of {result.inputs} inputs): {f.message}\n    smallest input: {f.example[:300]!r}"
+        f"{f.kind} at {f.where} ({f.count} of {result.inputs} inputs): {f.message}\n    smallest input: "
+        f"{f.example[:300]!r}"
         for f in result.failures.values()
     )
 

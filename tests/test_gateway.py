@@ -10,8 +10,6 @@ from tests.support.gateway import AgentProc, GatewayProc, Link, start
 pytestmark = pytest.mark.integration
 
 
-
-
 def test_readings_liveness_api_and_exporter(mosquitto, procs, tmp_path):
     gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101", "s1/102"])
     agents = [AgentProc(tmp_path, a, mosquitto.port) for a in ("s1/101", "s1/102")]
@@ -26,7 +24,9 @@ def test_readings_liveness_api_and_exporter(mosquitto, procs, tmp_path):
     text = gw.metrics()
     # the agent's status names its devices' kinds: the county labels readings like the room does, and ages them
     assert 'examwatch_memory_used_ratio{device="pi",kind="host",room="101",site="s1"}' in text
-    assert 'examwatch_reading_age_seconds{device="pi",kind="host",metric="memory_used_ratio",room="101",site="s1"}' in text
+    assert (
+        'examwatch_reading_age_seconds{device="pi",kind="host",metric="memory_used_ratio",room="101",site="s1"}' in text
+    )
     assert 'examwatch_gateway_agent_phase{phase="idle",room="101",site="s1"} 1.0' in text  # no session configured
     assert 'examwatch_gateway_rejected_total{reason="forged",room="102",site="s1"} 0.0' in text
     assert 'examwatch_gateway_agent_up{room="102",site="s1"} 1.0' in text
@@ -64,28 +64,37 @@ def test_two_rooms_lose_their_link_one_level2_incident_a_third_joins(mosquitto, 
         procs.append(links[a])
         agents[a] = AgentProc(tmp_path, a, links[a].port)
         start(procs, agents[a])
-    until(lambda: len([a for a in gw.get("/api/v1/agents")["agents"] if a["status"] == "online"]) == 3,
-          what="three rooms online")
+    until(
+        lambda: len([a for a in gw.get("/api/v1/agents")["agents"] if a["status"] == "online"]) == 3,
+        what="three rooms online",
+    )
     links["s1/101"].cut()
     links["s1/102"].cut()
     inc = until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"], what="incident")
     assert len(inc) == 1
     first = inc[0]
     # members in the order the rooms' alarms arrived: either room's last will may come first
-    until(lambda: sorted(gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"]) == ["101", "102"],
-          what="both rooms in the incident")
+    until(
+        lambda: sorted(gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"]) == ["101", "102"],
+        what="both rooms in the incident",
+    )
     assert (first["level"], first["fault_class"], first["title"]) == (2, "network", "考点多个考场网络中断")
     assert 'examwatch_gateway_incidents_open{class="network",level="2",site="s1"} 1.0' in gw.metrics()
     links["s1/103"].cut()
-    until(lambda: sorted(gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"]) == ["101", "102", "103"],
-          what="third room joins")
+    until(
+        lambda: sorted(gw.get("/api/v1/incidents?state=open")["incidents"][0]["members"]) == ["101", "102", "103"],
+        what="third room joins",
+    )
     [inc] = gw.get("/api/v1/incidents")["incidents"]
     assert inc["id"] == first["id"] and inc["level"] == 2 and sorted(inc["active"]) == ["101", "102", "103"]
     assert gw.post("/api/v1/ack", {"incident": inc["id"], "who": "李主任", "note": "启用备用链路"}, gw.token)[0] == 200
     for link in links.values():
         link.up()
-    closed = until(lambda: [i for i in gw.get("/api/v1/incidents")["incidents"] if i["state"] == "closed"],
-                   timeout=40, what="incident closed after the links came back")
+    closed = until(
+        lambda: [i for i in gw.get("/api/v1/incidents")["incidents"] if i["state"] == "closed"],
+        timeout=40,
+        what="incident closed after the links came back",
+    )
     assert closed[0]["id"] == first["id"] and sorted(closed[0]["members"]) == ["101", "102", "103"]
     assert closed[0]["acked_by"] == "李主任"
     assert [t["what"] for t in closed[0]["timeline"]][:2] == ["opened", "joined"]

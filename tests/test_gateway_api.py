@@ -17,26 +17,29 @@ from tests.support import until
 from tests.support.gateway import GatewayProc, start
 
 
-@pytest.mark.parametrize(("path", "query", "why"), [
-    ("/api/v1/alarms", "limit=-1", "limit: must be an integer from 1 to 1000"),
-    ("/api/v1/alarms", "limit=0", "from 1 to 1000"),
-    ("/api/v1/alarms", "limit=1001", "from 1 to 1000"),
-    ("/api/v1/alarms", "limit=1e3", "from 1 to 1000"),
-    ("/api/v1/alarms", "level=NaN", "level: must be an integer from 1 to 3"),
-    ("/api/v1/alarms", "state=all", "state: must be one of active, raised, updated, cleared"),
-    ("/api/v1/alarms", "site=s1%27%20OR%201", "site: must be 1 to 64 letters"),
-    ("/api/v1/alarms", "room=" + "x" * 65, "room: must be 1 to 64"),
-    ("/api/v1/alarms", "limit=1&limit=2", "given more than once"),
-    ("/api/v1/alarms", "order=desc", "unknown parameter 'order'"),
-    ("/api/v1/alarms", "a&b", "malformed query"),
-    ("/api/v1/alarms", "site=%ff", "malformed query"),
-    ("/api/v1/alarms", "site=s1&" * 300, "query longer than"),
-    ("/api/v1/incidents", "state=active", "state: must be one of open, closed"),
-    ("/api/v1/incidents", "room=101", "unknown parameter 'room'"),
-    ("/api/v1/alarms/timeline", "", "id is required"),
-    ("/api/v1/alarms/timeline", "id=a%00b", "id: must be 1 to 256 printable"),
-    ("/api/v1/agents", "limit=5", "this endpoint takes: none"),
-])
+@pytest.mark.parametrize(
+    ("path", "query", "why"),
+    [
+        ("/api/v1/alarms", "limit=-1", "limit: must be an integer from 1 to 1000"),
+        ("/api/v1/alarms", "limit=0", "from 1 to 1000"),
+        ("/api/v1/alarms", "limit=1001", "from 1 to 1000"),
+        ("/api/v1/alarms", "limit=1e3", "from 1 to 1000"),
+        ("/api/v1/alarms", "level=NaN", "level: must be an integer from 1 to 3"),
+        ("/api/v1/alarms", "state=all", "state: must be one of active, raised, updated, cleared"),
+        ("/api/v1/alarms", "site=s1%27%20OR%201", "site: must be 1 to 64 letters"),
+        ("/api/v1/alarms", "room=" + "x" * 65, "room: must be 1 to 64"),
+        ("/api/v1/alarms", "limit=1&limit=2", "given more than once"),
+        ("/api/v1/alarms", "order=desc", "unknown parameter 'order'"),
+        ("/api/v1/alarms", "a&b", "malformed query"),
+        ("/api/v1/alarms", "site=%ff", "malformed query"),
+        ("/api/v1/alarms", "site=s1&" * 300, "query longer than"),
+        ("/api/v1/incidents", "state=active", "state: must be one of open, closed"),
+        ("/api/v1/incidents", "room=101", "unknown parameter 'room'"),
+        ("/api/v1/alarms/timeline", "", "id is required"),
+        ("/api/v1/alarms/timeline", "id=a%00b", "id: must be 1 to 256 printable"),
+        ("/api/v1/agents", "limit=5", "this endpoint takes: none"),
+    ],
+)
 def test_bad_parameters_are_refused_with_the_reason(path, query, why):
     with pytest.raises(BadRequest, match=why) as err:
         parse_query(path, query)
@@ -45,18 +48,36 @@ def test_bad_parameters_are_refused_with_the_reason(path, query, why):
 
 def test_good_parameters_and_defaults():
     assert parse_query("/api/v1/alarms", "state=active&level=2&site=s1&room=101&limit=1000") == {
-        "state": "active", "level": 2, "site": "s1", "room": "101", "limit": 1000}
+        "state": "active",
+        "level": 2,
+        "site": "s1",
+        "room": "101",
+        "limit": 1000,
+    }
     assert parse_query("/api/v1/incidents", "") == {"state": "", "level": None, "site": "", "limit": 200}
     assert parse_query("/api/v1/alarms/timeline", "id=s1/101/door_open/door1/1700000000000") == {
-        "id": "s1/101/door_open/door1/1700000000000"}
+        "id": "s1/101/door_open/door1/1700000000000"
+    }
     with pytest.raises(BadRequest) as err:
         parse_query("/api/v1/nothing", "")
     assert err.value.status == 404
 
 
-@pytest.mark.parametrize("body", [b"", b"[]", b"{", b"\xff", b"[" * 60_000, b'{"alarm": 1, "who": "w"}',
-                                  b'{"alarm": "a", "incident": "b", "who": "w"}', b'{"alarm": "a", "who": " "}',
-                                  b'{"alarm": "a", "who": "w", "extra": 1}', b'{"alarm": "a", "who": "' + b"w" * 65 + b'"}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"[]",
+        b"{",
+        b"\xff",
+        b"[" * 60_000,
+        b'{"alarm": 1, "who": "w"}',
+        b'{"alarm": "a", "incident": "b", "who": "w"}',
+        b'{"alarm": "a", "who": " "}',
+        b'{"alarm": "a", "who": "w", "extra": 1}',
+        b'{"alarm": "a", "who": "' + b"w" * 65 + b'"}',
+    ],
+)
 def test_bad_acknowledgements_are_refused(body):
     with pytest.raises(BadRequest):
         parse_ack(body)

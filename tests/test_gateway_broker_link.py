@@ -68,8 +68,9 @@ def test_broker_refusing_the_gateways_login_is_said_once_and_counted(procs, tmp_
     county.start()
     procs.append(county)
     gw = GatewayProc(tmp_path, county.port, ["s1/101"])
-    gw.config.write_text(gw.config.read_text().replace("[broker]\n", '[broker]\nusername = "examwatch-gateway"\n'
-                                                                     'password = "wrong"\n', 1))
+    gw.config.write_text(
+        gw.config.read_text().replace("[broker]\n", '[broker]\nusername = "examwatch-gateway"\npassword = "wrong"\n', 1)
+    )
     start(procs, gw)
     until(lambda: failures(gw) >= 2, what="two refused attempts")
     assert sample(gw, "examwatch_gateway_broker_connected") == 0

@@ -17,7 +17,7 @@ from tests.config_support import mutated
 KEY = "ab" * 32
 BASE = f'[security.keys]\n"s1/101" = "{KEY}"\n'
 RULE = '[[correlation]]\nclass = "power"\ntitle = "考点多个考场市电中断"\nrules = ["ups_on_battery", "agent_offline"]\n'
-SESSION = "[[schedule.sessions]]\nname = \"数学\"\nstart = {}\nend = {}\n"
+SESSION = '[[schedule.sessions]]\nname = "数学"\nstart = {}\nend = {}\n'
 
 
 def gateway_text(extra: str = "") -> str:
@@ -38,8 +38,11 @@ GATEWAY_CASES = [
     ("broker host with a space", '[broker]\nhost = "county broker"', ("broker", "host")),
     ("api listen garbage", '[api]\nlisten = "garbage"', ("api", "listen")),
     ("exporter port 70000", '[exporter]\nlisten = "127.0.0.1:70000"', ("exporter", "listen")),
-    ("api and exporter on one port", '[exporter]\nlisten = "127.0.0.1:8080"\n[api]\nlisten = "0.0.0.0:8080"',
-     ("api", "listen")),
+    (
+        "api and exporter on one port",
+        '[exporter]\nlisten = "127.0.0.1:8080"\n[api]\nlisten = "0.0.0.0:8080"',
+        ("api", "listen"),
+    ),
     ("replay window nan", "[security]\nreplay_window = nan", ("security", "replay_window")),
     ("quiet negative", "[security]\nquiet = -600.0", ("security", "quiet")),
     ("heartbeat timeout nan", "[liveness]\nheartbeat_timeout = nan", ("liveness", "heartbeat_timeout")),
@@ -52,10 +55,16 @@ GATEWAY_CASES = [
     ("a rule id typo", RULE.replace("ups_on_battery", "ups_on_batery"), ("correlation", 0, "rules")),
     ("no rules", RULE.replace('["ups_on_battery", "agent_offline"]', "[]"), ("correlation", 0, "rules")),
     ("one class twice", RULE + RULE, ("correlation", 1, "class")),
-    ("session with a UTC offset", SESSION.format("2024-06-07T09:00:00+08:00", "2024-06-07T11:30:00"),
-     ("schedule", "sessions", 0, "start")),
-    ("session ends before it starts", SESSION.format("2024-06-07T09:00:00", "2024-06-07T08:00:00"),
-     ("schedule", "sessions", 0, "end")),
+    (
+        "session with a UTC offset",
+        SESSION.format("2024-06-07T09:00:00+08:00", "2024-06-07T11:30:00"),
+        ("schedule", "sessions", 0, "start"),
+    ),
+    (
+        "session ends before it starts",
+        SESSION.format("2024-06-07T09:00:00", "2024-06-07T08:00:00"),
+        ("schedule", "sessions", 0, "end"),
+    ),
     ("bad time zone", '[schedule]\ntimezone = "Beijing"', ("schedule", "timezone")),
     ("a key that is not hex", '"s1/102" = "not-a-key"', ("security", "keys", "s1/102")),
     ("keys file missing", '[security]\nkeys_file = "/nonexistent/agent-keys"', ("security", "keys_file")),
@@ -80,8 +89,11 @@ def test_the_sample_and_the_builtin_correlation_rules_are_valid():
 
 
 def test_semantic_errors_are_reported_all_at_once_with_lines():
-    text = ('[exporter]\nlisten = "127.0.0.1:8080"\n[api]\nlisten = "127.0.0.1:8080"\n[schedule]\ntimezone = "Mars"\n'
-            + RULE.replace("ups_on_battery", "ups_on_batery") + BASE)
+    text = (
+        '[exporter]\nlisten = "127.0.0.1:8080"\n[api]\nlisten = "127.0.0.1:8080"\n[schedule]\ntimezone = "Mars"\n'
+        + RULE.replace("ups_on_battery", "ups_on_batery")
+        + BASE
+    )
     with pytest.raises(ConfigError) as exc:
         loads(text)
     found = {i.path: i.line for i in exc.value.issues}
@@ -89,12 +101,21 @@ def test_semantic_errors_are_reported_all_at_once_with_lines():
 
 
 def test_type_errors_and_semantic_errors_are_reported_together():
-    text = gateway_text('[gateway]\nbatch_max = 0\n[api]\nlisten = "garbage"\n[schedule]\ntimezone = "Mars"\n'
-                        + RULE + "window = nan\n" + RULE.replace("power", "noise").replace("ups_on_battery", "nosie_high"))
+    text = gateway_text(
+        '[gateway]\nbatch_max = 0\n[api]\nlisten = "garbage"\n[schedule]\ntimezone = "Mars"\n'
+        + RULE
+        + "window = nan\n"
+        + RULE.replace("power", "noise").replace("ups_on_battery", "nosie_high")
+    )
     with pytest.raises(ConfigError) as exc:
         loads(text)
-    assert {i.path for i in exc.value.issues} == {("gateway", "batch_max"), ("api", "listen"), ("schedule", "timezone"),
-                                                  ("correlation", 0, "window"), ("correlation", 1, "rules")}
+    assert {i.path for i in exc.value.issues} == {
+        ("gateway", "batch_max"),
+        ("api", "listen"),
+        ("schedule", "timezone"),
+        ("correlation", 0, "window"),
+        ("correlation", 1, "rules"),
+    }
 
 
 def test_a_bad_keys_file_line_is_reported(tmp_path):
@@ -118,8 +139,9 @@ def test_gateway_config_check_cli(tmp_path):
     assert _cli("gateway", "config", "check", str(good)).returncode == 0
     assert _cli("gateway", "config", "check", "-", stdin=sample_text().encode()).returncode == 0
     bad = tmp_path / "bad.toml"
-    bad.write_text("[gateway]\nbatch_max = 0\n[broker]\nreceive_maximum = 0\n[api]\nlisten = \"127.0.0.1:9109\"\n",
-                   encoding="utf-8")
+    bad.write_text(
+        '[gateway]\nbatch_max = 0\n[broker]\nreceive_maximum = 0\n[api]\nlisten = "127.0.0.1:9109"\n', encoding="utf-8"
+    )
     checked = _cli("gateway", "config", "check", str(bad))
     assert checked.returncode == 2
     assert "gateway.batch_max (line 2)" in checked.stderr and "broker.receive_maximum (line 4)" in checked.stderr
@@ -141,16 +163,16 @@ def test_gateway_config_check_cli_semantic_errors_and_missing_file(tmp_path):
 @pytest.mark.parametrize("which", [("config", "check"), ("gateway", "config", "check"), ("gateway", "run", "--config")])
 def test_a_gbk_file_is_refused_with_its_line_not_a_traceback(tmp_path, which):
     path = tmp_path / "gbk.toml"
-    path.write_bytes("[agent]\nsite = \"s1\"\nroom = \"r1\"\nroom_name = \"第一考场\"\n".encode("gbk"))
+    path.write_bytes('[agent]\nsite = "s1"\nroom = "r1"\nroom_name = "第一考场"\n'.encode("gbk"))
     out = _cli(*which, str(path))
     assert out.returncode == 2, out
     assert "(line 4)" in out.stderr and "save the file as UTF-8" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_agent_config_check_cli_reads_stdin_bytes_strictly():
-    out = _cli("config", "check", "-", stdin="[agent]\nsite = \"s1\"\nroom = \"考场\"\n".encode("gbk"))
+    out = _cli("config", "check", "-", stdin='[agent]\nsite = "s1"\nroom = "考场"\n'.encode("gbk"))
     assert out.returncode == 2 and "(line 3)" in out.stderr
-    out = _cli("config", "check", "-", stdin="\ufeff[agent]\nsite = \"s1\"\nroom = \"r1\"\n".encode())
+    out = _cli("config", "check", "-", stdin='\ufeff[agent]\nsite = "s1"\nroom = "r1"\n'.encode())
     assert out.returncode == 0, out.stderr
 
 

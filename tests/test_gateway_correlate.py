@@ -5,10 +5,17 @@ from __future__ import annotations
 from examwatch.gateway.config import CorrelationRule
 from examwatch.gateway.correlate import Fault, correlate
 
-NET = CorrelationRule(fault_class="network", title="考点多个考场网络中断", rules=["agent_offline", "link_down"],
-                      min_rooms=2, window=300.0, site_share=0.5)
-POWER = CorrelationRule(fault_class="power", title="市电中断", rules=["ups_on_battery"], site_share=0.0,
-                        site_rooms=["power-room"])
+NET = CorrelationRule(
+    fault_class="network",
+    title="考点多个考场网络中断",
+    rules=["agent_offline", "link_down"],
+    min_rooms=2,
+    window=300.0,
+    site_share=0.5,
+)
+POWER = CorrelationRule(
+    fault_class="power", title="市电中断", rules=["ups_on_battery"], site_share=0.0, site_rooms=["power-room"]
+)
 ROSTER = {"s1": 8, "s2": 8}
 
 
@@ -26,7 +33,9 @@ def test_two_rooms_one_level2_incident_a_third_joins_and_the_id_holds():
     [inc] = incidents.values()
     assert (inc.level, inc.members, inc.active) == (2, ["101", "102"], ["101", "102"])
     assert [c.what for c in changes] == ["opened"]
-    incidents, changes, _ = correlate(incidents, [down("101", 0), down("102", 60), down("103", 500)], [NET], ROSTER, 510)
+    incidents, changes, _ = correlate(
+        incidents, [down("101", 0), down("102", 60), down("103", 500)], [NET], ROSTER, 510
+    )
     [again] = incidents.values()
     assert again.id == inc.id and again.members == ["101", "102", "103"] and again.level == 2
     assert [(c.what, c.rooms) for c in changes] == [("joined", ("103",))]

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from examwatch.gateway import store
 from examwatch.gateway.exporter import GatewayCollector
-from examwatch.gateway.ingest import ROOM_REASONS, ROOMLESS_REASONS, Engine, Message
+from examwatch.gateway.ingest import Engine, Message
+from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS
 from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule, Window
@@ -43,24 +44,47 @@ def labels(**kw: str) -> tuple[tuple[str, str], ...]:
 
 def kinds_status(agent: str, kinds: dict[str, str] | None, ts: float, received: float, n: int = 1) -> Message:
     body = msgspec.json.encode(wire.Status(state="online", kinds=kinds, boot=1, conn=1, n=n))
-    return Message(wire.topic(agent, "status"), wire.encode(KEYS[agent], agent, 0, ts, "status", body, epoch=1), False, received)
+    return Message(
+        wire.topic(agent, "status"), wire.encode(KEYS[agent], agent, 0, ts, "status", body, epoch=1), False, received
+    )
 
 
 def readings(agent: str, seq: int, items: list[Reading], received: float) -> Message:
     body = msgspec.json.encode(items)
-    return Message(wire.topic(agent, "readings"), wire.encode(KEYS[agent], agent, seq, received, "readings", body, epoch=1), False,
-                   received)
+    return Message(
+        wire.topic(agent, "readings"),
+        wire.encode(KEYS[agent], agent, seq, received, "readings", body, epoch=1),
+        False,
+        received,
+    )
 
 
 def test_readings_carry_kind_unit_and_age_by_the_rooms_clock(tmp_path):
     e = make(tmp_path)
     # 101 names its devices' kinds (one of them not a kind at all); 102 is an older agent that names none.
-    e.ingest([kinds_status("s1/101", {"ups1": "ups", "sw1": "switch", "odd": "toaster"}, T0, T0),
-              kinds_status("s1/102", None, T0, T0)], T0)
-    e.ingest([readings("s1/101", 1, [Reading("ups1", "ups_charge_percent", 80.0, T0 - 10),
-                                     Reading("sw1/port3", "link_up", 1.0, T0 - 20),
-                                     Reading("odd", "door_open", 0.0, T0 - 30)], T0),
-              readings("s1/102", 1, [Reading("noise", "noise_db", 55.0, T0 - 5)], T0)], T0)
+    e.ingest(
+        [
+            kinds_status("s1/101", {"ups1": "ups", "sw1": "switch", "odd": "toaster"}, T0, T0),
+            kinds_status("s1/102", None, T0, T0),
+        ],
+        T0,
+    )
+    e.ingest(
+        [
+            readings(
+                "s1/101",
+                1,
+                [
+                    Reading("ups1", "ups_charge_percent", 80.0, T0 - 10),
+                    Reading("sw1/port3", "link_up", 1.0, T0 - 20),
+                    Reading("odd", "door_open", 0.0, T0 - 30),
+                ],
+                T0,
+            ),
+            readings("s1/102", 1, [Reading("noise", "noise_db", 55.0, T0 - 5)], T0),
+        ],
+        T0,
+    )
     got = scrape(e, tmp_path, T0 + 100)
     assert got["examwatch_ups_charge_percent"] == {labels(site="s1", room="101", device="ups1", kind="ups"): 80.0}
     assert got["examwatch_link_up"] == {labels(site="s1", room="101", device="sw1/port3", kind="switch"): 1.0}
@@ -80,7 +104,9 @@ def test_readings_carry_kind_unit_and_age_by_the_rooms_clock(tmp_path):
     e.ingest([kinds_status("s1/103", {"ups1": "ups"}, T0 + 130, T0 + 100)], T0 + 100)
     e.ingest([readings("s1/103", 1, [Reading("ups1", "ups_charge_percent", 90.0, T0 + 125)], T0 + 100)], T0 + 100)
     age = scrape(e, tmp_path, T0 + 100)["examwatch_reading_age_seconds"]
-    assert age[labels(site="s1", room="103", device="ups1", kind="ups", metric="ups_charge_percent")] == pytest.approx(5.0)
+    assert age[labels(site="s1", room="103", device="ups1", kind="ups", metric="ups_charge_percent")] == pytest.approx(
+        5.0
+    )
 
     # A room that renames its devices replaces its kinds; they survive a gateway restart.
     e.ingest([kinds_status("s1/101", {"ups1": "ups"}, T0 + 200, T0 + 200, n=2)], T0 + 200)
@@ -111,13 +137,20 @@ def test_counters_start_at_zero_for_every_roster_room_and_reason(tmp_path):
 
 def test_open_incidents_carry_their_fault_class(tmp_path):
     e = make(tmp_path)
-    e.ingest([alarm_msg("s1/101", 1, alarm("s1/101", "raised", T0, T0), T0),
-              alarm_msg("s1/102", 1, alarm("s1/102", "raised", T0 + 5, T0 + 5), T0 + 5),
-              alarm_msg("s1/103", 1, alarm("s1/103", "raised", T0, T0, rule="noise_high"), T0),
-              alarm_msg("s1/104", 1, alarm("s1/104", "raised", T0 + 1, T0 + 1, rule="noise_high"), T0 + 1)], T0 + 5)
+    e.ingest(
+        [
+            alarm_msg("s1/101", 1, alarm("s1/101", "raised", T0, T0), T0),
+            alarm_msg("s1/102", 1, alarm("s1/102", "raised", T0 + 5, T0 + 5), T0 + 5),
+            alarm_msg("s1/103", 1, alarm("s1/103", "raised", T0, T0, rule="noise_high"), T0),
+            alarm_msg("s1/104", 1, alarm("s1/104", "raised", T0 + 1, T0 + 1, rule="noise_high"), T0 + 1),
+        ],
+        T0 + 5,
+    )
     got = scrape(e, tmp_path, T0 + 10)["examwatch_gateway_incidents_open"]
-    assert got == {labels(site="s1", level="2", **{"class": "network"}): 1.0,
-                   labels(site="s1", level="2", **{"class": "noise"}): 1.0}
+    assert got == {
+        labels(site="s1", level="2", **{"class": "network"}): 1.0,
+        labels(site="s1", level="2", **{"class": "noise"}): 1.0,
+    }
 
 
 def test_phase_from_the_agents_report_or_the_gateways_schedule(tmp_path):
@@ -134,13 +167,18 @@ def test_phase_from_the_agents_report_or_the_gateways_schedule(tmp_path):
     e.conn.close()
 
     tz = ZoneInfo("Asia/Shanghai")
-    session = Window(name="数学", start=datetime.fromtimestamp(T0 - 3600, tz).replace(tzinfo=None),
-                     end=datetime.fromtimestamp(T0 + 60, tz).replace(tzinfo=None))
+    session = Window(
+        name="数学",
+        start=datetime.fromtimestamp(T0 - 3600, tz).replace(tzinfo=None),
+        end=datetime.fromtimestamp(T0 + 60, tz).replace(tzinfo=None),
+    )
     e = make(tmp_path, schedule=Schedule(sessions=[session], after_hours=1.0))
     e.ingest([status_msg("s1/102", "online", T0 + 1, T0 + 1, phase="idle")], T0 + 1)  # the schedule wins
     e.tick(T0 + 1, None)
     phase = scrape(e, tmp_path, T0 + 1)["examwatch_gateway_agent_phase"]
-    assert {k for k, v in phase.items() if v == 1} == {labels(site="s1", room=r, phase="during") for r in ("101", "102")}
+    assert {k for k, v in phase.items() if v == 1} == {
+        labels(site="s1", room=r, phase="during") for r in ("101", "102")
+    }
     e.tick(T0 + 120, None)  # the session is over; every room heard of follows at the next tick
     phase = scrape(e, tmp_path, T0 + 120)["examwatch_gateway_agent_phase"]
     assert {k for k, v in phase.items() if v == 1} == {labels(site="s1", room=r, phase="after") for r in ("101", "102")}

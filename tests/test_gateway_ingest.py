@@ -24,8 +24,9 @@ def make(tmp_path, **kw) -> Engine:
     return Engine(cfg, store.connect(tmp_path / "gw.db"), KEYS)
 
 
-def readings_msg(agent: str, seq: int, t: float, n: int = 3, key: bytes | None = None, retained: bool = False,
-                 epoch: int = EPOCH) -> Message:
+def readings_msg(
+    agent: str, seq: int, t: float, n: int = 3, key: bytes | None = None, retained: bool = False, epoch: int = EPOCH
+) -> Message:
     body = msgspec.json.encode([Reading("ups1", "ups_charge_percent", float(seq * 10 + i), t + i) for i in range(n)])
     payload = wire.encode(key or KEYS[agent], agent, seq, t, "readings", body, epoch=epoch)
     return Message(wire.topic(agent, "readings"), payload, retained, t)
@@ -33,8 +34,18 @@ def readings_msg(agent: str, seq: int, t: float, n: int = 3, key: bytes | None =
 
 def alarm(agent: str, state: str, at: float, raised_at: float, rule: str = "link_down", n: int = 1) -> AlarmEvent:
     site, room = agent.split("/")
-    return AlarmEvent(id=f"{agent}/{rule}/sw1/{n}", site=site, room=room, rule=rule, level=1, state=state, device="sw1",
-                      at=at, raised_at=raised_at, message="网络中断")
+    return AlarmEvent(
+        id=f"{agent}/{rule}/sw1/{n}",
+        site=site,
+        room=room,
+        rule=rule,
+        level=1,
+        state=state,
+        device="sw1",
+        at=at,
+        raised_at=raised_at,
+        message="网络中断",
+    )
 
 
 def alarm_msg(agent: str, seq: int, ev: AlarmEvent, received: float, signer: str | None = None) -> Message:
@@ -43,12 +54,24 @@ def alarm_msg(agent: str, seq: int, ev: AlarmEvent, received: float, signer: str
     return Message(wire.topic(signer, "alarms"), payload, False, received)
 
 
-def status_msg(agent: str, state: str, ts: float, received: float, retained: bool = False, phase: str | None = None,
-               *, conn: int = 1, n: int | None = None, boot: int = 1, epoch: int = EPOCH) -> Message:
+def status_msg(
+    agent: str,
+    state: str,
+    ts: float,
+    received: float,
+    retained: bool = False,
+    phase: str | None = None,
+    *,
+    conn: int = 1,
+    n: int | None = None,
+    boot: int = 1,
+    epoch: int = EPOCH,
+) -> Message:
     """A status at its place (boot, conn, n): a last will is the last of its connection."""
     n = (wire.LAST if state == "offline" else 1) if n is None else n
-    body = msgspec.json.encode(wire.Status(state=state, reason="lost" if state == "offline" else "", phase=phase,
-                                           boot=boot, conn=conn, n=n))
+    body = msgspec.json.encode(
+        wire.Status(state=state, reason="lost" if state == "offline" else "", phase=phase, boot=boot, conn=conn, n=n)
+    )
     payload = wire.encode(KEYS[agent], agent, 0, ts, "status", body, epoch=epoch)
     return Message(wire.topic(agent, "status"), payload, retained, received)
 
@@ -95,8 +118,12 @@ def test_forged_unsigned_and_wrong_room_are_rejected_with_a_security_alarm_a_rep
     garbage = Message(wire.topic("s1/101", "alarms"), b"\x00not json", False, T0)
     e.ingest([forged, unsigned, other_room, garbage], T0 + 1)
     e.ingest([good._replace(received=T0 + 86400)], T0 + 86400)  # captured and sent again a day later: stored already
-    assert +e.stats.rejected == {("forged", "s1/101"): 1, ("unsigned", "s1/101"): 1, ("forged", "s1/102"): 1,
-                                 ("malformed", "s1/101"): 1}
+    assert +e.stats.rejected == {
+        ("forged", "s1/101"): 1,
+        ("unsigned", "s1/101"): 1,
+        ("forged", "s1/102"): 1,
+        ("malformed", "s1/101"): 1,
+    }
     assert e.stats.duplicates == 1
     assert [r["reason"] for r in store.dead_letters(e.conn)] == ["malformed", "forged", "unsigned", "forged"]
     assert count(e, "SELECT COUNT(*) FROM ledger") == 1
@@ -109,7 +136,9 @@ def test_forged_unsigned_and_wrong_room_are_rejected_with_a_security_alarm_a_rep
 def test_unknown_agents_and_topics_are_counted_without_an_alarm(tmp_path):
     e = make(tmp_path)
     key = b"\x05" * 32
-    msg = Message(wire.topic("s9/999", "readings"), wire.encode(key, "s9/999", 1, T0, "readings", b"[]", epoch=1), False, T0)
+    msg = Message(
+        wire.topic("s9/999", "readings"), wire.encode(key, "s9/999", 1, T0, "readings", b"[]", epoch=1), False, T0
+    )
     e.ingest([msg, Message("examwatch/v1/x", b"{}", False, T0)], T0)
     assert +e.stats.rejected == {("unknown_agent", ""): 1, ("bad_topic", ""): 1}
     assert store.alarms(e.conn) == []
@@ -130,8 +159,11 @@ def test_offline_by_will_and_by_silence_level2_in_a_session_and_two_rooms_make_a
     from zoneinfo import ZoneInfo
 
     tz = ZoneInfo("Asia/Shanghai")
-    session = Window(name="数学", start=datetime.fromtimestamp(T0 - 3600, tz).replace(tzinfo=None),
-                     end=datetime.fromtimestamp(T0 + 3600, tz).replace(tzinfo=None))
+    session = Window(
+        name="数学",
+        start=datetime.fromtimestamp(T0 - 3600, tz).replace(tzinfo=None),
+        end=datetime.fromtimestamp(T0 + 3600, tz).replace(tzinfo=None),
+    )
     e = make(tmp_path, schedule=Schedule(sessions=[session]))
     e.ingest([status_msg(a, "online", T0, T0) for a in KEYS], T0)
     e.ingest([status_msg("s1/101", "offline", T0 - 500, T0 + 5)], T0 + 5)  # last will, set at connect (its time)
@@ -212,17 +244,30 @@ def test_seqs_runs():
 def test_poison_messages_are_rejected_set_aside_and_the_rest_of_the_batch_stored(tmp_path):
     e = make(tmp_path)
     topic = wire.topic("s1/101", "readings")
-    nested = b'{"v":1,"agent":"s1/101","epoch":1,"seq":1,"ts":1.0,"kind":"readings","body":' + b"[" * 3000 + b"]" * 3000 + b"}"
+    nested = (
+        b'{"v":1,"agent":"s1/101","epoch":1,"seq":1,"ts":1.0,"kind":"readings","body":'
+        + b"[" * 3000
+        + b"]" * 3000
+        + b"}"
+    )
     huge = wire.encode(KEYS["s1/101"], "s1/101", 2**63, T0, "readings", b"[]", epoch=EPOCH)  # signed by the room
     old = wire.encode(KEYS["s1/101"], "s1/101", 5, T0, "readings", b"[]", epoch=0)  # an agent from before epochs
     bad_body = wire.encode(KEYS["s1/101"], "s1/101", 6, T0, "readings", b'[["ups1", "x", 1e999, 1.0]]', epoch=EPOCH)
-    e.ingest([readings_msg("s1/101", 1, T0), *(Message(topic, p, False, T0) for p in (nested, huge, old, bad_body)),
-              readings_msg("s1/101", 2, T0 + 1)], T0 + 1)
+    e.ingest(
+        [
+            readings_msg("s1/101", 1, T0),
+            *(Message(topic, p, False, T0) for p in (nested, huge, old, bad_body)),
+            readings_msg("s1/101", 2, T0 + 1),
+        ],
+        T0 + 1,
+    )
     assert +e.stats.rejected == {("malformed", "s1/101"): 2, ("outdated", "s1/101"): 1, ("bad_body", "s1/101"): 1}
     assert count(e, "SELECT COUNT(*) FROM ledger") == 2 and e.stats.readings == 6
     letters = store.dead_letters(e.conn)
     assert [d["reason"] for d in letters] == ["bad_body", "outdated", "malformed", "malformed"]
-    assert letters[-1]["size"] == len(nested) and letters[-1]["payload"] == nested[:store.DEAD_LETTER_BYTES]  # truncated
+    assert (
+        letters[-1]["size"] == len(nested) and letters[-1]["payload"] == nested[: store.DEAD_LETTER_BYTES]
+    )  # truncated
 
 
 def test_a_bug_on_one_message_rejects_that_message_only(tmp_path, monkeypatch):
@@ -248,8 +293,10 @@ def test_a_bug_on_one_message_rejects_that_message_only(tmp_path, monkeypatch):
 def test_a_batch_the_database_refuses_is_written_message_by_message(tmp_path):
     e = make(tmp_path)
     # a row SQLite itself refuses (a constraint we did not foresee), from one message of the batch
-    e.conn.execute("CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.value = 21.0 "
-                   "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    e.conn.execute(
+        "CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.value = 21.0 "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
     e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 3)] + [status_msg("s1/102", "online", T0, T0)], T0 + 3)
     assert [s for (s,) in e.conn.execute("SELECT seq FROM ledger ORDER BY seq")] == [1, 3]
     assert +e.stats.rejected == {("internal", "s1/101"): 1}
@@ -265,17 +312,35 @@ def test_a_room_changes_only_its_own_alarms(tmp_path):
     clear = msgspec.structs.replace(door, state="cleared", at=T0 + 1)
     as_itself = msgspec.structs.replace(clear, room="101")  # its own room, another room's alarm id
     own_id_other_room = msgspec.structs.replace(alarm("s1/101", "cleared", T0 + 1, T0), room="102")
-    e.ingest([alarm_msg("s1/102", 1, m, T0 + 1, signer="s1/101")._replace(
-        payload=wire.encode(KEYS["s1/101"], "s1/101", seq, T0 + 1, "alarms", msgspec.json.encode(m), epoch=EPOCH))
-        for seq, m in enumerate([clear, as_itself, own_id_other_room], start=1)], T0 + 1)
+    e.ingest(
+        [
+            alarm_msg("s1/102", 1, m, T0 + 1, signer="s1/101")._replace(
+                payload=wire.encode(
+                    KEYS["s1/101"], "s1/101", seq, T0 + 1, "alarms", msgspec.json.encode(m), epoch=EPOCH
+                )
+            )
+            for seq, m in enumerate([clear, as_itself, own_id_other_room], start=1)
+        ],
+        T0 + 1,
+    )
     assert +e.stats.rejected == {("unauthorized", "s1/101"): 3}
     rows = {(a["room"], a["rule"]): a for a in store.alarms(e.conn, state="active")}
     assert rows[("102", "secrecy_door_open")]["state"] == "raised"
     assert rows[("102", "security_rejected")]["level"] == 2 and ("101", "security_rejected") in rows
     # nor the gateway's own alarms: 101 cannot clear the security alarm raised about it
     sec = rows[("101", "security_rejected")]
-    ours = AlarmEvent(id=sec["id"], site="s1", room="101", rule="security_rejected", level=2, state="cleared",
-                      device="agent", at=T0 + 2, raised_at=T0 + 1, message="x")
+    ours = AlarmEvent(
+        id=sec["id"],
+        site="s1",
+        room="101",
+        rule="security_rejected",
+        level=2,
+        state="cleared",
+        device="agent",
+        at=T0 + 2,
+        raised_at=T0 + 1,
+        message="x",
+    )
     e.ingest([alarm_msg("s1/101", 4, ours, T0 + 2)], T0 + 2)
     assert e.stats.rejected[("unauthorized", "s1/101")] == 4
     assert ("101", "security_rejected") in {(a["room"], a["rule"]) for a in store.alarms(e.conn, state="active")}
@@ -347,7 +412,8 @@ CREATE TABLE alarms (id TEXT PRIMARY KEY, site TEXT NOT NULL, room TEXT NOT NULL
     updated_at REAL NOT NULL, cleared_at REAL, source TEXT NOT NULL, acked_by TEXT, acked_note TEXT, acked_at REAL);
 INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, source)
     VALUES ('s1/101/link_down/sw1/1', 's1', '101', 'link_down', 1, 'raised', 'sw1', 'x', 1, 1, 'agent');
-INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts) VALUES ('s1/101', 's1', '101', 'online', 1, 1);
+INSERT INTO agents (agent, site, room, status, last_seen, last_status_ts)
+    VALUES ('s1/101', 's1', '101', 'online', 1, 1);
 INSERT INTO ledger VALUES ('s1/101', 1, 'readings', 1, 1);
 INSERT INTO readings VALUES ('s1/101', 'ups1', 'ups_charge_percent', 50, 1, 'good', 1);
 """

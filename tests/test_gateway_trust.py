@@ -23,7 +23,10 @@ pytestmark = pytest.mark.integration
 
 
 class Client(Listener):
-    """A plain MQTT client on the county broker: keeps what it hears on every county topic, publishes what it is given."""
+    """A plain MQTT client on the county broker.
+
+    Keeps what it hears on every county topic, publishes what it is given.
+    """
 
     def publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, qos=1).wait_for_publish(5)
@@ -68,7 +71,12 @@ def test_poison_messages_are_set_aside_and_the_gateway_keeps_storing(mosquitto, 
     rogue = Client(mosquitto.port)
     procs.append(rogue)
     topic = wire.topic("s1/101", "readings")
-    nested = b'{"v":1,"agent":"s1/101","epoch":1,"seq":1,"ts":1.0,"kind":"readings","body":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    nested = (
+        b'{"v":1,"agent":"s1/101","epoch":1,"seq":1,"ts":1.0,"kind":"readings","body":'
+        + b"[" * 1000
+        + b"]" * 1000
+        + b"}"
+    )
     huge_seq = wire.encode(key("s1/101"), "s1/101", 2**63, time.time(), "readings", b"[]", epoch=1)  # validly signed
     rogue.publish(topic, nested)
     rogue.publish(topic, huge_seq)
@@ -95,22 +103,43 @@ def test_a_room_key_cannot_clear_another_rooms_alarm(mosquitto, procs, tmp_path)
     procs.append(rogue)
     until_subscribed(gw, rogue.client)
     now = time.time()
-    door = AlarmEvent(id="s1/102/secrecy_door_open/door1@1", site="s1", room="102", rule="secrecy_door_open", level=2,
-                      state="raised", device="door1", at=now, raised_at=now, message="保密室门在非规定时间打开")
-    rogue.publish(wire.topic("s1/102", "alarms"),
-                  wire.encode(key("s1/102"), "s1/102", 1, now, "alarms", msgspec.json.encode(door), epoch=3))
+    door = AlarmEvent(
+        id="s1/102/secrecy_door_open/door1@1",
+        site="s1",
+        room="102",
+        rule="secrecy_door_open",
+        level=2,
+        state="raised",
+        device="door1",
+        at=now,
+        raised_at=now,
+        message="保密室门在非规定时间打开",
+    )
+    rogue.publish(
+        wire.topic("s1/102", "alarms"),
+        wire.encode(key("s1/102"), "s1/102", 1, now, "alarms", msgspec.json.encode(door), epoch=3),
+    )
     until(lambda: ("102", "secrecy_door_open") in active(gw), what="102's door alarm")
     # 101's key (stolen, or a faulty agent) signs "cleared" for 102's alarm: as 102, and as itself with 102's id
-    for seq, ev in enumerate([msgspec.structs.replace(door, state="cleared", at=now + 1),
-                              msgspec.structs.replace(door, state="cleared", at=now + 1, room="101")], start=1):
-        rogue.publish(wire.topic("s1/101", "alarms"),
-                      wire.encode(key("s1/101"), "s1/101", seq, now + 1, "alarms", msgspec.json.encode(ev), epoch=4))
+    for seq, ev in enumerate(
+        [
+            msgspec.structs.replace(door, state="cleared", at=now + 1),
+            msgspec.structs.replace(door, state="cleared", at=now + 1, room="101"),
+        ],
+        start=1,
+    ):
+        rogue.publish(
+            wire.topic("s1/101", "alarms"),
+            wire.encode(key("s1/101"), "s1/101", seq, now + 1, "alarms", msgspec.json.encode(ev), epoch=4),
+        )
     until(lambda: counter(gw, "rejected_total", reason="unauthorized", room="101") == 2, what="both refused")
     alarms = active(gw)
     assert alarms[("102", "secrecy_door_open")]["state"] == "raised"
     assert len(gw.get(f"/api/v1/alarms/timeline?id={door.id}")["timeline"]) == 1
     # the room whose alarm was targeted, and the room whose key was used
-    assert alarms[("102", "security_rejected")]["level"] == 2 and "越权" in alarms[("102", "security_rejected")]["message"]
+    assert (
+        alarms[("102", "security_rejected")]["level"] == 2 and "越权" in alarms[("102", "security_rejected")]["message"]
+    )
     assert ("101", "security_rejected") in alarms
     assert gw.query("SELECT COUNT(*) FROM ledger WHERE agent = 's1/101'")[0][0] == 0
     assert gw.query("SELECT reason FROM dead_letters WHERE agent != ''") == [("unauthorized",), ("unauthorized",)]
@@ -135,8 +164,10 @@ def test_replayed_offline_statuses_raise_nothing(mosquitto, procs, tmp_path):
     stale = sum(counter(gw, "rejected_total", reason="stale", room=r) for r in ("101", "102"))
     for m in offline:  # captured, sent again by someone on the network
         tap.publish(m.topic, m.payload)
-    until(lambda: sum(counter(gw, "rejected_total", reason="stale", room=r) for r in ("101", "102")) == stale + 2,
-          what="the replays counted stale")
+    until(
+        lambda: sum(counter(gw, "rejected_total", reason="stale", room=r) for r in ("101", "102")) == stale + 2,
+        what="the replays counted stale",
+    )
     assert active(gw) == {}
     assert gw.get("/api/v1/incidents?state=open")["incidents"] == []
     assert all(status_of(gw, a) == "online" for a in rooms)
@@ -159,8 +190,10 @@ def test_a_future_dated_status_does_not_poison_later_heartbeats(mosquitto, procs
     env = wire.decode(tap.heard("status")[-1].payload)
     st = msgspec.json.decode(env.body, type=wire.Status)
     ahead = msgspec.json.encode(msgspec.structs.replace(st, n=st.n + 1))
-    tap.publish(wire.topic("s1/101", "status"), wire.encode(key("s1/101"), "s1/101", 0, time.time() + 86400, "status",
-                                                             ahead, epoch=env.epoch))
+    tap.publish(
+        wire.topic("s1/101", "status"),
+        wire.encode(key("s1/101"), "s1/101", 0, time.time() + 86400, "status", ahead, epoch=env.epoch),
+    )
     until(lambda: ("101", "clock_skew") in active(gw), what="the skew seen (the timestamp is data)")
     key_then = gw.query("SELECT status_key FROM agents")[0][0]
     until(lambda: gw.query("SELECT status_key FROM agents")[0][0] != key_then, what="later heartbeats applied")
@@ -193,7 +226,11 @@ def test_a_replaced_agent_database_is_new_data(mosquitto, procs, tmp_path):
     start(procs, gw, agent)
     until(lambda: stored(gw, "s1/101") > 0, what="readings stored")
     first = agent.query("SELECT value FROM meta WHERE key = 'epoch'")[0][0]
-    until(lambda: (gw.query("SELECT MAX(seq) FROM ledger WHERE epoch = ?", first)[0][0] or 0) >= 2, timeout=30, what="rows stored")
+    until(
+        lambda: (gw.query("SELECT MAX(seq) FROM ledger WHERE epoch = ?", first)[0][0] or 0) >= 2,
+        timeout=30,
+        what="rows stored",
+    )
     agent.stop()
     for suffix in ("", "-wal", "-shm"):  # set aside, as the agent does with a corrupt file: a new one starts at seq 1
         f = agent.db.with_name(agent.db.name + suffix)
@@ -203,10 +240,15 @@ def test_a_replaced_agent_database_is_new_data(mosquitto, procs, tmp_path):
     until(lambda: gw.query("SELECT COUNT(*) FROM epochs")[0][0] == 2, what="a new database's rows")
     second = agent.query("SELECT value FROM meta WHERE key = 'epoch'")[0][0]
     assert second != first
-    until(lambda: gw.query("SELECT COUNT(*) FROM ledger WHERE epoch = ? AND seq <= 2", second)[0][0] == 2,
-          timeout=30, what="seq 1.. of the new database stored")
-    until(lambda: gw.query("SELECT epoch FROM agents")[0][0] == second and status_of(gw, "s1/101") == "online",
-          what="the room online on its new epoch")
+    until(
+        lambda: gw.query("SELECT COUNT(*) FROM ledger WHERE epoch = ? AND seq <= 2", second)[0][0] == 2,
+        timeout=30,
+        what="seq 1.. of the new database stored",
+    )
+    until(
+        lambda: gw.query("SELECT epoch FROM agents")[0][0] == second and status_of(gw, "s1/101") == "online",
+        what="the room online on its new epoch",
+    )
     assert gw.query("SELECT COUNT(*) FROM alarms WHERE rule = 'security_rejected'")[0][0] == 0
     assert gw.query("SELECT COUNT(*) FROM dead_letters")[0][0] == 0
     assert gw.query("SELECT epoch, rank FROM epochs ORDER BY rank") == [(first, 0), (second, 1)]

@@ -58,13 +58,13 @@ def agent_config(site_room: str, broker: int, exporter: int, state: Path, kind: 
     site, room = site_room.split("/")
     return (
         f'[agent]\nsite = "{site}"\nroom = "{room}"\nkind = "{kind}"\nstate_dir = "{state}"\n'
-        f'[mqtt]\nport = {broker}\n'
+        f"[mqtt]\nport = {broker}\n"
         f'[exporter]\nlisten = "127.0.0.1:{exporter}"\n'
         f'[uplink]\nenabled = true\nport = {broker}\nsigning_key = "{key_hex(site_room)}"\n'
-        f'heartbeat = 1.0\nbatch_interval = 0.3\n'
+        f"heartbeat = 1.0\nbatch_interval = 0.3\n"
         f'[[devices]]\nname = "pi"\nkind = "host"\nprotocol = "host"\naddress = "{state}"\ninterval = 0.5\n'
         f"{devices}"
-        f'[rules.noise_high]\nfor = 0.5\n'
+        f"[rules.noise_high]\nfor = 0.5\n"
         # a session now, the secrecy room's next opening window only in an hour
         f'[schedule]\ntimezone = "Asia/Shanghai"\n'
         f"[[schedule.sessions]]\nstart = {local(-10)}\nend = {local(60)}\n"
@@ -72,19 +72,32 @@ def agent_config(site_room: str, broker: int, exporter: int, state: Path, kind: 
     )
 
 
-SECRECY_ROOM_DEVICES = "".join([
-    mqtt_device("door", "door", "z2m/door", "zigbee2mqtt_contact"),
-    mqtt_device("noise", "noise", "z2m/noise", "zigbee2mqtt_noise"),
-    mqtt_device("recorder1", "recorder", "bridge/recorder1", "recorder_json"),
-    mqtt_device("ups", "ups", "bridge/ups", "generic_json",
-                '{path = "on_battery", metric = "power_on_battery", map = {true = 1, false = 0}}, '
-                '{path = "charge", metric = "ups_charge_percent"}, {path = "runtime", metric = "ups_runtime_seconds"}'),
-    mqtt_device("uplink", "link", "bridge/link", "generic_json",
-                '{path = "up", metric = "link_up"}, {path = "rtt_ms", metric = "link_rtt_seconds", scale = 0.001}, '
-                '{path = "loss", metric = "link_loss_ratio"}'),
-    # the backup disk is not mounted: a polling device that fails, for the collector-error panels
-    '[[devices]]\nname = "backup"\nkind = "host"\nprotocol = "host"\naddress = "/nonexistent/backup"\ninterval = 0.5\n',
-])
+SECRECY_ROOM_DEVICES = "".join(
+    [
+        mqtt_device("door", "door", "z2m/door", "zigbee2mqtt_contact"),
+        mqtt_device("noise", "noise", "z2m/noise", "zigbee2mqtt_noise"),
+        mqtt_device("recorder1", "recorder", "bridge/recorder1", "recorder_json"),
+        mqtt_device(
+            "ups",
+            "ups",
+            "bridge/ups",
+            "generic_json",
+            '{path = "on_battery", metric = "power_on_battery", map = {true = 1, false = 0}}, '
+            '{path = "charge", metric = "ups_charge_percent"}, {path = "runtime", metric = "ups_runtime_seconds"}',
+        ),
+        mqtt_device(
+            "uplink",
+            "link",
+            "bridge/link",
+            "generic_json",
+            '{path = "up", metric = "link_up"}, {path = "rtt_ms", metric = "link_rtt_seconds", scale = 0.001}, '
+            '{path = "loss", metric = "link_loss_ratio"}',
+        ),
+        # the backup disk is not mounted: a polling device that fails, for the collector-error panels
+        '[[devices]]\nname = "backup"\nkind = "host"\nprotocol = "host"\naddress = "/nonexistent/backup"\ninterval = '
+        "0.5\n",
+    ]
+)
 EXAM_ROOM_DEVICES = mqtt_device("noise", "noise", "z2m/noise2", "zigbee2mqtt_noise")
 
 
@@ -98,8 +111,13 @@ class Agent:
         self.log = self.dir / "log"
         self.hears_sensors = 'protocol = "mqtt"' in devices
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "examwatch", "agent", "run", "--config", str(config)],
-                                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=out)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "examwatch", "agent", "run", "--config", str(config)],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdout=out,
+                stderr=out,
+            )
 
     def ready(self) -> None:
         """Its exporter listens and its sensor subscription is in place (a message before it would be lost)."""
@@ -184,8 +202,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         port = free_port()
         with open(work / "prometheus.log", "wb") as out:
             prom = subprocess.Popen(
-                ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{port}"], stdout=out, stderr=out)
+                [
+                    "prometheus",
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={work / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=out,
+                stderr=out,
+            )
         stoppers.append(lambda: (prom.terminate(), prom.wait(15)))
 
         for agent in (secrecy, exam, leaving):
@@ -265,8 +290,12 @@ def test_every_panel_query_runs_and_the_fed_panels_show_data(stack: Stack) -> No
     assert empty == [], f"panels without data: {empty}"
 
     def values(board: str, title: str) -> list[tuple[dict[str, str], float]]:
-        return [(s["metric"], float(s["value"][1])) for k, r in got.items() if k[:2] == (board, title)
-                for s in r["data"]["result"]]
+        return [
+            (s["metric"], float(s["value"][1]))
+            for k, r in got.items()
+            if k[:2] == (board, title)
+            for s in r["data"]["result"]
+        ]
 
     # The panels say what happened, not just something.
     alarms = {(m["rule"], m["level"]) for m, _ in values("room", "当前告警")}
@@ -281,8 +310,11 @@ def test_every_panel_query_runs_and_the_fed_panels_show_data(stack: Stack) -> No
     assert {(m["room"], m["rule"]) for m, _ in values("county", "二级及以上告警")} >= {("r1", "secrecy_door_open")}
 
     # 考点 = All: Grafana puts the variable's allValue in
-    all_sites = [(b, title) for b, title, expr in targets if b == "county"
-                 and not stack.query(substitute(expr, b, site=".*"))["data"]["result"]]
+    all_sites = [
+        (b, title)
+        for b, title, expr in targets
+        if b == "county" and not stack.query(substitute(expr, b, site=".*"))["data"]["result"]
+    ]
     assert all_sites == []
 
 
@@ -293,8 +325,9 @@ def test_template_variables_resolve(stack: Stack) -> None:
             m = re.fullmatch(r"label_values\((.+), (\w+)\)", var["query"]["query"])
             assert m, var["query"]
             selector = substitute(m.group(1), board)
-            got = get_json(f"http://127.0.0.1:{stack.prometheus}/api/v1/label/{m.group(2)}/values",
-                           {"match[]": selector})
+            got = get_json(
+                f"http://127.0.0.1:{stack.prometheus}/api/v1/label/{m.group(2)}/values", {"match[]": selector}
+            )
             assert got["status"] == "success", got
             want = {"job": JOBS[board], "site": "s1", "room": "r1"}[var["name"]]
             assert want in got["data"], (board, var["name"], got["data"])
@@ -322,10 +355,14 @@ def referenced_names(board: str) -> set[str]:
 def test_every_metric_the_dashboards_name_is_exported(stack: Stack) -> None:
     """Compared against real scrapes: a renamed family in an exporter fails here, not on exam day."""
     for board, port in (("room", stack.agent_exporter), ("county", stack.gateway_exporter)):
+
         def unknown() -> set[str]:
             exported = exported_names(scrape(port))
-            return {n for n in referenced_names(board)
-                    if n not in exported and re.sub(r"_(bucket|sum|count|total)$", "", n) not in exported}
+            return {
+                n
+                for n in referenced_names(board)
+                if n not in exported and re.sub(r"_(bucket|sum|count|total)$", "", n) not in exported
+            }
 
         # a reading's family appears with its first reading: give the sensors' messages time to land
         deadline = time.monotonic() + 15

@@ -27,12 +27,14 @@ def expected_disks(path: Path) -> list[tuple[str, str, float | None, float | Non
         tag = el.tag.rsplit("}", 1)[-1]
         if tag in ("hdd", "nas"):
             f = {c.tag.rsplit("}", 1)[-1]: (c.text or "").strip() for c in el}
-            out.append((
-                ("disk" if tag == "hdd" else "nas") + f["id"],
-                f["status"],
-                float(f["capacity"]) * MIB if f.get("capacity") else None,
-                float(f["freeSpace"]) * MIB if f.get("freeSpace") else None,
-            ))
+            out.append(
+                (
+                    ("disk" if tag == "hdd" else "nas") + f["id"],
+                    f["status"],
+                    float(f["capacity"]) * MIB if f.get("capacity") else None,
+                    float(f["freeSpace"]) * MIB if f.get("freeSpace") else None,
+                )
+            )
     return out
 
 
@@ -45,6 +47,7 @@ def test_parse_recorded_answers_in_every_namespace(sample: str) -> None:
 
 def test_readings_from_recorded_nvr() -> None:
     now = time.time()
+
     def readings(sample: str) -> dict[tuple[str, str], float]:
         disks = parse_storage((DATA / sample).read_bytes())
         return {(r.device, r.metric): r.value for r in readings_from("nvr1", disks, now)}
@@ -61,27 +64,37 @@ def test_readings_from_recorded_nvr() -> None:
     assert hik[("nvr1/disk2", "storage_ok")] == 0.0  # error
 
 
-@pytest.mark.parametrize(("sample", "reason"), [("truncated.xml", "invalid_xml"), ("response-status.xml", "unexpected_xml")])
+@pytest.mark.parametrize(
+    ("sample", "reason"), [("truncated.xml", "invalid_xml"), ("response-status.xml", "unexpected_xml")]
+)
 def test_parse_rejects_what_is_not_storage(sample: str, reason: str) -> None:
     with pytest.raises(DeviceError) as err:
         parse_storage((DATA / sample).read_bytes())
     assert err.value.reason == reason
 
 
-@pytest.mark.parametrize("body", [b"", b"\x00\xff<<", b"<html><body>login</body></html>", b"<storage><hddList><hdd><id>1"])
+@pytest.mark.parametrize(
+    "body", [b"", b"\x00\xff<<", b"<html><body>login</body></html>", b"<storage><hddList><hdd><id>1"]
+)
 def test_parse_garbage_raises_device_error(body: bytes) -> None:
     with pytest.raises(DeviceError):
         parse_storage(body)
 
 
-LAUGHS = (b'<?xml version="1.0"?><!DOCTYPE storage [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
-          b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]><storage><hddList><hdd><id>1</id><status>&c;</status></hdd>'
-          b"</hddList></storage>")
-XXE = (b'<?xml version="1.0"?><!DOCTYPE storage [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
-       b"<storage><hddList><hdd><id>&x;</id><status>ok</status></hdd></hddList></storage>")
+LAUGHS = (
+    b'<?xml version="1.0"?><!DOCTYPE storage [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+    b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]><storage><hddList><hdd><id>1</id><status>&c;</status></hdd>'
+    b"</hddList></storage>"
+)
+XXE = (
+    b'<?xml version="1.0"?><!DOCTYPE storage [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+    b"<storage><hddList><hdd><id>&x;</id><status>ok</status></hdd></hddList></storage>"
+)
 
 
-@pytest.mark.parametrize("body", [LAUGHS, XXE, b'<?xml version="1.0" encoding="m"?><storage/>'], ids=["entities", "external", "encoding"])
+@pytest.mark.parametrize(
+    "body", [LAUGHS, XXE, b'<?xml version="1.0" encoding="m"?><storage/>'], ids=["entities", "external", "encoding"]
+)
 def test_document_types_and_unknown_encodings_are_refused(body: bytes) -> None:
     # Found by bench/fuzz.py: an unknown encoding in the XML declaration raised LookupError. A DTD is
     # refused outright: no camera needs one, and entities are how XML bombs and file reads work.
@@ -102,8 +115,14 @@ def test_sizes_that_are_not_sizes_and_ids_that_are_not_names_are_left_out() -> N
     def hdd(id_: str, cap: str, free: str) -> str:
         return f"<hdd><id>{id_}</id><status>ok</status><capacity>{cap}</capacity><freeSpace>{free}</freeSpace></hdd>"
 
-    body = ("<storage><hddList>" + hdd("1", "1e999", "10") + hdd("x" * 300, "100", "-1") + hdd("a/../b", "nan", "1")
-            + hdd("7", "100", "25") + "</hddList></storage>").encode()
+    body = (
+        "<storage><hddList>"
+        + hdd("1", "1e999", "10")
+        + hdd("x" * 300, "100", "-1")
+        + hdd("a/../b", "nan", "1")
+        + hdd("7", "100", "25")
+        + "</hddList></storage>"
+    ).encode()
     got = {(r.device, r.metric): r.value for r in readings_from("nvr1", parse_storage(body), 0.0)}
     assert got == {
         ("nvr1/disk1", "storage_ok"): 1.0,  # no sizes: capacity is infinite
@@ -128,8 +147,9 @@ def nvr(request: pytest.FixtureRequest) -> Iterator[IsapiSimulator]:
 
 def device(sim: IsapiSimulator, name: str = "nvr1", password: str = "sim-pass", **kw: object) -> Device:
     fields = {"interval": 0.3, "timeout": 1.0, "retries": 0} | kw
-    return Device(name=name, kind="nvr", protocol="isapi", address=sim.address,
-                  options=Options(password=password), **fields)  # type: ignore[arg-type]
+    return Device(
+        name=name, kind="nvr", protocol="isapi", address=sim.address, options=Options(password=password), **fields
+    )  # type: ignore[arg-type]
 
 
 def poll(c: IsapiCollector, times: int = 1) -> None:
@@ -185,13 +205,16 @@ def test_invalid_xml_and_slow_answers_are_device_states(tmp_path: Path) -> None:
         slow.misbehave("slow")
         slow.slow_seconds = 3.0
         acc, health = Recorder(), Health()
-        c = IsapiCollector([device(broken, "nvr-broken"), device(slow, "nvr-slow", timeout=1.0),
-                            device(good, "nvr-good")], acc, health)
+        c = IsapiCollector(
+            [device(broken, "nvr-broken"), device(slow, "nvr-slow", timeout=1.0), device(good, "nvr-good")], acc, health
+        )
 
         run_for(c, 2.0)
         assert health.devices["nvr-broken"].errors["invalid_xml"] >= 2 and health.devices["nvr-broken"].online is False
         assert health.devices["nvr-slow"].errors["timeout"] >= 1 and health.devices["nvr-slow"].online is False
-        good_polls = sum(1 for r in acc.readings if r.device == "nvr-good" and r.metric == "device_online" and r.value == 1)
+        good_polls = sum(
+            1 for r in acc.readings if r.device == "nvr-good" and r.metric == "device_online" and r.value == 1
+        )
         assert good_polls >= 4  # every 0.3 s, unaffected by the slow one
         broken.misbehave(None)
         poll(IsapiCollector([device(broken, "nvr-broken")], acc, health))
@@ -203,8 +226,16 @@ def test_unreachable_device(tmp_path: Path) -> None:
     address = sim.address
     sim.stop()  # nothing listens there any more
     acc, health = Recorder(), Health()
-    dev = Device(name="cam1", kind="camera", protocol="isapi", address=address, interval=1, timeout=1, retries=0,
-                 options=Options(password="x"))
+    dev = Device(
+        name="cam1",
+        kind="camera",
+        protocol="isapi",
+        address=address,
+        interval=1,
+        timeout=1,
+        retries=0,
+        options=Options(password="x"),
+    )
     poll(IsapiCollector([dev], acc, health))
     assert health.devices["cam1"].errors["unreachable"] == 1
 
@@ -213,12 +244,28 @@ def test_password_file_and_secret_stays_out_of_errors(nvr: IsapiSimulator, tmp_p
     secret = tmp_path / "nvr.pass"
     secret.write_text("sim-pass\n")
     acc, health = Recorder(), Health()
-    dev = Device(name="nvr1", kind="nvr", protocol="isapi", address=nvr.address, interval=1, timeout=1, retries=0,
-                 options=Options(password_file=str(secret)))
+    dev = Device(
+        name="nvr1",
+        kind="nvr",
+        protocol="isapi",
+        address=nvr.address,
+        interval=1,
+        timeout=1,
+        retries=0,
+        options=Options(password_file=str(secret)),
+    )
     poll(IsapiCollector([dev], acc, health))
     assert acc.latest("nvr1", "device_online") == 1.0
-    bad = Device(name="nvr2", kind="nvr", protocol="isapi", address=nvr.address, interval=1, timeout=1, retries=0,
-                 options=Options(password="hunter2-secret"))
+    bad = Device(
+        name="nvr2",
+        kind="nvr",
+        protocol="isapi",
+        address=nvr.address,
+        interval=1,
+        timeout=1,
+        retries=0,
+        options=Options(password="hunter2-secret"),
+    )
     c = IsapiCollector([bad], acc, health)
 
     async def go() -> DeviceError:
@@ -238,8 +285,10 @@ def test_config_check_wants_a_password() -> None:
     from examwatch.edge.config import ConfigError, loads
 
     with pytest.raises(ConfigError) as err:
-        loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "nvr1"\nkind = "nvr"\nprotocol = "isapi"\n'
-              'address = "192.168.1.64"\n')
+        loads(
+            '[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "nvr1"\nkind = "nvr"\nprotocol = "isapi"\n'
+            'address = "192.168.1.64"\n'
+        )
     assert "devices[0].password" in str(err.value)
 
 
@@ -247,8 +296,10 @@ def test_nvr_disk_failure_raises_the_alarm_within_one_interval(nvr: IsapiSimulat
     """Simulator -> collector -> the default rule pack: a failed NVR disk is an alarm on nvr1/disk2."""
     from examwatch.edge.config import loads
 
-    cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "nvr1"\nkind = "nvr"\nprotocol = "isapi"\n'
-                f'address = "{nvr.address}"\npassword = "sim-pass"\ninterval = 0.3\ntimeout = 1\nretries = 0\n')
+    cfg = loads(
+        '[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "nvr1"\nkind = "nvr"\nprotocol = "isapi"\n'
+        f'address = "{nvr.address}"\npassword = "sim-pass"\ninterval = 0.3\ntimeout = 1\nretries = 0\n'
+    )
     alarms = RulesRecorder(cfg)
     c = IsapiCollector(cfg.devices, alarms, Health())
 
@@ -257,7 +308,10 @@ def test_nvr_disk_failure_raises_the_alarm_within_one_interval(nvr: IsapiSimulat
             await asyncio.sleep(0.5)
             assert alarms.raised == []
             nvr.set_disk(2, "error")
-            await wait_until(lambda: "nvr_disk_failed" in alarms.raised_on("nvr1/disk2"), cfg.devices[0].interval + 1,
-                             "nvr_disk_failed on nvr1/disk2")
+            await wait_until(
+                lambda: "nvr_disk_failed" in alarms.raised_on("nvr1/disk2"),
+                cfg.devices[0].interval + 1,
+                "nvr_disk_failed on nvr1/disk2",
+            )
 
     asyncio.run(go())

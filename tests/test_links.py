@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +16,8 @@ from examwatch.collectors.base import Health
 from examwatch.collectors.links import (
     DEFAULT_GATEWAY,
     ROUTE_TABLE,
+    LinkOptions,
     LinksCollector,
-    Options,
     default_route,
     parse_routes,
     summarize,
@@ -123,8 +124,16 @@ def platform() -> Iterator[Platform]:
 
 def link(name: str, address: str, **opts: object) -> Device:
     o = {"method": "tcp", "probes": 3, "probe_interval": 0.05} | opts
-    return Device(name=name, kind="link", protocol="links", address=address, interval=0.3, timeout=0.3, retries=0,
-                  options=Options(**o))  # type: ignore[arg-type]
+    return Device(
+        name=name,
+        kind="link",
+        protocol="links",
+        address=address,
+        interval=0.3,
+        timeout=0.3,
+        retries=0,
+        options=LinkOptions(**o),
+    )  # type: ignore[arg-type]
 
 
 def poll(c: LinksCollector) -> None:
@@ -141,8 +150,11 @@ def test_tcp_probes_up_refused_and_silent(platform: Platform) -> None:
     refused_port = refused.getsockname()[1]
     refused.close()  # nothing listens: the kernel answers with a reset
     acc = Recorder()
-    c = LinksCollector([link("platform", "127.0.0.1", port=platform.port),
-                        link("closed", "127.0.0.1", port=refused_port)], acc, Health())
+    c = LinksCollector(
+        [link("platform", "127.0.0.1", port=platform.port), link("closed", "127.0.0.1", port=refused_port)],
+        acc,
+        Health(),
+    )
     poll(c)
     assert acc.latest("platform", "link_up") == 1.0 and acc.latest("platform", "link_loss_ratio") == 0.0
     assert 0 < (acc.latest("platform", "link_rtt_seconds") or 0) < 0.3
@@ -171,8 +183,14 @@ def test_silent_target_does_not_stall_others(platform: Platform) -> None:
     silent = Platform()
     silent.cut()
     acc = Recorder()
-    c = LinksCollector([link("platform", "127.0.0.1", port=platform.port),
-                        link("dead", "127.0.0.1", port=silent.port, probes=5, probe_interval=0.2)], acc, Health())
+    c = LinksCollector(
+        [
+            link("platform", "127.0.0.1", port=platform.port),
+            link("dead", "127.0.0.1", port=silent.port, probes=5, probe_interval=0.2),
+        ],
+        acc,
+        Health(),
+    )
 
     try:
         run_for(c, 2.0)
@@ -183,7 +201,7 @@ def test_silent_target_does_not_stall_others(platform: Platform) -> None:
 
 
 def icmp_permitted() -> bool:
-    lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ping_group_range").read().split())
+    lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ping_group_range").read_text().split())
     return os.geteuid() == 0 or lo <= os.getegid() <= hi
 
 
@@ -210,8 +228,14 @@ def test_primary_link_from_this_machines_routing_table() -> None:
     route = default_route(parse_routes(ROUTE_TABLE.read_text()))
     acc = Recorder()
     primary = route.interface if route else "eth0"
-    c = LinksCollector([link("wan", DEFAULT_GATEWAY, primary_interface=primary, probes=1),
-                        link("wan-backup-view", DEFAULT_GATEWAY, primary_interface="wwan-not-here", probes=1)], acc, Health())
+    c = LinksCollector(
+        [
+            link("wan", DEFAULT_GATEWAY, primary_interface=primary, probes=1),
+            link("wan-backup-view", DEFAULT_GATEWAY, primary_interface="wwan-not-here", probes=1),
+        ],
+        acc,
+        Health(),
+    )
     poll(c)
     assert acc.latest("wan", "link_primary_active") == (1.0 if route else 0.0)
     assert acc.latest("wan-backup-view", "link_primary_active") == 0.0
@@ -221,8 +245,10 @@ def test_primary_link_from_this_machines_routing_table() -> None:
 def test_config_check_burst_must_fit_the_poll_budget() -> None:
     from examwatch.edge.config import ConfigError, loads
 
-    base = ('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "wan"\nkind = "link"\nprotocol = "links"\n'
-            'address = "default-gateway"\n')
+    base = (
+        '[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "wan"\nkind = "link"\nprotocol = "links"\n'
+        'address = "default-gateway"\n'
+    )
     loads(base + 'primary_interface = "eth0"\n')
     with pytest.raises(ConfigError) as err:
         loads(base + "timeout = 1\nretries = 0\nprobes = 20\nprobe_interval = 1.0\n")
@@ -233,9 +259,11 @@ def test_platform_unreachable_raises_link_down(platform: Platform) -> None:
     """Real sockets -> collector -> the default rule pack (``for`` shortened to 0)."""
     from examwatch.edge.config import loads
 
-    cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "platform"\nkind = "link"\nprotocol = "links"\n'
-                f'address = "127.0.0.1"\nmethod = "tcp"\nport = {platform.port}\nprobes = 3\nprobe_interval = 0.05\n'
-                'interval = 0.3\ntimeout = 0.3\nretries = 0\n[rules.link_down]\nfor = 0\n')
+    cfg = loads(
+        '[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "platform"\nkind = "link"\nprotocol = "links"\n'
+        f'address = "127.0.0.1"\nmethod = "tcp"\nport = {platform.port}\nprobes = 3\nprobe_interval = 0.05\n'
+        "interval = 0.3\ntimeout = 0.3\nretries = 0\n[rules.link_down]\nfor = 0\n"
+    )
     alarms = RulesRecorder(cfg)
     c = LinksCollector(cfg.devices, alarms, Health())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,18 +68,14 @@ def test_parse_q1_rejects_bad_answers(line: bytes, reason: str) -> None:
 
 @given(st.binary(max_size=80))
 def test_parse_q1_random_bytes_raise_only_device_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(DeviceError):
         parse_q1(data)
-    except DeviceError:
-        pass
 
 
 @given(st.lists(st.sampled_from(list(b"0123456789. ()-\r")), max_size=60))
 def test_parse_q1_near_misses_raise_only_device_error(chars: list[int]) -> None:
-    try:
+    with contextlib.suppress(DeviceError):
         parse_q1(bytes(chars))
-    except DeviceError:
-        pass
 
 
 def test_parse_f_and_i() -> None:
@@ -160,7 +157,11 @@ def test_mode_flips_show_within_one_interval(ups: tuple[PtyPair, MegatecSimulato
     async def go() -> None:
         async with running(c):
             await acc.reaches("ups1", "power_on_battery", 0.0, 5)
-            for mode, metric in [("battery", "power_on_battery"), ("battery_low", "ups_battery_low"), ("fault", "ups_fault")]:
+            for mode, metric in [
+                ("battery", "power_on_battery"),
+                ("battery_low", "ups_battery_low"),
+                ("fault", "ups_fault"),
+            ]:
                 sim.set_mode(mode)
                 await acc.reaches("ups1", metric, 1.0, dev.interval + 1)
             assert acc.latest("ups1", "power_on_battery") == 0.0  # fault on line power
@@ -171,7 +172,9 @@ def test_mode_flips_show_within_one_interval(ups: tuple[PtyPair, MegatecSimulato
 
 
 @pytest.mark.parametrize(("how", "reason"), [("garbage", "garbage"), ("truncated", "truncated"), ("silent", "timeout")])
-def test_bad_answers_are_a_device_state_and_recover(ups: tuple[PtyPair, MegatecSimulator], how: str, reason: str) -> None:
+def test_bad_answers_are_a_device_state_and_recover(
+    ups: tuple[PtyPair, MegatecSimulator], how: str, reason: str
+) -> None:
     pair, sim = ups
     acc, health = Recorder(), Health()
     c = MegatecCollector([device(pair.agent, timeout=0.3)], acc, health)
@@ -213,7 +216,7 @@ def test_vanished_port_is_reopened(ups: tuple[PtyPair, MegatecSimulator]) -> Non
 
 
 def test_silent_ups_does_not_stall_another(ups: tuple[PtyPair, MegatecSimulator], tmp_path: Path) -> None:
-    pair, sim = ups
+    pair, _ = ups
     dead = PtyPair(tmp_path, "dead")  # a port nobody answers on
     dead.start()
     acc, health = Recorder(), Health()
@@ -240,8 +243,10 @@ def test_config_check_reports_unknown_profile_and_missing_port() -> None:
     from examwatch.edge.config import ConfigError, loads
 
     with pytest.raises(ConfigError) as err:
-        loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
-              'profile = "no-such-model"\nbaud = 2400\n')
+        loads(
+            '[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
+            'profile = "no-such-model"\nbaud = 2400\n'
+        )
     text = str(err.value)
     assert "devices[0].profile" in text and "devices[0].address" in text
 
@@ -251,8 +256,10 @@ def test_mains_lost_raises_the_alarm_within_one_interval(ups: tuple[PtyPair, Meg
     from examwatch.edge.config import loads
 
     pair, sim = ups
-    cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
-                f'address = "{pair.agent}"\nprofile = "pack-voltage"\ninterval = 0.3\ntimeout = 0.5\nretries = 0\n')
+    cfg = loads(
+        '[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
+        f'address = "{pair.agent}"\nprofile = "pack-voltage"\ninterval = 0.3\ntimeout = 0.5\nretries = 0\n'
+    )
     alarms = RulesRecorder(cfg)
     c = MegatecCollector(cfg.devices, alarms, Health())
 

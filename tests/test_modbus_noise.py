@@ -31,7 +31,9 @@ def test_decode_known_register_values() -> None:
         decode([1, 2], u16)
 
 
-@pytest.mark.parametrize("registers", [[0x7FC0, 0x0000], [0x7F80, 0x0000], [0xFF80, 0x0000]], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "registers", [[0x7FC0, 0x0000], [0x7F80, 0x0000], [0xFF80, 0x0000]], ids=["nan", "inf", "-inf"]
+)
 def test_decode_refuses_what_is_not_a_number(registers: list[int]) -> None:
     # Found by bench/fuzz.py: a float32 meter's NaN became a noise_db reading of NaN.
     f32 = profiles.load("modbus", "generic-float32-input", Profile)
@@ -67,10 +69,19 @@ def rs485(tmp_path: Path) -> Iterator[tuple[PtyPair, NoiseMeterBus]]:
     pair.stop()
 
 
-def meter(port: Path | str, name: str = "noise1", profile: str = "generic-u16x10", slave: int = 0, **kw: object) -> Device:
+def meter(
+    port: Path | str, name: str = "noise1", profile: str = "generic-u16x10", slave: int = 0, **kw: object
+) -> Device:
     fields = {"interval": 0.3, "timeout": 0.3, "retries": 0} | kw
-    return Device(name=name, kind="noise", protocol="modbus_noise", address=str(port), profile=profile,
-                  options=Options(slave=slave), **fields)  # type: ignore[arg-type]
+    return Device(
+        name=name,
+        kind="noise",
+        protocol="modbus_noise",
+        address=str(port),
+        profile=profile,
+        options=Options(slave=slave),
+        **fields,
+    )  # type: ignore[arg-type]
 
 
 def poll_all(c: ModbusNoiseCollector) -> None:
@@ -124,7 +135,9 @@ def test_noise_over_the_limit_shows_within_one_interval(rs485: tuple[PtyPair, No
     asyncio.run(go())
 
 
-@pytest.mark.parametrize(("how", "reason"), [("bad_crc", "crc"), ("silent", "timeout"), ("exception", "modbus_exception")])
+@pytest.mark.parametrize(
+    ("how", "reason"), [("bad_crc", "crc"), ("silent", "timeout"), ("exception", "modbus_exception")]
+)
 def test_bad_answers_are_device_states_and_recover(rs485: tuple[PtyPair, NoiseMeterBus], how: str, reason: str) -> None:
     pair, bus = rs485
     bus.add_meter("generic-u16x10", db=50.0)
@@ -148,7 +161,9 @@ def test_bad_answers_are_device_states_and_recover(rs485: tuple[PtyPair, NoiseMe
     asyncio.run(go())
 
 
-def test_silent_meter_does_not_stall_a_meter_on_another_bus(rs485: tuple[PtyPair, NoiseMeterBus], tmp_path: Path) -> None:
+def test_silent_meter_does_not_stall_a_meter_on_another_bus(
+    rs485: tuple[PtyPair, NoiseMeterBus], tmp_path: Path
+) -> None:
     pair, bus = rs485
     bus.add_meter("generic-u16x10", db=45.0)
     bus.start()
@@ -177,8 +192,10 @@ def test_config_check_reports_bad_slave_and_profile() -> None:
     from examwatch.edge.config import ConfigError, loads
 
     with pytest.raises(ConfigError) as err:
-        loads('[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "n1"\nkind = "noise"\nprotocol = "modbus_noise"\n'
-              'address = "/dev/ttyUSB0"\nprofile = "nope"\nslave = 300\n')
+        loads(
+            '[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "n1"\nkind = "noise"\nprotocol = "modbus_noise"\n'
+            'address = "/dev/ttyUSB0"\nprofile = "nope"\nslave = 300\n'
+        )
     text = str(err.value)
     assert "devices[0].profile" in text and "devices[0].slave" in text
 
@@ -195,10 +212,12 @@ def test_noise_over_the_limit_raises_the_alarm_during_a_session(rs485: tuple[Pty
     bus.start()
     local = datetime.now(ZoneInfo("Asia/Shanghai")).replace(tzinfo=None, microsecond=0)  # sessions are local time
     start, end = (local - timedelta(hours=1)).isoformat(), (local + timedelta(hours=1)).isoformat()
-    cfg = loads('[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "noise1"\nkind = "noise"\n'
-                f'protocol = "modbus_noise"\naddress = "{pair.agent}"\nprofile = "renke-rs-zs"\ninterval = 0.3\n'
-                'timeout = 0.3\nretries = 0\n[rules.noise_high]\nfor = 0\n'
-                f'[[schedule.sessions]]\nname = "数学"\nstart = {start}\nend = {end}\n')
+    cfg = loads(
+        '[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "noise1"\nkind = "noise"\n'
+        f'protocol = "modbus_noise"\naddress = "{pair.agent}"\nprofile = "renke-rs-zs"\ninterval = 0.3\n'
+        "timeout = 0.3\nretries = 0\n[rules.noise_high]\nfor = 0\n"
+        f'[[schedule.sessions]]\nname = "数学"\nstart = {start}\nend = {end}\n'
+    )
     alarms = RulesRecorder(cfg)
     c = ModbusNoiseCollector(cfg.devices, alarms, Health())
 

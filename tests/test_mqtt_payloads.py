@@ -23,10 +23,22 @@ CONTACT = load("mqtt", "zigbee2mqtt_contact", Profile).fields
 
 def collector(sink: Recorder, health: Health) -> MqttCollector:
     devices = [
-        Device(name="door", kind="door", protocol="mqtt", topic="z2m/door", profile="zigbee2mqtt_contact",
-               options=MqttOptions()),
-        Device(name="rec", kind="recorder", protocol="mqtt", topic="rec/1", profile="recorder_json",
-               options=MqttOptions(fields=[Field(path="batt", metric="battery_percent")], availability=False)),
+        Device(
+            name="door",
+            kind="door",
+            protocol="mqtt",
+            topic="z2m/door",
+            profile="zigbee2mqtt_contact",
+            options=MqttOptions(),
+        ),
+        Device(
+            name="rec",
+            kind="recorder",
+            protocol="mqtt",
+            topic="rec/1",
+            profile="recorder_json",
+            options=MqttOptions(fields=[Field(path="batt", metric="battery_percent")], availability=False),
+        ),
     ]
     return MqttCollector(devices, sink, health, Context(broker=MqttSettings()))
 
@@ -34,8 +46,12 @@ def collector(sink: Recorder, health: Health) -> MqttCollector:
 def test_zigbee2mqtt_contact_true_means_closed():
     msg = b'{"battery":91,"contact":true,"linkquality":120,"voltage":3005}'
     readings, rejected = parse_payload(CONTACT, "door", msg, 5.0)
-    assert {r.metric: r.value for r in readings} == {"door_open": 0.0, "battery_percent": 91.0,
-                                                     "radio_link_quality": 120.0, "battery_voltage_volts": 3.005}
+    assert {r.metric: r.value for r in readings} == {
+        "door_open": 0.0,
+        "battery_percent": 91.0,
+        "radio_link_quality": 120.0,
+        "battery_voltage_volts": 3.005,
+    }
     assert rejected == []
     assert parse_payload(CONTACT, "door", b'{"contact":false}', 5.0) == ([Reading("door", "door_open", 1.0, 5.0)], [])
 
@@ -45,8 +61,12 @@ def test_one_bad_field_costs_only_itself():
     readings, rejected = parse_payload(CONTACT, "door", b'{"contact":false,"battery":"low"}', 5.0)
     assert readings == [Reading("door", "door_open", 1.0, 5.0)]
     assert rejected == ["wrong_type"]
-    readings, rejected = parse_payload(CONTACT, "door", b'{"contact":"maybe","battery":NaN,"voltage":1e999,'
-                                                        b'"linkquality":' + b"9" * 400 + b',"battery_low":false}', 5.0)
+    readings, rejected = parse_payload(
+        CONTACT,
+        "door",
+        b'{"contact":"maybe","battery":NaN,"voltage":1e999,"linkquality":' + b"9" * 400 + b',"battery_low":false}',
+        5.0,
+    )
     assert readings == [Reading("door", "battery_low", 0.0, 5.0)]
     assert sorted(rejected) == ["not_finite", "not_finite", "not_finite", "unmapped_value"]
 
@@ -58,7 +78,8 @@ def test_zigbee2mqtt_conventions_booleans_and_numbers_as_text():
     assert got == {"door_open": 1.0, "battery_percent": 42.5, "battery_voltage_volts": 3.005, "battery_low": 1.0}
     for state, value in ((b'"ON"', 1.0), (b'"off"', 0.0), (b"true", 1.0), (b'"FALSE"', 0.0)):
         assert parse_payload(rec, "rec", b'{"recording":' + state + b"}", 1.0)[0] == [
-            Reading("rec", "recording_active", value, 1.0)]
+            Reading("rec", "recording_active", value, 1.0)
+        ]
     # a map's keys are matched as lower-case text, however the config spells them
     door = [Field(path="state", metric="door_open", map={"OPEN": 1, "Closed": 0})]
     assert parse_payload(door, "d", b'{"state":"open"}', 1.0)[0] == [Reading("d", "door_open", 1.0, 1.0)]
@@ -97,10 +118,16 @@ def test_availability_both_forms():
 def test_generic_json_paths_and_scale_with_device_override():
     sink, health = Recorder(), Health()
     c = collector(sink, health)
-    c.handle("rec/1", json.dumps({"batt": 15, "recording": True, "storage": {"free_mb": 2, "total_mb": 8}}).encode(), 1.0)
+    c.handle(
+        "rec/1", json.dumps({"batt": 15, "recording": True, "storage": {"free_mb": 2, "total_mb": 8}}).encode(), 1.0
+    )
     got = {r.metric: r.value for r in sink.readings}
-    assert got == {"battery_percent": 15.0, "recording_active": 1.0, "storage_free_bytes": 2 * 2**20,
-                   "storage_total_bytes": 8 * 2**20}
+    assert got == {
+        "battery_percent": 15.0,
+        "recording_active": 1.0,
+        "storage_free_bytes": 2 * 2**20,
+        "storage_total_bytes": 8 * 2**20,
+    }
 
 
 def test_bad_payloads_are_dropped_counted_and_never_raise():
@@ -205,8 +232,10 @@ def test_a_wildcard_or_shared_topic_is_refused_for_its_device_alone():
     from examwatch.collectors.mqtt import topic_issue
 
     sink, health = Recorder(), Health()
-    devices = [Device(name=n, kind="door", protocol="mqtt", topic=t, profile="zigbee2mqtt_contact")
-               for n, t in (("a", "z2m107/#"), ("b", "z2m/+/door"), ("c", "z2m/c"), ("d", "z2m/c"), ("e", "z2m/e"))]
+    devices = [
+        Device(name=n, kind="door", protocol="mqtt", topic=t, profile="zigbee2mqtt_contact")
+        for n, t in (("a", "z2m107/#"), ("b", "z2m/+/door"), ("c", "z2m/c"), ("d", "z2m/c"), ("e", "z2m/e"))
+    ]
     c = MqttCollector(devices, sink, health, Context(broker=MqttSettings()))
     assert set(c.routes) == {"z2m/c", "z2m/c/availability", "z2m/e", "z2m/e/availability"}
     assert set(c.refused) == {"a", "b", "d"}
@@ -234,7 +263,7 @@ def test_a_dead_network_loop_is_seen(mosquitto):
         pub.connect("127.0.0.1", mosquitto.port)
         pub.publish("z2m/door", b"{}", qos=0)
         pub.disconnect()
-        await wait_until(lambda: task.done(), 5)  # run() returns: the agent's health turns bad
+        await wait_until(task.done, 5)  # run() returns: the agent's health turns bad
         assert not c.alive()
         stop.set()
         await c.close()

@@ -57,10 +57,20 @@ def alertmanager(tmp_path: Path) -> Iterator[tuple[str, Receiver]]:
     cfg.write_text(
         "route:\n  receiver: hook\n  group_by: ['examwatch_id']\n  group_wait: 0s\n  group_interval: 1s\n"
         "  repeat_interval: 1h\nreceivers:\n- name: hook\n  webhook_configs:\n"
-        f"  - url: http://127.0.0.1:{receiver.server_address[1]}/am\n    send_resolved: true\n")
-    proc = subprocess.Popen([BINARY, f"--config.file={cfg}", f"--storage.path={tmp_path / 'am'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "am.log", "wb"))
+        f"  - url: http://127.0.0.1:{receiver.server_address[1]}/am\n    send_resolved: true\n"
+    )
+    with open(tmp_path / "am.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [
+                BINARY,
+                f"--config.file={cfg}",
+                f"--storage.path={tmp_path / 'am'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
         wait_port(port, 20)
         yield f"http://127.0.0.1:{port}", receiver
@@ -79,18 +89,32 @@ def test_alerts_round_trip_through_alertmanager_and_resolve(alertmanager, tmp_pa
     url, receiver = alertmanager
     path = str(tmp_path / "gateway.db")
     conn = store.connect(path)
-    n = Notifier(path, "某县", Notify(retry_base=0.2, retry_max=1.0, storm_window=0.0),
-                 [Channel(name="am", type="alertmanager", url=url, repost_interval=1.0)], [], {})
+    n = Notifier(
+        path,
+        "某县",
+        Notify(retry_base=0.2, retry_max=1.0, storm_window=0.0),
+        [Channel(name="am", type="alertmanager", url=url, repost_interval=1.0)],
+        [],
+        {},
+    )
     n.start()
     try:
         store_alarm(conn, raised("101"))
         firing = until(lambda: [p for p in receiver.posts if p["status"] == "firing"], 30, "routed to the receiver")
         [alert] = firing[0]["alerts"]
-        assert alert["labels"] == {"alertname": "recording_stopped", "site": "s1", "room": "101", "level": "2",
-                                   "severity": "critical", "examwatch_id": "s1/101/recording_stopped/1"}
+        assert alert["labels"] == {
+            "alertname": "recording_stopped",
+            "site": "s1",
+            "room": "101",
+            "level": "2",
+            "severity": "critical",
+            "examwatch_id": "s1/101/recording_stopped/1",
+        }
         assert alert["annotations"]["summary"] == "101 录像中断"
         [stored] = am_alerts(url)
-        assert stored["status"]["state"] == "active" and stored["labels"]["examwatch_id"] == "s1/101/recording_stopped/1"
+        assert (
+            stored["status"]["state"] == "active" and stored["labels"]["examwatch_id"] == "s1/101/recording_stopped/1"
+        )
         first_end = stored["endsAt"]
         # Re-posted while active: Alertmanager's end time moves on, so it never resolves it by itself.
         until(lambda: am_alerts(url)[0]["endsAt"] > first_end, 20, "re-posted")

@@ -66,8 +66,13 @@ def test_test_channel_reports_a_confirmed_send_and_a_refused_one(tmp_path):
         cfg = tmp_path / "gw.toml"
         for secret, code in (("SECright", 0), ("SECwrong", 1)):
             cfg.write_text(f'[[channels]]\nname = "tech"\ntype = "dingtalk"\nurl = "{bot.url}"\nsecret = "{secret}"\n')
-            done = subprocess.run([sys.executable, "-m", "examwatch", "gateway", "test-channel", "tech", "--config", str(cfg)],
-                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
+            done = subprocess.run(
+                [sys.executable, "-m", "examwatch", "gateway", "test-channel", "tech", "--config", str(cfg)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert done.returncode == code, done.stderr
             assert secret not in done.stdout + done.stderr
         assert len(bot.bodies()) == 1 and bot.bodies()[0]["markdown"]["title"] == "【测试】examwatch 通知渠道测试"

@@ -27,8 +27,9 @@ def bots():
 
 
 def alarm_keys(bot: Bot) -> list[str]:
-    return [b["key"] for b in bot.bodies() if b["kind"] in ("raised", "cleared")
-            and "notify_channel_down" not in b["key"]]
+    return [
+        b["key"] for b in bot.bodies() if b["kind"] in ("raised", "cleared") and "notify_channel_down" not in b["key"]
+    ]
 
 
 def metric(gw: GatewayProc, line_start: str) -> float:
@@ -43,8 +44,12 @@ def test_a_channel_down_for_ten_room_minutes_gets_everything_once_in_order(tmp_p
     bots += [slow, fine]
     rooms = [f"s1/{100 + i}" for i in range(10)]
     # Deadlines beyond the test: only the raises and clears go out (escalation is tested on its own).
-    gw = GatewayProc(tmp_path, mosquitto.port, rooms, extra=webhook_channels(
-        ("slow", slow), ("fine", fine), notify=FAST + "[notify.deadlines]\nlevel2 = [3600.0]\n"))
+    gw = GatewayProc(
+        tmp_path,
+        mosquitto.port,
+        rooms,
+        extra=webhook_channels(("slow", slow), ("fine", fine), notify=FAST + "[notify.deadlines]\nlevel2 = [3600.0]\n"),
+    )
     start(procs, gw)
     mqtt = publisher(mosquitto.port)
     wait_subscribed(gw, mqtt, rooms[0])
@@ -52,7 +57,7 @@ def test_a_channel_down_for_ten_room_minutes_gets_everything_once_in_order(tmp_p
     t0 = time.time() - 600  # ten minutes of room time: one raise and one clear a minute
     expected = []
     for i, agent in enumerate(rooms):
-        site, room = agent.split("/")
+        room = agent.split("/")[1]
         ev = raised(room, at=t0 + 60 * i)
         publish_alarm(mqtt, ev, 1)
         expected.append(f"{ev.id}:raised:2")
@@ -109,8 +114,12 @@ def test_forty_rooms_at_once_give_a_bounded_number_of_messages_per_channel(tmp_p
     a, b = Bot("webhook", "a"), Bot("webhook", "b")
     bots += [a, b]
     rooms = [f"s1/{100 + i}" for i in range(40)]
-    gw = GatewayProc(tmp_path, mosquitto.port, rooms, extra=webhook_channels(
-        ("a", a), ("b", b), notify="retry_base = 0.2\nstorm_window = 10.0\n"))
+    gw = GatewayProc(
+        tmp_path,
+        mosquitto.port,
+        rooms,
+        extra=webhook_channels(("a", a), ("b", b), notify="retry_base = 0.2\nstorm_window = 10.0\n"),
+    )
     start(procs, gw)
     mqtt = publisher(mosquitto.port)
     wait_subscribed(gw, mqtt, rooms[0])
@@ -133,19 +142,48 @@ def test_an_unacknowledged_alarm_is_resent_and_an_ack_by_the_cli_stops_it(tmp_pa
     hook = Bot("webhook", "k")
     bots.append(hook)
     # Deadlines of seconds: re-sent at 3 s, 6 s, then every 3 s, until acknowledged.
-    gw = GatewayProc(tmp_path, mosquitto.port, ["s1/101", "s1/102"], extra=webhook_channels(
-        ("hook", hook), notify="retry_base = 0.2\nstorm_window = 0.0\n[notify.deadlines]\nlevel2 = [3.0, 6.0]\n"))
+    gw = GatewayProc(
+        tmp_path,
+        mosquitto.port,
+        ["s1/101", "s1/102"],
+        extra=webhook_channels(
+            ("hook", hook), notify="retry_base = 0.2\nstorm_window = 0.0\n[notify.deadlines]\nlevel2 = [3.0, 6.0]\n"
+        ),
+    )
     start(procs, gw)
     mqtt = publisher(mosquitto.port)
     wait_subscribed(gw, mqtt, "s1/101")
     publish_alarm(mqtt, raised("101"), 1)
     publish_alarm(mqtt, raised("102"), 1)
-    until(lambda: {x["key"] for x in hook.bodies()} >= {"s1/101/recording_stopped/1:raised:2",
-                                                         "s1/102/recording_stopped/1:raised:2"}, 20, "both sent")
+    until(
+        lambda: (
+            {x["key"] for x in hook.bodies()}
+            >= {"s1/101/recording_stopped/1:raised:2", "s1/102/recording_stopped/1:raised:2"}
+        ),
+        20,
+        "both sent",
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EXAMWATCH_TOKEN": gw.token}
-    done = subprocess.run([sys.executable, "-m", "examwatch", "ack", "s1/101/recording_stopped/1", "--who", "张老师",
-                           "--note", "已换备用录像机", "--url", f"http://127.0.0.1:{gw.api_port}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "examwatch",
+            "ack",
+            "s1/101/recording_stopped/1",
+            "--who",
+            "张老师",
+            "--note",
+            "已换备用录像机",
+            "--url",
+            f"http://127.0.0.1:{gw.api_port}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
 
     def rows(prefix: str) -> list[tuple[int, str]]:
@@ -153,12 +191,16 @@ def test_an_unacknowledged_alarm_is_resent_and_an_ack_by_the_cli_stops_it(tmp_pa
 
     [(acked_row, _)] = until(lambda: rows("s1/101/recording_stopped/1:acked"), 20, "ack announced")
     # 102, never acknowledged, keeps coming: twice more after 101's acknowledgement ...
-    until(lambda: len([i for i, _ in rows("s1/102/recording_stopped/1:escalated:") if i > acked_row]) >= 2, 30,
-          "102 re-sent twice after the ack")
+    until(
+        lambda: len([i for i, _ in rows("s1/102/recording_stopped/1:escalated:") if i > acked_row]) >= 2,
+        30,
+        "102 re-sent twice after the ack",
+    )
     # ... while 101 stopped: nothing planned for it after the step that saw its acknowledgement.
     assert [k for i, k in rows("s1/101/recording_stopped/1:escalated:") if i > acked_row] == []
-    timeline = gw.query("SELECT what, detail FROM notify_timeline WHERE thread = ? ORDER BY at, rowid",
-                        "s1/101/recording_stopped/1")
+    timeline = gw.query(
+        "SELECT what, detail FROM notify_timeline WHERE thread = ? ORDER BY at, rowid", "s1/101/recording_stopped/1"
+    )
     assert ("acked", "张老师：已换备用录像机") in timeline
     assert gw.get("/api/v1/alarms?room=101")["alarms"][0]["acked_by"] == "张老师"
     assert "s1/101/recording_stopped/1:acked" in {x["key"] for x in hook.bodies()}

@@ -84,8 +84,15 @@ def test_non_numbers_are_reported_not_raised() -> None:
 
 def test_nan_and_infinite_values_are_reported_not_read() -> None:
     # Found by bench/fuzz.py: float() takes "nan", "inf" and "1e900", and they became readings.
-    variables = parse_list_var(['VAR ups1 battery.charge "1e900"', 'VAR ups1 ups.load "nan"',
-                                'VAR ups1 input.voltage "-inf"', 'VAR ups1 output.voltage "230.0"'], "ups1")
+    variables = parse_list_var(
+        [
+            'VAR ups1 battery.charge "1e900"',
+            'VAR ups1 ups.load "nan"',
+            'VAR ups1 input.voltage "-inf"',
+            'VAR ups1 output.voltage "230.0"',
+        ],
+        "ups1",
+    )
     readings, bad = parse_nut(variables, "u", 0.0)
     assert sorted(bad) == ["battery.charge", "input.voltage", "ups.load"]
     assert [(r.metric, r.value) for r in readings] == [("output_voltage_volts", 230.0)]
@@ -145,8 +152,12 @@ def _flip(nut: NutSimulator, state: str, checks: dict[str, float]) -> None:
 
 
 def test_power_cut_then_low_battery_then_restored(nut: NutSimulator) -> None:
-    _flip(nut, "on_battery", {"power_on_battery": 1, "input_voltage_volts": float(STATES["on_battery"]["input.voltage"])})
-    _flip(nut, "low_battery", {"ups_battery_low": 1, "ups_charge_percent": float(STATES["low_battery"]["battery.charge"])})
+    _flip(
+        nut, "on_battery", {"power_on_battery": 1, "input_voltage_volts": float(STATES["on_battery"]["input.voltage"])}
+    )
+    _flip(
+        nut, "low_battery", {"ups_battery_low": 1, "ups_charge_percent": float(STATES["low_battery"]["battery.charge"])}
+    )
     _flip(nut, "shutdown", {"ups_shutdown_pending": 1})
     _flip(nut, "online", {"power_on_battery": 0, "ups_battery_low": 0})
 

@@ -44,16 +44,24 @@ def room(tmp_path_factory: pytest.TempPathFactory):
     r.stop()
 
 
-def agent_toml(tmp_path: Path, broker: int, *, devices: str = "", uplink: int | None = None, extra: str = "",
-               exporter: int | None = None) -> Path:
-    uplink_table = f"[uplink]\nenabled = true\nport = {uplink}\nsigning_key = \"{KEY}\"\n" if uplink else ""
+def agent_toml(
+    tmp_path: Path,
+    broker: int,
+    *,
+    devices: str = "",
+    uplink: int | None = None,
+    extra: str = "",
+    exporter: int | None = None,
+) -> Path:
+    uplink_table = f'[uplink]\nenabled = true\nport = {uplink}\nsigning_key = "{KEY}"\n' if uplink else ""
     path = tmp_path / "agent.toml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [agent]
 site = "s1"
 room = "r7"
 room_name = "第7考场"
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [mqtt]
 port = {broker}
 [exporter]
@@ -61,7 +69,9 @@ listen = "127.0.0.1:{exporter or free_port()}"
 {uplink_table}
 {extra}
 {devices}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -106,10 +116,13 @@ def check(capsys: pytest.CaptureFixture[str], config: Path, wait: float = 1.0) -
 
 @pytest.mark.integration
 def test_healthy_room_is_ready_and_every_device_row_is_ok(mosquitto, room, tmp_path, capsys):
-    retain(mosquitto.port, {"zigbee2mqtt/door1": '{"contact": true, "battery": 90}',
-                            "zigbee2mqtt/door1/availability": "online"})
-    config = agent_toml(tmp_path, mosquitto.port, uplink=mosquitto.port,
-                        devices=room.devices_toml(1.0) + sensor("door1"))
+    retain(
+        mosquitto.port,
+        {"zigbee2mqtt/door1": '{"contact": true, "battery": 90}', "zigbee2mqtt/door1/availability": "online"},
+    )
+    config = agent_toml(
+        tmp_path, mosquitto.port, uplink=mosquitto.port, devices=room.devices_toml(1.0) + sensor("door1")
+    )
     code = run_check(config, 5.0, as_json=False)
     out = capsys.readouterr().out
     assert code == 0, out
@@ -124,8 +137,9 @@ def test_healthy_room_is_ready_and_every_device_row_is_ok(mosquitto, room, tmp_p
 
 @pytest.mark.integration
 def test_json_has_one_entry_per_check(mosquitto, room, tmp_path, capsys):
-    config = agent_toml(tmp_path, mosquitto.port, uplink=mosquitto.port,
-                        devices=room.devices_toml(1.0) + sensor("door1"))
+    config = agent_toml(
+        tmp_path, mosquitto.port, uplink=mosquitto.port, devices=room.devices_toml(1.0) + sensor("door1")
+    )
     code, checks = check(capsys, config)
     device_ids = {f"device:{n}" for n in ("ups1", "switch1", "nvr1", "ups2", "ups3", "noise1", "cam1", "door1")}
     assert device_ids | {"config", "broker", "rules", "uplink", "signing_key", "state_dir", "exporter"} <= set(checks)
@@ -138,7 +152,9 @@ def test_json_has_one_entry_per_check(mosquitto, room, tmp_path, capsys):
 def test_unreachable_device_fails_and_is_named(mosquitto, room, tmp_path, capsys):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as quiet:  # a UDP port that never answers
         quiet.bind(("127.0.0.1", 0))
-        devices = room.devices_toml(1.0) + f"""
+        devices = (
+            room.devices_toml(1.0)
+            + f"""
 [[devices]]
 name = "ups9"
 kind = "ups"
@@ -149,6 +165,7 @@ profile = "ups-mib"
 timeout = 0.5
 retries = 0
 """
+        )
         config = agent_toml(tmp_path, mosquitto.port, devices=devices)
         code = run_check(config, 1.0, as_json=False)
     out = capsys.readouterr().out
@@ -164,16 +181,19 @@ def test_stopped_camera_fails(mosquitto, room, tmp_path, capsys):
     spare = IsapiSimulator(password="cam-pass")  # a second camera, switched off before the check
     spare.start()
     spare.stop()
-    devices = room.devices_toml(1.0) + f"""
+    devices = (
+        room.devices_toml(1.0)
+        + f"""
 [[devices]]
 name = "cam2"
 kind = "camera"
 protocol = "isapi"
-address = "http://admin:cam-pass@{spare.address.removeprefix('http://')}"
+address = "http://admin:cam-pass@{spare.address.removeprefix("http://")}"
 password = "cam-pass"
 timeout = 0.5
 retries = 0
 """
+    )
     code, checks = check(capsys, agent_toml(tmp_path, mosquitto.port, devices=devices))
     assert code == 1
     assert checks["device:cam2"]["status"] == FAIL and "cam2" in checks["device:cam2"]["item"]
@@ -201,13 +221,22 @@ def test_fault_before_the_exam_fails_with_the_rules_message(mosquitto, room, tmp
 def test_running_agent_keeps_its_serial_ports_and_its_exporter(mosquitto, room, tmp_path, capsys):
     exporter = free_port()
     serial = ('protocol = "megatec"', 'protocol = "modbus_noise"')
-    devices = "".join(f"\n[[devices]]{block}" for block in room.devices_toml(0.5).split("[[devices]]")[1:]
-                      if any(p in block for p in serial))
+    devices = "".join(
+        f"\n[[devices]]{block}"
+        for block in room.devices_toml(0.5).split("[[devices]]")[1:]
+        if any(p in block for p in serial)
+    )
     config = agent_toml(tmp_path, mosquitto.port, devices=devices, exporter=exporter)
     agent = launch_agent(config, exporter, mosquitto.port, ready=("agent_started",))
     try:
-        assert until(lambda: 'examwatch_collector_success{' in agent.metrics()
-                     and 'device="ups3"' in agent.metrics() and 'device="noise1"' in agent.metrics(), 10)
+        assert until(
+            lambda: (
+                "examwatch_collector_success{" in agent.metrics()
+                and 'device="ups3"' in agent.metrics()
+                and 'device="noise1"' in agent.metrics()
+            ),
+            10,
+        )
         code, checks = check(capsys, config)
         page = agent.metrics()
     finally:
@@ -225,9 +254,13 @@ def test_running_agent_keeps_its_serial_ports_and_its_exporter(mosquitto, room, 
 
 @pytest.mark.integration
 def test_sensor_with_retained_offline_availability_fails(mosquitto, tmp_path, capsys):
-    retain(mosquitto.port, {"zigbee2mqtt/door1/availability": "offline",
-                            "zigbee2mqtt/noise2/availability": '{"state": "online"}'})
-    config = agent_toml(tmp_path, mosquitto.port, devices=sensor("door1") + sensor("noise2", "noise", "zigbee2mqtt_noise"))
+    retain(
+        mosquitto.port,
+        {"zigbee2mqtt/door1/availability": "offline", "zigbee2mqtt/noise2/availability": '{"state": "online"}'},
+    )
+    config = agent_toml(
+        tmp_path, mosquitto.port, devices=sensor("door1") + sensor("noise2", "noise", "zigbee2mqtt_noise")
+    )
     code, checks = check(capsys, config, wait=3.0)
     assert code == 1
     assert checks["broker"]["status"] == OK
@@ -271,14 +304,18 @@ def test_uplink_broker_down_fails(mosquitto, tmp_path, capsys):
 
 
 def test_uplink_key_file_missing_fails_without_printing_the_password(tmp_path, capsys):
-    config = agent_toml(tmp_path, free_port(), extra=f"""
+    config = agent_toml(
+        tmp_path,
+        free_port(),
+        extra=f"""
 [uplink]
 enabled = true
 port = {free_port()}
 username = "s1-r7"
 password = "hunter2-secret"
-signing_key_file = "{tmp_path / 'missing.key'}"
-""")
+signing_key_file = "{tmp_path / "missing.key"}"
+""",
+    )
     code = run_check(config, 0.5, as_json=False)
     out = capsys.readouterr().out
     assert code == 1
@@ -288,7 +325,8 @@ signing_key_file = "{tmp_path / 'missing.key'}"
 
 def test_invalid_config_exits_2_listing_every_error(tmp_path, capsys):
     config = tmp_path / "bad.toml"
-    config.write_text("""
+    config.write_text(
+        """
 [agent]
 site = "s1"
 room = "r7"
@@ -297,7 +335,9 @@ colour = "blue"
 name = "ups1"
 kind = "toaster"
 protocol = "snmp"
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     code = run_check(config, 1.0, as_json=False)
     out = capsys.readouterr().out
     assert code == 2
@@ -353,11 +393,14 @@ def test_addresses_lose_their_credentials():
 
 
 def test_table_lines_up_chinese_and_gives_the_verdict():
-    checks = [Check("a", "设备 ups1（UPS，snmp）", OK, "有应答"), Check("b", "state", FAIL, "不可写"),
-              Check("c", "时钟", WARN, "未同步")]
+    checks = [
+        Check("a", "设备 ups1（UPS，snmp）", OK, "有应答"),
+        Check("b", "state", FAIL, "不可写"),
+        Check("c", "时钟", WARN, "未同步"),
+    ]
     lines = readiness.render_table(checks).splitlines()
     status_at = set()
-    for line, word in zip([lines[0], *lines[2:5]], ["结果", "通过", "失败", "注意"]):
+    for line, word in zip([lines[0], *lines[2:5]], ["结果", "通过", "失败", "注意"], strict=True):
         status_at.add(readiness._width(line[: line.index(word)]))
     assert len(status_at) == 1  # the result column starts at the same place on every row
     assert lines[-1] == "结论：未就绪，1 项失败，1 项需注意。请按说明处理后重新检查。"
@@ -377,10 +420,16 @@ def test_a_condition_behind_a_for_still_fails_the_check():
 
 
 def test_offline_and_silent_devices_are_left_to_their_own_rows():
-    engine = _engine('[[devices]]\nname = "rec1"\nkind = "recorder"\nprotocol = "mqtt"\ntopic = "r/rec1"\ninterval = 1\n'
-                     '[[devices]]\nname = "rec2"\nkind = "recorder"\nprotocol = "mqtt"\ntopic = "r/rec2"\ninterval = 1\n')
-    rows = readiness.judge_alarms(engine, [Reading("rec1", "device_online", 0.0, 1000.0),
-                                           Reading("rec1", "battery_percent", 15.0, 1000.0)], 1000.0, "考前准备")
+    engine = _engine(
+        '[[devices]]\nname = "rec1"\nkind = "recorder"\nprotocol = "mqtt"\ntopic = "r/rec1"\ninterval = 1\n'
+        '[[devices]]\nname = "rec2"\nkind = "recorder"\nprotocol = "mqtt"\ntopic = "r/rec2"\ninterval = 1\n'
+    )
+    rows = readiness.judge_alarms(
+        engine,
+        [Reading("rec1", "device_online", 0.0, 1000.0), Reading("rec1", "battery_percent", 15.0, 1000.0)],
+        1000.0,
+        "考前准备",
+    )
     assert [r.id for r in rows] == ["alarm:recorder_battery_low:rec1"]
     assert "录音笔电量低" in rows[0].detail and "启用备用录音笔" in rows[0].detail
     ok = readiness.judge_alarms(engine, [Reading("rec1", "battery_percent", 80.0, 1000.0)], 1000.0, "考前准备")
@@ -395,10 +444,14 @@ def password_broker():
     subprocess.run(["mosquitto_passwd", "-c", "-b", str(d / "passwd"), "s1-r7", "room-pass"], check=True)
     (d / "passwd").chmod(0o644)
     port = free_port()
-    (d / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n"
-                                      f"password_file {d}/passwd\nlog_dest none\n")
-    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(d / "mosquitto.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (d / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {d}/passwd\nlog_dest none\n"
+    )
+    proc = subprocess.Popen(
+        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(d / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port)
         yield port
@@ -411,8 +464,10 @@ def password_broker():
 @pytest.mark.integration
 def test_uplink_refusing_the_password_fails_without_printing_it(password_broker, tmp_path, capsys):
     def uplink(password: str) -> str:
-        return (f"[uplink]\nenabled = true\nport = {password_broker}\nusername = \"s1-r7\"\n"
-                f"password = \"{password}\"\nsigning_key = \"{KEY}\"\n")
+        return (
+            f'[uplink]\nenabled = true\nport = {password_broker}\nusername = "s1-r7"\n'
+            f'password = "{password}"\nsigning_key = "{KEY}"\n'
+        )
 
     code, checks = check(capsys, agent_toml(tmp_path, free_port(), extra=uplink("wrong-pass-123")))
     assert code == 1

@@ -39,7 +39,15 @@ EXAM_DAY = Schedule(
 def test_battery_low_raises_once_and_clears_past_the_clear_value() -> None:
     d = Driver(config({"rec1": "recorder"}))
     (e,) = d.feed("rec1", "battery_percent", 15, 100)
-    assert (e.state, e.rule, e.level, e.device, e.value, e.at, e.since) == ("raised", "recorder_battery_low", 1, "rec1", 15, 100, 100)
+    assert (e.state, e.rule, e.level, e.device, e.value, e.at, e.since) == (
+        "raised",
+        "recorder_battery_low",
+        1,
+        "rec1",
+        15,
+        100,
+        100,
+    )
     assert "第一中学 第3考场 rec1" in e.message and "录音笔电量低" in e.message and "15%" in e.message
     assert "启用备用录音笔" in e.action and "5 分钟内" in e.action
     assert d.feed("rec1", "battery_percent", 10, 101) == []  # still low: nothing new
@@ -202,7 +210,10 @@ def test_secrecy_sensor_silent_and_offline_replace_the_generic_rules() -> None:
     d = Driver(config({"door1": "door", "ups1": "ups"}, room_kind="secrecy_room", interval=10))
     d.tick(0)
     events = d.tick(30)
-    assert sorted((e.rule, e.device, e.level) for e in events) == [("device_silent", "ups1", 1), ("secrecy_sensor_silent", "door1", 2)]
+    assert sorted((e.rule, e.device, e.level) for e in events) == [
+        ("device_silent", "ups1", 1),
+        ("secrecy_sensor_silent", "door1", 2),
+    ]
     cleared, e = d.feed("door1", "device_online", 0, 31)  # it speaks (to say it is offline)
     assert (cleared.rule, cleared.state) == ("secrecy_sensor_silent", "cleared")
     assert (e.rule, e.level) == ("secrecy_sensor_offline", 2)
@@ -210,7 +221,9 @@ def test_secrecy_sensor_silent_and_offline_replace_the_generic_rules() -> None:
 
 
 def test_disabling_the_secrecy_rule_brings_back_the_generic_one() -> None:
-    cfg = config({"door1": "door"}, room_kind="secrecy_room", rules={"secrecy_sensor_offline": RuleOverride(enabled=False)})
+    cfg = config(
+        {"door1": "door"}, room_kind="secrecy_room", rules={"secrecy_sensor_offline": RuleOverride(enabled=False)}
+    )
     d = Driver(cfg)
     assert [(e.rule, e.level) for e in d.feed("door1", "device_online", 0, 1)] == [("device_offline", 1)]
 
@@ -284,7 +297,12 @@ def test_override_for() -> None:
 
 
 def test_override_levels_per_phase_merge_with_the_packs() -> None:
-    cfg = config({"mic": "noise"}, schedule=EXAM_DAY, interval=HOURLY, rules={"noise_high": RuleOverride(levels={"during": 2, "between": 1})})
+    cfg = config(
+        {"mic": "noise"},
+        schedule=EXAM_DAY,
+        interval=HOURLY,
+        rules={"noise_high": RuleOverride(levels={"during": 2, "between": 1})},
+    )
     (rule,) = [r for r in build_engine(cfg.agent, cfg.devices, cfg.rules, cfg.schedule).rules if r.id == "noise_high"]
     assert rule.levels == {"during": 2, "between": 1}
     d = Driver(cfg)
@@ -355,10 +373,26 @@ def test_restore_clears_alarms_whose_rule_or_device_is_gone() -> None:
 def test_pack_covers_the_plans_risks() -> None:
     ids = {r.id for r in DEFAULT_RULES}
     assert {
-        "recorder_battery_low", "camera_battery_low", "recorder_storage_full", "camera_storage_full", "nvr_disk_failed",
-        "ups_on_battery", "ups_runtime_low", "ups_battery_low", "ups_fault", "link_down", "link_loss_high",
-        "secrecy_door_open", "secrecy_sensor_silent", "secrecy_sensor_offline", "noise_high", "device_offline",
-        "device_silent", "host_disk_low", "host_cpu_hot", "outbox_nearly_full",
+        "recorder_battery_low",
+        "camera_battery_low",
+        "recorder_storage_full",
+        "camera_storage_full",
+        "nvr_disk_failed",
+        "ups_on_battery",
+        "ups_runtime_low",
+        "ups_battery_low",
+        "ups_fault",
+        "link_down",
+        "link_loss_high",
+        "secrecy_door_open",
+        "secrecy_sensor_silent",
+        "secrecy_sensor_offline",
+        "noise_high",
+        "device_offline",
+        "device_silent",
+        "host_disk_low",
+        "host_cpu_hot",
+        "outbox_nearly_full",
     } <= ids
     for r in DEFAULT_RULES:
         assert r.title and r.action, r.id

@@ -88,7 +88,8 @@ def test_raised_iff_the_condition_held_for_its_duration(hold: float, history: li
         t += dt
         if reading is not None:
             if reading > 50:
-                run_start = t if run_start is None else run_start
+                if run_start is None:
+                    run_start = t
             else:
                 run_start = None
             value = reading

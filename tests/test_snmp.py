@@ -48,7 +48,15 @@ def _oid(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split("."))
 
 
-def device(name: str, address: str, profile: str, interval: float = 0.5, timeout: float = 1.0, retries: int = 0, **options: object) -> Device:
+def device(
+    name: str,
+    address: str,
+    profile: str,
+    interval: float = 0.5,
+    timeout: float = 1.0,
+    retries: int = 0,
+    **options: object,
+) -> Device:
     return Device(
         name=name, kind="ups", protocol="snmp", address=address, profile=profile,
         interval=interval, timeout=timeout, retries=retries, options=SnmpOptions(**options),  # type: ignore[arg-type]
@@ -81,7 +89,9 @@ def test_expressions_allow_arithmetic_and_comparisons_only() -> None:
 
 def test_every_builtin_profile_compiles() -> None:
     names = profiles.names("snmp")
-    assert {"ups-mib", "eaton-xups", "if-mib", "host-resources-storage", "hikvision-nvr", "hikvision-camera"} <= set(names)
+    assert {"ups-mib", "eaton-xups", "if-mib", "host-resources-storage", "hikvision-nvr", "hikvision-camera"} <= set(
+        names
+    )
     for name in names:
         assert profile_named(name).metrics or profile_named(name).tables
 
@@ -256,7 +266,13 @@ def test_switch_port_down_within_one_interval(snmpsim: SnmpSimulator) -> None:
 
 def test_nvr_disk_full_and_failed_within_one_interval(snmpsim: SnmpSimulator) -> None:
     dev = device("nvr1", snmpsim.address, "hikvision-nvr", community="nvr")
-    _flip(snmpsim, dev, "nvr", "disk_full", [("nvr1/disk1", "storage_free_bytes", 0), ("nvr1/disk1", "storage_used_ratio", 1)])
+    _flip(
+        snmpsim,
+        dev,
+        "nvr",
+        "disk_full",
+        [("nvr1/disk1", "storage_free_bytes", 0), ("nvr1/disk1", "storage_used_ratio", 1)],
+    )
     _flip(snmpsim, dev, "nvr", "disk_failed", [("nvr1/disk1", "storage_ok", 0)])
 
 
@@ -273,7 +289,9 @@ def test_no_such_object_everywhere_is_a_device_state(snmpsim: SnmpSimulator) -> 
     assert health.devices["sw"].errors["no_such_object"] == 1
 
 
-def test_some_objects_missing_drops_only_those(snmpsim: SnmpSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_some_objects_missing_drops_only_those(
+    snmpsim: SnmpSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "snmp"
     folder.mkdir()
     builtin = (profiles.BUILTIN / "snmp" / "ups-mib.toml").read_text()

@@ -147,7 +147,11 @@ def test_new_state_files_are_owner_only_whatever_the_umask(tmp_path, mask):
         lock = statedir.StateLock(state)
     assert mode(state) == 0o700
     assert {f.name: mode(f) for f in state.iterdir()} == {
-        "agent.db": 0o600, "agent.db-wal": 0o600, "agent.db-shm": 0o600, "agent.lock": 0o600}
+        "agent.db": 0o600,
+        "agent.db-wal": 0o600,
+        "agent.db-shm": 0o600,
+        "agent.lock": 0o600,
+    }
     lock.release()
     opened.store.close()
 
@@ -163,7 +167,10 @@ def test_loose_modes_found_at_start_are_tightened_and_logged(tmp_path):
         files.private_db(state / "agent.db")
     assert (mode(state), mode(state / "agent.db"), mode(state / "agent.db-wal")) == (0o700, 0o600, 0o600)
     assert sorted((e["path"], e["was"]) for e in logs if e["event"] == "mode_tightened") == [
-        (str(state), "0755"), (str(state / "agent.db"), "0644"), (str(state / "agent.db-wal"), "0664")]
+        (str(state), "0755"),
+        (str(state / "agent.db"), "0644"),
+        (str(state / "agent.db-wal"), "0664"),
+    ]
     with structlog.testing.capture_logs() as logs:
         files.private_db(state / "agent.db")
     assert logs == []  # once tight, nothing more to say
@@ -240,8 +247,11 @@ def test_the_gateway_refuses_a_keys_file_or_token_file_others_may_read(tmp_path)
 
 def test_a_second_lock_on_a_state_dir_names_the_holder(tmp_path):
     first = statedir.StateLock(tmp_path)
-    with pytest.raises(statedir.StateDirBusy, match=f"state dir {tmp_path} is in use by another agent "
-                                                    rf"\(PID {os.getpid()}\)"):
+    with pytest.raises(
+        statedir.StateDirBusy,
+        match=f"state dir {tmp_path} is in use by another agent "
+        rf"\(PID {os.getpid()}\)",
+    ):
         statedir.StateLock(tmp_path)
     first.release()
     statedir.StateLock(tmp_path).release()  # free again once the holder lets go

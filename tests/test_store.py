@@ -18,15 +18,29 @@ from examwatch.kernel.model import AlarmEvent, Reading
 
 
 def event(i: int, state: str = "raised") -> AlarmEvent:
-    return AlarmEvent(id=f"s/r/door/d{i}/1", site="s", room="r", rule="door", level=2, state=state, device=f"d{i}",
-                      at=100.0 + i, raised_at=100.0, message="保密室门打开")
+    return AlarmEvent(
+        id=f"s/r/door/d{i}/1",
+        site="s",
+        room="r",
+        rule="door",
+        level=2,
+        state=state,
+        device=f"d{i}",
+        at=100.0 + i,
+        raised_at=100.0,
+        message="保密室门打开",
+    )
 
 
 def test_write_stores_readings_transitions_and_outbox_together(tmp_path):
     store = Store(tmp_path / "a.db")
     r = Reading("door1", "door_open", 1.0, 100.0)
-    store.write([r], [event(1)], evidence={event(1).id: [r]},
-                outbox=[("readings", msgspec.json.encode([r])), ("alarms", msgspec.json.encode(event(1)))])
+    store.write(
+        [r],
+        [event(1)],
+        evidence={event(1).id: [r]},
+        outbox=[("readings", msgspec.json.encode([r])), ("alarms", msgspec.json.encode(event(1)))],
+    )
     reader = OutboxReader(tmp_path / "a.db")
     rows = reader.pending()
     assert [row.kind for row in rows] == ["readings", "alarms"]
@@ -87,8 +101,12 @@ def test_kill_9_at_any_moment_keeps_every_reported_transition(tmp_path):
     reported: set[int] = set()
     start = 0
     for _ in range(15):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(start)], stdout=subprocess.PIPE,
-                                text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(db), str(start)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
         time.sleep(0.3 + rng.random() * 0.4)
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()

@@ -105,8 +105,18 @@ class Room:
 
 
 def alarm(i: int) -> AlarmEvent:
-    return AlarmEvent(id=f"s1/r1/link_down/sw1/{i}", site="s1", room="r1", rule="link_down", level=2, state="raised",
-                      device="sw1", at=2000.0 + i, raised_at=2000.0 + i, message="网络中断")
+    return AlarmEvent(
+        id=f"s1/r1/link_down/sw1/{i}",
+        site="s1",
+        room="r1",
+        rule="link_down",
+        level=2,
+        state="raised",
+        device="sw1",
+        at=2000.0 + i,
+        raised_at=2000.0 + i,
+        message="网络中断",
+    )
 
 
 @pytest.fixture

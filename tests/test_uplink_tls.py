@@ -30,15 +30,59 @@ def openssl(*args: str, cwd: Path) -> None:
 def pki():
     d = Path(tempfile.mkdtemp(prefix="examwatch-pki-"))
     d.chmod(0o755)  # mosquitto runs as its own user and must read these
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=county-ca", cwd=d)
-    for name, cn, ext in (("broker", "localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("agent", "s1-101", None)):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=county-ca",
+        cwd=d,
+    )
+    for name, cn, ext in (
+        ("broker", "localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        ("agent", "s1-101", None),
+    ):
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={cn}",
+            cwd=d,
+        )
         extra = ["-extfile", f"{name}.ext"] if ext else []
         if ext:
             (d / f"{name}.ext").write_text(ext + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "2", *extra, cwd=d)
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            *extra,
+            cwd=d,
+        )
     for f in d.iterdir():
         f.chmod(0o644)
     yield d
@@ -52,8 +96,13 @@ class TlsBroker:
         self.dir.chmod(0o755)
         # The ACL made the way deploy/mosquitto/examwatch.acl.example says, from the gateway's keys file.
         (self.dir / "agent-keys").write_text(f"# site/room key\ns1/101 {KEY}\ns1/102 {KEY}\n")
-        awk = 'NF==2 && !/^#/ { split($1, a, "/"); printf "user %s-%s\\ntopic write examwatch/v1/%s/#\\n\\n", a[1], a[2], $1 }'
-        acl = subprocess.run(["awk", awk, str(self.dir / "agent-keys")], check=True, capture_output=True, text=True).stdout
+        awk = (
+            'NF==2 && !/^#/ { split($1, a, "/"); '
+            'printf "user %s-%s\\ntopic write examwatch/v1/%s/#\\n\\n", a[1], a[2], $1 }'
+        )
+        acl = subprocess.run(
+            ["awk", awk, str(self.dir / "agent-keys")], check=True, capture_output=True, text=True
+        ).stdout
         (self.dir / "acl").write_text(acl + "user examwatch-gateway\ntopic read examwatch/v1/#\n")
         (self.dir / "passwd").touch()
         subprocess.run(["mosquitto_passwd", "-b", str(self.dir / "passwd"), "s1-101", "room-pass"], check=True)
@@ -65,8 +114,11 @@ class TlsBroker:
             f"require_certificate {str(certificates).lower()}\nuse_identity_as_username {str(certificates).lower()}\n"
             f"allow_anonymous false\npassword_file {self.dir}/passwd\nacl_file {self.dir}/acl\nlog_dest none\n"
         )
-        self.proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.dir / "mosquitto.conf")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.dir / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -78,9 +130,11 @@ class TlsBroker:
 def run_uplink(tmp_path: Path, agent: str, cfg: UplinkSettings, rows: int = 20) -> tuple[Uplink, Store]:
     store = Store(tmp_path / "a.db")
     for i in range(rows):
-        store.write([], outbox=[("readings", msgspec.json.encode([Reading("ups1", "ups_charge_percent", i, 1000.0 + i)]))])
-    up = Uplink(cfg, agent_id=agent, db_path=str(tmp_path / "a.db"), on_acked=lambda seqs: acks.extend(seqs))
+        store.write(
+            [], outbox=[("readings", msgspec.json.encode([Reading("ups1", "ups_charge_percent", i, 1000.0 + i)]))]
+        )
     acks: list[int] = []
+    up = Uplink(cfg, agent_id=agent, db_path=str(tmp_path / "a.db"), on_acked=acks.extend)
     up.start()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and len(acks) < rows and not up.health().refused:
@@ -93,9 +147,14 @@ def run_uplink(tmp_path: Path, agent: str, cfg: UplinkSettings, rows: int = 20) 
 def test_tls_delivery_with_password_or_certificate(pki, tmp_path, certificates):
     broker = TlsBroker(pki, certificates=certificates)
     try:
-        auth = ({"cert_file": str(pki / "agent.crt"), "key_file": str(pki / "agent.key")} if certificates
-                else {"username": "s1-101", "password": "room-pass"})
-        cfg = UplinkSettings(enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY, **auth)
+        auth = (
+            {"cert_file": str(pki / "agent.crt"), "key_file": str(pki / "agent.key")}
+            if certificates
+            else {"username": "s1-101", "password": "room-pass"}
+        )
+        cfg = UplinkSettings(
+            enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY, **auth
+        )
         up, _ = run_uplink(tmp_path, "s1/101", cfg)
         h = up.health()
         up.stop()
@@ -108,8 +167,15 @@ def test_tls_delivery_with_password_or_certificate(pki, tmp_path, certificates):
 def test_acl_refuses_another_rooms_topic_and_rows_stay(pki, tmp_path):
     broker = TlsBroker(pki, certificates=False)
     try:
-        cfg = UplinkSettings(enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY,
-                           username="s1-101", password="room-pass")
+        cfg = UplinkSettings(
+            enabled=True,
+            port=broker.port,
+            tls=True,
+            ca_file=str(pki / "ca.crt"),
+            signing_key=KEY,
+            username="s1-101",
+            password="room-pass",
+        )
         up, _ = run_uplink(tmp_path, "s1/102", cfg, rows=3)  # 101's credentials, 102's topics
         h = up.health()
         up.stop()
@@ -122,8 +188,15 @@ def test_acl_refuses_another_rooms_topic_and_rows_stay(pki, tmp_path):
 def test_wrong_password_is_reported_and_nothing_is_lost(pki, tmp_path):
     broker = TlsBroker(pki, certificates=False)
     try:
-        cfg = UplinkSettings(enabled=True, port=broker.port, tls=True, ca_file=str(pki / "ca.crt"), signing_key=KEY,
-                           username="s1-101", password="wrong")
+        cfg = UplinkSettings(
+            enabled=True,
+            port=broker.port,
+            tls=True,
+            ca_file=str(pki / "ca.crt"),
+            signing_key=KEY,
+            username="s1-101",
+            password="wrong",
+        )
         store = Store(tmp_path / "a.db")
         store.write([], outbox=[("readings", b"[]")])
         up = Uplink(cfg, agent_id="s1/101", db_path=str(tmp_path / "a.db"), on_acked=print)

@@ -14,8 +14,18 @@ KEY = bytes.fromhex("11" * 32)
 
 
 def alarm() -> AlarmEvent:
-    return AlarmEvent(id="s1/r1/ups_on_battery/ups1/1", site="s1", room="r1", rule="ups_on_battery", level=2,
-                      state="raised", device="ups1", at=1000.5, raised_at=1000.5, message="市电中断，UPS 供电")
+    return AlarmEvent(
+        id="s1/r1/ups_on_battery/ups1/1",
+        site="s1",
+        room="r1",
+        rule="ups_on_battery",
+        level=2,
+        state="raised",
+        device="ups1",
+        at=1000.5,
+        raised_at=1000.5,
+        message="市电中断，UPS 供电",
+    )
 
 
 def test_round_trip_keeps_body_bytes_and_verifies():
@@ -33,7 +43,9 @@ def test_readings_body_decodes_as_reading_list():
     assert msgspec.json.decode(env.body, type=list[Reading]) == [Reading("ups1", "ups_charge_percent", 87.0, 1000.0)]
 
 
-@pytest.mark.parametrize("field,value", [("agent", "s1/r2"), ("epoch", 10), ("seq", 43), ("ts", 1.0), ("kind", "readings")])
+@pytest.mark.parametrize(
+    "field,value", [("agent", "s1/r2"), ("epoch", 10), ("seq", 43), ("ts", 1.0), ("kind", "readings")]
+)
 def test_any_changed_field_breaks_the_signature(field, value):
     env = wire.decode(wire.encode(KEY, "s1/r1", 42, 1000.0, "alarms", b'{"a":1}', epoch=9))
     assert not wire.verify(KEY, msgspec.structs.replace(env, **{field: value}))
@@ -46,8 +58,16 @@ def test_changed_body_wrong_key_and_unsigned_fail():
     assert not wire.verify(KEY, msgspec.structs.replace(env, sig=""))
 
 
-@pytest.mark.parametrize("payload", [b"", b"offline", b"{}", b'{"v":2,"agent":"a/b","seq":1,"ts":1,"kind":"alarms","body":1}',
-                                     b'{"v":1,"agent":"a/b","seq":1,"ts":1,"kind":"nonsense","body":1}'])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"offline",
+        b"{}",
+        b'{"v":2,"agent":"a/b","seq":1,"ts":1,"kind":"alarms","body":1}',
+        b'{"v":1,"agent":"a/b","seq":1,"ts":1,"kind":"nonsense","body":1}',
+    ],
+)
 def test_garbage_is_a_wire_error(payload):
     with pytest.raises(wire.WireError):
         wire.decode(payload)
@@ -59,20 +79,23 @@ def envelope(raw: bytes = b"[]", **fields: object) -> bytes:
     return json.dumps(env).encode().replace(b'"@"', raw)
 
 
-@pytest.mark.parametrize("payload,why", [
-    (envelope(b"[" * 1000 + b"]" * 1000), "nested more than 8"),  # RecursionError before the bound
-    (envelope(b"[" * 9 + b"]" * 9), "nested more than 8"),
-    (envelope(b'"' + b"x" * wire.MAX_PAYLOAD + b'"'), "more than"),
-    (envelope(seq=2**63), "not an envelope"),  # crashed SQLite's INTEGER bind at the county
-    (envelope(seq=wire.SEQ_MAX + 1), "not an envelope"),
-    (envelope(seq=-1), "not an envelope"),
-    (envelope(epoch=2**62 + 1), "not an envelope"),
-    (envelope(b"1e999", ts="@", body=[]), "not an envelope"),  # inf
-    (envelope(ts=-5.0), "not an envelope"),
-    (envelope(seq=0), "seq 0 for a readings"),
-    (envelope(kind="status", seq=3), "seq 3 for a status"),
-    (envelope(sig="ab" * 100), "not an envelope"),
-])
+@pytest.mark.parametrize(
+    "payload,why",
+    [
+        (envelope(b"[" * 1000 + b"]" * 1000), "nested more than 8"),  # RecursionError before the bound
+        (envelope(b"[" * 9 + b"]" * 9), "nested more than 8"),
+        (envelope(b'"' + b"x" * wire.MAX_PAYLOAD + b'"'), "more than"),
+        (envelope(seq=2**63), "not an envelope"),  # crashed SQLite's INTEGER bind at the county
+        (envelope(seq=wire.SEQ_MAX + 1), "not an envelope"),
+        (envelope(seq=-1), "not an envelope"),
+        (envelope(epoch=2**62 + 1), "not an envelope"),
+        (envelope(b"1e999", ts="@", body=[]), "not an envelope"),  # inf
+        (envelope(ts=-5.0), "not an envelope"),
+        (envelope(seq=0), "seq 0 for a readings"),
+        (envelope(kind="status", seq=3), "seq 3 for a status"),
+        (envelope(sig="ab" * 100), "not an envelope"),
+    ],
+)
 def test_out_of_bounds_is_a_wire_error_before_anything_recurses(payload, why):
     with pytest.raises(wire.WireError, match=why):
         wire.decode(payload)
@@ -88,12 +111,23 @@ def test_depth_skips_strings_and_escapes():
 
 def test_bodies_are_bounded_too():
     readings = msgspec.json.Decoder(list[Reading])
-    for bad in (b'[["d", "m", 1e999, 1.0]]', b'[["d", "m", 1.0, 1e20]]', b'[["", "m", 1.0, 1.0]]',
-                b'[["' + b"d" * 200 + b'", "m", 1.0, 1.0]]'):
+    for bad in (
+        b'[["d", "m", 1e999, 1.0]]',
+        b'[["d", "m", 1.0, 1e20]]',
+        b'[["", "m", 1.0, 1.0]]',
+        b'[["' + b"d" * 200 + b'", "m", 1.0, 1.0]]',
+    ):
         with pytest.raises(msgspec.ValidationError):
             readings.decode(bad)
     ev = msgspec.json.decode(msgspec.json.encode(alarm()))
-    for field, value in (("level", 7), ("at", 1e20), ("message", "长" * 3000), ("id", ""), ("site", None), ("state", "gone")):
+    for field, value in (
+        ("level", 7),
+        ("at", 1e20),
+        ("message", "长" * 3000),
+        ("id", ""),
+        ("site", None),
+        ("state", "gone"),
+    ):
         with pytest.raises(msgspec.ValidationError):
             msgspec.json.decode(json.dumps({**ev, field: value}).encode(), type=AlarmEvent)
     status = msgspec.json.Decoder(wire.Status)

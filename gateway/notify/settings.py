@@ -3,6 +3,7 @@ and ``[[roster]]`` (who is reached through which channels, tier by tier)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import msgspec
@@ -74,7 +75,9 @@ class Deadlines(Strict, kw_only=True):
     """Seconds after the raise by which someone must acknowledge; each one missed escalates one tier."""
 
     level1: list[float] = msgspec.field(default_factory=lambda: [300.0, 900.0])  # 一级：5 分钟内反馈
-    level2: list[float] = msgspec.field(default_factory=lambda: [600.0, 1800.0])  # 二级：10 分钟内上报领导小组，30 分钟内决策
+    level2: list[float] = msgspec.field(
+        default_factory=lambda: [600.0, 1800.0]
+    )  # 二级：10 分钟内上报领导小组，30 分钟内决策
     level3: list[float] = msgspec.field(default_factory=lambda: [300.0, 900.0])
 
     def of(self, level: int) -> list[float]:
@@ -86,7 +89,8 @@ class Notify(Strict, kw_only=True):
     grafana_url: str = ""  # e.g. "https://grafana.example.cn/d/examwatch-room"; ?var-site=&var-room= appended
     timezone: str = "Asia/Shanghai"
     start_tier: dict[str, str] = msgspec.field(
-        default_factory=lambda: {"1": "technicians", "2": "group_lead", "3": "leading_group"})
+        default_factory=lambda: {"1": "technicians", "2": "group_lead", "3": "leading_group"}
+    )
     deadlines: Deadlines = msgspec.field(default_factory=Deadlines)
     flap_count: int = 4  # an alarm raised this many times ...
     flap_window: float = 600.0  # ... within this many seconds is held as one, with the count
@@ -95,8 +99,6 @@ class Notify(Strict, kw_only=True):
     retry_max: float = 300.0
     failing_after: int = 5  # failed attempts in a row -> the channel is down: a level-1 system alarm
     room_kinds: dict[str, str] = {}  # "<site>/<room>" or "<room>" -> kind (default "exam")
-
-
 
 
 def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list[tuple[tuple[str | int, ...], str]]:
@@ -111,7 +113,7 @@ def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list
             issues.append((("channels", i, "type"), f"one of {', '.join(CHANNEL_TYPES)}"))
         elif c.type == "email":
             if c.tls not in ("starttls", "implicit"):
-                issues.append((("channels", i, "tls"), "e-mail is sent over TLS only: \"starttls\" or \"implicit\""))
+                issues.append((("channels", i, "tls"), 'e-mail is sent over TLS only: "starttls" or "implicit"'))
             if not c.host or not c.sender or not c.to:
                 issues.append((("channels", i), "e-mail needs host, sender and to"))
         elif not c.url.startswith(("https://", "http://")):
@@ -128,10 +130,10 @@ def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list
     for lv, tier in notify.start_tier.items():
         if lv not in ("1", "2", "3") or tier not in TIERS:
             issues.append((("notify", "start_tier", lv), f"level 1-3 -> one of {', '.join(TIERS)}"))
-    for lv in (1, 2, 3):
-        marks = notify.deadlines.of(lv)
-        if any(not 0 < m <= 86400 or m != m for m in marks) or marks != sorted(marks):
-            issues.append((("notify", "deadlines", f"level{lv}"), "rising seconds between 0 and 86400"))
+    for level in (1, 2, 3):
+        marks = notify.deadlines.of(level)
+        if any(not 0 < m <= 86400 or math.isnan(m) for m in marks) or marks != sorted(marks):
+            issues.append((("notify", "deadlines", f"level{level}"), "rising seconds between 0 and 86400"))
     if not 1 <= notify.flap_count <= 100 or not 0 < notify.flap_window <= 86400:
         issues.append((("notify",), "flap_count 1-100, flap_window up to a day"))
     if not 0 <= notify.storm_window <= 600 or not 0 < notify.retry_base <= notify.retry_max <= 86400:
@@ -141,4 +143,4 @@ def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list
     return issues
 
 
-__all__ = ["CHANNEL_TYPES", "Channel", "Deadlines", "Notify", "RATE_LIMITS", "Roster", "TIERS", "check"]
+__all__ = ["CHANNEL_TYPES", "RATE_LIMITS", "TIERS", "Channel", "Deadlines", "Notify", "Roster", "check"]

@@ -88,8 +88,11 @@ class Recorder:
 
     async def reaches(self, device: str, metric: str, value: float, timeout: float) -> None:
         """Wait until the latest ``metric`` of ``device`` is ``value``; the failure names the last one seen."""
-        await wait_until(lambda: self.latest(device, metric) == value, timeout,
-                         lambda: f"{device} {metric} == {value} (last {self.latest(device, metric)})")
+        await wait_until(
+            lambda: self.latest(device, metric) == value,
+            timeout,
+            lambda: f"{device} {metric} == {value} (last {self.latest(device, metric)})",
+        )
 
 
 # --- rules --------------------------------------------------------------------------------------------------

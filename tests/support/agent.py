@@ -104,35 +104,59 @@ class RunningAgent:
         )
 
 
-
-
-def agent_toml(broker_port: int, exporter_port: int, state_dir: Path, *, room: str = "r1", kind: str = "exam_room",
-               room_name: str = "", body: str = "", sessions=(), windows=()) -> str:
+def agent_toml(
+    broker_port: int,
+    exporter_port: int,
+    state_dir: Path,
+    *,
+    room: str = "r1",
+    kind: str = "exam_room",
+    room_name: str = "",
+    body: str = "",
+    sessions=(),
+    windows=(),
+) -> str:
     """An agent config for the tests: site s1, both brokers on ``broker_port``, a signed uplink, then
     ``body`` (devices, rule overrides) and a schedule of sessions and secrecy windows given in minutes from now."""
-    text = (f'[agent]\nsite = "s1"\nroom = "{room}"\nkind = "{kind}"\nroom_name = "{room_name}"\n'
-            f'state_dir = "{state_dir}"\n[mqtt]\nport = {broker_port}\n[exporter]\nlisten = "127.0.0.1:{exporter_port}"\n'
-            f'[uplink]\nenabled = true\nport = {broker_port}\nsigning_key = "{"ab" * 32}"\n{body}\n'
-            '[schedule]\ntimezone = "Asia/Shanghai"\n')
+    text = (
+        f'[agent]\nsite = "s1"\nroom = "{room}"\nkind = "{kind}"\nroom_name = "{room_name}"\n'
+        f'state_dir = "{state_dir}"\n[mqtt]\nport = {broker_port}\n[exporter]\nlisten = "127.0.0.1:{exporter_port}"\n'
+        f'[uplink]\nenabled = true\nport = {broker_port}\nsigning_key = "{"ab" * 32}"\n{body}\n'
+        '[schedule]\ntimezone = "Asia/Shanghai"\n'
+    )
     for which, spans in (("sessions", sessions), ("secrecy_windows", windows)):
         for a, b in spans:
             text += f"[[schedule.{which}]]\nstart = {local(a)}\nend = {local(b)}\n"
     return text
 
 
-def launch_agent(config: Path, exporter_port: int, broker_port: int, env: dict | None = None,
-                 ready: tuple[str, ...] = ("agent_started", "mqtt_connected"), umask: int = -1) -> RunningAgent:
+def launch_agent(
+    config: Path,
+    exporter_port: int,
+    broker_port: int,
+    env: dict | None = None,
+    ready: tuple[str, ...] = ("agent_started", "mqtt_connected"),
+    umask: int = -1,
+) -> RunningAgent:
     """Start `examwatch agent run`; return once it serves metrics and has logged each ``ready`` event
     (by default: listening to its MQTT sensors)."""
-    proc = subprocess.Popen([sys.executable, "-m", "examwatch", "agent", "run", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, umask=umask,
-                            env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examwatch", "agent", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        umask=umask,
+        env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})},
+    )
     agent = RunningAgent(proc, exporter_port, broker_port)
     try:
         wait_port(exporter_port, timeout=15)
         # publish only once it listens: a sensor message before the subscription would be lost
-        until(lambda: all(any(f'"event": "{e}"' in line for line in agent.log) for e in ready)
-              or proc.poll() is not None, 10, lambda: f"agent ready: {agent.log}")
+        until(
+            lambda: all(any(f'"event": "{e}"' in line for line in agent.log) for e in ready) or proc.poll() is not None,
+            10,
+            lambda: f"agent ready: {agent.log}",
+        )
         assert proc.poll() is None, agent.log
     except BaseException:
         agent.close()

@@ -60,7 +60,9 @@ class _Process:
 
 
 class GatewayProc(_Process):
-    def __init__(self, workdir: Path, broker_port: int, agents: list[str], extra: str = "", token: str = "t0ken") -> None:
+    def __init__(
+        self, workdir: Path, broker_port: int, agents: list[str], extra: str = "", token: str = "t0ken"
+    ) -> None:
         self.dir = workdir / "gateway"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.api_port, self.metrics_port = free_port(), free_port()
@@ -83,7 +85,9 @@ class GatewayProc(_Process):
             return json.loads(r.read())
 
     def post(self, path: str, body: dict[str, Any], token: str | None) -> tuple[int, Any]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=json.dumps(body).encode(), method="POST")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.api_port}{path}", data=json.dumps(body).encode(), method="POST"
+        )
         if token is not None:
             req.add_header("Authorization", f"Bearer {token}")
         try:
@@ -136,7 +140,10 @@ class Link:
         exe = shutil.which("socat") or "/usr/bin/socat"
         self.proc = subprocess.Popen(
             [exe, f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork", f"TCP:127.0.0.1:{self.target}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_port(self.port)
 
     def cut(self) -> None:

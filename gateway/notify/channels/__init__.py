@@ -30,13 +30,15 @@ def client(ch: Channel) -> httpx.Client:
     return httpx.Client(timeout=ch.timeout, verify=verify, follow_redirects=False, trust_env=False)
 
 
-def post_json(http: httpx.Client, url: str, body: Any, headers: dict[str, str] | None = None,
-              content: bytes | None = None) -> Any:
+def post_json(
+    http: httpx.Client, url: str, body: Any, headers: dict[str, str] | None = None, content: bytes | None = None
+) -> Any:
     """POST and return the decoded JSON answer; transport errors and non-2xx answers raise SendError."""
     data = content if content is not None else json.dumps(body, ensure_ascii=False).encode()
     try:
-        with http.stream("POST", url, content=data,
-                         headers={"Content-Type": "application/json; charset=utf-8", **(headers or {})}) as r:
+        with http.stream(
+            "POST", url, content=data, headers={"Content-Type": "application/json; charset=utf-8", **(headers or {})}
+        ) as r:
             answer = b""
             for chunk in r.iter_bytes():  # read at most MAX_ANSWER: the far end is not trusted
                 answer += chunk

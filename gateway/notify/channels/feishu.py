@@ -32,10 +32,16 @@ def payload(m: Message, secret: str = "", timestamp: int = 0) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if secret:
         body = {"timestamp": str(timestamp), "sign": sign(secret, timestamp)}
-    body |= {"msg_type": "interactive", "card": {
-        "header": {"title": {"tag": "plain_text", "content": m.title},
-                   "template": "green" if resolved else TEMPLATES.get(m.level, "red")},
-        "elements": [{"tag": "markdown", "content": clip("\n".join(m.lines), 16 * 1024)}]}}
+    body |= {
+        "msg_type": "interactive",
+        "card": {
+            "header": {
+                "title": {"tag": "plain_text", "content": m.title},
+                "template": "green" if resolved else TEMPLATES.get(m.level, "red"),
+            },
+            "elements": [{"tag": "markdown", "content": clip("\n".join(m.lines), 16 * 1024)}],
+        },
+    }
     return body
 
 

@@ -1,8 +1,8 @@
 """A generic JSON webhook, signed: for a county's own system.
 
 Headers: ``X-Examwatch-Timestamp`` (Unix seconds), ``X-Examwatch-Signature: sha256=<hex HMAC-SHA256(key=secret,
-msg="<timestamp>.<body>")>``, ``Idempotency-Key`` (the message's key, percent-encoded; the same for every retry). Any 2xx answer
-confirms; the receiver should drop a repeated Idempotency-Key and a timestamp older than five minutes.
+msg="<timestamp>.<body>")>``, ``Idempotency-Key`` (the message's key, percent-encoded; the same for every retry).
+Any 2xx answer confirms; the receiver should drop a repeated Idempotency-Key and a timestamp older than five minutes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,15 @@ from examwatch.gateway.notify.settings import Channel
 
 
 def body(m: Message) -> bytes:
-    doc = {"key": m.key, "thread": m.thread, "kind": m.kind, "level": m.level, "title": m.title,
-           "text": markdown(m), "items": msgspec.to_builtins(m.items)}
+    doc = {
+        "key": m.key,
+        "thread": m.thread,
+        "kind": m.kind,
+        "level": m.level,
+        "title": m.title,
+        "text": markdown(m),
+        "items": msgspec.to_builtins(m.items),
+    }
     return json.dumps(doc, ensure_ascii=False, sort_keys=True).encode()
 
 
