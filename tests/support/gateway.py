@@ -78,7 +78,9 @@ class GatewayProc(_Process):
 
     def start(self) -> None:
         self.proc = _spawn(["gateway", "run", "--config", str(self.config)], self.dir / "log")
+        # both: the API binds when the gateway is built, the exporter only when it runs
         wait_port(self.api_port, 20)
+        wait_port(self.metrics_port, 20)
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}{path}", timeout=10) as r:
