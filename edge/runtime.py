@@ -14,6 +14,7 @@ two, and a step moves the rules' remembered times with it (no false silence) and
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import queue
 import signal
@@ -55,6 +56,9 @@ class Intake:
         self.health = health
 
     def add(self, reading: Reading) -> None:
+        if not math.isfinite(reading.value):  # the county refuses a message holding one: never let it out
+            self.health.drop("intake", "not_finite", device=reading.device, metric=reading.metric)
+            return
         try:
             self.q.put_nowait(reading)
         except queue.Full:

@@ -62,7 +62,6 @@ class Api(Strict, kw_only=True):
 class Security(Strict, kw_only=True):
     keys_file: str = ""  # lines "<site>/<room> <hex key>"; the county's roster of rooms
     keys: dict[str, str] = {}  # or inline: "<site>/<room>" = "<hex key>"
-    replay_window: Seconds = 600.0  # s: an already stored message arriving again this much later is a replay
     quiet: Seconds = 600.0  # s without rejections before a room's security alarm clears
 
 

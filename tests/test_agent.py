@@ -194,3 +194,17 @@ def test_systemd_ready_then_watchdog_only_while_healthy(start_agent, tmp_path):
         lock.execute("ROLLBACK")
     sock.settimeout(5)
     assert "WATCHDOG=1" in [sock.recv(256).decode() for _ in range(4)]
+
+
+def test_a_reading_that_is_not_a_number_never_enters_the_agent() -> None:
+    """The county refuses a whole message holding a NaN; the intake is the last gate every collector passes."""
+    from examwatch.collectors.base import Health
+    from examwatch.edge.runtime import Intake
+    from examwatch.kernel.model import Reading
+
+    health = Health()
+    intake = Intake(health)
+    for value in (float("nan"), float("inf"), 80.0):
+        intake.add(Reading("ups", "ups_charge_percent", value, 1.0))
+    assert intake.q.qsize() == 1 and intake.q.get().value == 80.0
+    assert health.dropped[("intake", "not_finite")] == 2

@@ -1,7 +1,7 @@
 """The room agent against hostile sensor input and a hostile wall clock: a real mosquitto, the real agent.
 
 - one bad field of a sensor message must not cost the door opening in it;
-- a wildcard device topic must not stop the room's other sensors;
+- a wildcard device topic is refused with its key path before the agent runs;
 - a huge retained message on a sensor's topic must not reach the agent at all (MQTT v5 Maximum Packet Size);
 - the wall clock stepping a day forward and back (a Pi without a real-time clock) must raise the clock
   alarm, nothing false, and never stop heartbeats or readings (libfaketime moves the agent's wall clock).
@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -60,31 +62,21 @@ def test_a_door_opening_survives_a_battery_value_it_cannot_read(mosquitto, tmp_p
         watcher.close()
 
 
-def test_a_wildcard_topic_costs_its_own_device_only(mosquitto, tmp_path):
+def test_a_wildcard_topic_is_refused_before_the_agent_runs(mosquitto, tmp_path):
+    """A wildcard topic used to pass `config check` and, at run time, stop every sensor of the room. Now the
+    agent refuses the file with the key path (systemd's ExecStartPre runs the same check); if a device with
+    such a topic ever reached the collector, it alone would be refused (test_mqtt_payloads)."""
+    path = tmp_path / "agent.toml"
     body = (
         DOOR.format(interval=60)
-        + """
-[[devices]]
-name = "door107"
-kind = "door"
-protocol = "mqtt"
-topic = "z2m107/#"
-profile = "zigbee2mqtt_contact"
-"""
+        + '[[devices]]\nname = "door107"\nkind = "door"\nprotocol = "mqtt"\ntopic = "z2m107/#"\n'
     )
-    watcher = Watcher(mosquitto.port)
-    agent = start(mosquitto, tmp_path, body, windows=[(60, 90)])
-    try:
-        # the unusable device is offline (its alarm tells people) and counted by reason
-        assert watcher.wait(lambda e: e.rule == "secrecy_sensor_offline" and e.device == "door107", timeout=5)
-        assert until(lambda: agent.sample("examwatch_input_dropped_total", source="mqtt", reason="bad_topic") == 1, 3)
-        # and the room's good sensor is read
-        agent.publish("z2m/door", {"contact": False})
-        assert watcher.wait(lambda e: e.rule == "secrecy_door_open" and e.device == "door", timeout=5)
-        assert agent.proc.poll() is None
-    finally:
-        agent.close()
-        watcher.close()
+    path.write_text(agent_toml(mosquitto.port, free_port(), tmp_path / "state", body=body), encoding="utf-8")
+    for args in (["config", "check", str(path)], ["agent", "run", "--config", str(path)]):
+        done = subprocess.run([sys.executable, "-m", "examwatch", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "devices[1].topic" in done.stderr and "wildcards" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -209,9 +201,9 @@ def test_the_agent_is_unhealthy_once_a_collector_cannot_read(mosquitto):
     """The systemd watchdog is fed only while healthy(): a dead MQTT loop must stop it (and restart us)."""
     import asyncio
 
-    from examwatch.collectors.base import Health
+    from examwatch.collectors.base import Context, Health
     from examwatch.collectors.mqtt import MqttCollector
-    from examwatch.edge.config import Device, Mqtt
+    from examwatch.edge.config import Device, MqttSettings
     from examwatch.edge.runtime import Agent
     from tests.support import Recorder, config, wait_until
 
@@ -219,7 +211,9 @@ def test_the_agent_is_unhealthy_once_a_collector_cannot_read(mosquitto):
         agent = Agent(config({"door": "door"}))
         agent.ready.set()
         door = Device(name="door", kind="door", protocol="mqtt", topic="z2m/door", profile="zigbee2mqtt_contact")
-        sensors = MqttCollector([door], Recorder(), Health(), broker=Mqtt(port=mosquitto.port, client_id="health"))
+        sensors = MqttCollector(
+            [door], Recorder(), Health(), Context(broker=MqttSettings(port=mosquitto.port, client_id="health"))
+        )
         stop = asyncio.Event()
         agent._collectors_running = [sensors]
         agent._tasks = [asyncio.create_task(sensors.run(stop))]
