@@ -8,24 +8,36 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from examwatch import __version__
-from examwatch.edge.config import parse_listen
+from examwatch.collectors.base import Health
+from examwatch.edge.config import Config
 from examwatch.kernel.catalog import METRICS
+from examwatch.kernel.config import parse_listen
 from examwatch.kernel.model import base_device
 from examwatch.rules.schedule import PHASES
 
-if TYPE_CHECKING:
-    from examwatch.edge.runtime import Agent
+
+class AgentView(Protocol):
+    """What the exporter reads of the running agent (edge.runtime.Agent has it; the exporter never imports it)."""
+
+    cfg: Config
+    current: dict[tuple[str, str], Any]  # (device, metric) -> its latest Reading
+    active: dict[str, Any]  # alarm id -> its latest AlarmEvent
+    health: Health
+
+    def phase(self, now: float) -> str: ...
+    def outbox_stats(self) -> dict[str, float]: ...
+    def uplink_health(self) -> Any: ...
 
 
 class AgentCollector(Collector):
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentView) -> None:
         self.agent = agent
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | InfoMetricFamily]:
@@ -133,7 +145,7 @@ def _gauge(name: str, help: str, ids: list[str], value: float) -> GaugeMetricFam
     return g
 
 
-def serve(agent: Agent, listen: str) -> tuple[object, object]:
+def serve(agent: AgentView, listen: str) -> tuple[object, object]:
     """Start the endpoint on ``host:port`` (127.0.0.1 unless configured); returns (server, thread)."""
     host, port = parse_listen(listen)
     registry = CollectorRegistry(auto_describe=False)
