@@ -16,7 +16,7 @@ import contextlib
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -84,6 +84,32 @@ class Backoff:
         return max(0.0, self.until - time.monotonic())
 
 
+class Device(Protocol):
+    """What a collector reads of a configured device (the agent's ``[[devices]]`` entry has it; collectors never
+    import the agent's config). ``options`` is the protocol's own ``Options`` struct."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def profile(self) -> str: ...
+    @property
+    def interval(self) -> float: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def options(self) -> Any: ...
+
+
 @dataclass(frozen=True)
 class Context:
     """What a protocol may need from the agent besides its devices: the room's broker (its client id
@@ -113,7 +139,7 @@ class Finding:
 
     status: str  # ok | warn | fail
     detail: str  # Chinese: what was found and what to do
-    device: Any = None
+    device: Device | None = None
     via: str = ""  # how the device is reached, e.g. "snmp", "mqtt zigbee2mqtt/door1"
     noun: str = "设备"
     id: str = ""
@@ -204,14 +230,16 @@ class Collector:
     reasons: ClassVar[dict[str, str]] = {}  # its own DeviceError reasons, in the technician's words
     sample: ClassVar[str] = ""  # its [[devices]] block(s) for `examwatch config sample`, commented
 
-    def __init__(self, devices: list[Any], acc: Accumulator, health: Health, context: Context | None = None) -> None:
+    def __init__(
+        self, devices: Sequence[Device], acc: Accumulator, health: Health, context: Context | None = None
+    ) -> None:
         self.devices = devices
         self.acc = acc
         self.health = health
         self.context = context or Context()
 
     @classmethod
-    def check(cls, device: Any) -> list[tuple[str, str]]:
+    def check(cls, device: Device) -> list[tuple[str, str]]:
         """Problems with a device's settings that types cannot see (an unknown profile, a bad address),
         as (key, message) pairs; ``examwatch config check`` reports them. Pure: no I/O beyond profiles.
         Subclasses add their own checks to these."""
@@ -224,7 +252,7 @@ class Collector:
         return issues
 
     @classmethod
-    def check_together(cls, devices: list[tuple[int, Any]]) -> list[tuple[int, str, str]]:
+    def check_together(cls, devices: Sequence[tuple[int, Device]]) -> list[tuple[int, str, str]]:
         """Problems between this protocol's devices (index in the file, device), as (index, key, message):
         what no single device shows, e.g. two devices on one MQTT topic. Pure, like ``check``."""
         return []
@@ -236,7 +264,7 @@ class Collector:
         assert cls.profile_schema is not None, f"{cls.protocol} has no profiles"
         return profiles.load(cls.profile_folder or cls.protocol, name, cls.profile_schema)
 
-    def profile(self, device: Any) -> Any:
+    def profile(self, device: Device) -> Any:
         """The device's profile, at poll time: an unknown or broken one is a device state, not a crash."""
         try:
             return self.load_profile(device.profile or self.default_profile)
@@ -260,7 +288,7 @@ class Collector:
         ``wait`` seconds). Readings go to the accumulator, outcomes to ``health``, as when running."""
         raise NotImplementedError
 
-    def judge(self, device: Any, readings: list[Reading]) -> Finding:
+    def judge(self, device: Device, readings: list[Reading]) -> Finding:
         """After ``probe``: the device's row, from what it said (``readings``) and its health."""
         h = self.health.devices.get(device.name)
         if h is not None and h.online:
@@ -278,7 +306,7 @@ class Collector:
         return cls.reasons.get(reason) or COMMON_REASONS.get(reason) or reason or "无应答"
 
     @classmethod
-    def failure(cls, device: Any, reason: str, detail: str) -> Finding:
+    def failure(cls, device: Device, reason: str, detail: str) -> Finding:
         why = f"（{detail[:120]}）" if detail else ""
         return Finding(
             FAIL,
@@ -296,7 +324,7 @@ class PollingCollector(Collector):
     device has its own task and its own timeout, so a slow UPS never delays the door sensors.
     """
 
-    async def poll(self, device: Any) -> list[Reading]:
+    async def poll(self, device: Device) -> list[Reading]:
         raise NotImplementedError
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -308,7 +336,7 @@ class PollingCollector(Collector):
         """Every device once, all at once, each within its own timeout."""
         await asyncio.gather(*(self.poll_once(d) for d in self.devices))
 
-    async def poll_once(self, device: Any) -> None:
+    async def poll_once(self, device: Device) -> None:
         """Poll one device and account for the outcome: readings, device_online, health."""
         start = time.monotonic()
         try:
@@ -329,11 +357,11 @@ class PollingCollector(Collector):
             self.acc.add(Reading(device.name, "device_online", 1.0, now))
             self.health.ok(device.name, self.protocol, time.monotonic() - start, now, len(readings))
 
-    def _failed(self, device: Any, err: DeviceError, start: float) -> None:
+    def _failed(self, device: Device, err: DeviceError, start: float) -> None:
         self.acc.add(Reading(device.name, "device_online", 0.0, time.time()))
         self.health.failed(device.name, self.protocol, err, time.monotonic() - start)
 
-    async def _loop(self, device: Any, stop: asyncio.Event) -> None:
+    async def _loop(self, device: Device, stop: asyncio.Event) -> None:
         while not stop.is_set():
             started = time.monotonic()
             await self.poll_once(device)

@@ -16,6 +16,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -24,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from examwatch.collectors.base import FAIL, OK, WARN, Collector, Context, DeviceError, Finding, register
+from examwatch.collectors.base import FAIL, OK, WARN, Collector, Context, Device, DeviceError, Finding, register
 from examwatch.kernel.broker import apply_broker_settings
 from examwatch.kernel.catalog import METRICS
 from examwatch.kernel.config import Finite, Strict
@@ -285,7 +286,7 @@ fields = [
         return ([("topic", problem)] if problem else []) + super().check(device)
 
     @classmethod
-    def check_together(cls, devices: list[tuple[int, Any]]) -> list[tuple[int, str, str]]:
+    def check_together(cls, devices: Sequence[tuple[int, Device]]) -> list[tuple[int, str, str]]:
         """One device per topic: a message is routed by its topic, so a second device on one is never read."""
         owner: dict[str, str] = {}
         issues = []
