@@ -70,7 +70,7 @@ def _gateway_run(path: str, log_level: str) -> int:
     return run(path)
 
 
-def _gateway_config(path: str):  # noqa: ANN202 (gateway.config.Config, imported late)
+def _gateway_config(path: str):
     """The gateway config at ``path``, or None after printing every problem with it."""
     from examwatch.edge.config import ConfigError
     from examwatch.gateway import config as gwconfig
@@ -87,7 +87,7 @@ def _gateway_config(path: str):  # noqa: ANN202 (gateway.config.Config, imported
 def _test_channel(path: str, name: str) -> int:
     import time
 
-    from examwatch.gateway.notify.channels import SendError
+    from examwatch.channels import SendError
     from examwatch.gateway.notify.worker import test_channel
 
     cfg = _gateway_config(path)
@@ -95,8 +95,10 @@ def _test_channel(path: str, name: str) -> int:
         return 2
     ch = next((c for c in cfg.channels if c.name == name), None)
     if ch is None:
-        print(f"{path}: no channel named {name!r} (have: {', '.join(c.name for c in cfg.channels) or 'none'})",
-              file=sys.stderr)
+        print(
+            f"{path}: no channel named {name!r} (have: {', '.join(c.name for c in cfg.channels) or 'none'})",
+            file=sys.stderr,
+        )
         return 2
     try:
         test_channel(ch, cfg.gateway.county, time.time())
@@ -122,13 +124,20 @@ def _ack(args: argparse.Namespace) -> int:
         url = url or f"http://{cfg.api.listen}"
         token = token or cfg.api_token()
     if not url or not token:
-        print("需要网关地址和令牌：--url 与 --token（或环境变量 EXAMWATCH_TOKEN），或 --config 网关配置", file=sys.stderr)
+        print(
+            "需要网关地址和令牌：--url 与 --token（或环境变量 EXAMWATCH_TOKEN），或 --config 网关配置", file=sys.stderr
+        )
         return 2
     kinds = ["incident"] if args.incident else ["alarm", "incident"]
     for kind in kinds:
         try:
-            r = httpx.post(f"{url.rstrip('/')}/api/v1/ack", headers={"Authorization": f"Bearer {token}"},
-                           json={kind: args.id, "who": args.who, "note": args.note}, timeout=10, trust_env=False)
+            r = httpx.post(
+                f"{url.rstrip('/')}/api/v1/ack",
+                headers={"Authorization": f"Bearer {token}"},
+                json={kind: args.id, "who": args.who, "note": args.note},
+                timeout=10,
+                trust_env=False,
+            )
         except httpx.HTTPError as err:
             print(f"网关不可达：{type(err).__name__}", file=sys.stderr)
             return 1
@@ -171,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ack.add_argument("--config", default="", help="gateway TOML file: its API address and token")
     gateway_config = gateway.add_parser("config", help="gateway configuration")
     gateway_config.add_subparsers(dest="what", required=True).add_parser(
-        "check", help="validate a file (- for stdin): exit 0 ok, 2 with every error").add_argument("file")
+        "check", help="validate a file (- for stdin): exit 0 ok, 2 with every error"
+    ).add_argument("file")
 
     demo = sub.add_parser("demo", help="a whole exam site on this machine, with a scripted morning of faults")
     demo.add_argument("--dir", default=".examwatch-demo", help="where logs and databases go")

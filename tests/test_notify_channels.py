@@ -56,12 +56,22 @@ def room_alarms(bot: Bot) -> list[str]:
 
 def test_every_bot_gets_the_alarm_signed_and_in_its_own_format(db, bots):
     path, conn = db
-    ding, wecom, feishu, hook = Bot("dingtalk", "SECding"), Bot("wecom", key="wk"), Bot("feishu", "fsec"), Bot("webhook", "whk")
+    ding, wecom, feishu, hook = (
+        Bot("dingtalk", "SECding"),
+        Bot("wecom", key="wk"),
+        Bot("feishu", "fsec"),
+        Bot("webhook", "whk"),
+    )
     bots += [ding, wecom, feishu, hook]
-    n = run(path, [Channel(name="d", type="dingtalk", url=ding.url, secret="SECding"),
-                   Channel(name="w", type="wecom", url=wecom.url),
-                   Channel(name="f", type="feishu", url=feishu.url, secret="fsec"),
-                   Channel(name="h", type="webhook", url=hook.url, secret="whk")])
+    n = run(
+        path,
+        [
+            Channel(name="d", type="dingtalk", url=ding.url, secret="SECding"),
+            Channel(name="w", type="wecom", url=wecom.url),
+            Channel(name="f", type="feishu", url=feishu.url, secret="fsec"),
+            Channel(name="h", type="webhook", url=hook.url, secret="whk"),
+        ],
+    )
     try:
         store_alarm(conn, raised("101"))
         until(lambda: all(len(b.bodies()) == 1 for b in bots), 20, "every bot has the alarm")
@@ -96,7 +106,9 @@ def test_a_wrong_secret_is_a_counted_failure_and_retried_until_fixed(db, bots, p
         assert metric(n, "examwatch_notify_queue", channel="c") == 1
         until(lambda: metric(n, "examwatch_notify_up", channel="c") == 0, 10, "channel down")
         # The gateway's own level-1 alarm says so, in Chinese.
-        rows = until(lambda: conn.execute("SELECT level, message FROM alarms WHERE rule = 'notify_channel_down'").fetchall())
+        rows = until(
+            lambda: conn.execute("SELECT level, message FROM alarms WHERE rule = 'notify_channel_down'").fetchall()
+        )
         assert rows[0][0] == 1 and rows[0][1].startswith("通知渠道“c”持续发送失败（signature）")
         bot.secret = "wrong"  # the robot's secret now matches the configured one
         until(lambda: len(bot.bodies()) >= 1, 20, "delivered after the fix")
@@ -115,8 +127,11 @@ def test_an_errcode_answer_with_http_200_is_a_failure_and_retried(db, bots, plat
     n = run(path, [Channel(name="c", type=platform, url=bot.url)])
     try:
         store_alarm(conn, raised("101"))
-        until(lambda: metric(n, "examwatch_notify_failed_total", channel="c", reason="errcode") >= 2, 20,
-              "two error answers counted")
+        until(
+            lambda: metric(n, "examwatch_notify_failed_total", channel="c", reason="errcode") >= 2,
+            20,
+            "two error answers counted",
+        )
         assert bot.answers.count(code) >= 2
         assert metric(n, "examwatch_notify_sent_total", channel="c") == 0
         bot.fail_with = None
@@ -159,8 +174,13 @@ def test_a_channel_down_catches_up_in_order_once_while_the_other_is_on_time(db, 
     slow, fine = Bot("webhook", "s"), Bot("webhook", "s")
     bots += [slow, fine]
     slow.down = True
-    n = run(path, [Channel(name="slow", type="webhook", url=slow.url, secret="s"),
-                   Channel(name="fine", type="webhook", url=fine.url, secret="s")])
+    n = run(
+        path,
+        [
+            Channel(name="slow", type="webhook", url=slow.url, secret="s"),
+            Channel(name="fine", type="webhook", url=fine.url, secret="s"),
+        ],
+    )
     try:
         for i in range(10):
             store_alarm(conn, raised(f"{100 + i}"))
@@ -169,7 +189,9 @@ def test_a_channel_down_catches_up_in_order_once_while_the_other_is_on_time(db, 
         until(lambda: metric(n, "examwatch_notify_up", channel="slow") == 0, 20, "slow marked down")
         slow.down = False
         until(lambda: len(room_alarms(slow)) >= 10, 30, "slow caught up")
-        assert room_alarms(slow) == room_alarms(fine) == [f"s1/{100 + i}/recording_stopped/1:raised:2" for i in range(10)]
+        assert (
+            room_alarms(slow) == room_alarms(fine) == [f"s1/{100 + i}/recording_stopped/1:raised:2" for i in range(10)]
+        )
         keys = [b["key"] for b in slow.bodies()]
         assert len(keys) == len(set(keys))  # each once
         # The other channel was told that this one was down, and that it is back.
@@ -187,10 +209,17 @@ def test_a_channel_down_catches_up_in_order_once_while_the_other_is_on_time(db, 
         n.stop()
 
 
-@pytest.mark.parametrize("raw,reason", [(b"{" * 100_000, "bad_answer"), (b"[" * 50_000, "bad_answer"),
-                                        (b"<html>ok</html>", "bad_answer"), (b"", "bad_answer")])
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (b"{" * 100_000, "bad_answer"),
+        (b"[" * 50_000, "bad_answer"),
+        (b"<html>ok</html>", "bad_answer"),
+        (b"", "bad_answer"),
+    ],
+)
 def test_a_hostile_or_broken_answer_is_a_bounded_failure(bots, raw, reason):
-    from examwatch.gateway.notify.channels import SendError, client, dingtalk
+    from examwatch.channels import SendError, client, dingtalk
     from examwatch.gateway.notify.messages import Message
 
     bot = Bot("dingtalk")

@@ -10,7 +10,7 @@ import json
 
 import msgspec
 
-from examwatch.gateway.notify.channels import alertmanager, dingtalk, feishu, webhook, wecom
+from examwatch.channels import alertmanager, dingtalk, feishu, webhook, wecom
 from examwatch.gateway.notify.core import Ack, Event, Planner, State
 from examwatch.gateway.notify.messages import Item, Links, alarm_message
 from examwatch.gateway.notify.settings import Channel, Notify, Roster
@@ -23,8 +23,10 @@ CHANNELS = [
     Channel(name="county", type="email", host="h", sender="a@b", to=["c@d"]),
     Channel(name="am", type="alertmanager", url="http://am", levels=[2, 3]),
 ]
-ROSTER = [Roster(site="s1", technicians=["tech"], group_lead=["lead"], leading_group=["group"]),
-          Roster(site="*", county_office=["county"])]
+ROSTER = [
+    Roster(site="s1", technicians=["tech"], group_lead=["lead"], leading_group=["group"]),
+    Roster(site="*", county_office=["county"]),
+]
 CLASSES = {"recording_stopped": "recording", "link_down": "network"}
 
 
@@ -33,11 +35,31 @@ def planner(**notify: object) -> Planner:
     return Planner(settings, CHANNELS, ROSTER, CLASSES)
 
 
-def alarm(room: str = "101", what: str = "raised", level: int = 2, at: float = T0, rule: str = "recording_stopped",
-          n: int = 1, site: str = "s1") -> Event:
-    return Event(kind="alarm", id=f"{site}/{room}/{rule}/{n}", site=site, room=room, level=level, what=what, at=at,
-                 raised_at=T0, rule=rule, device="nvr", metric="recording", value=0.0, message="录像中断",
-                 action="立即检查录像机并改用备用录像")
+def alarm(
+    room: str = "101",
+    what: str = "raised",
+    level: int = 2,
+    at: float = T0,
+    rule: str = "recording_stopped",
+    n: int = 1,
+    site: str = "s1",
+) -> Event:
+    return Event(
+        kind="alarm",
+        id=f"{site}/{room}/{rule}/{n}",
+        site=site,
+        room=room,
+        level=level,
+        what=what,
+        at=at,
+        raised_at=T0,
+        rule=rule,
+        device="nvr",
+        metric="recording",
+        value=0.0,
+        message="录像中断",
+        action="立即检查录像机并改用备用录像",
+    )
 
 
 def keys(out: list[tuple[str, object]]) -> list[tuple[str, str]]:
@@ -45,17 +67,30 @@ def keys(out: list[tuple[str, object]]) -> list[tuple[str, str]]:
 
 
 def test_the_alarm_message_in_chinese_with_deadline_links_and_action():
-    m = alarm_message(key="k", kind="raised", item=Item(id="s1/101/r/1", site="s1", room="101", rule="r", level=2,
-                                                         starts_at=T0, summary="录像中断"),
-                      device="nvr", value=0.0, metric="recording", action="立即检查录像机",
-                      deadlines=[600.0, 1800.0], links=Links("http://gw:8080", "http://g/d/room"))
+    m = alarm_message(
+        key="k",
+        kind="raised",
+        item=Item(id="s1/101/r/1", site="s1", room="101", rule="r", level=2, starts_at=T0, summary="录像中断"),
+        device="nvr",
+        value=0.0,
+        metric="recording",
+        action="立即检查录像机",
+        deadlines=[600.0, 1800.0],
+        links=Links("http://gw:8080", "http://g/d/room"),
+    )
     assert m.title == "【二级告警】s1 101：录像中断"
     assert m.lines == [
-        "**考点**：s1　**考场**：101", "**设备**：nvr", "**读数**：recording 0", "**开始**：05-29 04:26:40",
-        "**处置**：立即检查录像机", "**时限**：请于 04:36 前上报领导小组，04:56 前决策",
+        "**考点**：s1　**考场**：101",
+        "**设备**：nvr",
+        "**读数**：recording 0",
+        "**开始**：05-29 04:26:40",
+        "**处置**：立即检查录像机",
+        "**时限**：请于 04:36 前上报领导小组，04:56 前决策",
         "确认：`examwatch ack s1/101/r/1 --who 姓名 --note 处理情况`",
         "[处理记录与确认](http://gw:8080/api/v1/alarms/timeline?id=s1%2F101%2Fr%2F1)",
-        "[监控面板](http://g/d/room?var-site=s1&var-room=101)", "编号：s1/101/r/1"]
+        "[监控面板](http://g/d/room?var-site=s1&var-room=101)",
+        "编号：s1/101/r/1",
+    ]
     text = "\n\n".join(["### " + m.title, *m.lines])
     assert dingtalk.payload(m) == {"msgtype": "markdown", "markdown": {"title": m.title, "text": text}}
     assert wecom.payload(m) == {"msgtype": "markdown", "markdown": {"content": text}}
@@ -69,40 +104,86 @@ def test_platform_signatures_follow_their_documented_recipes():
     assert url.startswith("https://oapi.dingtalk.com/robot/send?access_token=t&timestamp=1700000000000&sign=")
     assert "+" not in url.split("sign=")[1] and "/" not in url.split("sign=")[1]
     # Feishu: HmacSHA256(key="<s>\n<secret>", msg=""), base64, in the body with the timestamp as a string.
-    m = alarm_message(key="k", kind="cleared", item=Item(id="a", site="s1", room="101", level=1, firing=False,
-                                                          starts_at=T0, ends_at=T0 + 60, summary="断网"),
-                      device="sw", value=None, metric="", action="", deadlines=[], links=Links())
+    m = alarm_message(
+        key="k",
+        kind="cleared",
+        item=Item(id="a", site="s1", room="101", level=1, firing=False, starts_at=T0, ends_at=T0 + 60, summary="断网"),
+        device="sw",
+        value=None,
+        metric="",
+        action="",
+        deadlines=[],
+        links=Links(),
+    )
     body = feishu.payload(m, "fsecret", 1700000000)
-    assert body == {"timestamp": "1700000000",
-                    "sign": base64.b64encode(hmac.new(b"1700000000\nfsecret", b"", hashlib.sha256).digest()).decode(),
-                    "msg_type": "interactive",
-                    "card": {"header": {"title": {"tag": "plain_text", "content": "【已恢复】s1 101：断网"},
-                                        "template": "green"},
-                             "elements": [{"tag": "markdown", "content": "\n".join(m.lines)}]}}
+    assert body == {
+        "timestamp": "1700000000",
+        "sign": base64.b64encode(hmac.new(b"1700000000\nfsecret", b"", hashlib.sha256).digest()).decode(),
+        "msg_type": "interactive",
+        "card": {
+            "header": {"title": {"tag": "plain_text", "content": "【已恢复】s1 101：断网"}, "template": "green"},
+            "elements": [{"tag": "markdown", "content": "\n".join(m.lines)}],
+        },
+    }
     data = webhook.body(m)
-    assert json.loads(data)["items"] == [{"id": "a", "site": "s1", "room": "101", "level": 1, "firing": False,
-                                          "starts_at": T0, "ends_at": T0 + 60, "summary": "断网"}]
+    assert json.loads(data)["items"] == [
+        {
+            "id": "a",
+            "site": "s1",
+            "room": "101",
+            "level": 1,
+            "firing": False,
+            "starts_at": T0,
+            "ends_at": T0 + 60,
+            "summary": "断网",
+        }
+    ]
     h = webhook.headers(m, "whsecret", 1700000000, data)
-    assert h["X-Examwatch-Signature"] == "sha256=" + hmac.new(b"whsecret", b"1700000000." + data, hashlib.sha256).hexdigest()
+    assert (
+        h["X-Examwatch-Signature"]
+        == "sha256=" + hmac.new(b"whsecret", b"1700000000." + data, hashlib.sha256).hexdigest()
+    )
     assert h["Idempotency-Key"] == "k"
 
 
 def test_alertmanager_alerts_have_labels_and_end_when_cleared():
-    m = alarm_message(key="k", kind="raised", item=Item(id="s1/101/r/1", site="s1", room="101", rule="link_down",
-                                                         level=2, starts_at=T0, summary="断网"),
-                      device="sw", value=None, metric="", action="", deadlines=[600.0], links=Links())
+    m = alarm_message(
+        key="k",
+        kind="raised",
+        item=Item(id="s1/101/r/1", site="s1", room="101", rule="link_down", level=2, starts_at=T0, summary="断网"),
+        device="sw",
+        value=None,
+        metric="",
+        action="",
+        deadlines=[600.0],
+        links=Links(),
+    )
     [a] = alertmanager.payload(m, T0 + 5, 240.0)
-    assert a["labels"] == {"alertname": "link_down", "site": "s1", "room": "101", "level": "2", "severity": "critical",
-                           "examwatch_id": "s1/101/r/1"}
+    assert a["labels"] == {
+        "alertname": "link_down",
+        "site": "s1",
+        "room": "101",
+        "level": "2",
+        "severity": "critical",
+        "examwatch_id": "s1/101/r/1",
+    }
     assert (a["startsAt"], a["endsAt"]) == ("2026-05-28T20:26:40.000Z", "2026-05-28T20:30:45.000Z")
     cleared = msgspec.structs.replace(m, items=[msgspec.structs.replace(m.items[0], firing=False, ends_at=T0 + 90)])
     assert alertmanager.payload(cleared, T0 + 100, 240.0)[0]["endsAt"] == "2026-05-28T20:28:10.000Z"
 
 
 def test_wecom_content_is_clipped_to_its_byte_limit_on_a_character_boundary():
-    m = alarm_message(key="k", kind="raised", item=Item(id="a", site="s1", room="1", level=1, starts_at=T0,
-                                                         summary="考" * 3000), device="d", value=None, metric="",
-                      action="", deadlines=[], links=Links())
+    m = alarm_message(
+        key="k",
+        kind="raised",
+        item=Item(id="a", site="s1", room="1", level=1, starts_at=T0, summary="考" * 3000),
+        device="d",
+        value=None,
+        metric="",
+        action="",
+        deadlines=[],
+        links=Links(),
+    )
     content = wecom.payload(m)["markdown"]["content"]
     assert len(content.encode()) <= 4096 and content.endswith("已截断）")
 
@@ -110,8 +191,11 @@ def test_wecom_content_is_clipped_to_its_byte_limit_on_a_character_boundary():
 def test_routing_by_roster_tier_and_channel_filters():
     p = planner()
     out, _ = p.step([alarm(level=2)], {}, T0)
-    assert keys(out) == [("tech", "s1/101/recording_stopped/1:raised:2"), ("lead", "s1/101/recording_stopped/1:raised:2"),
-                         ("am", "s1/101/recording_stopped/1:raised:2")]
+    assert keys(out) == [
+        ("tech", "s1/101/recording_stopped/1:raised:2"),
+        ("lead", "s1/101/recording_stopped/1:raised:2"),
+        ("am", "s1/101/recording_stopped/1:raised:2"),
+    ]
     out, _ = p.step([alarm(room="102", level=1, rule="link_down")], {}, T0)
     assert [ch for ch, _ in out] == ["tech"]  # level 1 starts at the technicians; the Alertmanager takes 2 and 3
     out, _ = p.step([alarm(site="s2", level=2)], {}, T0)
@@ -201,8 +285,18 @@ def test_many_escalations_in_one_step_go_out_as_one_list_per_channel():
 
 def test_incident_updates_are_one_thread_and_room_changes_within_seconds_go_as_one():
     p = planner(storm_window=10.0)
-    inc = Event(kind="incident", id="inc-1", site="s1", rooms=["101", "102"], level=2, what="opened", at=T0,
-                raised_at=T0, rule="network", message="考点多个考场网络中断")
+    inc = Event(
+        kind="incident",
+        id="inc-1",
+        site="s1",
+        rooms=["101", "102"],
+        level=2,
+        what="opened",
+        at=T0,
+        raised_at=T0,
+        rule="network",
+        message="考点多个考场网络中断",
+    )
     out, _ = p.step([inc], {}, T0)
     assert out[0][1].title == "【二级事件·发生】s1：考点多个考场网络中断"
     assert "**涉及考场**：101、102" in out[0][1].lines

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from examwatch.gateway.notify.channels import SendError
-from examwatch.gateway.notify.channels.email import send
+from examwatch.channels import SendError
+from examwatch.channels.email import send
 from examwatch.gateway.notify.messages import Item, Links, alarm_message
 from examwatch.gateway.notify.settings import Channel
 from examwatch.simulators.broker import free_port
@@ -32,21 +32,39 @@ def make_cert(tmp: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
     crt, pem = tmp / "smtp.crt", tmp / "smtp.key"
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+    pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return crt, pem
 
 
@@ -54,12 +72,12 @@ class Inbox:
     def __init__(self) -> None:
         self.mails: list[tuple[str, list[str], bytes]] = []
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201 (aiosmtpd's handler hook)
+    async def handle_DATA(self, server, session, envelope):
         self.mails.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 OK"
 
 
-def _login(server, session, envelope, mechanism, auth_data):  # noqa: ANN001, ANN202
+def _login(server, session, envelope, mechanism, auth_data):
     return AuthResult(success=(auth_data.login, auth_data.password) == (b"gw", b"pw"))
 
 
@@ -70,9 +88,11 @@ def smtp(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Inbox
     ctx.load_cert_chain(crt, key)
     inbox, port = Inbox(), free_port()
     mode = request.param
-    kwargs = {"starttls": {"tls_context": ctx, "require_starttls": True, "authenticator": _login},
-              "implicit": {"ssl_context": ctx, "authenticator": _login, "auth_require_tls": False},
-              "plain": {"authenticator": _login, "auth_require_tls": False}}[mode]
+    kwargs = {
+        "starttls": {"tls_context": ctx, "require_starttls": True, "authenticator": _login},
+        "implicit": {"ssl_context": ctx, "authenticator": _login, "auth_require_tls": False},
+        "plain": {"authenticator": _login, "auth_require_tls": False},
+    }[mode]
     server = Controller(inbox, hostname="127.0.0.1", port=port, **kwargs)
     server.start()
     yield inbox, port, crt
@@ -80,17 +100,33 @@ def smtp(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Inbox
 
 
 def message():
-    return alarm_message(key="s1/101/r/1:raised:2", kind="raised",
-                         item=Item(id="s1/101/r/1", site="s1", room="101", rule="r", level=2, starts_at=T0,
-                                   summary="录像中断"),
-                         device="nvr", value=None, metric="", action="立即检查录像机", deadlines=[600.0, 1800.0],
-                         links=Links())
+    return alarm_message(
+        key="s1/101/r/1:raised:2",
+        kind="raised",
+        item=Item(id="s1/101/r/1", site="s1", room="101", rule="r", level=2, starts_at=T0, summary="录像中断"),
+        device="nvr",
+        value=None,
+        metric="",
+        action="立即检查录像机",
+        deadlines=[600.0, 1800.0],
+        links=Links(),
+    )
 
 
 def channel(port: int, crt: Path, tls: str) -> Channel:
-    return Channel(name="mail", type="email", host="127.0.0.1", port=port, tls=tls, username="gw", password="pw",
-                   sender="examwatch@county.example", to=["office@county.example", "lead@county.example"],
-                   ca_file=str(crt), timeout=10)
+    return Channel(
+        name="mail",
+        type="email",
+        host="127.0.0.1",
+        port=port,
+        tls=tls,
+        username="gw",
+        password="pw",
+        sender="examwatch@county.example",
+        to=["office@county.example", "lead@county.example"],
+        ca_file=str(crt),
+        timeout=10,
+    )
 
 
 @pytest.mark.parametrize("smtp,tls", [("starttls", "starttls"), ("implicit", "implicit")], indirect=["smtp"])

@@ -16,8 +16,12 @@ from examwatch.gateway.notify import messages as msg
 from examwatch.gateway.notify.messages import Item, Links, Message
 from examwatch.gateway.notify.settings import TIERS, Channel, Notify, Roster
 
-TIER_NAMES = {"technicians": "技术人员", "group_lead": "保障组组长", "leading_group": "考点领导小组",
-              "county_office": "县招办"}
+TIER_NAMES = {
+    "technicians": "技术人员",
+    "group_lead": "保障组组长",
+    "leading_group": "考点领导小组",
+    "county_office": "县招办",
+}
 SYSTEM_RULES = {"security_rejected", "clock_skew", "notify_channel_down"}
 MERGE_ABOVE = 3  # more escalations than this for one channel in one step go out as one list
 
@@ -84,8 +88,14 @@ Line = tuple[str, float, str, str]  # (thread, at, what, detail) for the notifie
 
 
 class Planner:
-    def __init__(self, settings: Notify, channels: list[Channel], roster: list[Roster], classes: dict[str, str],
-                 state: State | None = None) -> None:
+    def __init__(
+        self,
+        settings: Notify,
+        channels: list[Channel],
+        roster: list[Roster],
+        classes: dict[str, str],
+        state: State | None = None,
+    ) -> None:
         self.s = settings
         self.channels = {c.name: c for c in channels}
         self.roster = roster
@@ -127,9 +137,13 @@ class Planner:
             c = self.channels.get(n)
             if c is None or ev.device == f"channel:{n}":
                 continue  # a channel's own down alarm cannot reach it: the others carry it
-            if ((c.levels and ev.level not in c.levels) or (c.sites and ev.site not in c.sites)
-                    or (c.classes and fault_class not in c.classes) or (c.room_kinds and ev.room and kind not in c.room_kinds)
-                    or (c.phases and ev.phase and ev.phase not in c.phases)):
+            if (
+                (c.levels and ev.level not in c.levels)
+                or (c.sites and ev.site not in c.sites)
+                or (c.classes and fault_class not in c.classes)
+                or (c.room_kinds and ev.room and kind not in c.room_kinds)
+                or (c.phases and ev.phase and ev.phase not in c.phases)
+            ):
                 continue
             out.append(n)
         return out
@@ -148,8 +162,14 @@ class Planner:
             th = self.state.threads.get(tid)
             if th is not None and not th.acked:
                 th.acked = True
-                m = msg.acked_message(key=f"{tid}:acked", item=self._item(th.last), who=ack.who, note=ack.note,
-                                      at=ack.at, links=self.links)
+                m = msg.acked_message(
+                    key=f"{tid}:acked",
+                    item=self._item(th.last),
+                    who=ack.who,
+                    note=ack.note,
+                    at=ack.at,
+                    links=self.links,
+                )
                 out += self._to(th.last, th.fault_class, th.tier, m)
                 lines.append((tid, ack.at, "acked", f"{ack.who}：{ack.note}" if ack.note else ack.who))
         self._deadlines(now, out, lines)
@@ -162,14 +182,32 @@ class Planner:
         return [(n, m) for n in self.route(ev, fault_class, tier)]
 
     def _item(self, ev: Event, firing: bool = True) -> Item:
-        return Item(id=ev.id, site=ev.site, room=ev.room or "、".join(ev.rooms), rule=ev.rule, level=ev.level,
-                    firing=firing, starts_at=ev.raised_at, ends_at=None if firing else ev.at, summary=ev.message)
+        return Item(
+            id=ev.id,
+            site=ev.site,
+            room=ev.room or "、".join(ev.rooms),
+            rule=ev.rule,
+            level=ev.level,
+            firing=firing,
+            starts_at=ev.raised_at,
+            ends_at=None if firing else ev.at,
+            summary=ev.message,
+        )
 
     def _alarm_msg(self, ev: Event, kind: str, key: str, tier: int = 0, count: int = 0) -> Message:
-        return msg.alarm_message(key=key, kind=kind, item=self._item(ev, kind != "cleared"), device=ev.device,
-                                 value=ev.value, metric=ev.metric, action=ev.action,
-                                 deadlines=self.s.deadlines.of(ev.level), links=self.links,
-                                 tier_name=TIER_NAMES[TIERS[tier]], count=count)
+        return msg.alarm_message(
+            key=key,
+            kind=kind,
+            item=self._item(ev, kind != "cleared"),
+            device=ev.device,
+            value=ev.value,
+            metric=ev.metric,
+            action=ev.action,
+            deadlines=self.s.deadlines.of(ev.level),
+            links=self.links,
+            tier_name=TIER_NAMES[TIERS[tier]],
+            count=count,
+        )
 
     def _alarm(self, ev: Event, now: float, out: list[Out], lines: list[Line]) -> None:
         st = self.state
@@ -234,8 +272,15 @@ class Planner:
 
     def _incident_update(self, th: Thread, what: str, key: str, now: float, out: list[Out], lines: list[Line]) -> None:
         ev = th.last
-        m = msg.incident_message(key=key, what=what, item=self._item(ev, what != "closed"), rooms=ev.rooms,
-                                 title=ev.message, deadlines=self.s.deadlines.of(ev.level), links=self.links)
+        m = msg.incident_message(
+            key=key,
+            what=what,
+            item=self._item(ev, what != "closed"),
+            rooms=ev.rooms,
+            title=ev.message,
+            deadlines=self.s.deadlines.of(ev.level),
+            links=self.links,
+        )
         out += self._to(ev, th.fault_class, th.tier, m)
         lines.append((ev.id, now, "sent", what))
         th.sent_at, th.pending = now, False
@@ -263,9 +308,15 @@ class Planner:
                 if th.last.kind == "alarm":
                     m = self._alarm_msg(th.last, "escalated", f"{tid}:escalated:{th.missed}", tier=th.tier)
                 else:
-                    m = msg.incident_message(key=f"{tid}:escalated:{th.missed}", what="escalated",
-                                             item=self._item(th.last), rooms=th.last.rooms, title=th.last.message,
-                                             deadlines=marks, links=self.links)
+                    m = msg.incident_message(
+                        key=f"{tid}:escalated:{th.missed}",
+                        what="escalated",
+                        item=self._item(th.last),
+                        rooms=th.last.rooms,
+                        title=th.last.message,
+                        deadlines=marks,
+                        links=self.links,
+                    )
                 for n in self.route(th.last, th.fault_class, th.tier):
                     due.setdefault(n, []).append(m)
                 lines.append((tid, now, "escalated", TIER_NAMES[TIERS[th.tier]]))
@@ -273,8 +324,9 @@ class Planner:
             if len(ms) > MERGE_ABOVE:
                 items = [i for m in ms for i in m.items]
                 site = items[0].site
-                m = msg.storm_message(key=f"escalated:{now}", site=site, fault_class="escalated", items=items,
-                                      links=self.links)
+                m = msg.storm_message(
+                    key=f"escalated:{now}", site=site, fault_class="escalated", items=items, links=self.links
+                )
                 out.append((n, msgspec.structs.replace(m, title=f"【超时未确认】{len(items)} 项告警，已逐级上报")))
             else:
                 out += [(n, m) for m in ms]
@@ -293,8 +345,14 @@ class Planner:
                     per_channel.setdefault(n, []).append(self._item(ev))
             site, fc = key.split("/", 1)
             for n, items in per_channel.items():
-                out.append((n, msg.storm_message(key=f"storm:{key}:{storm.opened}", site=site, fault_class=fc,
-                                                 items=items, links=self.links)))
+                out.append(
+                    (
+                        n,
+                        msg.storm_message(
+                            key=f"storm:{key}:{storm.opened}", site=site, fault_class=fc, items=items, links=self.links
+                        ),
+                    )
+                )
 
     def _end_flaps(self, now: float, out: list[Out], lines: list[Line]) -> None:
         for key, flap in list(self.state.flaps.items()):

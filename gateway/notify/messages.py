@@ -1,7 +1,7 @@
 """What staff read: one notification as a title, markdown lines and the alerts it concerns. Pure, Chinese.
 
-A ``Message`` is rendered once, stored in the outbox as JSON, and turned into each platform's payload by
-the channel modules; ``markdown`` and ``plain`` are the two text forms they use.
+A ``Message`` (``examwatch.channels.message``) is rendered here once, stored in the outbox as JSON, and turned
+into each platform's payload by the channel modules.
 """
 
 from __future__ import annotations
@@ -12,46 +12,18 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
+from examwatch.channels.message import Item, Message, markdown, plain
+
 LEVEL_NAMES = {1: "一级", 2: "二级", 3: "三级"}
 DEADLINE_WORDS = {1: ("反馈",), 2: ("上报领导小组", "决策"), 3: ("上报县招办", "决策")}
-INCIDENT_WORDS = {"opened": "发生", "joined": "新增考场", "left": "考场恢复", "escalated": "升级", "closed": "已全部恢复",
-                  "updated": "考场变化"}
-
-
-class Item(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One alarm (a room's) or incident a message is about; Alertmanager gets one alert per item."""
-
-    id: str
-    site: str
-    room: str = ""
-    rule: str = ""
-    level: int
-    firing: bool = True
-    starts_at: float
-    ends_at: float | None = None
-    summary: str = ""
-
-
-class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
-    key: str  # idempotency key: the same transition always makes the same key
-    thread: str  # the alarm or incident id: one thread of updates
-    kind: str  # raised, updated, cleared, escalated, acked, flapping, storm, incident, system, test
-    level: int
-    title: str
-    lines: list[str] = []  # markdown lines (bold labels, links)
-    items: list[Item] = []
-
-
-def markdown(m: Message) -> str:
-    return "\n\n".join([f"### {m.title}", *m.lines])
-
-
-def plain(m: Message) -> str:
-    """The markdown without its marks, for e-mail text and platforms without markdown."""
-    out = [m.title]
-    for line in m.lines:
-        out.append(line.replace("**", "").replace("> ", ""))
-    return "\n".join(out)
+INCIDENT_WORDS = {
+    "opened": "发生",
+    "joined": "新增考场",
+    "left": "考场恢复",
+    "escalated": "升级",
+    "closed": "已全部恢复",
+    "updated": "考场变化",
+}
 
 
 class Links(msgspec.Struct, frozen=True):
@@ -87,12 +59,29 @@ def deadline_line(level: int, raised_at: float, deadlines: list[float], links: L
     return "**时限**：请于 " + "，".join(parts) if parts else ""
 
 
-def alarm_message(*, key: str, kind: str, item: Item, device: str, value: float | None, metric: str, action: str,
-                  deadlines: list[float], links: Links, tier_name: str = "", count: int = 0) -> Message:
+def alarm_message(
+    *,
+    key: str,
+    kind: str,
+    item: Item,
+    device: str,
+    value: float | None,
+    metric: str,
+    action: str,
+    deadlines: list[float],
+    links: Links,
+    tier_name: str = "",
+    count: int = 0,
+) -> Message:
     """A room's alarm raised, updated, cleared, escalated or flapping."""
     lvl = LEVEL_NAMES.get(item.level, f"{item.level}级")
-    head = {"raised": f"【{lvl}告警】", "updated": f"【{lvl}告警·升级】", "cleared": "【已恢复】",
-            "escalated": f"【{lvl}告警·未确认，逐级上报】", "flapping": f"【{lvl}告警·反复】"}[kind]
+    head = {
+        "raised": f"【{lvl}告警】",
+        "updated": f"【{lvl}告警·升级】",
+        "cleared": "【已恢复】",
+        "escalated": f"【{lvl}告警·未确认，逐级上报】",
+        "flapping": f"【{lvl}告警·反复】",
+    }[kind]
     title = f"{head}{item.site} {item.room}：{item.summary}"
     lines = [f"**考点**：{item.site}　**考场**：{item.room}", f"**设备**：{device}"]
     if value is not None:
@@ -107,7 +96,7 @@ def alarm_message(*, key: str, kind: str, item: Item, device: str, value: float 
             lines.append(f"**反复**：已告警 {count} 次，期间的告警与恢复合并为本条，不再逐条发送")
         if kind == "escalated" and tier_name:
             lines.append(f"**上报至**：{tier_name}（超时未确认）")
-        if (d := deadline_line(item.level, item.starts_at, deadlines, links)):
+        if d := deadline_line(item.level, item.starts_at, deadlines, links):
             lines.append(d)
         lines += links.ack_lines("alarm", item.id)
     lines += links.grafana(item.site, item.room)
@@ -115,21 +104,32 @@ def alarm_message(*, key: str, kind: str, item: Item, device: str, value: float 
     return Message(key=key, thread=item.id, kind=kind, level=item.level, title=title, lines=lines, items=[item])
 
 
-def incident_message(*, key: str, what: str, item: Item, rooms: list[str], title: str, deadlines: list[float],
-                     links: Links) -> Message:
+def incident_message(
+    *, key: str, what: str, item: Item, rooms: list[str], title: str, deadlines: list[float], links: Links
+) -> Message:
     """One update of a cross-room incident (one thread per incident)."""
     lvl = LEVEL_NAMES.get(item.level, f"{item.level}级")
     head = "【已恢复】" if what == "closed" else f"【{lvl}事件·{INCIDENT_WORDS.get(what, what)}】"
-    lines = [f"**考点**：{item.site}", f"**涉及考场**：{'、'.join(rooms) or '无'}",
-             f"**开始**：{links.day_clock(item.starts_at)}"]
+    lines = [
+        f"**考点**：{item.site}",
+        f"**涉及考场**：{'、'.join(rooms) or '无'}",
+        f"**开始**：{links.day_clock(item.starts_at)}",
+    ]
     if what != "closed":
-        if (d := deadline_line(item.level, item.starts_at, deadlines, links)):
+        if d := deadline_line(item.level, item.starts_at, deadlines, links):
             lines.append(d)
         lines += links.ack_lines("incident", item.id)
     lines += links.grafana(item.site, "")
     lines.append(f"事件编号：{item.id}")
-    return Message(key=key, thread=item.id, kind="incident", level=item.level, title=f"{head}{item.site}：{title}",
-                   lines=lines, items=[item])
+    return Message(
+        key=key,
+        thread=item.id,
+        kind="incident",
+        level=item.level,
+        title=f"{head}{item.site}：{title}",
+        lines=lines,
+        items=[item],
+    )
 
 
 def storm_message(*, key: str, site: str, fault_class: str, items: list[Item], links: Links) -> Message:
@@ -142,8 +142,15 @@ def storm_message(*, key: str, site: str, fault_class: str, items: list[Item], l
         lines.append(f"- 另有 {len(items) - 50} 个考场，见监控面板")
     lines.append("请逐一确认：`examwatch ack 编号 --who 姓名`；编号见处理记录")
     lines += links.grafana(site, "")
-    return Message(key=key, thread=f"storm:{site}:{fault_class}", kind="storm", level=level,
-                   title=f"【{lvl}告警·批量】{site}：{len(items)} 个考场同时告警", lines=lines, items=items)
+    return Message(
+        key=key,
+        thread=f"storm:{site}:{fault_class}",
+        kind="storm",
+        level=level,
+        title=f"【{lvl}告警·批量】{site}：{len(items)} 个考场同时告警",
+        lines=lines,
+        items=items,
+    )
 
 
 def acked_message(*, key: str, item: Item, who: str, note: str, at: float, links: Links) -> Message:
@@ -151,15 +158,41 @@ def acked_message(*, key: str, item: Item, who: str, note: str, at: float, links
     if note:
         lines.append(f"**说明**：{note}")
     lines.append(f"编号：{item.id}")
-    return Message(key=key, thread=item.id, kind="acked", level=item.level,
-                   title=f"【已确认】{item.site} {item.room}：{item.summary}".replace("  ", " "), lines=lines, items=[item])
+    return Message(
+        key=key,
+        thread=item.id,
+        kind="acked",
+        level=item.level,
+        title=f"【已确认】{item.site} {item.room}：{item.summary}".replace("  ", " "),
+        lines=lines,
+        items=[item],
+    )
 
 
 def system_message(*, key: str, thread: str, title: str, text: str, firing: bool, at: float, site: str) -> Message:
-    item = Item(id=thread, site=site, room="gateway", rule="notify_channel_down", level=1, firing=firing,
-                starts_at=at, ends_at=None if firing else at, summary=text)
+    item = Item(
+        id=thread,
+        site=site,
+        room="gateway",
+        rule="notify_channel_down",
+        level=1,
+        firing=firing,
+        starts_at=at,
+        ends_at=None if firing else at,
+        summary=text,
+    )
     return Message(key=key, thread=thread, kind="system", level=1, title=title, lines=[text], items=[item])
 
 
-__all__ = ["Item", "Links", "Message", "acked_message", "alarm_message", "incident_message", "markdown", "plain",
-           "storm_message", "system_message"]
+__all__ = [
+    "Item",
+    "Links",
+    "Message",
+    "acked_message",
+    "alarm_message",
+    "incident_message",
+    "markdown",
+    "plain",
+    "storm_message",
+    "system_message",
+]

@@ -52,18 +52,27 @@ def load(conn: sqlite3.Connection, name: str) -> bytes | None:
     return row[0] if row else None
 
 
-def commit_step(conn: sqlite3.Connection, state: dict[str, bytes], rows: Sequence[tuple[str, Message]],
-                lines: Sequence[tuple[str, float, str, str]], now: float) -> int:
+def commit_step(
+    conn: sqlite3.Connection,
+    state: dict[str, bytes],
+    rows: Sequence[tuple[str, Message]],
+    lines: Sequence[tuple[str, float, str, str]],
+    now: float,
+) -> int:
     """Store the planner's state and cursors, its new outbox rows (a key already there is skipped) and its
     timeline lines in one transaction; returns the rows added."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany("INSERT INTO notify_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
-                         "value = excluded.value", list(state.items()))
+        conn.executemany(
+            "INSERT INTO notify_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "value = excluded.value",
+            list(state.items()),
+        )
         before = conn.total_changes
-        conn.executemany("INSERT OR IGNORE INTO notify_outbox (channel, key, thread, created, message, due) "
-                         "VALUES (?,?,?,?,?,?)",
-                         [(ch, m.key, m.thread, now, msgspec.json.encode(m), now) for ch, m in rows])
+        conn.executemany(
+            "INSERT OR IGNORE INTO notify_outbox (channel, key, thread, created, message, due) VALUES (?,?,?,?,?,?)",
+            [(ch, m.key, m.thread, now, msgspec.json.encode(m), now) for ch, m in rows],
+        )
         added = conn.total_changes - before
         conn.executemany("INSERT INTO notify_timeline (thread, at, what, detail) VALUES (?,?,?,?)", lines)
         conn.execute("COMMIT")
@@ -75,8 +84,11 @@ def commit_step(conn: sqlite3.Connection, state: dict[str, bytes], rows: Sequenc
 
 def head(conn: sqlite3.Connection, channel: str) -> Row | None:
     """The channel's oldest unsent row: it goes first, whatever its retry time (order per channel)."""
-    r = conn.execute("SELECT id, key, message, attempts, due FROM notify_outbox WHERE channel = ? AND sent_at IS NULL "
-                     "ORDER BY id LIMIT 1", [channel]).fetchone()
+    r = conn.execute(
+        "SELECT id, key, message, attempts, due FROM notify_outbox WHERE channel = ? AND sent_at IS NULL "
+        "ORDER BY id LIMIT 1",
+        [channel],
+    ).fetchone()
     return Row(r[0], r[1], _message.decode(r[2]), r[3], r[4]) if r else None
 
 
@@ -85,18 +97,24 @@ def mark_sending(conn: sqlite3.Connection, row_id: int) -> None:
 
 
 def mark_sent(conn: sqlite3.Connection, row_id: int, now: float) -> None:
-    conn.execute("UPDATE notify_outbox SET sending = 0, sent_at = ?, attempts = attempts + 1, error = NULL "
-                 "WHERE id = ?", [now, row_id])
+    conn.execute(
+        "UPDATE notify_outbox SET sending = 0, sent_at = ?, attempts = attempts + 1, error = NULL WHERE id = ?",
+        [now, row_id],
+    )
 
 
 def mark_failed(conn: sqlite3.Connection, row_id: int, error: str, due: float) -> None:
-    conn.execute("UPDATE notify_outbox SET sending = 0, attempts = attempts + 1, error = ?, due = ? WHERE id = ?",
-                 [error[:300], due, row_id])
+    conn.execute(
+        "UPDATE notify_outbox SET sending = 0, attempts = attempts + 1, error = ?, due = ? WHERE id = ?",
+        [error[:300], due, row_id],
+    )
 
 
 def recover(conn: sqlite3.Connection) -> dict[str, int]:
     """Rows left ``sending`` by a killed gateway, per channel: they go again (maybe a second time)."""
-    found = dict(conn.execute("SELECT channel, COUNT(*) FROM notify_outbox WHERE sending = 1 GROUP BY channel").fetchall())
+    found = dict(
+        conn.execute("SELECT channel, COUNT(*) FROM notify_outbox WHERE sending = 1 GROUP BY channel").fetchall()
+    )
     conn.execute("UPDATE notify_outbox SET sending = 0 WHERE sending = 1")
     return found
 
@@ -107,14 +125,22 @@ def queue_lengths(conn: sqlite3.Connection) -> dict[str, int]:
 
 def sent_messages(conn: sqlite3.Connection, channel: str) -> list[Message]:
     """What the channel has confirmed, oldest first (the Alertmanager sender rebuilds its active alerts)."""
-    return [_message.decode(r[0]) for r in conn.execute(
-        "SELECT message FROM notify_outbox WHERE channel = ? AND sent_at IS NOT NULL ORDER BY id", [channel])]
+    return [
+        _message.decode(r[0])
+        for r in conn.execute(
+            "SELECT message FROM notify_outbox WHERE channel = ? AND sent_at IS NOT NULL ORDER BY id", [channel]
+        )
+    ]
 
 
 def timeline(conn: sqlite3.Connection, thread: str) -> list[dict[str, Any]]:
     """The notifier's record of one alarm or incident: sent, held, escalated, acknowledged (who, note), resolved."""
-    return [{"at": r[0], "what": r[1], "detail": r[2]} for r in conn.execute(
-        "SELECT at, what, detail FROM notify_timeline WHERE thread = ? ORDER BY at, rowid", [thread])]
+    return [
+        {"at": r[0], "what": r[1], "detail": r[2]}
+        for r in conn.execute(
+            "SELECT at, what, detail FROM notify_timeline WHERE thread = ? ORDER BY at, rowid", [thread]
+        )
+    ]
 
 
 def prune(conn: sqlite3.Connection, before: float) -> None:

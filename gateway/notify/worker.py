@@ -16,21 +16,15 @@ import msgspec
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from examwatch.channels import SENDERS, SendError, alertmanager, client, send_once
 from examwatch.gateway.notify import outbox, source
-from examwatch.gateway.notify.channels import SendError, alertmanager, client, dingtalk, email, feishu, webhook, wecom
 from examwatch.gateway.notify.core import Planner, State
-from examwatch.gateway.notify.messages import Message
 from examwatch.gateway.notify.settings import Channel, Notify, Roster
 
 log = structlog.get_logger("examwatch.gateway.notify")
 
 STEP = 0.05  # s between looks at the timeline (two indexed reads: cheap; sets the latency floor)
 KEEP = 30 * 86400.0  # s sent messages and the notifier's timeline are kept
-
-
-SENDERS: dict[str, Callable[[Channel, Message, Any, float], None]] = {
-    "dingtalk": dingtalk.send, "wecom": wecom.send, "feishu": feishu.send, "email": email.send, "webhook": webhook.send,
-    "alertmanager": alertmanager.send}
 
 
 class Stats:
@@ -42,8 +36,16 @@ class Stats:
 
 
 class Notifier:
-    def __init__(self, db_path: str, county: str, settings: Notify, channels: list[Channel], roster: list[Roster],
-                 classes: dict[str, str], clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db_path: str,
+        county: str,
+        settings: Notify,
+        channels: list[Channel],
+        roster: list[Roster],
+        classes: dict[str, str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.db_path = db_path
         self.county = county or "county"
         self.settings = settings
@@ -73,8 +75,10 @@ class Notifier:
         finally:
             conn.close()
         self.threads = [threading.Thread(target=self._follow, name="notify-planner", daemon=True)]
-        self.threads += [threading.Thread(target=self._send_loop, args=(c,), name=f"notify-{c.name}", daemon=True)
-                         for c in self.channels]
+        self.threads += [
+            threading.Thread(target=self._send_loop, args=(c,), name=f"notify-{c.name}", daemon=True)
+            for c in self.channels
+        ]
         for t in self.threads:
             t.start()
 
@@ -111,8 +115,13 @@ class Notifier:
                 acks = source.read_acks(conn, [t for t, th in planner.state.threads.items() if not th.acked])
                 out, lines = planner.step(first + events, acks, now)
                 if out or lines or new_cursors != cursors or self._first is not None:
-                    outbox.commit_step(conn, {"planner": msgspec.json.encode(planner.state),
-                                              "cursors": msgspec.json.encode(new_cursors)}, out, lines, now)
+                    outbox.commit_step(
+                        conn,
+                        {"planner": msgspec.json.encode(planner.state), "cursors": msgspec.json.encode(new_cursors)},
+                        out,
+                        lines,
+                        now,
+                    )
                     cursors, first, self._first = new_cursors, [], None
                     for ch in {c for c, _ in out}:
                         if ch in self.wake:
@@ -146,7 +155,6 @@ class Notifier:
             source.channel_alarm(conn, self.county, name, down, reason, self.clock())
         except Exception as err:
             log.error("notify_alarm_failed", channel=name, error=f"{type(err).__name__}: {err}")
-
 
 
 class _Lane:
@@ -247,12 +255,16 @@ class NotifyCollector:
         sent = CounterMetricFamily("examwatch_notify_sent", "messages a channel confirmed", labels=["channel"])
         for ch, v in list(s.sent.items()):
             sent.add_metric([ch], v)
-        failed = CounterMetricFamily("examwatch_notify_failed", "send attempts that failed, by reason",
-                                     labels=["channel", "reason"])
+        failed = CounterMetricFamily(
+            "examwatch_notify_failed", "send attempts that failed, by reason", labels=["channel", "reason"]
+        )
         for (ch, reason), v in list(s.failed.items()):
             failed.add_metric([ch, reason], v)
-        resent = CounterMetricFamily("examwatch_notify_resent_after_restart",
-                                     "messages sent again after a kill (each possibly a duplicate)", labels=["channel"])
+        resent = CounterMetricFamily(
+            "examwatch_notify_resent_after_restart",
+            "messages sent again after a kill (each possibly a duplicate)",
+            labels=["channel"],
+        )
         for ch, v in list(s.resent.items()):
             resent.add_metric([ch], v)
         up = GaugeMetricFamily("examwatch_notify_up", "1 unless the channel keeps failing", labels=["channel"])
@@ -272,15 +284,16 @@ def test_channel(ch: Channel, county: str, now: float) -> None:
     """Send one test message to ``ch`` now, bypassing the outbox; raises SendError when it is not confirmed."""
     from examwatch.gateway.notify.messages import system_message
 
-    m = system_message(key=f"test:{now}", thread="test", title="【测试】examwatch 通知渠道测试",
-                       text=f"这是一条测试消息：渠道“{ch.name}”配置正确，能收到考点设备告警。", firing=False,
-                       at=now, site=county or "county")
-    http = client(ch) if ch.type != "email" else None
-    try:
-        SENDERS[ch.type](ch, m, http, now)
-    finally:
-        if http is not None:
-            http.close()
+    m = system_message(
+        key=f"test:{now}",
+        thread="test",
+        title="【测试】examwatch 通知渠道测试",
+        text=f"这是一条测试消息：渠道“{ch.name}”配置正确，能收到考点设备告警。",
+        firing=False,
+        at=now,
+        site=county or "county",
+    )
+    send_once(ch, m, now)
 
 
 def notifier_for(cfg: Any, db_path: str, clock: Callable[[], float] = time.time) -> Notifier:

@@ -1,4 +1,4 @@
-"""One module per channel type: ``payload`` (pure, exact) and ``send`` (httpx or smtplib, raises SendError).
+"""What every channel module shares: the HTTP client, a bounded JSON POST, the bots' error codes.
 
 A bot that answers HTTP 200 with an error code in its body has NOT delivered: every bot module checks the
 body itself (apprise does not: it reports success on any 200, so it is not used).
@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.settings import Channel
 
 MAX_ANSWER = 64 * 1024  # a bot's answer is a small JSON object; anything bigger is not one
 
@@ -30,13 +30,15 @@ def client(ch: Channel) -> httpx.Client:
     return httpx.Client(timeout=ch.timeout, verify=verify, follow_redirects=False, trust_env=False)
 
 
-def post_json(http: httpx.Client, url: str, body: Any, headers: dict[str, str] | None = None,
-              content: bytes | None = None) -> Any:
+def post_json(
+    http: httpx.Client, url: str, body: Any, headers: dict[str, str] | None = None, content: bytes | None = None
+) -> Any:
     """POST and return the decoded JSON answer; transport errors and non-2xx answers raise SendError."""
     data = content if content is not None else json.dumps(body, ensure_ascii=False).encode()
     try:
-        with http.stream("POST", url, content=data,
-                         headers={"Content-Type": "application/json; charset=utf-8", **(headers or {})}) as r:
+        with http.stream(
+            "POST", url, content=data, headers={"Content-Type": "application/json; charset=utf-8", **(headers or {})}
+        ) as r:
             answer = b""
             for chunk in r.iter_bytes():  # read at most MAX_ANSWER: the far end is not trusted
                 answer += chunk

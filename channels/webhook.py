@@ -15,14 +15,21 @@ from urllib.parse import quote
 
 import msgspec
 
-from examwatch.gateway.notify.channels import post_json
-from examwatch.gateway.notify.messages import Message, markdown
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.base import post_json
+from examwatch.channels.message import Message, markdown
+from examwatch.channels.settings import Channel
 
 
 def body(m: Message) -> bytes:
-    doc = {"key": m.key, "thread": m.thread, "kind": m.kind, "level": m.level, "title": m.title,
-           "text": markdown(m), "items": msgspec.to_builtins(m.items)}
+    doc = {
+        "key": m.key,
+        "thread": m.thread,
+        "kind": m.kind,
+        "level": m.level,
+        "title": m.title,
+        "text": markdown(m),
+        "items": msgspec.to_builtins(m.items),
+    }
     return json.dumps(doc, ensure_ascii=False, sort_keys=True).encode()
 
 

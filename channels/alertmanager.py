@@ -10,9 +10,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from examwatch.gateway.notify.channels import post_json
-from examwatch.gateway.notify.messages import Item, Message, plain
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.base import post_json
+from examwatch.channels.message import Item, Message, plain
+from examwatch.channels.settings import Channel
 
 SEVERITY = {1: "warning", 2: "critical", 3: "critical"}
 
@@ -22,10 +22,19 @@ def iso(t: float) -> str:
 
 
 def alert(i: Item, m: Message, now: float, hold: float) -> dict[str, Any]:
-    return {"labels": {"alertname": i.rule or m.kind, "site": i.site, "room": i.room, "level": str(i.level),
-                       "severity": SEVERITY.get(i.level, "critical"), "examwatch_id": i.id},
-            "annotations": {"summary": i.summary or m.title, "description": plain(m)[:4000]},
-            "startsAt": iso(i.starts_at), "endsAt": iso(now + hold if i.firing else (i.ends_at or now))}
+    return {
+        "labels": {
+            "alertname": i.rule or m.kind,
+            "site": i.site,
+            "room": i.room,
+            "level": str(i.level),
+            "severity": SEVERITY.get(i.level, "critical"),
+            "examwatch_id": i.id,
+        },
+        "annotations": {"summary": i.summary or m.title, "description": plain(m)[:4000]},
+        "startsAt": iso(i.starts_at),
+        "endsAt": iso(now + hold if i.firing else (i.ends_at or now)),
+    }
 
 
 def payload(m: Message, now: float, hold: float) -> list[dict[str, Any]]:

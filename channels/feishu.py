@@ -13,10 +13,10 @@ import hashlib
 import hmac
 from typing import Any
 
-from examwatch.gateway.notify.channels import SendError, coded_answer, post_json
-from examwatch.gateway.notify.channels.wecom import clip
-from examwatch.gateway.notify.messages import Message
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.base import SendError, coded_answer, post_json
+from examwatch.channels.message import Message
+from examwatch.channels.settings import Channel
+from examwatch.channels.wecom import clip
 
 RATE_CODES = {11232}
 SIGN_CODES = {19021}
@@ -32,10 +32,16 @@ def payload(m: Message, secret: str = "", timestamp: int = 0) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if secret:
         body = {"timestamp": str(timestamp), "sign": sign(secret, timestamp)}
-    body |= {"msg_type": "interactive", "card": {
-        "header": {"title": {"tag": "plain_text", "content": m.title},
-                   "template": "green" if resolved else TEMPLATES.get(m.level, "red")},
-        "elements": [{"tag": "markdown", "content": clip("\n".join(m.lines), 16 * 1024)}]}}
+    body |= {
+        "msg_type": "interactive",
+        "card": {
+            "header": {
+                "title": {"tag": "plain_text", "content": m.title},
+                "template": "green" if resolved else TEMPLATES.get(m.level, "red"),
+            },
+            "elements": [{"tag": "markdown", "content": clip("\n".join(m.lines), 16 * 1024)}],
+        },
+    }
     return body
 
 
