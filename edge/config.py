@@ -8,9 +8,11 @@ from __future__ import annotations
 import re
 from importlib import resources
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
+from examwatch.channels.settings import Channel, channel_issues
 from examwatch.kernel.broker import BrokerSettings, apply_broker_settings
 from examwatch.kernel.config import (
     ConfigError,
@@ -73,6 +75,20 @@ class UplinkSettings(BrokerSettings, kw_only=True):
     outbox_budget_mb: Annotated[float, msgspec.Meta(ge=1, le=100_000)] = 64.0
 
 
+class FallbackSettings(Strict, kw_only=True):
+    """When the county is unreachable: the agent sends its level-2 alarms straight to a site channel itself.
+
+    Off by default. ``channel`` has the keys of one of the gateway's ``[[channels]]``; give it the same
+    ``name`` as the gateway's channel for the same group, so the gateway does not send those alarms again.
+    """
+
+    enabled: bool = False
+    after: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 120.0  # s of uplink down before the agent sends
+    per_minute: Annotated[int, msgspec.Meta(ge=1, le=60)] = 10  # direct messages a minute at most
+    timezone: str = "Asia/Shanghai"  # for the times in the message
+    channel: Channel | None = None
+
+
 class Device(Strict, kw_only=True):
     """One monitored device. Keys beyond these belong to the protocol's own ``Options``."""
 
@@ -91,6 +107,7 @@ class Device(Strict, kw_only=True):
     def extension_type(raw: dict[str, Any]) -> type[msgspec.Struct] | str:
         """The struct that validates this device's protocol keys, or an error message."""
         from examwatch import collectors
+
         protocol = raw.get("protocol")
         try:
             return collectors.get(str(protocol)).Options
@@ -104,6 +121,7 @@ class Config(Strict, kw_only=True):
     exporter: ExporterSettings = msgspec.field(default_factory=ExporterSettings)
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     uplink: UplinkSettings = msgspec.field(default_factory=UplinkSettings)
+    fallback: FallbackSettings = msgspec.field(default_factory=FallbackSettings)
     devices: list[Device] = []
     rules: dict[str, RuleOverride] = {}
     schedule: Schedule = msgspec.field(default_factory=Schedule)
@@ -151,9 +169,11 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
     for key in ("site", "room"):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", getattr(cfg.agent, key)):
             issues.append(ConfigIssue(("agent", key), "1 to 64 letters, digits, '-' or '_' (an MQTT topic level)"))
-    for path, check, value in ((("exporter", "listen"), parse_listen, cfg.exporter.listen),
-                               (("mqtt", "host"), check_host, cfg.mqtt.host),
-                               (("uplink", "host"), check_host, cfg.uplink.host)):
+    for path, check, value in (
+        (("exporter", "listen"), parse_listen, cfg.exporter.listen),
+        (("mqtt", "host"), check_host, cfg.mqtt.host),
+        (("uplink", "host"), check_host, cfg.uplink.host),
+    ):
         try:
             check(value)
         except ValueError as err:
@@ -165,8 +185,12 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
     issues += [ConfigIssue(path, message) for path, message in override_issues(cfg.rules)]
     up = cfg.uplink
     if up.enabled and not (up.signing_key or up.signing_key_file):
-        issues.append(ConfigIssue(("uplink", "signing_key_file"),
-                                  "the uplink signs every message: name this agent's key file (or give signing_key)"))
+        issues.append(
+            ConfigIssue(
+                ("uplink", "signing_key_file"),
+                "the uplink signs every message: name this agent's key file (or give signing_key)",
+            )
+        )
     elif up.enabled and up.signing_key:
         from examwatch.kernel.wire import parse_key
 
@@ -175,12 +199,37 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
         except ValueError as err:  # the message never repeats the key
             issues.append(ConfigIssue(("uplink", "signing_key"), str(err)))
     issues += [ConfigIssue(path, message) for path, message in schedule_issues(cfg.schedule)]
+    issues += _fallback_issues(cfg)
+    return issues
+
+
+def _fallback_issues(cfg: Config) -> list[ConfigIssue]:
+    fb = cfg.fallback
+    if not fb.enabled:
+        return []
+    issues = []
+    if not cfg.uplink.enabled:
+        issues.append(
+            ConfigIssue(("fallback", "enabled"), "the fallback stands in for the uplink: enable [uplink] too")
+        )
+    try:
+        ZoneInfo(fb.timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        issues.append(ConfigIssue(("fallback", "timezone"), "an IANA time zone, e.g. Asia/Shanghai"))
+    if fb.channel is None:
+        return [*issues, ConfigIssue(("fallback", "channel"), "name the site channel to send to ([fallback.channel])")]
+    if fb.channel.type == "alertmanager":
+        issues.append(
+            ConfigIssue(("fallback", "channel", "type"), "a group robot, e-mail or webhook (not alertmanager)")
+        )
+    issues += [ConfigIssue(("fallback", "channel", *key), message) for key, message in channel_issues(fb.channel)]
     return issues
 
 
 def _device_issues(devices: list[Device]) -> list[ConfigIssue]:
     """Names, then each protocol's checks of its devices alone and together (e.g. two on one topic)."""
     from examwatch import collectors
+
     issues = []
     seen: set[str] = set()
     by_protocol: dict[str, list[tuple[int, Device]]] = {}
@@ -199,6 +248,27 @@ def _device_issues(devices: list[Device]) -> list[ConfigIssue]:
     return issues
 
 
-__all__ = ["BrokerSettings", "Config", "ConfigError", "ConfigIssue", "Device", "Interval", "Port", "SessionExpiry",
-           "Timeout", "UplinkSettings", "apply_broker_settings", "check_host", "decode", "error_at", "load", "loads", "parse",
-           "parse_listen", "read", "sample_text", "validated"]
+__all__ = [
+    "BrokerSettings",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "Device",
+    "FallbackSettings",
+    "Interval",
+    "Port",
+    "SessionExpiry",
+    "Timeout",
+    "UplinkSettings",
+    "apply_broker_settings",
+    "check_host",
+    "decode",
+    "error_at",
+    "load",
+    "loads",
+    "parse",
+    "parse_listen",
+    "read",
+    "sample_text",
+    "validated",
+]

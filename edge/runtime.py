@@ -41,7 +41,9 @@ QUEUE_MAX = 20_000
 BATCH_MAX = 5_000
 SELF_METRICS_EVERY = 10.0  # seconds between the agent's own readings (outbox fill, store health)
 UNSTORED_MAX = 50_000  # readings held in memory while the disk refuses them (a few MB; alarms always kept)
-CLOCK_STEP = 1.0  # seconds the wall clock may move apart from the monotonic one between ticks before it counts as a step
+CLOCK_STEP = (
+    1.0  # seconds the wall clock may move apart from the monotonic one between ticks before it counts as a step
+)
 CLOCK_STEP_HOLD = 3600.0  # seconds ``clock_jump_seconds`` reports a step (keeps its alarm up for people to see)
 
 
@@ -83,6 +85,7 @@ class Agent:
         self.ready = threading.Event()
         self.writer_beat = time.monotonic()  # the watchdog's proof that the writer lives
         self.uplink: Any = None
+        self.fallback: Any = None
         self.store: Store | None = None
         self._outbox = {"used_ratio": 0.0, "dropped": 0}
         self._flushed = 0.0  # when readings last went to the outbox (monotonic)
@@ -109,8 +112,12 @@ class Agent:
 
     def healthy(self) -> bool:
         """The writer ticks and every collector still runs (a dead MQTT loop reads no sensor at all)."""
-        return (self.ready.is_set() and time.monotonic() - self.writer_beat < 10 * TICK
-                and not any(t.done() for t in self._tasks) and all(c.alive() for c in self._collectors_running))
+        return (
+            self.ready.is_set()
+            and time.monotonic() - self.writer_beat < 10 * TICK
+            and not any(t.done() for t in self._tasks)
+            and all(c.alive() for c in self._collectors_running)
+        )
 
     # --- the writer thread ---
 
@@ -164,8 +171,11 @@ class Agent:
     def _open_store(self) -> tuple[Store, list[AlarmEvent]]:
         """Open the database; a corrupt one is set aside for a fresh one, and ``store_corrupt`` says so
         with the other self-readings (1 raises the alarm until the agent restarts on a sound database)."""
-        opened = open_checked(self.db_path, retention_s=self.cfg.store.retention_hours * 3600,
-                              outbox_budget_bytes=int(self.cfg.uplink.outbox_budget_mb * 1024 * 1024))
+        opened = open_checked(
+            self.db_path,
+            retention_s=self.cfg.store.retention_hours * 3600,
+            outbox_budget_bytes=int(self.cfg.uplink.outbox_budget_mb * 1024 * 1024),
+        )
         if opened.set_aside:
             log.error("store_corrupt", problem=opened.problem, set_aside=str(opened.set_aside))
         self.store_set_aside = opened.set_aside is not None
@@ -215,8 +225,13 @@ class Agent:
             outbox = [("alarms", msgspec.json.encode(e)) for e in events] if self.uplink is not None else []
             last = len(self._unstored) == 1
             try:
-                store.write(batch, events, evidence=evidence, outbox=outbox,
-                            flush_readings=self.cfg.uplink.batch_max if flush and last and self.uplink else 0)
+                store.write(
+                    batch,
+                    events,
+                    evidence=evidence,
+                    outbox=outbox,
+                    flush_readings=self.cfg.uplink.batch_max if flush and last and self.uplink else 0,
+                )
             except sqlite3.Error as err:
                 reason = "corrupt" if is_corruption(err) else "disk_full" if "full" in str(err) else "write_failed"
                 self.health.drop("store", reason, error=str(err))
@@ -274,10 +289,20 @@ class Agent:
         lock = statedir.StateLock(cfg.agent.state_dir)  # held until the process ends, however it ends
         if cfg.uplink.enabled:
             from examwatch.edge.uplink import Uplink
+
             self.uplink = Uplink(
-                cfg.uplink, agent_id=cfg.agent_id, db_path=self.db_path, on_acked=self._acked,
-                phase=lambda: self.calendar.phase(time.time()), kinds={d.name: d.kind for d in cfg.devices},
+                cfg.uplink,
+                agent_id=cfg.agent_id,
+                db_path=self.db_path,
+                on_acked=self._acked,
+                phase=lambda: self.calendar.phase(time.time()),
+                kinds={d.name: d.kind for d in cfg.devices},
             )
+            if cfg.fallback.enabled:
+                from examwatch.edge.fallback import Fallback
+
+                self.fallback = Fallback(cfg.fallback, cfg.agent, self.db_path, self.uplink.down_for)
+                self.uplink.body_of = self.fallback.mark
         writer = threading.Thread(target=self._writer, name="writer", daemon=True)
         writer.start()
         while not self.ready.wait(0.05):
@@ -286,6 +311,8 @@ class Agent:
             await asyncio.sleep(0)
         if self.uplink is not None:
             self.uplink.start()
+        if self.fallback is not None:
+            self.fallback.start()
         server, _ = exporter.serve(self, cfg.exporter.listen)
         collectors = self._collectors_running = self._collectors()
         tasks = self._tasks = [asyncio.create_task(c.run(stop), name=c.protocol) for c in collectors]
@@ -301,6 +328,8 @@ class Agent:
         watchdog.cancel()
         if self.uplink is not None:
             self.uplink.stop()  # first: acks that arrive while it stops still reach the running writer
+        if self.fallback is not None:
+            await asyncio.to_thread(self.fallback.stop)
         self.stop_event.set()
         await asyncio.to_thread(writer.join, 10)
         server.shutdown()  # type: ignore[attr-defined]

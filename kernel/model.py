@@ -48,6 +48,7 @@ class AlarmState(StrEnum):
     UPDATED = "updated"  # its level changed while active
     CLEARED = "cleared"
 
+
 # Bounds checked when these are decoded (from the wire, from the store); building them in code checks nothing.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]  # device, metric, rule, site, room
 Text = Annotated[str, msgspec.Meta(max_length=2000)]  # messages and actions for people
@@ -107,3 +108,6 @@ class AlarmEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     phase: Annotated[str, msgspec.Meta(max_length=16)] | None = None
     message: Text
     action: Text = ""
+    # Channels the room's agent itself already told (its fallback while the county was unreachable): the
+    # gateway does not send this transition to them again. Set on the signed outbox row when it goes out.
+    notified: Annotated[list[Name], msgspec.Meta(max_length=8)] = []

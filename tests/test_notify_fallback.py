@@ -1,0 +1,193 @@
+"""When the county is unreachable: the room agent sends its level-2 alarms to a site channel itself, once, and
+the gateway does not send them there again when the backlog arrives (issue 9, item 7).
+
+Real processes: the agent, mosquitto for its sensors and for the county (behind a socat link that is down),
+the gateway, and a local signed-webhook receiver standing for the site's group.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from examwatch.edge.config import ConfigError, loads
+from examwatch.gateway.notify.core import Event, Planner
+from examwatch.gateway.notify.settings import Channel, Notify, Roster
+from examwatch.simulators.broker import Mosquitto, free_port
+from tests.notify_support import Bot, publisher, webhook_channels
+from tests.support import until
+from tests.support.agent import agent_toml, launch_agent
+from tests.support.gateway import GatewayProc, Link, key_hex, start, until_subscribed
+
+DOOR = """
+[[devices]]
+name = "door"
+kind = "door"
+protocol = "mqtt"
+topic = "z2m/door"
+profile = "zigbee2mqtt_contact"
+interval = 60
+"""
+
+
+def fallback(bot: Bot, enabled: str = "enabled = true\n") -> str:
+    return (
+        f'[fallback]\n{enabled}after = 2\n[fallback.channel]\nname = "site"\ntype = "webhook"\nurl = "{bot.url}"\n'
+        f'secret = "{bot.secret}"\n'
+    )
+
+
+def agent_config(tmp_path: Path, sensors_port: int, county_port: int, exporter_port: int, extra: str) -> Path:
+    """A secrecy room outside its windows (an open door is level 2) whose uplink goes to ``county_port``."""
+    text = agent_toml(
+        sensors_port,
+        exporter_port,
+        tmp_path / "state",
+        kind="secrecy_room",
+        room_name="保密室",
+        body=DOOR + extra,
+        windows=[(60, 90)],
+    )
+    uplink = f'[uplink]\nenabled = true\nport = {sensors_port}\nsigning_key = "{"ab" * 32}"'
+    assert uplink in text
+    text = text.replace(
+        uplink, f'[uplink]\nenabled = true\nport = {county_port}\nsigning_key = "{key_hex("s1/r1")}"\nheartbeat = 1'
+    )
+    path = tmp_path / "agent.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def door_messages(bot: Bot) -> list[dict]:
+    return [b for b in bot.bodies() if b["thread"].startswith("s1/r1/secrecy_door_open/")]
+
+
+# --- the gateway's side, pure ------------------------------------------------------------------------------
+
+
+def test_the_planner_leaves_out_the_channels_the_agent_already_told_and_records_it() -> None:
+    chans = [
+        Channel(name="site", type="webhook", url="http://x/"),
+        Channel(name="lead", type="webhook", url="http://y/"),
+    ]
+    p = Planner(Notify(), chans, [Roster(site="s1", group_lead=["site", "lead"])], {})
+    t = 1_700_000_000.0
+    ev = Event(
+        kind="alarm",
+        id="s1/r1/secrecy_door_open/door/1",
+        site="s1",
+        room="r1",
+        level=2,
+        what="raised",
+        at=t,
+        raised_at=t,
+        rule="secrecy_door_open",
+        device="door",
+        message="保密室门被打开",
+        notified=["site"],
+    )
+    out, lines = p.step([ev], {}, t + 1)
+    assert [(ch, m.kind) for ch, m in out] == [("lead", "raised")]
+    assert (ev.id, t, "direct", "考场终端已直接通知：site") in lines
+    cleared = Event(**{**{f: getattr(ev, f) for f in ev.__struct_fields__}, "what": "cleared", "at": t + 60})
+    out, _ = p.step([cleared], {}, t + 61)
+    assert sorted(ch for ch, m in out if m.kind == "cleared") == ["lead", "site"]  # the clear goes to both
+
+
+def test_the_fallback_is_off_by_default_and_its_config_is_checked() -> None:
+    base = '[agent]\nsite = "s1"\nroom = "r1"\n'
+    assert loads(base).fallback.enabled is False
+    assert loads(base + "[fallback]\nafter = 5\n").fallback.enabled is False
+    with pytest.raises(ConfigError) as err:
+        loads(
+            base + '[fallback]\nenabled = true\nafter = 0.5\n[fallback.channel]\nname = "x"\ntype = "alertmanager"\n'
+            'url = "ftp://h"\n'
+        )
+    report = err.value.report("agent.toml")
+    for part in ("fallback.after", "fallback.enabled", "fallback.channel.type", "fallback.channel.url"):
+        assert part in report, report
+
+
+# --- real processes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_an_agent_cut_off_from_the_county_tells_the_site_once_and_the_gateway_does_not_repeat_it(
+    mosquitto, tmp_path, procs
+) -> None:
+    bot = Bot("webhook", secret="s3cret")
+    county = Mosquitto(tmp_path / "county")
+    county.start()
+    procs.append(county)
+    link = Link(county.port)  # down: the county is unreachable
+    procs.append(link)
+    exporter_port = free_port()
+    config = agent_config(tmp_path, mosquitto.port, link.port, exporter_port, fallback(bot))
+    agents = [launch_agent(config, exporter_port, mosquitto.port)]
+    agent = agents[0]
+    try:
+        agent.publish("z2m/door", {"contact": False, "battery": 90})
+        until(lambda: door_messages(bot), 30, "the direct message")
+        [direct] = door_messages(bot)
+        alarm_id = direct["thread"]
+        assert direct["kind"] == "raised" and direct["key"] == f"{alarm_id}:direct:2"
+        assert direct["title"] == "【县级平台无法连接·考场直报】【二级】s1 保密室 door：保密室门在非开启时段被打开"
+        assert "连不上县级平台" in direct["text"] and "**处置**：" in direct["text"]
+
+        # A restart remembers what it told: the alarm is still waiting in the outbox, and is not sent again.
+        agent.close()
+        agent = launch_agent(config, exporter_port, mosquitto.port, ready=("agent_started", "fallback_armed"))
+        agents.append(agent)
+        armed = next(json.loads(line) for line in agent.log if '"fallback_armed"' in line)
+        assert armed["told_before"] == 1, [b["title"] for b in bot.bodies()]
+        time.sleep(2 + 3)  # past ``after`` and a few of the fallback's steps
+        assert len(door_messages(bot)) == 1
+
+        # The county comes back with a gateway whose channel is the same group: it records, but does not repeat.
+        gw = GatewayProc(tmp_path, county.port, ["s1/r1"], extra=webhook_channels(("site", bot)))
+        start(procs, gw)
+        watcher = publisher(county.port)
+        until_subscribed(gw, watcher)
+        link.up()
+        until(
+            lambda: gw.query("SELECT 1 FROM notify_timeline WHERE thread = ? AND what = 'direct'", alarm_id),
+            30,
+            "the gateway planned the raise",
+        )
+        stored = json.loads(
+            gw.query("SELECT event FROM alarm_events WHERE alarm_id = ? AND state = 'raised'", alarm_id)[0][0]
+        )
+        assert stored["notified"] == ["site"]
+        assert gw.query("SELECT key FROM notify_outbox WHERE channel = 'site' AND thread = ?", alarm_id) == []
+
+        # The clear goes through the gateway to the same channel, after anything queued before it for that channel.
+        agent.publish("z2m/door", {"contact": True})
+        until(lambda: any(m["kind"] == "cleared" for m in door_messages(bot)), 30, "the clear")
+        assert [m["key"] for m in door_messages(bot)] == [f"{alarm_id}:direct:2", f"{alarm_id}:cleared"]
+        watcher.loop_stop()
+    finally:
+        for a in agents:
+            a.close()
+        bot.stop()
+
+
+@pytest.mark.integration
+def test_without_enabled_the_agent_never_sends_itself(mosquitto, tmp_path) -> None:
+    bot = Bot("webhook", secret="s3cret")
+    link = Link(free_port())  # never up
+    exporter_port = free_port()
+    config = agent_config(tmp_path, mosquitto.port, link.port, exporter_port, fallback(bot, enabled=""))
+    agent = launch_agent(config, exporter_port, mosquitto.port)
+    try:
+        agent.publish("z2m/door", {"contact": False, "battery": 90})
+        until(lambda: agent.alarm_exported("secrecy_door_open", 2), 10, "the alarm raised")
+        time.sleep(2 + 3)  # what ``after`` and the fallback's steps would take if it were on
+        assert bot.bodies() == []
+        assert not any('"fallback_armed"' in line for line in agent.log)
+        assert not (tmp_path / "state" / "fallback.db").exists()
+    finally:
+        agent.close()
+        bot.stop()
