@@ -3,6 +3,8 @@
 GET  /api/v1/alarms?state=active|raised|updated|cleared&level=2&site=S&room=R&limit=N
 GET  /api/v1/alarms/timeline?id=<alarm id>        every transition with the room's original times
 GET  /api/v1/incidents?state=open|closed&site=S&level=N&limit=N
+GET  /api/v1/notifications?id=<alarm or incident id>&limit=N   who was told what and when: each message
+                                                  with its channel, escalations, acknowledgements
 GET  /api/v1/agents                               last seen, status, clock skew, missing sequence numbers
 POST /api/v1/ack   {"alarm"|"incident": id, "who": "...", "note": "..."}   needs "Authorization: Bearer <token>"
 
@@ -31,6 +33,7 @@ import msgspec
 import structlog
 
 from examwatch.gateway import store
+from examwatch.gateway.notify import outbox
 from examwatch.kernel.config import parse_listen
 
 log = structlog.get_logger("examwatch.gateway.api")
@@ -44,8 +47,18 @@ CONNECTION_DEADLINE = 30.0  # s a connection may last at all, however slowly it 
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a site or room id
 # Why a request was refused, counted in examwatch_gateway_api_refused_total{reason}.
-REFUSALS = ("bad_query", "not_found", "unauthorized", "length_required", "too_large", "bad_body", "timeout",
-            "busy", "deadline", "broken")
+REFUSALS = (
+    "bad_query",
+    "not_found",
+    "unauthorized",
+    "length_required",
+    "too_large",
+    "bad_body",
+    "timeout",
+    "busy",
+    "deadline",
+    "broken",
+)
 ALARM_STATES = ("active", "raised", "updated", "cleared")
 INCIDENT_STATES = ("open", "closed")
 
@@ -65,6 +78,7 @@ def _choice(values: tuple[str, ...]) -> Any:
         if v not in values:
             raise BadRequest(f"must be one of {', '.join(values)}")
         return v
+
     return check
 
 
@@ -79,6 +93,7 @@ def _int(lo: int, hi: int) -> Any:
         if not re.fullmatch(r"[0-9]{1,7}", v) or not lo <= int(v) <= hi:
             raise BadRequest(f"must be an integer from {lo} to {hi}")
         return int(v)
+
     return check
 
 
@@ -90,14 +105,25 @@ def _alarm_id(v: str) -> str:
 
 # Per endpoint: parameter -> validator, and the defaults of those not given.
 ENDPOINTS: dict[str, tuple[dict[str, Any], dict[str, object]]] = {
-    "/api/v1/alarms": ({"state": _choice(ALARM_STATES), "level": _int(1, 3), "site": _name, "room": _name,
-                        "limit": _int(1, LIMIT_MAX)}, {"state": "", "level": None, "site": "", "room": "", "limit": 500}),
+    "/api/v1/alarms": (
+        {
+            "state": _choice(ALARM_STATES),
+            "level": _int(1, 3),
+            "site": _name,
+            "room": _name,
+            "limit": _int(1, LIMIT_MAX),
+        },
+        {"state": "", "level": None, "site": "", "room": "", "limit": 500},
+    ),
     "/api/v1/alarms/timeline": ({"id": _alarm_id}, {}),
-    "/api/v1/incidents": ({"state": _choice(INCIDENT_STATES), "level": _int(1, 3), "site": _name,
-                           "limit": _int(1, LIMIT_MAX)}, {"state": "", "level": None, "site": "", "limit": 200}),
+    "/api/v1/incidents": (
+        {"state": _choice(INCIDENT_STATES), "level": _int(1, 3), "site": _name, "limit": _int(1, LIMIT_MAX)},
+        {"state": "", "level": None, "site": "", "limit": 200},
+    ),
+    "/api/v1/notifications": ({"id": _alarm_id, "limit": _int(1, LIMIT_MAX)}, {"limit": 500}),
     "/api/v1/agents": ({}, {}),
 }
-REQUIRED = {"/api/v1/alarms/timeline": ("id",)}
+REQUIRED = {"/api/v1/alarms/timeline": ("id",), "/api/v1/notifications": ("id",)}
 
 
 def parse_query(path: str, query: str) -> dict[str, object]:
@@ -207,8 +233,10 @@ class ApiServer(ThreadingHTTPServer):
         if not self._slots.acquire(blocking=False):
             self.refuse("busy", f"{MAX_CONNECTIONS} connections open")
             try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: 30\r\nConnection: close\r\n\r\n{\"error\": \"too many requests\"}")
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 30\r\nConnection: close\r\n\r\n{"error": "too many requests"}'
+                )
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -285,6 +313,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, {"id": q["id"], "timeline": store.alarm_timeline(conn, str(q["id"]))})
             if url.path == "/api/v1/incidents":
                 return self._send(200, {"incidents": store.incidents(conn, **q)})  # type: ignore[arg-type]
+            if url.path == "/api/v1/notifications":
+                done = outbox.notifications(conn, str(q["id"]), int(q["limit"]))  # type: ignore[call-overload]
+                return self._send(200, {"id": q["id"], **done})
             return self._send(200, {"agents": store.agents(conn)})
         finally:
             conn.close()
@@ -293,11 +324,13 @@ class _Handler(BaseHTTPRequestHandler):
         if urlsplit(self.path).path != "/api/v1/ack":
             return self._refuse(NotFound("no such endpoint"), "not_found")
         if not self._authorised():
-            return self._refuse(_Unauthorized("acknowledgement needs a valid token (Authorization: Bearer <token>)"),
-                                "unauthorized")
+            return self._refuse(
+                _Unauthorized("acknowledgement needs a valid token (Authorization: Bearer <token>)"), "unauthorized"
+            )
         try:
-            length = content_length(self.headers.get("Content-Length"),
-                                    "chunked" in self.headers.get("Transfer-Encoding", "").lower())
+            length = content_length(
+                self.headers.get("Content-Length"), "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+            )
             body = self.rfile.read(length)
             if len(body) != length:
                 raise BadRequest("body shorter than Content-Length")
@@ -322,5 +355,6 @@ class _Handler(BaseHTTPRequestHandler):
         """Bearer only, compared in constant time; no token configured: nobody may acknowledge."""
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
         token = self.server.token
-        return (bool(token) and scheme.lower() == "bearer"
-                and hmac.compare_digest(given.strip().encode(), token.encode()))
+        return (
+            bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+        )

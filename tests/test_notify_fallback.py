@@ -8,12 +8,16 @@ the gateway, and a local signed-webhook receiver standing for the site's group.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
 from examwatch.edge.config import ConfigError, loads
+from examwatch.gateway.api import BadRequest, parse_query
+from examwatch.gateway.notify import outbox
 from examwatch.gateway.notify.core import Event, Planner
 from examwatch.gateway.notify.settings import Channel, Notify, Roster
 from examwatch.simulators.broker import Mosquitto, free_port
@@ -111,6 +115,15 @@ def test_the_fallback_is_off_by_default_and_its_config_is_checked() -> None:
         assert part in report, report
 
 
+def test_the_notifications_endpoint_takes_one_bounded_id() -> None:
+    assert parse_query("/api/v1/notifications", "id=s1/r1/door/1") == {"id": "s1/r1/door/1", "limit": 500}
+    for bad in ("", "limit=5", "id=a&id=b", "id=a&limit=0", "id=a&limit=1001", "id=" + "x" * 257, "id=a&who=b"):
+        with pytest.raises(BadRequest):
+            parse_query("/api/v1/notifications", bad)
+    # a gateway whose notifier never ran (no channels) has no notify tables: an empty record, not an error
+    assert outbox.notifications(sqlite3.connect(":memory:"), "x") == {"timeline": [], "messages": []}
+
+
 # --- real processes --------------------------------------------------------------------------------------
 
 
@@ -163,10 +176,36 @@ def test_an_agent_cut_off_from_the_county_tells_the_site_once_and_the_gateway_do
         assert stored["notified"] == ["site"]
         assert gw.query("SELECT key FROM notify_outbox WHERE channel = 'site' AND thread = ?", alarm_id) == []
 
-        # The clear goes through the gateway to the same channel, after anything queued before it for that channel.
+        # Acknowledged and cleared through the gateway: both reach the same channel, after anything queued
+        # before them for it (a repeated raise would come first).
+        assert gw.post("/api/v1/ack", {"alarm": alarm_id, "who": "张老师", "note": "已到场关门"}, gw.token)[0] == 200
+        until(lambda: gw.query("SELECT 1 FROM notify_timeline WHERE thread = ? AND what = 'acked'", alarm_id), 30)
         agent.publish("z2m/door", {"contact": True})
         until(lambda: any(m["kind"] == "cleared" for m in door_messages(bot)), 30, "the clear")
-        assert [m["key"] for m in door_messages(bot)] == [f"{alarm_id}:direct:2", f"{alarm_id}:cleared"]
+        assert [m["key"] for m in door_messages(bot)] == [
+            f"{alarm_id}:direct:2",
+            f"{alarm_id}:acked",
+            f"{alarm_id}:cleared",
+        ]
+
+        # The notifier's record over the API: who was told what, and when.
+        done = gw.get(f"/api/v1/notifications?{urlencode({'id': alarm_id})}")
+        assert done["id"] == alarm_id
+        assert [(e["what"], e["detail"]) for e in done["timeline"]] == [
+            ("direct", "考场终端已直接通知：site"),
+            ("acked", "张老师：已到场关门"),
+            ("resolved", ""),
+        ]
+        assert [(m["channel"], m["kind"], m["attempts"], m["error"]) for m in done["messages"]] == [
+            ("site", "acked", 1, None),
+            ("site", "cleared", 1, None),
+        ]
+        assert all(m["queued"] <= m["sent"] for m in done["messages"])
+        assert gw.get("/api/v1/notifications?id=nothing-like-it") == {
+            "id": "nothing-like-it",
+            "timeline": [],
+            "messages": [],
+        }
         watcher.loop_stop()
     finally:
         for a in agents:

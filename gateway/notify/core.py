@@ -241,8 +241,10 @@ class Planner:
                 lines.append((ev.id, now, "held", "批量告警合并发送"))
                 return
             st.storms[f"{ev.site}/{fc}"] = Storm(opened=now)
-            out += self._to(ev, fc, th.tier, self._alarm_msg(ev, "raised", f"{ev.id}:raised:{ev.level}"))
-            lines.append((ev.id, now, "sent", TIER_NAMES[TIERS[th.tier]]))
+            sent = self._to(ev, fc, th.tier, self._alarm_msg(ev, "raised", f"{ev.id}:raised:{ev.level}"))
+            out += sent
+            if sent or not ev.notified:  # all told by the agent already: its "direct" line says so
+                lines.append((ev.id, now, "sent", TIER_NAMES[TIERS[th.tier]]))
             return
         if flap.flapping:
             st.threads.pop(ev.id, None)
