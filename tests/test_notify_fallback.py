@@ -8,6 +8,7 @@ the gateway, and a local signed-webhook receiver standing for the site's group.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -113,6 +114,11 @@ def test_the_fallback_is_off_by_default_and_its_config_is_checked() -> None:
     report = err.value.report("agent.toml")
     for part in ("fallback.after", "fallback.enabled", "fallback.channel.type", "fallback.channel.url"):
         assert part in report, report
+    # the example in docs/channels.md is a valid agent config
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "channels.md").read_text(encoding="utf-8")
+    example = next(b for b in re.findall(r"```toml\n(.*?)```", doc, re.S) if "[fallback]" in b)
+    cfg = loads(base + '[uplink]\nenabled = true\nsigning_key = "' + "ab" * 32 + '"\n' + example)
+    assert cfg.fallback.enabled and cfg.fallback.channel is not None and cfg.fallback.channel.name == "site1-group"
 
 
 def test_the_notifications_endpoint_takes_one_bounded_id() -> None:
