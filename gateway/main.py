@@ -13,8 +13,8 @@ from pathlib import Path
 import sdnotify
 import structlog
 
+from examwatch.gateway import acklink, store
 from examwatch.gateway import config as gwconfig
-from examwatch.gateway import store
 from examwatch.gateway.api import ApiServer
 from examwatch.gateway.exporter import GatewayCollector, serve
 from examwatch.gateway.ingest import Engine, Message
@@ -36,17 +36,22 @@ class Gateway:
         self.engine = Engine(cfg, self.conn, cfg.agent_keys())
         self.inbox: queue.SimpleQueue[tuple[int, int, Message]] = queue.SimpleQueue()
         self.subscriber = Subscriber(cfg.broker, self.inbox)
-        self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token())
+        ack_key = acklink.load_key(cfg.gateway.state_dir)  # signs the acknowledgement links in messages
+        self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token(), ack_key)
         self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber, api=self.api)
-        self.notifier = notifier_for(cfg, self.db_path)
+        self.notifier = notifier_for(cfg, self.db_path, ack_key=ack_key)
 
     def run(self) -> None:
         http, _ = serve(self.cfg.exporter.listen, self.exporter, self.notifier.collector)
         self.api_thread = self.api.start()
         self.notifier.start()
         self.subscriber.start()
-        log.info("gateway_started", agents=len(self.engine.agents), api=self.cfg.api.listen,
-                 exporter=self.cfg.exporter.listen)
+        log.info(
+            "gateway_started",
+            agents=len(self.engine.agents),
+            api=self.cfg.api.listen,
+            exporter=self.cfg.exporter.listen,
+        )
         systemd = sdnotify.SystemdNotifier()
         systemd.notify("READY=1")
         period, last_tick, last_watchdog = watchdog_period(), 0.0, 0.0
@@ -66,8 +71,10 @@ class Gateway:
                 if time.monotonic() - last_watchdog >= period and self.healthy():
                     last_watchdog = time.monotonic()
                     systemd.notify("WATCHDOG=1")
-                    systemd.notify(f"STATUS=broker {'connected' if self.subscriber.connected else 'NOT connected'}, "
-                                   f"{len(self.engine.agents)} rooms")
+                    systemd.notify(
+                        f"STATUS=broker {'connected' if self.subscriber.connected else 'NOT connected'}, "
+                        f"{len(self.engine.agents)} rooms"
+                    )
         finally:
             self.subscriber.stop()
             self.notifier.stop()

@@ -96,13 +96,16 @@ class Planner:
         roster: list[Roster],
         classes: dict[str, str],
         state: State | None = None,
+        ack_key: bytes = b"",
     ) -> None:
         self.s = settings
         self.channels = {c.name: c for c in channels}
         self.roster = roster
         self.classes = classes
         self.state = state or State()
-        self.links = Links(settings.ack_url, settings.grafana_url, settings.timezone)
+        self.links = Links(
+            settings.ack_url, settings.grafana_url, settings.timezone, ack_key, settings.ack_link_hours * 3600
+        )
         self._rostered = {n for r in roster for t in TIERS for n in r.tier(t)}
 
     # --- routing --------------------------------------------------------------------------------------

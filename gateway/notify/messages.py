@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 
 from examwatch.channels.message import Item, Message, markdown, plain
+from examwatch.gateway import acklink
 
 LEVEL_NAMES = {1: "一级", 2: "二级", 3: "三级"}
 DEADLINE_WORDS = {1: ("反馈",), 2: ("上报领导小组", "决策"), 3: ("上报县招办", "决策")}
@@ -30,6 +31,8 @@ class Links(msgspec.Struct, frozen=True):
     ack_url: str = ""
     grafana_url: str = ""
     timezone: str = "Asia/Shanghai"
+    ack_key: bytes = b""  # the gateway's link key: messages carry a signed acknowledgement link
+    ack_ttl: float = 86400.0  # s after the raise the link works
 
     def clock(self, t: float) -> str:
         return datetime.fromtimestamp(t, ZoneInfo(self.timezone)).strftime("%H:%M")
@@ -37,8 +40,11 @@ class Links(msgspec.Struct, frozen=True):
     def day_clock(self, t: float) -> str:
         return datetime.fromtimestamp(t, ZoneInfo(self.timezone)).strftime("%m-%d %H:%M:%S")
 
-    def ack_lines(self, kind: str, item_id: str) -> list[str]:
+    def ack_lines(self, kind: str, item_id: str, since: float) -> list[str]:
         lines = [f"确认：`examwatch ack {item_id} --who 姓名 --note 处理情况`"]
+        if self.ack_url and self.ack_key:
+            url = acklink.link(self.ack_url, self.ack_key, kind, item_id, int(since + self.ack_ttl))
+            lines.append(f"[点此确认]({url})")
         if self.ack_url:
             path = "alarms/timeline" if kind == "alarm" else "incidents"
             query = urlencode({"id": item_id}) if kind == "alarm" else urlencode({"state": "open"})
@@ -98,7 +104,7 @@ def alarm_message(
             lines.append(f"**上报至**：{tier_name}（超时未确认）")
         if d := deadline_line(item.level, item.starts_at, deadlines, links):
             lines.append(d)
-        lines += links.ack_lines("alarm", item.id)
+        lines += links.ack_lines("alarm", item.id, item.starts_at)
     lines += links.grafana(item.site, item.room)
     lines.append(f"编号：{item.id}")
     return Message(key=key, thread=item.id, kind=kind, level=item.level, title=title, lines=lines, items=[item])
@@ -118,7 +124,7 @@ def incident_message(
     if what != "closed":
         if d := deadline_line(item.level, item.starts_at, deadlines, links):
             lines.append(d)
-        lines += links.ack_lines("incident", item.id)
+        lines += links.ack_lines("incident", item.id, item.starts_at)
     lines += links.grafana(item.site, "")
     lines.append(f"事件编号：{item.id}")
     return Message(

@@ -39,6 +39,7 @@ class Deadlines(Strict, kw_only=True):
 
 class Notify(Strict, kw_only=True):
     ack_url: str = ""  # the gateway API as staff reach it, e.g. "https://gw.example.cn:8080"
+    ack_link_hours: float = 24.0  # a message's signed acknowledgement link works this long after the raise
     grafana_url: str = ""  # e.g. "https://grafana.example.cn/d/examwatch-room"; ?var-site=&var-room= appended
     timezone: str = "Asia/Shanghai"
     start_tier: dict[str, str] = msgspec.field(
@@ -79,6 +80,8 @@ def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list
         issues.append((("notify",), "flap_count 1-100, flap_window up to a day"))
     if not 0 <= notify.storm_window <= 600 or not 0 < notify.retry_base <= notify.retry_max <= 86400:
         issues.append((("notify",), "storm_window 0-600 s; 0 < retry_base <= retry_max"))
+    if not 0 < notify.ack_link_hours <= 168:
+        issues.append((("notify", "ack_link_hours"), "up to 168 hours (a week)"))
     if notify.failing_after < 1:
         issues.append((("notify", "failing_after"), "at least 1"))
     return issues

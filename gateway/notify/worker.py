@@ -45,8 +45,10 @@ class Notifier:
         roster: list[Roster],
         classes: dict[str, str],
         clock: Callable[[], float] = time.time,
+        ack_key: bytes = b"",
     ) -> None:
         self.db_path = db_path
+        self.ack_key = ack_key
         self.county = county or "county"
         self.settings = settings
         self.channels = channels
@@ -103,7 +105,7 @@ class Notifier:
         first: list[Any] = []  # a first start's open alarms, until committed with the first step
         if self._first is not None:
             cursors, first = self._first
-        planner = Planner(self.settings, self.channels, self.roster, self.classes, state)
+        planner = Planner(self.settings, self.channels, self.roster, self.classes, state, self.ack_key)
         failures, pruned = 0, 0.0
         while not self.stop_event.wait(STEP):
             try:
@@ -296,9 +298,9 @@ def test_channel(ch: Channel, county: str, now: float) -> None:
     send_once(ch, m, now)
 
 
-def notifier_for(cfg: Any, db_path: str, clock: Callable[[], float] = time.time) -> Notifier:
+def notifier_for(cfg: Any, db_path: str, clock: Callable[[], float] = time.time, ack_key: bytes = b"") -> Notifier:
     """The notifier of a gateway config (``gateway.config.Config``)."""
     from examwatch.gateway.correlate import rule_classes
 
     classes = {rule: c.fault_class for rule, c in rule_classes(cfg.correlation_rules()).items()}
-    return Notifier(db_path, cfg.gateway.county, cfg.notify, cfg.channels, cfg.roster, classes, clock)
+    return Notifier(db_path, cfg.gateway.county, cfg.notify, cfg.channels, cfg.roster, classes, clock, ack_key)
