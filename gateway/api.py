@@ -198,6 +198,17 @@ def parse_ack(body: bytes) -> tuple[str, str, str, str]:
     return kinds[0], getattr(ack, kinds[0]), ack.who.strip(), ack.note
 
 
+def parse_ack_form(body: bytes) -> dict[str, object]:
+    """The fields of the signed link's form (checked, signature not yet); ``BadRequest`` otherwise. Pure."""
+    try:
+        q = parse_query("POST /api/v1/ack/link", body.decode(), MAX_BODY)
+    except UnicodeDecodeError:
+        raise BadRequest("body is not UTF-8") from None
+    if not q["who"]:
+        raise BadRequest("who: required")
+    return q
+
+
 def content_length(value: str | None, chunked: bool) -> int:
     """The body's length from its header: required, digits only, at most MAX_BODY. Pure."""
     if value is None or chunked:
@@ -379,32 +390,17 @@ class _Handler(BaseHTTPRequestHandler):
             return self._refuse(
                 _Unauthorized("acknowledgement needs a valid token (Authorization: Bearer <token>)"), "unauthorized"
             )
-        try:
-            length = content_length(
-                self.headers.get("Content-Length"), "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-            )
-            body = self.rfile.read(length)
-            if len(body) != length:
-                raise BadRequest("body shorter than Content-Length")
-            kind, item, who, note = parse_ack(body)
-        except TimeoutError:
-            self.server.refuse("timeout", "body not sent in time")
-            self.close_connection = True
-            return
-        except BadRequest as err:
-            return self._refuse(err, {411: "length_required", 413: "too_large"}.get(err.status, "bad_body"))
-        conn = store.connect(self.server.db_path)
-        try:
-            found = store.acknowledge(conn, "alarms" if kind == "alarm" else "incidents", item, who, note, time.time())
-        finally:
-            conn.close()
-        if not found:
+        parsed = self._body(parse_ack)
+        if parsed is None:
+            return None
+        kind, item, who, note = parsed
+        if not self._acknowledge(kind, item, who, note):
             return self._send(404, {"error": f"no such {kind}"})
         log.info("acknowledged", kind=kind, id=item, who=who)
         return self._send(200, {"ok": True, kind: item, "who": who})
 
-    def _ack_link(self) -> None:
-        """The form of a signed link: no token, the link's signature is the authority (and the CSRF defence)."""
+    def _body(self, parse: Any) -> Any:
+        """``parse`` of the request's body, read within its bounds; None when refused (the answer is sent)."""
         try:
             length = content_length(
                 self.headers.get("Content-Length"), "chunked" in self.headers.get("Transfer-Encoding", "").lower()
@@ -412,28 +408,28 @@ class _Handler(BaseHTTPRequestHandler):
             body = self.rfile.read(length)
             if len(body) != length:
                 raise BadRequest("body shorter than Content-Length")
-            try:
-                text = body.decode()
-            except UnicodeDecodeError:
-                raise BadRequest("body is not UTF-8") from None
-            q = parse_query("POST /api/v1/ack/link", text, MAX_BODY)
+            return parse(body)
         except TimeoutError:
             self.server.refuse("timeout", "body not sent in time")
             self.close_connection = True
-            return
         except BadRequest as err:
-            return self._refuse(err, {411: "length_required", 413: "too_large"}.get(err.status, "bad_body"))
-        if not q["who"]:
-            return self._refuse(BadRequest("who: required"), "bad_body")
-        if not self._link(q):
-            return
-        kind, item, who, note = str(q["kind"]), str(q["id"]), str(q["who"]), str(q["note"])
+            self._refuse(err, {411: "length_required", 413: "too_large"}.get(err.status, "bad_body"))
+        return None
+
+    def _acknowledge(self, kind: str, item: str, who: str, note: str) -> bool:
         conn = store.connect(self.server.db_path)
         try:
-            found = store.acknowledge(conn, "alarms" if kind == "alarm" else "incidents", item, who, note, time.time())
+            return store.acknowledge(conn, "alarms" if kind == "alarm" else "incidents", item, who, note, time.time())
         finally:
             conn.close()
-        if not found:
+
+    def _ack_link(self) -> None:
+        """The form of a signed link: no token, the link's signature is the authority (and the CSRF defence)."""
+        q = self._body(parse_ack_form)
+        if q is None or not self._link(q):
+            return None
+        kind, item, who, note = str(q["kind"]), str(q["id"]), str(q["who"]), str(q["note"])
+        if not self._acknowledge(kind, item, who, note):
             return self._send_html(404, acklink.page("无法确认", f"没有编号为 {item} 的记录"))
         log.info("acknowledged", kind=kind, id=item, who=who, via="link")
         return self._send_html(
