@@ -40,7 +40,8 @@ class AgentCollector(Collector):
 
         families: dict[str, GaugeMetricFamily] = {}
         age = GaugeMetricFamily(
-            "examwatch_reading_age_seconds", "seconds since the metric was last read",
+            "examwatch_reading_age_seconds",
+            "seconds since the metric was last read",
             labels=["site", "room", "device", "kind", "metric"],
         )
         for r in list(a.current.values()):
@@ -65,15 +66,19 @@ class AgentCollector(Collector):
 
         ids = [site, room]
         success = GaugeMetricFamily(
-            "examwatch_collector_success", "1 if the device's last poll or message succeeded",
+            "examwatch_collector_success",
+            "1 if the device's last poll or message succeeded",
             labels=["site", "room", "collector", "device"],
         )
         duration = GaugeMetricFamily(
-            "examwatch_collector_duration_seconds", "duration of the device's last poll",
+            "examwatch_collector_duration_seconds",
+            "duration of the device's last poll",
             labels=["site", "room", "collector", "device"],
         )
         errors = CounterMetricFamily(
-            "examwatch_collector_errors", "failed polls by reason", labels=["site", "room", "collector", "device", "reason"]
+            "examwatch_collector_errors",
+            "failed polls by reason",
+            labels=["site", "room", "collector", "device", "reason"],
         )
         for name, h in list(a.health.devices.items()):
             success.add_metric([*ids, h.collector, name], 1.0 if h.online else 0.0)
@@ -85,15 +90,17 @@ class AgentCollector(Collector):
         yield errors
 
         dropped = CounterMetricFamily(
-            "examwatch_input_dropped", "input refused (malformed payloads, unknown topics, a full queue)",
+            "examwatch_input_dropped",
+            "input refused (malformed payloads, unknown topics, a full queue)",
             labels=["site", "room", "source", "reason"],
         )
         for (source, reason), n in list(a.health.dropped.items()):
             dropped.add_metric([*ids, source, reason], n)
         yield dropped
 
-        phase = GaugeMetricFamily("examwatch_agent_phase", "1 for the exam phase the room is in now",
-                                  labels=["site", "room", "phase"])
+        phase = GaugeMetricFamily(
+            "examwatch_agent_phase", "1 for the exam phase the room is in now", labels=["site", "room", "phase"]
+        )
         current = a.phase(now)
         for name in PHASES:
             phase.add_metric([*ids, name], 1.0 if name == current else 0.0)
@@ -102,16 +109,41 @@ class AgentCollector(Collector):
         # The outbox's fill is a reading of the host device (examwatch_outbox_used_ratio, for the rules too):
         # a second family of the same name would make the whole scrape invalid exposition text.
         outbox = a.outbox_stats()
-        dropped_total = CounterMetricFamily("examwatch_outbox_dropped", "readings messages given up over the disk budget",
-                                            labels=["site", "room"])
+        dropped_total = CounterMetricFamily(
+            "examwatch_outbox_dropped", "readings messages given up over the disk budget", labels=["site", "room"]
+        )
         dropped_total.add_metric(ids, outbox["dropped"])
         yield dropped_total
         up = a.uplink_health()
         if up is not None:
-            yield _gauge("examwatch_uplink_connected", "1 while connected to the county broker", ids,
-                         1.0 if up.connected else 0.0)
-            yield _gauge("examwatch_uplink_pending_messages", "messages waiting for the county broker", ids,
-                         float(up.pending))
+            yield _gauge(
+                "examwatch_uplink_connected",
+                "1 while connected to the county broker",
+                ids,
+                1.0 if up.connected else 0.0,
+            )
+            yield _gauge(
+                "examwatch_uplink_pending_messages", "messages waiting for the county broker", ids, float(up.pending)
+            )
+        fb = a.fallback
+        if fb is not None:  # [fallback]: what the agent sent to the site channel itself while the county was away
+            sent = CounterMetricFamily(
+                "examwatch_fallback_sent", "alarms sent straight to the site channel", labels=["site", "room"]
+            )
+            sent.add_metric(ids, fb.stats["sent"])
+            failed = CounterMetricFamily(
+                "examwatch_fallback_failed", "direct sends that failed, by reason", labels=["site", "room", "reason"]
+            )
+            for key, n in list(fb.stats.items()):
+                if key.startswith("failed:"):
+                    failed.add_metric([*ids, key.removeprefix("failed:")], n)
+            yield from (sent, failed)
+            yield _gauge(
+                "examwatch_fallback_waiting",
+                "level-2 alarms waiting to be sent straight to the site",
+                ids,
+                float(len(fb.waiting)),
+            )
 
 
 def _gauge(name: str, help: str, ids: list[str], value: float) -> GaugeMetricFamily:

@@ -155,6 +155,8 @@ def test_an_agent_cut_off_from_the_county_tells_the_site_once_and_the_gateway_do
         assert direct["kind"] == "raised" and direct["key"] == f"{alarm_id}:direct:2"
         assert direct["title"] == "【县级平台无法连接·考场直报】【二级】s1 保密室 door：保密室门在非开启时段被打开"
         assert "连不上县级平台" in direct["text"] and "**处置**：" in direct["text"]
+        assert agent.sample("examwatch_fallback_sent_total") == 1.0
+        assert agent.sample("examwatch_fallback_waiting") == 0.0
 
         # A restart remembers what it told: the alarm is still waiting in the outbox, and is not sent again.
         agent.close()
@@ -232,6 +234,7 @@ def test_without_enabled_the_agent_never_sends_itself(mosquitto, tmp_path) -> No
         time.sleep(2 + 3)  # what ``after`` and the fallback's steps would take if it were on
         assert bot.bodies() == []
         assert not any('"fallback_armed"' in line for line in agent.log)
+        assert agent.sample("examwatch_fallback_sent_total") is None
         assert not (tmp_path / "state" / "fallback.db").exists()
     finally:
         agent.close()
