@@ -122,6 +122,13 @@ class Fallback:
     # --- run -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.open()
+        self._thread = threading.Thread(target=self._run, name="fallback", daemon=True)
+        self._thread.start()
+        log.info("fallback_armed", channel=self.ch.name, after=self.s.after, told_before=len(self.sent_ids))
+
+    def open(self) -> None:
+        """Read the outbox's epoch and what was told before (``fallback.db``)."""
         from examwatch.edge.store import OutboxReader
 
         self._reader = OutboxReader(self.db_path)
@@ -137,9 +144,6 @@ class Fallback:
             self.sent_ids.add(alarm_id)
             if epoch == self._epoch:
                 self.sent.setdefault(seq, []).append(channel)
-        self._thread = threading.Thread(target=self._run, name="fallback", daemon=True)
-        self._thread.start()
-        log.info("fallback_armed", channel=self.ch.name, after=self.s.after, told_before=len(self.sent_ids))
 
     def stop(self) -> None:
         self._stop.set()
@@ -153,14 +157,17 @@ class Fallback:
         failed_before = False
         while not self._stop.wait(STEP):
             try:
-                if self.down_for() >= self.s.after:
-                    self._scan()
-                    self._send_due()
+                self.step()
                 failed_before = False
             except Exception:  # one bad step must not end the fallback: log it once, try again
                 if not failed_before:
                     log.exception("fallback_step_failed")
                 failed_before = True
+
+    def step(self) -> None:
+        if self.down_for() >= self.s.after:
+            self._scan()
+            self._send_due()
 
     def _scan(self) -> None:
         """Pick up the level-2 transitions written since the last look and not yet handed to the uplink."""

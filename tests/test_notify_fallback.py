@@ -14,13 +14,18 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
+import msgspec
 import pytest
 
-from examwatch.edge.config import ConfigError, loads
+from examwatch.channels.settings import Channel
+from examwatch.edge.config import AgentSettings, ConfigError, FallbackSettings, loads
+from examwatch.edge.fallback import Fallback
+from examwatch.edge.store import OutboxReader, OutboxRow, Store
 from examwatch.gateway.api import BadRequest, parse_query
 from examwatch.gateway.notify import outbox
 from examwatch.gateway.notify.core import Event, Planner
-from examwatch.gateway.notify.settings import Channel, Notify, Roster
+from examwatch.gateway.notify.settings import Notify, Roster
+from examwatch.kernel.model import AlarmEvent
 from examwatch.simulators.broker import Mosquitto, free_port
 from tests.notify_support import Bot, publisher, webhook_channels
 from tests.support import until
@@ -128,6 +133,97 @@ def test_the_notifications_endpoint_takes_one_bounded_id() -> None:
             parse_query("/api/v1/notifications", bad)
     # a gateway whose notifier never ran (no channels) has no notify tables: an empty record, not an error
     assert outbox.notifications(sqlite3.connect(":memory:"), "x") == {"timeline": [], "messages": []}
+
+
+# --- the agent's side, against a real store and a real receiver --------------------------------------------
+
+
+def _alarm(n: int, level: int = 2, state: str = "raised") -> AlarmEvent:
+    t = time.time()
+    return AlarmEvent(
+        id=f"s1/r1/secrecy_door_open/door/{n}",
+        site="s1",
+        room="r1",
+        rule="secrecy_door_open",
+        level=level,
+        state=state,
+        device="door",
+        metric="door_open",
+        value=1.0,
+        at=t,
+        raised_at=t,
+        message=f"【二级】s1 r1 door：门 {n} 被打开",
+        action="立即到场核查",
+    )
+
+
+def _fallback(tmp_path: Path, bot: Bot, per_minute: int = 10) -> tuple[Store, Fallback]:
+    store = Store(tmp_path / "agent.db")
+    settings = FallbackSettings(
+        enabled=True,
+        after=1,
+        per_minute=per_minute,
+        channel=Channel(name="site", type="webhook", url=bot.url, secret=bot.secret),
+    )
+    fb = Fallback(settings, AgentSettings(site="s1", room="r1"), str(tmp_path / "agent.db"), down_for=lambda: 60.0)
+    fb.open()
+    return store, fb
+
+
+def _queue(store: Store, *events: AlarmEvent) -> None:
+    store.write([], list(events), outbox=[("alarms", msgspec.json.encode(e)) for e in events])
+
+
+def _row(tmp_path: Path, seq: int) -> OutboxRow:
+    return next(r for r in OutboxReader(tmp_path / "agent.db").pending(limit=100) if r.seq == seq)
+
+
+def test_the_fallback_tells_each_level_2_alarm_once_marks_its_row_and_leaves_handed_rows_to_the_county(
+    tmp_path,
+) -> None:
+    bot = Bot("webhook", secret="s")
+    store, fb = _fallback(tmp_path, bot)
+    try:
+        _queue(store, _alarm(1))
+        fb.mark(_row(tmp_path, 1))  # the uplink handed row 1 over before the link dropped: the county tells it
+        _queue(store, _alarm(2, level=1), _alarm(3), _alarm(4), _alarm(4, state="cleared"))
+        fb.step()
+        assert [b["thread"] for b in bot.bodies()] == ["s1/r1/secrecy_door_open/door/3"]  # not level 1, not cleared
+        assert fb.stats["sent"] == 1
+        assert msgspec.json.decode(fb.mark(_row(tmp_path, 3)), type=AlarmEvent).notified == ["site"]
+        assert msgspec.json.decode(fb.mark(_row(tmp_path, 1)), type=AlarmEvent).notified == []
+        fb.step()
+        assert len(bot.bodies()) == 1  # once
+        fb.stop()
+
+        # Restarted: it remembers what it told (3, still marked), and row 1, which the old process had handed
+        # to its MQTT client but the broker never acknowledged, is now waiting unsent: it is told too.
+        _, again = _fallback(tmp_path, bot)
+        again.step()
+        assert [b["thread"][-1] for b in bot.bodies()] == ["3", "1"]
+        assert msgspec.json.decode(again.mark(_row(tmp_path, 3)), type=AlarmEvent).notified == ["site"]
+        again.stop()
+    finally:
+        bot.stop()
+
+
+def test_the_fallback_keeps_to_its_rate_and_retries_a_channel_that_failed(tmp_path) -> None:
+    bot = Bot("webhook", secret="s")
+    store, fb = _fallback(tmp_path, bot, per_minute=2)
+    try:
+        bot.down = True
+        _queue(store, _alarm(1), _alarm(2), _alarm(3))
+        fb.step()
+        assert bot.bodies() == [] and fb.stats["failed:http_status"] == 1 and len(fb.waiting) == 3
+        bot.down = False
+        fb.step()
+        assert bot.bodies() == []  # waits out its backoff
+        fb.retry_at = 0.0
+        fb.step()
+        assert len(bot.bodies()) == 2 and len(fb.waiting) == 1  # two a minute
+        fb.stop()
+    finally:
+        bot.stop()
 
 
 # --- real processes --------------------------------------------------------------------------------------
