@@ -411,12 +411,17 @@ def api_query() -> st.SearchStrategy[str]:
             "/api/v1/incidents",
             "/api/v1/agents",
             "/api/v1/ack",
+            "/api/v1/notifications",
+            "/api/v1/ack/link",
+            "POST /api/v1/ack/link",
             "/",
             "/api/v1/",
             "/api/v1/x",
         ]
     )
-    keys = st.sampled_from(["state", "level", "site", "room", "limit", "id", "since", "x", ""])
+    keys = st.sampled_from(
+        ["state", "level", "site", "room", "limit", "id", "since", "kind", "exp", "sig", "who", "note", "x", ""]
+    )
     vals = st.one_of(
         st.sampled_from([*NUMBERS, "active", "open", "closed", "raised", "S", "R", "%00", "%ZZ", ""]),
         st.text(max_size=10),

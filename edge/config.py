@@ -8,9 +8,11 @@ from __future__ import annotations
 import re
 from importlib import resources
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
+from examwatch.channels.settings import Channel, channel_issues
 from examwatch.kernel.broker import BrokerSettings, apply_broker_settings
 from examwatch.kernel.config import (
     ConfigError,
@@ -73,6 +75,20 @@ class UplinkSettings(BrokerSettings, kw_only=True):
     outbox_budget_mb: Annotated[float, msgspec.Meta(ge=1, le=100_000)] = 64.0
 
 
+class FallbackSettings(Strict, kw_only=True):
+    """When the county is unreachable: the agent sends its level-2 alarms straight to a site channel itself.
+
+    Off by default. ``channel`` has the keys of one of the gateway's ``[[channels]]``; give it the same
+    ``name`` as the gateway's channel for the same group, so the gateway does not send those alarms again.
+    """
+
+    enabled: bool = False
+    after: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 120.0  # s of uplink down before the agent sends
+    per_minute: Annotated[int, msgspec.Meta(ge=1, le=60)] = 10  # direct messages a minute at most
+    timezone: str = "Asia/Shanghai"  # for the times in the message
+    channel: Channel | None = None
+
+
 class Device(Strict, kw_only=True):
     """One monitored device. Keys beyond these belong to the protocol's own ``Options``."""
 
@@ -105,6 +121,7 @@ class Config(Strict, kw_only=True):
     exporter: ExporterSettings = msgspec.field(default_factory=ExporterSettings)
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     uplink: UplinkSettings = msgspec.field(default_factory=UplinkSettings)
+    fallback: FallbackSettings = msgspec.field(default_factory=FallbackSettings)
     devices: list[Device] = []
     rules: dict[str, RuleOverride] = {}
     schedule: Schedule = msgspec.field(default_factory=Schedule)
@@ -182,6 +199,30 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
         except ValueError as err:  # the message never repeats the key
             issues.append(ConfigIssue(("uplink", "signing_key"), str(err)))
     issues += [ConfigIssue(path, message) for path, message in schedule_issues(cfg.schedule)]
+    issues += _fallback_issues(cfg)
+    return issues
+
+
+def _fallback_issues(cfg: Config) -> list[ConfigIssue]:
+    fb = cfg.fallback
+    if not fb.enabled:
+        return []
+    issues = []
+    if not cfg.uplink.enabled:
+        issues.append(
+            ConfigIssue(("fallback", "enabled"), "the fallback stands in for the uplink: enable [uplink] too")
+        )
+    try:
+        ZoneInfo(fb.timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        issues.append(ConfigIssue(("fallback", "timezone"), "an IANA time zone, e.g. Asia/Shanghai"))
+    if fb.channel is None:
+        return [*issues, ConfigIssue(("fallback", "channel"), "name the site channel to send to ([fallback.channel])")]
+    if fb.channel.type == "alertmanager":
+        issues.append(
+            ConfigIssue(("fallback", "channel", "type"), "a group robot, e-mail or webhook (not alertmanager)")
+        )
+    issues += [ConfigIssue(("fallback", "channel", *key), message) for key, message in channel_issues(fb.channel)]
     return issues
 
 
@@ -213,6 +254,7 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "Device",
+    "FallbackSettings",
     "Interval",
     "Port",
     "SessionExpiry",

@@ -30,6 +30,7 @@ class AgentView(Protocol):
     current: dict[tuple[str, str], Any]  # (device, metric) -> its latest Reading
     active: dict[str, Any]  # alarm id -> its latest AlarmEvent
     health: Health
+    fallback: Any  # the [fallback] sender, or None
 
     def phase(self, now: float) -> str: ...
     def outbox_stats(self) -> dict[str, float]: ...
@@ -136,6 +137,25 @@ class AgentCollector(Collector):
             )
             yield _gauge(
                 "examwatch_uplink_pending_messages", "messages waiting for the county broker", ids, float(up.pending)
+            )
+        fb = a.fallback
+        if fb is not None:  # [fallback]: what the agent sent to the site channel itself while the county was away
+            sent = CounterMetricFamily(
+                "examwatch_fallback_sent", "alarms sent straight to the site channel", labels=["site", "room"]
+            )
+            sent.add_metric(ids, fb.stats["sent"])
+            failed = CounterMetricFamily(
+                "examwatch_fallback_failed", "direct sends that failed, by reason", labels=["site", "room", "reason"]
+            )
+            for key, n in list(fb.stats.items()):
+                if key.startswith("failed:"):
+                    failed.add_metric([*ids, key.removeprefix("failed:")], n)
+            yield from (sent, failed)
+            yield _gauge(
+                "examwatch_fallback_waiting",
+                "level-2 alarms waiting to be sent straight to the site",
+                ids,
+                float(len(fb.waiting)),
             )
 
 

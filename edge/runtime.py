@@ -89,6 +89,7 @@ class Agent:
         self.ready = threading.Event()
         self.writer_beat = time.monotonic()  # the watchdog's proof that the writer lives
         self.uplink: Any = None
+        self.fallback: Any = None
         self.store: Store | None = None
         self._outbox = {"used_ratio": 0.0, "dropped": 0}
         self._flushed = 0.0  # when readings last went to the outbox (monotonic)
@@ -301,6 +302,11 @@ class Agent:
                 phase=lambda: self.calendar.phase(time.time()),
                 kinds={d.name: d.kind for d in cfg.devices},
             )
+            if cfg.fallback.enabled:
+                from examwatch.edge.fallback import Fallback
+
+                self.fallback = Fallback(cfg.fallback, cfg.agent, self.db_path, self.uplink.down_for)
+                self.uplink.body_of = self.fallback.mark
         writer = threading.Thread(target=self._writer, name="writer", daemon=True)
         writer.start()
         while not self.ready.wait(0.05):
@@ -309,6 +315,8 @@ class Agent:
             await asyncio.sleep(0)
         if self.uplink is not None:
             self.uplink.start()
+        if self.fallback is not None:
+            self.fallback.start()
         server, _ = exporter.serve(self, cfg.exporter.listen)
         collectors = self._collectors_running = self._collectors()
         tasks = self._tasks = [asyncio.create_task(c.run(stop), name=c.protocol) for c in collectors]
@@ -324,6 +332,8 @@ class Agent:
         watchdog.cancel()
         if self.uplink is not None:
             self.uplink.stop()  # first: acks that arrive while it stops still reach the running writer
+        if self.fallback is not None:
+            await asyncio.to_thread(self.fallback.stop)
         self.stop_event.set()
         await asyncio.to_thread(writer.join, 10)
         server.shutdown()  # type: ignore[attr-defined]

@@ -123,6 +123,9 @@ class Uplink:
         self._last_error = ""
         self._error_kind = ""
         self._last_ack: float | None = None
+        self._down_since: float | None = time.monotonic()  # None while connected
+        # the body to publish for a row (the fallback marks alarms it told the site about directly)
+        self.body_of: Callable[[OutboxRowLike], bytes] = lambda row: row.body
 
     # --- public API --------------------------------------------------------------------------------
 
@@ -167,6 +170,11 @@ class Uplink:
             self._drain_events()  # PUBACKs that arrived meanwhile still delete their rows
         client.disconnect()
         client.loop_stop()
+
+    def down_for(self) -> float:
+        """Seconds since the link to the county broker was lost (or since start, never connected); 0 while up."""
+        since = self._down_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def health(self) -> UplinkHealth:
         return UplinkHealth(
@@ -261,6 +269,7 @@ class Uplink:
                     self._set_error(f"connect refused: {rc}", kind=f"connect: {rc}")
                     continue
                 self._connected = True
+                self._down_since = None
                 self._connects += 1
                 self._status_conn, self._status_n = self._conn, 0
                 if self._error_kind.startswith("connect"):  # that error is over
@@ -270,6 +279,7 @@ class Uplink:
             elif kind == "disconnect":
                 if self._connected:
                     log.warning("uplink_lost", reason=str(data), inflight=len(self._inflight))
+                    self._down_since = time.monotonic()
                 self._connected = False
         if acked:
             self._acked += len(acked)
@@ -296,7 +306,9 @@ class Uplink:
 
     def _publish(self, row: OutboxRowLike) -> bool:
         assert self._client is not None
-        payload = wire.encode(self._key, self.agent, row.seq, self.clock(), row.kind, row.body, epoch=self._epoch)
+        payload = wire.encode(
+            self._key, self.agent, row.seq, self.clock(), row.kind, self.body_of(row), epoch=self._epoch
+        )
         info = self._client.publish(wire.topic(self.agent, row.kind), payload, qos=1)
         # NO_CONN: paho queued it and sends it after reconnect; publishing it again would duplicate it.
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):

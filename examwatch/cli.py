@@ -87,7 +87,7 @@ def _gateway_config(path: str):  # -> gateway.config.Config, imported late
 def _test_channel(path: str, name: str) -> int:
     import time
 
-    from examwatch.gateway.notify.channels import SendError
+    from examwatch.channels import SendError
     from examwatch.gateway.notify.worker import test_channel
 
     cfg = _gateway_config(path)

@@ -3,8 +3,12 @@
 GET  /api/v1/alarms?state=active|raised|updated|cleared&level=2&site=S&room=R&limit=N
 GET  /api/v1/alarms/timeline?id=<alarm id>        every transition with the room's original times
 GET  /api/v1/incidents?state=open|closed&site=S&level=N&limit=N
+GET  /api/v1/notifications?id=<alarm or incident id>&limit=N   who was told what and when: each message
+                                                  with its channel, escalations, acknowledgements
 GET  /api/v1/agents                               last seen, status, clock skew, missing sequence numbers
 POST /api/v1/ack   {"alarm"|"incident": id, "who": "...", "note": "..."}   needs "Authorization: Bearer <token>"
+GET  /api/v1/ack/link?kind=&id=&exp=&sig=        the signed link in a message: a Chinese form (name, note)
+POST /api/v1/ack/link  (form: the same four, who, note)   acknowledges; the signature is the authority
 
 Every request is hostile until checked: parameters are validated by ``parse_query`` (unknown, repeated or
 out-of-range ones are a 400 with a JSON error), a body needs a Content-Length within MAX_BODY, and the
@@ -31,7 +35,8 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 import structlog
 
-from examwatch.gateway import store
+from examwatch.gateway import acklink, store
+from examwatch.gateway.notify import outbox
 from examwatch.kernel.config import parse_listen
 
 log = structlog.get_logger("examwatch.gateway.api")
@@ -88,7 +93,7 @@ def _name(v: str) -> str:
 
 def _int(lo: int, hi: int) -> Any:
     def check(v: str) -> int:
-        if not re.fullmatch(r"[0-9]{1,7}", v) or not lo <= int(v) <= hi:
+        if not re.fullmatch(r"[0-9]{1,10}", v) or not lo <= int(v) <= hi:
             raise BadRequest(f"must be an integer from {lo} to {hi}")
         return int(v)
 
@@ -99,6 +104,22 @@ def _alarm_id(v: str) -> str:
     if not 1 <= len(v) <= 256 or not v.isprintable():
         raise BadRequest("must be 1 to 256 printable characters")
     return v
+
+
+def _sig(v: str) -> str:
+    if not re.fullmatch(f"[0-9a-f]{{{acklink.SIG_CHARS}}}", v):
+        raise BadRequest(f"must be {acklink.SIG_CHARS} hex digits")
+    return v
+
+
+def _text(limit: int) -> Any:
+    def check(v: str) -> str:
+        v = v.strip()
+        if len(v) > limit or not all(c.isprintable() or c in "\r\n" for c in v):
+            raise BadRequest(f"at most {limit} printable characters")
+        return v
+
+    return check
 
 
 # Per endpoint: parameter -> validator, and the defaults of those not given.
@@ -118,17 +139,26 @@ ENDPOINTS: dict[str, tuple[dict[str, Any], dict[str, object]]] = {
         {"state": _choice(INCIDENT_STATES), "level": _int(1, 3), "site": _name, "limit": _int(1, LIMIT_MAX)},
         {"state": "", "level": None, "site": "", "limit": 200},
     ),
+    "/api/v1/notifications": ({"id": _alarm_id, "limit": _int(1, LIMIT_MAX)}, {"limit": 500}),
     "/api/v1/agents": ({}, {}),
 }
-REQUIRED = {"/api/v1/alarms/timeline": ("id",)}
+_LINK = {"kind": _choice(acklink.KINDS), "id": _alarm_id, "exp": _int(0, 2**32), "sig": _sig}
+ENDPOINTS["/api/v1/ack/link"] = (_LINK, {})
+ENDPOINTS["POST /api/v1/ack/link"] = ({**_LINK, "who": _text(64), "note": _text(1000)}, {"note": ""})
+REQUIRED = {
+    "/api/v1/alarms/timeline": ("id",),
+    "/api/v1/notifications": ("id",),
+    "/api/v1/ack/link": tuple(_LINK),
+    "POST /api/v1/ack/link": (*_LINK, "who"),
+}
 
 
-def parse_query(path: str, query: str) -> dict[str, object]:
-    """The validated parameters of a GET, with defaults; ``BadRequest`` (or ``NotFound``) otherwise. Pure."""
+def parse_query(path: str, query: str, max_len: int = MAX_QUERY) -> dict[str, object]:
+    """The validated parameters of a GET or a form, with defaults; ``BadRequest`` (or ``NotFound``) otherwise. Pure."""
     if path not in ENDPOINTS:
         raise NotFound("no such endpoint")
-    if len(query) > MAX_QUERY:
-        raise BadRequest(f"query longer than {MAX_QUERY} characters")
+    if len(query) > max_len:
+        raise BadRequest(f"query longer than {max_len} characters")
     try:
         fields = parse_qs(query, keep_blank_values=True, strict_parsing=True, max_num_fields=10, errors="strict")
     except ValueError as err:  # also UnicodeDecodeError
@@ -169,6 +199,17 @@ def parse_ack(body: bytes) -> tuple[str, str, str, str]:
     return kinds[0], getattr(ack, kinds[0]), ack.who.strip(), ack.note
 
 
+def parse_ack_form(body: bytes) -> dict[str, object]:
+    """The fields of the signed link's form (checked, signature not yet); ``BadRequest`` otherwise. Pure."""
+    try:
+        q = parse_query("POST /api/v1/ack/link", body.decode(), MAX_BODY)
+    except UnicodeDecodeError:
+        raise BadRequest("body is not UTF-8") from None
+    if not q["who"]:
+        raise BadRequest("who: required")
+    return q
+
+
 def content_length(value: str | None, chunked: bool) -> int:
     """The body's length from its header: required, digits only, at most MAX_BODY. Pure."""
     if value is None or chunked:
@@ -197,8 +238,9 @@ class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, listen: str, db_path: str, token: str) -> None:
+    def __init__(self, listen: str, db_path: str, token: str, ack_key: bytes = b"") -> None:
         host, port = parse_listen(listen)
+        self.ack_key = ack_key  # checks the signed acknowledgement links (acklink)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.db_path = db_path
         self.token = token
@@ -287,6 +329,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_html(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Security-Policy", "default-src 'none'; form-action 'self'")
+        self.send_header("Referrer-Policy", "no-referrer")  # the link is a credential
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _link(self, q: dict[str, Any]) -> bool:
+        """Whether the signed link holds; a refusal page (403) sent when not."""
+        try:
+            acklink.check(self.server.ack_key, q["kind"], q["id"], q["exp"], q["sig"], time.time())
+        except acklink.LinkError as err:
+            self.server.refuse("unauthorized", str(err))
+            self._send_html(403, acklink.page("无法确认", str(err)))
+            return False
+        return True
+
     def _refuse(self, err: BadRequest, reason: str) -> None:
         self.server.refuse(reason, str(err))
         self.close_connection = True  # an unread body must not be taken for the next request
@@ -298,6 +359,10 @@ class _Handler(BaseHTTPRequestHandler):
             q = parse_query(url.path, url.query)
         except BadRequest as err:
             return self._refuse(err, "not_found" if isinstance(err, NotFound) else "bad_query")
+        if url.path == "/api/v1/ack/link":
+            if self._link(q):
+                self._send_html(200, acklink.form(q))
+            return None
         conn = store.connect(self.server.db_path, readonly=True)
         try:
             if url.path == "/api/v1/alarms":
@@ -306,17 +371,33 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, {"id": q["id"], "timeline": store.alarm_timeline(conn, str(q["id"]))})
             if url.path == "/api/v1/incidents":
                 return self._send(200, {"incidents": store.incidents(conn, **q)})  # type: ignore[arg-type]
+            if url.path == "/api/v1/notifications":
+                done = outbox.notifications(conn, str(q["id"]), int(q["limit"]))  # type: ignore[call-overload]
+                return self._send(200, {"id": q["id"], **done})
             return self._send(200, {"agents": store.agents(conn)})
         finally:
             conn.close()
 
     def do_POST(self) -> None:
+        if urlsplit(self.path).path == "/api/v1/ack/link":
+            return self._ack_link()
         if urlsplit(self.path).path != "/api/v1/ack":
             return self._refuse(NotFound("no such endpoint"), "not_found")
         if not self._authorised():
             return self._refuse(
                 _Unauthorized("acknowledgement needs a valid token (Authorization: Bearer <token>)"), "unauthorized"
             )
+        parsed = self._body(parse_ack)
+        if parsed is None:
+            return None
+        kind, item, who, note = parsed
+        if not self._acknowledge(kind, item, who, note):
+            return self._send(404, {"error": f"no such {kind}"})
+        log.info("acknowledged", kind=kind, id=item, who=who)
+        return self._send(200, {"ok": True, kind: item, "who": who})
+
+    def _body(self, parse: Any) -> Any:
+        """``parse`` of the request's body, read within its bounds; None when refused (the answer is sent)."""
         try:
             length = content_length(
                 self.headers.get("Content-Length"), "chunked" in self.headers.get("Transfer-Encoding", "").lower()
@@ -324,22 +405,33 @@ class _Handler(BaseHTTPRequestHandler):
             body = self.rfile.read(length)
             if len(body) != length:
                 raise BadRequest("body shorter than Content-Length")
-            kind, item, who, note = parse_ack(body)
+            return parse(body)
         except TimeoutError:
             self.server.refuse("timeout", "body not sent in time")
             self.close_connection = True
-            return
         except BadRequest as err:
-            return self._refuse(err, {411: "length_required", 413: "too_large"}.get(err.status, "bad_body"))
+            self._refuse(err, {411: "length_required", 413: "too_large"}.get(err.status, "bad_body"))
+        return None
+
+    def _acknowledge(self, kind: str, item: str, who: str, note: str) -> bool:
         conn = store.connect(self.server.db_path)
         try:
-            found = store.acknowledge(conn, "alarms" if kind == "alarm" else "incidents", item, who, note, time.time())
+            return store.acknowledge(conn, "alarms" if kind == "alarm" else "incidents", item, who, note, time.time())
         finally:
             conn.close()
-        if not found:
-            return self._send(404, {"error": f"no such {kind}"})
-        log.info("acknowledged", kind=kind, id=item, who=who)
-        return self._send(200, {"ok": True, kind: item, "who": who})
+
+    def _ack_link(self) -> None:
+        """The form of a signed link: no token, the link's signature is the authority (and the CSRF defence)."""
+        q = self._body(parse_ack_form)
+        if q is None or not self._link(q):
+            return None
+        kind, item, who, note = str(q["kind"]), str(q["id"]), str(q["who"]), str(q["note"])
+        if not self._acknowledge(kind, item, who, note):
+            return self._send_html(404, acklink.page("无法确认", f"没有编号为 {item} 的记录"))
+        log.info("acknowledged", kind=kind, id=item, who=who, via="link")
+        return self._send_html(
+            200, acklink.page("已确认", f"{who} 已确认 {item}。升级提醒已停止，确认信息已通知各群。")
+        )
 
     def _authorised(self) -> bool:
         """Bearer only, compared in constant time; no token configured: nobody may acknowledge."""

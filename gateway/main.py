@@ -13,8 +13,8 @@ from pathlib import Path
 import sdnotify
 import structlog
 
+from examwatch.gateway import acklink, store
 from examwatch.gateway import config as gwconfig
-from examwatch.gateway import store
 from examwatch.gateway.api import ApiServer
 from examwatch.gateway.exporter import GatewayCollector, serve
 from examwatch.gateway.ingest import Engine, Message
@@ -36,9 +36,10 @@ class Gateway:
         self.engine = Engine(cfg, self.conn, cfg.agent_keys())
         self.inbox: queue.SimpleQueue[tuple[int, int, Message]] = queue.SimpleQueue()
         self.subscriber = Subscriber(cfg.broker, self.inbox)
-        self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token())
+        ack_key = acklink.load_key(cfg.gateway.state_dir)  # signs the acknowledgement links in messages
+        self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token(), ack_key)
         self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber, api=self.api)
-        self.notifier = notifier_for(cfg, self.db_path)
+        self.notifier = notifier_for(cfg, self.db_path, ack_key=ack_key)
 
     def run(self) -> None:
         http, _ = serve(self.cfg.exporter.listen, self.exporter, self.notifier.collector)

@@ -108,3 +108,6 @@ class AlarmEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     phase: Annotated[str, msgspec.Meta(max_length=16)] | None = None
     message: Text
     action: Text = ""
+    # Channels the room's agent itself already told (its fallback while the county was unreachable): the
+    # gateway does not send this transition to them again. Set on the signed outbox row when it goes out.
+    notified: Annotated[list[Name], msgspec.Meta(max_length=8)] = []

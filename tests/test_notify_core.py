@@ -10,7 +10,7 @@ import json
 
 import msgspec
 
-from examwatch.gateway.notify.channels import alertmanager, dingtalk, feishu, webhook, wecom
+from examwatch.channels import alertmanager, dingtalk, feishu, webhook, wecom
 from examwatch.gateway.notify.core import Ack, Event, Planner, State
 from examwatch.gateway.notify.messages import Item, Links, alarm_message
 from examwatch.gateway.notify.settings import Channel, Notify, Roster

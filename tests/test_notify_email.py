@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from examwatch.gateway.notify.channels import SendError
-from examwatch.gateway.notify.channels.email import send
+from examwatch.channels import SendError
+from examwatch.channels.email import send
 from examwatch.gateway.notify.messages import Item, Links, alarm_message
 from examwatch.gateway.notify.settings import Channel
 from examwatch.simulators.broker import free_port

@@ -45,6 +45,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     message: str = ""  # the alarm's text, or the incident's title
     action: str = ""
     phase: str = ""
+    notified: list[str] = []  # channels the room's agent told directly (county unreachable): not again
 
 
 class Ack(msgspec.Struct, frozen=True):
@@ -95,13 +96,16 @@ class Planner:
         roster: list[Roster],
         classes: dict[str, str],
         state: State | None = None,
+        ack_key: bytes = b"",
     ) -> None:
         self.s = settings
         self.channels = {c.name: c for c in channels}
         self.roster = roster
         self.classes = classes
         self.state = state or State()
-        self.links = Links(settings.ack_url, settings.grafana_url, settings.timezone)
+        self.links = Links(
+            settings.ack_url, settings.grafana_url, settings.timezone, ack_key, settings.ack_link_hours * 3600
+        )
         self._rostered = {n for r in roster for t in TIERS for n in r.tier(t)}
 
     # --- routing --------------------------------------------------------------------------------------
@@ -179,7 +183,9 @@ class Planner:
         return out, lines
 
     def _to(self, ev: Event, fault_class: str, tier: int, m: Message) -> list[Out]:
-        return [(n, m) for n in self.route(ev, fault_class, tier)]
+        # A raise or level change the room's agent already sent to a channel itself is not sent there again.
+        skip = ev.notified if m.kind in ("raised", "updated") and m.thread == ev.id else []
+        return [(n, m) for n in self.route(ev, fault_class, tier) if n not in skip]
 
     def _item(self, ev: Event, firing: bool = True) -> Item:
         return Item(
@@ -215,6 +221,8 @@ class Planner:
         if th is not None and (th.last.what, th.last.level, th.last.at) == (ev.what, ev.level, ev.at):
             return  # the same transition stored twice
         fc = self.fault_class(ev)
+        if ev.notified and ev.what in ("raised", "updated"):
+            lines.append((ev.id, ev.at, "direct", "考场终端已直接通知：" + "、".join(ev.notified)))
         flap_key = f"{ev.site}/{ev.room}/{ev.rule}"
         flap = st.flaps.setdefault(flap_key, Flap())
         flap.last = ev
@@ -236,8 +244,10 @@ class Planner:
                 lines.append((ev.id, now, "held", "批量告警合并发送"))
                 return
             st.storms[f"{ev.site}/{fc}"] = Storm(opened=now)
-            out += self._to(ev, fc, th.tier, self._alarm_msg(ev, "raised", f"{ev.id}:raised:{ev.level}"))
-            lines.append((ev.id, now, "sent", TIER_NAMES[TIERS[th.tier]]))
+            sent = self._to(ev, fc, th.tier, self._alarm_msg(ev, "raised", f"{ev.id}:raised:{ev.level}"))
+            out += sent
+            if sent or not ev.notified:  # all told by the agent already: its "direct" line says so
+                lines.append((ev.id, now, "sent", TIER_NAMES[TIERS[th.tier]]))
             return
         if flap.flapping:
             st.threads.pop(ev.id, None)
@@ -342,7 +352,8 @@ class Planner:
                 if th is None:
                     continue  # cleared before the list went out: its clear went to the same channels
                 for n in self.route(ev, th.fault_class, th.tier):
-                    per_channel.setdefault(n, []).append(self._item(ev))
+                    if n not in ev.notified:
+                        per_channel.setdefault(n, []).append(self._item(ev))
             site, fc = key.split("/", 1)
             for n, items in per_channel.items():
                 out.append(

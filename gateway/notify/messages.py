@@ -1,7 +1,7 @@
 """What staff read: one notification as a title, markdown lines and the alerts it concerns. Pure, Chinese.
 
-A ``Message`` is rendered once, stored in the outbox as JSON, and turned into each platform's payload by
-the channel modules; ``markdown`` and ``plain`` are the two text forms they use.
+A ``Message`` (``examwatch.channels.message``) is rendered here once, stored in the outbox as JSON, and turned
+into each platform's payload by the channel modules.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from urllib.parse import quote, urlencode
 from zoneinfo import ZoneInfo
 
 import msgspec
+
+from examwatch.channels.message import Item, Message, markdown, plain
+from examwatch.gateway import acklink
 
 LEVEL_NAMES = {1: "一级", 2: "二级", 3: "三级"}
 DEADLINE_WORDS = {1: ("反馈",), 2: ("上报领导小组", "决策"), 3: ("上报县招办", "决策")}
@@ -24,46 +27,12 @@ INCIDENT_WORDS = {
 }
 
 
-class Item(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One alarm (a room's) or incident a message is about; Alertmanager gets one alert per item."""
-
-    id: str
-    site: str
-    room: str = ""
-    rule: str = ""
-    level: int
-    firing: bool = True
-    starts_at: float
-    ends_at: float | None = None
-    summary: str = ""
-
-
-class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
-    key: str  # idempotency key: the same transition always makes the same key
-    thread: str  # the alarm or incident id: one thread of updates
-    kind: str  # raised, updated, cleared, escalated, acked, flapping, storm, incident, system, test
-    level: int
-    title: str
-    lines: list[str] = []  # markdown lines (bold labels, links)
-    items: list[Item] = []
-
-
-def markdown(m: Message) -> str:
-    return "\n\n".join([f"### {m.title}", *m.lines])
-
-
-def plain(m: Message) -> str:
-    """The markdown without its marks, for e-mail text and platforms without markdown."""
-    out = [m.title]
-    for line in m.lines:
-        out.append(line.replace("**", "").replace("> ", ""))
-    return "\n".join(out)
-
-
 class Links(msgspec.Struct, frozen=True):
     ack_url: str = ""
     grafana_url: str = ""
     timezone: str = "Asia/Shanghai"
+    ack_key: bytes = b""  # the gateway's link key: messages carry a signed acknowledgement link
+    ack_ttl: float = 86400.0  # s after the raise the link works
 
     def clock(self, t: float) -> str:
         return datetime.fromtimestamp(t, ZoneInfo(self.timezone)).strftime("%H:%M")
@@ -71,8 +40,11 @@ class Links(msgspec.Struct, frozen=True):
     def day_clock(self, t: float) -> str:
         return datetime.fromtimestamp(t, ZoneInfo(self.timezone)).strftime("%m-%d %H:%M:%S")
 
-    def ack_lines(self, kind: str, item_id: str) -> list[str]:
+    def ack_lines(self, kind: str, item_id: str, since: float) -> list[str]:
         lines = [f"确认：`examwatch ack {item_id} --who 姓名 --note 处理情况`"]
+        if self.ack_url and self.ack_key:
+            url = acklink.link(self.ack_url, self.ack_key, kind, item_id, int(since + self.ack_ttl))
+            lines.append(f"[点此确认]({url})")
         if self.ack_url:
             path = "alarms/timeline" if kind == "alarm" else "incidents"
             query = urlencode({"id": item_id}) if kind == "alarm" else urlencode({"state": "open"})
@@ -132,7 +104,7 @@ def alarm_message(
             lines.append(f"**上报至**：{tier_name}（超时未确认）")
         if d := deadline_line(item.level, item.starts_at, deadlines, links):
             lines.append(d)
-        lines += links.ack_lines("alarm", item.id)
+        lines += links.ack_lines("alarm", item.id, item.starts_at)
     lines += links.grafana(item.site, item.room)
     lines.append(f"编号：{item.id}")
     return Message(key=key, thread=item.id, kind=kind, level=item.level, title=title, lines=lines, items=[item])
@@ -152,7 +124,7 @@ def incident_message(
     if what != "closed":
         if d := deadline_line(item.level, item.starts_at, deadlines, links):
             lines.append(d)
-        lines += links.ack_lines("incident", item.id)
+        lines += links.ack_lines("incident", item.id, item.starts_at)
     lines += links.grafana(item.site, "")
     lines.append(f"事件编号：{item.id}")
     return Message(

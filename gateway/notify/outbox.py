@@ -133,14 +133,44 @@ def sent_messages(conn: sqlite3.Connection, channel: str) -> list[Message]:
     ]
 
 
-def timeline(conn: sqlite3.Connection, thread: str) -> list[dict[str, Any]]:
-    """The notifier's record of one alarm or incident: sent, held, escalated, acknowledged (who, note), resolved."""
+def timeline(conn: sqlite3.Connection, thread: str, limit: int = 1000) -> list[dict[str, Any]]:
+    """The notifier's record of one alarm or incident: sent (to which tier), held, told directly by the room's
+    agent, escalated, acknowledged (who, note), resolved."""
     return [
         {"at": r[0], "what": r[1], "detail": r[2]}
         for r in conn.execute(
-            "SELECT at, what, detail FROM notify_timeline WHERE thread = ? ORDER BY at, rowid", [thread]
+            "SELECT at, what, detail FROM notify_timeline WHERE thread = ? ORDER BY at, rowid LIMIT ?", [thread, limit]
         )
     ]
+
+
+def notifications(conn: sqlite3.Connection, thread: str, limit: int = 1000) -> dict[str, Any]:
+    """What the notifier did about one alarm or incident (``/api/v1/notifications``): its timeline, and every
+    message with its channel, when it was queued and confirmed, the attempts and the last error. Nothing when
+    the notifier never ran (no channels configured: no tables)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'notify_timeline'").fetchone():
+        return {"timeline": [], "messages": []}
+    messages = []
+    for r in conn.execute(
+        "SELECT channel, key, created, sent_at, attempts, error, message FROM notify_outbox "
+        "WHERE thread = ? ORDER BY id LIMIT ?",
+        [thread, limit],
+    ):
+        m = _message.decode(r[6])
+        messages.append(
+            {
+                "channel": r[0],
+                "key": r[1],
+                "kind": m.kind,
+                "level": m.level,
+                "title": m.title,
+                "queued": r[2],
+                "sent": r[3],
+                "attempts": r[4],
+                "error": r[5],
+            }
+        )
+    return {"timeline": timeline(conn, thread, limit), "messages": messages}
 
 
 def prune(conn: sqlite3.Connection, before: float) -> None:

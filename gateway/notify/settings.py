@@ -4,58 +4,13 @@ and ``[[roster]]`` (who is reached through which channels, tier by tier)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import msgspec
 
+from examwatch.channels.settings import CHANNEL_TYPES, RATE_LIMITS, Channel, channel_issues
 from examwatch.kernel.config import Strict
 
-CHANNEL_TYPES = ("dingtalk", "wecom", "feishu", "email", "webhook", "alertmanager")
 TIERS = ("technicians", "group_lead", "leading_group", "county_office")  # 技术人员, 保障组组长, 领导小组, 县招办
-# Messages a minute the platform accepts from one robot (its documentation); 0: no documented limit.
-RATE_LIMITS = {"dingtalk": 20, "wecom": 20, "feishu": 100, "email": 0, "webhook": 0, "alertmanager": 0}
-MIN_GAPS = {"feishu": 0.2}  # s between two sends: Feishu also allows at most 5 a second
-
-
-class Channel(Strict, kw_only=True):
-    """One place messages go: a group robot, a mailbox list, a webhook or an Alertmanager."""
-
-    name: str
-    type: str
-    url: str = ""  # robot webhook (with its access_token / key), webhook URL, or Alertmanager base URL
-    secret: str = ""  # robot signing secret (DingTalk "SEC...", Feishu), webhook HMAC key; never logged
-    secret_file: str = ""
-    # e-mail (TLS only: "starttls" or "implicit")
-    host: str = ""
-    port: int = 0
-    tls: str = "starttls"
-    username: str = ""
-    password: str = ""
-    password_file: str = ""
-    sender: str = ""
-    to: list[str] = []
-    ca_file: str = ""  # trust this CA (a county's own) for the mail server or the webhook
-    # routing filters: empty means any
-    levels: list[int] = []
-    sites: list[str] = []
-    classes: list[str] = []  # fault classes: network, power, recording, secrecy, noise, system
-    room_kinds: list[str] = []  # e.g. exam, secrecy ([notify] room_kinds names them)
-    phases: list[str] = []  # exam phases (before, during, ...)
-    rate_per_minute: int = -1  # -1: the platform's documented limit
-    repost_interval: float = 60.0  # alertmanager: re-post active alerts this often (below its resolve_timeout)
-    timeout: float = 10.0
-
-    def secret_value(self) -> str:
-        return Path(self.secret_file).read_text(encoding="utf-8").strip() if self.secret_file else self.secret
-
-    def password_value(self) -> str:
-        return Path(self.password_file).read_text(encoding="utf-8").strip() if self.password_file else self.password
-
-    def rate(self) -> int:
-        return RATE_LIMITS.get(self.type, 0) if self.rate_per_minute < 0 else self.rate_per_minute
-
-    def min_gap(self) -> float:
-        return MIN_GAPS.get(self.type, 0.0) if self.rate_per_minute < 0 else 0.0
 
 
 class Roster(Strict, kw_only=True):
@@ -86,6 +41,7 @@ class Deadlines(Strict, kw_only=True):
 
 class Notify(Strict, kw_only=True):
     ack_url: str = ""  # the gateway API as staff reach it, e.g. "https://gw.example.cn:8080"
+    ack_link_hours: float = 24.0  # a message's signed acknowledgement link works this long after the raise
     grafana_url: str = ""  # e.g. "https://grafana.example.cn/d/examwatch-room"; ?var-site=&var-room= appended
     timezone: str = "Asia/Shanghai"
     start_tier: dict[str, str] = msgspec.field(
@@ -109,19 +65,7 @@ def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list
         if not c.name or c.name in names:
             issues.append((("channels", i, "name"), "every channel needs its own name"))
         names.add(c.name)
-        if c.type not in CHANNEL_TYPES:
-            issues.append((("channels", i, "type"), f"one of {', '.join(CHANNEL_TYPES)}"))
-        elif c.type == "email":
-            if c.tls not in ("starttls", "implicit"):
-                issues.append((("channels", i, "tls"), 'e-mail is sent over TLS only: "starttls" or "implicit"'))
-            if not c.host or not c.sender or not c.to:
-                issues.append((("channels", i), "e-mail needs host, sender and to"))
-        elif not c.url.startswith(("https://", "http://")):
-            issues.append((("channels", i, "url"), "an http(s) URL"))
-        if not 0 < c.timeout <= 120 or not 1 <= c.repost_interval <= 3600 or c.rate_per_minute > 10_000:
-            issues.append((("channels", i), "timeout 0-120 s, repost_interval 1-3600 s, rate_per_minute up to 10000"))
-        if any(lv not in (1, 2, 3) for lv in c.levels):
-            issues.append((("channels", i, "levels"), "levels are 1, 2 or 3"))
+        issues += [(("channels", i, *key), message) for key, message in channel_issues(c)]
     for i, r in enumerate(roster):
         for t in TIERS:
             for n in r.tier(t):
@@ -138,6 +82,8 @@ def check(channels: list[Channel], roster: list[Roster], notify: Notify) -> list
         issues.append((("notify",), "flap_count 1-100, flap_window up to a day"))
     if not 0 <= notify.storm_window <= 600 or not 0 < notify.retry_base <= notify.retry_max <= 86400:
         issues.append((("notify",), "storm_window 0-600 s; 0 < retry_base <= retry_max"))
+    if not 0 < notify.ack_link_hours <= 168:
+        issues.append((("notify", "ack_link_hours"), "up to 168 hours (a week)"))
     if notify.failing_after < 1:
         issues.append((("notify", "failing_after"), "at least 1"))
     return issues

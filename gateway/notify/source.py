@@ -49,6 +49,7 @@ def _alarm_event(r: sqlite3.Row | tuple, what: str = "") -> Event:
         message=ev.message if ev else r[10],
         action=ev.action if ev else "",
         phase=(ev.phase or "") if ev else "",
+        notified=list(ev.notified) if ev else [],
     )
 
 

@@ -16,26 +16,15 @@ import msgspec
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from examwatch.channels import SENDERS, SendError, alertmanager, client, send_once
 from examwatch.gateway.notify import outbox, source
-from examwatch.gateway.notify.channels import SendError, alertmanager, client, dingtalk, email, feishu, webhook, wecom
 from examwatch.gateway.notify.core import Planner, State
-from examwatch.gateway.notify.messages import Message
 from examwatch.gateway.notify.settings import Channel, Notify, Roster
 
 log = structlog.get_logger("examwatch.gateway.notify")
 
 STEP = 0.05  # s between looks at the timeline (two indexed reads: cheap; sets the latency floor)
 KEEP = 30 * 86400.0  # s sent messages and the notifier's timeline are kept
-
-
-SENDERS: dict[str, Callable[[Channel, Message, Any, float], None]] = {
-    "dingtalk": dingtalk.send,
-    "wecom": wecom.send,
-    "feishu": feishu.send,
-    "email": email.send,
-    "webhook": webhook.send,
-    "alertmanager": alertmanager.send,
-}
 
 
 class Stats:
@@ -56,8 +45,10 @@ class Notifier:
         roster: list[Roster],
         classes: dict[str, str],
         clock: Callable[[], float] = time.time,
+        ack_key: bytes = b"",
     ) -> None:
         self.db_path = db_path
+        self.ack_key = ack_key
         self.county = county or "county"
         self.settings = settings
         self.channels = channels
@@ -114,7 +105,7 @@ class Notifier:
         first: list[Any] = []  # a first start's open alarms, until committed with the first step
         if self._first is not None:
             cursors, first = self._first
-        planner = Planner(self.settings, self.channels, self.roster, self.classes, state)
+        planner = Planner(self.settings, self.channels, self.roster, self.classes, state, self.ack_key)
         failures, pruned = 0, 0.0
         while not self.stop_event.wait(STEP):
             try:
@@ -304,17 +295,12 @@ def test_channel(ch: Channel, county: str, now: float) -> None:
         at=now,
         site=county or "county",
     )
-    http = client(ch) if ch.type != "email" else None
-    try:
-        SENDERS[ch.type](ch, m, http, now)
-    finally:
-        if http is not None:
-            http.close()
+    send_once(ch, m, now)
 
 
-def notifier_for(cfg: Any, db_path: str, clock: Callable[[], float] = time.time) -> Notifier:
+def notifier_for(cfg: Any, db_path: str, clock: Callable[[], float] = time.time, ack_key: bytes = b"") -> Notifier:
     """The notifier of a gateway config (``gateway.config.Config``)."""
     from examwatch.gateway.correlate import rule_classes
 
     classes = {rule: c.fault_class for rule, c in rule_classes(cfg.correlation_rules()).items()}
-    return Notifier(db_path, cfg.gateway.county, cfg.notify, cfg.channels, cfg.roster, classes, clock)
+    return Notifier(db_path, cfg.gateway.county, cfg.notify, cfg.channels, cfg.roster, classes, clock, ack_key)

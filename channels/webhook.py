@@ -15,9 +15,9 @@ from urllib.parse import quote
 
 import msgspec
 
-from examwatch.gateway.notify.channels import post_json
-from examwatch.gateway.notify.messages import Message, markdown
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.base import post_json
+from examwatch.channels.message import Message, markdown
+from examwatch.channels.settings import Channel
 
 
 def body(m: Message) -> bytes:

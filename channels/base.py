@@ -1,4 +1,4 @@
-"""One module per channel type: ``payload`` (pure, exact) and ``send`` (httpx or smtplib, raises SendError).
+"""What every channel module shares: the HTTP client, a bounded JSON POST, the bots' error codes.
 
 A bot that answers HTTP 200 with an error code in its body has NOT delivered: every bot module checks the
 body itself (apprise does not: it reports success on any 200, so it is not used).
@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.settings import Channel
 
 MAX_ANSWER = 64 * 1024  # a bot's answer is a small JSON object; anything bigger is not one
 

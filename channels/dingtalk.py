@@ -14,9 +14,9 @@ import hmac
 from typing import Any
 from urllib.parse import quote_plus
 
-from examwatch.gateway.notify.channels import coded_answer, post_json
-from examwatch.gateway.notify.messages import Message, markdown
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.base import coded_answer, post_json
+from examwatch.channels.message import Message, markdown
+from examwatch.channels.settings import Channel
 
 RATE_CODES = {130101}
 SIGN_CODES = {310000}

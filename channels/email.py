@@ -11,9 +11,9 @@ from email.utils import formatdate, make_msgid
 from hashlib import sha256
 from typing import Any
 
-from examwatch.gateway.notify.channels import SendError
-from examwatch.gateway.notify.messages import Message, plain
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.base import SendError
+from examwatch.channels.message import Message, plain
+from examwatch.channels.settings import Channel
 
 
 def build(ch: Channel, m: Message, now: float) -> EmailMessage:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from examwatch.gateway.notify.channels import coded_answer, post_json
-from examwatch.gateway.notify.messages import Message, markdown
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.base import coded_answer, post_json
+from examwatch.channels.message import Message, markdown
+from examwatch.channels.settings import Channel
 
 MAX_CONTENT = 4096
 RATE_CODES = {45009}

@@ -10,9 +10,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from examwatch.gateway.notify.channels import post_json
-from examwatch.gateway.notify.messages import Item, Message, plain
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.base import post_json
+from examwatch.channels.message import Item, Message, plain
+from examwatch.channels.settings import Channel
 
 SEVERITY = {1: "warning", 2: "critical", 3: "critical"}
 

@@ -13,10 +13,10 @@ import hashlib
 import hmac
 from typing import Any
 
-from examwatch.gateway.notify.channels import SendError, coded_answer, post_json
-from examwatch.gateway.notify.channels.wecom import clip
-from examwatch.gateway.notify.messages import Message
-from examwatch.gateway.notify.settings import Channel
+from examwatch.channels.base import SendError, coded_answer, post_json
+from examwatch.channels.message import Message
+from examwatch.channels.settings import Channel
+from examwatch.channels.wecom import clip
 
 RATE_CODES = {11232}
 SIGN_CODES = {19021}
