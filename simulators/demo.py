@@ -57,17 +57,19 @@ class Room:
 
 
 class DemoSite:
-    def __init__(self, workdir: Path, interval: float = 2.0) -> None:
+    def __init__(self, workdir: Path, interval: float = 2.0, usual_ports: bool = True) -> None:
+        # the documented ports for a person; any free ones for a test (a demo may run beside it)
+        port = _port if usual_ports else (lambda _usual: free_port())
         self.dir = Path(workdir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)
         self.interval = interval
-        self.broker = Mosquitto(self.dir / "broker", port=_port(18830))
-        self.api, self.gateway_metrics = _port(8080), _port(9109)
+        self.broker = Mosquitto(self.dir / "broker", port=port(18830))
+        self.api, self.gateway_metrics = port(8080), port(9109)
         self.rooms = [
-            Room("secrecy", "secrecy_room", "保密室", _port(9110)),
-            Room("101", "exam_room", "第101考场", _port(9111)),
-            Room("102", "exam_room", "第102考场", _port(9112)),
+            Room("secrecy", "secrecy_room", "保密室", port(9110)),
+            Room("101", "exam_room", "第101考场", port(9111)),
+            Room("102", "exam_room", "第102考场", port(9112)),
         ]
         self.gateway: subprocess.Popen[bytes] | None = None
         self.door = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-zigbee2mqtt")
@@ -240,7 +242,7 @@ def _report(site: DemoSite) -> None:
     for a in site.get("/api/v1/alarms?state=active")["alarms"]:
         print(f"    告警 {a.get('room')}: {a.get('message', '')}")
     for i in site.get("/api/v1/incidents?state=open")["incidents"]:
-        print(f"    事件 [{i.get('level')}级] {i.get('title')}: {', '.join(i.get('members', []))}")
+        print(f"    事件 [{i.get('level')}级] {i.get('title')}: {', '.join(sorted(i.get('members', [])))}")
 
 
 def run_scenario(site: DemoSite, speed: float = 1.0, patience: float = 40.0) -> list[bool]:
@@ -260,8 +262,14 @@ def run_scenario(site: DemoSite, speed: float = 1.0, patience: float = 40.0) -> 
     return seen
 
 
-def main(workdir: str = ".examwatch-demo", duration: float = 0.0, scenario: bool = True, speed: float = 1.0) -> int:
-    site = DemoSite(Path(workdir))
+def main(
+    workdir: str = ".examwatch-demo",
+    duration: float = 0.0,
+    scenario: bool = True,
+    speed: float = 1.0,
+    usual_ports: bool = True,
+) -> int:
+    site = DemoSite(Path(workdir), usual_ports=usual_ports)
 
     def interrupted(*_: object) -> None:
         raise KeyboardInterrupt  # a `kill` stops the site as cleanly as Ctrl-C
