@@ -6,8 +6,10 @@ The agent writes ``Q1\\r`` and the UPS answers one line::
      input  fault  output load freq batt  temp status bits
 
 ``F\\r`` gives the nominal ratings (``#MMM.M QQQ SS.SS RR.R``) and ``I\\r`` the identity
-(``#company model version``); both are asked once after the port opens. The battery voltage is either per
-cell or per pack depending on the model, so estimating the charge from it is the profile's business.
+(``#company model version``). Both are optional (many units answer Q1 only, as NUT knows): each is asked
+once after the port opens, after a Q1 answer proved the UPS is there, one per poll so a silent one costs a
+single timeout; without F the rating comes from the profile. The battery voltage is either per cell or per
+pack depending on the model, so estimating the charge from it is the profile's business.
 
 pyserial runs in a worker thread. A timeout returns nothing or half a line (a device state, not an
 exception); a port that vanished (USB adapter pulled) raises ``SerialException``: the port is closed and
@@ -38,6 +40,9 @@ log = structlog.get_logger("examwatch.collector.megatec")
 # --- profiles ---------------------------------------------------------------------------------------------
 
 
+Nominal = Annotated[float, msgspec.Meta(ge=0, le=10_000)]  # a rating's fields: finite, never negative
+
+
 class Battery(Strict):
     """How to turn Q1's battery voltage into a charge estimate (a straight line between empty and full)."""
 
@@ -47,9 +52,19 @@ class Battery(Strict):
     cells: int = 0  # cells in the pack; 0: nominal battery voltage from ``F`` / 2 V per cell
 
 
+class Rating(Strict, frozen=True):
+    """The nominal ratings: what ``F`` answers, or the profile's ``[rating]`` for a unit without F."""
+
+    voltage: Nominal = 0.0
+    current: Nominal = 0.0
+    battery_voltage: Nominal = 0.0  # the pack's nominal voltage, e.g. 12.0 or 24.0 (cells: battery_voltage / 2)
+    frequency: Nominal = 0.0
+
+
 class Profile(Strict):
     description: str = ""
     battery: Battery | None = None  # none: the model's battery voltage says nothing reliable about charge
+    rating: Rating | None = None  # for units that do not answer F (NUT's default.* values); F wins if answered
 
 
 class Options(Strict):
@@ -81,13 +96,6 @@ class Status(msgspec.Struct, frozen=True):
     test_in_progress: bool  # b2
     shutdown_active: bool  # b1
     beeper_on: bool  # b0
-
-
-class Rating(msgspec.Struct, frozen=True):
-    voltage: float
-    current: float
-    battery_voltage: float
-    frequency: float
 
 
 def parse_q1(line: bytes) -> Status:
@@ -163,7 +171,7 @@ class _Port:
         self.serial: serial.Serial | None = None
         self.lock = threading.Lock()
         self.backoff = Backoff()
-        self.identified = False  # F and I asked since the port opened
+        self.optional: list[bytes] = []  # F and I, still to ask since the port opened (one per poll)
         self.rating: Rating | None = None
         self.identity = ""
 
@@ -190,6 +198,7 @@ class _Port:
             self._lost(err)
             raise DeviceError("port_unavailable", str(err)) from None
         self.backoff.succeeded()
+        self.optional = [b"F", b"I"]
         return self.serial
 
     def _lost(self, err: Exception) -> None:
@@ -197,7 +206,6 @@ class _Port:
             with contextlib.suppress(serial.SerialException, OSError):
                 self.serial.close()
             self.serial = None
-            self.identified = False
         self.backoff.failed()
 
     def close(self) -> None:
@@ -241,13 +249,13 @@ timeout = 1.0
         port = self._ports.get(device.name)
         if port is None:
             port = self._ports[device.name] = _Port(device.address, device.options.baud, device.timeout)
-        if not port.identified:
-            await asyncio.to_thread(self._identify, device.name, port)
         # a lost or unopenable port is not asked again: the backoff decides when to reopen it
         status = await retry(
             lambda: asyncio.to_thread(self._status, port), device.retries + 1, final=("port_lost", "port_unavailable")
         )
-        return readings_from(device.name, status, profile, port.rating, time.time())
+        if port.optional:  # the UPS answered Q1: now F or I, whose silence only means the model lacks it
+            await asyncio.to_thread(self._ask_optional, device.name, port, profile)
+        return readings_from(device.name, status, profile, port.rating or profile.rating, time.time())
 
     @staticmethod
     def _status(port: _Port) -> Status:
@@ -257,20 +265,18 @@ timeout = 1.0
         return parse_q1(line)
 
     @staticmethod
-    def _identify(name: str, port: _Port) -> None:
-        """Ask ratings and identity once per opened port; a UPS that lacks them still gets polled."""
-        line = port.ask(b"F")
-        if not line:  # a silent UPS: don't spend two more timeouts on it
-            raise DeviceError("timeout", f"no answer to F within {port.timeout}s")
-        try:
-            port.rating = parse_f(line)
-        except DeviceError:
-            port.rating = None  # models without F echo it back
-        identity = parse_i(port.ask(b"I"))
-        port.identified = True
-        if identity != port.identity:
-            port.identity = identity
-            log.info("ups_identified", device=name, identity=identity or "(none)", rating=port.rating)
+    def _ask_optional(name: str, port: _Port, profile: Profile) -> None:
+        """Ask the next of F and I, once per opened port; no answer, an echo or garbage is no error."""
+        command = port.optional.pop(0)
+        line = port.ask(command)
+        if command == b"F":
+            try:
+                port.rating = parse_f(line)
+            except DeviceError:  # silent, or an echo: the model lacks F
+                port.rating = None
+                log.info("ups_lacks_rating", device=name, answer=line[:40], rating_from_profile=profile.rating)
+        else:
+            log.info("ups_identified", device=name, identity=parse_i(line) or "(none)", rating=port.rating)
 
     async def close(self) -> None:
         for port in self._ports.values():
