@@ -127,8 +127,8 @@ def ups(tmp_path: Path) -> Iterator[tuple[PtyPair, MegatecSimulator]]:
 
 
 def device(port: Path | str, name: str = "ups1", **kw: object) -> Device:
-    fields = {"interval": 0.3, "timeout": 0.5, "retries": 0, "profile": "pack-voltage"} | kw
-    return Device(name=name, kind="ups", protocol="megatec", address=str(port), options=Options(), **fields)  # type: ignore[arg-type]
+    fields = {"interval": 0.3, "timeout": 0.5, "retries": 0, "profile": "pack-voltage", "options": Options()} | kw
+    return Device(name=name, kind="ups", protocol="megatec", address=str(port), **fields)  # type: ignore[arg-type]
 
 
 def test_poll_reads_the_simulated_ups(ups: tuple[PtyPair, MegatecSimulator]) -> None:
@@ -270,9 +270,34 @@ def test_silent_ups_does_not_stall_another(ups: tuple[PtyPair, MegatecSimulator]
         run_for(c, 2.0)
     finally:
         dead.stop()
-    good_polls = sum(1 for r in acc.readings if r.device == "ups1" and r.metric == "device_online" and r.value == 1.0)
-    assert good_polls >= 4  # polled every 0.3 s while ups2 sat in its 1 s timeouts
+    h = health.devices["ups1"]
+    assert h.online is True and h.polls >= 4 and not h.errors  # polled every 0.25 s while ups2 sat in its timeouts
     assert health.devices["ups2"].online is False and health.devices["ups2"].errors["timeout"] >= 1
+
+
+def test_watched_closely_status_changes_are_told_at_once_the_rest_every_interval(
+    ups: tuple[PtyPair, MegatecSimulator],
+) -> None:
+    """Q1 every 0.05 s, readings every 30 s: only the first poll and the changes of the status bits get out."""
+    pair, sim = ups
+    acc, health = Recorder(), Health()
+    c = MegatecCollector([device(pair.agent, interval=30.0, options=Options(watch_interval=0.05))], acc, health)
+
+    async def go() -> None:
+        async with running(c):
+            await wait_until(lambda: health.devices.get("ups1") and health.devices["ups1"].polls >= 10, 10, "10 polls")
+            sim.set_mode("battery")
+            await acc.reaches("ups1", "power_on_battery", 1.0, 10)  # long before the 30 s interval
+            sim.set_mode("line")
+            await acc.reaches("ups1", "power_on_battery", 0.0, 10)
+            sim.state.input_voltage = 221.0  # not watched: waits for the interval
+            polls = health.devices["ups1"].polls
+            await wait_until(lambda: health.devices["ups1"].polls >= polls + 5, 10, "5 more polls")
+
+    asyncio.run(go())
+    told = [r.value for r in acc.readings if r.metric == "power_on_battery"]
+    assert told == [0.0, 1.0, 0.0] and health.devices["ups1"].polls >= 17
+    assert {r.value for r in acc.readings if r.metric == "input_voltage_volts"} == {230.0, 0.0}
 
 
 def test_unknown_profile_is_a_device_state(ups: tuple[PtyPair, MegatecSimulator]) -> None:
