@@ -133,8 +133,9 @@ def parse_roster(text: str) -> list[Room]:
     return rooms
 
 
-def agent_config(room: Room, broker: tuple[str, int, bool], password: str) -> str:
-    """The room's agent TOML (strings JSON-quoted: a valid TOML basic string)."""
+def agent_config(room: Room, broker: tuple[str, int, bool], password: str, schedule: str = "") -> str:
+    """The room's agent TOML (strings JSON-quoted: a valid TOML basic string); ``schedule``, the county's
+    ``[schedule]`` table (exam sessions, secrecy windows), goes at its end as given."""
     q = lambda s: json.dumps(s, ensure_ascii=False)  # noqa: E731
     host, port, tls = broker
     text = (
@@ -155,7 +156,7 @@ def agent_config(room: Room, broker: tuple[str, int, bool], password: str) -> st
         if protocol == "isapi":
             extra += f"password_file = {q(f'/etc/examwatch/{name}.pass')}\n"
         text += f"\n[[devices]]\nname = {q(name)}\nkind = {q(kind)}\nprotocol = {q(protocol)}\n{where}{extra}"
-    return text
+    return text + (f"\n{schedule.strip()}\n" if schedule.strip() else "")
 
 
 def acl(rooms: list[Room]) -> str:
@@ -202,7 +203,7 @@ def _valid_key(text: str) -> bool:
     return True
 
 
-def plan(roster: str, out: Path, broker: tuple[str, int, bool], rotate: str = "") -> Plan:
+def plan(roster: str, out: Path, broker: tuple[str, int, bool], rotate: str = "", schedule: str = "") -> Plan:
     """Write (or confirm) every file for ``roster`` under ``out``; see the module's docstring."""
     rooms = parse_roster(roster)
     if rotate and rotate not in {r.agent_id for r in rooms}:
@@ -224,7 +225,7 @@ def plan(roster: str, out: Path, broker: tuple[str, int, bool], rotate: str = ""
         files |= {
             home / "agent.key": key + "\n",
             home / "mqtt.password": password + "\n",
-            home / "agent.toml": agent_config(r, broker, password),
+            home / "agent.toml": agent_config(r, broker, password, schedule),
         }
     county = out / "county"
     passwords[GATEWAY_USER], _ = _secret(county / "gateway.password", secrets.token_urlsafe(24))

@@ -30,10 +30,30 @@ def roster() -> str:
     return HEADER + "".join(rows)
 
 
+SCHEDULE = """[schedule]
+timezone = "Asia/Shanghai"
+[[schedule.sessions]]
+start = 2027-06-07T09:00:00
+end = 2027-06-07T11:30:00
+"""
+
+
 def run(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    roster_file = out.parent / "roster.csv"
+    roster_file, schedule = out.parent / "roster.csv", out.parent / "schedule.toml"
     roster_file.write_text(roster(), encoding="utf-8")
-    cmd = [sys.executable, "-m", "examwatch", "site", "plan", str(roster_file), "--out", str(out)]
+    schedule.write_text(SCHEDULE, encoding="utf-8")
+    cmd = [
+        sys.executable,
+        "-m",
+        "examwatch",
+        "site",
+        "plan",
+        str(roster_file),
+        "--out",
+        str(out),
+        "--schedule",
+        str(schedule),
+    ]
     return subprocess.run([*cmd, "--broker", "county.example", *extra], capture_output=True, text=True, timeout=120)
 
 
@@ -50,6 +70,7 @@ def test_sixty_rooms_valid_configs_kept_keys_and_one_rotation(tmp_path: Path) ->
     for path in configs:
         cfg = load(str(path))  # what `config check` runs
         assert cfg.uplink.enabled and cfg.uplink.username == f"{cfg.agent.site}-{cfg.agent.room}" and cfg.uplink.tls
+        assert len(cfg.schedule.sessions) == 1
     checked = subprocess.run(
         [sys.executable, "-m", "examwatch", "config", "check", str(configs[0])], capture_output=True
     )
