@@ -52,7 +52,7 @@ class Battery(Strict):
     cells: int = 0  # cells in the pack; 0: nominal battery voltage from ``F`` / 2 V per cell
 
 
-class Rating(Strict, frozen=True):
+class Rating(Strict):
     """The nominal ratings: what ``F`` answers, or the profile's ``[rating]`` for a unit without F."""
 
     voltage: Nominal = 0.0

@@ -96,7 +96,10 @@ def parse_roster(text: str) -> list[Room]:
         raise PlanError(f"roster line 1: missing column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}")
     if unknown := [h for h in header if h not in COLUMNS]:
         raise PlanError(f"roster line 1: unknown column(s) {', '.join(unknown)}; expected {','.join(COLUMNS)}")
-    rooms, errors, seen, users = [], [], set(), {GATEWAY_USER: "the gateway"}
+    rooms: list[Room] = []
+    errors: list[str] = []
+    seen: set[str] = set()
+    users = {GATEWAY_USER: "the gateway"}
     for row in reader:
         line = reader.line_num
         if len(rooms) >= ROOMS_MAX:
