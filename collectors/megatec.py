@@ -247,7 +247,7 @@ protocol = "megatec"
 address = "/dev/serial/by-id/usb-Prolific_Technology_Inc._USB-Serial_Controller-if00-port0"
 profile = "pack-voltage"
 interval = 5.0                  # all readings every 5 s; a change of the status bits at once
-watch_interval = 0.25           # Q1 every 0.25 s: mains loss is seen in about 0.35 s
+watch_interval = 0.25           # Q1 every 0.25 s: mains loss reaches the county in < 0.5 s
 timeout = 1.0
 """
 
