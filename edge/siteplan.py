@@ -39,6 +39,7 @@ DEVICES_MAX = 64  # per room
 GATEWAY_USER = "examwatch-gateway"
 KEY_ON_PI = "/etc/examwatch/agent.key"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_HOST = re.compile(r"[A-Za-z0-9_.:-]{0,253}")
 _DEVICE = re.compile(r"([a-z]+)=([a-z_]+):([^@\s]{1,200})(?:@([A-Za-z0-9_.-]{1,64}))?")
 
 # What a roster entry ``<kind>=<protocol>:<address>[@profile]`` needs beyond it, per protocol (and kind).
@@ -109,6 +110,8 @@ def parse_roster(text: str) -> list[Room]:
             continue
         problems = [f"{key} {cells[key]!r}: 1 to 64 letters, digits, '-' or '_'" for key in ("site", "room")]
         problems = [p for key, p in zip(("site", "room"), problems, strict=True) if not _ID.fullmatch(cells[key])]
+        if not _HOST.fullmatch(cells["pi_host"]):  # it goes into a comment line: no line breaks, no quotes
+            problems.append(f"pi_host {cells['pi_host'][:80]!r}: a host name or address")
         if cells["kind"] not in ("exam_room", "secrecy_room"):
             problems.append(f"kind {cells['kind']!r}: exam_room or secrecy_room")
         devices, words = [], cells["devices"].split()

@@ -154,6 +154,7 @@ def test_a_real_mosquitto_loads_the_plan_and_lets_a_room_write_only_its_own_topi
         ("a,1,office,,,,\n", "line 2: kind 'office'"),
         ("a/b,1,exam_room,,,,\n", "line 2: site 'a/b'"),
         ("a,1,exam_room,,,,ups=megatec\n", "line 2: device 'ups=megatec'"),
+        ('a,1,exam_room,,,"pi\n[uplink]",\n', "line 3: pi_host 'pi\\n[uplink]'"),
         ("a,1,exam_room,,,,ups=megatec:/dev/x@no-such-model\n", "line 2 (a/1): devices[0].profile"),
     ],
 )
