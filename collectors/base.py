@@ -229,6 +229,10 @@ class Collector:
     uses_serial_port: ClassVar[bool] = False
     reasons: ClassVar[dict[str, str]] = {}  # its own DeviceError reasons, in the technician's words
     sample: ClassVar[str] = ""  # its [[devices]] block(s) for `examwatch config sample`, commented
+    # Metrics worth telling at once (a UPS going on battery). A polling protocol that names them asks every
+    # ``watch_interval(device)`` seconds and hands its readings over when one of them (or device_online)
+    # changed, else every ``interval`` as before: watching closely costs polls, not storage or uplink.
+    watched: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self, devices: Sequence[Device], acc: Accumulator, health: Health, context: Context | None = None
@@ -324,8 +328,16 @@ class PollingCollector(Collector):
     device has its own task and its own timeout, so a slow UPS never delays the door sensors.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._told: dict[str, tuple[float, dict[str, float]]] = {}  # device -> (monotonic, watched values) last told
+
     async def poll(self, device: Device) -> list[Reading]:
         raise NotImplementedError
+
+    def watch_interval(self, device: Any) -> float:
+        """Seconds between polls; shorter than ``interval`` only for a protocol that declares ``watched``."""
+        return device.interval
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -352,20 +364,30 @@ class PollingCollector(Collector):
             self._failed(device, DeviceError("error", f"{type(err).__name__}: {err}"), start)
         else:
             now = time.time()
-            for r in readings:
-                self.acc.add(r)
-            self.acc.add(Reading(device.name, "device_online", 1.0, now))
+            self._tell(device, [*readings, Reading(device.name, "device_online", 1.0, now)])
             self.health.ok(device.name, self.protocol, time.monotonic() - start, now, len(readings))
 
     def _failed(self, device: Device, err: DeviceError, start: float) -> None:
-        self.acc.add(Reading(device.name, "device_online", 0.0, time.time()))
+        self._tell(device, [Reading(device.name, "device_online", 0.0, time.time())])
         self.health.failed(device.name, self.protocol, err, time.monotonic() - start)
+
+    def _tell(self, device: Device, readings: list[Reading]) -> None:
+        """Hand a poll's readings over; while watching, only on a change of a watched metric or when due."""
+        if self.watched:
+            now = time.monotonic()
+            seen = {r.metric: r.value for r in readings if r.metric in self.watched or r.metric == "device_online"}
+            told = self._told.get(device.name)
+            if told is not None and now - told[0] < device.interval and seen == told[1]:
+                return
+            self._told[device.name] = (now, seen)
+        for r in readings:
+            self.acc.add(r)
 
     async def _loop(self, device: Device, stop: asyncio.Event) -> None:
         while not stop.is_set():
             started = time.monotonic()
             await self.poll_once(device)
-            delay = max(0.0, device.interval - (time.monotonic() - started))
+            delay = max(0.0, self.watch_interval(device) - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 

@@ -6,8 +6,10 @@ The agent writes ``Q1\\r`` and the UPS answers one line::
      input  fault  output load freq batt  temp status bits
 
 ``F\\r`` gives the nominal ratings (``#MMM.M QQQ SS.SS RR.R``) and ``I\\r`` the identity
-(``#company model version``); both are asked once after the port opens. The battery voltage is either per
-cell or per pack depending on the model, so estimating the charge from it is the profile's business.
+(``#company model version``). Both are optional (many units answer Q1 only, as NUT knows): each is asked
+once after the port opens, after a Q1 answer proved the UPS is there, one per poll so a silent one costs a
+single timeout; without F the rating comes from the profile. The battery voltage is either per cell or per
+pack depending on the model, so estimating the charge from it is the profile's business.
 
 pyserial runs in a worker thread. A timeout returns nothing or half a line (a device state, not an
 exception); a port that vanished (USB adapter pulled) raises ``SerialException``: the port is closed and
@@ -38,6 +40,9 @@ log = structlog.get_logger("examwatch.collector.megatec")
 # --- profiles ---------------------------------------------------------------------------------------------
 
 
+Nominal = Annotated[float, msgspec.Meta(ge=0, le=10_000)]  # a rating's fields: finite, never negative
+
+
 class Battery(Strict):
     """How to turn Q1's battery voltage into a charge estimate (a straight line between empty and full)."""
 
@@ -47,13 +52,30 @@ class Battery(Strict):
     cells: int = 0  # cells in the pack; 0: nominal battery voltage from ``F`` / 2 V per cell
 
 
+class Rating(Strict):
+    """The nominal ratings: what ``F`` answers, or the profile's ``[rating]`` for a unit without F."""
+
+    voltage: Nominal = 0.0
+    current: Nominal = 0.0
+    battery_voltage: Nominal = 0.0  # the pack's nominal voltage, e.g. 12.0 or 24.0 (cells: battery_voltage / 2)
+    frequency: Nominal = 0.0
+
+
 class Profile(Strict):
     description: str = ""
     battery: Battery | None = None  # none: the model's battery voltage says nothing reliable about charge
+    rating: Rating | None = None  # for units that do not answer F (NUT's default.* values); F wins if answered
+
+
+# Q1 every WATCH seconds: mains loss is seen at a median of WATCH / 2 plus the ~0.2 s a Q1 answer takes at
+# 2400 baud (bench/ups_detect.py); all readings still go out every ``interval``, changes of the status bits
+# at once (``watched``), so the store and the uplink carry no more than before.
+WATCH = 0.25
 
 
 class Options(Strict):
     baud: Annotated[int, msgspec.Meta(ge=300, le=115200)] = 2400  # Megatec is 2400 8N1; a few models use 9600
+    watch_interval: Annotated[float, msgspec.Meta(ge=0.05, le=86400)] = WATCH  # seconds between Q1 requests
 
 
 # --- pure parsing -----------------------------------------------------------------------------------------
@@ -81,13 +103,6 @@ class Status(msgspec.Struct, frozen=True):
     test_in_progress: bool  # b2
     shutdown_active: bool  # b1
     beeper_on: bool  # b0
-
-
-class Rating(msgspec.Struct, frozen=True):
-    voltage: float
-    current: float
-    battery_voltage: float
-    frequency: float
 
 
 def parse_q1(line: bytes) -> Status:
@@ -163,7 +178,7 @@ class _Port:
         self.serial: serial.Serial | None = None
         self.lock = threading.Lock()
         self.backoff = Backoff()
-        self.identified = False  # F and I asked since the port opened
+        self.optional: list[bytes] = []  # F and I, still to ask since the port opened (one per poll)
         self.rating: Rating | None = None
         self.identity = ""
 
@@ -190,6 +205,7 @@ class _Port:
             self._lost(err)
             raise DeviceError("port_unavailable", str(err)) from None
         self.backoff.succeeded()
+        self.optional = [b"F", b"I"]
         return self.serial
 
     def _lost(self, err: Exception) -> None:
@@ -197,7 +213,6 @@ class _Port:
             with contextlib.suppress(serial.SerialException, OSError):
                 self.serial.close()
             self.serial = None
-            self.identified = False
         self.backoff.failed()
 
     def close(self) -> None:
@@ -215,6 +230,9 @@ class MegatecCollector(PollingCollector):
     profile_schema = Profile
     default_profile = "generic"
     uses_serial_port = True
+    watched = frozenset(
+        {"power_on_battery", "ups_battery_low", "ups_fault", "ups_bypass", "ups_test_active", "ups_shutdown_pending"}
+    )
     reasons = {
         "port_unavailable": "串口打不开",
         "port_lost": "串口断开",
@@ -228,7 +246,8 @@ kind = "ups"
 protocol = "megatec"
 address = "/dev/serial/by-id/usb-Prolific_Technology_Inc._USB-Serial_Controller-if00-port0"
 profile = "pack-voltage"
-interval = 5.0
+interval = 5.0                  # all readings every 5 s; a change of the status bits at once
+watch_interval = 0.25           # Q1 every 0.25 s: mains loss reaches the county in < 0.5 s
 timeout = 1.0
 """
 
@@ -236,18 +255,21 @@ timeout = 1.0
         super().__init__(*args, **kwargs)
         self._ports: dict[str, _Port] = {}
 
+    def watch_interval(self, device: Any) -> float:
+        return min(device.interval, device.options.watch_interval)
+
     async def poll(self, device: Any) -> list[Reading]:
         profile: Profile = self.profile(device)
         port = self._ports.get(device.name)
         if port is None:
             port = self._ports[device.name] = _Port(device.address, device.options.baud, device.timeout)
-        if not port.identified:
-            await asyncio.to_thread(self._identify, device.name, port)
         # a lost or unopenable port is not asked again: the backoff decides when to reopen it
         status = await retry(
             lambda: asyncio.to_thread(self._status, port), device.retries + 1, final=("port_lost", "port_unavailable")
         )
-        return readings_from(device.name, status, profile, port.rating, time.time())
+        if port.optional:  # the UPS answered Q1: now F or I, whose silence only means the model lacks it
+            await asyncio.to_thread(self._ask_optional, device.name, port, profile)
+        return readings_from(device.name, status, profile, port.rating or profile.rating, time.time())
 
     @staticmethod
     def _status(port: _Port) -> Status:
@@ -257,20 +279,18 @@ timeout = 1.0
         return parse_q1(line)
 
     @staticmethod
-    def _identify(name: str, port: _Port) -> None:
-        """Ask ratings and identity once per opened port; a UPS that lacks them still gets polled."""
-        line = port.ask(b"F")
-        if not line:  # a silent UPS: don't spend two more timeouts on it
-            raise DeviceError("timeout", f"no answer to F within {port.timeout}s")
-        try:
-            port.rating = parse_f(line)
-        except DeviceError:
-            port.rating = None  # models without F echo it back
-        identity = parse_i(port.ask(b"I"))
-        port.identified = True
-        if identity != port.identity:
-            port.identity = identity
-            log.info("ups_identified", device=name, identity=identity or "(none)", rating=port.rating)
+    def _ask_optional(name: str, port: _Port, profile: Profile) -> None:
+        """Ask the next of F and I, once per opened port; no answer, an echo or garbage is no error."""
+        command = port.optional.pop(0)
+        line = port.ask(command)
+        if command == b"F":
+            try:
+                port.rating = parse_f(line)
+            except DeviceError:  # silent, or an echo: the model lacks F
+                port.rating = None
+                log.info("ups_lacks_rating", device=name, answer=line[:40], rating_from_profile=profile.rating)
+        else:
+            log.info("ups_identified", device=name, identity=parse_i(line) or "(none)", rating=port.rating)
 
     async def close(self) -> None:
         for port in self._ports.values():

@@ -155,6 +155,34 @@ def _ack(args: argparse.Namespace) -> int:
     return 1
 
 
+def _site_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from examwatch.edge import siteplan
+
+    host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
+    tls = not args.no_tls
+    try:
+        number = int(port) if port else (8883 if tls else 1883)
+        if not host or not 1 <= number <= 65535:
+            raise ValueError
+    except ValueError:
+        print(f"--broker {args.broker!r}: expected HOST[:PORT]", file=sys.stderr)
+        return 2
+    try:
+        roster = Path(args.roster).read_bytes()[: siteplan.ROSTER_MAX_BYTES + 1].decode("utf-8")
+        schedule = Path(args.schedule).read_text(encoding="utf-8")[:1_000_000] if args.schedule else ""
+        result = siteplan.plan(roster, Path(args.out), (host, number, tls), args.rotate, schedule)
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"{args.roster}: {err}", file=sys.stderr)
+        return 2
+    except siteplan.PlanError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(siteplan.summary(result, Path(args.out)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="examwatch", description="考点设备监测：考场代理与县级网关")
     p.add_argument("--version", action="version", version=f"examwatch {__version__}")
@@ -197,7 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     config.add_parser("sample", help="print a complete commented sample")
     config.add_parser("check", help="validate a file (- for stdin): exit 0 ok, 2 with every error").add_argument("file")
 
+    site = sub.add_parser("site", help="a county's rooms from one roster").add_subparsers(dest="action", required=True)
+    site_plan = site.add_parser(
+        "plan", help="every agent config, key, broker password/ACL entry and the gateway roster"
+    )
+    site_plan.add_argument("roster", help="CSV: site,room,kind,site_name,room_name,pi_host,devices (docs/deploy.md)")
+    site_plan.add_argument("--out", required=True, help="folder for the files (kept keys are read back from it)")
+    site_plan.add_argument("--broker", required=True, help="the county broker as the rooms reach it: HOST[:PORT]")
+    site_plan.add_argument("--no-tls", action="store_true", help="plain MQTT (a test bench only; default TLS)")
+    site_plan.add_argument("--rotate", default="", metavar="SITE/ROOM", help="give this room a new signing key")
+    site_plan.add_argument(
+        "--schedule", default="", help="a TOML file with the county's [schedule], put in every config"
+    )
+
     args = p.parse_args(argv)
+    if args.command == "site":
+        return _site_plan(args)
     if args.command == "config" and args.action == "sample":
         from examwatch.edge.config import sample_text
 

@@ -3,19 +3,25 @@
 It answers ``Q1``, ``F`` and ``I`` like a small line-interactive UPS, accepts the test/beeper/shutdown
 commands NUT sends, and echoes anything else (what real Megatec UPSes do with a command they lack).
 ``misbehave("garbage" | "truncated" | "silent")`` makes it answer badly until ``misbehave(None)``.
+``lacks=("F", "I")`` makes a unit that answers Q1 only (silent to the others, as many are); ``baud=2400``
+paces each exchange like a real line (10 bits a character), which a pty pair alone does not; ``twin(port)``
+serves the same UPS on a second port, so two programs (the agent and NUT) can watch one state.
 
-    python -m examwatch.simulators.megatec /tmp/ups-device   # serve an existing pty end; type a state on stdin
+    python -m examwatch.simulators.megatec /tmp/ups-device [--q1-only] [--baud 2400]   # type a state on stdin
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import select
 import sys
 import termios
 import threading
+import time
 import tty
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,8 +48,10 @@ class MegatecSimulator:
     identity = f"#{'EXAMWATCH-SIM':<15} {'LI-1000':<10} {'V1.0':<10}\r".encode()  # fixed widths: NUT checks them
     rating = b"#230.0 004 12.00 50.0\r"
 
-    def __init__(self, port: str) -> None:
+    def __init__(self, port: str, lacks: Iterable[str] = (), baud: int = 0) -> None:
         self.port = port
+        self.lacks = frozenset(lacks)  # commands this model ignores: no answer at all
+        self.baud = baud  # 0: answer at once; else wait as long as the characters take on the line
         self.state = UpsState()
         self.misbehaviour: Misbehaviour = None
         self.commands: list[str] = []  # every command received, for tests
@@ -61,6 +69,12 @@ class MegatecSimulator:
             on_battery = mode in ("battery", "battery_low")
             s.input_voltage = 0.0 if on_battery else 230.0
             s.battery_voltage = {"line": 13.6, "battery": 12.4, "battery_low": 10.6, "fault": 13.0}[mode]
+
+    def twin(self, port: str) -> MegatecSimulator:
+        """The same UPS on another port: one state, one lock; start and stop it on its own."""
+        other = MegatecSimulator(port, self.lacks, self.baud)
+        other.state, other._lock = self.state, self._lock
+        return other
 
     def misbehave(self, how: Misbehaviour) -> None:
         self.misbehaviour = how
@@ -87,6 +101,8 @@ class MegatecSimulator:
 
     def answer(self, command: str) -> bytes:
         """The reply to one command (without misbehaviour); b'' for commands that get none."""
+        if command in self.lacks:
+            return b""
         if command == "Q1":
             return self.q1()
         if command == "F":
@@ -155,12 +171,18 @@ class MegatecSimulator:
                 raw, buf = buf.split(b"\r", 1)
                 command = raw.decode("ascii", errors="replace").strip()
                 self.commands.append(command)
+                self._line(len(raw) + 1)  # the command is complete only when its last character arrived
                 reply = self._misbehaved(self.answer(command))
+                self._line(len(reply))
                 if reply:
                     with contextlib.suppress(OSError):
                         os.write(fd, reply)
         if fd >= 0:
             os.close(fd)
+
+    def _line(self, characters: int) -> None:
+        if self.baud and characters:
+            time.sleep(characters * 10 / self.baud)  # 8N1: start, 8 data and stop bits
 
     def _misbehaved(self, reply: bytes) -> bytes:
         how = self.misbehaviour
@@ -179,7 +201,12 @@ def _four(volts: float) -> str:
 
 
 def main() -> None:
-    sim = MegatecSimulator(sys.argv[1])
+    ap = argparse.ArgumentParser(description="a Megatec/Q1 UPS on a serial port; type a mode on stdin")
+    ap.add_argument("port")
+    ap.add_argument("--q1-only", action="store_true", help="ignore F and I, as many units do")
+    ap.add_argument("--baud", type=int, default=0, help="pace answers like a line at this speed (0: at once)")
+    args = ap.parse_args()
+    sim = MegatecSimulator(args.port, ("F", "I") if args.q1_only else (), args.baud)
     sim.start()
     print("modes: line battery battery_low fault; misbehave: garbage truncated silent ok", flush=True)
     for line in sys.stdin:

@@ -27,7 +27,7 @@ from examwatch.collectors.megatec import (
 from examwatch.edge.config import Device
 from examwatch.simulators.megatec import MegatecSimulator
 from examwatch.simulators.serial_pty import PtyPair
-from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
+from tests.support import Recorder, RulesRecorder, run_for, running, until, wait_until
 
 # Answers as real units send them (the Megatec protocol sheet and NUT's blazer/nutdrv_qx test notes).
 Q1_ONLINE_CELL = b"(218.0 218.0 219.0 016 50.0 2.27 30.0 00001000\r"
@@ -127,8 +127,8 @@ def ups(tmp_path: Path) -> Iterator[tuple[PtyPair, MegatecSimulator]]:
 
 
 def device(port: Path | str, name: str = "ups1", **kw: object) -> Device:
-    fields = {"interval": 0.3, "timeout": 0.5, "retries": 0, "profile": "pack-voltage"} | kw
-    return Device(name=name, kind="ups", protocol="megatec", address=str(port), options=Options(), **fields)  # type: ignore[arg-type]
+    fields = {"interval": 0.3, "timeout": 0.5, "retries": 0, "profile": "pack-voltage", "options": Options()} | kw
+    return Device(name=name, kind="ups", protocol="megatec", address=str(port), **fields)  # type: ignore[arg-type]
 
 
 def test_poll_reads_the_simulated_ups(ups: tuple[PtyPair, MegatecSimulator]) -> None:
@@ -145,7 +145,51 @@ def test_poll_reads_the_simulated_ups(ups: tuple[PtyPair, MegatecSimulator]) -> 
     assert got["power_on_battery"] == 0.0 and got["ups_fault"] == 0.0 and got["device_online"] == 1.0
     assert got["input_voltage_volts"] == sim.state.input_voltage and got["ups_load_percent"] == sim.state.load_percent
     assert got["ups_charge_percent"] == 100.0  # 13.6 V on a 12 V block, cells from the F rating
-    assert sim.commands[:3] == ["F", "I", "Q1"]
+    assert sim.commands == ["Q1", "F"]  # Q1 first: F and I (optional) only once the UPS has answered
+
+
+Q1_ONLY_PROFILE = """description = "a unit that answers Q1 only: one 12 V block"
+[battery]
+reports = "pack"
+[rating]
+battery_voltage = 12.0
+"""
+
+
+def test_a_unit_that_ignores_f_and_i_is_polled_with_the_rating_from_its_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "megatec").mkdir()
+    (tmp_path / "megatec" / "q1-only-12v.toml").write_text(Q1_ONLY_PROFILE, encoding="utf-8")
+    monkeypatch.setenv("EXAMWATCH_PROFILES", str(tmp_path))
+    with PtyPair(tmp_path, "ups") as pair:
+        sim = MegatecSimulator(str(pair.device), lacks=("F", "I"))
+        sim.start()
+        acc, health = Recorder(), Health()
+        c = MegatecCollector([device(pair.agent, profile="q1-only-12v", timeout=0.3)], acc, health)
+
+        async def go() -> None:
+            for _ in range(4):
+                await c.poll_once(c.devices[0])
+            await c.close()
+
+        try:
+            asyncio.run(go())
+        finally:
+            sim.stop()
+    assert sim.commands == ["Q1", "F", "Q1", "I", "Q1", "Q1"]  # each optional command asked once, Q1 every poll
+    h = health.devices["ups1"]
+    assert h.online is True and h.polls == 4 and not h.errors
+    assert acc.latest("ups1", "ups_charge_percent") == 100.0  # 13.6 V, 6 cells from the profile's 12 V rating
+    assert acc.latest("ups1", "power_on_battery") == 0.0
+
+
+def test_a_profile_rating_is_checked_like_any_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "megatec").mkdir()
+    (tmp_path / "megatec" / "bad-rating.toml").write_text("[rating]\nbattery_voltage = -12.0\n", encoding="utf-8")
+    monkeypatch.setenv("EXAMWATCH_PROFILES", str(tmp_path))
+    with pytest.raises(profiles.ProfileError, match=r"rating\.battery_voltage"):
+        MegatecCollector.load_profile("bad-rating")
 
 
 def test_mode_flips_show_within_one_interval(ups: tuple[PtyPair, MegatecSimulator]) -> None:
@@ -226,9 +270,34 @@ def test_silent_ups_does_not_stall_another(ups: tuple[PtyPair, MegatecSimulator]
         run_for(c, 2.0)
     finally:
         dead.stop()
-    good_polls = sum(1 for r in acc.readings if r.device == "ups1" and r.metric == "device_online" and r.value == 1.0)
-    assert good_polls >= 4  # polled every 0.3 s while ups2 sat in its 1 s timeouts
+    h = health.devices["ups1"]
+    assert h.online is True and h.polls >= 4 and not h.errors  # polled every 0.25 s while ups2 sat in its timeouts
     assert health.devices["ups2"].online is False and health.devices["ups2"].errors["timeout"] >= 1
+
+
+def test_watched_closely_status_changes_are_told_at_once_the_rest_every_interval(
+    ups: tuple[PtyPair, MegatecSimulator],
+) -> None:
+    """Q1 every 0.05 s, readings every 30 s: only the first poll and the changes of the status bits get out."""
+    pair, sim = ups
+    acc, health = Recorder(), Health()
+    c = MegatecCollector([device(pair.agent, interval=30.0, options=Options(watch_interval=0.05))], acc, health)
+
+    async def go() -> None:
+        async with running(c):
+            await wait_until(lambda: health.devices.get("ups1") and health.devices["ups1"].polls >= 10, 10, "10 polls")
+            sim.set_mode("battery")
+            await acc.reaches("ups1", "power_on_battery", 1.0, 10)  # long before the 30 s interval
+            sim.set_mode("line")
+            await acc.reaches("ups1", "power_on_battery", 0.0, 10)
+            sim.state.input_voltage = 221.0  # not watched: waits for the interval
+            polls = health.devices["ups1"].polls
+            await wait_until(lambda: health.devices["ups1"].polls >= polls + 5, 10, "5 more polls")
+
+    asyncio.run(go())
+    told = [r.value for r in acc.readings if r.metric == "power_on_battery"]
+    assert told == [0.0, 1.0, 0.0] and health.devices["ups1"].polls >= 17
+    assert {r.value for r in acc.readings if r.metric == "input_voltage_volts"} == {230.0, 0.0}
 
 
 def test_unknown_profile_is_a_device_state(ups: tuple[PtyPair, MegatecSimulator]) -> None:
@@ -256,6 +325,7 @@ def test_mains_lost_raises_the_alarm_within_one_interval(ups: tuple[PtyPair, Meg
     from examwatch.edge.config import loads
 
     pair, sim = ups
+    sim.lacks = frozenset({"F", "I"})  # and a unit that answers Q1 only is watched all the same
     cfg = loads(
         '[agent]\nsite = "s1"\nroom = "r1"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\n'
         f'address = "{pair.agent}"\nprofile = "pack-voltage"\ninterval = 0.3\ntimeout = 0.5\nretries = 0\n'
@@ -272,3 +342,34 @@ def test_mains_lost_raises_the_alarm_within_one_interval(ups: tuple[PtyPair, Meg
                 await wait_until(lambda r=rule: r in alarms.raised, cfg.devices[0].interval + 1, f"{rule} raised")
 
     asyncio.run(go())
+
+
+def test_a_q1_only_ups_in_the_real_agent_raises_the_on_battery_alarm(tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]
+    """The whole path: a unit silent to F and I, `examwatch agent run`, its signed alarm on the county topic."""
+    from examwatch.simulators.broker import free_port
+    from tests.support.agent import Watcher, agent_toml, launch_agent
+
+    with PtyPair(tmp_path, "ups") as pair:
+        sim = MegatecSimulator(str(pair.device), lacks=("F", "I"))
+        sim.start()
+        watcher = Watcher(mosquitto.port)
+        exporter = free_port()
+        body = (
+            f'[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "megatec"\naddress = "{pair.agent}"\n'
+            'profile = "pack-voltage"\ninterval = 1.0\ntimeout = 0.5\n'
+        )
+        path = tmp_path / "agent.toml"
+        path.write_text(agent_toml(mosquitto.port, exporter, tmp_path / "state", body=body), encoding="utf-8")
+        agent = launch_agent(path, exporter, mosquitto.port, ready=("agent_started",))
+        try:
+            assert until(lambda: agent.sample("examwatch_collector_success", device="ups1") == 1.0, 10)
+            sim.set_mode("battery")
+            got = watcher.wait(lambda e: e.rule == "ups_on_battery" and e.state == "raised", timeout=10)
+            assert got is not None, agent.log
+            assert got[1].device == "ups1" and got[1].value == 1.0
+            assert agent.sample("examwatch_collector_success", device="ups1") == 1.0
+        finally:
+            agent.close()
+            watcher.close()
+            sim.stop()
+    assert sim.commands.count("F") == 1 and sim.commands.count("I") == 1  # asked once, never again

@@ -1,0 +1,171 @@
+"""`examwatch site plan`: a 3-site, 60-room roster -> configs that pass `config check`, a password file and
+ACL that a real mosquitto loads and enforces, a keys file the gateway accepts; re-run no-op; rotation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from examwatch.edge import siteplan
+from examwatch.edge.config import load
+from examwatch.gateway.config import load as load_gateway
+from examwatch.simulators.broker import COUNTY_CONF, REPO, Mosquitto, county_conf
+from tests.test_county_broker import Client
+
+HEADER = "site,room,kind,site_name,room_name,pi_host,devices\n"
+
+
+def roster() -> str:
+    rows = []
+    for s in range(1, 4):
+        for r in range(1, 20):
+            devices = f"ups=megatec:/dev/serial/by-id/usb-ups-{r}@pack-voltage camera=isapi:10.{s}.{r}.64"
+            rows.append(f"xx-{s},{r:03d},exam_room,第{s}中学,{r}考场,pi-{s}-{r},{devices}\n")
+        rows.append(
+            f"xx-{s},secrecy,secrecy_room,第{s}中学,保密室,pi-{s}-s,door=mqtt:zigbee2mqtt/door ups=snmp:10.{s}.0.20\n"
+        )
+    return HEADER + "".join(rows)
+
+
+SCHEDULE = """[schedule]
+timezone = "Asia/Shanghai"
+[[schedule.sessions]]
+start = 2027-06-07T09:00:00
+end = 2027-06-07T11:30:00
+"""
+
+
+def run(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    roster_file, schedule = out.parent / "roster.csv", out.parent / "schedule.toml"
+    roster_file.write_text(roster(), encoding="utf-8")
+    schedule.write_text(SCHEDULE, encoding="utf-8")
+    cmd = [
+        sys.executable,
+        "-m",
+        "examwatch",
+        "site",
+        "plan",
+        str(roster_file),
+        "--out",
+        str(out),
+        "--schedule",
+        str(schedule),
+    ]
+    return subprocess.run([*cmd, "--broker", "county.example", *extra], capture_output=True, text=True, timeout=120)
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_sixty_rooms_valid_configs_kept_keys_and_one_rotation(tmp_path: Path) -> None:
+    out = tmp_path / "plan"
+    first = run(out)
+    assert first.returncode == 0, first.stderr
+    configs = sorted(out.glob("rooms/*/*/agent.toml"))
+    assert len(configs) == 60 and "60 个" in first.stdout
+    for path in configs:
+        cfg = load(str(path))  # what `config check` runs
+        assert cfg.uplink.enabled and cfg.uplink.username == f"{cfg.agent.site}-{cfg.agent.room}" and cfg.uplink.tls
+        assert len(cfg.schedule.sessions) == 1
+    checked = subprocess.run(
+        [sys.executable, "-m", "examwatch", "config", "check", str(configs[0])], capture_output=True
+    )
+    assert checked.returncode == 0, checked.stderr
+    secrets = [*out.glob("rooms/*/*/agent.key"), *out.glob("rooms/*/*/agent.toml"), *out.glob("county/*")]
+    assert secrets and all(p.stat().st_mode & 0o777 == 0o600 for p in secrets)
+    keys = (out / "county/agent-keys").read_text().splitlines()
+    assert len(keys) == 60 and len({line.split()[1] for line in keys}) == 60
+    assert keys[0] == f"xx-1/001 {(out / 'rooms/xx-1/001/agent.key').read_text().strip()}"
+
+    before = snapshot(out)
+    again = run(out)
+    assert again.returncode == 0 and "没有文件需要改动" in again.stdout
+    assert snapshot(out) == before  # a second run changes nothing: keys, passwords, hashes kept
+
+    rotated = run(out, "--rotate", "xx-2/007")
+    assert rotated.returncode == 0, rotated.stderr
+    after = snapshot(out)
+    assert {k for k in after if after[k] != before[k]} == {"rooms/xx-2/007/agent.key", "county/agent-keys"}
+    changed = set((out / "county/agent-keys").read_text().splitlines()) - set(keys)
+    assert [line.split()[0] for line in changed] == ["xx-2/007"]
+
+
+def test_the_acl_is_make_acl_shs_and_the_gateway_accepts_the_keys_file(tmp_path: Path) -> None:
+    out = tmp_path / "plan"
+    assert run(out).returncode == 0
+    made = subprocess.run(["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), str(out / "county/agent-keys")],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert (out / "county/examwatch.acl").read_text() == made.stdout
+    gw = tmp_path / "gateway.toml"
+    gw.write_text(
+        f'[gateway]\nstate_dir = "{tmp_path / "gw"}"\n[security]\nkeys_file = "{out / "county/agent-keys"}"\n'
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "examwatch", "gateway", "config", "check", str(gw)], capture_output=True
+    )
+    assert checked.returncode == 0, checked.stderr
+    keys = load_gateway(str(gw)).agent_keys()
+    assert len(keys) == 60 and keys["xx-3/secrecy"].hex() == (out / "rooms/xx-3/secrecy/agent.key").read_text().strip()
+
+
+def test_a_real_mosquitto_loads_the_plan_and_lets_a_room_write_only_its_own_topics(tmp_path: Path) -> None:
+    out = tmp_path / "plan"
+    assert run(out).returncode == 0
+    broker = Mosquitto(tmp_path / "county")
+    broker.workdir.chmod(0o755)
+    broker.conf.write_text(
+        county_conf(
+            COUNTY_CONF.read_text(),
+            broker.port,
+            broker.workdir,
+            out / "county/examwatch.passwd",
+            out / "county/examwatch.acl",
+        )
+    )
+    broker.start()
+    password = lambda room: (out / "rooms" / room / "mqtt.password").read_text().strip()  # noqa: E731
+    gateway_password = (out / "county/gateway.password").read_text().strip()
+    try:
+        gw = Client(broker.port, "examwatch-gateway", "examwatch-gateway", True, password=gateway_password)
+        assert gw.subscribe("examwatch/v1/+/+/+").value == 1
+        room = Client(broker.port, "xx-2-005", "xx-2-005", True, password=password("xx-2/005"))
+        assert not room.connect_rc.is_failure
+        assert not room.publish("examwatch/v1/xx-2/005/alarms", b"mine").is_failure
+        for topic in ("examwatch/v1/xx-2/006/alarms", "examwatch/v1/xx-1/005/status"):
+            assert room.publish(topic, b"forged").is_failure
+        assert gw.heard("examwatch/v1/nobody/x/y") == ["examwatch/v1/xx-2/005/alarms"]
+        wrong = Client(broker.port, "xx-2-005", "x", True, password=password("xx-2/006"))
+        assert wrong.connect_rc.is_failure
+        for c in (gw, room, wrong):
+            c.close()
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ("a,1,exam_room,,,,\na,1,exam_room,,,,\n", "line 3: room a/1 listed twice"),
+        ("a-b,c,exam_room,,,,\na,b-c,exam_room,,,,\n", "line 3: a/b-c would log in as a-b-c, like a-b/c"),
+        ("a,1,office,,,,\n", "line 2: kind 'office'"),
+        ("a/b,1,exam_room,,,,\n", "line 2: site 'a/b'"),
+        ("a,1,exam_room,,,,ups=megatec\n", "line 2: device 'ups=megatec'"),
+        ('a,1,exam_room,,,"pi\n[uplink]",\n', "line 3: pi_host 'pi\\n[uplink]'"),
+        ("a,1,exam_room,,,,ups=megatec:/dev/x@no-such-model\n", "line 2 (a/1): devices[0].profile"),
+    ],
+)
+def test_a_bad_roster_writes_nothing_and_names_the_line(tmp_path: Path, rows: str, expected: str) -> None:
+    with pytest.raises(siteplan.PlanError, match="roster") as err:
+        siteplan.plan(HEADER + rows, tmp_path / "out", ("county", 8883, True))
+    assert expected in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_password_hashes_are_mosquitto_format_7() -> None:
+    hashed = siteplan.hash_password("secret", b"0123456789ab")
+    assert hashed.startswith("$7$101$MDEyMzQ1Njc4OWFi$") and siteplan.password_matches(hashed, "secret")
+    assert not siteplan.password_matches(hashed, "secreT") and not siteplan.password_matches("$6$x$y", "secret")
