@@ -11,11 +11,14 @@ need=()
 for p in mosquitto mosquitto-clients socat nut-server; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -e ".[demo]"
+# Its own virtual environment (.venv/): Debian's Python refuses system-wide pip installs (PEP 668).
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[demo]"
 
-exec python3 -m examwatch demo --dir .examwatch-demo "$@"
+exec .venv/bin/python -m examwatch demo --dir .examwatch-demo "$@"
