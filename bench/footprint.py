@@ -183,6 +183,47 @@ def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
+PROTOCOLS = ("snmp", "nut", "megatec", "modbus_noise", "isapi", "links", "mqtt", "host")
+
+# RSS of a process that imports the agent, then builds one collector of a protocol (with no device), as
+# the agent does at start: what that protocol adds, its libraries included.
+_RSS_OF_PROTOCOL = """
+import asyncio, sys
+import examwatch.edge.runtime
+from examwatch.collectors import Health, get
+
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+
+class Acc:
+    def add(self, reading): pass
+
+async def build():
+    if sys.argv[1]:
+        get(sys.argv[1])([], Acc(), Health())
+
+base = rss()
+asyncio.run(build())
+print(f"{base:.1f} {rss() - base:.1f}")
+"""
+
+
+def rss_by_protocol(cwd: Path) -> dict[str, tuple[float, float]]:
+    out = {}
+    for protocol in ("", *PROTOCOLS):
+        run = subprocess.run(
+            [sys.executable, "-c", _RSS_OF_PROTOCOL, protocol],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(cwd)},
+        )
+        base, added = run.stdout.split() if run.returncode == 0 else ("nan", "nan")
+        out[protocol or "(none)"] = (float(base), float(added))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0, help="measuring window, after the warm-up")
@@ -238,6 +279,10 @@ def main() -> None:
         elapsed = time.monotonic() - t0
         cpu = {n: (cpu_seconds(p) - cpu0[n]) / elapsed * 1000 for n, p in pids.items()}
         report(work, args, elapsed, cpu, rss, agents)
+        print("\n| protocol | RSS MiB the agent's imports | added by the protocol's collector |")
+        print("|---|---:|---:|")
+        for protocol, (base, added) in rss_by_protocol(cwd).items():
+            print(f"| {protocol} | {base:.1f} | {added:.1f} |")
     finally:
         for a in agents:
             a.proc.terminate()
