@@ -9,9 +9,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-# sqlite_utils (click, pluggy, dateutil) for a BEGIN and a COMMIT; pysmi, pysnmp's optional MIB compiler,
-# with requests, urllib3 and jinja2: numeric OIDs need no MIB compiled.
-NOT_IN_THE_AGENT = {"sqlite_utils", "click", "pluggy", "dateutil", "pysmi", "requests", "urllib3", "jinja2"}
+# sqlite_utils (click, pluggy, dateutil; numpy whenever installed) for a BEGIN and a COMMIT; pysmi,
+# pysnmp's optional MIB compiler, with requests, urllib3 and jinja2: numeric OIDs need no MIB compiled.
+NOT_IN_THE_AGENT = {"sqlite_utils", "click", "pluggy", "dateutil", "numpy", "pysmi", "requests", "urllib3", "jinja2"}
 
 AGENT_WITH_SNMP = """
 import asyncio, sys
