@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ from examwatch.collectors._snmp_profile import (
 from examwatch.collectors.base import DeviceError, PollingCollector, register
 from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
+
+# pysnmp imports its optional MIB compiler (pysmi, and with it requests and jinja2: about 11 MiB of RSS and
+# 0.2 s) whenever pysmi is installed, as it is with the simulators' extra. Profiles name numeric OIDs and
+# nothing asks pysnmp to resolve a MIB name, so it is kept out of the process (pysnmp then runs without it).
+if "pysmi" not in sys.modules:
+    sys.modules["pysmi"] = None  # type: ignore[assignment]
 
 # --- I/O -----------------------------------------------------------------------------------------------
 
@@ -66,6 +73,20 @@ def _engine() -> Any:
     if engine is None:
         engine = _engines[loop] = SnmpEngine()
     return engine
+
+
+_ticks: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def _tick_for(engine: Any, timeout: float) -> None:
+    """Slow pysnmp's timer to a quarter of the shortest request timeout its devices have (0.1 to 1 s).
+
+    pysnmp wakes every 0.1 s by default to expire requests, which alone cost an agent with one SNMP device
+    about 4 ms of CPU per second; a request now times out between 1 and 1.25 times its timeout."""
+    tick = min(1.0, max(0.1, timeout / 4))
+    if tick < _ticks.get(engine, float("inf")):
+        engine.transport_dispatcher.set_timer_resolution(tick)
+        _ticks[engine] = tick
 
 
 def _address(address: str) -> tuple[str, int]:
@@ -125,9 +146,27 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class _Session:
-    auth: Any
-    target: Any
+    """What every request to one device reuses: the engine it was configured in and pysnmp's target name.
+
+    The requests go to pysnmp's command generators directly, with the OIDs as plain tuples: its high-level
+    API resolves every OID of every request through a MIB view (a third of the poll's CPU) even when
+    asked not to look up the answer."""
+
+    engine: Any
+    target: str  # pysnmp's local configuration name for (auth, transport)
     context: Any
+
+
+def _request(s: _Session, generator: Any, *args: Any) -> asyncio.Future[tuple[Any, Any, Any, Any]]:
+    """Send one PDU; the future gets (error indication, error status, error index, var-binds)."""
+    future: asyncio.Future[tuple[Any, Any, Any, Any]] = asyncio.get_running_loop().create_future()
+
+    def done(engine: Any, handle: Any, err: Any, status: Any, index: Any, var_binds: Any, ctx: Any) -> None:
+        if not future.done():
+            future.set_result((err, status, index, var_binds))
+
+    generator.send_varbinds(s.engine, s.target, s.context.contextEngineId, s.context.contextName, *args, done, None)
+    return future
 
 
 @register
@@ -179,8 +218,10 @@ parts = ["port1", "port24"]     # empty: every admin-up port
 
     async def _session(self, device: Any) -> _Session:
         s = self._sessions.get(device.name)
-        if s is None:
+        engine = _engine()
+        if s is None or s.engine is not engine:
             from pysnmp.hlapi.v3arch.asyncio import ContextData, UdpTransportTarget
+            from pysnmp.hlapi.v3arch.asyncio.lcd import CommandGeneratorLcdConfigurator
 
             options: SnmpOptions = device.options or SnmpOptions()
             try:
@@ -192,7 +233,9 @@ parts = ["port1", "port24"]     # empty: every admin-up port
             except Exception as err:  # unresolvable host name
                 raise DeviceError("config", f"address {device.address!r}: {err}") from None
             ctx = ContextData(contextName=options.context) if options.context else ContextData()
-            s = self._sessions[device.name] = _Session(_auth(options), target, ctx)
+            name, _ = CommandGeneratorLcdConfigurator().configure(engine, _auth(options), target, ctx.contextName)
+            _tick_for(engine, min(d.timeout for d in self.devices))  # set once: pending requests count ticks
+            s = self._sessions[device.name] = _Session(engine, name, ctx)
         return s
 
     async def poll(self, device: Any) -> list[Reading]:
@@ -212,14 +255,11 @@ parts = ["port1", "port24"]     # empty: every admin-up port
         return parsed.readings
 
     async def _get(self, s: _Session, oids: list[tuple[int, ...]], out: dict[tuple[int, ...], Any]) -> None:
-        from pysnmp.hlapi.v3arch.asyncio import ObjectIdentity, ObjectType, get_cmd
+        from pysnmp.entity.rfc3413.cmdgen import GetCommandGenerator
 
         for i in range(0, len(oids), 30):  # stay far below any agent's PDU size limit
-            chunk = oids[i : i + 30]
-            err, status, index, var_binds = await get_cmd(
-                _engine(), s.auth, s.target, s.context, *(ObjectType(ObjectIdentity(o)) for o in chunk),
-                lookupMib=False,
-            )  # fmt: skip
+            chunk = [(o, None) for o in oids[i : i + 30]]
+            err, status, index, var_binds = await _request(s, GetCommandGenerator(), chunk)
             _check(err, status, index)
             for name, value in var_binds:
                 out[tuple(name)] = _plain(value)
@@ -228,16 +268,13 @@ parts = ["port1", "port24"]     # empty: every admin-up port
         self, s: _Session, columns: list[tuple[int, ...]], repetitions: int, out: dict[tuple[int, ...], Any]
     ) -> None:
         """Walk several columns of one table together: each GETBULK carries every unfinished column."""
-        from pysnmp.hlapi.v3arch.asyncio import ObjectIdentity, ObjectType, bulk_cmd
+        from pysnmp.entity.rfc3413.cmdgen import BulkCommandGenerator
 
         cursor = {c: c for c in columns}
         while cursor:
             active = list(cursor)
-            err, status, index, var_binds = await bulk_cmd(
-                _engine(), s.auth, s.target, s.context, 0, repetitions,
-                *(ObjectType(ObjectIdentity(cursor[c])) for c in active),
-                lookupMib=False,
-            )  # fmt: skip
+            request = [(cursor[c], None) for c in active]
+            err, status, index, var_binds = await _request(s, BulkCommandGenerator(), 0, repetitions, request)
             _check(err, status, index)
             if not var_binds:
                 return

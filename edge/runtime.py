@@ -37,7 +37,8 @@ from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.agent")
 
-TICK = 0.5  # seconds between rule evaluations when nothing arrives
+TICK = 1.0  # seconds between rule evaluations when nothing arrives (time-based rules: silence, schedule)
+WRITER_STALE = 5.0  # seconds without a writer tick before the watchdog stops (a writer stuck on its disk)
 QUEUE_MAX = 20_000
 BATCH_MAX = 5_000
 SELF_METRICS_EVERY = 10.0  # seconds between the agent's own readings (outbox fill, store health)
@@ -118,7 +119,7 @@ class Agent:
         """The writer ticks and every collector still runs (a dead MQTT loop reads no sensor at all)."""
         return (
             self.ready.is_set()
-            and time.monotonic() - self.writer_beat < 10 * TICK
+            and time.monotonic() - self.writer_beat < WRITER_STALE
             and not any(t.done() for t in self._tasks)
             and all(c.alive() for c in self._collectors_running)
         )

@@ -13,16 +13,16 @@ the agent's status messages across restarts.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
-import sqlite_utils
 
 from examwatch.edge import statedir
 from examwatch.kernel import files
@@ -52,10 +52,25 @@ class OutboxRow(NamedTuple):
     body: bytes
 
 
-def _connect(path: Path) -> sqlite_utils.Database:
-    db = sqlite_utils.Database(sqlite3.connect(str(path), timeout=BUSY_TIMEOUT), execute_plugins=False)
-    db.enable_wal()
-    return db
+def _connect(path: Path) -> sqlite3.Connection:
+    # Autocommit: every transaction is an explicit _atomic block. Plain sqlite3, not sqlite_utils: its
+    # import (click, pluggy, dateutil) cost the agent about 8 MiB of RSS for a BEGIN and a COMMIT.
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=wal")
+    return conn
+
+
+@contextlib.contextmanager
+def _atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One transaction: committed when the block ends, rolled back if it raises."""
+    conn.execute("BEGIN")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # an error may already have ended it
+            conn.execute("ROLLBACK")
+        raise
 
 
 def identity(conn: sqlite3.Connection) -> tuple[int, int]:
@@ -73,7 +88,7 @@ class Store:
         self.db = _connect(self.path)
         # kill -9 loses nothing committed in WAL mode even with NORMAL; alarm commits go FULL (see write).
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.conn.executescript(SCHEMA)
+        self.db.executescript(SCHEMA)
         self.retention_s = retention_s
         self.outbox_budget_bytes = outbox_budget_bytes
         self.outbox_dropped = 0  # readings rows given up because the outbox was over its budget
@@ -83,8 +98,8 @@ class Store:
 
     def _identity(self) -> tuple[int, int]:
         """This database's outbox epoch (chosen at creation) and this open's boot number."""
-        with self.db.atomic():
-            conn = self.db.conn
+        with _atomic(self.db):
+            conn = self.db
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.randbelow(2**62) + 1,))
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('boot', 1) ON CONFLICT (key) DO UPDATE SET value = value + 1"
@@ -112,8 +127,8 @@ class Store:
         if events:
             # An alarm that was reported raised must survive a power cut too, not only a kill -9.
             self.db.execute("PRAGMA synchronous=FULL")
-        with self.db.atomic():
-            conn = self.db.conn
+        with _atomic(self.db):
+            conn = self.db
             conn.executemany(
                 "INSERT INTO readings (ts, device, metric, value, quality) VALUES (?, ?, ?, ?, ?)",
                 [(r.ts, r.device, r.metric, r.value, r.quality) for r in readings],
@@ -149,7 +164,7 @@ class Store:
         self._prune(readings[-1].ts if readings else None)
 
     def _unsent_readings(self, per_message: int) -> list[tuple[str, bytes]]:
-        conn = self.db.conn
+        conn = self.db
         row = conn.execute("SELECT value FROM meta WHERE key = 'readings_sent'").fetchone()
         rows = conn.execute(
             "SELECT id, device, metric, value, ts, quality FROM readings WHERE id > ? ORDER BY id",
@@ -163,7 +178,7 @@ class Store:
 
     def _thin_outbox(self) -> None:
         """Over budget: drop the oldest readings rows (the county loses detail, never an alarm)."""
-        conn = self.db.conn
+        conn = self.db
         excess = self._outbox_bytes - int(self.outbox_budget_bytes * 0.9)  # free a margin, not one row per write
         rows = conn.execute("SELECT seq, LENGTH(body) FROM outbox WHERE kind = 'readings' ORDER BY seq").fetchall()
         doomed, freed = [], 0
@@ -181,13 +196,13 @@ class Store:
         if now is None or now - self._pruned_at < 60:
             return
         self._pruned_at = now
-        with self.db.atomic():
+        with _atomic(self.db):
             self.db.execute("DELETE FROM readings WHERE ts < ?", [now - self.retention_s])
 
     def ack(self, seqs: Iterable[int]) -> None:
         """Delete outbox rows the broker acknowledged."""
-        with self.db.atomic():
-            conn = self.db.conn
+        with _atomic(self.db):
+            conn = self.db
             freed = 0
             for seq in list(seqs):
                 row = conn.execute("DELETE FROM outbox WHERE seq = ? RETURNING LENGTH(body)", (seq,)).fetchone()

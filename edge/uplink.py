@@ -225,7 +225,7 @@ class Uplink:
         try:
             self._pending = reader.count()
             while not self._stop.is_set():
-                self._wake.wait(timeout=0.5)
+                woken = self._wake.wait(timeout=self._sleep(time.monotonic()))
                 self._wake.clear()
                 self._drain_events()
                 now = time.monotonic()  # schedules only: a step of the wall clock must not stop heartbeats
@@ -233,7 +233,7 @@ class Uplink:
                     self._send(reader, now)
                     if now - self._last_heartbeat >= self.cfg.heartbeat:
                         self._heartbeat(now)
-                if time.monotonic() - self._last_count >= 1.0:
+                if woken or time.monotonic() - self._last_count >= 1.0:
                     self._pending = reader.count()
                     self._last_count = time.monotonic()
         except Exception as err:  # the uplink must not die silently: the readiness check reads last_error
@@ -244,6 +244,15 @@ class Uplink:
             close = getattr(reader, "close", None)
             if close:
                 close()
+
+    def _sleep(self, now: float) -> float:
+        """How long the worker may wait for a wake-up: 0.5 s while rows are pending, in flight or due again
+        (acks, retries, the backlog count); otherwise nothing changes without a notify or a connection
+        event, which wake it, so until the next heartbeat (at most 5 s): an idle agent's uplink costs
+        next to no CPU."""
+        if self._pending or self._inflight or self._retry:
+            return 0.5
+        return min(5.0, max(0.5, self._last_heartbeat + self.cfg.heartbeat - now))
 
     def _drain_events(self) -> None:
         acked: list[int] = []

@@ -36,9 +36,6 @@ def _config_check(path: str, gateway: bool) -> int:
 
 
 def _agent_run(path: str, log_level: str) -> int:
-    # sqlite-utils imports numpy whenever it is installed, only to convert numpy scalars, which the agent
-    # never stores: ~12 MB of a Pi agent's 50 MB budget. Only this process is spared it, never a library user.
-    sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]
     from examwatch.edge import logs
     from examwatch.edge.config import ConfigError, load
     from examwatch.edge.runtime import Agent

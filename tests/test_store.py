@@ -138,3 +138,19 @@ def test_readings_reach_the_outbox_by_a_cursor_that_survives_a_restart(tmp_path)
     assert len(reader.pending()) == 2
     again.write([Reading("n", "noise_db", 10.0, 300.0)], flush_readings=4)
     assert msgspec.json.decode(reader.pending()[-1].body, type=list[Reading]) == [Reading("n", "noise_db", 10.0, 300.0)]
+
+
+def test_a_batch_that_fails_midway_leaves_nothing_and_the_store_keeps_working(tmp_path):
+    store = Store(tmp_path / "a.db")
+    ok = Reading("ups1", "ups_charge_percent", 80.0, time.time())
+    try:
+        store.write([ok], outbox=[("readings", object())])  # type: ignore[list-item]  # the outbox insert fails
+    except sqlite3.Error:
+        pass
+    else:
+        raise AssertionError("an unbindable outbox body was stored")
+    assert store.db.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 0  # rolled back with it
+    assert not store.db.in_transaction
+    store.write([ok], outbox=[("readings", b"x")])
+    assert store.db.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 1
+    store.close()

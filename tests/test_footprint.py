@@ -1,0 +1,37 @@
+"""The agent process imports only what it runs (issue 13: a whole room in 40 MiB on a Pi Zero 2 W).
+
+Figures are in bench/footprint.py; here only what must not come back: modules that cost megabytes and
+that nothing in the agent uses.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# sqlite_utils (click, pluggy, dateutil; numpy whenever installed) for a BEGIN and a COMMIT; pysmi,
+# pysnmp's optional MIB compiler, with requests, urllib3 and jinja2: numeric OIDs need no MIB compiled.
+NOT_IN_THE_AGENT = {"sqlite_utils", "click", "pluggy", "dateutil", "numpy", "pysmi", "requests", "urllib3", "jinja2"}
+
+AGENT_WITH_SNMP = """
+import asyncio, sys
+import examwatch.edge.runtime, examwatch.edge.store, examwatch.edge.uplink
+from examwatch.collectors.snmp import SnmpCollector
+from examwatch.collectors.base import Health
+
+class Acc:
+    def add(self, reading): pass
+
+async def main():
+    SnmpCollector([], Acc(), Health())  # builds pysnmp's engine, as the agent does at start
+
+asyncio.run(main())
+print(" ".join(sorted(m.split(".")[0] for m in sys.modules if sys.modules[m] is not None)))
+"""
+
+
+def test_agent_with_snmp_imports_no_heavy_module_it_does_not_use() -> None:
+    out = subprocess.run([sys.executable, "-c", AGENT_WITH_SNMP], capture_output=True, text=True, check=True)
+    imported = set(out.stdout.split())
+    assert "pysnmp" in imported  # the probe did build the engine
+    assert imported & NOT_IN_THE_AGENT == set()
