@@ -28,8 +28,9 @@ from zoneinfo import ZoneInfo
 import msgspec
 import structlog
 
-from examwatch.channels import SendError, send_once
+from examwatch.channels.base import SendError
 from examwatch.channels.message import Item, Message
+from examwatch.channels.send import send_once
 from examwatch.edge.config import AgentSettings, FallbackSettings
 from examwatch.kernel import files
 from examwatch.kernel.model import AlarmEvent

@@ -84,7 +84,7 @@ def _gateway_config(path: str):  # -> gateway.config.Config, imported late
 def _test_channel(path: str, name: str) -> int:
     import time
 
-    from examwatch.channels import SendError
+    from examwatch.channels.base import SendError
     from examwatch.gateway.notify.worker import test_channel
 
     cfg = _gateway_config(path)

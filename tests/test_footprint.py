@@ -11,7 +11,18 @@ import sys
 
 # sqlite_utils (click, pluggy, dateutil; numpy whenever installed) for a BEGIN and a COMMIT; pysmi,
 # pysnmp's optional MIB compiler, with requests, urllib3 and jinja2: numeric OIDs need no MIB compiled.
-NOT_IN_THE_AGENT = {"sqlite_utils", "click", "pluggy", "dateutil", "numpy", "pysmi", "requests", "urllib3", "jinja2"}
+NOT_IN_THE_AGENT = {
+    "sqlite_utils",
+    "httpx",
+    "click",
+    "pluggy",
+    "dateutil",
+    "numpy",
+    "pysmi",
+    "requests",
+    "urllib3",
+    "jinja2",
+}
 
 AGENT_WITH_SNMP = """
 import asyncio, sys

@@ -219,7 +219,8 @@ def test_a_channel_down_catches_up_in_order_once_while_the_other_is_on_time(db, 
     ],
 )
 def test_a_hostile_or_broken_answer_is_a_bounded_failure(bots, raw, reason):
-    from examwatch.channels import SendError, client, dingtalk
+    from examwatch.channels import dingtalk
+    from examwatch.channels.base import SendError, client
     from examwatch.gateway.notify.messages import Message
 
     bot = Bot("dingtalk")

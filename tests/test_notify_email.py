@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from examwatch.channels import SendError
+from examwatch.channels.base import SendError
 from examwatch.channels.email import send
 from examwatch.gateway.notify.messages import Item, Links, alarm_message
 from examwatch.gateway.notify.settings import Channel

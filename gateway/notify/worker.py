@@ -16,7 +16,9 @@ import msgspec
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from examwatch.channels import SENDERS, SendError, alertmanager, client, send_once
+from examwatch.channels import alertmanager
+from examwatch.channels.base import SendError, client
+from examwatch.channels.send import SENDERS, send_once
 from examwatch.gateway.notify import outbox, source
 from examwatch.gateway.notify.core import Planner, State
 from examwatch.gateway.notify.settings import Channel, Notify, Roster
