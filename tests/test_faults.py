@@ -22,8 +22,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from examwatch.kernel import wire
-from examwatch.kernel.model import AlarmEvent, Reading
-from tests.support import until
+from examwatch.kernel.model import Reading
+from tests.support import door_opened, until
 from tests.support.gateway import AgentProc, GatewayProc, key_hex, start, until_subscribed
 
 pytestmark = pytest.mark.integration
@@ -145,18 +145,7 @@ def test_rogue_client_forged_alarms_are_rejected_counted_and_alarmed_replays_are
     start(procs, gw)
     room_key, other_key = bytes.fromhex(key_hex("s1/101")), bytes.fromhex(key_hex("s1/102"))
     now = time.time()
-    ev = AlarmEvent(
-        id="s1/101/secrecy_door_open/door1/1",
-        site="s1",
-        room="101",
-        rule="secrecy_door_open",
-        level=2,
-        state="raised",
-        device="door1",
-        at=now,
-        raised_at=now,
-        message="保密室门在非规定时间打开",
-    )
+    ev = door_opened("s1", "101", now)
     body = msgspec.json.encode(ev)
     legit = wire.encode(room_key, "s1/101", 1, now, "alarms", body, epoch=5)
     topic = wire.topic("s1/101", "alarms")

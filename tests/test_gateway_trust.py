@@ -14,8 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from examwatch.kernel import wire
-from examwatch.kernel.model import AlarmEvent
-from tests.support import until
+from tests.support import door_opened, until
 from tests.support.gateway import AgentProc, GatewayProc, key_hex, start, until_subscribed
 from tests.test_uplink import Listener
 
@@ -103,18 +102,7 @@ def test_a_room_key_cannot_clear_another_rooms_alarm(mosquitto, procs, tmp_path)
     procs.append(rogue)
     until_subscribed(gw, rogue.client)
     now = time.time()
-    door = AlarmEvent(
-        id="s1/102/secrecy_door_open/door1@1",
-        site="s1",
-        room="102",
-        rule="secrecy_door_open",
-        level=2,
-        state="raised",
-        device="door1",
-        at=now,
-        raised_at=now,
-        message="保密室门在非规定时间打开",
-    )
+    door = door_opened("s1", "102", now, alarm_id="s1/102/secrecy_door_open/door1@1")
     rogue.publish(
         wire.topic("s1/102", "alarms"),
         wire.encode(key("s1/102"), "s1/102", 1, now, "alarms", msgspec.json.encode(door), epoch=3),

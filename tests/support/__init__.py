@@ -21,6 +21,22 @@ POLL = 0.02  # seconds between checks while waiting
 What = str | Callable[[], str]  # what is awaited; a callable is asked at the failure (e.g. for the last value)
 
 
+def door_opened(site: str, room: str, at: float, alarm_id: str = "") -> AlarmEvent:
+    """A secrecy-room door alarm as the room's agent raises it (level 2), for tests that sign and send one."""
+    return AlarmEvent(
+        id=alarm_id or f"{site}/{room}/secrecy_door_open/door1/1",
+        site=site,
+        room=room,
+        rule="secrecy_door_open",
+        level=2,
+        state="raised",
+        device="door1",
+        at=at,
+        raised_at=at,
+        message="保密室门在非规定时间打开",
+    )
+
+
 def _timed_out(what: What, timeout: float) -> AssertionError:
     return AssertionError(f"{what() if callable(what) else what} not met within {timeout:g}s")
 
