@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,19 @@ CREATE TABLE IF NOT EXISTS devices (agent TEXT NOT NULL, device TEXT NOT NULL, k
     PRIMARY KEY (agent, device)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY, received REAL NOT NULL, reason TEXT NOT NULL,
     agent TEXT NOT NULL, topic TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, item_id TEXT NOT NULL, at REAL NOT NULL,
+    who TEXT NOT NULL, category TEXT NOT NULL, text TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS notes_item ON notes (kind, item_id, at);
+CREATE TABLE IF NOT EXISTS reports (id INTEGER PRIMARY KEY, created REAL NOT NULL, who TEXT NOT NULL,
+    form TEXT NOT NULL, scope TEXT NOT NULL, format TEXT NOT NULL, sha256 TEXT NOT NULL, content BLOB NOT NULL);
 """
 
+# What people write about an alarm or incident (the records' facts that only people know). "ack" rows are
+# written by every acknowledgement; the others come from the duty desk's follow-up notes.
+NOTE_CATEGORIES = ("ack", "cause", "measure", "spare", "result", "summary", "close")
 
-SCHEMA_VERSION = 2  # 0/1: before epochs (main up to issue 7)
+
+SCHEMA_VERSION = 3  # 0/1: before epochs (main up to issue 7); 2: before notes and reports
 DEAD_LETTERS_MAX = 10_000  # rows kept, newest
 DEAD_LETTER_BYTES = 4096  # of each payload
 
@@ -88,8 +98,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version >= SCHEMA_VERSION:
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         ledger = [r[1] for r in conn.execute("PRAGMA table_info(ledger)")]
         if ledger and "epoch" not in ledger:
             conn.execute("DROP TABLE ledger")
@@ -105,10 +114,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
             if statement.strip():
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def received_ranges(conn: sqlite3.Connection) -> dict[tuple[str, int], list[list[int]]]:
@@ -216,25 +221,65 @@ def device_kinds(conn: sqlite3.Connection) -> dict[str, dict[str, str]]:
 
 
 def acknowledge(conn: sqlite3.Connection, table: str, item_id: str, who: str, note: str, now: float) -> bool:
-    """Record who acknowledged an alarm or incident and why; False if there is no such one."""
+    """Record who acknowledged an alarm or incident and why (also as an "ack" note); False if there is no such one."""
     assert table in ("alarms", "incidents")
-    cur = conn.execute(
-        f"UPDATE {table} SET acked_by = ?, acked_note = ?, acked_at = ? WHERE id = ?", [who, note, now, item_id]
+    with transaction(conn):
+        cur = conn.execute(
+            f"UPDATE {table} SET acked_by = ?, acked_note = ?, acked_at = ? WHERE id = ?", [who, note, now, item_id]
+        )
+        if cur.rowcount != 1:
+            return False
+        _insert_note(conn, "alarm" if table == "alarms" else "incident", item_id, who, "ack", note, now)
+    return True
+
+
+def add_note(conn: sqlite3.Connection, kind: str, item_id: str, who: str, category: str, text: str, now: float) -> bool:
+    """A follow-up note (措施, 结果, ...) on an alarm or incident; False if there is no such one."""
+    assert kind in ("alarm", "incident") and category in NOTE_CATEGORIES
+    with transaction(conn):
+        table = "alarms" if kind == "alarm" else "incidents"
+        if conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", [item_id]).fetchone() is None:
+            return False
+        _insert_note(conn, kind, item_id, who, category, text, now)
+    return True
+
+
+def _insert_note(
+    conn: sqlite3.Connection, kind: str, item_id: str, who: str, category: str, text: str, at: float
+) -> None:
+    conn.execute(
+        "INSERT INTO notes (kind, item_id, at, who, category, text) VALUES (?, ?, ?, ?, ?, ?)",
+        [kind, item_id, at, who, category, text],
     )
-    return cur.rowcount == 1
 
 
-def write_batch(conn: sqlite3.Connection, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
-    """Run every (sql, rows) with executemany in one transaction."""
+def notes(conn: sqlite3.Connection, kind: str, item_id: str) -> list[dict[str, Any]]:
+    """An alarm's or incident's notes, oldest first."""
+    return _dicts(
+        conn.execute(
+            "SELECT at, who, category, text FROM notes WHERE kind = ? AND item_id = ? ORDER BY at, id", [kind, item_id]
+        )
+    )
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction (the connections are in autocommit mode: ``with conn`` would not begin one)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for sql, rows in statements:
-            if rows:
-                conn.executemany(sql, rows)
+        yield conn
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def write_batch(conn: sqlite3.Connection, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+    """Run every (sql, rows) with executemany in one transaction."""
+    with transaction(conn):
+        for sql, rows in statements:
+            if rows:
+                conn.executemany(sql, rows)
 
 
 def prune(conn: sqlite3.Connection, cut: float, alarm_cut: float) -> None:
