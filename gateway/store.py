@@ -305,3 +305,73 @@ def prune(conn: sqlite3.Connection, cut: float, alarm_cut: float) -> None:
             ("DELETE FROM dead_letters WHERE received < ?", [(alarm_cut,)]),
         ],
     )
+
+
+# --- records ---
+
+
+def alarms_between(conn: sqlite3.Connection, start: float, end: float, site: str = "") -> list[dict[str, Any]]:
+    """Every alarm active at some moment of [start, end) by the rooms' times (the day's or an incident's), oldest first."""
+    sql = "SELECT * FROM alarms WHERE raised_at < ? AND (cleared_at IS NULL OR cleared_at >= ?)"
+    args: list[Any] = [end, start]
+    if site:
+        sql, args = sql + " AND site = ?", [*args, site]
+    return _dicts(conn.execute(sql + " ORDER BY raised_at, id", args))
+
+
+def notes_between(conn: sqlite3.Connection, start: float, end: float) -> list[dict[str, Any]]:
+    """Every note written in [start, end), with what it is on, oldest first."""
+    return _dicts(
+        conn.execute(
+            "SELECT kind, item_id, at, who, category, text FROM notes WHERE at >= ? AND at < ? ORDER BY at, id",
+            [start, end],
+        )
+    )
+
+
+def add_report(
+    conn: sqlite3.Connection, created: float, who: str, form: str, scope: str, fmt: str, sha256: str, content: bytes
+) -> int:
+    """Keep a rendered report with its content's hash (a file whose hash is not here was edited)."""
+    with transaction(conn):
+        cur = conn.execute(
+            "INSERT INTO reports (created, who, form, scope, format, sha256, content) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [created, who, form, scope, fmt, sha256, content],
+        )
+    return int(cur.lastrowid or 0)
+
+
+def report_by_hash(conn: sqlite3.Connection, sha256: str) -> dict[str, Any] | None:
+    """The stored report with this content hash (without its content), or None."""
+    row = conn.execute(
+        "SELECT id, created, who, form, scope, format, sha256 FROM reports WHERE sha256 = ? ORDER BY id LIMIT 1",
+        [sha256],
+    ).fetchone()
+    return dict(row) if row else None
+
+
+def incidents_between(conn: sqlite3.Connection, start: float, end: float, incident_id: str = "") -> list[dict[str, Any]]:
+    """Incidents open at some moment of [start, end) (or the one with ``incident_id``, whenever), oldest first,
+    shaped as ``incidents()`` shapes them (that one lists the newest, by state, for the API)."""
+    if incident_id:
+        rows = conn.execute("SELECT * FROM incidents WHERE id = ?", [incident_id])
+    else:
+        rows = conn.execute(
+            "SELECT * FROM incidents WHERE opened_at < ? AND (closed_at IS NULL OR closed_at >= ?) ORDER BY opened_at",
+            [end, start],
+        )
+    out = _dicts(rows)
+    for inc in out:
+        inc["members"], inc["active"] = json.loads(inc["members"]), json.loads(inc["active"])
+        inc["timeline"] = [
+            {**dict(r), "rooms": json.loads(r["rooms"])}
+            for r in conn.execute(
+                "SELECT at, what, rooms, level FROM incident_events WHERE incident_id = ? ORDER BY rowid", [inc["id"]]
+            )
+        ]
+    return out
+
+
+def alarm(conn: sqlite3.Connection, alarm_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM alarms WHERE id = ?", [alarm_id]).fetchone()
+    return dict(row) if row else None
