@@ -152,6 +152,15 @@ def _ack(args: argparse.Namespace) -> int:
     return 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    cfg = _gateway_config(args.config)
+    if cfg is None:
+        return 2
+    from examwatch.gateway.records.cli import main as report
+
+    return report(cfg, args)
+
+
 def _site_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -208,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         "check", help="validate a file (- for stdin): exit 0 ok, 2 with every error"
     ).add_argument("file")
 
+    report = sub.add_parser("report", help="the plans' records (一级响应处置记录表, 首报/续报/终报, ...) as PDF or DOCX")
+    report.add_argument("--config", required=True, help="gateway TOML file: its state_dir and time zone")
+    scope = report.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--incident", help="an incident's or an alarm's id (forms l1, first, followup, final)")
+    scope.add_argument("--day", help="YYYY-MM-DD, the exam day (forms county, school, day)")
+    scope.add_argument("--verify", metavar="FILE", help="was this file issued by the gateway, unchanged?")
+    report.add_argument("--form", choices=["l1", "first", "followup", "final", "county", "school", "day"])
+    report.add_argument("--out", help="the file to write: .pdf or .docx")
+    report.add_argument("--who", default="", help="who makes it (default: the login name)")
+
     demo = sub.add_parser("demo", help="a whole exam site on this machine, with a scripted morning of faults")
     demo.add_argument("--dir", default=".examwatch-demo", help="where logs and databases go")
     demo.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: Ctrl-C)")
@@ -261,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         return _agent_run(args.config, args.log_level)
     if args.command == "ack":
         return _ack(args)
+    if args.command == "report":
+        return _report(args)
     if args.action == "test-channel":
         return _test_channel(args.config, args.name)
     return _gateway_run(args.config, args.log_level)

@@ -16,8 +16,22 @@ from examwatch.gateway.records.forms import (
     Table,
     clean,
     device,
+    fault,
     people,
 )
+
+
+class DayClock(Clock):
+    """The day's own times as HH:MM:SS (the form names the day), any other as the full date and time."""
+
+    def __init__(self, clock: Clock, d: Day) -> None:
+        super().__init__(clock.tz)
+        self.start, self.end = d.start, d.end
+
+    def __call__(self, ts: float | None) -> str:
+        if ts is not None and self.start <= ts < self.end:
+            return self.hms(ts)
+        return super().__call__(ts)
 
 
 def _counts(alarms: list[Alarm]) -> str:
@@ -40,6 +54,7 @@ def _recovered(a: Alarm, clock: Clock) -> str:
 
 def county(d: Day, clock: Clock, county_name: str) -> Form:
     """The county's form: its sites and rooms, the day's counts, every incident and level-2+ alarm."""
+    clock = DayClock(clock, d)
     rooms = sum(len(r) for r in d.sites.values())
     rows = [
         (
@@ -54,7 +69,7 @@ def county(d: Day, clock: Clock, county_name: str) -> Form:
         for inc in d.incidents
     ]
     rows += [
-        (clock(a.row["raised_at"]), a.row["site"], a.row["room"], clean(a.row["message"], 200), LEVELS.get(a.row["level"], ""),
+        (clock(a.row["raised_at"]), a.row["site"], a.row["room"], fault(a), LEVELS.get(a.row["level"], ""),
          " ".join(_handled(a, clock)).strip(), _recovered(a, clock))
         for a in d.alarms
         if a.row["level"] >= 2
@@ -70,6 +85,7 @@ def county(d: Day, clock: Clock, county_name: str) -> Form:
         ("时间", "考点", "考场", "事件", "级别", "确认", "恢复/结束"),
         rows,
         empty="本日无二级及以上事件",
+        text=3,
     )
     after = [
         [Field("处置情况", None, wide=True, tall=True)],
@@ -92,13 +108,14 @@ def school(d: Day, clock: Clock) -> list[Form]:
 
 
 def _school(d: Day, site: str, clock: Clock) -> Form:
+    clock = DayClock(clock, d)
     alarms = [a for a in d.alarms if a.row["site"] == site]
     rows = [
         (
             clock(a.row["raised_at"]),
             a.row["room"],
             device(a),
-            clean(a.row["message"], 200),
+            fault(a),
             LEVELS.get(a.row["level"], ""),
             *_handled(a, clock),
             _recovered(a, clock),
@@ -106,14 +123,14 @@ def _school(d: Day, site: str, clock: Clock) -> Form:
         for a in alarms
     ]
     causes = "\n".join(
-        p for a in alarms if (p := people(a.notes, "cause", "measure", "result", clock=clock, room=f"{a.row['room']}："))
+        p for a in alarms if (p := people(a.notes, "cause", "measure", "spare", "result", clock=clock, room=f"{a.row['room']}："))
     )
     grid = [
         [Field("学校（考点）", site), Field("考试日期", d.day.isoformat())],
         [Field("考场数", str(len(d.sites.get(site, [])))), Field("报警", _counts(alarms))],
     ]
     table = Table(
-        "报警及处置", ("时间", "考场", "设备", "故障", "级别", "确认人", "确认时间", "恢复时间"), rows, "本日无报警"
+        "报警及处置", ("时间", "考场", "设备", "故障", "级别", "确认人", "确认时间", "恢复时间"), rows, "本日无报警", text=3
     )
     after = [
         [Field("原因及处置", causes or None, wide=True, tall=True)],
@@ -125,7 +142,9 @@ def _school(d: Day, site: str, clock: Clock) -> Form:
 
 def day_log(d: Day, clock: Clock) -> Form:
     """Every alarm transition (room times) and every note written that day, in time order."""
+    clock = DayClock(clock, d)
     names = {a.row["id"]: a for a in d.alarms}
+    incidents = {inc.id: f"{inc.site}/{'、'.join(inc.rooms)}" for inc in d.incidents}
     rows: list[tuple[float, tuple[str, ...]]] = []
     for a in d.alarms:
         for e in a.events:
@@ -135,13 +154,13 @@ def day_log(d: Day, clock: Clock) -> Form:
                                        clean(str(e["event"].get("message", a.row["message"])), 200), "")))
     for n in d.notes:
         a = names.get(n["item_id"])
-        where = f"{a.row['site']}/{a.row['room']}" if a else n["item_id"]
-        rows.append((n["at"], (clock(n["at"]), where, device(a) if a else "事件", "",
+        where = f"{a.row['site']}/{a.row['room']}" if a else incidents.get(n["item_id"], clean(n["item_id"], 64))
+        rows.append((n["at"], (clock(n["at"]), where, device(a) if a else "多考场事件", "",
                                CATEGORIES.get(n["category"], n["category"]), clean(n["text"]) or "（无说明）",
                                clean(n["who"], 64))))
     rows.sort(key=lambda r: r[0])
     table = Table("报警与确认记录", ("时间", "考点/考场", "设备", "级别", "事项", "内容", "人员"), [r for _, r in rows],
-                  "本日无报警和确认")
+                  "本日无报警和确认", text=5)
     grid = [[Field("日期", d.day.isoformat()), Field("报警", _counts(d.alarms))]]
     return Form("值班日志", d.day.isoformat(), grid, [table], remark=_remark(d))
 

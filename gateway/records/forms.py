@@ -51,6 +51,7 @@ class Table:
     columns: tuple[str, ...]
     rows: list[tuple[str, ...]]
     empty: str = "无"
+    text: int = -1  # the column of free text that wraps (the others keep to one line)
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def timeline(ev: Event, clock: Clock) -> Table:
     if ev.kind == "incident":
         rows += [(n["at"], _note_row(n, "全部", clock)) for n in ev.notes]
     rows.sort(key=lambda r: r[0])
-    return Table("事件时间线", ("时间", "考场", "事项", "内容", "人员"), [r for _, r in rows])
+    return Table("事件时间线", ("时间", "考场", "事项", "内容", "人员"), [r for _, r in rows], text=3)
 
 
 def _note_row(n: dict[str, Any], room: str, clock: Clock) -> tuple[str, ...]:
