@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         "check", help="validate a file (- for stdin): exit 0 ok, 2 with every error"
     ).add_argument("file")
 
-    report = sub.add_parser("report", help="the plans' records (一级响应处置记录表, 首报/续报/终报, ...) as PDF or DOCX")
+    report = sub.add_parser(
+        "report", help="the plans' records (一级响应处置记录表, 首报/续报/终报, ...) as PDF or DOCX"
+    )
     report.add_argument("--config", required=True, help="gateway TOML file: its state_dir and time zone")
     scope = report.add_mutually_exclusive_group(required=True)
     scope.add_argument("--incident", help="an incident's or an alarm's id (forms l1, first, followup, final)")

@@ -311,7 +311,7 @@ def prune(conn: sqlite3.Connection, cut: float, alarm_cut: float) -> None:
 
 
 def alarms_between(conn: sqlite3.Connection, start: float, end: float, site: str = "") -> list[dict[str, Any]]:
-    """Every alarm active at some moment of [start, end) by the rooms' times (the day's or an incident's), oldest first."""
+    """Every alarm active at some moment of [start, end) by the rooms' times (a day, an incident), oldest first."""
     sql = "SELECT * FROM alarms WHERE raised_at < ? AND (cleared_at IS NULL OR cleared_at >= ?)"
     args: list[Any] = [end, start]
     if site:
@@ -350,7 +350,9 @@ def report_by_hash(conn: sqlite3.Connection, sha256: str) -> dict[str, Any] | No
     return dict(row) if row else None
 
 
-def incidents_between(conn: sqlite3.Connection, start: float, end: float, incident_id: str = "") -> list[dict[str, Any]]:
+def incidents_between(
+    conn: sqlite3.Connection, start: float, end: float, incident_id: str = ""
+) -> list[dict[str, Any]]:
     """Incidents open at some moment of [start, end) (or the one with ``incident_id``, whenever), oldest first,
     shaped as ``incidents()`` shapes them (that one lists the newest, by state, for the API)."""
     if incident_id:

@@ -31,7 +31,9 @@ MESSAGE = "演示中学考点 {room}考场：市电中断，UPS 电池供电"
 
 
 def _signed(agent: str, seq: int, ts: float, kind: str, body: bytes) -> Message:
-    return Message(wire.topic(agent, kind), wire.encode(KEYS[agent], agent, seq, ts, kind, body, epoch=EPOCH), False, ts)
+    return Message(
+        wire.topic(agent, kind), wire.encode(KEYS[agent], agent, seq, ts, kind, body, epoch=EPOCH), False, ts
+    )
 
 
 def _status(agent: str, ts: float) -> Message:

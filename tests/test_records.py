@@ -116,7 +116,10 @@ def test_final_report_has_blanks_for_the_evaluation(conn, db, tmp_path):
     assert "已结束（2024-05-28 08:47:50" in field(cells, "事件状态")  # when the gateway closed it
     store.add_note(conn, "incident", db[1], "李校长", "summary", "备用电源切换及时，考试未受影响", 1716857000.0)
     _, _, data = records.render_and_store(conn, form="final", incident=db[1], fmt="docx", who="测试员")
-    assert "备用电源切换及时，考试未受影响（李校长，2024-05-28 08:43:20）" == field(docx_cells(data, tmp_path), "评估与总结")
+    assert (
+        field(docx_cells(data, tmp_path), "评估与总结")
+        == "备用电源切换及时，考试未受影响（李校长，2024-05-28 08:43:20）"
+    )
 
 
 def test_level1_record_of_one_alarm(conn, tmp_path):
@@ -145,7 +148,15 @@ def test_an_incidents_level1_records_are_one_per_room(conn, db, tmp_path):
 def test_day_forms_list_every_alarm_and_acknowledgement(conn, tmp_path):
     _, _, data = records.render_and_store(conn, form="day", day=DAY, fmt="pdf", who="测试员")
     text = pdf_text(data, tmp_path)
-    for fact in (*(t[11:] for t in ROOM_TIMES), "已到场，确认市电中断", "已通知供电部门", "张老师", "王老师", "s1/101", "s1/102"):
+    for fact in (
+        *(t[11:] for t in ROOM_TIMES),
+        "已到场，确认市电中断",
+        "已通知供电部门",
+        "张老师",
+        "王老师",
+        "s1/101",
+        "s1/102",
+    ):
         assert fact in text, fact
     _, _, data = records.render_and_store(conn, form="county", day=DAY, fmt="docx", who="测试员", county="某某县招办")
     cells = docx_cells(data, tmp_path)
@@ -181,7 +192,12 @@ def test_docx_runs_name_the_east_asian_font(conn, db, tmp_path):
 def test_every_report_is_kept_and_an_edited_file_does_not_verify(conn, db):
     _, _, data = records.render_and_store(conn, form="first", incident=db[1], fmt="pdf", who="测试员")
     row = records.verify(conn, data)
-    assert row is not None and (row["form"], row["scope"], row["format"], row["who"]) == ("first", db[1], "pdf", "测试员")
+    assert row is not None and (row["form"], row["scope"], row["format"], row["who"]) == (
+        "first",
+        db[1],
+        "pdf",
+        "测试员",
+    )
     stored = conn.execute("SELECT content FROM reports WHERE id = ?", [row["id"]]).fetchone()[0]
     assert stored == data
     edited = bytearray(data)
@@ -194,7 +210,7 @@ def test_peoples_notes_are_escaped_cleaned_and_bounded(conn, db, tmp_path):
     markup = '<b>粗体</b><script>alert(1)</script><img src="http://x/y.png">'
     hostile = markup + "\x00\x0b" + "长" * 3000
     assert store.add_note(conn, "incident", db[1], "<i>某人</i>\x07", "cause", hostile, 1716856500.0)
-    scope, forms = records.build(conn, form="followup", incident=db[1])
+    _, forms = records.build(conn, form="followup", incident=db[1])
     page = pdf.html(forms, "2024-05-28 09:00:00", "测试员")
     assert "&lt;b&gt;粗体&lt;/b&gt;&lt;script&gt;" in page and "<script>" not in page and "<img" not in page
     assert "&lt;i&gt;某人&lt;/i&gt;" in page
@@ -228,10 +244,28 @@ def test_what_cannot_be_made_is_said_and_nothing_is_kept(conn, kw, why):
 def test_a_page_as_png_for_people_to_look_at(conn, db, tmp_path):
     """An artefact, not a check of looks: tests/artifacts/records-*.png (docs/img/records-first.png is one)."""
     ARTIFACTS.mkdir(exist_ok=True)
-    for form, scope in (("first", {"incident": db[1]}), ("l1", {"incident": alarm_id("101")}), ("county", {"day": DAY})):
+    for form, scope in (
+        ("first", {"incident": db[1]}),
+        ("l1", {"incident": alarm_id("101")}),
+        ("county", {"day": DAY}),
+    ):
         _, _, data = records.render_and_store(conn, form=form, fmt="pdf", who="测试员", **scope)
         (tmp_path / f"{form}.pdf").write_bytes(data)
         out = ARTIFACTS / f"records-{form}"
-        subprocess.run(["pdftoppm", "-png", "-r", "80", "-f", "1", "-l", "1", "-singlefile", str(tmp_path / f"{form}.pdf"),
-                        str(out)], check=True)
+        subprocess.run(
+            [
+                "pdftoppm",
+                "-png",
+                "-r",
+                "80",
+                "-f",
+                "1",
+                "-l",
+                "1",
+                "-singlefile",
+                str(tmp_path / f"{form}.pdf"),
+                str(out),
+            ],
+            check=True,
+        )
         assert out.with_suffix(".png").stat().st_size > 10_000

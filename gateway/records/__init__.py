@@ -46,8 +46,9 @@ def build(
         if not incident:
             raise RecordError(f"表 {form} 针对一个事件或报警：请给出事件编号（--incident）")
         ev = event(conn, incident, rules)
-        made = {"l1": forms.l1, "first": forms.first, "followup": forms.followup, "final": forms.final}[form](ev, clock)
-        return ev.id, made if isinstance(made, list) else [made]
+        if form == "l1":
+            return ev.id, forms.l1(ev, clock)
+        return ev.id, [{"first": forms.first, "followup": forms.followup, "final": forms.final}[form](ev, clock)]
     if form in DAY_FORMS:
         if not day:
             raise RecordError(f"表 {form} 针对一个考试日：请给出日期（--day YYYY-MM-DD）")

@@ -93,7 +93,9 @@ def _verify(db: Path, path: Path, tz: str) -> int:
         print(f"{path}: 未通过核验：网关没有发出过与此文件一致的报告（文件被修改过，或不是本网关生成的）")
         return 1
     made = forms.Clock(tz)(row["created"])
-    print(f"{path}: 核验通过：报告 #{row['id']}（{row['form']}，{row['scope']}），{made} 由 {row['who']} 生成，内容未改动")
+    print(
+        f"{path}: 核验通过：报告 #{row['id']}（{row['form']}，{row['scope']}），{made} 由 {row['who']} 生成，内容未改动"
+    )
     return 0
 
 

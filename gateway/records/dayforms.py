@@ -56,7 +56,7 @@ def county(d: Day, clock: Clock, county_name: str) -> Form:
     """The county's form: its sites and rooms, the day's counts, every incident and level-2+ alarm."""
     clock = DayClock(clock, d)
     rooms = sum(len(r) for r in d.sites.values())
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             clock(inc.opened_at),
             inc.site,
@@ -69,8 +69,15 @@ def county(d: Day, clock: Clock, county_name: str) -> Form:
         for inc in d.incidents
     ]
     rows += [
-        (clock(a.row["raised_at"]), a.row["site"], a.row["room"], fault(a), LEVELS.get(a.row["level"], ""),
-         " ".join(_handled(a, clock)).strip(), _recovered(a, clock))
+        (
+            clock(a.row["raised_at"]),
+            a.row["site"],
+            a.row["room"],
+            fault(a),
+            LEVELS.get(a.row["level"], ""),
+            " ".join(_handled(a, clock)).strip(),
+            _recovered(a, clock),
+        )
         for a in d.alarms
         if a.row["level"] >= 2
     ]
@@ -110,7 +117,7 @@ def school(d: Day, clock: Clock) -> list[Form]:
 def _school(d: Day, site: str, clock: Clock) -> Form:
     clock = DayClock(clock, d)
     alarms = [a for a in d.alarms if a.row["site"] == site]
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             clock(a.row["raised_at"]),
             a.row["room"],
@@ -123,21 +130,34 @@ def _school(d: Day, site: str, clock: Clock) -> Form:
         for a in alarms
     ]
     causes = "\n".join(
-        p for a in alarms if (p := people(a.notes, "cause", "measure", "spare", "result", clock=clock, room=f"{a.row['room']}："))
+        p
+        for a in alarms
+        if (p := people(a.notes, "cause", "measure", "spare", "result", clock=clock, room=f"{a.row['room']}："))
     )
     grid = [
         [Field("学校（考点）", site), Field("考试日期", d.day.isoformat())],
         [Field("考场数", str(len(d.sites.get(site, [])))), Field("报警", _counts(alarms))],
     ]
     table = Table(
-        "报警及处置", ("时间", "考场", "设备", "故障", "级别", "确认人", "确认时间", "恢复时间"), rows, "本日无报警", text=3
+        "报警及处置",
+        ("时间", "考场", "设备", "故障", "级别", "确认人", "确认时间", "恢复时间"),
+        rows,
+        "本日无报警",
+        text=3,
     )
     after = [
         [Field("原因及处置", causes or None, wide=True, tall=True)],
         [Field("总结", None, wide=True, tall=True)],
     ]
-    return Form("校级应急事件报告表", f"{site} {d.day.isoformat()}", grid, [table], after, remark=_remark(d),
-                signatures=_signatures())
+    return Form(
+        "校级应急事件报告表",
+        f"{site} {d.day.isoformat()}",
+        grid,
+        [table],
+        after,
+        remark=_remark(d),
+        signatures=_signatures(),
+    )
 
 
 def day_log(d: Day, clock: Clock) -> Form:
@@ -149,25 +169,55 @@ def day_log(d: Day, clock: Clock) -> Form:
     for a in d.alarms:
         for e in a.events:
             if d.start <= e["at"] < d.end:
-                rows.append((e["at"], (clock(e["at"]), f"{a.row['site']}/{a.row['room']}", device(a),
-                                       LEVELS.get(e["level"], ""), ALARM_STATES.get(e["state"], e["state"]),
-                                       clean(str(e["event"].get("message", a.row["message"])), 200), "")))
+                rows.append(
+                    (
+                        e["at"],
+                        (
+                            clock(e["at"]),
+                            f"{a.row['site']}/{a.row['room']}",
+                            device(a),
+                            LEVELS.get(e["level"], ""),
+                            ALARM_STATES.get(e["state"], e["state"]),
+                            clean(str(e["event"].get("message", a.row["message"])), 200),
+                            "",
+                        ),
+                    )
+                )
     for n in d.notes:
-        a = names.get(n["item_id"])
-        where = f"{a.row['site']}/{a.row['room']}" if a else incidents.get(n["item_id"], clean(n["item_id"], 64))
-        rows.append((n["at"], (clock(n["at"]), where, device(a) if a else "多考场事件", "",
-                               CATEGORIES.get(n["category"], n["category"]), clean(n["text"]) or "（无说明）",
-                               clean(n["who"], 64))))
+        on = names.get(n["item_id"])
+        where = f"{on.row['site']}/{on.row['room']}" if on else incidents.get(n["item_id"], clean(n["item_id"], 64))
+        rows.append(
+            (
+                n["at"],
+                (
+                    clock(n["at"]),
+                    where,
+                    device(on) if on else "多考场事件",
+                    "",
+                    CATEGORIES.get(n["category"], n["category"]),
+                    clean(n["text"]) or "（无说明）",
+                    clean(n["who"], 64),
+                ),
+            )
+        )
     rows.sort(key=lambda r: r[0])
-    table = Table("报警与确认记录", ("时间", "考点/考场", "设备", "级别", "事项", "内容", "人员"), [r for _, r in rows],
-                  "本日无报警和确认", text=5)
+    table = Table(
+        "报警与确认记录",
+        ("时间", "考点/考场", "设备", "级别", "事项", "内容", "人员"),
+        [r for _, r in rows],
+        "本日无报警和确认",
+        text=5,
+    )
     grid = [[Field("日期", d.day.isoformat()), Field("报警", _counts(d.alarms))]]
     return Form("值班日志", d.day.isoformat(), grid, [table], remark=_remark(d))
 
 
 def _remark(d: Day) -> str:
     more = "；报警过多，仅列前 2000 条，其余见系统记录" if d.truncated else ""
-    return f"本表由网关按时间线生成，时间为考场设备记录的原始时间（{d.day.isoformat()}，精确到秒）{more}。空白处由人员据实填写。"
+    return (
+        f"本表由网关按时间线生成，时间为考场设备记录的原始时间（{d.day.isoformat()}，精确到秒）{more}。"
+        "空白处由人员据实填写。"
+    )
 
 
 def _signatures() -> tuple[str, ...]:

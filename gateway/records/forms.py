@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from examwatch.gateway.records.facts import Alarm, Day, Event
+from examwatch.gateway.records.facts import Alarm, Event
 from examwatch.kernel.model import DEVICE_KIND_NAMES
 
 BLANK = "（未填写）"
@@ -32,7 +32,13 @@ CATEGORIES = {
     "close": "关闭",
 }
 ALARM_STATES = {"raised": "报警", "updated": "级别变化", "cleared": "解除"}
-CHANGES = {"opened": "事件开启", "joined": "考场加入", "left": "考场恢复", "escalated": "事件升级", "closed": "事件结束"}
+CHANGES = {
+    "opened": "事件开启",
+    "joined": "考场加入",
+    "left": "考场恢复",
+    "escalated": "事件升级",
+    "closed": "事件结束",
+}
 # XML 1.0 cannot hold these (python-docx refuses them; a PDF would show boxes): people's input may have them
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
 
@@ -141,7 +147,9 @@ def timeline(ev: Event, clock: Clock) -> Table:
             rows.append((n["at"], _note_row(n, a.row["room"], clock)))
     for c in ev.changes:
         what = CHANGES.get(c["what"], c["what"])
-        rows.append((c["at"], (clock(c["at"]), "、".join(c["rooms"]), what, f"{LEVELS.get(c['level'], '')}（网关判定）", "")))
+        rows.append(
+            (c["at"], (clock(c["at"]), "、".join(c["rooms"]), what, f"{LEVELS.get(c['level'], '')}（网关判定）", ""))
+        )
     if ev.kind == "incident":
         rows += [(n["at"], _note_row(n, "全部", clock)) for n in ev.notes]
     rows.sort(key=lambda r: r[0])
@@ -173,7 +181,7 @@ def _state(ev: Event, clock: Clock) -> str:
 
 def fault(a: Alarm) -> str:
     """What went wrong, as the room said when it raised the alarm (the row's message is the latest, e.g. the clear)."""
-    raised = next((e["event"] for e in a.events if e["state"] == "raised"), {})
+    raised: dict[str, Any] = next((e["event"] for e in a.events if e["state"] == "raised"), {})
     return clean(str(raised.get("message") or a.row["message"]), 200)
 
 
