@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import docx
@@ -269,3 +270,13 @@ def test_a_page_as_png_for_people_to_look_at(conn, db, tmp_path):
             check=True,
         )
         assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_the_records_load_no_renderer_until_a_file_is_asked_for():
+    """The gateway (and the desk, when it imports the records) must not pay for WeasyPrint, Pango or python-docx."""
+    code = (
+        "import sys, examwatch.gateway.main, examwatch.gateway.records; "
+        "print(sorted(m for m in ('weasyprint', 'docx', 'jinja2', 'pydyf') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
