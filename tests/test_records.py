@@ -10,10 +10,12 @@ from pathlib import Path
 
 import docx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from examwatch.gateway import records, store
-from examwatch.gateway.records import RecordError, pdf
-from examwatch.gateway.records.forms import BLANK
+from examwatch.gateway.records import RecordError, pdf, word
+from examwatch.gateway.records.forms import BLANK, TEXT_MAX, Field, Form, clean
 from tests.records_support import alarm_id, scripted_incident
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -280,3 +282,18 @@ def test_the_records_load_no_renderer_until_a_file_is_asked_for():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=700))
+def test_any_note_text_renders_escaped_in_both_formats(text):
+    """Whatever people type (control characters, lone surrogates, markup) becomes text in the page and the DOCX."""
+    shown = clean(text) or "-"
+    assert len(shown) <= TEXT_MAX + 20 and not any(ch in shown for ch in "\x00\x0b\ufffe")
+
+    def tags(value: str, who: str) -> int:  # the page's markup: the same whatever the text
+        page = pdf.html([Form("记录", "x", [[Field("原因", value, wide=True)]])], "2024-05-28 09:00:00", who)
+        return page.split("<body>", 1)[1].count("<")
+
+    assert tags(shown, clean(text, 64)) == tags("-", "-")
+    word.render([Form("记录", "x", [[Field("原因", shown)]])], "", clean(text, 64))  # python-docx refuses bad XML

@@ -235,7 +235,7 @@ def followup(ev: Event, clock: Clock) -> Form:
         [Field("事件原因", event_notes(ev, "cause", clock=clock), wide=True, tall=True)],
         [Field("影响范围", _impact(ev, clock), wide=True)],
         [Field("已采取措施", event_notes(ev, "measure", "spare", clock=clock), wide=True, tall=True)],
-        [Field("进展", _state(ev, clock), wide=True)],
+        [Field("进展", _trend(ev, clock), wide=True)],
         [Field("处置结果", event_notes(ev, "result", clock=clock), wide=True, tall=True)],
     ]
     return Form("突发事件续报", ev.id, grid, [timeline(ev, clock)], remark=_remark("续报随事件进展及时报送"))
