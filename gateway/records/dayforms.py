@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from examwatch.gateway.records.facts import Alarm, Day
+from examwatch.gateway.records.facts import ALARMS_MAX, Alarm, Day
 from examwatch.gateway.records.forms import (
     ALARM_STATES,
     CATEGORIES,
@@ -90,9 +90,9 @@ def county(d: Day, clock: Clock, county_name: str) -> Form:
     table = Table(
         "二级及以上事件和报警",
         ("时间", "考点", "考场", "事件", "级别", "确认", "恢复/结束"),
+        (10, 10, 10, 33, 7, 19, 11),
         rows,
         empty="本日无二级及以上事件",
-        text=3,
     )
     after = [
         [Field("处置情况", None, wide=True, tall=True)],
@@ -141,9 +141,9 @@ def _school(d: Day, site: str, clock: Clock) -> Form:
     table = Table(
         "报警及处置",
         ("时间", "考场", "设备", "故障", "级别", "确认人", "确认时间", "恢复时间"),
+        (10, 7, 13, 31, 7, 10, 11, 11),
         rows,
         "本日无报警",
-        text=3,
     )
     after = [
         [Field("原因及处置", causes or None, wide=True, tall=True)],
@@ -204,16 +204,16 @@ def day_log(d: Day, clock: Clock) -> Form:
     table = Table(
         "报警与确认记录",
         ("时间", "考点/考场", "设备", "级别", "事项", "内容", "人员"),
+        (10, 12, 15, 7, 10, 35, 11),
         [r for _, r in rows],
         "本日无报警和确认",
-        text=5,
     )
     grid = [[Field("日期", d.day.isoformat()), Field("报警", _counts(d.alarms))]]
     return Form("值班日志", d.day.isoformat(), grid, [table], remark=_remark(d))
 
 
 def _remark(d: Day) -> str:
-    more = "；报警过多，仅列前 2000 条，其余见系统记录" if d.truncated else ""
+    more = f"；报警过多，仅列前 {ALARMS_MAX} 条，其余见系统记录" if d.truncated else ""
     return (
         f"本表由网关按时间线生成，时间为考场设备记录的原始时间（{d.day.isoformat()}，精确到秒）{more}。"
         "空白处由人员据实填写。"

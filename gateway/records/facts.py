@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 from examwatch.gateway import store
 from examwatch.gateway.config import CorrelationRule
 
-ALARMS_MAX = 2000  # alarms one report lists at most (a day of a county); the form says when more were left out
+ALARMS_MAX = 500  # alarms one report lists at most (a day of a county); the form says when more were left out
 
 
 class RecordError(ValueError):

@@ -21,6 +21,7 @@ from examwatch.kernel.model import DEVICE_KIND_NAMES
 BLANK = "（未填写）"
 TEXT_MAX = 500  # characters of one note shown; the rest stays in the database
 NOTES_MAX = 20  # notes of one category shown in one field
+ROWS_MAX = 1000  # rows of one table (about 60 pages)
 LEVELS = {1: "一级", 2: "二级", 3: "三级"}
 CATEGORIES = {
     "ack": "确认",
@@ -55,9 +56,15 @@ class Field:
 class Table:
     heading: str
     columns: tuple[str, ...]
+    widths: tuple[int, ...]  # of the page's width, in per cent: fixed (auto widths cost WeasyPrint a lot)
     rows: list[tuple[str, ...]]
     empty: str = "无"
-    text: int = -1  # the column of free text that wraps (the others keep to one line)
+
+    def __post_init__(self) -> None:
+        assert len(self.widths) == len(self.columns) and sum(self.widths) == 100
+        if len(self.rows) > ROWS_MAX:  # a page costs WeasyPrint about 0.3 s: a flood of alarms must not
+            more = f"另有 {len(self.rows) - ROWS_MAX} 行未列出，见系统记录"
+            self.rows[ROWS_MAX:] = [("……", more, *[""] * (len(self.columns) - 2))]
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,7 @@ def timeline(ev: Event, clock: Clock) -> Table:
     if ev.kind == "incident":
         rows += [(n["at"], _note_row(n, "全部", clock)) for n in ev.notes]
     rows.sort(key=lambda r: r[0])
-    return Table("事件时间线", ("时间", "考场", "事项", "内容", "人员"), [r for _, r in rows], text=3)
+    return Table("事件时间线", ("时间", "考场", "事项", "内容", "人员"), (21, 10, 15, 42, 12), [r for _, r in rows])
 
 
 def _note_row(n: dict[str, Any], room: str, clock: Clock) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ Word picks a run's font for Chinese from ``w:rFonts/@w:eastAsia``, not from the 
 
 from __future__ import annotations
 
+import copy
 import io
 
 from examwatch.gateway.records.forms import BLANK, Field, Form, Table
@@ -97,6 +98,8 @@ def _grid(doc, rows: list[list[Field]]) -> None:
 
 def _list(doc, t: Table) -> None:
     from docx.oxml import OxmlElement
+    from docx.oxml.ns import qn
+    from docx.shared import Mm
 
     _run(doc.add_paragraph(), t.heading, bold=True, font=HEAD_FONT)
     table = doc.add_table(rows=1, cols=len(t.columns))
@@ -109,6 +112,21 @@ def _list(doc, t: Table) -> None:
         row = table.add_row()
         merged = row.cells[0].merge(row.cells[-1])
         _run(merged.paragraphs[0], t.empty, size=9)
-    for values in t.rows:
-        for cell, value in zip(table.add_row().cells, values, strict=True):
-            _run(cell.paragraphs[0], value, size=9)
+    else:
+        # One row built through python-docx, the others copied from it with their texts set: adding runs one by
+        # one costs python-docx about a millisecond each (a day log has thousands of cells).
+        model = table.add_row()
+        for cell in model.cells:
+            _run(cell.paragraphs[0], "-", size=9)
+        text_tag = qn("w:t")
+        for values in t.rows:
+            tr = copy.deepcopy(model._tr)
+            for tc, value in zip(tr.iterchildren(qn("w:tc")), values, strict=True):
+                wt = next(tc.iter(text_tag))
+                wt.text = value.replace("\n", " ")
+                wt.set("{http://www.w3.org/XML/1998/namespace}space", "preserve")
+            table._tbl.append(tr)
+        table._tbl.remove(model._tr)
+    for row in table.rows:
+        for cell, width in zip(row.cells, t.widths, strict=False):
+            cell.width = Mm(178 * width / 100)
