@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from examwatch.gateway import records, store
 from examwatch.gateway.records import RecordError, pdf, word
-from examwatch.gateway.records.forms import BLANK, TEXT_MAX, Field, Form, clean
+from examwatch.gateway.records.forms import BLANK, ROWS_MAX, TEXT_MAX, Field, Form, Table, clean
 from tests.records_support import alarm_id, scripted_incident
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -297,3 +297,32 @@ def test_any_note_text_renders_escaped_in_both_formats(text):
 
     assert tags(shown, clean(text, 64)) == tags("-", "-")
     word.render([Form("记录", "x", [[Field("原因", shown)]])], "", clean(text, 64))  # python-docx refuses bad XML
+
+
+def test_an_incident_lists_only_its_fault_classs_alarms(conn, db, tmp_path):
+    """101's network alarm at the same time is in the day log, not in the power incident's reports."""
+    conn.execute(
+        "INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, source) "
+        "VALUES ('s1/101/link_down/sw1/1', 's1', '101', 'link_down', 1, 'raised', 'sw1', '网络中断', ?, ?, 'agent')",
+        [1716856300.0, 1716856300.0],
+    )
+    _, _, data = records.render_and_store(conn, form="followup", incident=db[1], fmt="docx", who="测试员")
+    assert "网络中断" not in docx_text(data, tmp_path)
+    _, _, data = records.render_and_store(conn, form="day", day=DAY, fmt="docx", who="测试员")
+    assert "网络中断" not in docx_text(data, tmp_path)  # no transition stored: the log lists transitions
+    _, _, data = records.render_and_store(conn, form="school", day=DAY, fmt="docx", who="测试员")
+    assert "网络中断" in docx_text(data, tmp_path) and "尚未恢复" in docx_text(data, tmp_path)
+
+
+def test_a_long_table_is_cut_and_says_so():
+    rows = [(str(i), "x") for i in range(ROWS_MAX + 5)]
+    t = Table("表", ("a", "b"), (50, 50), rows)
+    assert len(t.rows) == ROWS_MAX + 1 and t.rows[-1] == ("……", "另有 5 行未列出，见系统记录")
+
+
+def test_the_next_days_log_carries_an_alarm_still_active(conn, tmp_path):
+    conn.execute("UPDATE alarms SET state = 'raised', cleared_at = NULL WHERE id = ?", [alarm_id("102")])
+    _, _, data = records.render_and_store(conn, form="day", day="2024-05-29", fmt="docx", who="测试员")
+    [row] = [r for r in docx_cells(data, tmp_path) if "s1/102" in r]
+    assert row[:5] == ["00:00:00", "s1/102", "UPS（ups1）", "二级", "持续"]
+    assert row[5] == "演示中学考点 102考场：市电中断，UPS 电池供电（自 2024-05-28 08:31:12 起）"

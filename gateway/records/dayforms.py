@@ -167,22 +167,17 @@ def day_log(d: Day, clock: Clock) -> Form:
     incidents = {inc.id: f"{inc.site}/{'、'.join(inc.rooms)}" for inc in d.incidents}
     rows: list[tuple[float, tuple[str, ...]]] = []
     for a in d.alarms:
+        where = f"{a.row['site']}/{a.row['room']}"
+        if a.row["raised_at"] < d.start:  # still active from before: the day's log says so at its start
+            since = f"{fault(a)}（自 {clock(a.row['raised_at'])} 起）"
+            rows.append(
+                (d.start, (clock(d.start), where, device(a), LEVELS.get(a.row["level"], ""), "持续", since, ""))
+            )
         for e in a.events:
             if d.start <= e["at"] < d.end:
-                rows.append(
-                    (
-                        e["at"],
-                        (
-                            clock(e["at"]),
-                            f"{a.row['site']}/{a.row['room']}",
-                            device(a),
-                            LEVELS.get(e["level"], ""),
-                            ALARM_STATES.get(e["state"], e["state"]),
-                            clean(str(e["event"].get("message", a.row["message"])), 200),
-                            "",
-                        ),
-                    )
-                )
+                what = ALARM_STATES.get(e["state"], e["state"])
+                text = clean(str(e["event"].get("message", a.row["message"])), 200)
+                rows.append((e["at"], (clock(e["at"]), where, device(a), LEVELS.get(e["level"], ""), what, text, "")))
     for n in d.notes:
         on = names.get(n["item_id"])
         where = f"{on.row['site']}/{on.row['room']}" if on else incidents.get(n["item_id"], clean(n["item_id"], 64))
