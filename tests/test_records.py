@@ -326,3 +326,11 @@ def test_the_next_days_log_carries_an_alarm_still_active(conn, tmp_path):
     [row] = [r for r in docx_cells(data, tmp_path) if "s1/102" in r]
     assert row[:5] == ["00:00:00", "s1/102", "UPS（ups1）", "二级", "持续"]
     assert row[5] == "演示中学考点 102考场：市电中断，UPS 电池供电（自 2024-05-28 08:31:12 起）"
+
+
+def test_a_single_alarm_has_a_first_report_too(conn, tmp_path):
+    """A level-2 alarm of one room (no incident) is reported upward like an incident."""
+    _, _, data = records.render_and_store(conn, form="first", incident=alarm_id("102"), fmt="docx", who="测试员")
+    cells = docx_cells(data, tmp_path)
+    assert field(cells, "地点") == "考点 s1，考场 102" and field(cells, "响应级别") == "二级"
+    assert field(cells, "确认人") == BLANK  # nobody acknowledged 102's alarm itself
