@@ -38,7 +38,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         return _fail(f"表 {args.form} 针对一个事件或报警：请用 --incident 给出编号，而不是 --day")
     if args.incident and args.form in DAY_FORMS:
         return _fail(f"表 {args.form} 针对一个考试日：请用 --day YYYY-MM-DD，而不是 --incident")
-    who = args.who or getpass.getuser()
+    who = args.who or _login()
     now = time.time()
     try:
         conn = store.connect(db, readonly=True)
@@ -69,6 +69,13 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         return _fail(f"{err.filename or out}: {err.strerror}")
     print(f"{out}: 报告 #{number}（{args.form}，{scope}），{len(data)} 字节，已存档可核验")
     return 0
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid with no passwd entry (a container)
+        return f"uid {os.getuid()}"
 
 
 def _write(out: Path, data: bytes) -> None:
