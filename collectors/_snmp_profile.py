@@ -33,6 +33,7 @@ class Table(Strict, kw_only=True):
 
 class Profile(Strict, kw_only=True):
     description: str = ""
+    discover: profiles.Discovery | None = None  # how `examwatch discover` recognises the model
     scalars: dict[str, str] = {}  # name -> full OID (with .0 or the row index)
     metrics: dict[str, str] = {}  # metric -> expression over scalar names
     tables: dict[str, Table] = {}
@@ -101,6 +102,7 @@ class CompiledProfile:
     scalars: dict[str, tuple[int, ...]]
     metrics: dict[str, Expression]
     tables: list[CompiledTable]
+    discover: profiles.Discovery | None = None
 
 
 def _oid(text: str) -> tuple[int, ...]:
@@ -161,9 +163,14 @@ def compile_profile(name: str, profile: Profile) -> CompiledProfile:
         )
     if not metrics and not any(t.metrics for t in tables):
         problems.append("maps no metric at all")
+    for prefix in profile.discover.sys_object_id if profile.discover else []:
+        try:
+            _oid(prefix.rstrip("."))
+        except ValueError as err:
+            problems.append(f"discover.sys_object_id: {err}")
     if problems:
         raise profiles.ProfileError(f"profile snmp/{name}: " + "; ".join(problems))
-    return CompiledProfile(name, scalars, metrics, tables)
+    return CompiledProfile(name, scalars, metrics, tables, profile.discover)
 
 
 _compiled: dict[str, CompiledProfile] = {}

@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from examwatch.collectors import profiles
 from examwatch.collectors.base import FAIL, OK, WARN, Collector, Context, Device, DeviceError, Finding, register
 from examwatch.kernel.broker import apply_broker_settings
 from examwatch.kernel.catalog import METRICS
@@ -57,6 +58,7 @@ class Field(Strict):
 
 class Profile(Strict):
     description: str = ""
+    discover: profiles.Discovery | None = None  # how `examwatch discover` maps a Zigbee2MQTT device onto it
     fields: list[Field] = []
 
 
