@@ -38,6 +38,7 @@ class Discovery(Strict, kw_only=True):
     sys_object_id: list[str] = []  # SNMP: sysObjectID prefixes of the models it was written for
     exposes: list[str] = []  # MQTT (Zigbee2MQTT): properties a device must expose, all of them
     models: list[str] = []  # MQTT (Zigbee2MQTT): model ids it is known for, whatever they expose
+    interval: float = 0.0  # seconds between its reports (a sensor's heartbeat), for the draft; 0: the default
     note: str = ""  # what a technician must still decide, put beside the device in the draft
 
 
