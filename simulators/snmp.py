@@ -192,11 +192,9 @@ MODELS: dict[str, Model] = {
     ),
     "camera": Model("camera/samsung-ipolis", "host-resources-storage", {"disk_full": _hr_disk_full}),
     # Models the collectors were not written against (for discovery): a Huawei UPS card whose sysObjectID is
-    # Net-SNMP's but that speaks UPS-MIB; a Hikvision camera recording without a system group; an APC card
-    # with only its own PowerNet-MIB and IF-MIB.
+    # Net-SNMP's but that speaks UPS-MIB; a Hikvision camera recording without a system group.
     "ups-huawei": Model("UPS/huawei-gse200m", "ups-mib", {}),
     "camera-hikvision": Model("camera/hikvision", "hikvision-camera", {}),
-    "apc": Model("UPS/apc-7902b", "if-mib", {}),
 }
 
 
