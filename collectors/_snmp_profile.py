@@ -81,7 +81,9 @@ class _StrictCompare(ast.NodeTransformer):
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
         self.generic_visit(node)
         ops = ast.Tuple([ast.Constant(type(op).__name__) for op in node.ops], ast.Load())
-        return ast.Call(ast.Name("__compare__", ast.Load()), [node.left, ops, ast.Tuple(node.comparators, ast.Load())], [])
+        return ast.Call(
+            ast.Name("__compare__", ast.Load()), [node.left, ops, ast.Tuple(node.comparators, ast.Load())], []
+        )
 
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {

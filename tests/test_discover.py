@@ -5,6 +5,7 @@ process, which must be left alone)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import select
@@ -71,7 +72,9 @@ def zdevice(name: str, model: str, *exposes: object, **extra: object) -> dict:
 
 DOOR = zdevice("secrecy-door", "MCCGQ11LM", {"type": "binary", "property": "contact"}, {"property": "battery"})
 NOISE = zdevice("noise 1", "NS-1", {"type": "numeric", "property": "noise"})
-RECORDER = zdevice("pen-1", "REC", {"type": "composite", "features": [{"property": "recording"}, {"property": "battery"}]})
+RECORDER = zdevice(
+    "pen-1", "REC", {"type": "composite", "features": [{"property": "recording"}, {"property": "battery"}]}
+)
 PLUG = zdevice("plug", "SP-1", {"type": "switch", "features": [{"property": "state"}]})
 
 
@@ -117,7 +120,8 @@ def test_upsd_ups_list() -> None:
 
 
 def test_the_draft_adds_each_device_once_and_lists_what_it_left_out() -> None:
-    head = '[agent]\nsite = "s1"\nroom = "r1"\n\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "nut"\naddress = "ups@h"\n'
+    head = '[agent]\nsite = "s1"\nroom = "r1"\n\n'
+    head += '[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "nut"\naddress = "ups@h"\n'
     dev = {"protocol": "nut", "address": "ups@h", "kind": "ups"}
     new = {"protocol": "nut", "address": "ups2@h", "kind": "ups"}
     rows = [Found("nut", "ups@h", OK, "a", "ups", "", "", dev), Found("nut", "ups2@h", OK, "b", "ups", "", "", new),
@@ -202,7 +206,7 @@ def test_the_rate_limit_spaces_requests() -> None:
         return stamps
 
     stamps = asyncio.run(go())
-    assert all(b - a >= 0.02 - 1e-3 for a, b in zip(stamps, stamps[1:], strict=False))
+    assert all(b - a >= 0.02 - 1e-3 for a, b in itertools.pairwise(stamps))
 
 
 # --- serial: pty pairs --------------------------------------------------------------------------------------------
@@ -210,7 +214,9 @@ def test_the_rate_limit_spaces_requests() -> None:
 
 def _holder(port: Path) -> subprocess.Popen[str]:
     """Another program with the port open (as the agent or NUT's driver would have it)."""
-    code = f"import serial, sys, time; s = serial.Serial({str(port)!r}, 2400); print('open', flush=True); time.sleep(120)"
+    code = (
+        f"import serial, sys, time; s = serial.Serial({str(port)!r}, 2400); print('open', flush=True); time.sleep(120)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
     return proc

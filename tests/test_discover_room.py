@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import paho.mqtt.publish as publish
+from paho.mqtt import publish
 
 from examwatch.simulators.broker import Mosquitto, free_port
 from examwatch.simulators.isapi import IsapiSimulator
@@ -60,7 +60,8 @@ def test_the_draft_of_a_whole_room_passes_config_check_and_an_agent_reads_every_
     bus.start()
     procs.append(bus)
     devices = [{"type": "Coordinator", "friendly_name": "Coordinator"},
-               zigbee("secrecy-door", "MCCGQ11LM", "contact", "battery"), zigbee("noise-mic", "NS-1", "noise")]  # fmt: skip
+               zigbee("secrecy-door", "MCCGQ11LM", "contact", "battery"),
+               zigbee("noise-mic", "NS-1", "noise")]  # fmt: skip
     publish.single("zigbee2mqtt/bridge/devices", json.dumps(devices), retain=True, port=mosquitto.port)
 
     exporter = free_port()
@@ -76,11 +77,14 @@ def test_the_draft_of_a_whole_room_passes_config_check_and_an_agent_reads_every_
     assert "配置草稿已写入" in done.stdout and "可用" in done.stdout
     assert out.stat().st_mode & 0o777 == 0o600  # it holds the SNMP community
     text = out.read_text(encoding="utf-8")
-    for expected in ('profile = "ups-mib"', 'protocol = "megatec"', 'profile = "generic-float32-input"', 'protocol = "isapi"',
-                     'protocol = "nut"', 'profile = "zigbee2mqtt_contact"', 'profile = "zigbee2mqtt_noise"'):  # fmt: skip
+    for expected in ('profile = "ups-mib"', 'protocol = "megatec"', 'profile = "generic-float32-input"',
+                     'protocol = "isapi"', 'protocol = "nut"', 'profile = "zigbee2mqtt_contact"',
+                     'profile = "zigbee2mqtt_noise"'):  # fmt: skip
         assert expected in text, text
     assert isapi.password not in text  # the password stays in its file
-    check = subprocess.run([sys.executable, "-m", "examwatch", "config", "check", str(out)], capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "examwatch", "config", "check", str(out)], capture_output=True, text=True
+    )
     assert check.returncode == 0 and "7 devices" in check.stdout, check.stdout + check.stderr
 
     names = [line.split('"')[1] for line in text.splitlines() if line.startswith("name = ")]
@@ -121,7 +125,9 @@ def test_bad_answers_are_one_clear_line_each_and_discovery_goes_on(tmp_path: Pat
     assert any("没有 NUT 服务" in line for line in lines), done.stdout
     assert any("Megatec/Q1 UPS 应答" in line for line in lines), done.stdout  # the rest went on
     check = subprocess.run(
-        [sys.executable, "-m", "examwatch", "config", "check", str(tmp_path / "draft.toml")], capture_output=True, text=True
+        [sys.executable, "-m", "examwatch", "config", "check", str(tmp_path / "draft.toml")],
+        capture_output=True,
+        text=True,
     )
     assert check.returncode == 0 and "1 devices" in check.stdout, check.stdout + check.stderr
 

@@ -41,7 +41,8 @@ def agent_head(site: str, room: str, kind: str, mqtt: tuple[str, int] | None) ->
     q = _value
     text = f"[agent]\nsite = {q(site)}\nroom = {q(room)}\nkind = {q(kind)}\n"
     if mqtt is not None:
-        text += f"\n[mqtt]                          # the room broker (Zigbee2MQTT)\nhost = {q(mqtt[0])}\nport = {mqtt[1]}\n"
+        text += f"\n[mqtt]                          # the room broker (Zigbee2MQTT)\nhost = {q(mqtt[0])}\n"
+        text += f"port = {mqtt[1]}\n"
     return text + (
         "\n[uplink]                        # 县级上报：由 `examwatch site plan` 生成的配置提供（签名密钥、账号）\n"
         "enabled = false\n"
@@ -58,7 +59,11 @@ def draft(head: str, rows: list[Found], now: float | None = None) -> str:
     known = {_key(d) for d in existing if isinstance(d, dict)}
     counts: Counter[str] = Counter()
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(now))
-    out = [head.rstrip("\n"), "", f"# --- examwatch discover, {stamp}：请核对标有“请核对”的设备，再运行 examwatch config check ---"]
+    out = [
+        head.rstrip("\n"),
+        "",
+        f"# --- examwatch discover, {stamp}：请核对标有“请核对”的设备，再运行 examwatch config check ---",
+    ]
     left_out = []
     for row in rows:
         if row.result != OK or not row.device:
@@ -87,9 +92,14 @@ def draft(head: str, rows: list[Found], now: float | None = None) -> str:
 def table(rows: list[Found]) -> str:
     """The summary: device, protocol, address, profile, result; lined up with Chinese text."""
     head = ("设备", "协议", "地址", "型号（profile）", "结果", "说明")
-    body = [(r.kind or "-", r.protocol, r.address, r.profile or "-", RESULT_NAMES.get(r.result, r.result), r.why) for r in rows]
+    body = [
+        (r.kind or "-", r.protocol, r.address, r.profile or "-", RESULT_NAMES.get(r.result, r.result), r.why)
+        for r in rows
+    ]
     widths = [max(_width(line[i]) for line in [head, *body]) for i in range(5)]
-    lines = ["  ".join(_pad(c, w) for c, w in zip(line[:5], widths, strict=True)) + "  " + line[5] for line in [head, *body]]
+    lines = [
+        "  ".join(_pad(c, w) for c, w in zip(line[:5], widths, strict=True)) + "  " + line[5] for line in [head, *body]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  ----")
     usable = sum(r.result == OK for r in rows)
     return "\n".join([*lines, "", f"共 {len(rows)} 项，{usable} 个设备可写入配置草稿。"])

@@ -9,7 +9,7 @@ from examwatch.edge.discover import ERROR, OK, Found, trial
 
 def parse_target(text: str) -> tuple[str, str, str]:
     """``host[:port]:user:passwordfile`` (a URL's ``scheme://`` allowed) -> (address, user, password file)."""
-    address, user, password_file = (text.rsplit(":", 2) + ["", ""])[:3] if text.count(":") >= 2 else ("", "", "")
+    address, user, password_file = text.rsplit(":", 2) if text.count(":") >= 2 else ("", "", "")
     if not address or not user or not password_file:
         raise ValueError(f"--isapi {public_address(text)[:80]!r}: expected host[:port]:user:passwordfile")
     return address, user, password_file

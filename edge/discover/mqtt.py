@@ -133,7 +133,9 @@ def rows(devices: list[ZigbeeDevice], base: str, offered: list[tuple[str, profil
             out.append(Found("mqtt", topic, ERROR, f"Zigbee 设备 {what}：{z.problem}"))
             continue
         if problem := topic_issue(topic):
-            out.append(Found("mqtt", topic, ERROR, f"Zigbee 设备 {what} 的主题不可用（{problem}）：在 Zigbee2MQTT 中改名"))
+            out.append(
+                Found("mqtt", topic, ERROR, f"Zigbee 设备 {what} 的主题不可用（{problem}）：在 Zigbee2MQTT 中改名")
+            )
             continue
         found = match(z, offered)
         if found is None:
@@ -201,7 +203,9 @@ def probe(broker: Any, base: str, wait: float) -> list[Found]:
         devices = parse_bridge_devices(payload)
     except BridgeError as err:
         return [Found("mqtt", where, ERROR, f"设备列表无法使用（{err.reason}）：检查 Zigbee2MQTT")]
-    return rows(devices, base, mqtt_profiles()) or [Found("mqtt", where, NONE, "设备列表为空：尚未配对任何 Zigbee 设备")]
+    return rows(devices, base, mqtt_profiles()) or [
+        Found("mqtt", where, NONE, "设备列表为空：尚未配对任何 Zigbee 设备")
+    ]
 
 
 __all__ = ["BridgeError", "ZigbeeDevice", "match", "parse_bridge_devices", "probe", "rows"]

@@ -22,12 +22,16 @@ from examwatch.edge.discover import draft as drafting
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     room = p.add_argument_group("the room (or --config)")
-    room.add_argument("--config", default="", help="the room's existing agent TOML: its devices are kept, new ones appended")
+    room.add_argument(
+        "--config", default="", help="the room's existing agent TOML: its devices are kept, new ones appended"
+    )
     room.add_argument("--site", default="", help="site id, when there is no --config")
     room.add_argument("--room", default="", help="room id, when there is no --config")
     room.add_argument("--kind", default="exam_room", choices=["exam_room", "secrecy_room"])
     p.add_argument("--out", default="", help="write the config draft here (mode 0600)")
-    p.add_argument("--snmp", action="append", default=[], help="hosts, host:port or a network (192.168.1.0/24); repeatable")
+    p.add_argument(
+        "--snmp", action="append", default=[], help="hosts, host:port or a network (192.168.1.0/24); repeatable"
+    )
     p.add_argument("--community", action="append", default=[], help="SNMP v2c community to try (default public)")
     p.add_argument("--v3", action="append", default=[], metavar="USER:AUTHPROTO:AUTHKEY:PRIVPROTO:PRIVKEY")
     p.add_argument("--rate", type=float, default=50.0, help="SNMP requests a second at most (default 50)")

@@ -166,8 +166,14 @@ async def probe_port(path: str, timeout: float) -> Found:
     if read:
         name, value = read[0]
         device = {"protocol": "modbus_noise", "address": path, "kind": "noise", "profile": name}
-        notes = ["多个 profile 都能读（" + "，".join(n for n, _ in read) + "）：请按噪声计型号核对波特率"] if len(read) > 1 else []
-        return Found("modbus_noise", path, OK, f"Modbus 噪声计应答：{value:g} dB", "noise", name, "", device, tuple(notes))
+        notes = (
+            ["多个 profile 都能读（" + "，".join(n for n, _ in read) + "）：请按噪声计型号核对波特率"]
+            if len(read) > 1
+            else []
+        )
+        return Found(
+            "modbus_noise", path, OK, f"Modbus 噪声计应答：{value:g} dB", "noise", name, "", device, tuple(notes)
+        )
     return Found("serial", path, NONE, f"Q1 无有效应答（{megatec_said}），任何 modbus profile 也读不到合理的分贝值")
 
 

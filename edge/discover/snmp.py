@@ -15,6 +15,7 @@ import ipaddress
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
 import msgspec
 
 from examwatch.collectors import profiles
@@ -174,11 +175,14 @@ async def probe_host(host: str, s: Settings, limit: RateLimit, listed: bool) -> 
             read[name] = len(t.readings)
         else:
             failed[name] = t.reason or "no readings"
-    said = f"sysObjectID {ident.sys_object_id or '（无）'}；{ident.sys_descr[:60] or '无 sysDescr'}；{ident.credential.label}"
+    descr = ident.sys_descr[:60] or "无 sysDescr"
+    said = f"sysObjectID {ident.sys_object_id or '（无）'}；{descr}；{ident.credential.label}"
     chosen = choose(ident.sys_object_id, read, s.candidates)
     if chosen is None:
         tried = "，".join(f"{n}: {r}" for n, r in failed.items())
-        return Found("snmp", address, NONE, f"有应答（{said}），但没有 profile 能读它（{tried}）：需要为该型号写 profile")
+        return Found(
+            "snmp", address, NONE, f"有应答（{said}），但没有 profile 能读它（{tried}）：需要为该型号写 profile"
+        )
     d = dict(s.candidates)[chosen]
     claimed = [n for n, disc in s.candidates if any(ident.sys_object_id.startswith(p) for p in disc.sys_object_id)]
     how = "sysObjectID 相符" if chosen in claimed else "sysObjectID 未知，按 OID 应答识别"
@@ -187,7 +191,9 @@ async def probe_host(host: str, s: Settings, limit: RateLimit, listed: bool) -> 
     if len(read) > 1:
         notes.append("也能读：" + "，".join(f"{n}（{read[n]} 项）" for n in read if n != chosen))
     device = {**base, "kind": d.kind, "profile": chosen}
-    return Found("snmp", address, OK, f"{how}，{read[chosen]} 项读数（{said}）", d.kind, chosen, "", device, tuple(notes))
+    return Found(
+        "snmp", address, OK, f"{how}，{read[chosen]} 项读数（{said}）", d.kind, chosen, "", device, tuple(notes)
+    )
 
 
 async def probe(
@@ -207,7 +213,7 @@ async def probe(
                 tick()
 
     tasks = {asyncio.ensure_future(one(h)): h for h in hosts}
-    done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
