@@ -1,4 +1,6 @@
-"""NUT discovery: a upsd's UPS list (``LIST UPS``), each UPS polled once by the agent's own collector.
+"""NUT discovery: a upsd's UPS list (``LIST UPS``), each UPS polled once by the agent's own collector with
+every nut profile; the one that reads the most wins (the standard names on a tie), as drivers name some
+variables differently (per phase on a three-phase UPS).
 
 upsd's answer is outside input: lines are bounded in length and number, and a line that is not
 ``UPS <name> "<description>"`` is skipped.
@@ -9,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import re
 
-from examwatch.edge.discover import ERROR, NONE, OK, Found, trial
+from examwatch.collectors import profiles
+from examwatch.collectors.nut import DEFAULT_PROFILE
+from examwatch.edge.discover import ERROR, NONE, OK, Found, Trial, trial
 
 MAX_LINE = 1024
 MAX_UPS = 64
@@ -43,7 +47,7 @@ async def list_ups(host: str, port: int, timeout: float) -> list[tuple[str, str]
         writer.close()
 
 
-async def probe(server: str, timeout: float, login: tuple[str, str] = ("", "")) -> list[Found]:
+async def probe(server: str, timeout: float) -> list[Found]:
     """Every UPS that the upsd at ``server`` (host[:port]) drives, polled once."""
     host, _, port_text = server.rpartition(":") if ":" in server else (server, "", "3493")
     try:
@@ -56,13 +60,20 @@ async def probe(server: str, timeout: float, login: tuple[str, str] = ("", "")) 
     for name, description in names:
         address = f"{name}@{host}:{port_text}"
         device = {"protocol": "nut", "address": address, "kind": "ups"}
-        if login[0]:
-            device |= {"username": login[0], "password": login[1]}
-        t = await trial({**device, "timeout": timeout, "retries": 0})
+        tried: dict[str, Trial] = {}
+        for profile in profiles.names("nut"):
+            tried[profile] = await trial({**device, "profile": profile, "timeout": timeout, "retries": 0})
+        read = {p: len(t.readings) for p, t in tried.items() if t.ok}
         label = f"NUT UPS {name}（{description or '无描述'}）"
-        if t.ok:
-            rows.append(Found("nut", address, OK, f"{label}：{len(t.readings)} 项读数", "ups", "", name, device))
+        if read:
+            best = max(read, key=lambda p: (read[p], p == DEFAULT_PROFILE))
+            others = [f"{p}（{n} 项）" for p, n in read.items() if p != best]
+            notes = ("也能读：" + "，".join(others),) if others and best != DEFAULT_PROFILE else ()
+            device["profile"] = best
+            why = f"{label}：{read[best]} 项读数"
+            rows.append(Found("nut", address, OK, why, "ups", best, name, device, notes))
         else:
+            t = tried.get(DEFAULT_PROFILE) or next(iter(tried.values()))
             rows.append(Found("nut", address, ERROR, f"{label} 读不到：{t.reason} {t.detail[:80]}".strip()))
     return rows
 
