@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from examwatch.collectors.base import DeviceError, Health
 from examwatch.collectors import profiles
+from examwatch.collectors.base import DeviceError, Health
 from examwatch.collectors.nut import (
     NutCollector,
     NutError,
@@ -212,7 +212,7 @@ def test_a_three_phase_driver_is_read_by_its_profile(nut: NutSimulator) -> None:
     nut.set_raw(THREE_PHASE)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        acc, health = poll(device(nut.address, profile="three-phase"))
+        acc, _ = poll(device(nut.address, profile="three-phase"))
         if acc.latest("ups1", "output_voltage_volts") == 229.5:
             break
         time.sleep(0.2)
