@@ -251,3 +251,27 @@ def test_serial_ports_are_asked_for_megatec_then_modbus_and_a_held_one_is_left_a
     assert not heard, "the held port was written to"
     assert e.result == NONE
     assert sim.commands[:2] == ["Q1", "F"]
+
+
+# --- ISAPI ----------------------------------------------------------------------------------------------------
+
+
+def test_isapi_devices_get_the_profile_that_reads_them(tmp_path: Path) -> None:
+    from examwatch.edge.discover import isapi as disapi
+    from examwatch.simulators.isapi import IsapiSimulator, SimDisk
+
+    (tmp_path / "pass").write_text("sim-pass\n")
+    (tmp_path / "wrong").write_text("not-it\n")
+    with IsapiSimulator() as nvr, IsapiSimulator(whole=False) as cam:
+        cam.disks = [SimDisk(1, capacity_mib=60880)]
+        targets = [disapi.parse_target(f"{a}:admin:{tmp_path / p}") for a, p in
+                   ((nvr.address, "pass"), (cam.address, "pass"), (nvr.address, "wrong"))]  # fmt: skip
+        rows = asyncio.run(disapi.probe(targets, 2.0))
+    assert [(r.result, r.profile, r.kind) for r in rows[:2]] == [
+        (OK, "hikvision", "nvr"),
+        (OK, "hikvision-hdd", "camera"),
+    ]
+    assert rows[1].device["profile"] == "hikvision-hdd" and "sd1" in rows[1].why
+    assert rows[2].result == "error" and "http_401" in rows[2].why
+    with pytest.raises(ValueError, match="host"):
+        disapi.parse_target("10.0.0.1:admin")

@@ -1,9 +1,14 @@
-"""ISAPI discovery: cameras and NVRs given with their login (``host:user:passwordfile``), each asked for
-its storage document with digest auth by the agent's own collector."""
+"""ISAPI discovery: cameras and NVRs given with their login (``host:user:passwordfile``), asked for their
+storage by the agent's own collector with each isapi profile in rank order (digest auth); the first that
+reads the device is its profile."""
 
 from __future__ import annotations
 
+import contextlib
+
+from examwatch.collectors import profiles
 from examwatch.collectors.base import public_address
+from examwatch.collectors.isapi import Profile
 from examwatch.edge.discover import ERROR, OK, Found, trial
 
 
@@ -15,20 +20,41 @@ def parse_target(text: str) -> tuple[str, str, str]:
     return address, user, password_file
 
 
+def isapi_profiles() -> list[tuple[str, profiles.Discovery]]:
+    out = []
+    for name in profiles.names("isapi"):
+        with contextlib.suppress(profiles.ProfileError):
+            d = profiles.load("isapi", name, Profile).discover
+            if d is not None:
+                out.append((name, d))
+    return sorted(out, key=lambda nd: (nd[1].rank, nd[0]))
+
+
 async def probe(targets: list[tuple[str, str, str]], timeout: float) -> list[Found]:
     rows = []
+    offered = isapi_profiles()
     for address, user, password_file in targets:
         device = {"protocol": "isapi", "address": address, "username": user, "password_file": password_file}
-        t = await trial({**device, "kind": "camera", "timeout": timeout, "retries": 0})
         shown = public_address(address)
-        if not t.ok:
-            rows.append(Found("isapi", shown, ERROR, f"存储信息读不到：{t.reason} {t.detail[:80]}".strip()))
+        failed, chosen, readings = [], "", []
+        for name, _ in offered:
+            t = await trial({**device, "kind": "camera", "profile": name, "timeout": timeout, "retries": 0})
+            if t.ok:
+                chosen, readings = name, t.readings
+                break
+            failed.append(f"{name}: {t.reason}")
+            if t.reason in ("http_401", "unreachable", "timeout"):  # another path will not change that
+                break
+        if not chosen:
+            rows.append(Found("isapi", shown, ERROR, f"存储信息读不到（{'，'.join(failed) or '无 isapi profile'}）"))
             continue
-        disks = sorted({r.device.split("/", 1)[1] for r in t.readings if "/" in r.device})
+        disks = sorted({r.device.split("/", 1)[1] for r in readings if "/" in r.device})
         kind = "nvr" if len(disks) > 1 or any(d.startswith("nas") for d in disks) else "camera"
         notes = ("按硬盘数判断为" + ("录像机" if kind == "nvr" else "摄像机（单个存储卡）") + "：请核对 kind",)
-        why = f"ISAPI 存储应答：{', '.join(disks) or '无硬盘'}"
-        rows.append(Found("isapi", shown, OK, why, kind, "", "", {**device, "kind": kind}, notes))
+        why = f"ISAPI 存储应答（{chosen}）：{', '.join(disks) or '无硬盘'}"
+        rows.append(
+            Found("isapi", shown, OK, why, kind, chosen, "", {**device, "kind": kind, "profile": chosen}, notes)
+        )
     return rows
 
 
