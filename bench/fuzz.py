@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
+from bench.fuzz_discovery import nut_list_ups, zigbee_bridge  # noqa: E402
 from bench.fuzz_inputs import (  # noqa: E402
     api_query,
     envelope,
@@ -46,9 +47,7 @@ from bench.fuzz_inputs import (  # noqa: E402
     mqtt_payload,
     mutate,
     nut_lines,
-    nut_list_ups,
     toml_config,
-    zigbee_bridge,
 )
 
 MAX_CORPUS_INPUT = 64 * 1024  # deep-nesting inputs are tried as drawn; mutating copies of them only costs time

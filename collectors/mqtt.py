@@ -40,6 +40,7 @@ MAX_DEPTH = 32  # Zigbee2MQTT nests 2-3 levels; json.loads raises RecursionError
 # JSON strings (skipped; an unterminated one runs to the end, so the scan stays linear) and brackets
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 CONNECT_TIMEOUT = 5.0  # seconds the readiness probe gives the room broker to accept us
+MAX_TOPIC = 256  # characters; Zigbee2MQTT's are "zigbee2mqtt/<friendly name>"
 
 
 class Field(Strict):
@@ -65,9 +66,6 @@ class Profile(Strict):
 class MqttOptions(Strict):
     fields: list[Field] = []  # extra or overriding paths for this device (a generic JSON device needs them)
     availability: bool = True  # also listen on <topic>/availability (Zigbee2MQTT's availability feature)
-
-
-MAX_TOPIC = 256  # characters; Zigbee2MQTT's are "zigbee2mqtt/<friendly name>"
 
 
 def topic_issue(topic: str) -> str | None:

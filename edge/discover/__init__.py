@@ -67,7 +67,7 @@ async def trial(device: dict[str, Any]) -> Trial:
     acc, health = _Readings(), Health()
     collector = cls([d], acc, health)
     try:
-        await collector.poll_once(d)
+        await collector.probe(d.timeout)  # one round, as `examwatch check` asks: every device once
     finally:
         await collector.close()
     h = health.devices.get("probe")

@@ -1,7 +1,8 @@
 """``examwatch discover``: the I/O around the probes: arguments, a progress bar (stderr), the summary table
 (stdout) and the config draft (``--out``, owner-only: it holds SNMP communities and keys).
 
-The progress bar is tqdm, imported here only: the agent never loads it.
+The command line of every ``examwatch`` command imports this module for ``add_arguments``; everything else
+(the probes, the draft, tqdm for the progress bar) is imported when discovery runs, so the agent loads none.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 import msgspec
 
 from examwatch.edge.discover import Found
-from examwatch.edge.discover import draft as drafting
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,6 +103,7 @@ async def _discover(args: argparse.Namespace, broker: Any) -> list[Found]:
 def _room(args: argparse.Namespace) -> tuple[str, Any]:
     """The draft's head (the existing config's text, or a minimal one) and the room broker's settings."""
     from examwatch.edge.config import MqttSettings, load, read
+    from examwatch.edge.discover import draft as drafting
 
     if args.config:
         cfg = load(args.config)
@@ -127,6 +128,7 @@ def _room(args: argparse.Namespace) -> tuple[str, Any]:
 def main(args: argparse.Namespace) -> int:
     from examwatch.edge import logs
     from examwatch.edge.config import ConfigError, loads
+    from examwatch.edge.discover import draft as drafting
 
     logs.configure("error", stream="stderr")  # the table says what the collectors would log
     try:
