@@ -177,9 +177,9 @@ def _call_zigbee(parse_bridge_devices: Callable, data: bytes) -> None:
     import re
 
     from examwatch.collectors.mqtt import topic_issue
-    from examwatch.edge.discover import mqtt
+    from examwatch.edge.discover import mqtt, offered
 
-    for row in mqtt.rows(parse_bridge_devices(data), "zigbee2mqtt", mqtt.mqtt_profiles()):
+    for row in mqtt.rows(parse_bridge_devices(data), "zigbee2mqtt", offered("mqtt")):
         if row.device and (not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", row.name) or topic_issue(row.device["topic"])):
             raise Invariant(f"unusable entry {row.name[:80]!r} {row.device['topic'][:80]!r}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from examwatch.collectors import profiles
-from examwatch.edge.discover import NONE, OK, SKIPPED, Found
+from examwatch.edge.discover import NONE, OK, SKIPPED, Found, offered
 from examwatch.edge.discover import mqtt as dmqtt
 from examwatch.edge.discover import nut as dnut
 from examwatch.edge.discover import serial as dserial
@@ -80,7 +80,7 @@ PLUG = zdevice("plug", "SP-1", {"type": "switch", "features": [{"property": "sta
 
 def test_the_zigbee_device_list_maps_onto_the_mqtt_profiles() -> None:
     devices = dmqtt.parse_bridge_devices(bridge(DOOR, NOISE, RECORDER, PLUG, zdevice("off", "X", disabled=True)))
-    rows = {r.address: r for r in dmqtt.rows(devices, "zigbee2mqtt", dmqtt.mqtt_profiles())}
+    rows = {r.address: r for r in dmqtt.rows(devices, "zigbee2mqtt", offered("mqtt"))}
     door = rows["zigbee2mqtt/secrecy-door"]
     assert (door.result, door.kind, door.profile, door.name) == (OK, "door", "zigbee2mqtt_contact", "secrecy-door")
     assert door.device["interval"] == 3600.0 and door.notes  # the heartbeat is for a human to confirm
@@ -110,7 +110,7 @@ def test_a_bad_device_list_is_refused_by_reason(payload: bytes, reason: str) -> 
 def test_odd_entries_in_a_device_list_cost_only_themselves() -> None:
     odd = [1, "x", None, {"friendly_name": 7}, zdevice("deep", "D", {"features": [[{"features": []}]] * 3})]
     payload = json.dumps([*odd, DOOR]).encode()
-    rows = dmqtt.rows(dmqtt.parse_bridge_devices(payload), "zigbee2mqtt", dmqtt.mqtt_profiles())
+    rows = dmqtt.rows(dmqtt.parse_bridge_devices(payload), "zigbee2mqtt", offered("mqtt"))
     assert [r.profile for r in rows if r.result == OK] == ["zigbee2mqtt_contact"]
 
 

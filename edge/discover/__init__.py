@@ -9,6 +9,7 @@ around them (arguments, progress bar, summary table, the file).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import msgspec
 
 from examwatch import collectors
+from examwatch.collectors import profiles
 from examwatch.collectors.base import Health
 from examwatch.kernel.model import Reading
 
@@ -78,10 +80,24 @@ async def trial(device: dict[str, Any]) -> Trial:
     return Trial(readings)
 
 
+def offered(protocol: str) -> list[tuple[str, profiles.Discovery]]:
+    """The protocol's profiles that say how to recognise their model (a ``[discover]`` table), lowest rank
+    first; a broken profile is left out (``config check`` reports it)."""
+    cls = collectors.get(protocol)
+    folder = cls.profile_folder or protocol
+    out = []
+    for name in profiles.names(folder):
+        with contextlib.suppress(profiles.ProfileError):
+            d = getattr(cls.load_profile(name), "discover", None)
+            if d is not None:
+                out.append((name, d))
+    return sorted(out, key=lambda nd: (nd[1].rank, nd[0]))
+
+
 def device_name(text: str, fallback: str) -> str:
     """A config device name (letters, digits, '-', '_', '.') from a label such as a Zigbee friendly name."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:64]
     return name or fallback
 
 
-__all__ = ["ERROR", "NONE", "OK", "SKIPPED", "Found", "Trial", "device_name", "trial"]
+__all__ = ["ERROR", "NONE", "OK", "SKIPPED", "Found", "Trial", "device_name", "offered", "trial"]

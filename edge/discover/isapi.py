@@ -4,12 +4,8 @@ reads the device is its profile."""
 
 from __future__ import annotations
 
-import contextlib
-
-from examwatch.collectors import profiles
 from examwatch.collectors.base import public_address
-from examwatch.collectors.isapi import Profile
-from examwatch.edge.discover import ERROR, OK, Found, trial
+from examwatch.edge.discover import ERROR, OK, Found, offered, trial
 
 
 def parse_target(text: str) -> tuple[str, str, str]:
@@ -20,24 +16,14 @@ def parse_target(text: str) -> tuple[str, str, str]:
     return address, user, password_file
 
 
-def isapi_profiles() -> list[tuple[str, profiles.Discovery]]:
-    out = []
-    for name in profiles.names("isapi"):
-        with contextlib.suppress(profiles.ProfileError):
-            d = profiles.load("isapi", name, Profile).discover
-            if d is not None:
-                out.append((name, d))
-    return sorted(out, key=lambda nd: (nd[1].rank, nd[0]))
-
-
 async def probe(targets: list[tuple[str, str, str]], timeout: float) -> list[Found]:
     rows = []
-    offered = isapi_profiles()
+    candidates = offered("isapi")
     for address, user, password_file in targets:
         device = {"protocol": "isapi", "address": address, "username": user, "password_file": password_file}
         shown = public_address(address)
         failed, chosen, readings = [], "", []
-        for name, _ in offered:
+        for name, _ in candidates:
             t = await trial({**device, "kind": "camera", "profile": name, "timeout": timeout, "retries": 0})
             if t.ok:
                 chosen, readings = name, t.readings

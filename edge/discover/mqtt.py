@@ -8,15 +8,14 @@ so, the others are still mapped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from examwatch.collectors import profiles
-from examwatch.collectors.mqtt import Profile, topic_issue
-from examwatch.edge.discover import ERROR, NONE, OK, Found, device_name
+from examwatch.collectors.mqtt import topic_issue
+from examwatch.edge.discover import ERROR, NONE, OK, Found, device_name, offered
 
 MAX_BRIDGE = 2 * 1024 * 1024  # 200 devices with their exposes are a few hundred KiB
 MAX_DEVICES = 1000
@@ -101,16 +100,6 @@ def parse_bridge_devices(payload: bytes) -> list[ZigbeeDevice]:
                 problem,
             )
         )
-    return out
-
-
-def mqtt_profiles() -> list[tuple[str, profiles.Discovery]]:
-    out = []
-    for name in profiles.names("mqtt"):
-        with contextlib.suppress(profiles.ProfileError):
-            d = profiles.load("mqtt", name, Profile).discover
-            if d is not None:
-                out.append((name, d))
     return out
 
 
@@ -203,7 +192,7 @@ def probe(broker: Any, base: str, wait: float) -> list[Found]:
         devices = parse_bridge_devices(payload)
     except BridgeError as err:
         return [Found("mqtt", where, ERROR, f"设备列表无法使用（{err.reason}）：检查 Zigbee2MQTT")]
-    return rows(devices, base, mqtt_profiles()) or [
+    return rows(devices, base, offered("mqtt")) or [
         Found("mqtt", where, NONE, "设备列表为空：尚未配对任何 Zigbee 设备")
     ]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from examwatch.collectors import profiles
-from examwatch.edge.discover import ERROR, NONE, OK, Found, trial
+from examwatch.edge.discover import ERROR, NONE, OK, Found, offered, trial
 
 SYS_DESCR, SYS_OBJECT_ID = (1, 3, 6, 1, 2, 1, 1, 1, 0), (1, 3, 6, 1, 2, 1, 1, 2, 0)
 MAX_HOSTS = 1024  # a room's network is a /24; a /22 at most
@@ -107,21 +107,6 @@ class Settings:
     candidates: list[tuple[str, profiles.Discovery]] = field(default_factory=list)
 
 
-def candidates() -> list[tuple[str, profiles.Discovery]]:
-    """Every snmp profile that says how to recognise its model, with its [discover] table."""
-    from examwatch.collectors.snmp import SnmpCollector
-
-    out = []
-    for name in profiles.names("snmp"):
-        try:
-            compiled = SnmpCollector.load_profile(name)
-        except profiles.ProfileError:
-            continue  # `config check` reports a broken profile; discovery just does not offer it
-        if compiled.discover is not None:
-            out.append((name, compiled.discover))
-    return out
-
-
 def choose(sys_object_id: str, read: dict[str, int], offered: list[tuple[str, profiles.Discovery]]) -> str | None:
     """Of the profiles that read the device (name -> readings), the one to use (pure): a sysObjectID
     prefix match first, then the lowest rank, then the most readings."""
@@ -201,7 +186,7 @@ async def probe(
 ) -> list[Found]:
     """Every host, at most ``s.concurrency`` at a time; what has not finished by ``deadline`` (monotonic) is
     reported as not finished."""
-    s.candidates = s.candidates or candidates()
+    s.candidates = s.candidates or offered("snmp")
     limit = RateLimit(s.rate)
     gate = asyncio.Semaphore(s.concurrency)
 
