@@ -275,3 +275,17 @@ def test_isapi_devices_get_the_profile_that_reads_them(tmp_path: Path) -> None:
     assert rows[2].result == "error" and "http_401" in rows[2].why
     with pytest.raises(ValueError, match="host"):
         disapi.parse_target("10.0.0.1:admin")
+
+
+def test_a_room_broker_that_refuses_our_login_is_one_clear_row(tmp_path: Path) -> None:
+    from examwatch.edge.config import MqttSettings
+    from examwatch.simulators.broker import CountyBroker
+
+    broker = CountyBroker(tmp_path / "broker", {"someone": "else"}, [])
+    broker.start()
+    try:
+        settings = MqttSettings(port=broker.port, username="nobody", password="wrong", client_id="t")
+        rows = dmqtt.probe(settings, "zigbee2mqtt", 3.0)
+    finally:
+        broker.stop()
+    assert [r.result for r in rows] == ["error"] and "refused" in rows[0].why, rows

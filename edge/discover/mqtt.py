@@ -143,7 +143,7 @@ def rows(devices: list[ZigbeeDevice], base: str, offered: list[tuple[str, profil
 
 def fetch(broker: Any, base: str, wait: float) -> bytes | None:
     """The retained ``<base>/bridge/devices`` from the room broker ([mqtt] settings); None when none came
-    within ``wait`` seconds. ``OSError`` when the broker cannot be reached."""
+    within ``wait`` seconds. ``OSError`` when the broker cannot be reached or refuses our login."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
@@ -152,12 +152,14 @@ def fetch(broker: Any, base: str, wait: float) -> bytes | None:
     from examwatch.kernel.broker import apply_broker_settings
 
     got: list[bytes] = []
+    refused: list[str] = []
     done = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{broker.client_id}-discover", protocol=mqtt.MQTTv5)
     apply_broker_settings(client, broker)
 
     def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
+            refused.append(str(reason))
             done.set()
         else:
             c.subscribe(f"{base}/bridge/devices", qos=0)
@@ -177,6 +179,8 @@ def fetch(broker: Any, base: str, wait: float) -> bytes | None:
     finally:
         client.disconnect()
         client.loop_stop()
+    if refused:
+        raise ConnectionRefusedError(f"the broker refused us: {refused[0]} (check [mqtt] username/password)")
     return got[0] if got else None
 
 
