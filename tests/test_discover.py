@@ -213,9 +213,10 @@ def test_the_rate_limit_spaces_requests() -> None:
 
 
 def _holder(port: Path) -> subprocess.Popen[str]:
-    """Another program with the port open (as the agent or NUT's driver would have it)."""
+    """Another program with the port open and in exclusive mode (TIOCEXCL), as a careful driver holds it."""
     code = (
-        f"import serial, sys, time; s = serial.Serial({str(port)!r}, 2400); print('open', flush=True); time.sleep(120)"
+        f"import fcntl, serial, termios, time; s = serial.Serial({str(port)!r}, 2400); "
+        "fcntl.ioctl(s.fd, termios.TIOCEXCL); print('open', flush=True); time.sleep(120)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
@@ -289,3 +290,18 @@ def test_a_room_broker_that_refuses_our_login_is_one_clear_row(tmp_path: Path) -
     finally:
         broker.stop()
     assert [r.result for r in rows] == ["error"] and "refused" in rows[0].why, rows
+
+
+def test_a_port_in_exclusive_mode_is_seen_as_such(tmp_path: Path) -> None:
+    """The second guard, for a holder /proc does not show (another PID namespace): TIOCEXCL."""
+    import fcntl
+    import termios
+
+    with PtyPair(tmp_path, "tty") as pair:
+        fd = os.open(pair.agent, os.O_RDWR | os.O_NOCTTY)
+        try:
+            assert not dserial.exclusive(str(pair.agent))
+            fcntl.ioctl(fd, termios.TIOCEXCL)
+            assert dserial.exclusive(str(pair.agent))
+        finally:
+            os.close(fd)
