@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
+from bench.fuzz_discovery import nut_list_ups, zigbee_bridge  # noqa: E402
 from bench.fuzz_inputs import (  # noqa: E402
     api_query,
     envelope,
@@ -171,6 +172,24 @@ def _call_isapi(parse_storage: Callable, data: bytes) -> None:
             raise Invariant(f"{r.metric} {r.value}")
 
 
+def _call_zigbee(parse_bridge_devices: Callable, data: bytes) -> None:
+    """The device list as discovery uses it: parsed, mapped to rows; every usable row a valid config entry."""
+    import re
+
+    from examwatch.collectors.mqtt import topic_issue
+    from examwatch.edge.discover import mqtt, offered
+
+    for row in mqtt.rows(parse_bridge_devices(data), "zigbee2mqtt", offered("mqtt")):
+        if row.device and (not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", row.name) or topic_issue(row.device["topic"])):
+            raise Invariant(f"unusable entry {row.name[:80]!r} {row.device['topic'][:80]!r}")
+
+
+def _call_list_ups(parse_list_ups: Callable, text: str) -> None:
+    found = parse_list_ups(text.split("\n"))
+    if len(found) > 64 or any(not name or " " in name for name, _ in found):
+        raise Invariant(f"UPS list {found[:3]!r}")
+
+
 def _call_loads(loads: Callable, text: str) -> Any:
     return loads(text)
 
@@ -215,6 +234,13 @@ TARGETS: dict[str, Target] = {
     "isapi": Target(
         "examwatch.collectors.isapi:parse_storage", isapi_xml, _call_isapi, ("examwatch.collectors.base:DeviceError",)
     ),
+    "zigbee_bridge": Target(
+        "examwatch.edge.discover.mqtt:parse_bridge_devices",
+        zigbee_bridge,
+        _call_zigbee,
+        ("examwatch.edge.discover.mqtt:BridgeError",),
+    ),
+    "nut_list_ups": Target("examwatch.edge.discover.nut:parse_list_ups", nut_list_ups, _call_list_ups, (), True),
     "edge_config": Target(
         "examwatch.edge.config:loads",
         lambda: toml_config("edge"),

@@ -33,6 +33,7 @@ class Table(Strict, kw_only=True):
 
 class Profile(Strict, kw_only=True):
     description: str = ""
+    discover: profiles.Discovery | None = None  # how `examwatch discover` recognises the model
     scalars: dict[str, str] = {}  # name -> full OID (with .0 or the row index)
     metrics: dict[str, str] = {}  # metric -> expression over scalar names
     tables: dict[str, Table] = {}
@@ -65,10 +66,46 @@ class Expression:
             if isinstance(node, ast.Name):
                 names.add(node.id)
         self.names = names - self.FUNCTIONS.keys()
+        tree = ast.fix_missing_locations(_StrictCompare().visit(tree))
         self._code = compile(tree, f"<{text}>", "eval")
 
     def __call__(self, values: dict[str, Any]) -> Any:
-        return eval(self._code, {"__builtins__": {}, **self.FUNCTIONS}, values)  # noqa: S307 - AST whitelisted
+        env = {"__builtins__": {}, "__compare__": _compare, **self.FUNCTIONS}
+        return eval(self._code, env, values)  # noqa: S307 - AST whitelisted
+
+
+class _StrictCompare(ast.NodeTransformer):
+    """Comparisons go through ``_compare``: in Python ``"nonsense" == 5`` is simply False, which would make
+    a device answering text where a number belongs read as "not on battery" instead of unreadable."""
+
+    def visit_Compare(self, node: ast.Compare) -> ast.AST:
+        self.generic_visit(node)
+        ops = ast.Tuple([ast.Constant(type(op).__name__) for op in node.ops], ast.Load())
+        return ast.Call(
+            ast.Name("__compare__", ast.Load()), [node.left, ops, ast.Tuple(node.comparators, ast.Load())], []
+        )
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "Eq": lambda a, b: a == b, "NotEq": lambda a, b: a != b, "Lt": lambda a, b: a < b, "LtE": lambda a, b: a <= b,
+    "Gt": lambda a, b: a > b, "GtE": lambda a, b: a >= b, "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b,
+}  # fmt: skip
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _compare(left: Any, ops: tuple[str, ...], rights: tuple[Any, ...]) -> bool:
+    """A comparison chain, refusing (TypeError) text compared with a number: the value is unusable."""
+    for op, right in zip(ops, rights, strict=True):
+        others = right if op in ("In", "NotIn") and isinstance(right, tuple) else (right,)
+        if any(_numeric(left) != _numeric(o) and isinstance(left, str) != isinstance(o, str) for o in others):
+            raise TypeError(f"compares {left!r} with {right!r}")
+        if not _OPS[op](left, right):
+            return False
+        left = right
+    return True
 
 
 def _num(value: Any) -> float:
@@ -101,6 +138,7 @@ class CompiledProfile:
     scalars: dict[str, tuple[int, ...]]
     metrics: dict[str, Expression]
     tables: list[CompiledTable]
+    discover: profiles.Discovery | None = None
 
 
 def _oid(text: str) -> tuple[int, ...]:
@@ -161,9 +199,14 @@ def compile_profile(name: str, profile: Profile) -> CompiledProfile:
         )
     if not metrics and not any(t.metrics for t in tables):
         problems.append("maps no metric at all")
+    for prefix in profile.discover.sys_object_id if profile.discover else []:
+        try:
+            _oid(prefix.rstrip("."))
+        except ValueError as err:
+            problems.append(f"discover.sys_object_id: {err}")
     if problems:
         raise profiles.ProfileError(f"profile snmp/{name}: " + "; ".join(problems))
-    return CompiledProfile(name, scalars, metrics, tables)
+    return CompiledProfile(name, scalars, metrics, tables, profile.discover)
 
 
 _compiled: dict[str, CompiledProfile] = {}

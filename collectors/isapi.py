@@ -9,6 +9,9 @@ element case varies (``hdd``/``HDD``), so the parser matches local names without
 Each disk becomes a part ``<device>/disk<id>`` (NAS: ``<device>/nas<id>``) with storage_ok,
 storage_total_bytes, storage_free_bytes and storage_used_ratio. An NVR that overwrites old footage
 always looks full; whether "full" is an alarm is the rules' business, not the collector's.
+
+Where models differ (the path, the document's root, its lists, which statuses are healthy) is a profile,
+``collectors/profiles/isapi/<name>.toml``; ``hikvision`` (the whole Storage document) is the default.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import defusedxml.ElementTree
 import httpx
 import msgspec
 
+from examwatch.collectors import profiles
 from examwatch.collectors.base import DeviceError, PollingCollector, register, retry
 from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
@@ -33,17 +37,44 @@ from examwatch.kernel.model import Reading
 MIB = 1024 * 1024
 MAX_BODY = 1024 * 1024  # a Storage document with 16 disks is ~5 KiB
 _PART_ID = re.compile(r"[A-Za-z0-9_.-]{1,16}")  # a disk id becomes part of a device name: keep it a name
-# Statuses of a healthy disk. "idle"/"sleeping": a disk resting in a disk group or spun down; it records
-# again when its turn comes. Everything else (error, unformatted, notexist, smartFailed, mismatch,
-# offline, formating, reparing, ...) needs a technician.
-HEALTHY = frozenset({"ok", "idle", "sleeping"})
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")  # an element or part name in a profile
+DEFAULT_PROFILE = "hikvision"
+
+
+class Volume(Strict):
+    """Where one kind of storage sits in the document: ``<list><item>...`` under the root."""
+
+    item: str  # element of one disk, e.g. "hdd"
+    part: str  # its part name's prefix, e.g. "disk" -> <device>/disk1
+    list: str = ""  # the element holding the items; empty: they sit directly under the root
+
+
+class Profile(Strict, kw_only=True):
+    description: str = ""
+    discover: profiles.Discovery | None = None
+    path: str = "/ISAPI/ContentMgmt/Storage"
+    root: str = "storage"  # the document's root element (local name; case does not matter)
+    volumes: list[Volume]
+    # Statuses of a healthy disk; everything else (error, unformatted, notexist, smartFailed, mismatch,
+    # offline, formating, reparing, ...) needs a technician.
+    healthy: list[str] = msgspec.field(default_factory=lambda: ["ok"])
+    unit_bytes: float = MIB  # capacity and freeSpace are in this unit
+
+    def __post_init__(self) -> None:
+        names = [self.root] + [n for v in self.volumes for n in (v.item, v.part, v.list) if n]
+        if bad := [n for n in names if not _NAME.fullmatch(n)]:
+            raise ValueError(f"not an element name: {', '.join(bad)}")
+        if not self.path.startswith("/") or not self.volumes:
+            raise ValueError("path starts with '/', and at least one [[volumes]] is needed")
+        if not 1 <= self.unit_bytes <= 1 << 40:
+            raise ValueError("unit_bytes: between 1 and 2**40")
 
 
 class Options(Strict):
     username: str = "admin"
     password: str = ""
     password_file: str = ""  # read at start instead of putting the password in the config
-    path: str = "/ISAPI/ContentMgmt/Storage"
+    path: str = ""  # empty: the profile's
     tls_verify: bool = True  # set false for https with the device's self-signed certificate
 
 
@@ -52,10 +83,7 @@ class Disk(msgspec.Struct, frozen=True):
     status: str
     capacity_bytes: float | None
     free_bytes: float | None
-
-    @property
-    def ok(self) -> bool:
-        return self.status.lower() in HEALTHY
+    ok: bool  # the status is one of the profile's healthy ones
 
 
 def _local(tag: str) -> str:
@@ -71,17 +99,18 @@ def _text(el: ET.Element, name: str) -> str:
     return (c.text or "").strip() if c is not None else ""
 
 
-def _mib(el: ET.Element, name: str) -> float | None:
-    """A size in MiB as bytes; None when absent or not a size (negative, NaN, infinite, not a number)."""
+def _size(el: ET.Element, name: str, unit: float) -> float | None:
+    """A size in ``unit`` as bytes; None when absent or not a size (negative, NaN, infinite, not a number)."""
     try:
-        value = float(_text(el, name)) * MIB
+        value = float(_text(el, name)) * unit
     except ValueError:
         return None
     return value if math.isfinite(value) and value >= 0 else None
 
 
-def parse_storage(body: bytes) -> list[Disk]:
-    """An ISAPI Storage document -> its disks and NAS volumes; DeviceError if it is not one.
+def parse_storage(body: bytes, profile: Profile | None = None) -> list[Disk]:
+    """An ISAPI Storage document -> its disks and NAS volumes, as ``profile`` (default: Hikvision's whole
+    Storage document) places them; DeviceError if it is not one.
 
     A document type declaration is refused outright (no device needs one; entities are how XML bombs
     and external-entity reads work), and so is a body larger than any real Storage document.
@@ -96,19 +125,23 @@ def parse_storage(body: bytes) -> list[Disk]:
         LookupError,
     ) as err:  # DTDForbidden is a ValueError; LookupError: unknown encoding
         raise DeviceError("invalid_xml", str(err)[:200]) from None
-    if _local(root.tag) != "storage":
-        raise DeviceError("unexpected_xml", f"root element <{_local(root.tag)}>, expected <storage>")
+    p = profile or profiles.load("isapi", DEFAULT_PROFILE, Profile)
+    if _local(root.tag) != p.root.lower():
+        raise DeviceError("unexpected_xml", f"root element <{_local(root.tag)}>, expected <{p.root}>")
+    healthy = {s.lower() for s in p.healthy}
     disks = []
-    for list_name, item_name, prefix in (("hddlist", "hdd", "disk"), ("naslist", "nas", "nas")):
-        lst = _child(root, list_name)
-        for i, item in enumerate(c for c in (lst if lst is not None else []) if _local(c.tag) == item_name):
+    for v in p.volumes:
+        lst = _child(root, v.list.lower()) if v.list else root
+        for i, item in enumerate(c for c in (lst if lst is not None else []) if _local(c.tag) == v.item.lower()):
             id_ = _text(item, "id")
+            status = _text(item, "status") or "unknown"
             disks.append(
                 Disk(
-                    part=f"{prefix}{id_ if _PART_ID.fullmatch(id_) else i + 1}",
-                    status=_text(item, "status") or "unknown",
-                    capacity_bytes=_mib(item, "capacity"),
-                    free_bytes=_mib(item, "freespace"),
+                    part=f"{v.part}{id_ if _PART_ID.fullmatch(id_) else i + 1}",
+                    status=status,
+                    capacity_bytes=_size(item, "capacity", p.unit_bytes),
+                    free_bytes=_size(item, "freespace", p.unit_bytes),
+                    ok=status.lower() in healthy,
                 )
             )
     return disks
@@ -143,6 +176,8 @@ def base_url(address: str) -> str:
 class IsapiCollector(PollingCollector):
     protocol = "isapi"
     Options = Options
+    profile_schema = Profile
+    default_profile = DEFAULT_PROFILE
     needs_address = 'a camera or NVR needs address = "host[:port]" or a URL'
     reasons = {
         "unreachable": "网络不通",
@@ -200,15 +235,16 @@ interval = 60.0
         return client
 
     async def poll(self, device: Any) -> list[Reading]:
-        body = await self._fetch(device)
-        return readings_from(device.name, parse_storage(body), time.time())
+        profile: Profile = self.profile(device)
+        body = await self._fetch(device, device.options.path or profile.path)
+        return readings_from(device.name, parse_storage(body, profile), time.time())
 
-    async def _fetch(self, device: Any) -> bytes:
+    async def _fetch(self, device: Any, path: str) -> bytes:
         client = self._client(device)
 
         async def attempt() -> httpx.Response:
             try:
-                return await client.get(device.options.path)
+                return await client.get(path)
             except httpx.TimeoutException:
                 raise DeviceError("timeout", f"no answer within {device.timeout}s") from None
             except httpx.TransportError as e:

@@ -5,6 +5,10 @@ ICMP sockets when ``net.ipv4.ping_group_range`` covers us, raw sockets as root) 
 otherwise; a refused connection still proves the host is there. The burst gives link_loss_ratio and the
 mean link_rtt_seconds; link_up is 1 when any probe came back.
 
+How to probe depends on the target, so it is a profile (``collectors/profiles/links/``): ``default`` as
+above, ``gateway`` ICMP only, ``county-broker`` TCP to 8883, ``exam-platform`` an HTTPS request (ICMP and
+a bare connect say nothing about a web service behind a proxy). A device's own keys override its profile's.
+
 The plans' remedy for a network outage is "switch to the backup link", so the agent also says which
 interface carries the default route, read from ``/proc/net/route`` (link_primary_active is 1 while it is
 the configured primary interface, 0 while traffic goes over the backup, e.g. a 4G dongle).
@@ -14,14 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import icmplib
 import msgspec
 
+from examwatch.collectors import profiles
 from examwatch.collectors.base import DeviceError, PollingCollector, register
 from examwatch.kernel.config import Port, Strict
 from examwatch.kernel.model import Reading
@@ -29,14 +37,43 @@ from examwatch.kernel.model import Reading
 ROUTE_TABLE = Path("/proc/net/route")
 DEFAULT_GATEWAY = "default-gateway"  # the address that means "whatever the default route points at"
 
+Method = Literal["auto", "icmp", "tcp", "http"]
+Probes = Annotated[int, msgspec.Meta(ge=1, le=100)]  # per poll: the window loss and RTT are measured over
+Spacing = Annotated[float, msgspec.Meta(ge=0, le=10)]  # seconds between probes in a burst (0: back to back)
+
+
+class LinkProfile(Strict, kw_only=True):
+    """How to probe a kind of target."""
+
+    description: str = ""
+    method: Method = "auto"
+    port: Port = 443  # for TCP and HTTP probes
+    probes: Probes = 5
+    probe_interval: Spacing = 0.2
+    tls: bool = True  # HTTP probes: HTTPS, the certificate checked
+    http_path: str = "/"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"/[\x21-\x7e]{0,200}", self.http_path):
+            raise ValueError("http_path: '/' and printable ASCII, no spaces")
+
 
 class LinkOptions(Strict):
-    method: Literal["auto", "icmp", "tcp"] = "auto"
-    port: Port = 443  # for TCP probes
-    probes: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5  # per poll: the window loss and RTT are measured over
-    # seconds between probes in a burst (0: back to back)
-    probe_interval: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.2
+    """A device's keys; each left out is its profile's."""
+
+    method: Method | None = None
+    port: Port | None = None
+    probes: Probes | None = None
+    probe_interval: Spacing | None = None
     primary_interface: str = ""  # e.g. "eth0": report link_primary_active for the default route
+
+
+def settings(profile: LinkProfile, o: LinkOptions | None) -> LinkProfile:
+    """The profile with the device's own keys over it."""
+    if o is None:
+        return profile
+    own = {k: getattr(o, k) for k in ("method", "port", "probes", "probe_interval") if getattr(o, k) is not None}
+    return msgspec.structs.replace(profile, **own)
 
 
 # --- pure: the routing table --------------------------------------------------------------------------------
@@ -90,6 +127,37 @@ def summarize(device: str, rtts: list[float | None], now: float) -> list[Reading
 # --- I/O ----------------------------------------------------------------------------------------------------
 
 
+def http_target(address: str, p: LinkProfile) -> tuple[str, int, bool, str]:
+    """(host, port, tls, path) of an HTTP probe: a URL address says it all, a host takes the profile's."""
+    if "://" not in address:
+        return address, p.port, p.tls, p.http_path
+    url = urlsplit(address)
+    tls = url.scheme == "https"
+    return url.hostname or "", url.port or (443 if tls else 80), tls, url.path or "/"
+
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5]\d\d[ \r\n]")
+
+
+async def http_probe(host: str, port: int, tls: ssl.SSLContext | None, path: str, timeout: float) -> float | None:
+    """A HEAD request; the time to the status line, or None when no HTTP answer came (nor a valid certificate)."""
+    start = time.monotonic()
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None)
+            writer.write(
+                f"HEAD {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: examwatch\r\nConnection: close\r\n\r\n".encode()
+            )
+            line = await reader.readline()  # bounded by the stream's 64 KiB limit
+    except (OSError, TimeoutError, ValueError):  # ssl.SSLError is an OSError; ValueError: a line past the limit
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+    return time.monotonic() - start if _STATUS_LINE.match(line) else None
+
+
 async def tcp_probe(host: str, port: int, timeout: float) -> float | None:
     start = time.monotonic()
     try:
@@ -109,6 +177,8 @@ async def tcp_probe(host: str, port: int, timeout: float) -> float | None:
 class LinksCollector(PollingCollector):
     protocol = "links"
     Options = LinkOptions
+    profile_schema = LinkProfile
+    default_profile = "default"
     needs_address = f'a link needs address = a host, an IP or "{DEFAULT_GATEWAY}"'
     reasons = {
         "name_lookup": "域名解析失败",
@@ -121,32 +191,37 @@ name = "uplink-net"
 kind = "link"
 protocol = "links"
 address = "default-gateway"     # or a host name / IP; see docs/profiles.md for probes and TCP
+profile = "gateway"             # ICMP; "county-broker" (TCP 8883), "exam-platform" (HTTPS), "default" (ping, else TCP)
 primary_interface = "eth0"      # link_primary_active is 0 while the default route is on the backup link
 """
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
         issues = super().check(device)
-        o = device.options
+        try:
+            o = settings(cls.load_profile(device.profile or cls.default_profile), device.options)
+        except profiles.ProfileError:
+            return issues  # the profile's own issue is already there
+        if "://" in device.address and o.method != "http":
+            issues.append(("address", 'a URL is probed by HTTP: method = "http" or profile = "exam-platform"'))
         # The framework gives a poll timeout x (retries + 1) + 1 s; the burst must fit in it.
-        if (
-            o is not None
-            and (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1
-        ):
+        if (o.probes - 1) * o.probe_interval + device.timeout > device.timeout * (device.retries + 1) + 1:
             issues.append(("probes", "probes x probe_interval does not fit in the poll's time budget"))
         return issues
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._icmp_privileged: bool | None = None  # how ICMP works here; None: not found out yet
+        self._tls: ssl.SSLContext | None = None  # made at the first HTTPS probe (loading CAs takes 0.1-0.4 s)
 
     async def poll(self, device: Any) -> list[Reading]:
-        o: LinkOptions = device.options
+        o = settings(self.profile(device), device.options)
+        primary_interface = device.options.primary_interface if device.options else ""
         now = time.time()
         route = default_route(parse_routes(ROUTE_TABLE.read_text())) if ROUTE_TABLE.exists() else None
         out = []
-        if o.primary_interface:
-            primary = route is not None and route.interface == o.primary_interface
+        if primary_interface:
+            primary = route is not None and route.interface == primary_interface
             out.append(Reading(device.name, "link_primary_active", float(primary), now))
         target = device.address
         if target == DEFAULT_GATEWAY:
@@ -156,7 +231,9 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
         rtts = await self._probe(target, device.timeout, o)
         return out + summarize(device.name, rtts, time.time())
 
-    async def _probe(self, host: str, timeout: float, o: LinkOptions) -> list[float | None]:
+    async def _probe(self, host: str, timeout: float, o: LinkProfile) -> list[float | None]:
+        if o.method == "http":
+            return list(await asyncio.gather(*(self._spaced_http(i, host, timeout, o) for i in range(o.probes))))
         if o.method != "tcp":
             rtts = await self._icmp(host, timeout, o)
             if rtts is not None:
@@ -165,11 +242,18 @@ primary_interface = "eth0"      # link_primary_active is 0 while the default rou
                 raise DeviceError("icmp_not_permitted", "neither ICMP sockets nor raw sockets are allowed here")
         return list(await asyncio.gather(*(self._spaced_tcp(i, host, timeout, o) for i in range(o.probes))))
 
-    async def _spaced_tcp(self, i: int, host: str, timeout: float, o: LinkOptions) -> float | None:
+    async def _spaced_tcp(self, i: int, host: str, timeout: float, o: LinkProfile) -> float | None:
         await asyncio.sleep(i * o.probe_interval)
         return await tcp_probe(host, o.port, timeout)
 
-    async def _icmp(self, host: str, timeout: float, o: LinkOptions) -> list[float | None] | None:
+    async def _spaced_http(self, i: int, address: str, timeout: float, o: LinkProfile) -> float | None:
+        host, port, tls, path = http_target(address, o)
+        if tls and self._tls is None:
+            self._tls = ssl.create_default_context()
+        await asyncio.sleep(i * o.probe_interval)
+        return await http_probe(host, port, self._tls if tls else None, path, timeout)
+
+    async def _icmp(self, host: str, timeout: float, o: LinkProfile) -> list[float | None] | None:
         """A burst of echoes, or None when this system permits no ICMP sockets to us."""
         modes = [self._icmp_privileged] if self._icmp_privileged is not None else [False, True]
         for privileged in modes:

@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from examwatch.collectors import profiles
 from examwatch.collectors.base import FAIL, OK, WARN, Collector, Context, Device, DeviceError, Finding, register
 from examwatch.kernel.broker import apply_broker_settings
 from examwatch.kernel.catalog import METRICS
@@ -39,6 +40,7 @@ MAX_DEPTH = 32  # Zigbee2MQTT nests 2-3 levels; json.loads raises RecursionError
 # JSON strings (skipped; an unterminated one runs to the end, so the scan stays linear) and brackets
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 CONNECT_TIMEOUT = 5.0  # seconds the readiness probe gives the room broker to accept us
+MAX_TOPIC = 256  # characters; Zigbee2MQTT's are "zigbee2mqtt/<friendly name>"
 
 
 class Field(Strict):
@@ -57,15 +59,13 @@ class Field(Strict):
 
 class Profile(Strict):
     description: str = ""
+    discover: profiles.Discovery | None = None  # how `examwatch discover` maps a Zigbee2MQTT device onto it
     fields: list[Field] = []
 
 
 class MqttOptions(Strict):
     fields: list[Field] = []  # extra or overriding paths for this device (a generic JSON device needs them)
     availability: bool = True  # also listen on <topic>/availability (Zigbee2MQTT's availability feature)
-
-
-MAX_TOPIC = 256  # characters; Zigbee2MQTT's are "zigbee2mqtt/<friendly name>"
 
 
 def topic_issue(topic: str) -> str | None:

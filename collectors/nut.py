@@ -3,7 +3,8 @@
 Every UPS that NUT supports (USB HID, serial, SNMP, ...) thereby works with examwatch. The device
 address uses NUT's own syntax, ``<ups>@<host>[:<port>]`` (port 3493 by default), as ``upsc`` does.
 One ``LIST VAR <ups>`` per poll on a connection kept open between polls; ``parse_nut`` (pure) maps
-NUT's standard variable names onto the catalog.
+NUT's variables onto the catalog by the device's profile (``collectors/profiles/nut/``): ``standard`` has
+NUT's standard names, others the names some drivers use instead (per phase on a three-phase UPS).
 """
 
 from __future__ import annotations
@@ -14,30 +15,25 @@ import re
 import time
 from typing import Any
 
+from examwatch.collectors import profiles
 from examwatch.collectors.base import DeviceError, PollingCollector, register, retry
+from examwatch.kernel.catalog import METRICS
 from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
-# ups.status flags (NUT's docs/new-drivers.txt) -> the catalog's boolean metrics.
-STATUS_FLAGS: dict[str, frozenset[str]] = {
-    "power_on_battery": frozenset({"OB"}),
-    "ups_battery_low": frozenset({"LB"}),
-    "ups_bypass": frozenset({"BYPASS", "BOOST", "TRIM"}),
-    "ups_test_active": frozenset({"CAL", "TEST"}),
-    "ups_shutdown_pending": frozenset({"FSD"}),
-    # ALARM: see ups.alarm; OVER: overload; RB: replace battery; OFF: output off.
-    "ups_fault": frozenset({"ALARM", "OVER", "RB", "OFF"}),
-}
+DEFAULT_PROFILE = "standard"
 
-# NUT variable -> catalog metric; NUT already speaks base units (percent, seconds, volts, hertz).
-VARIABLES: dict[str, str] = {
-    "battery.charge": "ups_charge_percent",
-    "battery.runtime": "ups_runtime_seconds",
-    "input.voltage": "input_voltage_volts",
-    "output.voltage": "output_voltage_volts",
-    "ups.load": "ups_load_percent",
-    "input.frequency": "input_frequency_hertz",
-}
+
+class Profile(Strict, kw_only=True):
+    description: str = ""
+    variables: dict[str, str]  # NUT variable -> catalog metric; NUT already speaks base units
+    status: dict[str, list[str]] = {}  # catalog metric -> the ups.status flags that make it 1
+
+    def __post_init__(self) -> None:
+        unknown = sorted({*self.variables.values(), *self.status} - METRICS.keys())
+        if unknown:
+            raise ValueError(f"not catalog metrics: {', '.join(unknown)}")
+
 
 _VAR = re.compile(r'VAR (\S+) (\S+) "((?:[^"\\]|\\.)*)"')
 
@@ -62,16 +58,20 @@ def parse_list_var(lines: list[str], ups: str) -> dict[str, str]:
     return out
 
 
-def parse_nut(variables: dict[str, str], device: str, ts: float) -> tuple[list[Reading], list[str]]:
-    """Map NUT variables onto Readings; returns (readings, names of values that were not finite numbers)."""
+def parse_nut(
+    variables: dict[str, str], device: str, ts: float, profile: Profile | None = None
+) -> tuple[list[Reading], list[str]]:
+    """Map NUT variables onto Readings by ``profile`` (default: NUT's standard names); returns (readings, names
+    of values that were not finite numbers)."""
+    p = profile or profiles.load("nut", DEFAULT_PROFILE, Profile)
     readings: list[Reading] = []
     bad: list[str] = []
     status = variables.get("ups.status")
     if status is not None:
         flags = set(status.split())
-        for metric, wanted in STATUS_FLAGS.items():
-            readings.append(Reading(device, metric, float(bool(flags & wanted)), ts))
-    for name, metric in VARIABLES.items():
+        for metric, wanted in p.status.items():
+            readings.append(Reading(device, metric, float(bool(flags.intersection(wanted))), ts))
+    for name, metric in p.variables.items():
         text = variables.get(name)
         if text is None:
             continue
@@ -127,6 +127,8 @@ class _Connection:
 class NutCollector(PollingCollector):
     protocol = "nut"
     Options = NutOptions
+    profile_schema = Profile
+    default_profile = DEFAULT_PROFILE
     reasons = {
         "connection": "连不上",
         "stale": "UPS 服务在，但与 UPS 失去联系",
@@ -139,21 +141,24 @@ name = "ups2"
 kind = "ups"
 protocol = "nut"
 address = "ups@127.0.0.1"       # NUT's syntax: <ups>@<host>[:<port>]
+profile = "standard"            # NUT's standard names; "three-phase" for per-phase drivers
 """
 
     @classmethod
     def check(cls, device: Any) -> list[tuple[str, str]]:
+        issues = super().check(device)
         try:
             parse_address(device.address)
         except DeviceError as err:
-            return [("address", err.detail)]
-        return []
+            issues.append(("address", err.detail))
+        return issues
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._connections: dict[str, _Connection] = {}
 
     async def poll(self, device: Any) -> list[Reading]:
+        profile: Profile = self.profile(device)
         ups, host, port = parse_address(device.address)
 
         async def attempt() -> list[str]:
@@ -173,7 +178,7 @@ address = "ups@127.0.0.1"       # NUT's syntax: <ups>@<host>[:<port>]
 
         lines = await retry(attempt, device.retries + 1, final=("stale", "auth", "nut_error"))
         variables = parse_list_var(lines, ups)
-        readings, bad = parse_nut(variables, device.name, time.time())
+        readings, bad = parse_nut(variables, device.name, time.time(), profile)
         for name in bad:
             self.health.drop(device.name, "bad_value", variable=name)
         if "ups.status" not in variables:
@@ -211,4 +216,4 @@ address = "ups@127.0.0.1"       # NUT's syntax: <ups>@<host>[:<port>]
             self._drop_connection(name)
 
 
-__all__ = ["NutCollector", "NutOptions", "parse_address", "parse_list_var", "parse_nut"]
+__all__ = ["NutCollector", "NutOptions", "Profile", "parse_address", "parse_list_var", "parse_nut"]

@@ -256,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         "--schedule", default="", help="a TOML file with the county's [schedule], put in every config"
     )
 
+    discover = sub.add_parser("discover", help="find this room's devices and write a config draft")
+    from examwatch.edge.discover.run import add_arguments
+
+    add_arguments(discover)
+
     args = p.parse_args(argv)
+    if args.command == "discover":
+        from examwatch.edge.discover.run import main as discover_main
+
+        return discover_main(args)
     if args.command == "site":
         return _site_plan(args)
     if args.command == "config" and args.action == "sample":

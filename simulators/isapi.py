@@ -1,4 +1,6 @@
-"""A Hikvision-style ISAPI HTTP server: ``/ISAPI/ContentMgmt/Storage`` behind digest auth (MD5, qop=auth).
+"""A Hikvision-style ISAPI HTTP server: ``/ISAPI/ContentMgmt/Storage`` behind digest auth (MD5, qop=auth),
+and ``/ISAPI/ContentMgmt/Storage/hdd`` (the disk list alone, root ``<hddList>``) unless ``whole=False``
+makes it a camera that serves only the latter.
 
 Disks can be set ok / full / failed while it runs, the document can be served in either namespace seen
 in the wild (or none), and ``misbehave("invalid_xml" | "slow")`` breaks the answers on demand.
@@ -41,9 +43,15 @@ class IsapiSimulator:
     realm = "DS-SIMULATED-NVR"
 
     def __init__(
-        self, username: str = "admin", password: str = "sim-pass", namespace: str | None = HIKVISION, port: int = 0
+        self,
+        username: str = "admin",
+        password: str = "sim-pass",
+        namespace: str | None = HIKVISION,
+        port: int = 0,
+        whole: bool = True,
     ) -> None:
         self.username, self.password, self.namespace = username, password, namespace
+        self.whole = whole  # serves the whole Storage document (else only its hdd list)
         self.disks = [SimDisk(1), SimDisk(2)]
         self.misbehaviour: Misbehaviour = None
         self.slow_seconds = 5.0
@@ -81,9 +89,29 @@ class IsapiSimulator:
     def misbehave(self, how: Misbehaviour) -> None:
         self.misbehaviour = how
 
+    def _version(self) -> str:
+        return ' version="2.0"' + (f' xmlns="{self.namespace}"' if self.namespace else "")
+
+    def hdd_list_xml(self) -> bytes:
+        v = self._version()
+        return (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<hddList{v}>\n'
+            + "\n".join(self._items()["hdd"])
+            + "\n</hddList>\n"
+        ).encode()
+
     def storage_xml(self) -> bytes:
-        ns = f' xmlns="{self.namespace}"' if self.namespace else ""
-        v = ' version="2.0"' + ns
+        v = self._version()
+        items = self._items()
+        return (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<storage{v}>\n'
+            f"<hddList{v}>\n" + "\n".join(items["hdd"]) + "\n</hddList>\n"
+            f"<nasList{v}>\n" + "\n".join(items["nas"]) + "\n</nasList>\n"
+            "<workMode>group</workMode>\n</storage>\n"
+        ).encode()
+
+    def _items(self) -> dict[str, list[str]]:
+        v = self._version()
         with self._lock:
             items: dict[str, list[str]] = {"hdd": [], "nas": []}
             for d in self.disks:
@@ -98,12 +126,7 @@ class IsapiSimulator:
                     f"<{d.kind}{v}>\n<id>{d.id}</id>\n{extra}\n<status>{d.status}</status>\n"
                     f"<capacity>{cap}</capacity>\n<freeSpace>{free}</freeSpace>\n<property>RW</property>\n</{d.kind}>"
                 )
-        return (
-            f'<?xml version="1.0" encoding="UTF-8"?>\n<storage{v}>\n'
-            f"<hddList{v}>\n" + "\n".join(items["hdd"]) + "\n</hddList>\n"
-            f"<nasList{v}>\n" + "\n".join(items["nas"]) + "\n</nasList>\n"
-            "<workMode>group</workMode>\n</storage>\n"
-        ).encode()
+        return items
 
     # --- digest auth (RFC 7616, MD5, qop=auth, as Hikvision firmwares do it) ---------------------------
 
@@ -161,13 +184,16 @@ class IsapiSimulator:
                     sim.unauthorized += 1
                     self._send(401, b"<html>401 Unauthorized</html>", {"WWW-Authenticate": sim.challenge()})
                     return
-                if self.path != STORAGE_PATH:
+                documents = {STORAGE_PATH + "/hdd": sim.hdd_list_xml}
+                if sim.whole:
+                    documents[STORAGE_PATH] = sim.storage_xml
+                if self.path not in documents:
                     self._send(404, b"")
                     return
                 how = sim.misbehaviour
                 if how == "slow":
                     time.sleep(sim.slow_seconds)
-                body = sim.storage_xml()
+                body = documents[self.path]()
                 if how == "invalid_xml":
                     body = body[: len(body) // 2]
                 self._send(200, body)

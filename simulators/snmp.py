@@ -158,6 +158,11 @@ def _hr_disk_full(r: Records) -> Records:
     return {f"{HR_STORAGE}.6.{i}": _int(int(sizes[i])) for i in fixed}  # hrStorageUsed = hrStorageSize
 
 
+def _nonsense(r: Records) -> Records:
+    """An agent answering every OID with text that is no number and no OID: what a broken card may do."""
+    return {oid: ("4", "nonsense") for oid in r}
+
+
 @dataclass(frozen=True)
 class Model:
     recording: str  # path under snmpsim-data's data folder, without the .snmprec[.bz2] suffix
@@ -169,7 +174,12 @@ MODELS: dict[str, Model] = {
     "ups": Model(
         "UPS/phoenixtec-power",
         "ups-mib",
-        {"healthy": _ups_mib_healthy, "on_battery": _ups_mib_on_battery, "low_charge": _ups_mib_low_charge},
+        {
+            "healthy": _ups_mib_healthy,
+            "on_battery": _ups_mib_on_battery,
+            "low_charge": _ups_mib_low_charge,
+            "nonsense": _nonsense,
+        },
     ),
     "ups-xups": Model(
         "UPS/eaton-9px-partial", "eaton-xups", {"on_battery": _xups_on_battery, "low_charge": _xups_low_charge}
@@ -181,7 +191,14 @@ MODELS: dict[str, Model] = {
         {"healthy": _nvr_healthy, "disk_full": _nvr_disk_full, "disk_failed": _nvr_disk_failed},
     ),
     "camera": Model("camera/samsung-ipolis", "host-resources-storage", {"disk_full": _hr_disk_full}),
+    # Models the collectors were not written against (for discovery): a Huawei UPS card whose sysObjectID is
+    # Net-SNMP's but that speaks UPS-MIB; a Hikvision camera recording without a system group.
+    "ups-huawei": Model("UPS/huawei-gse200m", "ups-mib", {}),
+    "camera-hikvision": Model("camera/hikvision", "hikvision-camera", {}),
 }
+
+
+ROOM_MODELS = ("ups", "ups-xups", "switch", "nvr", "camera")  # one of each kind a room has: the default devices
 
 
 def recording_path(model: str) -> Path:
@@ -222,13 +239,14 @@ def _readable_by_nobody(path: Path) -> bool:
 
 
 class SnmpSimulator:
-    """snmpsim on 127.0.0.1:<free port>; ``devices`` maps community (or v3 context) -> model name."""
+    """snmpsim on 127.0.0.1:<free port>; ``devices`` maps community (or v3 context) -> model name (default:
+    ``ROOM_MODELS``, each under its own name)."""
 
     def __init__(self, workdir: Path, devices: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.data_dir = self.workdir / "snmp-data"
         self.cache_dir = self.workdir / "snmp-cache"
-        self.devices = dict(devices or {m: m for m in MODELS})
+        self.devices = dict(devices or {m: m for m in ROOM_MODELS})
         self.port = _free_udp_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._recorded: dict[str, Records] = {}

@@ -315,3 +315,37 @@ def test_nvr_disk_failure_raises_the_alarm_within_one_interval(nvr: IsapiSimulat
             )
 
     asyncio.run(go())
+
+
+def test_a_camera_serving_only_its_disk_list_is_read_by_the_hikvision_hdd_profile() -> None:
+    """A camera without the whole Storage document: the default profile finds nothing there (404), the
+    non-default one reads its SD card from /ISAPI/ContentMgmt/Storage/hdd (root <hddList>)."""
+    with IsapiSimulator(whole=False) as cam:
+        cam.disks = [SimDisk(1, capacity_mib=60880, free_mib=15220)]
+        acc, health = Recorder(), Health()
+        poll(IsapiCollector([device(cam, "cam1", profile="hikvision-hdd"), device(cam, "cam2")], acc, health))
+    assert acc.latest("cam1/sd1", "storage_total_bytes") == 60880 * MIB
+    assert acc.latest("cam1/sd1", "storage_used_ratio") == pytest.approx(0.75)
+    assert acc.latest("cam2", "device_online") == 0.0 and health.devices["cam2"].errors["http_404"] == 1
+
+
+def test_an_isapi_profile_is_checked_at_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from examwatch.collectors import profiles
+
+    (tmp_path / "isapi").mkdir()
+    (tmp_path / "isapi" / "bad.toml").write_text('root = "<x>"\n[[volumes]]\nitem = "hdd"\npart = "disk"\n')
+    monkeypatch.setenv("EXAMWATCH_PROFILES", str(tmp_path))
+    profiles.load.cache_clear()
+    try:
+        cam = Device(
+            name="cam",
+            kind="camera",
+            protocol="isapi",
+            address="192.0.2.9",
+            profile="bad",
+            options=Options(password="x"),
+        )
+        issues = IsapiCollector.check(cam)
+    finally:
+        profiles.load.cache_clear()
+    assert [k for k, _ in issues] == ["profile"] and "<x>" in issues[0][1]

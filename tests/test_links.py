@@ -276,3 +276,49 @@ def test_platform_unreachable_raises_link_down(platform: Platform) -> None:
             await wait_until(lambda: "link_down" in alarms.raised, d.interval + d.timeout + 1, "link_down raised")
 
     asyncio.run(go())
+
+
+def test_the_exam_platform_profile_wants_an_http_answer_where_a_bare_connect_is_not_enough(platform: Platform) -> None:
+    """A web service behind a proxy: the connect succeeds even when nothing answers; the profile asks HTTP."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answering(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def web(name: str, address: str, profile: str = "exam-platform", **opts: object) -> Device:
+        return Device(name=name, kind="link", protocol="links", address=address, profile=profile, interval=0.3,
+                      timeout=0.5, retries=0, options=LinkOptions(probes=2, probe_interval=0.05, **opts))  # type: ignore[arg-type]  # fmt: skip
+
+    try:
+        acc = Recorder()
+        devices = [
+            web("platform", f"http://127.0.0.1:{server.server_address[1]}/health"),
+            web("proxy", f"http://127.0.0.1:{platform.port}/"),  # accepts and hangs up: no HTTP answer
+            web("proxy-tcp", "127.0.0.1", profile="default", method="tcp", port=platform.port),
+        ]
+        poll(LinksCollector(devices, acc, Health()))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert acc.latest("platform", "link_up") == 1.0 and acc.latest("platform", "link_loss_ratio") == 0.0
+    assert acc.latest("proxy", "link_up") == 0.0
+    assert acc.latest("proxy-tcp", "link_up") == 1.0  # what the default profile's connect would have said
+
+
+def test_a_device_key_overrides_its_profile_and_a_url_needs_the_http_method() -> None:
+    from examwatch.collectors.links import settings
+
+    p = LinksCollector.load_profile("county-broker")
+    assert (p.method, p.port) == ("tcp", 8883)
+    assert settings(p, LinkOptions(port=1883)).port == 1883 and settings(p, None) is p
+    url = Device(name="x", kind="link", protocol="links", address="https://platform.example/", profile="gateway",
+                 options=LinkOptions())  # fmt: skip
+    assert [k for k, _ in LinksCollector.check(url)] == ["address"]

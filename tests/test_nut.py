@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from examwatch.collectors import profiles
 from examwatch.collectors.base import DeviceError, Health
 from examwatch.collectors.nut import (
-    STATUS_FLAGS,
     NutCollector,
     NutError,
     NutOptions,
+    Profile,
     parse_address,
     parse_list_var,
     parse_nut,
@@ -24,10 +25,10 @@ from examwatch.simulators.nut import STATES, NutSimulator
 from tests.support import Recorder, running
 
 
-def device(address: str, interval: float = 0.5, **options: str) -> Device:
+def device(address: str, interval: float = 0.5, profile: str = "", **options: str) -> Device:
     return Device(
         name="ups1", kind="ups", protocol="nut", address=address, interval=interval, timeout=1.0, retries=0,
-        options=NutOptions(**options),
+        profile=profile, options=NutOptions(**options),
     )  # fmt: skip
 
 
@@ -73,7 +74,7 @@ def test_parse_list_var_unescapes_and_keeps_only_the_ups() -> None:
 )
 def test_status_flags(status: str, on: set[str]) -> None:
     readings, bad = parse_nut({"ups.status": status}, "u", 0.0)
-    assert {r.metric for r in readings} == set(STATUS_FLAGS)
+    assert {r.metric for r in readings} == set(profiles.load("nut", "standard", Profile).status)
     assert {r.metric for r in readings if r.value == 1} == on and not bad
 
 
@@ -198,3 +199,39 @@ def test_upsd_gone_and_back(nut: NutSimulator) -> None:
     asyncio.run(run())
     assert [r.value for r in acc.readings if r.metric == "device_online"] == [1, 0, 1]
     assert sum(health.devices["ups1"].errors.values()) == 1
+
+
+THREE_PHASE = (
+    "ups.status: OB\ninput.L1-N.voltage: 0.0\noutput.L1-N.voltage: 229.5\noutput.L1.power.percent: 31\n"
+    "battery.charge: 97\ninput.voltage: 999\n"
+)
+
+
+def test_a_three_phase_driver_is_read_by_its_profile(nut: NutSimulator) -> None:
+    """Per-phase names: the three-phase profile reads phase L1; the default (standard names) does not."""
+    nut.set_raw(THREE_PHASE)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        acc, _ = poll(device(nut.address, profile="three-phase"))
+        if acc.latest("ups1", "output_voltage_volts") == 229.5:
+            break
+        time.sleep(0.2)
+    assert acc.latest("ups1", "ups_load_percent") == 31 and acc.latest("ups1", "input_voltage_volts") == 0.0
+    assert acc.latest("ups1", "power_on_battery") == 1 and acc.latest("ups1", "ups_charge_percent") == 97
+    standard, _ = poll(device(nut.address))
+    # dummy-ups keeps the variables it served before: the standard names still say 230 V, not phase L1's 229.5
+    assert standard.latest("ups1", "input_voltage_volts") == 999
+    assert standard.latest("ups1", "output_voltage_volts") != 229.5
+
+
+def test_a_nut_profile_naming_no_catalog_metric_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from examwatch.edge.config import loads
+
+    (tmp_path / "nut").mkdir()
+    (tmp_path / "nut" / "typo.toml").write_text('[variables]\n"battery.charge" = "ups_charge_pct"\n', encoding="utf-8")
+    monkeypatch.setenv("EXAMWATCH_PROFILES", str(tmp_path))
+    profiles.load.cache_clear()
+    text = '[agent]\nsite = "s"\nroom = "r"\n[[devices]]\nname = "u"\nkind = "ups"\nprotocol = "nut"\n'
+    with pytest.raises(Exception, match="ups_charge_pct"):
+        loads(text + 'address = "ups@h"\nprofile = "typo"\n')
+    profiles.load.cache_clear()

@@ -15,6 +15,9 @@ from typing import TypeVar
 
 import msgspec
 
+from examwatch.kernel.config import Strict
+from examwatch.kernel.model import DeviceKind
+
 T = TypeVar("T", bound=msgspec.Struct)
 
 BUILTIN = Path(__file__).parent
@@ -22,6 +25,21 @@ BUILTIN = Path(__file__).parent
 
 class ProfileError(Exception):
     pass
+
+
+class Discovery(Strict, kw_only=True):
+    """A profile's ``[discover]`` table: how ``examwatch discover`` recognises a device the profile reads.
+
+    A device is tried against every profile of its protocol that has one; the profile must also read it
+    (its OIDs answer, its storage document parses), so these only rank and name what answered."""
+
+    kind: DeviceKind  # what the device is, for its [[devices]] entry
+    rank: int = 0  # among profiles that all read a device, the lowest wins (a UPS card also answers IF-MIB)
+    sys_object_id: list[str] = []  # SNMP: sysObjectID prefixes of the models it was written for
+    exposes: list[str] = []  # MQTT (Zigbee2MQTT): properties a device must expose, all of them
+    models: list[str] = []  # MQTT (Zigbee2MQTT): model ids it is known for, whatever they expose
+    interval: float = 0.0  # seconds between its reports (a sensor's heartbeat), for the draft; 0: the default
+    note: str = ""  # what a technician must still decide, put beside the device in the draft
 
 
 def search_path() -> list[Path]:
