@@ -65,6 +65,25 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
+def hash_password_cli() -> int:
+    """``examwatch gateway hash-password``: the password from the terminal (twice) or stdin's first line."""
+    import getpass
+    import sys
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("密码：")
+        if getpass.getpass("再输入一次：") != password:
+            print("两次输入的密码不一致", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        print("密码至少 8 个字符", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
 class Auth:
     """The configured users and the open sessions (thread-safe: the API's worker threads share it)."""
 
@@ -123,4 +142,4 @@ def may(session: Session, action: str) -> bool:
     return action in MAY.get(session.role, frozenset())
 
 
-__all__ = ["COOKIE", "ROLES", "Auth", "RateLimited", "Session", "User", "csrf_ok", "hash_password", "may"]
+__all__ = ["COOKIE", "ROLES", "Auth", "RateLimited", "Session", "User", "csrf_ok", "hash_password", "hash_password_cli", "may"]

@@ -1,0 +1,187 @@
+"""The duty desk over HTTP against a real gateway and broker: log-in, sessions, CSRF, roles, notes, closing an
+incident (and it staying closed), OpenAPI, the reports' route, a clean stop with a stream open; and the pure
+parts (log-in rules, the request head check, the timeline picture)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+
+import pytest
+
+from examwatch.gateway import auth
+from examwatch.gateway.api import BadRequest, check_head
+from examwatch.gateway.desk import parse_body, Note
+from examwatch.gateway.desk.views import timeline_svg
+from tests.support import until
+from tests.support.desk import PASSWORD, DeskClient, Signer, alarm, desk_gateway
+from tests.support.gateway import start, until_subscribed
+from tests.test_gateway_trust import Client
+
+
+def test_login_rules_sessions_expire_and_failures_are_limited_per_name():
+    users = [auth.User(name="张老师", role="duty", password_hash=auth.hash_password("pw-12345678"))]
+    a = auth.Auth(users)
+    assert a.login("张老师", "wrong", 0.0) is None
+    sid, s = a.login("张老师", "pw-12345678", 1.0)
+    assert s.role == "duty" and a.session(sid, 2.0) is s and auth.may(s, "close") and not auth.may(s, "admin")
+    assert auth.csrf_ok(s, s.csrf) and not auth.csrf_ok(s, s.csrf[:-1] + "x") and not auth.csrf_ok(s, None)
+    assert a.session(sid, 1.0 + auth.SESSION_SECONDS) is None  # expired, and gone
+    for n in range(auth.FAIL_MAX):
+        assert a.login("nobody", "x", 10.0 + n) is None
+    with pytest.raises(auth.RateLimited):
+        a.login("nobody", "x", 20.0)
+    for _ in range(auth.FAIL_MAX):
+        a.login("张老师", "wrong", 30.0)
+    with pytest.raises(auth.RateLimited):  # even the right password, until the window has passed
+        a.login("张老师", "pw-12345678", 31.0)
+    assert a.login("张老师", "pw-12345678", 31.0 + auth.FAIL_WINDOW) is not None
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"POST /desk/api/ack HTTP/1.1\r\nHost: x", 411),
+        (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5", 411),
+        (b"POST /x HTTP/1.1\r\ncontent-length: 5\r\nContent-Length: 6", 400),
+        (b"GET /x HTTP/1.1\r\nContent-Length: 70000", 413),
+        (b"POST /x HTTP/1.1\r\nContent-Length:  0x10", 400),
+    ],
+)
+def test_request_heads_without_a_bounded_body_are_refused(head, status):
+    with pytest.raises(BadRequest) as err:
+        check_head(head)
+    assert err.value.status == status
+    check_head(b"GET /api/v1/agents HTTP/1.1\r\nHost: x")
+    check_head(b"POST /desk/api/ack HTTP/1.1\r\nContent-Length: 12")
+
+
+def test_desk_bodies_are_checked():
+    for bad in (b"{}", b'{"kind": "alarm", "id": "a", "category": "ack", "text": "x"}', b"[" * 10_000):
+        with pytest.raises(BadRequest):
+            parse_body(bad, Note)
+    assert parse_body(b'{"kind": "incident", "id": "i", "category": "measure", "text": "t"}', Note).category == "measure"
+
+
+def test_the_timeline_draws_each_alarm_as_a_bar_and_escapes_text():
+    alarms = [
+        {"room": "101", "raised_at": 100.0, "cleared_at": 400.0, "level": 1, "rule": "r", "device": "d", "message": "<b>"},
+        {"room": "102", "raised_at": 200.0, "cleared_at": None, "level": 2, "rule": "r", "device": "d", "message": "m"},
+    ]
+    svg = timeline_svg(["101", "102"], alarms, 150.0, 600.0, 600.0)
+    assert svg.count("<rect") == 2 and "&lt;b&gt;" in svg and "<b>" not in svg
+    # the first bar starts at the left edge (the earliest raise), the open one runs to now (the right edge)
+    assert 'x="90.0"' in svg and 'width="620.0"' not in svg and svg.startswith("<svg")
+
+
+@pytest.mark.integration
+def test_login_csrf_roles_and_notes(mosquitto, procs, tmp_path):
+    gw = desk_gateway(tmp_path, mosquitto.port)
+    start(procs, gw)
+    room = Client(mosquitto.port)
+    procs.append(room)
+    until_subscribed(gw, room.client)
+    now = time.time()
+    ev = alarm("s1", "101", "ups_on_battery", 1, now)
+    Signer(room).send(ev)
+    until(lambda: gw.get("/api/v1/alarms?state=active")["alarms"], what="the alarm stored")
+
+    anon = DeskClient(gw.api_port)
+    assert anon.call("GET", "/desk/api/room?agent=s1/101")[0] == 401
+    assert anon.login("值班员", "wrong password") == 401
+    assert anon.login("nobody", PASSWORD) == 401
+
+    viewer, duty = DeskClient(gw.api_port), DeskClient(gw.api_port)
+    assert viewer.login("查看员") == 200 and duty.login("值班员") == 200
+    assert viewer.call("GET", "/desk/api/room?agent=s1/101")[1]["alarms"][0]["id"] == ev.id
+    ack = {"kind": "alarm", "id": ev.id, "note": "已到场"}
+    assert viewer.call("POST", "/desk/api/ack", ack)[0] == 403  # a viewer reads only
+    assert duty.call("POST", "/desk/api/ack", ack, csrf=False)[0] == 403  # the session alone is not enough
+    status, got = duty.call("POST", "/desk/api/ack", {**ack, "who": "李老师"})
+    assert status == 200 and got["who"] == "李老师（值班员）"
+    assert duty.call("POST", "/desk/api/note", {"kind": "alarm", "id": ev.id, "category": "cause", "text": "跳闸"})[0] == 200
+    assert duty.call("POST", "/desk/api/note", {"kind": "alarm", "id": "nope", "category": "cause", "text": "x"})[0] == 404
+    notes = duty.call("GET", f"/desk/api/alarm?id={ev.id}")[1]["notes"]
+    assert [(n["category"], n["who"], n["text"]) for n in notes] == [
+        ("ack", "李老师（值班员）", "已到场"),
+        ("cause", "值班员", "跳闸"),
+    ]
+    assert gw.get("/api/v1/alarms")["alarms"][0]["acked_by"] == "李老师（值班员）"
+
+    assert duty.call("POST", "/desk/logout", {})[0] == 200
+    assert duty.call("GET", "/desk/session")[0] == 401
+    for _ in range(auth.FAIL_MAX):
+        anon.login("查看员", "guess")
+    assert anon.login("查看员") == 429  # limited per name, the right password too
+    log = gw.log()
+    assert PASSWORD not in log and "argon2" not in log and "Traceback" not in log
+    assert 'examwatch_gateway_api_refused_total{reason="forbidden"} 2.0' in gw.metrics()
+
+
+@pytest.mark.integration
+def test_an_incident_closed_at_the_desk_stays_closed(mosquitto, procs, tmp_path):
+    gw = desk_gateway(tmp_path, mosquitto.port)
+    start(procs, gw)
+    client = Client(mosquitto.port)
+    procs.append(client)
+    until_subscribed(gw, client.client)
+    rooms, now = Signer(client), time.time()
+    for r in ("101", "102"):
+        rooms.send(alarm("s1", r, "ups_on_battery", 1, now))
+    incident = until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"], what="the power incident")[0]
+
+    duty = DeskClient(gw.api_port)
+    assert duty.login("值班员") == 200
+    assert duty.call("POST", "/desk/api/close", {"id": incident["id"], "note": "已恢复供电"})[0] == 200
+    assert duty.call("POST", "/desk/api/close", {"id": incident["id"]})[0] == 404  # closed once
+    # the next batches (a third room with the same fault raised before the close, and a tick) keep it closed
+    rooms.send(alarm("s1", "103", "ups_on_battery", 1, time.time(), raised_at=now + 1))
+    until(lambda: len(gw.get("/api/v1/alarms?state=active")["alarms"]) == 3, what="the third alarm stored")
+    time.sleep(1.5)  # the ingest loop's tick (every second) correlates again
+    (closed,) = gw.get("/api/v1/incidents")["incidents"]
+    assert closed["state"] == "closed" and closed["timeline"][-1]["what"] == "closed"
+    assert duty.call("GET", f"/desk/api/incident?id={incident['id']}")[1]["notes"][-1]["category"] == "close"
+    # the same after a restart (the close is read back from the store)
+    gw.stop()
+    gw.start()
+    time.sleep(1.5)
+    assert [i["state"] for i in gw.get("/api/v1/incidents")["incidents"]] == ["closed"]
+    # faults raised after the close are news: a new incident
+    later = time.time()
+    for r in ("101", "104"):
+        rooms.send(alarm("s1", r, "ups_on_battery", 1, later, raised_at=later))
+    opened = until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"], what="a new incident")
+    assert opened[0]["id"] != incident["id"]
+
+
+@pytest.mark.integration
+def test_openapi_reports_and_a_clean_stop_with_a_stream_open(mosquitto, procs, tmp_path):
+    gw = desk_gateway(tmp_path, mosquitto.port)
+    start(procs, gw)
+    spec = gw.get("/api/v1/openapi.json")
+    assert set(spec["paths"]) >= {"/api/v1/alarms", "/api/v1/incidents", "/api/v1/ack", "/api/v1/agents"}
+    limit = next(p for p in spec["paths"]["/api/v1/alarms"]["get"]["parameters"] if p["name"] == "limit")
+    assert limit["schema"] == {"type": "integer", "minimum": 1, "maximum": 1000}
+    assert not any(p.startswith("/desk") for p in spec["paths"])
+
+    viewer, duty = DeskClient(gw.api_port), DeskClient(gw.api_port)
+    assert viewer.login("查看员") == 200 and duty.login("值班员") == 200
+    assert viewer.call("GET", "/desk/reports?day=2026-06-07&form=county")[0] == 403
+    assert duty.call("GET", "/desk/reports?day=2026-06-07&form=county&incident=x")[0] == 400
+    assert duty.call("GET", "/desk/reports?day=2026-13-07&form=county")[0] == 400
+    assert duty.call("GET", "/desk/reports?day=2026-06-07&form=county") == (501, {"error": "报告功能未安装"})
+
+    # an open event stream (the desk's) does not hold the gateway up at SIGTERM
+    stream = socket.create_connection(("127.0.0.1", gw.api_port), timeout=10)
+    sid = next(c.value for h in duty.opener.handlers if hasattr(h, "cookiejar") for c in h.cookiejar)
+    stream.sendall(f"GET /desk/events HTTP/1.1\r\nHost: x\r\nCookie: {auth.COOKIE}={sid}\r\n\r\n".encode())
+    first = stream.recv(65536)
+    while b"event: state" not in first:
+        first += stream.recv(65536)
+    assert b"text/event-stream" in first and json.loads(first.split(b"data: ", 1)[1].split(b"\n", 1)[0])["rooms"]
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(15) == 0
+    assert "gateway_stopped" in gw.log() and "Traceback" not in gw.log()
+    stream.close()
