@@ -37,7 +37,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 from bench.fuzz_inputs import (  # noqa: E402
     api_query,
+    desk_body,
     envelope,
+    http_head,
     isapi_xml,
     megatec_f,
     megatec_i,
@@ -175,6 +177,12 @@ def _call_loads(loads: Callable, text: str) -> Any:
     return loads(text)
 
 
+def _call_note(parse_body: Callable, data: bytes) -> Any:
+    from examwatch.gateway.desk import Note
+
+    return parse_body(data, Note)
+
+
 def _call_api(parse_query: Callable, text: str) -> Any:
     path, _, query = text.partition("?")
     return parse_query(path, query)
@@ -231,6 +239,12 @@ TARGETS: dict[str, Target] = {
     ),
     "api_query": Target(
         "examwatch.gateway.api:parse_query", api_query, _call_api, ("examwatch.gateway.api:BadRequest",), True
+    ),
+    "http_head": Target(
+        "examwatch.gateway.api:check_head", http_head, _call_loads, ("examwatch.gateway.api:BadRequest",)
+    ),
+    "desk_body": Target(
+        "examwatch.gateway.desk:parse_body", desk_body, _call_note, ("examwatch.gateway.api:BadRequest",)
     ),
 }
 

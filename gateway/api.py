@@ -178,7 +178,13 @@ _sig = Param(_check_sig, {"type": "string", "pattern": f"^[0-9a-f]{{{acklink.SIG
 # Per endpoint: parameter -> Param, and the defaults of those not given.
 ENDPOINTS: dict[str, tuple[dict[str, Param], dict[str, object]]] = {
     "/api/v1/alarms": (
-        {"state": _choice(ALARM_STATES), "level": _int(1, 3), "site": _name, "room": _name, "limit": _int(1, LIMIT_MAX)},
+        {
+            "state": _choice(ALARM_STATES),
+            "level": _int(1, 3),
+            "site": _name,
+            "room": _name,
+            "limit": _int(1, LIMIT_MAX),
+        },
         {"state": "", "level": None, "site": "", "room": "", "limit": 500},
     ),
     "/api/v1/alarms/timeline": ({"id": _id}, {}),

@@ -113,7 +113,9 @@ class Auth:
                 return None
             self._fails.pop(name, None)
             sid = secrets.token_urlsafe(32)
-            session = Session(user=user.name, role=user.role, csrf=secrets.token_urlsafe(32), expires=now + SESSION_SECONDS)
+            session = Session(
+                user=user.name, role=user.role, csrf=secrets.token_urlsafe(32), expires=now + SESSION_SECONDS
+            )
             self._sessions[sid] = session
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
@@ -142,4 +144,15 @@ def may(session: Session, action: str) -> bool:
     return action in MAY.get(session.role, frozenset())
 
 
-__all__ = ["COOKIE", "ROLES", "Auth", "RateLimited", "Session", "User", "csrf_ok", "hash_password", "hash_password_cli", "may"]
+__all__ = [
+    "COOKIE",
+    "ROLES",
+    "Auth",
+    "RateLimited",
+    "Session",
+    "User",
+    "csrf_ok",
+    "hash_password",
+    "hash_password_cli",
+    "may",
+]

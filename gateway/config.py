@@ -168,7 +168,9 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
         issues.append(ConfigIssue(("broker", "host"), str(err)))
     issues += _correlation_issues(cfg.correlation)
     names = [u.name for u in cfg.api.users]
-    issues += [ConfigIssue(("api", "users", i, "name"), "user given twice") for i, n in enumerate(names) if n in names[:i]]
+    issues += [
+        ConfigIssue(("api", "users", i, "name"), "user given twice") for i, n in enumerate(names) if n in names[:i]
+    ]
     ports: dict[int, str] = {}
     for key, value in (("exporter", cfg.exporter.listen), ("api", cfg.api.listen)):
         try:

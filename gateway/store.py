@@ -330,7 +330,9 @@ def incident(conn: sqlite3.Connection, incident_id: str) -> dict[str, Any] | Non
     return next((i for i in same if i["id"] == incident_id), None)
 
 
-def room_alarms(conn: sqlite3.Connection, site: str, rooms: Sequence[str], start: float, end: float) -> list[dict[str, Any]]:
+def room_alarms(
+    conn: sqlite3.Connection, site: str, rooms: Sequence[str], start: float, end: float
+) -> list[dict[str, Any]]:
     """The alarms of some rooms of a site that were active at some time between ``start`` and ``end``."""
     marks = ",".join("?" * len(rooms))
     return _dicts(

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(mosquitto mosquitto-clients snmp socat nut-server nut-client prometheus prometheus-alertmanager faketime
-              systemd)
+              systemd chromium)
 python3 -c "import ensurepip, venv" 2>/dev/null || apt_packages+=(python3-venv)
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -13,7 +13,7 @@ import pytest
 
 from examwatch.gateway import auth
 from examwatch.gateway.api import BadRequest, check_head
-from examwatch.gateway.desk import parse_body, Note
+from examwatch.gateway.desk import Note, parse_body
 from examwatch.gateway.desk.views import timeline_svg
 from tests.support import until
 from tests.support.desk import PASSWORD, DeskClient, Signer, alarm, desk_gateway
@@ -62,12 +62,22 @@ def test_desk_bodies_are_checked():
     for bad in (b"{}", b'{"kind": "alarm", "id": "a", "category": "ack", "text": "x"}', b"[" * 10_000):
         with pytest.raises(BadRequest):
             parse_body(bad, Note)
-    assert parse_body(b'{"kind": "incident", "id": "i", "category": "measure", "text": "t"}', Note).category == "measure"
+    assert (
+        parse_body(b'{"kind": "incident", "id": "i", "category": "measure", "text": "t"}', Note).category == "measure"
+    )
 
 
 def test_the_timeline_draws_each_alarm_as_a_bar_and_escapes_text():
     alarms = [
-        {"room": "101", "raised_at": 100.0, "cleared_at": 400.0, "level": 1, "rule": "r", "device": "d", "message": "<b>"},
+        {
+            "room": "101",
+            "raised_at": 100.0,
+            "cleared_at": 400.0,
+            "level": 1,
+            "rule": "r",
+            "device": "d",
+            "message": "<b>",
+        },
         {"room": "102", "raised_at": 200.0, "cleared_at": None, "level": 2, "rule": "r", "device": "d", "message": "m"},
     ]
     svg = timeline_svg(["101", "102"], alarms, 150.0, 600.0, 600.0)
@@ -101,8 +111,13 @@ def test_login_csrf_roles_and_notes(mosquitto, procs, tmp_path):
     assert duty.call("POST", "/desk/api/ack", ack, csrf=False)[0] == 403  # the session alone is not enough
     status, got = duty.call("POST", "/desk/api/ack", {**ack, "who": "李老师"})
     assert status == 200 and got["who"] == "李老师（值班员）"
-    assert duty.call("POST", "/desk/api/note", {"kind": "alarm", "id": ev.id, "category": "cause", "text": "跳闸"})[0] == 200
-    assert duty.call("POST", "/desk/api/note", {"kind": "alarm", "id": "nope", "category": "cause", "text": "x"})[0] == 404
+    assert (
+        duty.call("POST", "/desk/api/note", {"kind": "alarm", "id": ev.id, "category": "cause", "text": "跳闸"})[0]
+        == 200
+    )
+    assert (
+        duty.call("POST", "/desk/api/note", {"kind": "alarm", "id": "nope", "category": "cause", "text": "x"})[0] == 404
+    )
     notes = duty.call("GET", f"/desk/api/alarm?id={ev.id}")[1]["notes"]
     assert [(n["category"], n["who"], n["text"]) for n in notes] == [
         ("ack", "李老师（值班员）", "已到场"),

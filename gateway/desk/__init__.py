@@ -127,9 +127,7 @@ async def login(request: Request) -> Response:
     sid, s = got
     log.info("desk_login", user=s.user, role=s.role)
     answer = JSONResponse({"user": s.user, "role": s.role, "csrf": s.csrf})
-    answer.set_cookie(
-        auth.COOKIE, sid, max_age=int(auth.SESSION_SECONDS), httponly=True, samesite="strict", path="/"
-    )
+    answer.set_cookie(auth.COOKIE, sid, max_age=int(auth.SESSION_SECONDS), httponly=True, samesite="strict", path="/")
     return answer
 
 
@@ -217,7 +215,9 @@ async def ack(request: Request) -> dict[str, Any]:
     s = allowed(request, "ack")
     a = parse_body(await body(request), Ack)
     who, table = _who(s, a.who), "alarms" if a.kind == "alarm" else "incidents"
-    if not await run_in_threadpool(write, server(request).db_path, store.acknowledge, table, a.id, who, a.note.strip(), time.time()):
+    if not await run_in_threadpool(
+        write, server(request).db_path, store.acknowledge, table, a.id, who, a.note.strip(), time.time()
+    ):
         raise NotFound(f"no such {a.kind}")
     log.info("acknowledged", kind=a.kind, id=a.id, who=who, via="desk")
     return {"ok": True, "who": who}

@@ -8,7 +8,7 @@ const DEADLINES = { 1: [["反馈", 300]], 2: [["报告", 600], ["决策", 1800]]
 const NOTE_KINDS = { measure: "措施", result: "结果", cause: "原因", spare: "备件", summary: "总结", ack: "确认", close: "关闭" };
 const FORMS = { l1: "一级响应处置记录表", first: "首报", followup: "续报", final: "终报" };
 const DAY_FORMS = { county: "县级应急事件报告表", school: "校级应急事件报告表", day: "当日告警日志" };
-const STATUS = { online: "在线", offline: "离线", silent: "无心跳", unknown: "未连接" };
+const STATUS = { online: "在线", offline: "离线", silent: "离线", unknown: "未连接" };
 
 let me = null; // {user, role, csrf}
 let state = null; // the last state the server sent
@@ -99,8 +99,11 @@ function connect() {
 function tile(room, active) {
   const mine = active.filter((a) => a.site === room.site && a.room === room.room);
   const taken = mine.length > 0 && mine.every((a) => a.acked_by);
-  const cls = room.offline ? "tile offline" : room.level ? `tile tile-l${room.level}${taken ? " taken" : ""}` : "tile tile-ok";
-  const label = room.offline ? "离线" : room.level ? `${LEVELS[room.level]}${taken ? " 处理中" : ""}` : "正常";
+  // an alarm's colour first (an offline room has the gateway's own alarm once its heartbeats stop), else grey
+  const off = room.offline || room.status === "unknown";
+  const cls = room.level ? `tile tile-l${room.level}${taken ? " taken" : ""}` : off ? "tile offline" : "tile tile-ok";
+  const label = [room.level ? `${LEVELS[room.level]}${taken ? " 处理中" : ""}` : "", off ? STATUS[room.status] : "", room.level || off ? "" : "正常"]
+    .filter(Boolean).join(" ");
   return `<button type="button" class="${cls}" data-agent="${esc(room.agent)}" data-level="${room.level}"`
     + ` data-taken="${taken}">${esc(room.room)}<small>${esc(room.site)} · ${label}</small></button>`;
 }
@@ -220,6 +223,9 @@ async function showIncident(id) {
     ${actionForms("incident", i.id, !!i.acked_by, i.state === "open")}
     <h3>报告</h3><p class="reports">${reportLinks(`incident=${encodeURIComponent(i.id)}`, FORMS)}</p>
     <p class="reports">${dayReports(new Date(i.opened_at * 1000))}</p>`;
+  for (const mark of document.querySelectorAll("#panel svg text[data-ts]")) {
+    mark.textContent = new Date(mark.dataset.ts * 1000).toLocaleTimeString("zh-CN", { hour12: false });
+  }
   tick();
 }
 

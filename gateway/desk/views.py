@@ -92,7 +92,9 @@ LEVEL_COLOURS = {1: "#d32f2f", 2: "#f57c00", 3: "#7b1fa2"}
 
 
 def timeline_svg(rooms: list[str], alarms: list[dict[str, Any]], start: float, end: float, now: float) -> str:
-    """Rooms down, time across, each alarm a bar from its raise to its clear (or now). Pure."""
+    """Rooms down, time across, each alarm a bar from its raise to its clear (or now). Pure.
+
+    The time marks carry ``data-ts`` (unix s): the page writes them in the reader's time zone."""
     start = min([start, *(a["raised_at"] for a in alarms)])
     end = max(end, start + 60)
     left, width, row, top = 90, 620, 26, 24
@@ -102,7 +104,7 @@ def timeline_svg(rooms: list[str], alarms: list[dict[str, Any]], start: float, e
         return left + (min(max(t, start), end) - start) / (end - start) * width
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {left + width + 10} {height}" class="timeline" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {left + width + 40} {height}" class="timeline" '
         f'role="img" aria-label="事件时间线">'
     ]
     for i in range(5):  # time marks

@@ -24,12 +24,16 @@ _HASH = hash_password(PASSWORD)  # argon2 is slow on purpose: once per test run
 
 
 def desk_gateway(tmp_path: Path, broker_port: int, agents: list[str] = ROOMS) -> GatewayProc:
-    users = "".join(f'\n[[api.users]]\nname = "{n}"\nrole = "{r}"\npassword_hash = "{_HASH}"\n' for n, r in USERS.items())
+    users = "".join(
+        f'\n[[api.users]]\nname = "{n}"\nrole = "{r}"\npassword_hash = "{_HASH}"\n' for n, r in USERS.items()
+    )
     extra = 'secrecy_rooms = ["s1/bmj"]\n' + users
     return GatewayProc(tmp_path, broker_port, agents, extra=extra)
 
 
-def alarm(site: str, room: str, rule: str, level: int, at: float, state: str = "raised", raised_at: float = 0) -> AlarmEvent:
+def alarm(
+    site: str, room: str, rule: str, level: int, at: float, state: str = "raised", raised_at: float = 0
+) -> AlarmEvent:
     return AlarmEvent(
         id=f"{site}/{room}/{rule}/dev1/{int((raised_at or at) * 1000)}",
         site=site,
