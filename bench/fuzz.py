@@ -35,11 +35,10 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
+from bench.fuzz_http import desk_body, http_head  # noqa: E402
 from bench.fuzz_inputs import (  # noqa: E402
     api_query,
-    desk_body,
     envelope,
-    http_head,
     isapi_xml,
     megatec_f,
     megatec_i,
@@ -238,13 +237,13 @@ TARGETS: dict[str, Target] = {
         True,
     ),
     "api_query": Target(
-        "examwatch.gateway.api:parse_query", api_query, _call_api, ("examwatch.gateway.api:BadRequest",), True
+        "examwatch.gateway.params:parse_query", api_query, _call_api, ("examwatch.gateway.params:BadRequest",), True
     ),
     "http_head": Target(
-        "examwatch.gateway.api:check_head", http_head, _call_loads, ("examwatch.gateway.api:BadRequest",)
+        "examwatch.gateway.params:check_head", http_head, _call_loads, ("examwatch.gateway.params:BadRequest",)
     ),
     "desk_body": Target(
-        "examwatch.gateway.desk:parse_body", desk_body, _call_note, ("examwatch.gateway.api:BadRequest",)
+        "examwatch.gateway.desk:parse_body", desk_body, _call_note, ("examwatch.gateway.params:BadRequest",)
     ),
 }
 

@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from examwatch.gateway import acklink, store
-from examwatch.gateway.api import (
+from examwatch.gateway.notify import outbox
+from examwatch.gateway.params import (
     MAX_BODY,
     BadRequest,
     NotFound,
@@ -30,7 +31,6 @@ from examwatch.gateway.api import (
     parse_ack_form,
     parse_query,
 )
-from examwatch.gateway.notify import outbox
 
 if TYPE_CHECKING:
     from examwatch.gateway.api import ApiServer
@@ -39,7 +39,7 @@ log = structlog.get_logger("examwatch.gateway.api")
 
 
 def server(request: Request) -> ApiServer:
-    return request.app.state.server  # type: ignore[no-any-return]
+    return request.app.state.server
 
 
 def query(request: Request, path: str = "") -> dict[str, Any]:

@@ -7,18 +7,18 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import sqlite3
 import time
 
 import pytest
 
 from examwatch.gateway import auth
-from examwatch.gateway.api import BadRequest, check_head
 from examwatch.gateway.desk import Note, parse_body
 from examwatch.gateway.desk.views import timeline_svg
+from examwatch.gateway.params import BadRequest, check_head
 from tests.support import until
-from tests.support.desk import PASSWORD, DeskClient, Signer, alarm, desk_gateway
-from tests.support.gateway import start, until_subscribed
-from tests.test_gateway_trust import Client
+from tests.support.desk import PASSWORD, DeskClient, alarm, desk_gateway, desk_site
+from tests.support.gateway import start
 
 
 def test_login_rules_sessions_expire_and_failures_are_limited_per_name():
@@ -88,14 +88,9 @@ def test_the_timeline_draws_each_alarm_as_a_bar_and_escapes_text():
 
 @pytest.mark.integration
 def test_login_csrf_roles_and_notes(mosquitto, procs, tmp_path):
-    gw = desk_gateway(tmp_path, mosquitto.port)
-    start(procs, gw)
-    room = Client(mosquitto.port)
-    procs.append(room)
-    until_subscribed(gw, room.client)
-    now = time.time()
-    ev = alarm("s1", "101", "ups_on_battery", 1, now)
-    Signer(room).send(ev)
+    gw, rooms = desk_site(procs, tmp_path, mosquitto.port)
+    ev = alarm("s1", "101", "ups_on_battery", 1, time.time())
+    rooms.send(ev)
     until(lambda: gw.get("/api/v1/alarms?state=active")["alarms"], what="the alarm stored")
 
     anon = DeskClient(gw.api_port)
@@ -137,12 +132,8 @@ def test_login_csrf_roles_and_notes(mosquitto, procs, tmp_path):
 
 @pytest.mark.integration
 def test_an_incident_closed_at_the_desk_stays_closed(mosquitto, procs, tmp_path):
-    gw = desk_gateway(tmp_path, mosquitto.port)
-    start(procs, gw)
-    client = Client(mosquitto.port)
-    procs.append(client)
-    until_subscribed(gw, client.client)
-    rooms, now = Signer(client), time.time()
+    gw, rooms = desk_site(procs, tmp_path, mosquitto.port)
+    now = time.time()
     for r in ("101", "102"):
         rooms.send(alarm("s1", r, "ups_on_battery", 1, now))
     incident = until(lambda: gw.get("/api/v1/incidents?state=open")["incidents"], what="the power incident")[0]
@@ -200,3 +191,42 @@ def test_openapi_reports_and_a_clean_stop_with_a_stream_open(mosquitto, procs, t
     assert gw.proc.wait(15) == 0
     assert "gateway_stopped" in gw.log() and "Traceback" not in gw.log()
     stream.close()
+
+
+@pytest.fixture
+def desk_server(tmp_path, monkeypatch):
+    """The gateway's HTTP side in this process, with a short connection deadline and one desk user."""
+    from examwatch.gateway import api, store
+
+    monkeypatch.setattr(api, "CONNECTION_DEADLINE", 1.0)
+    db = tmp_path / "gateway.db"
+    store.connect(str(db)).close()
+    user = auth.User(name="值班员", role="duty", password_hash=auth.hash_password(PASSWORD))
+    server = api.ApiServer("127.0.0.1:0", str(db), "t0ken", users=[user], roster=["s1/101"])
+    server.start()
+    yield server, db
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_event_stream_outlives_the_connection_deadline_and_follows_the_database(desk_server):
+    server, db = desk_server
+    duty = DeskClient(server.server_address[1])
+    assert duty.login("值班员") == 200
+    sid = next(c.value for h in duty.opener.handlers if hasattr(h, "cookiejar") for c in h.cookiejar)
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+        s.sendall(f"GET /desk/events HTTP/1.1\r\nHost: x\r\nCookie: {auth.COOKIE}={sid}\r\n\r\n".encode())
+        got = b""
+        while b"event: state" not in got:
+            got += s.recv(65536)
+        time.sleep(2.0)  # past CONNECTION_DEADLINE: a plain request would have been cut by now
+        conn = sqlite3.connect(db)
+        conn.execute("INSERT INTO agents (agent, site, room, status) VALUES ('s1/101', 's1', '101', 'online')")
+        conn.commit()
+        conn.close()
+        got = b""
+        while b'"status": "online"' not in got:
+            chunk = s.recv(65536)
+            assert chunk, "the stream was cut"
+            got += chunk
+    assert server.refused["deadline"] == 0

@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import until
-from tests.support.desk import PASSWORD, Signer, alarm, desk_gateway
-from tests.support.gateway import start, until_subscribed
-from tests.test_gateway_trust import Client
+from tests.support.desk import PASSWORD, alarm, desk_site
 
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = [
@@ -49,12 +47,7 @@ def browser():
 
 @pytest.fixture
 def site(mosquitto, procs, tmp_path):
-    gw = desk_gateway(tmp_path, mosquitto.port)
-    start(procs, gw)
-    client = Client(mosquitto.port)
-    procs.append(client)
-    until_subscribed(gw, client.client)
-    return gw, Signer(client)
+    return desk_site(procs, tmp_path, mosquitto.port)
 
 
 def logged_in(browser, gw, name: str, password: str = PASSWORD, **context):

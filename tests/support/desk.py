@@ -15,7 +15,7 @@ import msgspec
 from examwatch.gateway.auth import hash_password
 from examwatch.kernel import wire
 from examwatch.kernel.model import AlarmEvent
-from tests.support.gateway import GatewayProc, key_hex
+from tests.support.gateway import GatewayProc, key_hex, start, until_subscribed
 
 PASSWORD = "correct horse 7"
 USERS = {"值班员": "duty", "查看员": "viewer", "admin": "admin"}
@@ -46,6 +46,18 @@ def alarm(
         raised_at=raised_at or at,
         message={"ups_on_battery": "UPS 市电中断，正在使用电池供电"}.get(rule, "设备故障，请到场检查"),
     )
+
+
+def desk_site(procs: list[Any], tmp_path: Path, broker_port: int) -> tuple[GatewayProc, Signer]:
+    """A started desk gateway, subscribed, and a signer of its rooms' alarms on the same broker."""
+    from tests.test_gateway_trust import Client
+
+    gw = desk_gateway(tmp_path, broker_port)
+    start(procs, gw)
+    client = Client(broker_port)
+    procs.append(client)
+    until_subscribed(gw, client.client)
+    return gw, Signer(client)
 
 
 class Signer:
