@@ -46,7 +46,7 @@ class Gateway:
             cfg.api_token(),
             ack_key,
             users=cfg.api.users,
-            roster=self.engine.keys,
+            roster=list(self.engine.keys),  # the rooms' ids, not their keys
             secrecy_rooms=cfg.api.secrecy_rooms,
             close_incident=self.close_incident,
         )

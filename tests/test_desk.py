@@ -9,6 +9,8 @@ import signal
 import socket
 import sqlite3
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -97,6 +99,14 @@ def test_login_csrf_roles_and_notes(mosquitto, procs, tmp_path):
     assert anon.call("GET", "/desk/api/room?agent=s1/101")[0] == 401
     assert anon.login("值班员", "wrong password") == 401
     assert anon.login("nobody", PASSWORD) == 401
+    form = urllib.request.Request(  # what another site's form could send: refused, no session made
+        f"http://127.0.0.1:{gw.api_port}/desk/login",
+        data=json.dumps({"name": "值班员", "password": PASSWORD}).encode(),
+        headers={"Content-Type": "text/plain"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(form, timeout=10)
+    assert err.value.code == 400
 
     viewer, duty = DeskClient(gw.api_port), DeskClient(gw.api_port)
     assert viewer.login("查看员") == 200 and duty.login("值班员") == 200

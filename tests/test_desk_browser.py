@@ -115,6 +115,11 @@ def test_a_raised_alarm_appears_counts_down_is_acknowledged_and_its_tile_changes
     assert any(re.fullmatch(r"/desk/reports\?day=\d{4}-\d\d-\d\d&form=county&format=docx", h) for h in links)
     answer = page.request.get(f"http://127.0.0.1:{gw.api_port}{links[0]}")
     assert answer.status == 501 and answer.json() == {"error": "报告功能未安装"}
+    page.select_option('#panel form[data-act="note"] [name=category]', "measure")
+    page.fill('#panel form[data-act="note"] [name=text]', "两个考场 UPS 供电，已通知电工检查配电箱")
+    page.click('#panel form[data-act="note"] button')
+    page.wait_for_selector("#panel td:has-text('已通知电工检查配电箱')")  # the panel redrawn with the note
+    page.wait_for_selector("#panel svg.timeline")
     page.screenshot(path=str(ARTIFACTS / "desk-incident.png"), full_page=True)
     page.click("#panel-close")
     page.screenshot(path=str(ARTIFACTS / "desk.png"), full_page=True)

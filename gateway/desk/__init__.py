@@ -114,6 +114,8 @@ def static(name: str) -> Response:
 async def login(request: Request) -> Response:
     """``{"name", "password"}`` -> the session cookie and its CSRF token; 401 wrong, 429 too many tries."""
     srv = server(request)
+    if not request.headers.get("Content-Type", "").startswith("application/json"):  # no cross-site form can send it
+        raise BadRequest("Content-Type must be application/json")
     creds = parse_body(await body(request), Login)
     try:
         got = await run_in_threadpool(srv.auth.login, creds.name, creds.password, time.time())
