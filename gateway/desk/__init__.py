@@ -168,15 +168,18 @@ async def _stream(request: Request, sid: str | None) -> Any:
     srv.streams += 1  # counted once running: a stream whose client left before it started never runs its finally
     try:
         yield "retry: 2000\n\n"
-        version, sent, started = None, 0.0, time.monotonic()
+        version, last, sent, started = None, None, 0.0, time.monotonic()
         while not srv.stopping.is_set() and time.monotonic() - started < STREAM_SECONDS:
             if srv.auth.session(sid, time.time()) is None:
                 break  # logged out or expired (a client that left is cancelled by Starlette)
-            now_version = conn.execute("PRAGMA data_version").fetchone()[0]
+            now_version = conn.execute("PRAGMA data_version").fetchone()[0]  # changes with every commit
             if now_version != version or time.monotonic() - sent > 15:
-                version, sent = now_version, time.monotonic()
+                version = now_version
                 state = await run_in_threadpool(views.state, conn, srv.roster, srv.secrecy, time.time())
-                yield f"event: state\ndata: {json.dumps(state, ensure_ascii=False)}\n\n"
+                shown = {k: v for k, v in state.items() if k != "now"}
+                if shown != last or time.monotonic() - sent > 15:  # most commits are readings: nothing to show
+                    last, sent = shown, time.monotonic()
+                    yield f"event: state\ndata: {json.dumps(state, ensure_ascii=False)}\n\n"
             await asyncio.sleep(POLL)
     finally:
         conn.close()

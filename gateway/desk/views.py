@@ -36,7 +36,6 @@ def state(conn: sqlite3.Connection, roster: list[str], secrecy: frozenset[str], 
                 "offline": status in OFFLINE,
                 "secrecy": agent in secrecy,
                 "level": worst.get(agent, 0),
-                "last_seen": seen.get(agent, {}).get("last_seen"),
             }
         )
     incidents = [
