@@ -5,6 +5,7 @@ parts (log-in rules, the request head check, the timeline picture)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import sqlite3
@@ -240,3 +241,35 @@ def test_the_event_stream_outlives_the_connection_deadline_and_follows_the_datab
             assert chunk, "the stream was cut"
             got += chunk
     assert server.refused["deadline"] == 0
+
+
+def test_the_page_fetches_nothing_from_the_internet():
+    from importlib import resources
+
+    files = resources.files("examwatch.gateway.desk")
+    for name in ("desk.html", "desk.css", "desk.js"):
+        text = files.joinpath(name).read_text(encoding="utf-8")
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.IGNORECASE), name  # no CDN, no fonts
+
+
+def open_stream(port: int, sid: str) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(f"GET /desk/events HTTP/1.1\r\nHost: x\r\nCookie: {auth.COOKIE}={sid}\r\n\r\n".encode())
+    return s
+
+
+def test_desk_streams_are_bounded(desk_server, monkeypatch):
+    from examwatch.gateway import desk
+
+    monkeypatch.setattr(desk, "MAX_STREAMS", 1)
+    server, _ = desk_server
+    duty = DeskClient(server.server_address[1])
+    assert duty.login("值班员") == 200
+    sid = next(c.value for h in duty.opener.handlers if hasattr(h, "cookiejar") for c in h.cookiejar)
+    with open_stream(server.server_address[1], sid) as first:
+        got = b""
+        while b"event: state" not in got:
+            got += first.recv(65536)
+        assert duty.call("GET", "/desk/events")[0] == 503
+    until(lambda: server.streams == 0, what="the stream's slot free again")
+    assert server.refused["busy"] == 1

@@ -96,6 +96,10 @@ def test_a_raised_alarm_appears_counts_down_is_acknowledged_and_its_tile_changes
     )
     assert colour(page, "s1/101") == RED
 
+    page.click('[data-agent="s1/101"]')  # the room: its alarm history
+    page.wait_for_selector(f"#panel td:has-text('{ev.message}')")
+    assert "考场 s1/101" in page.inner_text("#panel h2")
+    page.click("#panel-close")
     item.query_selector("[data-open-alarm]").click()
     page.fill('#panel form[data-act="ack"] [name=note]', "已到场，UPS 供电正常")
     page.click('#panel form[data-act="ack"] button')
