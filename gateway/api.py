@@ -103,6 +103,12 @@ class _Handler(H11Protocol):
             self.transport = transport
             self._timers.append(self.loop.call_later(1.0, self._busy))
             return
+        # asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP, not on those of a listening
+        # socket from socket.create_server: without it an answer's second write waits for the client's
+        # delayed ACK (40 ms) on a kept-alive connection
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
         self.app = self._watch(self.app)
         self._timers = [

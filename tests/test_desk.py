@@ -4,6 +4,7 @@ parts (log-in rules, the request head check, the timeline picture)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import signal
@@ -273,3 +274,16 @@ def test_desk_streams_are_bounded(desk_server, monkeypatch):
         assert duty.call("GET", "/desk/events")[0] == 503
     until(lambda: server.streams == 0, what="the stream's slot free again")
     assert server.refused["busy"] == 1
+
+
+def test_answers_go_out_at_once_on_kept_alive_connections(desk_server):
+    """TCP_NODELAY on every connection: without it a kept-alive request waited 40 ms for the client's
+    delayed ACK (bench/gateway_http.py measures it; here the option itself is checked)."""
+    server, _ = desk_server
+    c = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    c.request("GET", "/api/v1/agents")
+    assert c.getresponse().read() == b'{"agents":[]}'
+    (conn,) = list(server._open)
+    sock = conn.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    c.close()
