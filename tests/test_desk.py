@@ -10,7 +10,10 @@ import re
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -287,3 +290,33 @@ def test_answers_go_out_at_once_on_kept_alive_connections(desk_server):
     sock = conn.transport.get_extra_info("socket")
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     c.close()
+
+
+def test_the_reports_route_hands_the_request_to_the_records(desk_server, monkeypatch):
+    """The agreed interface: records.render_and_store(conn, form, incident, day, fmt, who) -> (name, type, bytes)."""
+    server, _ = desk_server
+    asked = []
+
+    def render_and_store(conn, **kwargs):
+        asked.append((conn.execute("PRAGMA query_only").fetchone()[0], kwargs))
+        return "首报-s1.pdf", "application/pdf", b"%PDF-1.7 test"
+
+    monkeypatch.setitem(
+        sys.modules, "examwatch.gateway.records", types.SimpleNamespace(render_and_store=render_and_store)
+    )
+    duty = DeskClient(server.server_address[1])
+    assert duty.login("值班员") == 200
+    req = urllib.request.Request(f"{duty.base}/desk/reports?incident=s1%2Fpower%2F1&form=first&format=pdf")
+    with duty.opener.open(req, timeout=10) as r:
+        assert r.read() == b"%PDF-1.7 test" and r.headers["Content-Type"] == "application/pdf"
+        assert r.headers["Content-Disposition"] == "attachment; filename*=UTF-8''%E9%A6%96%E6%8A%A5-s1.pdf"
+    assert asked == [(0, {"form": "first", "incident": "s1/power/1", "day": None, "fmt": "pdf", "who": "值班员"})]
+
+
+def test_hash_password_reads_stdin_and_prints_an_argon2_hash():
+    run = [sys.executable, "-m", "examwatch", "gateway", "hash-password"]
+    done = subprocess.run(run, input="correct horse 7\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert auth.Auth([auth.User(name="u", password_hash=done.stdout.strip())]).login("u", "correct horse 7", 0.0)
+    short = subprocess.run(run, input="short\n", capture_output=True, text=True, timeout=60)
+    assert short.returncode == 2 and "至少 8" in short.stderr and not short.stdout
