@@ -299,6 +299,8 @@ def test_the_reports_route_hands_the_request_to_the_records(desk_server, monkeyp
 
     def render_and_store(conn, **kwargs):
         asked.append((conn.execute("PRAGMA query_only").fetchone()[0], kwargs))
+        if kwargs["incident"] == "nope":
+            raise ValueError("没有编号为 nope 的事件或告警")  # records.RecordError
         return "首报-s1.pdf", "application/pdf", b"%PDF-1.7 test"
 
     monkeypatch.setitem(
@@ -311,6 +313,7 @@ def test_the_reports_route_hands_the_request_to_the_records(desk_server, monkeyp
         assert r.read() == b"%PDF-1.7 test" and r.headers["Content-Type"] == "application/pdf"
         assert r.headers["Content-Disposition"] == "attachment; filename*=UTF-8''%E9%A6%96%E6%8A%A5-s1.pdf"
     assert asked == [(0, {"form": "first", "incident": "s1/power/1", "day": None, "fmt": "pdf", "who": "值班员"})]
+    assert duty.call("GET", "/desk/reports?incident=nope&form=l1") == (400, {"error": "没有编号为 nope 的事件或告警"})
 
 
 def test_hash_password_reads_stdin_and_prints_an_argon2_hash():

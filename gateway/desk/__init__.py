@@ -271,8 +271,11 @@ async def report(request: Request) -> Response:
     except ImportError:
         return JSONResponse({"error": "报告功能未安装"}, 501)
     args = {"form": q["form"], "incident": q["incident"] or None, "day": q["day"] or None, "fmt": q["format"]}
-    name, content_type, data = await run_in_threadpool(
-        write, server(request).db_path, lambda conn: records.render_and_store(conn, **args, who=s.user)
-    )
+    try:
+        name, content_type, data = await run_in_threadpool(
+            write, server(request).db_path, lambda conn: records.render_and_store(conn, **args, who=s.user)
+        )
+    except ValueError as err:  # records.RecordError: a message for people (no such incident, ...)
+        raise BadRequest(str(err)) from None
     disposition = f"attachment; filename*=UTF-8''{quote(name)}"
     return Response(data, media_type=content_type, headers={"Content-Disposition": disposition})
