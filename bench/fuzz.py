@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 from bench.fuzz_discovery import nut_list_ups, zigbee_bridge  # noqa: E402
+from bench.fuzz_http import desk_body, http_head  # noqa: E402
 from bench.fuzz_inputs import (  # noqa: E402
     api_query,
     envelope,
@@ -194,6 +195,12 @@ def _call_loads(loads: Callable, text: str) -> Any:
     return loads(text)
 
 
+def _call_note(parse_body: Callable, data: bytes) -> Any:
+    from examwatch.gateway.desk import Note
+
+    return parse_body(data, Note)
+
+
 def _call_api(parse_query: Callable, text: str) -> Any:
     path, _, query = text.partition("?")
     return parse_query(path, query)
@@ -256,7 +263,13 @@ TARGETS: dict[str, Target] = {
         True,
     ),
     "api_query": Target(
-        "examwatch.gateway.api:parse_query", api_query, _call_api, ("examwatch.gateway.api:BadRequest",), True
+        "examwatch.gateway.params:parse_query", api_query, _call_api, ("examwatch.gateway.params:BadRequest",), True
+    ),
+    "http_head": Target(
+        "examwatch.gateway.params:check_head", http_head, _call_loads, ("examwatch.gateway.params:BadRequest",)
+    ),
+    "desk_body": Target(
+        "examwatch.gateway.desk:parse_body", desk_body, _call_note, ("examwatch.gateway.params:BadRequest",)
     ),
 }
 

@@ -417,10 +417,16 @@ def api_query() -> st.SearchStrategy[str]:
             "/",
             "/api/v1/",
             "/api/v1/x",
+            "/desk/api/room",
+            "/desk/api/incident",
+            "/desk/reports",
         ]
     )
-    keys = st.sampled_from(
-        ["state", "level", "site", "room", "limit", "id", "since", "kind", "exp", "sig", "who", "note", "x", ""]
+    keys = st.one_of(
+        st.sampled_from(
+            ["state", "level", "site", "room", "limit", "id", "since", "kind", "exp", "sig", "who", "note", "x", ""]
+        ),
+        st.sampled_from(["agent", "day", "form", "format", "incident"]),  # the desk's
     )
     vals = st.one_of(
         st.sampled_from([*NUMBERS, "active", "open", "closed", "raised", "S", "R", "%00", "%ZZ", ""]),

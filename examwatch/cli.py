@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ack.add_argument("--url", default="", help="gateway API, e.g. http://127.0.0.1:8080")
     ack.add_argument("--token", default="", help="API token (default: $EXAMWATCH_TOKEN, or the --config's)")
     ack.add_argument("--config", default="", help="gateway TOML file: its API address and token")
+    gateway.add_parser(
+        "hash-password", help="read a desk user's password (tty: asked twice; else stdin) and print its hash"
+    )
     gateway_config = gateway.add_parser("config", help="gateway configuration")
     gateway_config.add_subparsers(dest="what", required=True).add_parser(
         "check", help="validate a file (- for stdin): exit 0 ok, 2 with every error"
@@ -293,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         return _ack(args)
     if args.command == "report":
         return _report(args)
+    if args.action == "hash-password":
+        from examwatch.gateway.auth import hash_password_cli
+
+        return hash_password_cli()
     if args.action == "test-channel":
         return _test_channel(args.config, args.name)
     return _gateway_run(args.config, args.log_level)

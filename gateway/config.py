@@ -8,6 +8,7 @@ from typing import Annotated
 
 import msgspec
 
+from examwatch.gateway.auth import User
 from examwatch.gateway.notify import settings as notify
 from examwatch.kernel import wire
 from examwatch.kernel.broker import BrokerSettings
@@ -57,6 +58,8 @@ class Api(Strict, kw_only=True):
     listen: str = "127.0.0.1:8080"
     token: str = ""  # bearer token for acknowledgements; or token_file
     token_file: str = ""
+    users: list[User] = []  # the duty desk's log-ins (docs/duty-desk.md); none: nobody can log in
+    secrecy_rooms: list[str] = []  # "<site>/<room>" of the secrecy rooms (保密室): the desk shows them apart
 
 
 class Security(Strict, kw_only=True):
@@ -164,6 +167,10 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
     except ValueError as err:
         issues.append(ConfigIssue(("broker", "host"), str(err)))
     issues += _correlation_issues(cfg.correlation)
+    names = [u.name for u in cfg.api.users]
+    issues += [
+        ConfigIssue(("api", "users", i, "name"), "user given twice") for i, n in enumerate(names) if n in names[:i]
+    ]
     ports: dict[int, str] = {}
     for key, value in (("exporter", cfg.exporter.listen), ("api", cfg.api.listen)):
         try:

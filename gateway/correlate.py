@@ -109,6 +109,19 @@ def correlate(
     return out, changes, closed
 
 
+def unsettled(
+    faults: Iterable[Fault], rules: list[CorrelationRule], settled: dict[tuple[str, str], float]
+) -> list[Fault]:
+    """The faults people have not settled: those of a (site, class) whose incident people closed (the duty
+    desk) count again only when raised after that close, so the next step does not open it again."""
+    by_rule = rule_classes(rules)
+    return [
+        f
+        for f in faults
+        if f.rule not in by_rule or f.raised_at > settled.get((f.site, by_rule[f.rule].fault_class), float("-inf"))
+    ]
+
+
 def _open(rule: CorrelationRule, site: str, active: dict[str, float]) -> Incident | None:
     """An incident if enough rooms raised the fault within the window of each other (or a site-wide room did)."""
     ordered = sorted(active.items(), key=lambda kv: (kv[1], kv[0]))
@@ -147,4 +160,4 @@ def _level(rule: CorrelationRule, active: list[str], site_rooms: int) -> int:
     return 2
 
 
-__all__ = ["Change", "Fault", "Incident", "correlate", "rule_classes"]
+__all__ = ["Change", "Fault", "Incident", "correlate", "rule_classes", "unsettled"]

@@ -31,7 +31,7 @@ import structlog
 
 from examwatch.gateway import store
 from examwatch.gateway.config import Config
-from examwatch.gateway.correlate import Fault, correlate
+from examwatch.gateway.correlate import Fault, correlate, unsettled
 from examwatch.gateway.ledger import (
     REASON_NAMES,
     SECURITY_REASONS,
@@ -103,6 +103,7 @@ class Engine:
     def _load(self) -> None:
         self.agents, self._stored = load_agents(self.conn, self.keys)  # _stored: those with a row in the store
         self.open_alarms, self.gateway_alarms, self.incidents = load_open(self.conn)
+        self.settled = store.settled(self.conn)  # (site, class) -> when people last closed one of its incidents
 
     # --- ingest -------------------------------------------------------------------------------------
 
@@ -372,7 +373,7 @@ class Engine:
             self.retention(now)
 
     def _correlate(self, now: float) -> None:
-        faults = [f for f, _, _ in self.open_alarms.values()]
+        faults = unsettled([f for f, _, _ in self.open_alarms.values()], self.rules, self.settled)
         self.incidents, changes, closed = correlate(self.incidents, faults, self.rules, dict(self.roster), now)
         if not changes:
             return
@@ -382,6 +383,15 @@ class Engine:
             log.warning("incident_" + c.what, incident=inc.id, level=c.level, rooms=list(c.rooms))
             self._batch.incident_events.append((inc.id, now, c.what, _json.encode(list(c.rooms)).decode(), c.level))
             self._batch.incident(inc)
+
+    def close_incident(self, incident_id: str, who: str, note: str, now: float) -> bool:
+        """People close an open incident (the duty desk); its faults do not open it again (``unsettled``)."""
+        key = next((k for k, i in self.incidents.items() if i.id == incident_id), None)
+        if key is None or not store.close_incident(self.conn, incident_id, who, note, now):
+            return False
+        del self.incidents[key]
+        self.settled[key] = now
+        return True
 
     def _commit(self) -> None:
         """Write the batch in one transaction; if that fails, message by message, setting aside what still fails."""

@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import sdnotify
@@ -37,7 +39,18 @@ class Gateway:
         self.inbox: queue.SimpleQueue[tuple[int, int, Message]] = queue.SimpleQueue()
         self.subscriber = Subscriber(cfg.broker, self.inbox)
         ack_key = acklink.load_key(cfg.gateway.state_dir)  # signs the acknowledgement links in messages
-        self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token(), ack_key)
+        self.requests: queue.SimpleQueue[tuple[Callable[[], bool], Future[bool]]] = queue.SimpleQueue()
+        self.api = ApiServer(
+            cfg.api.listen,
+            self.db_path,
+            cfg.api_token(),
+            ack_key,
+            users=cfg.api.users,
+            roster=list(self.engine.keys),  # the rooms' ids, not their keys
+            secrecy_rooms=cfg.api.secrecy_rooms,
+            close_incident=self.close_incident,
+            records={"tz": cfg.schedule.timezone, "rules": cfg.correlation_rules(), "county": cfg.gateway.county},
+        )
         self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber, api=self.api)
         self.notifier = notifier_for(cfg, self.db_path, ack_key=ack_key)
 
@@ -63,6 +76,7 @@ class Gateway:
                     self.engine.ingest([m for _, _, m in batch], now)
                     for conn in {c for c, _, _ in batch}:
                         self.subscriber.ack(conn, [mid for c, mid, _ in batch if c == conn])
+                self._serve_requests()
                 if now - last_tick >= 1.0:
                     self.engine.tick(now, self.subscriber.up_since)
                     last_tick = now
@@ -82,6 +96,24 @@ class Gateway:
             http.shutdown()
             self.conn.close()
             log.info("gateway_stopped")
+
+    def close_incident(self, incident_id: str, who: str, note: str) -> bool:
+        """From an API thread: the ingest loop, the incidents' one writer, closes it (Engine.close_incident)."""
+        done: Future[bool] = Future()
+        self.requests.put((lambda: self.engine.close_incident(incident_id, who, note, time.time()), done))
+        return done.result(timeout=10)  # TimeoutError: the loop is stuck (the watchdog sees to that)
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                work, done = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.set_result(work())
+            except Exception as err:  # the requester sees it; the loop goes on
+                log.exception("request_failed")
+                done.set_exception(err)
 
     def healthy(self) -> bool:
         """The threads beside the ingest loop still run, the notifier's too.

@@ -374,6 +374,65 @@ def incidents_between(
     return out
 
 
+# --- desk (the duty desk: gateway/desk/) ---
+
+
 def alarm(conn: sqlite3.Connection, alarm_id: str) -> dict[str, Any] | None:
     row = conn.execute("SELECT * FROM alarms WHERE id = ?", [alarm_id]).fetchone()
     return dict(row) if row else None
+
+
+def incident(conn: sqlite3.Connection, incident_id: str) -> dict[str, Any] | None:
+    """One incident as ``incidents`` gives them (members, active, timeline), or None."""
+    row = conn.execute("SELECT site, level FROM incidents WHERE id = ?", [incident_id]).fetchone()
+    if row is None:
+        return None
+    # the newest incidents of its site and level, this one among them (ids are unique, opened_at orders)
+    found = conn.execute(
+        "SELECT COUNT(*) FROM incidents WHERE site = ? AND level = ? AND opened_at >= "
+        "(SELECT opened_at FROM incidents WHERE id = ?)",
+        [row["site"], row["level"], incident_id],
+    ).fetchone()[0]
+    same = incidents(conn, site=row["site"], level=row["level"], limit=found)
+    return next((i for i in same if i["id"] == incident_id), None)
+
+
+def room_alarms(
+    conn: sqlite3.Connection, site: str, rooms: Sequence[str], start: float, end: float
+) -> list[dict[str, Any]]:
+    """The alarms of some rooms of a site that were active at some time between ``start`` and ``end``."""
+    marks = ",".join("?" * len(rooms))
+    return _dicts(
+        conn.execute(
+            f"SELECT * FROM alarms WHERE site = ? AND room IN ({marks}) AND raised_at <= ? "
+            "AND (cleared_at IS NULL OR cleared_at >= ?) ORDER BY raised_at LIMIT 1000",
+            [site, *rooms, end, start],
+        )
+    )
+
+
+def close_incident(conn: sqlite3.Connection, incident_id: str, who: str, note: str, now: float) -> bool:
+    """People close an open incident: its state, an event and a "close" note in one transaction; False if it is
+    not open. Called by the ingest thread only (the incidents' one writer: see Engine.close_incident)."""
+    with transaction(conn):
+        cur = conn.execute(
+            "UPDATE incidents SET state = 'closed', closed_at = ? WHERE id = ? AND state = 'open'", [now, incident_id]
+        )
+        if cur.rowcount != 1:
+            return False
+        row = conn.execute("SELECT members, level FROM incidents WHERE id = ?", [incident_id]).fetchone()
+        conn.execute(
+            "INSERT INTO incident_events (incident_id, at, what, rooms, level) VALUES (?, ?, 'closed', ?, ?)",
+            [incident_id, now, row["members"], row["level"]],
+        )
+        _insert_note(conn, "incident", incident_id, who, "close", note, now)
+    return True
+
+
+def settled(conn: sqlite3.Connection) -> dict[tuple[str, str], float]:
+    """Per (site, fault class), when people last closed one of its incidents: faults raised before stay closed."""
+    rows = conn.execute(
+        "SELECT i.site, i.fault_class, MAX(i.closed_at) FROM incidents i JOIN notes n ON n.kind = 'incident' "
+        "AND n.item_id = i.id AND n.category = 'close' WHERE i.state = 'closed' GROUP BY i.site, i.fault_class"
+    ).fetchall()
+    return {(site, fault_class): at for site, fault_class, at in rows}

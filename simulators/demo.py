@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from examwatch.gateway.auth import hash_password
 from examwatch.simulators.broker import Mosquitto, free_port, wait_port
 
 SITE = "demo-school"
@@ -72,6 +73,7 @@ class DemoSite:
             Room("102", "exam_room", "第102考场", port(9112)),
         ]
         self.gateway: subprocess.Popen[bytes] | None = None
+        self.desk_user, self.desk_password = "值班员", secrets.token_urlsafe(9)  # the duty desk's demo log-in
         self.door = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-zigbee2mqtt")
         self._door_closed = True
         self._stop = threading.Event()
@@ -126,6 +128,9 @@ class DemoSite:
             f"[broker]\nport = {self.broker.port}\n"
             f'[exporter]\nlisten = "127.0.0.1:{self.gateway_metrics}"\n'
             f'[api]\nlisten = "127.0.0.1:{self.api}"\ntoken = "{secrets.token_hex(16)}"\n'
+            f'secrecy_rooms = ["{SITE}/secrecy"]\n'
+            f'[[api.users]]\nname = "{self.desk_user}"\nrole = "duty"\n'
+            f'password_hash = "{hash_password(self.desk_password)}"\n'
             f'[security]\nkeys_file = "{keys}"\n'
             f"[liveness]\nheartbeat_timeout = 30.0\n"
             f"{self._schedule()}",
@@ -278,6 +283,7 @@ def main(
     print(f"examwatch 演示：一个县、一个考点（{SITE}）、三个房间。文件在 {site.dir}")
     try:
         site.start()
+        print(f"  值班台:            http://127.0.0.1:{site.api}/  登录：{site.desk_user} / {site.desk_password}")
         print(f"  县级网关 API:      http://127.0.0.1:{site.api}/api/v1/alarms  /incidents  /agents")
         print(f"  县级网关 Prometheus: http://127.0.0.1:{site.gateway_metrics}/metrics")
         for r in site.rooms:

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(mosquitto mosquitto-clients snmp socat nut-server nut-client prometheus prometheus-alertmanager faketime
-              systemd)
+              systemd chromium)
 # the records (gateway/records): WeasyPrint's Pango, the CJK fonts, pdftotext/pdffonts/pdftoppm for the tests
 apt_packages+=(libpango-1.0-0 libpangoft2-1.0-0 fonts-noto-cjk poppler-utils)
 python3 -c "import ensurepip, venv" 2>/dev/null || apt_packages+=(python3-venv)

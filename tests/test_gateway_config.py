@@ -17,6 +17,8 @@ from tests.config_support import mutated
 KEY = "ab" * 32
 BASE = f'[security.keys]\n"s1/101" = "{KEY}"\n'
 RULE = '[[correlation]]\nclass = "power"\ntitle = "考点多个考场市电中断"\nrules = ["ups_on_battery", "agent_offline"]\n'
+USER = '[[api.users]]\nname = "值班员"\nrole = "{}"\npassword_hash = "{}"\n'
+HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
 SESSION = '[[schedule.sessions]]\nname = "数学"\nstart = {}\nend = {}\n'
 
 
@@ -69,6 +71,9 @@ GATEWAY_CASES = [
     ("keys file missing", '[security]\nkeys_file = "/nonexistent/agent-keys"', ("security", "keys_file")),
     ("keys file that never ends", '[security]\nkeys_file = "/dev/zero"', ("security", "keys_file")),
     ("deeply nested", "x = " + "[" * 5000 + "]" * 5000, ()),
+    ("desk user with no such role", USER.format("boss", HASH), ("api", "users", 0, "role")),
+    ("desk password not hashed", USER.format("duty", "hunter2"), ("api", "users", 0, "password_hash")),
+    ("desk user twice", USER.format("duty", HASH) + USER.format("viewer", HASH), ("api", "users", 1, "name")),
 ]
 
 

@@ -1,0 +1,37 @@
+"""Inputs for the gateway's HTTP side beyond the query (bench/fuzz_inputs.py has that): request heads, desk bodies."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from bench.fuzz_inputs import mutated, nested
+
+
+def http_head() -> st.SearchStrategy[bytes]:
+    """A request's line and headers as the gateway's connections see them before h11 (api.check_head)."""
+    lines = st.sampled_from(
+        [
+            b"Content-Length: 12",
+            b"Content-Length: -1",
+            b"content-length: 99999999999",
+            b"Content-Length: 1, 2",
+            b"Transfer-Encoding: chunked",
+            b"Transfer-Encoding: gzip",
+            b"Host: x",
+            b"X",
+            b":",
+            b"",
+        ]
+    )
+    structured = st.builds(
+        lambda m, hs: m + b" /desk/api/ack HTTP/1.1\r\n" + b"\r\n".join(hs),
+        st.sampled_from([b"GET", b"POST", b"PUT", b""]),
+        st.lists(lines, max_size=5),
+    )
+    return st.one_of(structured, mutated(structured), st.binary(max_size=200))
+
+
+def desk_body() -> st.SearchStrategy[bytes]:
+    """The duty desk's JSON bodies (a follow-up note: the widest of them)."""
+    good = b'{"kind": "incident", "id": "s1/power/1", "category": "measure", "text": "\xe6\x8e\xaa"}'
+    return st.one_of(st.just(good), mutated(st.just(good)), nested(b"[", b"]"), st.binary(max_size=200))
