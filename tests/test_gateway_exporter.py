@@ -2,40 +2,46 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import urllib.parse
+import urllib.request
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from examwatch.gateway import store
-from examwatch.gateway.exporter import GatewayCollector
+from examwatch.gateway.exporter import GatewayCollector, number, serve
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS
 from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule, Window
 from examwatch.rules.schedule import PHASES
+from examwatch.simulators.broker import free_port
+from tests.support import until
 from tests.test_gateway_ingest import KEYS, T0, alarm, alarm_msg, make, status_msg
 
 
 def scrape(e: Engine, tmp_path, now: float) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """Family name -> {sorted labels: value}, through the text format Prometheus reads."""
-    registry = CollectorRegistry()
-    registry.register(GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: now))
     out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+    for fam in text_string_to_metric_families(
+        GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: now).render()
+    ):
         for s in fam.samples:
             out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
     return out
 
 
 def helps(e: Engine, tmp_path) -> dict[str, str]:
-    registry = CollectorRegistry()
-    registry.register(GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: T0))
-    return {fam.name: fam.documentation for fam in text_string_to_metric_families(generate_latest(registry).decode())}
+    text = GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: T0).render()
+    return {fam.name: fam.documentation for fam in text_string_to_metric_families(text)}
 
 
 def labels(**kw: str) -> tuple[tuple[str, str], ...]:
@@ -183,3 +189,111 @@ def test_phase_from_the_agents_report_or_the_gateways_schedule(tmp_path):
     phase = scrape(e, tmp_path, T0 + 120)["examwatch_gateway_agent_phase"]
     assert {k for k, v in phase.items() if v == 1} == {labels(site="s1", room=r, phase="after") for r in ("101", "102")}
     assert len(phase) == 2 * len(PHASES)  # rooms never heard of have no phase series
+
+
+# Device and rule names are the agents' own (any text up to 128 characters): Chinese, quotes, backslashes,
+# line feeds all reach the exporter and must come out exactly as they went in.
+HOSTILE = ['录像机"一号"', "c:\\rec\\", "第一行\n第二行", '\\"', "plain"]
+
+
+def hostile_engine(tmp_path) -> Engine:
+    e = make(tmp_path)
+    e.ingest([kinds_status("s1/101", {name: "recorder" for name in HOSTILE}, T0, T0)], T0)
+    body = [Reading(name, "battery_percent", 50.0 + i, T0 - i) for i, name in enumerate(HOSTILE)]
+    e.ingest([readings("s1/101", 1, body, T0)], T0)
+    ev = msgspec.structs.replace(alarm("s1/101", "raised", T0, T0), rule='规则"\\\n', id="s1/101/x/1")
+    e.ingest([alarm_msg("s1/101", 2, ev, T0)], T0)
+    return e
+
+
+def test_label_values_are_escaped_exactly(tmp_path):
+    e = hostile_engine(tmp_path)
+    text = GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: T0 + 10).render()
+    # the text format's three escapes, byte for byte; Chinese as it is
+    for name, escaped in [
+        ('录像机"一号"', r"录像机\"一号\""),
+        ("c:\\rec\\", r"c:\\rec\\"),
+        ("第一行\n第二行", r"第一行\n第二行"),
+        ('\\"', r"\\\""),
+    ]:
+        assert f'examwatch_battery_percent{{site="s1",room="101",device="{escaped}",kind="recorder"}}' in text, name
+    assert r'rule="规则\"\\\n"' in text
+    assert "\n\n" not in text and text.endswith("\n")
+
+    got = scrape(e, tmp_path, T0 + 10)  # through prometheus_client's parser: the same names come back
+    assert got["examwatch_battery_percent"] == {
+        labels(site="s1", room="101", device=name, kind="recorder"): 50.0 + i for i, name in enumerate(HOSTILE)
+    }
+    assert got["examwatch_reading_age_seconds"] == {
+        labels(site="s1", room="101", device=name, kind="recorder", metric="battery_percent"): 10.0 + i
+        for i, name in enumerate(HOSTILE)
+    }
+    assert got["examwatch_alarm_active"] == {labels(site="s1", room="101", rule='规则"\\\n', level="1"): 1.0}
+
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_numbers_in_the_text_format():
+    assert [number(v) for v in (0.1, 1e300, -2.5, 3, float("inf"), float("-inf"))] == [
+        "0.1",
+        "1e+300",
+        "-2.5",
+        "3",
+        "+Inf",
+        "-Inf",
+    ]
+    assert number(float("nan")) == "NaN"
+    assert float(number(0.1 + 0.2)) == 0.1 + 0.2  # exact: what was stored is what Prometheus gets
+
+
+def test_a_real_prometheus_scrapes_the_endpoint(tmp_path):
+    """The served page, gzipped as Prometheus asks, with another collector's families after the gateway's."""
+    e = hostile_engine(tmp_path)
+    extra = Counter("examwatch_notify_sent", "messages a channel confirmed", ["channel"], registry=None)
+    extra.labels("值班群").inc(3)
+    server, _ = serve("127.0.0.1:0", GatewayCollector(str(tmp_path / "gw.db"), e.stats), extra)
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gw\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{server.server_address[1]}']\n"
+    )
+    with open(tmp_path / "prometheus.log", "wb") as out:
+        prom = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out,
+            stderr=out,
+        )
+    try:
+
+        def query(expr: str) -> list[dict[str, Any]]:
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    return json.loads(r.read())["data"]["result"]
+            except OSError:
+                return []
+
+        until(lambda: query("examwatch_battery_percent"), 30, "Prometheus scraped the gateway")
+        got = {s["metric"]["device"]: float(s["value"][1]) for s in query("examwatch_battery_percent")}
+        assert got == {name: 50.0 + i for i, name in enumerate(HOSTILE)}
+        [rule] = query("examwatch_alarm_active")
+        assert rule["metric"]["rule"] == '规则"\\\n'
+        [sent] = query("examwatch_notify_sent_total")
+        assert (sent["metric"]["channel"], sent["value"][1]) == ("值班群", "3")
+        # every series on the page was taken, none dropped as malformed
+        page = GatewayCollector(str(tmp_path / "gw.db"), e.stats).render()
+        series = sum(1 for line in page.splitlines() if not line.startswith("#")) + 1  # + notify_sent
+        [scraped] = query('scrape_samples_scraped{job="gw"}')
+        assert float(scraped["value"][1]) >= series
+    finally:
+        prom.terminate()
+        prom.wait(15)
+        server.shutdown()
+        server.server_close()
