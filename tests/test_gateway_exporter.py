@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
-import urllib.parse
-import urllib.request
 from datetime import datetime
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -23,8 +19,8 @@ from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule, Window
 from examwatch.rules.schedule import PHASES
-from examwatch.simulators.broker import free_port
 from tests.support import until
+from tests.support.prometheus import PrometheusProc
 from tests.test_gateway_ingest import KEYS, T0, alarm, alarm_msg, make, status_msg
 
 
@@ -253,47 +249,23 @@ def test_a_real_prometheus_scrapes_the_endpoint(tmp_path):
     extra = Counter("examwatch_notify_sent", "messages a channel confirmed", ["channel"], registry=None)
     extra.labels("值班群").inc(3)
     server, _ = serve("127.0.0.1:0", GatewayCollector(str(tmp_path / "gw.db"), e.stats), extra)
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
+    prom = PrometheusProc(
+        tmp_path / "prometheus",
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gw\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{server.server_address[1]}']\n"
+        f"      - targets: ['127.0.0.1:{server.server_address[1]}']\n",
     )
-    with open(tmp_path / "prometheus.log", "wb") as out:
-        prom = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=out,
-            stderr=out,
-        )
+    prom.start()
     try:
-
-        def query(expr: str) -> list[dict[str, Any]]:
-            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    return json.loads(r.read())["data"]["result"]
-            except OSError:
-                return []
-
-        until(lambda: query("examwatch_battery_percent"), 30, "Prometheus scraped the gateway")
-        got = {s["metric"]["device"]: float(s["value"][1]) for s in query("examwatch_battery_percent")}
+        until(lambda: prom.result("examwatch_battery_percent"), 30, "Prometheus scraped the gateway")
+        got = prom.by("device", "examwatch_battery_percent")
         assert got == {name: 50.0 + i for i, name in enumerate(HOSTILE)}
-        [rule] = query("examwatch_alarm_active")
-        assert rule["metric"]["rule"] == '规则"\\\n'
-        [sent] = query("examwatch_notify_sent_total")
-        assert (sent["metric"]["channel"], sent["value"][1]) == ("值班群", "3")
+        assert list(prom.by("rule", "examwatch_alarm_active")) == ['规则"\\\n']
+        assert prom.by("channel", "examwatch_notify_sent_total") == {"值班群": 3.0}
         # every series on the page was taken, none dropped as malformed
-        page = GatewayCollector(str(tmp_path / "gw.db"), e.stats).render()
-        series = sum(1 for line in page.splitlines() if not line.startswith("#")) + 1  # + notify_sent
-        [scraped] = query('scrape_samples_scraped{job="gw"}')
-        assert float(scraped["value"][1]) >= series
+        page = server.exposition.page().decode()
+        series = sum(1 for line in page.splitlines() if not line.startswith("#"))
+        assert prom.by("job", "scrape_samples_scraped") == {"gw": float(series)}
     finally:
-        prom.terminate()
-        prom.wait(15)
+        prom.stop()
         server.shutdown()
         server.server_close()
