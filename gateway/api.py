@@ -61,6 +61,7 @@ REFUSALS = (
     "busy",
     "deadline",
     "broken",
+    "read_only",
 )
 ALARM_STATES = ("active", "raised", "updated", "cleared")
 INCIDENT_STATES = ("open", "closed")
@@ -230,6 +231,10 @@ class _TooLarge(BadRequest):
     status = 413
 
 
+class _ReadOnly(BadRequest):
+    status = 403
+
+
 class _Unauthorized(BadRequest):
     status = 401
 
@@ -238,8 +243,9 @@ class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, listen: str, db_path: str, token: str, ack_key: bytes = b"") -> None:
+    def __init__(self, listen: str, db_path: str, token: str, ack_key: bytes = b"", read_only: bool = False) -> None:
         host, port = parse_listen(listen)
+        self.read_only = read_only  # a province's aggregate gateway: every POST refused
         self.ack_key = ack_key  # checks the signed acknowledgement links (acklink)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.db_path = db_path
@@ -379,6 +385,10 @@ class _Handler(BaseHTTPRequestHandler):
             conn.close()
 
     def do_POST(self) -> None:
+        if self.server.read_only:
+            return self._refuse(
+                _ReadOnly("read-only: this is the province's view; acknowledge on the county's gateway"), "read_only"
+            )
         if urlsplit(self.path).path == "/api/v1/ack/link":
             return self._ack_link()
         if urlsplit(self.path).path != "/api/v1/ack":

@@ -9,16 +9,16 @@ leave out a value from a room that went quiet.
 A county is 100k+ series, nearly all per room, and nearly every room's values change between two scrapes
 (readings arrive every few seconds, ages every second), so a per-room cache would seldom hit. What costs
 is the formatting: prometheus_client builds a sample object per series and escapes every label of every
-sample (2.6 s at 2,000 rooms). Here the text format is written directly: each room's and each device's
-label set is escaped once per scrape and shared by all its series (see ``Labels``). Other collectors (the
-notifier's) still go through prometheus_client, appended to the same page. Gzip, when asked for, is
-level 1: level 9 (the library's) costs more than the whole scrape for a few percent of size.
+sample (2.6 s at 2,000 rooms). Here the text format is written directly, each room's and each device's
+label values escaped once (``Labels``), the page byte for byte what prometheus_client would write (label
+names in order, its number format). Other collectors (the notifier's) still go through prometheus_client,
+appended to the same page. Gzip, when asked for, is level 1: the library's level 9 costs more than the
+whole page for a few percent of size.
 """
 
 from __future__ import annotations
 
 import gzip
-import math
 import socket
 import sqlite3
 import threading
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.utils import floatToGoString
 
 from examwatch.gateway import store
 from examwatch.gateway.ledger import Stats
@@ -51,49 +52,49 @@ def escape(value: str) -> str:
 
 
 def number(value: float) -> str:
-    return repr(value) if value - value == 0 else _special(value)  # finite: Python's repr is what Go parses
+    """As prometheus_client writes a value (Go's format): ``repr`` but for 1e6 and up, infinities and NaN."""
+    return repr(value) if -_INF < value < 1e6 else floatToGoString(value)
 
 
-def _special(value: float) -> str:
-    return "NaN" if math.isnan(value) else "+Inf" if value > 0 else "-Inf"
+_INF = float("inf")
 
 
 class Labels:
     """Rendered label sets, each label value escaped once however many series share it.
 
-    Kept from one scrape to the next (a room's label set does not change); a set no scrape used is
-    dropped at the next, so rooms and devices that went away do not accumulate.
+    Kept from one scrape to the next (a room's labels do not change); a set the last scrape did not use
+    is dropped, so rooms and devices that went away do not accumulate.
     """
 
     def __init__(self) -> None:
         self._rooms: dict[str, str] = {}
-        self._devices: dict[tuple[str, str, str], str] = {}
+        self._devices: dict[tuple[str, str], str] = {}
         self._old_rooms: dict[str, str] = {}
-        self._old_devices: dict[tuple[str, str, str], str] = {}
+        self._old_devices: dict[tuple[str, str], str] = {}
 
     def next_scrape(self) -> None:
         self._old_rooms, self._old_devices = self._rooms, self._devices
         self._rooms, self._devices = {}, {}
 
     def agent(self, agent: str) -> str:
-        """``site="...",room="..."`` of an agent id ``site/room`` (both empty for "")."""
+        """``room="...",site="..."`` of an agent id ``site/room`` (both empty for "")."""
         got = self._rooms.get(agent)
         if got is None:
             got = self._old_rooms.get(agent)
             if got is None:
                 site, _, room = agent.partition("/")
-                got = f'site="{escape(site)}",room="{escape(room)}"'
+                got = f'room="{escape(room)}",site="{escape(site)}"'
             self._rooms[agent] = got
         return got
 
-    def device(self, agent: str, device: str, kind: str) -> str:
-        key = (agent, device, kind)
-        got = self._devices.get(key)
+    def device(self, device: str, kind: str) -> str:
+        """``device="...",kind="..."``."""
+        got = self._devices.get((device, kind))
         if got is None:
-            got = self._old_devices.get(key)
+            got = self._old_devices.get((device, kind))
             if got is None:
-                got = f'{self.agent(agent)},device="{escape(device)}",kind="{escape(kind)}"'
-            self._devices[key] = got
+                got = f'device="{escape(device)}",kind="{escape(kind)}"'
+            self._devices[(device, kind)] = got
         return got
 
 
@@ -106,7 +107,10 @@ def family(name: str, help_text: str, kind: str, samples: Iterable[tuple[str, fl
     """One family: its HELP and TYPE lines, then a line per (rendered labels, value); a counter gains ``_total``."""
     if kind == "counter":
         name += "_total"
-    lines = [f"{name}{{{labels}}} {number(v)}\n" if labels else f"{name} {number(v)}\n" for labels, v in samples]
+    lines = [
+        f"{name}{{{labels}}} {number(float(v))}\n" if labels else f"{name} {number(float(v))}\n"
+        for labels, v in samples
+    ]
     return header(name, help_text, kind) + "".join(lines)
 
 
@@ -174,7 +178,7 @@ class GatewayCollector:
             "1 for the exam phase the room is in (the gateway's schedule, else the agent's)",
             "gauge",
             (
-                (f'{r},phase="{name}"', 1 if name == a["phase"] else 0)
+                (f'phase="{name}",{r}', 1 if name == a["phase"] else 0)
                 for r, a in rooms
                 if a["phase"] is not None
                 for name in PHASES
@@ -188,28 +192,30 @@ class GatewayCollector:
         # The age on the room's own clock (its reading times are), so a room with a skewed clock ages right too.
         room_now = {a["agent"]: now + (a["skew"] or 0.0) for a in agents}
         kinds = store.device_kinds(db)
-        by_metric: dict[str, list[str]] = {m: [] for m in METRICS}
-        sinks = {m: lines.append for m, lines in by_metric.items()}
+        by_metric: dict[str, list[str]] = {}  # in the order first read, as before
+        sinks: dict[str, Callable[[str], None]] = {}
         ages: list[str] = []
         age_line = ages.append
-        agent = device = ""
-        dev, clock = "", now
+        agent = device = room = dev = ""
+        both, clock = "", now
         # The hot loop of a scrape (one pass per reading): locals only, each device's labels looked up once.
         for row_agent, row_device, metric, value, ts in store.latest(db):  # in key order: a device's rows in a run
             if row_device != device or row_agent != agent:
                 agent, device = row_agent, row_device
-                dev = labels.device(agent, device, kinds.get(agent, {}).get(base_device(device), ""))
-                clock = room_now.get(agent, now)
+                room = labels.agent(agent)
+                dev = labels.device(device, kinds.get(agent, {}).get(base_device(device), ""))
+                both, clock = f"{dev},{room}", room_now.get(agent, now)
             line = sinks.get(metric)
             if line is None:
-                continue  # not in this gateway's catalog (a newer agent's)
-            line(f"examwatch_{metric}{{{dev}}} {repr(value) if value - value == 0 else _special(value)}\n")
+                if metric not in METRICS:
+                    continue  # not in this gateway's catalog (a newer agent's)
+                line = sinks[metric] = by_metric.setdefault(metric, []).append
+            line(f"examwatch_{metric}{{{both}}} {number(value)}\n")
             age = clock - ts
-            age_line(f'examwatch_reading_age_seconds{{{dev},metric="{metric}"}} {age if age > 0 else 0.0:.3f}\n')
+            age_line(f'examwatch_reading_age_seconds{{{dev},metric="{metric}",{room}}} {number(max(0.0, age))}\n')
         for metric, lines in by_metric.items():
-            if lines:
-                meta = METRICS[metric]
-                yield header(f"examwatch_{metric}", f"{meta.help} ({meta.unit})", "gauge") + "".join(lines)
+            meta = METRICS[metric]
+            yield header(f"examwatch_{metric}", f"{meta.help} ({meta.unit})", "gauge") + "".join(lines)
         yield header(
             "examwatch_reading_age_seconds", "seconds since the metric was read, by the room's clock", "gauge"
         ) + "".join(ages)
@@ -217,12 +223,12 @@ class GatewayCollector:
     def _alarms(self, db: sqlite3.Connection, labels: Labels) -> Iterator[str]:
         active: dict[str, int] = {}  # two devices with the same rule: one series per bounded label set
         for a in store.alarms(db, state="active", limit=100_000):
-            room = labels.agent(a["site"] + "/" + a["room"])
-            active[f'{room},rule="{escape(a["rule"])}",level="{a["level"]}"'] = 1
+            site, room, rule = escape(a["site"]), escape(a["room"]), escape(a["rule"])
+            active[f'level="{a["level"]}",room="{room}",rule="{rule}",site="{site}"'] = 1
         yield family("examwatch_alarm_active", "1 while an alarm fires", "gauge", active.items())
         counts: dict[str, int] = {}
         for i in store.incidents(db, state="open", limit=100_000):
-            k = f'site="{escape(i["site"])}",level="{i["level"]}",class="{escape(i["fault_class"])}"'
+            k = f'class="{escape(i["fault_class"])}",level="{i["level"]}",site="{escape(i["site"])}"'
             counts[k] = counts.get(k, 0) + 1
         yield family(
             "examwatch_gateway_incidents_open", "open cross-room incidents by fault class", "gauge", counts.items()

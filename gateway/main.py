@@ -37,7 +37,8 @@ class Gateway:
         self.inbox: queue.SimpleQueue[tuple[int, int, Message]] = queue.SimpleQueue()
         self.subscriber = Subscriber(cfg.broker, self.inbox)
         ack_key = acklink.load_key(cfg.gateway.state_dir)  # signs the acknowledgement links in messages
-        self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token(), ack_key)
+        read_only = cfg.gateway.mode == "aggregate"
+        self.api = ApiServer(cfg.api.listen, self.db_path, cfg.api_token(), ack_key, read_only=read_only)
         self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber, api=self.api)
         self.notifier = notifier_for(cfg, self.db_path, ack_key=ack_key)
 
@@ -49,6 +50,7 @@ class Gateway:
         log.info(
             "gateway_started",
             agents=len(self.engine.agents),
+            mode=self.cfg.gateway.mode,
             api=self.cfg.api.listen,
             exporter=self.cfg.exporter.listen,
         )

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 from examwatch.gateway import store
-from examwatch.gateway.exporter import GatewayCollector, number, serve
+from examwatch.gateway.exporter import GatewayCollector, escape, family, number, serve
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS
 from examwatch.kernel import wire
@@ -212,7 +215,7 @@ def test_label_values_are_escaped_exactly(tmp_path):
         ("第一行\n第二行", r"第一行\n第二行"),
         ('\\"', r"\\\""),
     ]:
-        assert f'examwatch_battery_percent{{site="s1",room="101",device="{escaped}",kind="recorder"}}' in text, name
+        assert f'examwatch_battery_percent{{device="{escaped}",kind="recorder",room="101",site="s1"}}' in text, name
     assert r'rule="规则\"\\\n"' in text
     assert "\n\n" not in text and text.endswith("\n")
 
@@ -230,17 +233,41 @@ def test_label_values_are_escaped_exactly(tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_numbers_in_the_text_format():
-    assert [number(v) for v in (0.1, 1e300, -2.5, 3, float("inf"), float("-inf"))] == [
-        "0.1",
-        "1e+300",
-        "-2.5",
-        "3",
-        "+Inf",
-        "-Inf",
-    ]
-    assert number(float("nan")) == "NaN"
-    assert float(number(0.1 + 0.2)) == 0.1 + 0.2  # exact: what was stored is what Prometheus gets
+NUMBERS = [0.0, -0.0, 0.1, 0.1 + 0.2, -2.5, 1e-7, 999_999.9, 1e6, 1_234_567.0, 1e300, -1e300, math.inf, -math.inf]
+
+
+def test_numbers_are_written_as_prometheus_client_writes_them():
+    assert [number(v) for v in NUMBERS] == [floatToGoString(v) for v in NUMBERS]
+    assert number(math.nan) == "NaN"
+    assert [number(v) for v in (1e6, 1_234_567.0, -math.inf)] == ["1e+06", "1.234567e+06", "-Inf"]
+
+
+@pytest.mark.parametrize("kind", ["gauge", "counter"])
+def test_a_family_is_byte_for_byte_what_prometheus_client_writes(kind):
+    """The page is the one the library wrote before (label names in order, its escapes and numbers)."""
+    values = [*HOSTILE, "", '考场\\"\n\n', "\t tab", "ünïcode 🙂"]
+    samples = [(site, room, v) for site in values for room in values[:3] for v in NUMBERS[: len(values)]]
+    cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+    fam = cls("examwatch_x", 'help with "quotes", \\ and\na line feed', labels=["room", "site"])
+    for site, room, v in samples:
+        fam.add_metric([room, site], v)
+    registry = CollectorRegistry()
+    registry.register(Static([fam]))
+    mine = family(
+        "examwatch_x",
+        'help with "quotes", \\ and\na line feed',
+        kind,
+        [(f'room="{escape(room)}",site="{escape(site)}"', v) for site, room, v in samples],
+    )
+    assert mine == generate_latest(registry).decode()
+
+
+class Static:
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
 
 
 def test_a_real_prometheus_scrapes_the_endpoint(tmp_path):
