@@ -69,6 +69,14 @@ GATEWAY_CASES = [
     ("keys file missing", '[security]\nkeys_file = "/nonexistent/agent-keys"', ("security", "keys_file")),
     ("keys file that never ends", '[security]\nkeys_file = "/dev/zero"', ("security", "keys_file")),
     ("deeply nested", "x = " + "[" * 5000 + "]" * 5000, ()),
+    ("an unknown mode", '[gateway]\nmode = "province"', ("gateway", "mode")),
+    # a province's aggregate gateway only looks: the counties notify and take acknowledgements
+    ("aggregate with a token", '[gateway]\nmode = "aggregate"\n[api]\ntoken = "t"', ("api", "token")),
+    (
+        "aggregate with a channel",
+        '[gateway]\nmode = "aggregate"\n[[channels]]\nname = "hook"\ntype = "webhook"\nurl = "http://127.0.0.1:1/x"',
+        ("channels",),
+    ),
 ]
 
 
@@ -125,6 +133,18 @@ def test_a_bad_keys_file_line_is_reported(tmp_path):
         loads(f'[security]\nkeys_file = "{keys}"\n')
     assert [i.path for i in exc.value.issues] == [("security", "keys_file")]
     assert "line 2" in exc.value.issues[0].message
+
+
+def test_a_room_given_twice_in_a_keys_file_is_refused(tmp_path):
+    """Two counties' rosters put together for a province: one room id in both would lose one of the rooms."""
+    keys = tmp_path / "province-keys"
+    keys.write_text(f"s1/101 {KEY}\ns1/102 {KEY}\n# the next county\ns1/101 {'cd' * 32}\n", encoding="utf-8")
+    keys.chmod(0o600)
+    with pytest.raises(ConfigError) as exc:
+        loads(f'[security]\nkeys_file = "{keys}"\n')
+    assert [(i.path, i.message) for i in exc.value.issues] == [
+        (("security", "keys_file"), "keys file line 4: s1/101 already given at line 1")
+    ]
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
