@@ -30,6 +30,7 @@ from examwatch.simulators.broker import Mosquitto
 from tests.support import door_opened, until
 from tests.support.gateway import GatewayProc, key_hex
 from tests.support.prometheus import PrometheusProc
+from tests.test_grafana import NAME, dashboard, panels
 
 pytestmark = pytest.mark.integration
 
@@ -242,7 +243,70 @@ def test_the_provincial_gateway_shows_both_counties_and_takes_no_acknowledgement
     assert 'examwatch_gateway_api_refused_total{reason="read_only"} 2.0' in gw.metrics()
     # the county still acknowledges its own
     county = province.county_gateways["county-a"]
-    status, _ = county.post(
-        "/api/v1/ack", {"alarm": one["id"], "who": "县值班", "note": "处理中"}, "t0ken"
-    )
+    status, _ = county.post("/api/v1/ack", {"alarm": one["id"], "who": "县值班", "note": "处理中"}, "t0ken")
     assert status == 200
+
+
+# What Grafana would put in for the province dashboard's variables (All: the variables' allValue).
+BOARD_VARS = {"$__rate_interval": "1m", "$__range": "1h", "$job": "examwatch-gateway", "$county": ".*", "$site": ".*"}
+
+
+def board_query(expr: str, **values: str) -> str:
+    chosen = {**BOARD_VARS, **{f"${k}": v for k, v in values.items()}}
+    for var, value in sorted(chosen.items(), key=lambda kv: -len(kv[0])):
+        expr = expr.replace(var, value)
+    assert "$" not in expr, expr
+    return expr
+
+
+def test_the_province_dashboard_answers_by_county(province: Province) -> None:
+    p = province.prometheus
+    targets = {(panel["title"], t["refId"]): t["expr"] for panel in panels("province") for t in panel["targets"]}
+    online = board_query(targets[("在线考场", "A")])
+    until(lambda: p.by("county", online) == {"county-a": 2.0, "county-b": 3.0}, 40, lambda: str(p.by("county", online)))
+    errors = {k: r.get("error") for k, e in targets.items() if (r := p.query(board_query(e)))["status"] != "success"}
+    assert errors == {}
+
+    level2 = {
+        (s["metric"]["county"], s["metric"]["site"], s["metric"]["room"])
+        for s in p.result(board_query(targets[("二级及以上告警", "A")]))
+    }
+    assert level2 == {("county-b", "b1", "r2")}
+    by_site = {
+        (s["metric"]["county"], s["metric"]["site"], s["metric"]["level"]): float(s["value"][1])
+        for s in p.result(board_query(targets[("各考点告警（按级别）", "A")]))
+    }
+    assert by_site == {
+        ("county-a", "a1", "1"): 1.0,
+        ("county-b", "b1", "1"): 1.0,
+        ("county-b", "b1", "2"): 1.0,
+        ("county-b", "b2", "1"): 1.0,
+    }
+    # one county chosen: the panels narrow to it
+    assert p.by("county", board_query(targets[("在线考场", "A")], county="county-a")) == {"county-a": 2.0}
+    rejected = board_query(targets[("拒收消息", "A")])  # increase() needs two samples of each county
+    until(
+        lambda: p.by("county", rejected) == {"county-a": 0.0, "county-b": 0.0},
+        20,
+        lambda: str(p.by("county", rejected)),
+    )
+
+    # the template variables, as Grafana asks for them (label_values -> /api/v1/label/<label>/values)
+    want = {"job": ["examwatch-gateway"], "county": ["county-a", "county-b"], "site": ["b1", "b2"]}
+    for var in dashboard("province")["templating"]["list"]:
+        m = re.fullmatch(r"label_values\((.+), (\w+)\)", var["query"]["query"])
+        assert m, var["query"]
+        selector = board_query(m.group(1), county="county-b")
+        got = p.get(f"/api/v1/label/{m.group(2)}/values", {"match[]": selector})
+        assert sorted(got["data"]) == want[var["name"]], (var["name"], got)
+
+
+def test_the_province_dashboard_names_only_federated_families(province: Province) -> None:
+    """A family the province does not federate (a reading) would leave its panel empty for good."""
+    federated = re.search(r"__name__=~\"(.+)\"", (ROOT / "deploy/prometheus/province.yml").read_text()).group(1)
+    exported = {f.name for f in text_string_to_metric_families(province.county_gateways["county-a"].metrics())}
+    names = {n for panel in panels("province") for t in panel["targets"] for n in NAME.findall(t["expr"])}
+    assert names
+    for name in names:
+        assert re.fullmatch(federated, name), name
+        assert re.sub(r"_total$", "", name) in exported, name
