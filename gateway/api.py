@@ -385,10 +385,8 @@ class _Handler(BaseHTTPRequestHandler):
             conn.close()
 
     def do_POST(self) -> None:
-        if self.server.read_only:
-            return self._refuse(
-                _ReadOnly("read-only: this is the province's view; acknowledge on the county's gateway"), "read_only"
-            )
+        if self.server.read_only:  # the province's view: the counties acknowledge
+            return self._refuse(_ReadOnly("read-only: acknowledge on the county's gateway"), "read_only")
         if urlsplit(self.path).path == "/api/v1/ack/link":
             return self._ack_link()
         if urlsplit(self.path).path != "/api/v1/ack":

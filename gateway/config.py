@@ -125,7 +125,8 @@ def builtin_correlation() -> list[CorrelationRule]:
 
 
 def _parse_keys_file(text: str) -> list[tuple[str, bytes]]:
-    out, lines = [], {}
+    out: list[tuple[str, bytes]] = []
+    lines: dict[str, int] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         parts = raw.split("#", 1)[0].split()
         if not parts:
