@@ -30,6 +30,7 @@ from examwatch.simulators.broker import Mosquitto
 from tests.support import door_opened, until
 from tests.support.gateway import GatewayProc, key_hex
 from tests.support.prometheus import PrometheusProc
+from tests.test_gateway_ingest import alarm
 from tests.test_grafana import NAME, dashboard, panels
 
 pytestmark = pytest.mark.integration
@@ -59,22 +60,6 @@ def bridge_example(province_port: int, county: str) -> str:
             line.replace("province.example:8883", f"127.0.0.1:{province_port}").replace("example-county", county)
         )
     return "\n".join(lines) + "\n"
-
-
-def alarm(agent: str, rule: str, level: int, at: float) -> AlarmEvent:
-    site, room = agent.split("/")
-    return AlarmEvent(
-        id=f"{agent}/{rule}/rec1/1",
-        site=site,
-        room=room,
-        rule=rule,
-        level=level,
-        state="raised",
-        device="rec1",
-        at=at,
-        raised_at=at,
-        message="录像机电量低",
-    )
 
 
 class Room:
@@ -180,7 +165,7 @@ def province(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Province]:
         stoppers.append(prom.stop)
 
         for agent in ("a1/r1", "b1/r1", "b2/r1"):
-            room_of[agent].raise_alarm(alarm(agent, "recorder_battery_low", 1, time.time()))
+            room_of[agent].raise_alarm(alarm(agent, "raised", time.time(), time.time(), rule="recorder_battery_low"))
         room_of["b1/r2"].raise_alarm(door_opened("b1", "r2", time.time()))
         yield Province(county_proms, prom, gateway, county_gateways)
     finally:
