@@ -196,23 +196,25 @@ class GatewayCollector:
         sinks: dict[str, Callable[[str], None]] = {}
         ages: list[str] = []
         age_line = ages.append
-        agent = device = room = dev = ""
-        both, clock = "", now
-        # The hot loop of a scrape (one pass per reading): locals only, each device's labels looked up once.
+        agent = device = labels_tail = age_head = age_tail = ""
+        clock = now
+        # The hot loop of a scrape, once per reading: each device's label text is put together once, and
+        # every line is one f-string of it (with the read of the rows, this loop is most of a scrape).
         for row_agent, row_device, metric, value, ts in store.latest(db):  # in key order: a device's rows in a run
             if row_device != device or row_agent != agent:
                 agent, device = row_agent, row_device
                 room = labels.agent(agent)
                 dev = labels.device(device, kinds.get(agent, {}).get(base_device(device), ""))
-                both, clock = f"{dev},{room}", room_now.get(agent, now)
+                labels_tail, clock = f"{{{dev},{room}}} ", room_now.get(agent, now)
+                age_head, age_tail = f'examwatch_reading_age_seconds{{{dev},metric="', f'",{room}}} '
             line = sinks.get(metric)
             if line is None:
                 if metric not in METRICS:
                     continue  # not in this gateway's catalog (a newer agent's)
                 line = sinks[metric] = by_metric.setdefault(metric, []).append
-            line(f"examwatch_{metric}{{{both}}} {number(value)}\n")
+            line(f"examwatch_{metric}{labels_tail}{repr(value) if -_INF < value < 1e6 else number(value)}\n")
             age = clock - ts
-            age_line(f'examwatch_reading_age_seconds{{{dev},metric="{metric}",{room}}} {number(max(0.0, age))}\n')
+            age_line(f"{age_head}{metric}{age_tail}{repr(age) if 0.0 < age < 1e6 else number(max(0.0, age))}\n")
         for metric, lines in by_metric.items():
             meta = METRICS[metric]
             yield header(f"examwatch_{metric}", f"{meta.help} ({meta.unit})", "gauge") + "".join(lines)
