@@ -137,6 +137,12 @@ class GatewayCollector:
             self._conn = store.connect(self.db_path, readonly=True)
         return self._conn
 
+    def reconnect(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+
     def render(self) -> str:
         """The gateway's families in the Prometheus text format (version 0.0.4)."""
         with self._lock:
@@ -197,7 +203,7 @@ class GatewayCollector:
         ages: list[str] = []
         age_line = ages.append
         agent = device = labels_tail = age_head = age_tail = ""
-        clock = now
+        clock, inf = now, _INF
         # The hot loop of a scrape, once per reading: each device's label text is put together once, and
         # every line is one f-string of it (with the read of the rows, this loop is most of a scrape).
         for row_agent, row_device, metric, value, ts in store.latest(db):  # in key order: a device's rows in a run
@@ -207,14 +213,15 @@ class GatewayCollector:
                 dev = labels.device(device, kinds.get(agent, {}).get(base_device(device), ""))
                 labels_tail, clock = f"{{{dev},{room}}} ", room_now.get(agent, now)
                 age_head, age_tail = f'examwatch_reading_age_seconds{{{dev},metric="', f'",{room}}} '
-            line = sinks.get(metric)
-            if line is None:
+            try:
+                line = sinks[metric]
+            except KeyError:
                 if metric not in METRICS:
                     continue  # not in this gateway's catalog (a newer agent's)
                 line = sinks[metric] = by_metric.setdefault(metric, []).append
-            line(f"examwatch_{metric}{labels_tail}{repr(value) if -_INF < value < 1e6 else number(value)}\n")
+            line(f"examwatch_{metric}{labels_tail}{repr(value) if -inf < value < 1e6 else number(value)}\n")
             age = clock - ts
-            age_line(f"{age_head}{metric}{age_tail}{repr(age) if 0.0 < age < 1e6 else number(max(0.0, age))}\n")
+            age_line(f"{age_head}{metric}{age_tail}{age if age > 0 else 0.0:.3f}\n")  # ms: half a repr's cost
         for metric, lines in by_metric.items():
             meta = METRICS[metric]
             yield header(f"examwatch_{metric}", f"{meta.help} ({meta.unit})", "gauge") + "".join(lines)
@@ -288,8 +295,23 @@ class Exposition:
         for collector in collectors:
             self.registry.register(collector)
 
-    def page(self) -> bytes:
-        return self.gateway.render().encode() + generate_latest(self.registry)
+        self.failing = False
+
+    def page(self) -> bytes | None:
+        """The page, or None when it cannot be made (a database that cannot be read): this scrape fails, Prometheus
+        shows the target down, the next scrape tries again on a new connection. Logged once until it works again."""
+        try:
+            page = self.gateway.render().encode() + generate_latest(self.registry)
+        except Exception as err:
+            self.gateway.reconnect()
+            if not self.failing:
+                log.warning("scrape_failed", error=repr(err)[:300])
+            self.failing = True
+            return None
+        if self.failing:
+            log.info("scrape_recovered")
+        self.failing = False
+        return page
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -302,11 +324,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] not in ("/metrics", "/"):
             self.send_error(404)
             return
-        try:
-            body = self.server.exposition.page()
-        except Exception as err:  # a database that cannot be read: this scrape fails, the next one tries again
-            log.warning("scrape_failed", error=repr(err)[:300])
-            self.send_error(500, "scrape failed")
+        body = self.server.exposition.page()
+        if body is None:
+            self.send_error(500, "scrape failed: see the gateway's log")
             return
         self.send_response(200)
         self.send_header("Content-Type", CONTENT_TYPE)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import subprocess
+import urllib.error
+import urllib.request
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -13,11 +15,12 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
+from structlog.testing import capture_logs
 
 from examwatch.gateway import store
 from examwatch.gateway.exporter import GatewayCollector, escape, family, number, serve
 from examwatch.gateway.ingest import Engine, Message
-from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS
+from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS, Stats
 from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule, Window
@@ -294,5 +297,27 @@ def test_a_real_prometheus_scrapes_the_endpoint(tmp_path):
         assert prom.by("job", "scrape_samples_scraped") == {"gw": float(series)}
     finally:
         prom.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_scrape_that_cannot_read_the_database_fails_and_the_next_one_recovers(tmp_path):
+    gw = GatewayCollector(str(tmp_path / "gw.db"), Stats())  # no database yet
+    server, _ = serve("127.0.0.1:0", gw)
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    try:
+        with capture_logs() as logs:
+            for _ in range(2):  # failing each time, logged once
+                with pytest.raises(urllib.error.HTTPError) as err:
+                    urllib.request.urlopen(url, timeout=10)
+                assert err.value.code == 500
+            make(tmp_path)  # the gateway's database appears
+            with urllib.request.urlopen(url, timeout=10) as r:
+                assert r.status == 200 and "examwatch_gateway_agent_up" in r.read().decode()
+        assert [e["event"] for e in logs if e["event"].startswith("scrape_")] == ["scrape_failed", "scrape_recovered"]
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=10)
+        assert err.value.code == 404
+    finally:
         server.shutdown()
         server.server_close()
