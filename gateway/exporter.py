@@ -203,7 +203,7 @@ class GatewayCollector:
         ages: list[str] = []
         age_line = ages.append
         agent = device = labels_tail = age_head = age_tail = ""
-        clock, inf = now, _INF
+        clock = now
         # The hot loop of a scrape, once per reading: each device's label text is put together once, and
         # every line is one f-string of it (with the read of the rows, this loop is most of a scrape).
         for row_agent, row_device, metric, value, ts in store.latest(db):  # in key order: a device's rows in a run
@@ -219,7 +219,8 @@ class GatewayCollector:
                 if metric not in METRICS:
                     continue  # not in this gateway's catalog (a newer agent's)
                 line = sinks[metric] = by_metric.setdefault(metric, []).append
-            line(f"examwatch_{metric}{labels_tail}{repr(value) if -inf < value < 1e6 else number(value)}\n")
+            # number(value) as one comparison: NaN and +Inf fail it; -Inf cannot be stored (readings are finite)
+            line(f"examwatch_{metric}{labels_tail}{repr(value) if value < 1e6 else number(value)}\n")
             age = clock - ts
             age_line(f"{age_head}{metric}{age_tail}{age if age > 0 else 0.0:.3f}\n")  # ms: half a repr's cost
         for metric, lines in by_metric.items():
@@ -316,6 +317,7 @@ class Exposition:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = 30  # s: a client that connects and says nothing does not keep its thread
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # a scrape every 15 s is not news
