@@ -84,6 +84,16 @@ class Room:
         self.send("alarms", msgspec.json.encode(ev))
 
 
+def stop_or_kill(gw: GatewayProc) -> None:
+    """Stop the gateway; one that does not stop in time is killed (and the test fails)."""
+    try:
+        gw.stop()
+    except subprocess.TimeoutExpired:
+        if gw.proc is not None:
+            gw.proc.kill()
+        raise
+
+
 def subscribed(gw: GatewayProc) -> bool:
     return "examwatch_gateway_broker_connected 1" in gw.metrics()
 
@@ -99,6 +109,8 @@ class Province:
     prometheus: PrometheusProc
     gateway: GatewayProc
     county_gateways: dict[str, GatewayProc]
+    broker: Mosquitto  # the provincial one
+    rooms: dict[str, Room]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +130,7 @@ def province(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Province]:
             gateway.config.read_text().replace("[gateway]\n", '[gateway]\nmode = "aggregate"\n', 1)
         )
         gateway.start()
-        stoppers.append(gateway.stop)
+        stoppers.append(lambda: stop_or_kill(gateway))
         until(lambda: subscribed(gateway), 20, "the provincial gateway subscribed")
 
         county_proms, county_gateways, targets = {}, {}, []
@@ -130,7 +142,7 @@ def province(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Province]:
             stoppers.append(cb.stop)
             gw = GatewayProc(work / county, cb.port, rooms)
             gw.start()
-            stoppers.append(gw.stop)
+            stoppers.append(lambda gw=gw: stop_or_kill(gw))
             county_gateways[county] = gw
             prom = PrometheusProc(
                 work / county / "prometheus",
@@ -167,10 +179,16 @@ def province(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Province]:
         for agent in ("a1/r1", "b1/r1", "b2/r1"):
             room_of[agent].raise_alarm(alarm(agent, "raised", time.time(), time.time(), rule="recorder_battery_low"))
         room_of["b1/r2"].raise_alarm(door_opened("b1", "r2", time.time()))
-        yield Province(county_proms, prom, gateway, county_gateways)
+        yield Province(county_proms, prom, gateway, county_gateways, broker, room_of)
     finally:
-        for stop in reversed(stoppers):
-            stop()
+        failed: list[BaseException] = []
+        for stop in reversed(stoppers):  # every one, even after one failed: no process left behind
+            try:
+                stop()
+            except Exception as err:  # e.g. a process that does not stop in time
+                failed.append(err)
+        if failed:
+            raise failed[0]
 
 
 def test_the_example_configs_are_valid() -> None:
@@ -295,3 +313,17 @@ def test_the_province_dashboard_names_only_federated_families(province: Province
     for name in names:
         assert re.fullmatch(federated, name), name
         assert re.sub(r"_total$", "", name) in exported, name
+
+
+def test_alarms_raised_while_the_province_is_unreachable_arrive_when_it_is_back(province: Province) -> None:
+    """The bridges' sessions: the county broker queues what its rooms raise and hands it on afterwards."""
+    gw, room = province.gateway, province.rooms["a1/r2"]
+    province.broker.stop()
+    room.raise_alarm(door_opened("a1", "r2", time.time(), alarm_id="a1/r2/secrecy_door_open/door1/7"))
+    time.sleep(2)  # raised and queued in county A while the province is down
+    province.broker.start()
+
+    def seen() -> bool:
+        return any(a["room"] == "r2" and a["site"] == "a1" for a in gw.get("/api/v1/alarms?state=active")["alarms"])
+
+    until(seen, 90, "the alarm raised during the outage, at the province")  # the bridge retries after 5..60 s
