@@ -6,14 +6,16 @@ gateway reading the same database answers the same. Readings carry the same labe
 (``kind`` from the kinds the agent's status names, empty for older agents) and their age, so a panel can
 leave out a value from a room that went quiet.
 
-A county is 100k+ series, nearly all per room, and nearly every room's values change between two scrapes
-(readings arrive every few seconds, ages every second), so a per-room cache would seldom hit. What costs
-is the formatting: prometheus_client builds a sample object per series and escapes every label of every
-sample (2.6 s at 2,000 rooms). Here the text format is written directly, each room's and each device's
-label values escaped once (``Labels``), the page byte for byte what prometheus_client would write (label
-names in order, its number format). Other collectors (the notifier's) still go through prometheus_client,
-appended to the same page. Gzip, when asked for, is level 1: the library's level 9 costs more than the
-whole page for a few percent of size.
+A county is 100k+ series, nearly all per room. Nearly every room's rows change between two scrapes
+(readings arrive every few seconds, ages every second), so a per-room cache would seldom hit; lines
+pre-rendered on ingest would hold only what this process ingested, and replicas sharing the feed each
+ingest a part: the database is the one complete view. What cost was the formatting: prometheus_client
+builds a sample object per series and escapes every label of every sample (2.6 s at 2,000 rooms). Here
+the text format is written directly, each room's and each device's label values escaped once
+(``Labels``), the page byte for byte what prometheus_client wrote (label names in order, its number
+format) but for the ages, in milliseconds. Other collectors (the notifier's) still go through
+prometheus_client, appended to the same page. Gzip, when asked for, is level 1: the library's level 9
+costs more than the whole page for a tenth less size.
 """
 
 from __future__ import annotations
