@@ -34,7 +34,10 @@ class Gateway:
         self.stop_event = threading.Event()
         self.conn = store.connect(self.db_path)
         self.engine = Engine(cfg, self.conn, cfg.agent_keys())
-        self.inbox: queue.SimpleQueue[tuple[int, int, Message]] = queue.SimpleQueue()
+        # Not a SimpleQueue: its get(timeout) waits for ever once a signal handler (SIGTERM's) outlasts the
+        # timeout (CPython 3.11's _queue passes the negative remainder on as "block"), so a quiet gateway would
+        # not stop.
+        self.inbox: queue.Queue[tuple[int, int, Message]] = queue.Queue()
         self.subscriber = Subscriber(cfg.broker, self.inbox)
         ack_key = acklink.load_key(cfg.gateway.state_dir)  # signs the acknowledgement links in messages
         read_only = cfg.gateway.mode == "aggregate"
