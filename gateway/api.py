@@ -77,6 +77,7 @@ REFUSALS = (
     "busy",
     "deadline",
     "broken",
+    "read_only",  # a province's aggregate gateway takes no acknowledgement, note or close
 )
 
 
@@ -202,6 +203,7 @@ class ApiServer:
         secrecy_rooms: Any = (),
         close_incident: Callable[[str, str, str], bool] | None = None,
         records: dict[str, Any] | None = None,
+        read_only: bool = False,
     ) -> None:
         from examwatch.gateway import auth, routes
 
@@ -209,6 +211,7 @@ class ApiServer:
         self.db_path, self.token, self.ack_key = db_path, token, ack_key  # ack_key checks the signed links
         self.auth = auth.Auth(users or [])
         self.close_incident = close_incident  # hands a close to the ingest thread, the incidents' one writer
+        self.read_only = read_only  # every state-changing request refused (log-in aside)
         self.records = records or {}  # the records' settings from the config: tz, correlation rules, county
         self.roster, self.secrecy = sorted(roster), frozenset(secrecy_rooms)  # the desk's rooms; 保密室 apart
         self.streams = 0  # the desk's open event streams (at most desk.MAX_STREAMS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from importlib import resources
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -35,6 +35,9 @@ Seconds = Annotated[float, msgspec.Meta(ge=0.1, le=DAY)]  # windows and timeouts
 
 class GatewaySettings(Strict, kw_only=True):
     county: str = ""  # display name, e.g. "某某县招办"
+    # "county": the rooms' gateway. "aggregate": a province's read-only view of bridged counties (docs/province.md):
+    # it stores and shows, never acknowledges or notifies.
+    mode: Literal["county", "aggregate"] = "county"
     state_dir: str = "/var/lib/examwatch-gateway"  # gateway.db lives here
     retention_days: Days = 30.0  # readings and the (agent, seq) ledger older than this are deleted
     alarm_retention_days: Days = 365.0  # alarm and incident timelines are kept this long
@@ -125,13 +128,17 @@ def builtin_correlation() -> list[CorrelationRule]:
 
 
 def _parse_keys_file(text: str) -> list[tuple[str, bytes]]:
-    out = []
+    out: list[tuple[str, bytes]] = []
+    lines: dict[str, int] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         parts = raw.split("#", 1)[0].split()
         if not parts:
             continue
         if len(parts) != 2:
             raise ValueError(f"keys file line {n}: expected '<site>/<room> <hex key>'")
+        if parts[0] in lines:  # two rooms (two counties' rosters put together) under one id: one would be lost
+            raise ValueError(f"keys file line {n}: {parts[0]} already given at line {lines[parts[0]]}")
+        lines[parts[0]] = n
         try:
             out.append((parts[0], wire.parse_key(parts[1])))
         except ValueError as err:
@@ -183,6 +190,14 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
         ports[port] = key
     issues += [ConfigIssue(path, message) for path, message in schedule_issues(cfg.schedule)]
     issues += [ConfigIssue(path, text) for path, text in notify.check(cfg.channels, cfg.roster, cfg.notify)]
+    if cfg.gateway.mode == "aggregate":  # the counties notify and take acknowledgements; the province only looks
+        issues += [
+            ConfigIssue((key,), f"not in aggregate mode: the counties' gateways {what}")
+            for key, what in (("channels", "notify"), ("roster", "notify"))
+            if getattr(cfg, key)
+        ]
+        if cfg.api.token or cfg.api.token_file:
+            issues.append(ConfigIssue(("api", "token"), "not in aggregate mode: its API takes no acknowledgements"))
     return issues
 
 

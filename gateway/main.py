@@ -36,7 +36,10 @@ class Gateway:
         self.stop_event = threading.Event()
         self.conn = store.connect(self.db_path)
         self.engine = Engine(cfg, self.conn, cfg.agent_keys())
-        self.inbox: queue.SimpleQueue[tuple[int, int, Message]] = queue.SimpleQueue()
+        # Not a SimpleQueue: its get(timeout) waits for ever once a signal handler (SIGTERM's) outlasts the
+        # timeout (CPython 3.11's _queue passes the negative remainder on as "block"), so a quiet gateway would
+        # not stop.
+        self.inbox: queue.Queue[tuple[int, int, Message]] = queue.Queue()
         self.subscriber = Subscriber(cfg.broker, self.inbox)
         ack_key = acklink.load_key(cfg.gateway.state_dir)  # signs the acknowledgement links in messages
         self.requests: queue.SimpleQueue[tuple[Callable[[], bool], Future[bool]]] = queue.SimpleQueue()
@@ -49,6 +52,7 @@ class Gateway:
             roster=list(self.engine.keys),  # the rooms' ids, not their keys
             secrecy_rooms=cfg.api.secrecy_rooms,
             close_incident=self.close_incident,
+            read_only=cfg.gateway.mode == "aggregate",  # a province's gateway only looks
             records={"tz": cfg.schedule.timezone, "rules": cfg.correlation_rules(), "county": cfg.gateway.county},
         )
         self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber, api=self.api)
@@ -62,6 +66,7 @@ class Gateway:
         log.info(
             "gateway_started",
             agents=len(self.engine.agents),
+            mode=self.cfg.gateway.mode,
             api=self.cfg.api.listen,
             exporter=self.cfg.exporter.listen,
         )

@@ -35,7 +35,7 @@ MAX_PACKET = 256 * 1024
 
 
 class Subscriber:
-    def __init__(self, cfg: Broker, inbox: queue.SimpleQueue[tuple[int, int, Message]]) -> None:
+    def __init__(self, cfg: Broker, inbox: queue.Queue[tuple[int, int, Message]]) -> None:
         self.cfg = cfg
         self.inbox = inbox  # (connection number, mid, message)
         self.connection = 0  # bumped at every connect: mids are only valid on the connection they came on

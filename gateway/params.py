@@ -52,6 +52,10 @@ class Forbidden(BadRequest):
     status = 403
 
 
+class ReadOnly(Forbidden):
+    """A province's aggregate gateway: the counties acknowledge, add notes and close."""
+
+
 class Param(NamedTuple):
     """A query parameter's check (raises BadRequest) and its JSON schema (for OpenAPI)."""
 

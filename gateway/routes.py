@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -23,6 +23,7 @@ from examwatch.gateway.params import (
     MAX_BODY,
     BadRequest,
     NotFound,
+    ReadOnly,
     TooLarge,
     Unauthorized,
     body_reason,
@@ -31,6 +32,8 @@ from examwatch.gateway.params import (
     parse_ack_form,
     parse_query,
 )
+
+SESSION_PATHS = ("/desk/login", "/desk/logout")  # a read-only gateway's desk still has its viewers log in
 
 if TYPE_CHECKING:
     from examwatch.gateway.api import ApiServer
@@ -80,7 +83,12 @@ def _doc(path: str) -> dict[str, Any]:
 def app_for(srv: ApiServer) -> FastAPI:
     from examwatch.gateway import desk
 
+    def writable(request: Request) -> None:
+        if srv.read_only and request.method != "GET" and request.url.path not in SESSION_PATHS:
+            raise ReadOnly("read-only: acknowledge on the county's gateway")
+
     app = FastAPI(
+        dependencies=[Depends(writable)],
         title="examwatch gateway",
         version="1",
         openapi_url="/api/v1/openapi.json",
@@ -91,7 +99,11 @@ def app_for(srv: ApiServer) -> FastAPI:
 
     @app.exception_handler(BadRequest)
     async def refused(request: Request, err: BadRequest) -> Response:
-        reason = {404: "not_found", 401: "unauthorized", 403: "forbidden"}.get(err.status)
+        reason = (
+            "read_only"
+            if isinstance(err, ReadOnly)
+            else {404: "not_found", 401: "unauthorized", 403: "forbidden"}.get(err.status)
+        )
         if reason is None:
             reason = "bad_query" if request.method == "GET" else body_reason(err)
         srv.refuse(reason, str(err))

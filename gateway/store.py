@@ -208,8 +208,11 @@ def agents(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return _dicts(conn.execute("SELECT * FROM agents ORDER BY agent"))
 
 
-def latest(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    return conn.execute("SELECT agent, device, metric, value, ts FROM latest").fetchall()
+def latest(conn: sqlite3.Connection) -> list[tuple[str, str, str, float, float]]:
+    """(agent, device, metric, value, ts) as plain tuples: a county's scrape reads 100k+ (sqlite3.Row costs more)."""
+    cur = conn.cursor()
+    cur.row_factory = None
+    return cur.execute("SELECT agent, device, metric, value, ts FROM latest").fetchall()
 
 
 def device_kinds(conn: sqlite3.Connection) -> dict[str, dict[str, str]]:

@@ -74,6 +74,14 @@ GATEWAY_CASES = [
     ("desk user with no such role", USER.format("boss", HASH), ("api", "users", 0, "role")),
     ("desk password not hashed", USER.format("duty", "hunter2"), ("api", "users", 0, "password_hash")),
     ("desk user twice", USER.format("duty", HASH) + USER.format("viewer", HASH), ("api", "users", 1, "name")),
+    ("an unknown mode", '[gateway]\nmode = "province"', ("gateway", "mode")),
+    # a province's aggregate gateway only looks: the counties notify and take acknowledgements
+    ("aggregate with a token", '[gateway]\nmode = "aggregate"\n[api]\ntoken = "t"', ("api", "token")),
+    (
+        "aggregate with a channel",
+        '[gateway]\nmode = "aggregate"\n[[channels]]\nname = "hook"\ntype = "webhook"\nurl = "http://127.0.0.1:1/x"',
+        ("channels",),
+    ),
 ]
 
 
@@ -122,14 +130,26 @@ def test_type_errors_and_semantic_errors_are_reported_together():
     }
 
 
-def test_a_bad_keys_file_line_is_reported(tmp_path):
+def keys_file_issues(tmp_path, text: str) -> list[tuple[tuple[str, ...], str]]:
     keys = tmp_path / "agent-keys"
-    keys.write_text(f"s1/101 {KEY}\ns1/102 zz\n", encoding="utf-8")
+    keys.write_text(text, encoding="utf-8")
     keys.chmod(0o600)
     with pytest.raises(ConfigError) as exc:
         loads(f'[security]\nkeys_file = "{keys}"\n')
-    assert [i.path for i in exc.value.issues] == [("security", "keys_file")]
-    assert "line 2" in exc.value.issues[0].message
+    return [(i.path, i.message) for i in exc.value.issues]
+
+
+def test_a_bad_keys_file_line_is_reported(tmp_path):
+    [(path, message)] = keys_file_issues(tmp_path, f"s1/101 {KEY}\ns1/102 zz\n")
+    assert path == ("security", "keys_file") and "line 2" in message
+
+
+def test_a_room_given_twice_in_a_keys_file_is_refused(tmp_path):
+    """Two counties' rosters put together for a province: one room id in both would lose one of the rooms."""
+    text = f"s1/101 {KEY}\ns1/102 {KEY}\n# the next county\ns1/101 {'cd' * 32}\n"
+    assert keys_file_issues(tmp_path, text) == [
+        (("security", "keys_file"), "keys file line 4: s1/101 already given at line 1")
+    ]
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:

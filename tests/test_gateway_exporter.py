@@ -2,40 +2,48 @@
 
 from __future__ import annotations
 
+import math
+import subprocess
+import urllib.error
+import urllib.request
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
+from structlog.testing import capture_logs
 
 from examwatch.gateway import store
-from examwatch.gateway.exporter import GatewayCollector
+from examwatch.gateway.exporter import GatewayCollector, escape, family, number, serve
 from examwatch.gateway.ingest import Engine, Message
-from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS
+from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS, Stats
 from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule, Window
 from examwatch.rules.schedule import PHASES
+from tests.support import until
+from tests.support.prometheus import PrometheusProc
 from tests.test_gateway_ingest import KEYS, T0, alarm, alarm_msg, make, status_msg
 
 
 def scrape(e: Engine, tmp_path, now: float) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """Family name -> {sorted labels: value}, through the text format Prometheus reads."""
-    registry = CollectorRegistry()
-    registry.register(GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: now))
     out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+    for fam in text_string_to_metric_families(
+        GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: now).render()
+    ):
         for s in fam.samples:
             out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
     return out
 
 
 def helps(e: Engine, tmp_path) -> dict[str, str]:
-    registry = CollectorRegistry()
-    registry.register(GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: T0))
-    return {fam.name: fam.documentation for fam in text_string_to_metric_families(generate_latest(registry).decode())}
+    text = GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: T0).render()
+    return {fam.name: fam.documentation for fam in text_string_to_metric_families(text)}
 
 
 def labels(**kw: str) -> tuple[tuple[str, str], ...]:
@@ -183,3 +191,133 @@ def test_phase_from_the_agents_report_or_the_gateways_schedule(tmp_path):
     phase = scrape(e, tmp_path, T0 + 120)["examwatch_gateway_agent_phase"]
     assert {k for k, v in phase.items() if v == 1} == {labels(site="s1", room=r, phase="after") for r in ("101", "102")}
     assert len(phase) == 2 * len(PHASES)  # rooms never heard of have no phase series
+
+
+# Device and rule names are the agents' own (any text up to 128 characters): Chinese, quotes, backslashes,
+# line feeds all reach the exporter and must come out exactly as they went in.
+HOSTILE = ['录像机"一号"', "c:\\rec\\", "第一行\n第二行", '\\"', "plain"]
+
+
+def hostile_engine(tmp_path) -> Engine:
+    e = make(tmp_path)
+    e.ingest([kinds_status("s1/101", {name: "recorder" for name in HOSTILE}, T0, T0)], T0)
+    body = [Reading(name, "battery_percent", 50.0 + i, T0 - i) for i, name in enumerate(HOSTILE)]
+    e.ingest([readings("s1/101", 1, body, T0)], T0)
+    ev = msgspec.structs.replace(alarm("s1/101", "raised", T0, T0), rule='规则"\\\n', id="s1/101/x/1")
+    e.ingest([alarm_msg("s1/101", 2, ev, T0)], T0)
+    return e
+
+
+def test_label_values_are_escaped_exactly(tmp_path):
+    e = hostile_engine(tmp_path)
+    text = GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: T0 + 10).render()
+    # the text format's three escapes, byte for byte; Chinese as it is
+    for name, escaped in [
+        ('录像机"一号"', r"录像机\"一号\""),
+        ("c:\\rec\\", r"c:\\rec\\"),
+        ("第一行\n第二行", r"第一行\n第二行"),
+        ('\\"', r"\\\""),
+    ]:
+        assert f'examwatch_battery_percent{{device="{escaped}",kind="recorder",room="101",site="s1"}}' in text, name
+    assert r'rule="规则\"\\\n"' in text
+    assert "\n\n" not in text and text.endswith("\n")
+
+    got = scrape(e, tmp_path, T0 + 10)  # through prometheus_client's parser: the same names come back
+    assert got["examwatch_battery_percent"] == {
+        labels(site="s1", room="101", device=name, kind="recorder"): 50.0 + i for i, name in enumerate(HOSTILE)
+    }
+    assert got["examwatch_reading_age_seconds"] == {
+        labels(site="s1", room="101", device=name, kind="recorder", metric="battery_percent"): 10.0 + i
+        for i, name in enumerate(HOSTILE)
+    }
+    assert got["examwatch_alarm_active"] == {labels(site="s1", room="101", rule='规则"\\\n', level="1"): 1.0}
+
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+NUMBERS = [0.0, -0.0, 0.1, 0.1 + 0.2, -2.5, 1e-7, 999_999.9, 1e6, 1_234_567.0, 1e300, -1e300, math.inf, -math.inf]
+
+
+def test_numbers_are_written_as_prometheus_client_writes_them():
+    assert [number(v) for v in NUMBERS] == [floatToGoString(v) for v in NUMBERS]
+    assert number(math.nan) == "NaN"
+    assert [number(v) for v in (1e6, 1_234_567.0, -math.inf)] == ["1e+06", "1.234567e+06", "-Inf"]
+
+
+@pytest.mark.parametrize("kind", ["gauge", "counter"])
+def test_a_family_is_byte_for_byte_what_prometheus_client_writes(kind):
+    """The page is the one the library wrote before (label names in order, its escapes and numbers)."""
+    values = [*HOSTILE, "", '考场\\"\n\n', "\t tab", "ünïcode 🙂"]
+    samples = [(site, room, v) for site in values for room in values[:3] for v in NUMBERS[: len(values)]]
+    cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+    fam = cls("examwatch_x", 'help with "quotes", \\ and\na line feed', labels=["room", "site"])
+    for site, room, v in samples:
+        fam.add_metric([room, site], v)
+    registry = CollectorRegistry()
+    registry.register(Static([fam]))
+    mine = family(
+        "examwatch_x",
+        'help with "quotes", \\ and\na line feed',
+        kind,
+        [(f'room="{escape(room)}",site="{escape(site)}"', v) for site, room, v in samples],
+    )
+    assert mine == generate_latest(registry).decode()
+
+
+class Static:
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def test_a_real_prometheus_scrapes_the_endpoint(tmp_path):
+    """The served page, gzipped as Prometheus asks, with another collector's families after the gateway's."""
+    e = hostile_engine(tmp_path)
+    extra = Counter("examwatch_notify_sent", "messages a channel confirmed", ["channel"], registry=None)
+    extra.labels("值班群").inc(3)
+    server, _ = serve("127.0.0.1:0", GatewayCollector(str(tmp_path / "gw.db"), e.stats), extra)
+    prom = PrometheusProc(
+        tmp_path / "prometheus",
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gw\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{server.server_address[1]}']\n",
+    )
+    prom.start()
+    try:
+        until(lambda: prom.result("examwatch_battery_percent"), 30, "Prometheus scraped the gateway")
+        got = prom.by("device", "examwatch_battery_percent")
+        assert got == {name: 50.0 + i for i, name in enumerate(HOSTILE)}
+        assert list(prom.by("rule", "examwatch_alarm_active")) == ['规则"\\\n']
+        assert prom.by("channel", "examwatch_notify_sent_total") == {"值班群": 3.0}
+        # every series on the page was taken, none dropped as malformed
+        page = server.exposition.page().decode()
+        series = sum(1 for line in page.splitlines() if not line.startswith("#"))
+        assert prom.by("job", "scrape_samples_scraped") == {"gw": float(series)}
+    finally:
+        prom.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_scrape_that_cannot_read_the_database_fails_and_the_next_one_recovers(tmp_path):
+    gw = GatewayCollector(str(tmp_path / "gw.db"), Stats())  # no database yet
+    server, _ = serve("127.0.0.1:0", gw)
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    try:
+        with capture_logs() as logs:
+            for _ in range(2):  # failing each time, logged once
+                with pytest.raises(urllib.error.HTTPError) as err:
+                    urllib.request.urlopen(url, timeout=10)
+                assert err.value.code == 500
+            make(tmp_path)  # the gateway's database appears
+            with urllib.request.urlopen(url, timeout=10) as r:
+                assert r.status == 200 and "examwatch_gateway_agent_up" in r.read().decode()
+        assert [e["event"] for e in logs if e["event"].startswith("scrape_")] == ["scrape_failed", "scrape_recovered"]
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=10)
+        assert err.value.code == 404
+    finally:
+        server.shutdown()
+        server.server_close()

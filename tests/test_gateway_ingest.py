@@ -93,7 +93,7 @@ def test_idempotent_on_agent_and_seq_and_gaps_reported(tmp_path):
     assert e.agents["s1/101"].epochs[EPOCH].seqs.gaps(0) == [(4, 4)]
     e.ingest([readings_msg("s1/101", 4, T0 + 4)], T0 + 12)  # late, after a reconnect: fills the gap
     assert store.agents(e.conn)[0]["missing"] == 0
-    latest = {(r["device"], r["metric"]): r["value"] for r in store.latest(e.conn)}
+    latest = {(device, metric): value for _, device, metric, value, _ in store.latest(e.conn)}
     assert latest == {("ups1", "ups_charge_percent"): 62.0}  # the newest by the room's time, not by arrival
 
 

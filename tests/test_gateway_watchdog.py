@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sqlite3
+import threading
 import time
 
 import pytest
 
+from examwatch.gateway import config as gwconfig
+from examwatch.gateway.ingest import Message
+from examwatch.gateway.main import Gateway
 from tests.support import until
 from tests.support.gateway import GatewayProc, start
 
@@ -48,3 +53,23 @@ def test_ready_then_watchdog_only_while_the_ingest_loop_makes_progress(mosquitto
     until(lambda: "WATCHDOG=1" in notes(sock, 1.0), what="pings again once the loop runs")
     assert gw.proc.poll() is None
     sock.close()
+
+
+def test_the_ingest_loop_waits_no_longer_than_its_timeout_when_a_signal_arrives(tmp_path):
+    """SIGTERM's handler running past the wait's end must not turn the wait into one for the next message:
+    a quiet gateway (a province at night) would not stop until systemd killed it."""
+    cfg = gwconfig.loads(
+        f'[gateway]\nstate_dir = "{tmp_path}"\n[api]\nlisten = "127.0.0.1:0"\n[exporter]\nlisten = "127.0.0.1:0"\n'
+    )
+    gw = Gateway(cfg)
+    late = threading.Timer(5, lambda: gw.inbox.put((0, 0, Message("t", b"", False, 0.0))))
+    previous = signal.signal(signal.SIGALRM, lambda *_: time.sleep(0.3))  # outlasts the 0.2 s wait
+    try:
+        late.start()
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        assert gw._take(timeout=0.2) == []  # the wait ended: not the message that came 5 s later
+    finally:
+        late.cancel()
+        signal.signal(signal.SIGALRM, previous)
+        gw.api.server_close()
+        gw.conn.close()

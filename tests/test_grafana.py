@@ -371,7 +371,7 @@ def test_every_metric_the_dashboards_name_is_exported(stack: Stack) -> None:
         assert unknown() == set(), f"{board}.json names metrics its exporter does not export"
 
 
-@pytest.mark.parametrize("board", list(JOBS))
+@pytest.mark.parametrize("board", [*JOBS, "province"])  # the province's queries: tests/test_province.py
 def test_dashboard_shape(board: str) -> None:
     """What Grafana needs to load the file, and what the support group needs to read it."""
     d = dashboard(board)
