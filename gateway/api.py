@@ -238,7 +238,7 @@ class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, listen: str, db_path: str, token: str, ack_key: bytes = b"") -> None:
+    def __init__(self, listen: str, db_path: store.Where, token: str, ack_key: bytes = b"") -> None:
         host, port = parse_listen(listen)
         self.ack_key = ack_key  # checks the signed acknowledgement links (acklink)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET

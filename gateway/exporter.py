@@ -8,7 +8,6 @@ for older agents) and their age, so a panel can leave out a value from a room th
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
 class GatewayCollector:
     def __init__(
         self,
-        db_path: str,
+        db_path: store.Where,
         stats: Stats,
         clock: Callable[[], float] = time.time,
         broker: Subscriber | None = None,
@@ -43,10 +42,10 @@ class GatewayCollector:
         self.broker = broker  # the Subscriber: its link's state
         self.api = api  # its refused requests
         self.clock = clock
-        self._conn: sqlite3.Connection | None = None
+        self._conn: store.Db | None = None
         self._lock = threading.Lock()
 
-    def _db(self) -> sqlite3.Connection:
+    def _db(self) -> store.Db:
         if self._conn is None:
             self._conn = store.connect(self.db_path, readonly=True)
         return self._conn
@@ -55,7 +54,7 @@ class GatewayCollector:
         with self._lock:
             yield from self._collect(self._db(), self.clock())
 
-    def _collect(self, db: sqlite3.Connection, now: float) -> Iterator[Metric]:
+    def _collect(self, db: store.Db, now: float) -> Iterator[Metric]:
         agents = store.agents(db)
         # The age on the room's own clock (its reading times are), so a room with a skewed clock ages right too.
         room_now = {a["agent"]: now + (a["skew"] or 0.0) for a in agents}

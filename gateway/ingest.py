@@ -21,7 +21,6 @@ its devices' kinds are the ones its agent's status names (older agents name none
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import Iterable
 from typing import Annotated, Any, NamedTuple
@@ -82,7 +81,7 @@ def _owner(alarm_id: str) -> str:
 
 
 class Engine:
-    def __init__(self, cfg: Config, conn: sqlite3.Connection, keys: dict[str, bytes]) -> None:
+    def __init__(self, cfg: Config, conn: store.Db, keys: dict[str, bytes]) -> None:
         self.cfg = cfg
         self.conn = conn
         self.keys = keys
@@ -384,20 +383,25 @@ class Engine:
             self._batch.incident(inc)
 
     def _commit(self) -> None:
-        """Write the batch in one transaction; if that fails, message by message, setting aside what still fails."""
+        """Write the batch in one transaction; if that fails, message by message, setting aside what still fails.
+
+        A database that cannot be reached (PostgreSQL restarting) is not the messages' fault: that raises at
+        once, nothing is acknowledged, and the caller retries the batch after ``reload``.
+        """
         parts, self._parts = [*self._parts, (None, self._batch)], []
-        self._batch = whole = Rows()
-        for _, rows in parts:
-            whole.merge(rows)
         self._batch = Rows()
         try:
-            self._write(whole)
-        except Exception as err:  # a row SQLite refuses: find the message it came from
+            self._write([rows for _, rows in parts])
+        except Exception as err:  # a row the database refuses: find the message it came from
+            if store.unavailable(err):
+                raise
             log.error("batch_commit_failed", error=f"{type(err).__name__}: {err}", messages=len(parts) - 1)
             for m, rows in parts:
                 try:
-                    self._write(rows)
+                    self._write([rows])
                 except Exception as one:
+                    if store.unavailable(one):
+                        raise
                     self._resync = True
                     if m is None:
                         log.exception("gateway_rows_failed")  # our own alarms and incidents: derived again later
@@ -405,16 +409,35 @@ class Engine:
                     self._reject(
                         Rejected("internal", self._roster_agent(m.topic), f"not stored: {type(one).__name__}: {one}"), m
                     )
-                    self._write(self._batch)  # the dead letter alone; if even that fails the database is broken: raise
+                    self._write([self._batch])  # the dead letter alone; if even that fails the database is broken
                     self._batch = Rows()
         if self._resync:  # the database is the truth: what memory holds of refused rows goes
             self._resync = False
             self._load()
 
-    def _write(self, rows: Rows) -> None:
-        store.write_batch(self.conn, rows.statements([self.agents[a].row() for a in sorted(rows.agents)]))
-        self._stored |= rows.agents
+    def _write(self, parts: list[Rows]) -> None:
+        """One transaction: the messages' ledger keys first, then the rows of those not stored already.
+
+        A message stored already (by another gateway process sharing the database, which the broker gave it
+        to before) changes nothing a second time.
+        """
+        whole = Rows()
+        timeline = any(p.alarm_events or p.incident_events for p in parts)
+        with store.transaction(self.conn, timeline=timeline):
+            new = store.claim(self.conn, [row for p in parts for row in p.ledger])
+            for p in parts:
+                if all(tuple(row[:3]) in new for row in p.ledger):
+                    whole.merge(p)
+                else:
+                    self.stats.duplicates += 1
+            store.write(self.conn, whole.statements([self.agents[a].row() for a in sorted(whole.agents)]))
+        self._stored |= whole.agents
         self.stats.batches += 1
+
+    def reload(self, conn: store.Db) -> None:
+        """Start again from what the database holds, on a new connection (after the old one was lost)."""
+        self.conn, self._parts, self._batch = conn, [], Rows()
+        self._load()
 
     def retention(self, now: float) -> None:
         cut = now - self.cfg.gateway.retention_days * 86400

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import sqlite3
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -164,12 +163,12 @@ class AgentState:
         )
 
 
-def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[str, AgentState], set[str]]:
+def load_agents(conn: store.Db, roster: Iterable[str]) -> tuple[dict[str, AgentState], set[str]]:
     """Every agent of the roster or the store, as the store left it; and those the store has a row for."""
     rows = {r["agent"]: r for r in conn.execute("SELECT * FROM agents")}
     runs = store.received_ranges(conn)
     kinds = store.device_kinds(conn)
-    epochs: dict[str, list[sqlite3.Row]] = {}
+    epochs: dict[str, list[Any]] = {}
     for r in conn.execute("SELECT * FROM epochs ORDER BY agent, rank"):
         epochs.setdefault(r["agent"], []).append(r)
     agents: dict[str, AgentState] = {}
@@ -192,7 +191,7 @@ def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[s
 
 
 def load_open(
-    conn: sqlite3.Connection,
+    conn: store.Db,
 ) -> tuple[OpenAlarms, dict[tuple[str, str], AlarmEvent], dict[tuple[str, str], Incident]]:
     """Alarms still open (the agents' and ours) with their last transition's order, for ordering; the raise of
     each of our own by (agent, rule); the open incidents by (site, fault class)."""
@@ -278,7 +277,6 @@ class Rows:
 
     def statements(self, agent_rows: list[tuple[Any, ...]]) -> list[tuple[str, Sequence[Sequence[Any]]]]:
         return [
-            ("INSERT OR IGNORE INTO ledger (agent, epoch, seq, kind, ts, received) VALUES (?,?,?,?,?,?)", self.ledger),
             (
                 "INSERT INTO readings (agent, device, metric, value, ts, quality, seq) VALUES (?,?,?,?,?,?,?)",
                 self.readings,
@@ -286,10 +284,11 @@ class Rows:
             (
                 (
                     "INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) "
-                    "ON CONFLICT DO UPDATE SET value = excluded.value, ts = excluded.ts, quality = excluded.quality "
+                    "ON CONFLICT (agent, device, metric) DO UPDATE SET value = excluded.value, ts = excluded.ts, "
+                    "quality = excluded.quality "
                     "WHERE excluded.ts >= latest.ts"
                 ),
-                self.latest(),
+                sorted(self.latest()),  # one order for every writer: two gateways never wait on each other in a cycle
             ),
             (
                 "INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
@@ -331,9 +330,9 @@ class Rows:
             (
                 (
                     "INSERT INTO epochs (agent, epoch, rank, floor_seq) VALUES (?,?,?,?) ON CONFLICT (agent, epoch) "
-                    "DO UPDATE SET floor_seq = excluded.floor_seq"
+                    "DO UPDATE SET floor_seq = excluded.floor_seq WHERE excluded.floor_seq > epochs.floor_seq"
                 ),
-                list(self.epochs.values()),
+                sorted(self.epochs.values()),
             ),
             (
                 (

@@ -8,7 +8,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import sdnotify
 import structlog
@@ -30,7 +29,7 @@ class Gateway:
 
     def __init__(self, cfg: gwconfig.Config) -> None:
         self.cfg = cfg
-        self.db_path = str(Path(cfg.gateway.state_dir) / "gateway.db")
+        self.db_path = cfg.store_where()
         self.stop_event = threading.Event()
         self.conn = store.connect(self.db_path)
         self.engine = Engine(cfg, self.conn, cfg.agent_keys())
