@@ -249,7 +249,7 @@ def _store_issues(st: Store) -> list[ConfigIssue]:
                 issues.append(ConfigIssue(("store", "dsn"), "no password in the dsn: put it in password_file"))
         except Exception as err:  # psycopg.ProgrammingError on a malformed dsn; never echo it (it may hold secrets)
             issues.append(ConfigIssue(("store", "dsn"), f"not a libpq connection string or URI ({type(err).__name__})"))
-    elif not st.host.startswith("/"):  # a directory is libpq's unix socket
+    elif st.host and not st.host.startswith("/"):  # a directory is libpq's unix socket
         try:
             check_host(st.host)
         except ValueError as err:

@@ -103,18 +103,15 @@ def migrate(conn: Any, dialect: str) -> list[int]:
     """Apply the migrations this database lacks, in order, one transaction each; the numbers applied."""
     if dialect == "sqlite":
         _adopt_legacy(conn)
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
-        "applied REAL NOT NULL)"
-    )
+    if _has_table(conn, dialect) and applied(conn) >= LATEST:
+        return []  # the usual case: nothing to do, no lock taken
     done = []
     for number, name, sql in MIGRATIONS:
-        if number <= applied(conn):
-            continue
         conn.execute("BEGIN IMMEDIATE")
         try:
             if dialect == "postgresql":
                 conn.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATE_LOCK])
+            conn.execute(_MIGRATIONS_TABLE)
             if number > applied(conn):  # another process may have applied it while we waited for the lock
                 for statement in render(sql, dialect):
                     conn.execute(statement)
@@ -128,6 +125,18 @@ def migrate(conn: Any, dialect: str) -> list[int]:
             conn.execute("ROLLBACK")
             raise
     return done
+
+
+_MIGRATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+    "applied REAL NOT NULL)"
+)
+
+
+def _has_table(conn: Any, dialect: str) -> bool:
+    if dialect == "postgresql":
+        return conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0] is True
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations'").fetchone() is not None
 
 
 def applied(conn: Any) -> int:
@@ -161,9 +170,7 @@ def _adopt_legacy(conn: Any) -> None:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         for statement in render(MIGRATIONS[0][2], "sqlite"):
             conn.execute(statement)
-        conn.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
-        )
+        conn.execute(_MIGRATIONS_TABLE)
         conn.execute(
             "INSERT INTO schema_migrations (version, name, applied) VALUES (1, ?, ?)",
             [

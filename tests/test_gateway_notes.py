@@ -22,15 +22,3 @@ def test_acknowledgement_and_follow_ups_are_kept_in_order(tmp_path):
         ("result", "李老师", "恢复供电"),
     ]
     assert store.notes(conn, "incident", "a1") == []
-
-
-def test_a_version_2_database_gains_the_notes_tables(tmp_path):
-    path = tmp_path / "gateway.db"
-    conn = store.connect(path)
-    conn.execute("DROP TABLE notes")
-    conn.execute("DROP TABLE reports")
-    conn.execute("PRAGMA user_version = 2")
-    conn.close()
-    conn = store.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 3
-    assert store.notes(conn, "alarm", "a1") == []
