@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any
 
 import msgspec
 import structlog
@@ -36,7 +36,9 @@ from examwatch.gateway.ledger import (
     SECURITY_REASONS,
     AgentState,
     Epoch,
+    Message,
     Order,
+    Rejected,
     Rows,
     Seqs,
     Stats,
@@ -52,21 +54,6 @@ from examwatch.rules.schedule import Calendar
 log = structlog.get_logger("examwatch.gateway")
 
 READINGS_MAX = 5000  # per message (the agent sends uplink.batch_max, 500 by default)
-
-
-class Message(NamedTuple):
-    topic: str
-    payload: bytes
-    retained: bool
-    received: float  # our clock when it arrived
-
-
-class Rejected(Exception):
-    """A message refused: ``reason`` (a counter label), the room to count it against, and why."""
-
-    def __init__(self, reason: str, agent: str, detail: str, victims: Iterable[str] = ()) -> None:
-        super().__init__(detail)
-        self.reason, self.agent, self.detail, self.victims = reason, agent, detail, tuple(victims)
 
 
 _readings = msgspec.json.Decoder(Annotated[list[Reading], msgspec.Meta(max_length=READINGS_MAX)])
@@ -96,6 +83,7 @@ class Engine:
         self._resync = False  # in-memory state may be ahead of the database: reload it after the commit
         self._logged: set[tuple[str, str]] = set()
         self._last_retention = 0.0
+        self.role = "alone"  # or a replica's "leader" (judges) or "follower" (only stores): gateway/replica.py
 
     # --- state at start-up ----------------------------------------------------------------------------
 
@@ -124,7 +112,8 @@ class Engine:
             self._parts.append((m, self._batch))
         self._batch = Rows()
         try:
-            self._correlate(now)
+            if self.role != "follower":
+                self._correlate(now)
         except Exception:  # correlation is retried at every tick; the messages must be stored regardless
             log.exception("correlation_failed")
         self._commit()
@@ -152,8 +141,8 @@ class Engine:
         if env.agent != agent or env.kind != kind or not wire.verify(key, env):
             raise Rejected("forged", agent, kind)
         a = self.agents[agent]
-        if kind == "status":
-            return self._status(a, env, m)
+        if kind == "status":  # a follower has them only briefly after losing the lead: the leader hears them
+            return self._status(a, env, m) if self.role != "follower" else None
         epoch = a.epochs.get(env.epoch)
         if epoch is not None and epoch.has(env.seq):
             self.stats.duplicates += 1  # stored already, however long ago: harmless
@@ -347,6 +336,8 @@ class Engine:
 
     def tick(self, now: float, broker_up_since: float | None) -> None:
         """Liveness by heartbeat, security alarms that went quiet, level by phase, correlation, retention."""
+        if self.role == "follower":
+            return
         timeout = self.cfg.liveness.heartbeat_timeout
         self._follow_schedule(now)
         # Our own link to the broker must have been up for a full bound, or every room would look silent.
@@ -385,8 +376,7 @@ class Engine:
     def _commit(self) -> None:
         """Write the batch in one transaction; if that fails, message by message, setting aside what still fails.
 
-        A database that cannot be reached (PostgreSQL restarting) is not the messages' fault: that raises at
-        once, nothing is acknowledged, and the caller retries the batch after ``reload``.
+        A database out of reach is not the messages' fault: that raises (the caller retries after ``reload``).
         """
         parts, self._parts = [*self._parts, (None, self._batch)], []
         self._batch = Rows()
@@ -416,11 +406,8 @@ class Engine:
             self._load()
 
     def _write(self, parts: list[Rows]) -> None:
-        """One transaction: the messages' ledger keys first, then the rows of those not stored already.
-
-        A message stored already (by another gateway process sharing the database, which the broker gave it
-        to before) changes nothing a second time.
-        """
+        """One transaction: the messages' ledger keys first, then the rows of those not stored already (by
+        another gateway process on the same database, that the broker gave the message to before)."""
         whole = Rows()
         timeline = any(p.alarm_events or p.incident_events for p in parts)
         with store.transaction(self.conn, timeline=timeline):
@@ -430,7 +417,8 @@ class Engine:
                     whole.merge(p)
                 else:
                     self.stats.duplicates += 1
-            store.write(self.conn, whole.statements([self.agents[a].row() for a in sorted(whole.agents)]))
+            agents = sorted(whole.agents) if self.role != "follower" else []  # the leader's to write
+            store.write(self.conn, whole.statements([self.agents[a].row() for a in agents]))
         self._stored |= whole.agents
         self.stats.batches += 1
 

@@ -15,7 +15,7 @@ import json
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -38,6 +38,21 @@ SECURITY_REASONS = frozenset(REASON_NAMES)
 # "stale": a status not newer than the last applied, "internal": a message our own code failed on
 ROOM_REASONS = (*REASON_NAMES, "bad_body", "outdated", "stale", "internal")
 ROOMLESS_REASONS = ("unknown_agent", "bad_topic", "internal")  # rejections that name no room on the roster
+
+
+class Message(NamedTuple):
+    topic: str
+    payload: bytes
+    retained: bool
+    received: float  # our clock when it arrived
+
+
+class Rejected(Exception):
+    """A message refused: ``reason`` (a counter label), the room to count it against, and why."""
+
+    def __init__(self, reason: str, agent: str, detail: str, victims: Iterable[str] = ()) -> None:
+        super().__init__(detail)
+        self.reason, self.agent, self.detail, self.victims = reason, agent, detail, tuple(victims)
 
 
 @dataclass
@@ -359,4 +374,4 @@ class Rows:
         ]
 
 
-__all__ = ["AgentState", "Epoch", "Order", "Rows", "Seqs", "StatusKey", "load_agents", "newer"]
+__all__ = ["AgentState", "Epoch", "Message", "Order", "Rejected", "Rows", "Seqs", "StatusKey", "load_agents", "newer"]

@@ -4,6 +4,7 @@ liveness, skew, incidents."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -21,6 +22,9 @@ EPOCH = 7
 
 
 def make(where: store.Where, **kw) -> Engine:
+    """An engine on ``where`` (a test's tmp_path directory: gw.db in it)."""
+    if isinstance(where, Path) and where.is_dir():
+        where = where / "gw.db"
     cfg = Config(security=Security(quiet=30.0), liveness=Liveness(heartbeat_timeout=20, skew_max=2), **kw)
     return Engine(cfg, store.connect(where), KEYS)
 
