@@ -44,7 +44,7 @@ def replicas(tmp_path, port: int, dsn: str, roster: list[str], n: int = 3) -> li
 
 def metric(gw: GatewayProc, name: str) -> float | None:
     try:
-        m = re.search(rf"^{name} (\S+)$", gw.metrics(), re.M)
+        m = re.search(rf"^{re.escape(name)} (\S+)$", gw.metrics(), re.M)
     except OSError:
         return None
     return float(m.group(1)) if m else None
@@ -88,7 +88,8 @@ def check_exactly_once(db: store.Db, feed: Feed) -> None:
     until(
         lambda: db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0] == published,
         timeout=90,
-        what=lambda: f"{db.execute('SELECT COUNT(*) FROM ledger').fetchone()[0]} of {published} messages stored",
+        what=lambda: f"{db.execute('SELECT COUNT(*) FROM ledger').fetchone()[0]} of {published} messages stored, "
+        f"runs {[(k, v) for k, v in store.received_ranges(db).items() if v != [[1, feed.seq[k[0]]]]][:5]}",
     )
     assert db.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == feed.readings
     doubled = db.execute(
@@ -122,6 +123,8 @@ def test_replicas_killed_one_by_one_store_every_reading_once_with_one_incident_p
     procs.append(feed)
     startup(procs, gws, feed)
     api = ApiWatch(gws)
+    shares = 'examwatch_gateway_messages_total{kind="readings"}'
+    until(lambda: all((metric(gw, shares) or 0) > 0 for gw in gws), what="every replica taking a share")
     faults = {1: ("s00", "link_down"), 3: ("s01", "ups_on_battery")}
     for k in range(6):  # a minute: one replica killed every 10 s, back as systemd would bring it
         time.sleep(10)
