@@ -88,8 +88,10 @@ def check_exactly_once(db: store.Db, feed: Feed) -> None:
     until(
         lambda: db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0] == published,
         timeout=90,
-        what=lambda: f"{db.execute('SELECT COUNT(*) FROM ledger').fetchone()[0]} of {published} messages stored, "
-        f"runs {[(k, v) for k, v in store.received_ranges(db).items() if v != [[1, feed.seq[k[0]]]]][:5]}",
+        what=lambda: (
+            f"{db.execute('SELECT COUNT(*) FROM ledger').fetchone()[0]} of {published} messages stored, "
+            f"runs {[(k, v) for k, v in store.received_ranges(db).items() if v != [[1, feed.seq[k[0]]]]][:5]}"
+        ),
     )
     assert db.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == feed.readings
     doubled = db.execute(

@@ -112,3 +112,36 @@ def test_the_sql_is_said_in_postgresql_words():
     events = next(s for s in ddl if "EXISTS alarm_events " in s)
     assert "rowid BIGINT GENERATED ALWAYS AS IDENTITY" in events and "BYTEA" in events and "REAL" not in events
     assert not any("WITHOUT ROWID" in s or "INTEGER" in s for s in ddl)
+
+
+def test_a_follower_only_stores_and_the_leader_learns_it_from_the_database(store_backend):
+    from examwatch.gateway import replica
+    from tests.test_gateway_ingest import status_msg
+
+    leader, follower = make(store_backend), make(store_backend)
+    leader.role, follower.role = "leader", "follower"
+    leader.ingest([status_msg("s1/101", "offline", T0, T0)], T0)  # its last will: offline
+    follower.ingest([status_msg("s1/102", "online", T0, T0), readings_msg("s1/101", 1, T0 + 5)], T0 + 5)
+    follower.tick(T0 + 5, T0 - 100)
+    assert follower.conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 3
+    assert {a["agent"]: a["status"] for a in store.agents(leader.conn)} == {"s1/101": "offline"}  # not the follower's
+    since = replica.catch_up(leader, T0 - 1)
+    leader.tick(T0 + 6, T0 - 100)
+    assert since == T0 + 5 and leader.agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 1]]
+    assert {a["agent"]: a["status"] for a in store.agents(leader.conn)} == {"s1/101": "online"}  # heard again
+    assert [a["rule"] for a in store.alarms(leader.conn, state="active")] == []
+    assert store.incidents(leader.conn) == []
+
+
+def test_the_lead_is_one_process_s_and_passes_on_when_its_session_ends(postgres):
+    from examwatch.gateway import replica
+
+    where = store.Postgres(postgres.new_database())
+    first, second = replica.Leadership(where), replica.Leadership(where)
+    try:
+        assert first.held() and not second.held() and first.held()
+        first.close()  # the process died: its session, and the lock, are gone
+        assert second.held() and not first.held()
+    finally:
+        first.close()
+        second.close()
