@@ -66,6 +66,16 @@ def translate(sql: str) -> str:
     return _STRING_OR_MARK.sub(mark, sql)
 
 
+_INSERT = re.compile(r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \([?,]+\)")
+
+
+@lru_cache(maxsize=256)
+def _plain_insert(sql: str) -> str:
+    """``COPY t (cols) FROM STDIN`` for an INSERT that only adds rows (no conflict clause), else ''."""
+    m = _INSERT.fullmatch(sql.strip())
+    return f"COPY {m.group(1)} ({m.group(2)}) FROM STDIN" if m else ""
+
+
 class Conn:
     """One PostgreSQL connection of the pool, with the part of ``sqlite3.Connection`` the store uses."""
 
@@ -103,6 +113,13 @@ class Conn:
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         cur = self._conn(sql).cursor()
+        copy = _plain_insert(sql)
+        if copy:  # rows that only add: COPY, several times faster than a statement per row
+            with cur.copy(copy) as out:
+                for row in rows:
+                    out.write_row(row)
+            self.total_changes += len(rows)
+            return
         cur.executemany(translate(sql), rows)
         self.total_changes += max(cur.rowcount, 0)
 
