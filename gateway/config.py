@@ -238,6 +238,10 @@ def _store_issues(st: Store) -> list[ConfigIssue]:
             for k in pg_keys
             if getattr(st, k)
         ]
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return [ConfigIssue(("store", "backend"), "needs psycopg: pip install 'examwatch[postgresql]'")]
     issues = []
     if bool(st.dsn) == bool(st.host):
         issues.append(ConfigIssue(("store", "dsn"), "postgresql needs either dsn or host (with port, database, user)"))
