@@ -109,9 +109,12 @@ class Notifier:
         if self._first is not None:
             cursors, first = self._first
         planner = Planner(self.settings, self.channels, self.roster, self.classes, state, self.ack_key)
-        failures, pruned = 0, 0.0
+        failures, pruned, stale = 0, 0.0, False
         while not self.stop_event.wait(STEP):
             try:
+                if stale:  # reload the last committed state: what was planned but not stored is planned again
+                    raw = outbox.load(conn, "planner")
+                    planner.state, stale = msgspec.json.decode(raw, type=State) if raw else State(), False
                 now = self.clock()
                 if now - pruned > 3600:
                     outbox.prune(conn, now - KEEP)
@@ -132,13 +135,11 @@ class Notifier:
                         if ch in self.wake:
                             self.wake[ch].set()
                 failures = 0
-            except Exception as err:  # a bad row or a locked database must not end notifications
+            except Exception as err:  # a bad row, a locked database or one out of reach must not end notifications
                 failures += 1
                 if failures == 1:
                     log.error("notify_plan_failed", error=f"{type(err).__name__}: {err}")
-                # Reload the last committed state: what was planned but not stored is planned again.
-                raw = outbox.load(conn, "planner")
-                planner.state = msgspec.json.decode(raw, type=State) if raw else State()
+                stale = True
         conn.close()
 
     # --- sending ----------------------------------------------------------------------------------------
