@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from examwatch.gateway import store
 from examwatch.gateway.notify import settings as notify
+from examwatch.gateway.store import Postgres, Where
 from examwatch.kernel import wire
 from examwatch.kernel.broker import BrokerSettings
 from examwatch.kernel.config import (
@@ -54,13 +54,13 @@ class Store(Strict, kw_only=True):
     password_file: str = ""  # the password alone, in a file only its owner reads; never logged
     pool_max: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 20  # connections of this process at most
 
-    def where(self, state_dir: str) -> store.Where:
+    def where(self, state_dir: str) -> Where:
         if self.backend == "sqlite":
             return str(Path(state_dir) / "gateway.db")
         from psycopg.conninfo import make_conninfo
 
         conninfo = self.dsn or make_conninfo(host=self.host, port=self.port, dbname=self.database, user=self.user)
-        return store.Postgres(conninfo, self.password_file, self.pool_max)
+        return Postgres(conninfo, self.password_file, self.pool_max)
 
 
 class Broker(BrokerSettings, kw_only=True):
@@ -135,7 +135,7 @@ class Config(Strict, kw_only=True):
             return read_secret(self.api.token_file).strip()
         return self.api.token
 
-    def store_where(self) -> store.Where:
+    def store_where(self) -> Where:
         return self.store.where(self.gateway.state_dir)
 
     def correlation_rules(self) -> list[CorrelationRule]:

@@ -28,18 +28,18 @@ POOL_TIMEOUT = 30.0  # s a thread waits for a connection (the server down, or ev
 class Row(tuple[Any, ...]):
     """A result row read by position or by column name (``dict(row)`` works), like ``sqlite3.Row``."""
 
-    index: dict[str, int] = {}
+    columns: dict[str, int] = {}
 
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
-        return tuple.__getitem__(self, self.index[key] if isinstance(key, str) else key)
+    def __getitem__(self, key: Any) -> Any:
+        return tuple.__getitem__(self, self.columns[key] if isinstance(key, str) else key)
 
     def keys(self) -> list[str]:
-        return list(self.index)
+        return list(self.columns)
 
 
 @lru_cache(maxsize=256)
 def _row_class(names: tuple[str, ...]) -> type[Row]:
-    return type("Row", (Row,), {"index": {n: i for i, n in enumerate(names)}})
+    return type("Row", (Row,), {"columns": {n: i for i, n in enumerate(names)}})
 
 
 def _rows(cursor: Any) -> Any:

@@ -15,6 +15,7 @@ from examwatch.gateway.ingest import Engine, Message, Seqs
 from examwatch.kernel import wire
 from examwatch.kernel.model import AlarmEvent, Reading
 from examwatch.rules.config import Schedule, Window
+from tests.support import alarm
 
 KEYS = {f"s1/{r}": bytes([i + 1]) * 32 for i, r in enumerate(["101", "102", "103", "104", "105", "106"])}
 T0 = 1_700_000_000.0
@@ -35,22 +36,6 @@ def readings_msg(
     body = msgspec.json.encode([Reading("ups1", "ups_charge_percent", float(seq * 10 + i), t + i) for i in range(n)])
     payload = wire.encode(key or KEYS[agent], agent, seq, t, "readings", body, epoch=epoch)
     return Message(wire.topic(agent, "readings"), payload, retained, t)
-
-
-def alarm(agent: str, state: str, at: float, raised_at: float, rule: str = "link_down", n: int = 1) -> AlarmEvent:
-    site, room = agent.split("/")
-    return AlarmEvent(
-        id=f"{agent}/{rule}/sw1/{n}",
-        site=site,
-        room=room,
-        rule=rule,
-        level=1,
-        state=state,
-        device="sw1",
-        at=at,
-        raised_at=raised_at,
-        message="网络中断",
-    )
 
 
 def alarm_msg(agent: str, seq: int, ev: AlarmEvent, received: float, signer: str | None = None) -> Message:

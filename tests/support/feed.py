@@ -11,7 +11,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from examwatch.kernel import wire
-from examwatch.kernel.model import AlarmEvent, Reading
+from examwatch.kernel.model import Reading
+from tests.support import alarm
 from tests.support.gateway import key_hex
 
 EPOCH = 11
@@ -51,21 +52,8 @@ class Feed:
             self._publish(room, "status", body, retain=True)
 
     def fault(self, room: str, rule: str, state: str = "raised") -> None:
-        site, name = room.split("/")
         now = time.time()
-        ev = AlarmEvent(
-            id=f"{room}/{rule}/dev1/1",
-            site=site,
-            room=name,
-            rule=rule,
-            level=1,
-            state=state,
-            device="dev1",
-            at=now,
-            raised_at=now,
-            message="测试故障",
-        )
-        self._publish(room, "alarms", msgspec.json.encode(ev))
+        self._publish(room, "alarms", msgspec.json.encode(alarm(room, state, now, now, rule=rule, device="dev1")))
 
     def _run(self) -> None:
         while not self._stop.is_set():
