@@ -45,7 +45,7 @@ class Gateway:
         # On PostgreSQL this may be one of several replicas: it leads only while it holds the lock.
         where = self.db_path
         self.leadership = replica.Leadership(where) if isinstance(where, store.Postgres) else None
-        self._caught_up = 0.0
+        self._caught_up = self._rechecked = 0.0
 
     def leading(self) -> bool:
         return self.engine.role != "follower"
@@ -137,7 +137,9 @@ class Gateway:
             else:
                 self.notifier.stop()
         if leading:
-            self._caught_up = self._stored(replica.catch_up, self.engine, self._caught_up)
+            recheck = now - self._rechecked > replica.RECHECK
+            self._caught_up = self._stored(replica.catch_up, self.engine, self._caught_up, recheck)
+            self._rechecked = now if recheck else self._rechecked
 
     def healthy(self) -> bool:
         """The threads beside the ingest loop still run, the notifier's too.

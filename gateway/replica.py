@@ -23,7 +23,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from examwatch.gateway import store
-from examwatch.gateway.ledger import SECURITY_REASONS, Epoch, load_open
+from examwatch.gateway.ledger import SECURITY_REASONS, Epoch, Seqs, load_open
 
 if TYPE_CHECKING:
     from examwatch.gateway.ingest import Engine
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("examwatch.gateway.replica")
 
 LEADER_LOCK = 7_412_003  # PostgreSQL advisory lock (session level): held by the leader
-LOOK_BACK = 60.0  # s of the ledger read again at each catch-up: another replica's batch may commit late
+LOOK_BACK = 15.0  # s of the ledger read again at each catch-up: another replica's batch may commit late
+RECHECK = 30.0  # s between rereading the ledger of the rooms with gaps (a batch committed later than LOOK_BACK)
 
 
 class Leadership:
@@ -67,10 +68,18 @@ class Leadership:
             self._conn = None
 
 
-def catch_up(engine: Engine, since: float) -> float:
+def catch_up(engine: Engine, since: float, recheck: bool = False) -> float:
     """What the other replicas stored since ``since`` (our clock, less ``LOOK_BACK``), into the leader's memory;
-    the new ``since``."""
+    the new ``since``. ``recheck``: also the whole ledger of every room with gaps (a replica that waited out
+    a database restart commits messages received long before)."""
     conn, newest = engine.conn, since
+    for a in [a for a in engine.agents.values() if any(e.missing for e in a.epochs.values())] if recheck else []:
+        for (agent, epoch), runs in store.received_ranges(conn, a.agent).items():
+            e = a.epochs.get(epoch)
+            if e is not None and runs != e.seqs.runs:
+                e.seqs = Seqs(runs)
+                e.seqs.drop_below(e.floor)
+                engine._batch.agents.add(agent)
     heard: dict[str, float] = {}
     for agent, epoch, seq, received in conn.execute(
         "SELECT agent, epoch, seq, received FROM ledger WHERE received > ?", [since - LOOK_BACK]

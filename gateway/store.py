@@ -106,16 +106,18 @@ def unavailable(err: BaseException) -> bool:
     return isinstance(err, psycopg.OperationalError | psycopg_pool.PoolTimeout)
 
 
-def received_ranges(conn: Db) -> dict[tuple[str, int], list[list[int]]]:
-    """Per (agent, epoch), the runs of consecutive sequence numbers in the ledger (gaps and islands)."""
+def received_ranges(conn: Db, agent: str = "") -> dict[tuple[str, int], list[list[int]]]:
+    """Per (agent, epoch), the runs of consecutive sequence numbers in the ledger (gaps and islands); of one
+    agent only if named."""
     rows = conn.execute(
         "SELECT agent, epoch, MIN(seq), MAX(seq) FROM (SELECT agent, epoch, seq, seq - ROW_NUMBER() OVER "
-        "(PARTITION BY agent, epoch ORDER BY seq) AS g FROM ledger) AS runs GROUP BY agent, epoch, g "
-        "ORDER BY agent, epoch, MIN(seq)"
+        f"(PARTITION BY agent, epoch ORDER BY seq) AS g FROM ledger{' WHERE agent = ?' if agent else ''}) AS runs "
+        "GROUP BY agent, epoch, g ORDER BY agent, epoch, MIN(seq)",
+        [agent] if agent else [],
     ).fetchall()
     out: dict[tuple[str, int], list[list[int]]] = {}
-    for agent, epoch, lo, hi in rows:
-        out.setdefault((agent, epoch), []).append([lo, hi])
+    for who, epoch, lo, hi in rows:
+        out.setdefault((who, epoch), []).append([lo, hi])
     return out
 
 

@@ -133,6 +133,21 @@ def test_a_follower_only_stores_and_the_leader_learns_it_from_the_database(store
     assert store.incidents(leader.conn) == []
 
 
+def test_the_leader_rereads_the_gaps_a_late_commit_filled(store_backend):
+    from examwatch.gateway import replica
+
+    leader, follower = make(store_backend), make(store_backend)
+    leader.role, follower.role = "leader", "follower"
+    leader.ingest([readings_msg("s1/101", 1, T0 + 1), readings_msg("s1/101", 3, T0 + 3)], T0 + 3)
+    follower.ingest([readings_msg("s1/101", 2, T0 + 2)], T0 + 2)  # committed long after it was received
+    since = replica.catch_up(leader, T0 + 100)
+    assert leader.agents["s1/101"].epochs[EPOCH].missing == 1  # past the look-back
+    replica.catch_up(leader, since, recheck=True)
+    leader.tick(T0 + 101, T0 - 100)
+    assert leader.agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 3]]
+    assert store.agents(leader.conn)[0]["missing"] == 0
+
+
 def test_the_lead_is_one_process_s_and_passes_on_when_its_session_ends(postgres):
     from examwatch.gateway import replica
 
