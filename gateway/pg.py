@@ -54,14 +54,14 @@ _STRING_OR_MARK = re.compile(r"'(?:[^']|'')*'|\?|%")
 
 @lru_cache(maxsize=1024)
 def translate(sql: str) -> str:
-    """SQLite's spelling of a statement in PostgreSQL's (placeholders outside string literals only)."""
+    """SQLite's spelling of a statement in PostgreSQL's (a "?" in a string literal stays a question mark)."""
     if sql == "BEGIN IMMEDIATE":
         return "BEGIN"
     if sql.startswith("INSERT OR IGNORE INTO"):
         sql = "INSERT INTO" + sql[len("INSERT OR IGNORE INTO") :] + " ON CONFLICT DO NOTHING"
 
-    def mark(m: re.Match[str]) -> str:
-        return {"?": "%s", "%": "%%"}.get(m.group(0), m.group(0))
+    def mark(m: re.Match[str]) -> str:  # psycopg reads "%" even inside a literal: "%%" there too
+        return {"?": "%s", "%": "%%"}.get(m.group(0)) or m.group(0).replace("%", "%%")
 
     return _STRING_OR_MARK.sub(mark, sql)
 
@@ -106,7 +106,7 @@ class Conn:
         return c
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
-        cur = self._conn(sql).execute(translate(sql), params or None)
+        cur = self._conn(sql).execute(translate(sql), list(params))  # always bound: "%%" means "%"
         if cur.rowcount > 0 and cur.description is None:
             self.total_changes += cur.rowcount
         return cur

@@ -101,7 +101,7 @@ def test_two_gateways_on_one_database_store_a_message_once(store_backend):
 
 def test_the_sql_is_said_in_postgresql_words():
     assert pg.translate("SELECT a FROM t WHERE b = ? AND c LIKE 'x?%' AND d = ?") == (
-        "SELECT a FROM t WHERE b = %s AND c LIKE 'x?%' AND d = %s"
+        "SELECT a FROM t WHERE b = %s AND c LIKE 'x?%%' AND d = %s"
     )
     assert pg.translate("SELECT 'it''s ?' , ? % 2") == "SELECT 'it''s ?' , %s %% 2"
     assert (
@@ -160,3 +160,11 @@ def test_the_lead_is_one_process_s_and_passes_on_when_its_session_ends(postgres)
     finally:
         first.close()
         second.close()
+
+
+def test_one_statement_means_the_same_on_both_engines(store_backend):
+    conn = store.connect(store_backend)
+    assert tuple(conn.execute("SELECT 7 % 3, 'a%b?'").fetchone()) == (1, "a%b?")
+    assert tuple(conn.execute("SELECT 7 % ?, 'a%b?', ?", [3, "x"]).fetchone()) == (1, "a%b?", "x")
+    row = conn.execute("SELECT 1 AS one, 'two' AS two").fetchone()
+    assert (row["one"], row[1], dict(row)) == (1, "two", {"one": 1, "two": "two"})
