@@ -5,8 +5,8 @@ from __future__ import annotations
 from examwatch.gateway import store
 
 
-def test_acknowledgement_and_follow_ups_are_kept_in_order(tmp_path):
-    conn = store.connect(tmp_path / "gateway.db")
+def test_acknowledgement_and_follow_ups_are_kept_in_order(store_backend):
+    conn = store.connect(store_backend)
     conn.execute(
         "INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, source) "
         "VALUES ('a1', 's', 'r101', 'ups_on_battery', 1, 'active', 'ups', '市电中断', 10, 10, 'agent')"
