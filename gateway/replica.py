@@ -73,9 +73,10 @@ def catch_up(engine: Engine, since: float, recheck: bool = False) -> float:
     the new ``since``. ``recheck``: also the whole ledger of every room with gaps (a replica that waited out
     a database restart commits messages received long before)."""
     conn, newest = engine.conn, since
-    for a in [a for a in engine.agents.values() if any(e.missing for e in a.epochs.values())] if recheck else []:
-        for (agent, epoch), runs in store.received_ranges(conn, a.agent).items():
-            e = a.epochs.get(epoch)
+    gapped = [g.agent for g in engine.agents.values() if any(e.missing for e in g.epochs.values())] if recheck else []
+    for name in gapped:
+        for (agent, epoch), runs in store.received_ranges(conn, name).items():
+            e = engine.agents[agent].epochs.get(epoch)
             if e is not None and runs != e.seqs.runs:
                 e.seqs = Seqs(runs)
                 e.seqs.drop_below(e.floor)
