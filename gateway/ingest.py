@@ -249,7 +249,7 @@ class Engine:
 
     def _seen(self, a: AgentState, received: float | None) -> None:
         self._batch.agents.add(a.agent)
-        if received is None:
+        if received is None or self.role == "follower":  # a room heard by a follower is the leader's to judge
             return
         a.last_seen = max(a.last_seen or 0.0, received)
         if a.status != "online":

@@ -119,12 +119,15 @@ def test_a_follower_only_stores_and_the_leader_learns_it_from_the_database(store
     from examwatch.gateway import replica
     from tests.test_gateway_ingest import status_msg
 
-    leader, follower = make(store_backend), make(store_backend)
-    leader.role, follower.role = "leader", "follower"
+    leader = make(store_backend)
+    leader.role = "leader"
     leader.ingest([status_msg("s1/101", "offline", T0, T0)], T0)  # its last will: offline
+    follower = make(store_backend)  # started after: it knows the room's offline alarm
+    follower.role = "follower"
     follower.ingest([status_msg("s1/102", "online", T0, T0), readings_msg("s1/101", 1, T0 + 5)], T0 + 5)
     follower.tick(T0 + 5, T0 - 100)
     assert follower.conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 3
+    assert [a["state"] for a in store.alarms(leader.conn)] == ["raised"]  # the offline alarm: not the follower's
     assert {a["agent"]: a["status"] for a in store.agents(leader.conn)} == {"s1/101": "offline"}  # not the follower's
     since = replica.catch_up(leader, T0 - 1)
     leader.tick(T0 + 6, T0 - 100)
