@@ -337,6 +337,8 @@ class Engine:
     def tick(self, now: float, broker_up_since: float | None) -> None:
         """Liveness by heartbeat, security alarms that went quiet, level by phase, correlation, retention."""
         if self.role == "follower":
+            if self.gateway_alarms:  # the security alarms it raised: the leader clears them
+                self.open_alarms, self.gateway_alarms, _ = load_open(self.conn)
             return
         timeout = self.cfg.liveness.heartbeat_timeout
         self._follow_schedule(now)

@@ -173,3 +173,19 @@ def test_one_statement_means_the_same_on_both_engines(store_backend):
     assert tuple(conn.execute("SELECT 7 % ?, 'a%b?', ?", [3, "x"]).fetchone()) == (1, "a%b?", "x")
     row = conn.execute("SELECT 1 AS one, 'two' AS two").fetchone()
     assert (row["one"], row[1], dict(row)) == (1, "two", {"one": 1, "two": "two"})
+
+
+def test_a_follower_raises_the_security_alarm_again_after_the_leader_cleared_it(store_backend):
+    from examwatch.gateway import replica
+
+    leader, follower = make(store_backend), make(store_backend)
+    leader.role, follower.role = "leader", "follower"
+    forged = [readings_msg("s1/101", 1, T0, key=b"\x09" * 32)]
+    follower.ingest(forged, T0)
+    assert [(a["rule"], a["state"]) for a in store.alarms(leader.conn)] == [("security_rejected", "raised")]
+    replica.catch_up(leader, T0)
+    leader.tick(T0 + 100, T0 - 1000)  # quiet for longer than security.quiet: cleared by the leader
+    assert store.alarms(leader.conn, state="active") == []
+    follower.tick(T0 + 101, T0 - 1000)
+    follower.ingest([readings_msg("s1/101", 2, T0 + 200, key=b"\x09" * 32)], T0 + 200)  # again: a new alarm
+    assert [a["rule"] for a in store.alarms(leader.conn, state="active")] == ["security_rejected"]
