@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 
 from examwatch.gateway.auth import User
 from examwatch.gateway.notify import settings as notify
+from examwatch.gateway.store import Postgres, Where
 from examwatch.kernel import wire
 from examwatch.kernel.broker import BrokerSettings
 from examwatch.kernel.config import (
@@ -44,10 +46,34 @@ class GatewaySettings(Strict, kw_only=True):
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000  # messages ingested per transaction at most
 
 
+class Store(Strict, kw_only=True):
+    """Where the gateway keeps what it stores: SQLite in state_dir (one gateway), or PostgreSQL (replicas)."""
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    dsn: str = ""  # postgresql: a libpq connection string or URI without the password; or host, port, ...
+    host: str = ""
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 5432
+    database: str = "examwatch"
+    user: str = "examwatch"
+    password_file: str = ""  # the password alone, in a file only its owner reads; never logged
+    pool_max: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 20  # connections of this process at most
+
+    def where(self, state_dir: str) -> Where:
+        if self.backend == "sqlite":
+            return str(Path(state_dir) / "gateway.db")
+        from psycopg.conninfo import make_conninfo
+
+        conninfo = self.dsn or make_conninfo(host=self.host, port=self.port, dbname=self.database, user=self.user)
+        return Postgres(conninfo, self.password_file, self.pool_max)
+
+
 class Broker(BrokerSettings, kw_only=True):
     """The county broker the agents publish to."""
 
-    client_id: str = "examwatch-gateway"
+    client_id: str = "examwatch-gateway"  # each replica its own (e.g. examwatch-gateway-2)
+    # Replicas sharing the county's feed (MQTT v5 shared subscription $share/<group>/...): the same name on
+    # each; empty: this gateway alone takes every message.
+    share_group: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = ""
     session_expiry: SessionExpiry = 7 * 24 * 3600  # the broker queues for us this long while we are down
     # unacknowledged messages the broker may send us at once (MQTT v5: a two-byte number, 0 not allowed)
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000
@@ -91,6 +117,7 @@ class CorrelationRule(Strict, kw_only=True):
 
 class Config(Strict, kw_only=True):
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
+    store: Store = msgspec.field(default_factory=Store)
     broker: Broker = msgspec.field(default_factory=Broker)
     exporter: Listen = msgspec.field(default_factory=Listen)
     api: Api = msgspec.field(default_factory=Api)
@@ -113,6 +140,9 @@ class Config(Strict, kw_only=True):
         if self.api.token_file:
             return read_secret(self.api.token_file).strip()
         return self.api.token
+
+    def store_where(self) -> Where:
+        return self.store.where(self.gateway.state_dir)
 
     def correlation_rules(self) -> list[CorrelationRule]:
         return self.correlation or builtin_correlation()
@@ -178,6 +208,7 @@ def _semantic_issues(cfg: Config) -> list[ConfigIssue]:
     issues += [
         ConfigIssue(("api", "users", i, "name"), "user given twice") for i, n in enumerate(names) if n in names[:i]
     ]
+    issues += _store_issues(cfg.store)
     ports: dict[int, str] = {}
     for key, value in (("exporter", cfg.exporter.listen), ("api", cfg.api.listen)):
         try:
@@ -221,8 +252,44 @@ def _correlation_issues(rules: list[CorrelationRule]) -> list[ConfigIssue]:
     return issues
 
 
+def _store_issues(st: Store) -> list[ConfigIssue]:
+    pg_keys = ("dsn", "host", "password_file")
+    if st.backend == "sqlite":
+        return [
+            ConfigIssue(("store", k), 'only for backend = "postgresql" (sqlite keeps gateway.db in state_dir)')
+            for k in pg_keys
+            if getattr(st, k)
+        ]
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return [ConfigIssue(("store", "backend"), "needs psycopg: pip install 'examwatch[postgresql]'")]
+    issues = []
+    if bool(st.dsn) == bool(st.host):
+        issues.append(ConfigIssue(("store", "dsn"), "postgresql needs either dsn or host (with port, database, user)"))
+    if st.dsn:
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            if "password" in conninfo_to_dict(st.dsn):
+                issues.append(ConfigIssue(("store", "dsn"), "no password in the dsn: put it in password_file"))
+        except Exception as err:  # psycopg.ProgrammingError on a malformed dsn; never echo it (it may hold secrets)
+            issues.append(ConfigIssue(("store", "dsn"), f"not a libpq connection string or URI ({type(err).__name__})"))
+    elif st.host and not st.host.startswith("/"):  # a directory is libpq's unix socket
+        try:
+            check_host(st.host)
+        except ValueError as err:
+            issues.append(ConfigIssue(("store", "host"), str(err)))
+    if st.password_file:
+        try:
+            read_secret(st.password_file)
+        except (OSError, ValueError) as err:
+            issues.append(ConfigIssue(("store", "password_file"), str(err)))
+    return issues
+
+
 def load(path: str) -> Config:
     return loads(read(path))
 
 
-__all__ = ["GATEWAY_RULES", "Config", "CorrelationRule", "builtin_correlation", "load", "loads", "sample_text"]
+__all__ = ["GATEWAY_RULES", "Config", "CorrelationRule", "Store", "builtin_correlation", "load", "loads", "sample_text"]

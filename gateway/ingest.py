@@ -21,15 +21,14 @@ its devices' kinds are the ones its agent's status names (older agents name none
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import Iterable
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any
 
 import msgspec
 import structlog
 
-from examwatch.gateway import store
+from examwatch.gateway import duty, store
 from examwatch.gateway.config import Config
 from examwatch.gateway.correlate import Fault, correlate, unsettled
 from examwatch.gateway.ledger import (
@@ -37,7 +36,9 @@ from examwatch.gateway.ledger import (
     SECURITY_REASONS,
     AgentState,
     Epoch,
+    Message,
     Order,
+    Rejected,
     Rows,
     Seqs,
     Stats,
@@ -55,21 +56,6 @@ log = structlog.get_logger("examwatch.gateway")
 READINGS_MAX = 5000  # per message (the agent sends uplink.batch_max, 500 by default)
 
 
-class Message(NamedTuple):
-    topic: str
-    payload: bytes
-    retained: bool
-    received: float  # our clock when it arrived
-
-
-class Rejected(Exception):
-    """A message refused: ``reason`` (a counter label), the room to count it against, and why."""
-
-    def __init__(self, reason: str, agent: str, detail: str, victims: Iterable[str] = ()) -> None:
-        super().__init__(detail)
-        self.reason, self.agent, self.detail, self.victims = reason, agent, detail, tuple(victims)
-
-
 _readings = msgspec.json.Decoder(Annotated[list[Reading], msgspec.Meta(max_length=READINGS_MAX)])
 _alarm = msgspec.json.Decoder(AlarmEvent)
 _status = msgspec.json.Decoder(wire.Status)
@@ -82,7 +68,7 @@ def _owner(alarm_id: str) -> str:
 
 
 class Engine:
-    def __init__(self, cfg: Config, conn: sqlite3.Connection, keys: dict[str, bytes]) -> None:
+    def __init__(self, cfg: Config, conn: store.Db, keys: dict[str, bytes]) -> None:
         self.cfg = cfg
         self.conn = conn
         self.keys = keys
@@ -97,13 +83,14 @@ class Engine:
         self._resync = False  # in-memory state may be ahead of the database: reload it after the commit
         self._logged: set[tuple[str, str]] = set()
         self._last_retention = 0.0
+        self.role = "alone"  # or a replica's "leader" (judges) or "follower" (only stores): gateway/replica.py
 
     # --- state at start-up ----------------------------------------------------------------------------
 
     def _load(self) -> None:
         self.agents, self._stored = load_agents(self.conn, self.keys)  # _stored: those with a row in the store
         self.open_alarms, self.gateway_alarms, self.incidents = load_open(self.conn)
-        self.settled = store.settled(self.conn)  # (site, class) -> when people last closed one of its incidents
+        self.settled = duty.settled(self.conn)  # (site, class) -> when people last closed one of its incidents
 
     # --- ingest -------------------------------------------------------------------------------------
 
@@ -126,7 +113,8 @@ class Engine:
             self._parts.append((m, self._batch))
         self._batch = Rows()
         try:
-            self._correlate(now)
+            if self.role != "follower":
+                self._correlate(now)
         except Exception:  # correlation is retried at every tick; the messages must be stored regardless
             log.exception("correlation_failed")
         self._commit()
@@ -154,8 +142,8 @@ class Engine:
         if env.agent != agent or env.kind != kind or not wire.verify(key, env):
             raise Rejected("forged", agent, kind)
         a = self.agents[agent]
-        if kind == "status":
-            return self._status(a, env, m)
+        if kind == "status":  # a follower has them only briefly after losing the lead: the leader hears them
+            return self._status(a, env, m) if self.role != "follower" else None
         epoch = a.epochs.get(env.epoch)
         if epoch is not None and epoch.has(env.seq):
             self.stats.duplicates += 1  # stored already, however long ago: harmless
@@ -262,7 +250,7 @@ class Engine:
 
     def _seen(self, a: AgentState, received: float | None) -> None:
         self._batch.agents.add(a.agent)
-        if received is None:
+        if received is None or self.role == "follower":  # a room heard by a follower is the leader's to judge
             return
         a.last_seen = max(a.last_seen or 0.0, received)
         if a.status != "online":
@@ -349,6 +337,10 @@ class Engine:
 
     def tick(self, now: float, broker_up_since: float | None) -> None:
         """Liveness by heartbeat, security alarms that went quiet, level by phase, correlation, retention."""
+        if self.role == "follower":
+            if self.gateway_alarms:  # the security alarms it raised: the leader clears them
+                self.open_alarms, self.gateway_alarms, _ = load_open(self.conn)
+            return
         timeout = self.cfg.liveness.heartbeat_timeout
         self._follow_schedule(now)
         # Our own link to the broker must have been up for a full bound, or every room would look silent.
@@ -387,27 +379,31 @@ class Engine:
     def close_incident(self, incident_id: str, who: str, note: str, now: float) -> bool:
         """People close an open incident (the duty desk); its faults do not open it again (``unsettled``)."""
         key = next((k for k, i in self.incidents.items() if i.id == incident_id), None)
-        if key is None or not store.close_incident(self.conn, incident_id, who, note, now):
+        if key is None or not duty.close_incident(self.conn, incident_id, who, note, now):
             return False
         del self.incidents[key]
         self.settled[key] = now
         return True
 
     def _commit(self) -> None:
-        """Write the batch in one transaction; if that fails, message by message, setting aside what still fails."""
+        """Write the batch in one transaction; if that fails, message by message, setting aside what still fails.
+
+        A database out of reach is not the messages' fault: that raises (the caller retries after ``reload``).
+        """
         parts, self._parts = [*self._parts, (None, self._batch)], []
-        self._batch = whole = Rows()
-        for _, rows in parts:
-            whole.merge(rows)
         self._batch = Rows()
         try:
-            self._write(whole)
-        except Exception as err:  # a row SQLite refuses: find the message it came from
+            self._write([rows for _, rows in parts])
+        except Exception as err:  # a row the database refuses: find the message it came from
+            if store.unavailable(err):
+                raise
             log.error("batch_commit_failed", error=f"{type(err).__name__}: {err}", messages=len(parts) - 1)
             for m, rows in parts:
                 try:
-                    self._write(rows)
+                    self._write([rows])
                 except Exception as one:
+                    if store.unavailable(one):
+                        raise
                     self._resync = True
                     if m is None:
                         log.exception("gateway_rows_failed")  # our own alarms and incidents: derived again later
@@ -415,16 +411,33 @@ class Engine:
                     self._reject(
                         Rejected("internal", self._roster_agent(m.topic), f"not stored: {type(one).__name__}: {one}"), m
                     )
-                    self._write(self._batch)  # the dead letter alone; if even that fails the database is broken: raise
+                    self._write([self._batch])  # the dead letter alone; if even that fails the database is broken
                     self._batch = Rows()
         if self._resync:  # the database is the truth: what memory holds of refused rows goes
             self._resync = False
             self._load()
 
-    def _write(self, rows: Rows) -> None:
-        store.write_batch(self.conn, rows.statements([self.agents[a].row() for a in sorted(rows.agents)]))
-        self._stored |= rows.agents
+    def _write(self, parts: list[Rows]) -> None:
+        """One transaction: the messages' ledger keys first, then the rows of those not stored already (by
+        another gateway process on the same database, that the broker gave the message to before)."""
+        whole = Rows()
+        timeline = any(p.alarm_events or p.incident_events for p in parts)
+        with store.transaction(self.conn, timeline=timeline):
+            new = store.claim(self.conn, [row for p in parts for row in p.ledger])
+            for p in parts:
+                if all(tuple(row[:3]) in new for row in p.ledger):
+                    whole.merge(p)
+                else:
+                    self.stats.duplicates += 1
+            agents = sorted(whole.agents) if self.role != "follower" else []  # the leader's to write
+            store.write(self.conn, whole.statements([self.agents[a].row() for a in agents]))
+        self._stored |= whole.agents
         self.stats.batches += 1
+
+    def reload(self, conn: store.Db) -> None:
+        """Start again from what the database holds, on a new connection (after the old one was lost)."""
+        self.conn, self._parts, self._batch = conn, [], Rows()
+        self._load()
 
     def retention(self, now: float) -> None:
         cut = now - self.cfg.gateway.retention_days * 86400

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import bisect
 import json
-import sqlite3
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -39,6 +38,21 @@ SECURITY_REASONS = frozenset(REASON_NAMES)
 # "stale": a status not newer than the last applied, "internal": a message our own code failed on
 ROOM_REASONS = (*REASON_NAMES, "bad_body", "outdated", "stale", "internal")
 ROOMLESS_REASONS = ("unknown_agent", "bad_topic", "internal")  # rejections that name no room on the roster
+
+
+class Message(NamedTuple):
+    topic: str
+    payload: bytes
+    retained: bool
+    received: float  # our clock when it arrived
+
+
+class Rejected(Exception):
+    """A message refused: ``reason`` (a counter label), the room to count it against, and why."""
+
+    def __init__(self, reason: str, agent: str, detail: str, victims: Iterable[str] = ()) -> None:
+        super().__init__(detail)
+        self.reason, self.agent, self.detail, self.victims = reason, agent, detail, tuple(victims)
 
 
 @dataclass
@@ -164,12 +178,12 @@ class AgentState:
         )
 
 
-def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[str, AgentState], set[str]]:
+def load_agents(conn: store.Db, roster: Iterable[str]) -> tuple[dict[str, AgentState], set[str]]:
     """Every agent of the roster or the store, as the store left it; and those the store has a row for."""
     rows = {r["agent"]: r for r in conn.execute("SELECT * FROM agents")}
     runs = store.received_ranges(conn)
     kinds = store.device_kinds(conn)
-    epochs: dict[str, list[sqlite3.Row]] = {}
+    epochs: dict[str, list[Any]] = {}
     for r in conn.execute("SELECT * FROM epochs ORDER BY agent, rank"):
         epochs.setdefault(r["agent"], []).append(r)
     agents: dict[str, AgentState] = {}
@@ -192,7 +206,7 @@ def load_agents(conn: sqlite3.Connection, roster: Iterable[str]) -> tuple[dict[s
 
 
 def load_open(
-    conn: sqlite3.Connection,
+    conn: store.Db,
 ) -> tuple[OpenAlarms, dict[tuple[str, str], AlarmEvent], dict[tuple[str, str], Incident]]:
     """Alarms still open (the agents' and ours) with their last transition's order, for ordering; the raise of
     each of our own by (agent, rule); the open incidents by (site, fault class)."""
@@ -278,7 +292,6 @@ class Rows:
 
     def statements(self, agent_rows: list[tuple[Any, ...]]) -> list[tuple[str, Sequence[Sequence[Any]]]]:
         return [
-            ("INSERT OR IGNORE INTO ledger (agent, epoch, seq, kind, ts, received) VALUES (?,?,?,?,?,?)", self.ledger),
             (
                 "INSERT INTO readings (agent, device, metric, value, ts, quality, seq) VALUES (?,?,?,?,?,?,?)",
                 self.readings,
@@ -286,10 +299,11 @@ class Rows:
             (
                 (
                     "INSERT INTO latest (agent, device, metric, value, ts, quality) VALUES (?,?,?,?,?,?) "
-                    "ON CONFLICT DO UPDATE SET value = excluded.value, ts = excluded.ts, quality = excluded.quality "
+                    "ON CONFLICT (agent, device, metric) DO UPDATE SET value = excluded.value, ts = excluded.ts, "
+                    "quality = excluded.quality "
                     "WHERE excluded.ts >= latest.ts"
                 ),
-                self.latest(),
+                sorted(self.latest()),  # one order for every writer: two gateways never wait on each other in a cycle
             ),
             (
                 "INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
@@ -331,9 +345,9 @@ class Rows:
             (
                 (
                     "INSERT INTO epochs (agent, epoch, rank, floor_seq) VALUES (?,?,?,?) ON CONFLICT (agent, epoch) "
-                    "DO UPDATE SET floor_seq = excluded.floor_seq"
+                    "DO UPDATE SET floor_seq = excluded.floor_seq WHERE excluded.floor_seq > epochs.floor_seq"
                 ),
-                list(self.epochs.values()),
+                sorted(self.epochs.values()),
             ),
             (
                 (
@@ -360,4 +374,4 @@ class Rows:
         ]
 
 
-__all__ = ["AgentState", "Epoch", "Order", "Rows", "Seqs", "StatusKey", "load_agents", "newer"]
+__all__ = ["AgentState", "Epoch", "Message", "Order", "Rejected", "Rows", "Seqs", "StatusKey", "load_agents", "newer"]

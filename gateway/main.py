@@ -10,12 +10,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
+from typing import Any, TypeVar
 
 import sdnotify
 import structlog
 
-from examwatch.gateway import acklink, store
+from examwatch.gateway import acklink, replica, store
 from examwatch.gateway import config as gwconfig
 from examwatch.gateway.api import ApiServer
 from examwatch.gateway.exporter import GatewayCollector, serve
@@ -25,6 +25,11 @@ from examwatch.gateway.notify.worker import notifier_for
 from examwatch.kernel.config import ConfigError
 
 log = structlog.get_logger("examwatch.gateway")
+T = TypeVar("T")
+
+
+class NotLeading(RuntimeError):
+    """This replica follows: incidents are the leader's to close."""
 
 
 class Gateway:
@@ -32,7 +37,7 @@ class Gateway:
 
     def __init__(self, cfg: gwconfig.Config) -> None:
         self.cfg = cfg
-        self.db_path = str(Path(cfg.gateway.state_dir) / "gateway.db")
+        self.db_path = cfg.store_where()
         self.stop_event = threading.Event()
         self.conn = store.connect(self.db_path)
         self.engine = Engine(cfg, self.conn, cfg.agent_keys())
@@ -57,11 +62,23 @@ class Gateway:
         )
         self.exporter = GatewayCollector(self.db_path, self.engine.stats, broker=self.subscriber, api=self.api)
         self.notifier = notifier_for(cfg, self.db_path, ack_key=ack_key)
+        # On PostgreSQL this may be one of several replicas: it leads only while it holds the lock.
+        where = self.db_path
+        self.leadership = replica.Leadership(where) if isinstance(where, store.Postgres) else None
+        self._caught_up = self._rechecked = 0.0
+
+    def leading(self) -> bool:
+        return self.engine.role != "follower"
 
     def run(self) -> None:
-        http, _ = serve(self.cfg.exporter.listen, self.exporter, self.notifier.collector)
+        leader = replica.LeaderCollector(self.leading)
+        http, _ = serve(self.cfg.exporter.listen, self.exporter, self.notifier.collector, leader)
         self.api_thread = self.api.start()
-        self.notifier.start()
+        if self.leadership is None:
+            self.notifier.start()
+        else:
+            self.engine.role = "follower"
+            self.subscriber.follow_status(False)
         self.subscriber.start()
         log.info(
             "gateway_started",
@@ -78,12 +95,13 @@ class Gateway:
                 batch = self._take(timeout=0.2)
                 now = time.time()
                 if batch:
-                    self.engine.ingest([m for _, _, m in batch], now)
+                    self._stored(self.engine.ingest, [m for _, _, m in batch], now)
                     for conn in {c for c, _, _ in batch}:
                         self.subscriber.ack(conn, [mid for c, mid, _ in batch if c == conn])
                 self._serve_requests()
                 if now - last_tick >= 1.0:
-                    self.engine.tick(now, self.subscriber.up_since)
+                    self._lead(now)
+                    self._stored(self.engine.tick, now, self.subscriber.up_since)
                     last_tick = now
                 # From the ingest loop itself, never a timer of its own: a loop stuck in a write, or a
                 # dead API or MQTT thread, stops the pings and systemd restarts us after WatchdogSec.
@@ -99,11 +117,16 @@ class Gateway:
             self.notifier.stop()
             self.api.shutdown()
             http.shutdown()
+            if self.leadership is not None:
+                self.leadership.close()
             self.conn.close()
             log.info("gateway_stopped")
 
     def close_incident(self, incident_id: str, who: str, note: str) -> bool:
-        """From an API thread: the ingest loop, the incidents' one writer, closes it (Engine.close_incident)."""
+        """From an API thread: the ingest loop, the incidents' one writer, closes it (Engine.close_incident).
+        A follower replica does not judge incidents: the leader's desk closes them (NotLeading)."""
+        if not self.leading():
+            raise NotLeading(incident_id)
         done: Future[bool] = Future()
         self.requests.put((lambda: self.engine.close_incident(incident_id, who, note, time.time()), done))
         return done.result(timeout=10)  # TimeoutError: the loop is stuck (the watchdog sees to that)
@@ -119,6 +142,47 @@ class Gateway:
             except Exception as err:  # the requester sees it; the loop goes on
                 log.exception("request_failed")
                 done.set_exception(err)
+
+    def _stored(self, step: Callable[..., T], *args: Any) -> T:
+        """Run a step that writes; while the database cannot be reached (PostgreSQL restarting), wait and run it
+        again from what the database holds. Nothing is acknowledged meanwhile: the broker keeps it all."""
+        pause = 0.5
+        while True:
+            try:
+                return step(*args)
+            except Exception as err:
+                if not store.unavailable(err) or self.stop_event.is_set():
+                    raise
+                log.warning("gateway_store_unavailable", error=f"{type(err).__name__}: {err}"[:300], retry_in=pause)
+            self.stop_event.wait(pause)
+            pause = min(pause * 2, 10.0)
+            try:
+                self.engine.reload(self.conn)
+            except Exception as err:
+                if not store.unavailable(err):
+                    raise
+
+    def _lead(self, now: float) -> None:
+        """Take the lead when it is free, give it up when our session is lost; as leader, learn what the
+        other replicas stored."""
+        if self.leadership is None:
+            return
+        leading = self.leadership.held()
+        if leading != self.leading():
+            log.warning("gateway_leader" if leading else "gateway_follower")
+            self.engine.role = "leader" if leading else "follower"
+            self.subscriber.follow_status(leading)
+            if leading:
+                self._stored(self.engine.reload, self.conn)  # start from the last leader's state
+                self._caught_up = now
+                self.notifier.stop_event.clear()
+                self.notifier.start()
+            else:
+                self.notifier.stop()
+        if leading:
+            recheck = now - self._rechecked > replica.RECHECK
+            self._caught_up = self._stored(replica.catch_up, self.engine, self._caught_up, recheck)
+            self._rechecked = now if recheck else self._rechecked
 
     def healthy(self) -> bool:
         """The threads beside the ingest loop still run, the notifier's too.

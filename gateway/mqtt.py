@@ -5,6 +5,13 @@ crashed between that and its commit would lose them. So acknowledgement is manua
 acknowledges a batch only after its transaction committed. A message not acknowledged before a
 disconnect is sent again by the broker after reconnect (the ledger drops the copy).
 
+Replicas (``share_group``) share the rooms' readings and alarms through an MQTT v5 shared subscription
+(``$share/<group>/examwatch/v1/+/+/readings`` and ``.../alarms``): the broker gives each message to one of
+them. The statuses are not shared: only the leader subscribes to them (``follow_status``), and being
+retained, every room's last word reaches a new leader at once. A replica stopped on purpose unsubscribes
+first, so its session stops taking a share while it is down; one that was killed gets its share again
+when it comes back under the same client_id (messages are never handed to another member meanwhile).
+
 The link's state (connected or not, failed attempts) is exported, and every change of it is logged once:
 a gateway that cannot reach its broker sees no room, and must say so rather than look quietly healthy.
 """
@@ -32,6 +39,7 @@ log = structlog.get_logger("examwatch.gateway.mqtt")
 # MQTT v5 Maximum Packet Size we announce: the broker never sends us more (deploy/mosquitto sets the same
 # max_packet_size for what it accepts from the rooms).
 MAX_PACKET = 256 * 1024
+STATUS = f"{TOPIC_ROOT}/+/+/status"
 
 
 class Subscriber:
@@ -45,6 +53,7 @@ class Subscriber:
         self.connect_failures = 0  # attempts that failed: unreachable, or refused by the broker
         self._state = ""  # the link's last logged state: connected, unreachable, refused <reason>, lost
         self._lock = threading.Lock()
+        self._status = True  # whether we follow the statuses (a replica only while it leads)
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
         c.manual_ack_set(True)
         c.reconnect_delay_set(min_delay=1, max_delay=15)
@@ -64,7 +73,28 @@ class Subscriber:
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=30, clean_start=False, properties=props)
         self.client.loop_start()
 
+    def topics(self) -> list[str]:
+        """Our subscriptions besides the statuses'."""
+        if not self.cfg.share_group:
+            return [f"{TOPIC_ROOT}/+/+/+"]
+        return [f"$share/{self.cfg.share_group}/{TOPIC_ROOT}/+/+/{kind}" for kind in ("readings", "alarms")]
+
+    def follow_status(self, on: bool) -> None:
+        """Subscribe to the rooms' statuses, or leave them to the leader (replicas only)."""
+        self._status = on
+        if self.connected:
+            self._subscribe_status(self.client)
+
+    def _subscribe_status(self, client: mqtt.Client) -> None:
+        if self.cfg.share_group:
+            if self._status:
+                client.subscribe(STATUS, qos=1)
+            else:
+                client.unsubscribe(STATUS)
+
     def stop(self) -> None:
+        if self.cfg.share_group and self.connected:  # out of the group: no share queued for us while we are down
+            self.client.unsubscribe([*self.topics(), STATUS])
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -97,7 +127,8 @@ class Subscriber:
         with self._lock:
             self.connection += 1
         self._changed("connected", "gateway_broker_connected", session_present=flags.session_present)
-        client.subscribe(f"{TOPIC_ROOT}/+/+/+", qos=1)
+        client.subscribe([(t, 1) for t in self.topics()])
+        self._subscribe_status(client)
 
     def _on_subscribe(self, _c: Any, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
         if any(rc.is_failure for rc in codes):

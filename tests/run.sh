@@ -3,7 +3,7 @@
 # (e.g. `bash tests/run.sh tests/test_nut.py -x`).
 #
 # 1. installs the real servers the fixtures start (mosquitto, net-snmp tools, socat pty pairs, NUT,
-#    Prometheus and promtool, Alertmanager, faketime, systemd's tools) when missing: needs root or sudo on a fresh machine;
+#    Prometheus and promtool, Alertmanager, faketime, systemd's tools, PostgreSQL) when missing: needs root or sudo on a fresh machine;
 # 2. builds a fresh virtual environment (.venv-test/) with `pip install -e '.[test]'`, so the tests see
 #    only what pyproject.toml declares and an undeclared dependency fails here, not on a Raspberry Pi;
 #    it is rebuilt whenever pyproject.toml or the Python changes (a clean CI checkout always builds it);
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(mosquitto mosquitto-clients snmp socat nut-server nut-client prometheus prometheus-alertmanager faketime
-              systemd chromium)
+              systemd chromium postgresql)
 # the records (gateway/records): WeasyPrint's Pango, the CJK fonts, pdftotext/pdffonts/pdftoppm for the tests
 apt_packages+=(libpango-1.0-0 libpangoft2-1.0-0 fonts-noto-cjk poppler-utils)
 python3 -c "import ensurepip, venv" 2>/dev/null || apt_packages+=(python3-venv)

@@ -17,17 +17,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = {"examwatch", "bench", "tests"}  # the project itself: one namespace, plus the scripts and tests beside it
 # Which groups of pyproject.toml may provide an import, by the folder that imports it: the agent and the
-# gateway get only the main dependencies; the simulators also the demo extra; bench/ and tests/ everything.
+# gateway get only the main dependencies (and the postgresql extra for that store); the simulators also the
+# demo extra; bench/ and tests/ everything.
 GROUPS = {
     "edge": ("main",),
     "collectors": ("main",),
     "rules": ("main",),
-    "gateway": ("main",),
+    "gateway": ("main", "postgresql"),  # psycopg only when [store] backend = "postgresql"
     "kernel": ("main",),
     "examwatch": ("main",),
-    "simulators": ("main", "demo"),
-    "bench": ("main", "demo", "test"),
-    "tests": ("main", "demo", "test"),
+    "simulators": ("main", "demo", "postgresql"),
+    "bench": ("main", "demo", "test", "postgresql"),
+    "tests": ("main", "demo", "test", "postgresql"),
 }
 # Imported by a dependency only when a feature is used, so no import of ours shows them: (group, why).
 NEEDED_LAZILY = {"cryptography": ("main", "pysnmp imports it only for SNMPv3 privacy (AES, DES)")}

@@ -82,6 +82,24 @@ GATEWAY_CASES = [
         '[gateway]\nmode = "aggregate"\n[[channels]]\nname = "hook"\ntype = "webhook"\nurl = "http://127.0.0.1:1/x"',
         ("channels",),
     ),
+    ("store backend unknown", '[store]\nbackend = "mysql"', ("store", "backend")),
+    ("postgresql with neither dsn nor host", '[store]\nbackend = "postgresql"', ("store", "dsn")),
+    (
+        "postgresql with dsn and host",
+        '[store]\nbackend = "postgresql"\ndsn = "dbname=x"\nhost = "db1"',
+        ("store", "dsn"),
+    ),
+    ("a password in the dsn", '[store]\nbackend = "postgresql"\ndsn = "host=db1 password=secret"', ("store", "dsn")),
+    ("a malformed dsn", '[store]\nbackend = "postgresql"\ndsn = "host=\'db1"', ("store", "dsn")),
+    ("postgresql host with a space", '[store]\nbackend = "postgresql"\nhost = "db 1"', ("store", "host")),
+    ("postgresql port 0", '[store]\nbackend = "postgresql"\nhost = "db1"\nport = 0', ("store", "port")),
+    (
+        "password file missing",
+        '[store]\nbackend = "postgresql"\nhost = "db1"\npassword_file = "/nonexistent/pw"',
+        ("store", "password_file"),
+    ),
+    ("a dsn for sqlite", '[store]\ndsn = "host=db1"', ("store", "dsn")),
+    ("share group with a slash", '[broker]\nshare_group = "a/b"', ("broker", "share_group")),
 ]
 
 
@@ -207,3 +225,20 @@ def test_any_toml_shaped_file_gives_a_gateway_config_or_a_config_error(text):
         loads(text)
     except ConfigError as err:
         assert err.issues
+
+
+def test_the_store_password_is_never_in_an_error_or_the_conninfo(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret-word\n")
+    pw.chmod(0o644)
+    with pytest.raises(ConfigError) as exc:
+        loads(gateway_text(f'[store]\nbackend = "postgresql"\nhost = "db1"\npassword_file = "{pw}"'))
+    assert [i.path for i in exc.value.issues] == [("store", "password_file")] and "s3cret" not in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        loads(gateway_text('[store]\nbackend = "postgresql"\ndsn = "host=db1 password=s3cret-word"'))
+    assert "s3cret" not in str(exc.value)
+    pw.chmod(0o600)
+    cfg = loads(gateway_text(f'[store]\nbackend = "postgresql"\nhost = "db1"\npassword_file = "{pw}"'))
+    where = cfg.store_where()
+    assert "s3cret" not in where.conninfo and where.password() == "s3cret-word"
+    assert "db1" in where.conninfo and "5432" in where.conninfo

@@ -1,8 +1,10 @@
-"""The gateway's ingest on a real SQLite file: idempotence, gaps, signing checks, liveness, skew, incidents."""
+"""The gateway's ingest on each store backend (SQLite, a real PostgreSQL): idempotence, gaps, signing checks,
+liveness, skew, incidents."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -13,15 +15,19 @@ from examwatch.gateway.ingest import Engine, Message, Seqs
 from examwatch.kernel import wire
 from examwatch.kernel.model import AlarmEvent, Reading
 from examwatch.rules.config import Schedule, Window
+from tests.support import alarm
 
 KEYS = {f"s1/{r}": bytes([i + 1]) * 32 for i, r in enumerate(["101", "102", "103", "104", "105", "106"])}
 T0 = 1_700_000_000.0
 EPOCH = 7
 
 
-def make(tmp_path, **kw) -> Engine:
+def make(where: store.Where, **kw) -> Engine:
+    """An engine on ``where`` (a test's tmp_path directory: gw.db in it)."""
+    if isinstance(where, Path) and where.is_dir():
+        where = where / "gw.db"
     cfg = Config(security=Security(quiet=30.0), liveness=Liveness(heartbeat_timeout=20, skew_max=2), **kw)
-    return Engine(cfg, store.connect(tmp_path / "gw.db"), KEYS)
+    return Engine(cfg, store.connect(where), KEYS)
 
 
 def readings_msg(
@@ -30,22 +36,6 @@ def readings_msg(
     body = msgspec.json.encode([Reading("ups1", "ups_charge_percent", float(seq * 10 + i), t + i) for i in range(n)])
     payload = wire.encode(key or KEYS[agent], agent, seq, t, "readings", body, epoch=epoch)
     return Message(wire.topic(agent, "readings"), payload, retained, t)
-
-
-def alarm(agent: str, state: str, at: float, raised_at: float, rule: str = "link_down", n: int = 1) -> AlarmEvent:
-    site, room = agent.split("/")
-    return AlarmEvent(
-        id=f"{agent}/{rule}/sw1/{n}",
-        site=site,
-        room=room,
-        rule=rule,
-        level=1,
-        state=state,
-        device="sw1",
-        at=at,
-        raised_at=raised_at,
-        message="网络中断",
-    )
 
 
 def alarm_msg(agent: str, seq: int, ev: AlarmEvent, received: float, signer: str | None = None) -> Message:
@@ -80,8 +70,8 @@ def count(e: Engine, sql: str, *args) -> int:
     return e.conn.execute(sql, args).fetchone()[0]
 
 
-def test_idempotent_on_agent_and_seq_and_gaps_reported(tmp_path):
-    e = make(tmp_path)
+def test_idempotent_on_agent_and_seq_and_gaps_reported(store_backend):
+    e = make(store_backend)
     msgs = [readings_msg("s1/101", s, T0 + s) for s in (1, 2, 3, 5, 6)]
     e.ingest(msgs, T0 + 10)
     e.ingest(msgs[:2], T0 + 11)  # redelivered copies
@@ -97,18 +87,18 @@ def test_idempotent_on_agent_and_seq_and_gaps_reported(tmp_path):
     assert latest == {("ups1", "ups_charge_percent"): 62.0}  # the newest by the room's time, not by arrival
 
 
-def test_state_survives_a_restart(tmp_path):
-    e = make(tmp_path)
+def test_state_survives_a_restart(store_backend):
+    e = make(store_backend)
     e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 4)], T0 + 5)
     e.conn.close()
-    e = make(tmp_path)
+    e = make(store_backend)
     assert e.agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 2], [4, 4]]
     e.ingest([readings_msg("s1/101", 2, T0 + 2)], T0 + 6)
     assert e.stats.duplicates == 1 and count(e, "SELECT COUNT(*) FROM ledger") == 3
 
 
-def test_forged_unsigned_and_wrong_room_are_rejected_with_a_security_alarm_a_replay_is_a_duplicate(tmp_path):
-    e = make(tmp_path)
+def test_forged_unsigned_and_wrong_room_are_rejected_with_a_security_alarm_a_replay_is_a_duplicate(store_backend):
+    e = make(store_backend)
     good = readings_msg("s1/101", 1, T0)
     e.ingest([good], T0)
     forged = readings_msg("s1/101", 2, T0, key=b"\x99" * 32)
@@ -133,8 +123,8 @@ def test_forged_unsigned_and_wrong_room_are_rejected_with_a_security_alarm_a_rep
     assert [a["rule"] for a in store.alarms(e.conn, state="active")] == []
 
 
-def test_unknown_agents_and_topics_are_counted_without_an_alarm(tmp_path):
-    e = make(tmp_path)
+def test_unknown_agents_and_topics_are_counted_without_an_alarm(store_backend):
+    e = make(store_backend)
     key = b"\x05" * 32
     msg = Message(
         wire.topic("s9/999", "readings"), wire.encode(key, "s9/999", 1, T0, "readings", b"[]", epoch=1), False, T0
@@ -144,8 +134,8 @@ def test_unknown_agents_and_topics_are_counted_without_an_alarm(tmp_path):
     assert store.alarms(e.conn) == []
 
 
-def test_alarm_timeline_keeps_room_times_and_order_out_of_arrival(tmp_path):
-    e = make(tmp_path)
+def test_alarm_timeline_keeps_room_times_and_order_out_of_arrival(store_backend):
+    e = make(store_backend)
     raised, cleared = alarm("s1/101", "raised", T0, T0), alarm("s1/101", "cleared", T0 + 50, T0)
     e.ingest([alarm_msg("s1/101", 2, cleared, T0 + 500), alarm_msg("s1/101", 1, raised, T0 + 501)], T0 + 501)
     [row] = store.alarms(e.conn)
@@ -154,7 +144,7 @@ def test_alarm_timeline_keeps_room_times_and_order_out_of_arrival(tmp_path):
     assert [(t["state"], t["at"]) for t in timeline] == [("raised", T0), ("cleared", T0 + 50)]
 
 
-def test_offline_by_will_and_by_silence_level2_in_a_session_and_two_rooms_make_an_incident(tmp_path):
+def test_offline_by_will_and_by_silence_level2_in_a_session_and_two_rooms_make_an_incident(store_backend):
     from datetime import datetime
     from zoneinfo import ZoneInfo
 
@@ -164,7 +154,7 @@ def test_offline_by_will_and_by_silence_level2_in_a_session_and_two_rooms_make_a
         start=datetime.fromtimestamp(T0 - 3600, tz).replace(tzinfo=None),
         end=datetime.fromtimestamp(T0 + 3600, tz).replace(tzinfo=None),
     )
-    e = make(tmp_path, schedule=Schedule(sessions=[session]))
+    e = make(store_backend, schedule=Schedule(sessions=[session]))
     e.ingest([status_msg(a, "online", T0, T0) for a in KEYS], T0)
     e.ingest([status_msg("s1/101", "offline", T0 - 500, T0 + 5)], T0 + 5)  # last will, set at connect (its time)
     e.tick(T0 + 10, broker_up_since=T0 - 100)
@@ -184,16 +174,16 @@ def test_offline_by_will_and_by_silence_level2_in_a_session_and_two_rooms_make_a
     assert store.alarms(e.conn, state="active") == []
 
 
-def test_silence_is_not_judged_while_our_own_broker_link_is_young(tmp_path):
-    e = make(tmp_path)
+def test_silence_is_not_judged_while_our_own_broker_link_is_young(store_backend):
+    e = make(store_backend)
     e.ingest([status_msg("s1/101", "online", T0, T0)], T0)
     e.tick(T0 + 100, broker_up_since=T0 + 90)
     e.tick(T0 + 100, broker_up_since=None)
     assert store.alarms(e.conn) == []
 
 
-def test_a_replayed_status_is_stale_and_changes_nothing_a_retained_copy_is_ignored(tmp_path):
-    e = make(tmp_path)
+def test_a_replayed_status_is_stale_and_changes_nothing_a_retained_copy_is_ignored(store_backend):
+    e = make(store_backend)
     first = status_msg("s1/101", "online", T0, T0)
     e.ingest([first, status_msg("s1/101", "online", T0 + 30, T0 + 30, n=2)], T0 + 30)
     e.ingest([first._replace(received=T0 + 40)], T0 + 40)
@@ -202,8 +192,8 @@ def test_a_replayed_status_is_stale_and_changes_nothing_a_retained_copy_is_ignor
     assert store.alarms(e.conn) == [] and store.dead_letters(e.conn) == []
 
 
-def test_clock_skew_alarm_and_recovery(tmp_path):
-    e = make(tmp_path)
+def test_clock_skew_alarm_and_recovery(store_backend):
+    e = make(store_backend)
     e.ingest([status_msg("s1/101", "online", T0 + 10, T0)], T0)  # agent 10 s ahead
     [a] = store.alarms(e.conn, state="active")
     assert a["rule"] == "clock_skew" and "+10.0" in a["message"]
@@ -213,13 +203,13 @@ def test_clock_skew_alarm_and_recovery(tmp_path):
     assert store.alarms(e.conn, state="active") == []
 
 
-def test_retention_prunes_and_old_seqs_stay_known(tmp_path):
-    e = make(tmp_path)
+def test_retention_prunes_and_old_seqs_stay_known(store_backend):
+    e = make(store_backend)
     e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 3)], T0 + 3)
     e.retention(T0 + 31 * 86400)
     assert count(e, "SELECT COUNT(*) FROM readings") == 0 and count(e, "SELECT COUNT(*) FROM ledger") == 0
     e.conn.close()
-    e = make(tmp_path)  # the floor survives a restart
+    e = make(store_backend)  # the floor survives a restart
     e.ingest([readings_msg("s1/101", 2, T0 + 2)._replace(received=T0 + 31 * 86400)], T0 + 31 * 86400)
     assert e.stats.duplicates == 1 and +e.stats.rejected == {}
     assert count(e, "SELECT COUNT(*) FROM readings") == 0
@@ -241,8 +231,8 @@ def test_seqs_runs():
 # --- the trust boundary --------------------------------------------------------------------------------
 
 
-def test_poison_messages_are_rejected_set_aside_and_the_rest_of_the_batch_stored(tmp_path):
-    e = make(tmp_path)
+def test_poison_messages_are_rejected_set_aside_and_the_rest_of_the_batch_stored(store_backend):
+    e = make(store_backend)
     topic = wire.topic("s1/101", "readings")
     nested = (
         b'{"v":1,"agent":"s1/101","epoch":1,"seq":1,"ts":1.0,"kind":"readings","body":'
@@ -270,8 +260,8 @@ def test_poison_messages_are_rejected_set_aside_and_the_rest_of_the_batch_stored
     )  # truncated
 
 
-def test_a_bug_on_one_message_rejects_that_message_only(tmp_path, monkeypatch):
-    e = make(tmp_path)
+def test_a_bug_on_one_message_rejects_that_message_only(store_backend, monkeypatch):
+    e = make(store_backend)
     real = Engine._readings
 
     def failing(self, a, seq, readings):
@@ -290,13 +280,16 @@ def test_a_bug_on_one_message_rejects_that_message_only(tmp_path, monkeypatch):
     assert count(e, "SELECT COUNT(*) FROM ledger") == 3
 
 
-def test_a_batch_the_database_refuses_is_written_message_by_message(tmp_path):
-    e = make(tmp_path)
-    # a row SQLite itself refuses (a constraint we did not foresee), from one message of the batch
-    e.conn.execute(
-        "CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.value = 21.0 "
-        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-    )
+def test_a_batch_the_database_refuses_is_written_message_by_message(store_backend):
+    e = make(store_backend)
+    # a row the database itself refuses (a constraint we did not foresee), from one message of the batch
+    if store.dialect(e.conn) == "sqlite":
+        e.conn.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.value = 21.0 "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    else:
+        e.conn.execute("ALTER TABLE readings ADD CONSTRAINT poison CHECK (value <> 21.0)")
     e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 3)] + [status_msg("s1/102", "online", T0, T0)], T0 + 3)
     assert [s for (s,) in e.conn.execute("SELECT seq FROM ledger ORDER BY seq")] == [1, 3]
     assert +e.stats.rejected == {("internal", "s1/101"): 1}
@@ -305,8 +298,8 @@ def test_a_batch_the_database_refuses_is_written_message_by_message(tmp_path):
     assert {a["agent"]: a["status"] for a in store.agents(e.conn)} == {"s1/101": "online", "s1/102": "online"}
 
 
-def test_a_room_changes_only_its_own_alarms(tmp_path):
-    e = make(tmp_path)
+def test_a_room_changes_only_its_own_alarms(store_backend):
+    e = make(store_backend)
     door = alarm("s1/102", "raised", T0, T0, rule="secrecy_door_open")
     e.ingest([alarm_msg("s1/102", 1, door, T0)], T0)
     clear = msgspec.structs.replace(door, state="cleared", at=T0 + 1)
@@ -346,8 +339,8 @@ def test_a_room_changes_only_its_own_alarms(tmp_path):
     assert ("101", "security_rejected") in {(a["room"], a["rule"]) for a in store.alarms(e.conn, state="active")}
 
 
-def test_alarm_transitions_are_ordered_by_sequence_not_by_the_rooms_clock(tmp_path):
-    e = make(tmp_path)
+def test_alarm_transitions_are_ordered_by_sequence_not_by_the_rooms_clock(store_backend):
+    e = make(store_backend)
     ahead = alarm("s1/101", "raised", T0 + 86400, T0 + 86400)  # raised while its clock was a day ahead
     cleared = alarm("s1/101", "cleared", T0 + 60, T0 + 86400)  # cleared after the clock was put right
     e.ingest([alarm_msg("s1/101", 1, ahead, T0), alarm_msg("s1/101", 2, cleared, T0 + 60)], T0 + 60)
@@ -356,8 +349,8 @@ def test_alarm_transitions_are_ordered_by_sequence_not_by_the_rooms_clock(tmp_pa
     assert [t["state"] for t in store.alarm_timeline(e.conn, ahead.id)] == ["cleared", "raised"]  # by the room's times
 
 
-def test_statuses_are_ordered_by_their_place_not_their_clock(tmp_path):
-    e = make(tmp_path)
+def test_statuses_are_ordered_by_their_place_not_their_clock(store_backend):
+    e = make(store_backend)
     e.ingest([status_msg("s1/101", "online", T0, T0, n=1), status_msg("s1/101", "online", T0 + 1, T0 + 1, n=2)], T0 + 1)
     # a day ahead by its clock, then the right time again: the later heartbeats are news
     e.ingest([status_msg("s1/101", "online", T0 + 86400, T0 + 2, n=3)], T0 + 2)
@@ -385,15 +378,15 @@ def test_statuses_are_ordered_by_their_place_not_their_clock(tmp_path):
     assert store.alarms(e.conn, state="active") == []
 
 
-def test_a_replaced_database_starts_a_new_epoch_of_new_data(tmp_path):
-    e = make(tmp_path)
+def test_a_replaced_database_starts_a_new_epoch_of_new_data(store_backend):
+    e = make(store_backend)
     e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 3)], T0 + 3)
     e.ingest([readings_msg("s1/101", s, T0 + 10 + s, epoch=8) for s in (1, 2)], T0 + 13)
     assert count(e, "SELECT COUNT(*) FROM readings") == 15 and e.stats.duplicates == 0 and +e.stats.rejected == {}
     a = store.agents(e.conn)[0]
     assert (a["epoch"], a["max_seq"], a["missing"]) == (8, 2, 0)
     e.conn.close()
-    e = make(tmp_path)
+    e = make(store_backend)
     e.ingest([readings_msg("s1/101", 3, T0 + 3), readings_msg("s1/101", 2, T0 + 12, epoch=8)], T0 + 20)
     assert e.stats.duplicates == 2
 
@@ -425,12 +418,12 @@ def test_a_gateway_database_from_before_epochs_is_migrated(tmp_path):
     old = sqlite3.connect(tmp_path / "gw.db")
     old.executescript(OLD_SCHEMA)
     old.close()
-    e = make(tmp_path)
-    assert e.conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
+    e = make(tmp_path / "gw.db")
+    assert count(e, "SELECT MAX(version) FROM schema_migrations") == store.SCHEMA_VERSION
     assert count(e, "SELECT COUNT(*) FROM readings") == 1 and count(e, "SELECT COUNT(*) FROM ledger") == 0
     e.ingest([readings_msg("s1/101", 1, T0), status_msg("s1/101", "online", T0, T0)], T0)
     assert count(e, "SELECT COUNT(*) FROM readings") == 4 and store.agents(e.conn)[0]["epoch"] == EPOCH
     e.ingest([alarm_msg("s1/101", 2, alarm("s1/101", "cleared", T0, 1), T0)], T0)  # an alarm from before: still clears
     assert store.alarms(e.conn, state="active") == []
     e.conn.close()
-    assert make(tmp_path).agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 2]]  # and opens again as it is
+    assert make(tmp_path / "gw.db").agents["s1/101"].epochs[EPOCH].seqs.runs == [[1, 2]]  # and opens again as it is

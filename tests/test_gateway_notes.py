@@ -5,8 +5,8 @@ from __future__ import annotations
 from examwatch.gateway import store
 
 
-def test_acknowledgement_and_follow_ups_are_kept_in_order(tmp_path):
-    conn = store.connect(tmp_path / "gateway.db")
+def test_acknowledgement_and_follow_ups_are_kept_in_order(store_backend):
+    conn = store.connect(store_backend)
     conn.execute(
         "INSERT INTO alarms (id, site, room, rule, level, state, device, message, raised_at, updated_at, source) "
         "VALUES ('a1', 's', 'r101', 'ups_on_battery', 1, 'active', 'ups', '市电中断', 10, 10, 'agent')"
@@ -22,15 +22,3 @@ def test_acknowledgement_and_follow_ups_are_kept_in_order(tmp_path):
         ("result", "李老师", "恢复供电"),
     ]
     assert store.notes(conn, "incident", "a1") == []
-
-
-def test_a_version_2_database_gains_the_notes_tables(tmp_path):
-    path = tmp_path / "gateway.db"
-    conn = store.connect(path)
-    conn.execute("DROP TABLE notes")
-    conn.execute("DROP TABLE reports")
-    conn.execute("PRAGMA user_version = 2")
-    conn.close()
-    conn = store.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 3
-    assert store.notes(conn, "alarm", "a1") == []

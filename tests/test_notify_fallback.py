@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -21,6 +20,7 @@ from examwatch.channels.settings import Channel
 from examwatch.edge.config import AgentSettings, ConfigError, FallbackSettings, loads
 from examwatch.edge.fallback import Fallback
 from examwatch.edge.store import OutboxReader, OutboxRow, Store
+from examwatch.gateway import store
 from examwatch.gateway.api import BadRequest, parse_query
 from examwatch.gateway.notify import outbox
 from examwatch.gateway.notify.core import Event, Planner
@@ -126,13 +126,13 @@ def test_the_fallback_is_off_by_default_and_its_config_is_checked() -> None:
     assert cfg.fallback.enabled and cfg.fallback.channel is not None and cfg.fallback.channel.name == "site1-group"
 
 
-def test_the_notifications_endpoint_takes_one_bounded_id() -> None:
+def test_the_notifications_endpoint_takes_one_bounded_id(tmp_path) -> None:
     assert parse_query("/api/v1/notifications", "id=s1/r1/door/1") == {"id": "s1/r1/door/1", "limit": 500}
     for bad in ("", "limit=5", "id=a&id=b", "id=a&limit=0", "id=a&limit=1001", "id=" + "x" * 257, "id=a&who=b"):
         with pytest.raises(BadRequest):
             parse_query("/api/v1/notifications", bad)
-    # a gateway whose notifier never ran (no channels) has no notify tables: an empty record, not an error
-    assert outbox.notifications(sqlite3.connect(":memory:"), "x") == {"timeline": [], "messages": []}
+    # a gateway whose notifier never ran (no channels): an empty record, not an error
+    assert outbox.notifications(store.connect(tmp_path / "gw.db"), "x") == {"timeline": [], "messages": []}
 
 
 # --- the agent's side, against a real store and a real receiver --------------------------------------------

@@ -7,7 +7,7 @@ import html
 import sqlite3
 from typing import Any
 
-from examwatch.gateway import store
+from examwatch.gateway import duty, store
 
 RECENT = 4 * 3600.0  # s: cleared alarms and closed incidents stay on the desk this long
 OFFLINE = ("offline", "silent")
@@ -67,11 +67,11 @@ def room(conn: sqlite3.Connection, agent: str) -> dict[str, Any]:
 
 
 def incident(conn: sqlite3.Connection, incident_id: str, now: float) -> dict[str, Any] | None:
-    inc = store.incident(conn, incident_id)
+    inc = duty.incident(conn, incident_id)
     if inc is None:
         return None
     end = inc["closed_at"] or now
-    alarms = store.room_alarms(conn, inc["site"], inc["members"], inc["opened_at"] - 600, end)
+    alarms = duty.room_alarms(conn, inc["site"], inc["members"], inc["opened_at"] - 600, end)
     return {
         "incident": inc,
         "alarms": alarms,
@@ -81,7 +81,7 @@ def incident(conn: sqlite3.Connection, incident_id: str, now: float) -> dict[str
 
 
 def alarm(conn: sqlite3.Connection, alarm_id: str) -> dict[str, Any] | None:
-    a = store.alarm(conn, alarm_id)
+    a = duty.alarm(conn, alarm_id)
     if a is None:
         return None
     return {"alarm": a, "timeline": store.alarm_timeline(conn, alarm_id), "notes": store.notes(conn, "alarm", alarm_id)}

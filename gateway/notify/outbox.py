@@ -8,25 +8,13 @@ cursors and the rows it produced are committed in one transaction.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from examwatch.gateway import store
 from examwatch.gateway.notify.messages import Message
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS notify_outbox (id INTEGER PRIMARY KEY, channel TEXT NOT NULL, key TEXT NOT NULL,
-    thread TEXT NOT NULL, created REAL NOT NULL, message BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    due REAL NOT NULL, sending INTEGER NOT NULL DEFAULT 0, sent_at REAL, error TEXT, UNIQUE (channel, key));
-CREATE INDEX IF NOT EXISTS notify_outbox_pending ON notify_outbox (channel, sent_at, id);
-CREATE TABLE IF NOT EXISTS notify_state (name TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS notify_timeline (thread TEXT NOT NULL, at REAL NOT NULL, what TEXT NOT NULL,
-    detail TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS notify_timeline_thread ON notify_timeline (thread, at);
-"""
 
 _message = msgspec.json.Decoder(Message)
 
@@ -39,21 +27,18 @@ class Row(msgspec.Struct, frozen=True):
     due: float
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(SCHEMA)
-    return conn
+def connect(where: store.Where) -> store.Db:
+    """A connection to the gateway's store, whose migrations made the notifier's tables (``schema``)."""
+    return store.connect(where)
 
 
-def load(conn: sqlite3.Connection, name: str) -> bytes | None:
+def load(conn: store.Db, name: str) -> bytes | None:
     row = conn.execute("SELECT value FROM notify_state WHERE name = ?", [name]).fetchone()
     return row[0] if row else None
 
 
 def commit_step(
-    conn: sqlite3.Connection,
+    conn: store.Db,
     state: dict[str, bytes],
     rows: Sequence[tuple[str, Message]],
     lines: Sequence[tuple[str, float, str, str]],
@@ -82,7 +67,7 @@ def commit_step(
     return added
 
 
-def head(conn: sqlite3.Connection, channel: str) -> Row | None:
+def head(conn: store.Db, channel: str) -> Row | None:
     """The channel's oldest unsent row: it goes first, whatever its retry time (order per channel)."""
     r = conn.execute(
         "SELECT id, key, message, attempts, due FROM notify_outbox WHERE channel = ? AND sent_at IS NULL "
@@ -92,25 +77,25 @@ def head(conn: sqlite3.Connection, channel: str) -> Row | None:
     return Row(r[0], r[1], _message.decode(r[2]), r[3], r[4]) if r else None
 
 
-def mark_sending(conn: sqlite3.Connection, row_id: int) -> None:
+def mark_sending(conn: store.Db, row_id: int) -> None:
     conn.execute("UPDATE notify_outbox SET sending = 1 WHERE id = ?", [row_id])
 
 
-def mark_sent(conn: sqlite3.Connection, row_id: int, now: float) -> None:
+def mark_sent(conn: store.Db, row_id: int, now: float) -> None:
     conn.execute(
         "UPDATE notify_outbox SET sending = 0, sent_at = ?, attempts = attempts + 1, error = NULL WHERE id = ?",
         [now, row_id],
     )
 
 
-def mark_failed(conn: sqlite3.Connection, row_id: int, error: str, due: float) -> None:
+def mark_failed(conn: store.Db, row_id: int, error: str, due: float) -> None:
     conn.execute(
         "UPDATE notify_outbox SET sending = 0, attempts = attempts + 1, error = ?, due = ? WHERE id = ?",
         [error[:300], due, row_id],
     )
 
 
-def recover(conn: sqlite3.Connection) -> dict[str, int]:
+def recover(conn: store.Db) -> dict[str, int]:
     """Rows left ``sending`` by a killed gateway, per channel: they go again (maybe a second time)."""
     found = dict(
         conn.execute("SELECT channel, COUNT(*) FROM notify_outbox WHERE sending = 1 GROUP BY channel").fetchall()
@@ -119,11 +104,11 @@ def recover(conn: sqlite3.Connection) -> dict[str, int]:
     return found
 
 
-def queue_lengths(conn: sqlite3.Connection) -> dict[str, int]:
+def queue_lengths(conn: store.Db) -> dict[str, int]:
     return dict(conn.execute("SELECT channel, COUNT(*) FROM notify_outbox WHERE sent_at IS NULL GROUP BY channel"))
 
 
-def sent_messages(conn: sqlite3.Connection, channel: str) -> list[Message]:
+def sent_messages(conn: store.Db, channel: str) -> list[Message]:
     """What the channel has confirmed, oldest first (the Alertmanager sender rebuilds its active alerts)."""
     return [
         _message.decode(r[0])
@@ -133,7 +118,7 @@ def sent_messages(conn: sqlite3.Connection, channel: str) -> list[Message]:
     ]
 
 
-def timeline(conn: sqlite3.Connection, thread: str, limit: int = 1000) -> list[dict[str, Any]]:
+def timeline(conn: store.Db, thread: str, limit: int = 1000) -> list[dict[str, Any]]:
     """The notifier's record of one alarm or incident: sent (to which tier), held, told directly by the room's
     agent, escalated, acknowledged (who, note), resolved."""
     return [
@@ -144,12 +129,10 @@ def timeline(conn: sqlite3.Connection, thread: str, limit: int = 1000) -> list[d
     ]
 
 
-def notifications(conn: sqlite3.Connection, thread: str, limit: int = 1000) -> dict[str, Any]:
+def notifications(conn: store.Db, thread: str, limit: int = 1000) -> dict[str, Any]:
     """What the notifier did about one alarm or incident (``/api/v1/notifications``): its timeline, and every
     message with its channel, when it was queued and confirmed, the attempts and the last error. Nothing when
-    the notifier never ran (no channels configured: no tables)."""
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'notify_timeline'").fetchone():
-        return {"timeline": [], "messages": []}
+    the notifier never ran (no channels configured)."""
     messages = []
     for r in conn.execute(
         "SELECT channel, key, created, sent_at, attempts, error, message FROM notify_outbox "
@@ -173,6 +156,6 @@ def notifications(conn: sqlite3.Connection, thread: str, limit: int = 1000) -> d
     return {"timeline": timeline(conn, thread, limit), "messages": messages}
 
 
-def prune(conn: sqlite3.Connection, before: float) -> None:
+def prune(conn: store.Db, before: float) -> None:
     conn.execute("DELETE FROM notify_outbox WHERE sent_at IS NOT NULL AND sent_at < ?", [before])
     conn.execute("DELETE FROM notify_timeline WHERE at < ?", [before])

@@ -7,11 +7,12 @@ Kept in one module so a change of the gateway's schema is adapted here and nowhe
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable
+from typing import Any
 
 import msgspec
 
+from examwatch.gateway import store
 from examwatch.gateway.notify.core import Ack, Event
 from examwatch.kernel.model import AlarmEvent, AlarmState, Level
 
@@ -25,7 +26,7 @@ _ALARM_ROWS = (
 )
 
 
-def _alarm_event(r: sqlite3.Row | tuple, what: str = "") -> Event:
+def _alarm_event(r: Any, what: str = "") -> Event:
     ev = None
     if len(r[5]) <= MAX_EVENT:
         try:
@@ -53,9 +54,7 @@ def _alarm_event(r: sqlite3.Row | tuple, what: str = "") -> Event:
     )
 
 
-def read_new(
-    conn: sqlite3.Connection, cursors: dict[str, int], limit: int = 2000
-) -> tuple[list[Event], dict[str, int]]:
+def read_new(conn: store.Db, cursors: dict[str, int], limit: int = 2000) -> tuple[list[Event], dict[str, int]]:
     """The transitions stored after ``cursors`` (rowids of alarm_events and incident_events), oldest first,
     with the alarm's or incident's site, room and level; and the cursors after them."""
     cur = dict(cursors)
@@ -88,7 +87,7 @@ def read_new(
     return events, cur
 
 
-def open_alarms(conn: sqlite3.Connection) -> list[Event]:
+def open_alarms(conn: store.Db) -> list[Event]:
     """Every alarm still active, as a raise with its latest state: what a notifier started on an existing
     database must still tell (the history before it is not re-sent)."""
     rows = conn.execute(
@@ -98,7 +97,7 @@ def open_alarms(conn: sqlite3.Connection) -> list[Event]:
     return [_alarm_event(r, "raised") for r in rows]
 
 
-def timeline_end(conn: sqlite3.Connection) -> dict[str, int]:
+def timeline_end(conn: store.Db) -> dict[str, int]:
     """Where the timeline ends now: a notifier started on an existing database does not re-send history."""
     return {
         t: conn.execute(f"SELECT COALESCE(MAX(rowid), 0) FROM {t}").fetchone()[0]
@@ -106,7 +105,7 @@ def timeline_end(conn: sqlite3.Connection) -> dict[str, int]:
     }
 
 
-def read_acks(conn: sqlite3.Connection, ids: Iterable[str]) -> dict[str, Ack]:
+def read_acks(conn: store.Db, ids: Iterable[str]) -> dict[str, Ack]:
     ids = list(ids)
     out: dict[str, Ack] = {}
     for i in range(0, len(ids), 500):
@@ -122,7 +121,7 @@ def read_acks(conn: sqlite3.Connection, ids: Iterable[str]) -> dict[str, Ack]:
     return out
 
 
-def channel_alarm(conn: sqlite3.Connection, county: str, channel: str, down: bool, reason: str, now: float) -> None:
+def channel_alarm(conn: store.Db, county: str, channel: str, down: bool, reason: str, now: float) -> None:
     """Raise (or clear) the gateway's level-1 system alarm for a channel that keeps failing."""
     rule = "notify_channel_down"
     row = conn.execute(
@@ -150,8 +149,7 @@ def channel_alarm(conn: sqlite3.Connection, county: str, channel: str, down: boo
         message=message,
         action="检查该通知渠道的网络与配置；运行 examwatch gateway test-channel 验证",
     )
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.transaction(conn, timeline=True):
         conn.execute(
             "INSERT INTO alarm_events (alarm_id, at, state, level, received, seq, event) VALUES (?,?,?,?,?,?,?)",
             [alarm_id, now, ev.state, 1, now, 0, msgspec.json.encode(ev)],
@@ -176,7 +174,3 @@ def channel_alarm(conn: sqlite3.Connection, county: str, channel: str, down: boo
                 "notify",
             ],
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise

@@ -1,7 +1,7 @@
 """The notifier at run time: one thread follows the gateway's timeline and plans; one sender thread per
 channel drains that channel's outbox rows in order, so a channel that is down delays nobody else.
 
-Each thread has its own SQLite connection to gateway.db. Nothing here is called by ingest.
+Each thread has its own connection to the gateway's store. Nothing here is called by ingest.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from examwatch.channels import alertmanager
 from examwatch.channels.base import SendError, client
 from examwatch.channels.send import SENDERS, send_once
+from examwatch.gateway import store
 from examwatch.gateway.notify import outbox, source
 from examwatch.gateway.notify.core import Planner, State
 from examwatch.gateway.notify.settings import Channel, Notify, Roster
@@ -40,7 +41,7 @@ class Stats:
 class Notifier:
     def __init__(
         self,
-        db_path: str,
+        db_path: store.Where,
         county: str,
         settings: Notify,
         channels: list[Channel],
@@ -108,9 +109,12 @@ class Notifier:
         if self._first is not None:
             cursors, first = self._first
         planner = Planner(self.settings, self.channels, self.roster, self.classes, state, self.ack_key)
-        failures, pruned = 0, 0.0
+        failures, pruned, stale = 0, 0.0, False
         while not self.stop_event.wait(STEP):
             try:
+                if stale:  # reload the last committed state: what was planned but not stored is planned again
+                    raw = outbox.load(conn, "planner")
+                    planner.state, stale = msgspec.json.decode(raw, type=State) if raw else State(), False
                 now = self.clock()
                 if now - pruned > 3600:
                     outbox.prune(conn, now - KEEP)
@@ -131,13 +135,11 @@ class Notifier:
                         if ch in self.wake:
                             self.wake[ch].set()
                 failures = 0
-            except Exception as err:  # a bad row or a locked database must not end notifications
+            except Exception as err:  # a bad row, a locked database or one out of reach must not end notifications
                 failures += 1
                 if failures == 1:
                     log.error("notify_plan_failed", error=f"{type(err).__name__}: {err}")
-                # Reload the last committed state: what was planned but not stored is planned again.
-                raw = outbox.load(conn, "planner")
-                planner.state = msgspec.json.decode(raw, type=State) if raw else State()
+                stale = True
         conn.close()
 
     # --- sending ----------------------------------------------------------------------------------------
@@ -300,7 +302,9 @@ def test_channel(ch: Channel, county: str, now: float) -> None:
     send_once(ch, m, now)
 
 
-def notifier_for(cfg: Any, db_path: str, clock: Callable[[], float] = time.time, ack_key: bytes = b"") -> Notifier:
+def notifier_for(
+    cfg: Any, db_path: store.Where, clock: Callable[[], float] = time.time, ack_key: bytes = b""
+) -> Notifier:
     """The notifier of a gateway config (``gateway.config.Config``)."""
     from examwatch.gateway.correlate import rule_classes
 

@@ -15,7 +15,7 @@ import time
 from datetime import date
 from typing import Any
 
-from examwatch.gateway import store
+from examwatch.gateway import duty
 from examwatch.gateway.config import CorrelationRule, builtin_correlation
 from examwatch.gateway.records import dayforms, forms
 from examwatch.gateway.records.facts import RecordError, event, exam_day
@@ -106,7 +106,7 @@ def render(
 def keep(conn: sqlite3.Connection, *, form: str, scope: str, fmt: str, who: str, data: bytes, now: float) -> int:
     """Store a rendered file with its hash; the row's id."""
     digest = hashlib.sha256(data).hexdigest()
-    return store.add_report(conn, now, forms.clean(who, WHO_MAX) or "（未知）", form, scope, fmt, digest, data)
+    return duty.add_report(conn, now, forms.clean(who, WHO_MAX) or "（未知）", form, scope, fmt, digest, data)
 
 
 def render_and_store(
@@ -137,7 +137,7 @@ def render_and_store(
 
 def verify(conn: sqlite3.Connection, data: bytes) -> dict[str, Any] | None:
     """The stored report this file is, byte for byte (id, created, who, form, scope, format, sha256), or None."""
-    return store.report_by_hash(conn, hashlib.sha256(data).hexdigest())
+    return duty.report_by_hash(conn, hashlib.sha256(data).hexdigest())
 
 
 __all__ = ["DAY_FORMS", "EVENT_FORMS", "FORMATS", "FORMS", "RecordError", "render", "render_and_store", "verify"]

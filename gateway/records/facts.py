@@ -13,7 +13,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from examwatch.gateway import store
+from examwatch.gateway import duty, store
 from examwatch.gateway.config import CorrelationRule
 
 ALARMS_MAX = 500  # alarms one report lists at most (a day of a county); the form says when more were left out
@@ -62,7 +62,7 @@ class Day:
     end: float
     alarms: list[Alarm]
     incidents: list[Event]
-    notes: list[dict[str, Any]]  # store.notes_between: kind, item_id, at, who, category, text
+    notes: list[dict[str, Any]]  # duty.notes_between: kind, item_id, at, who, category, text
     sites: dict[str, list[str]]  # site -> its rooms (the agents table)
     truncated: bool = False
 
@@ -87,10 +87,10 @@ def _site_rooms(conn: sqlite3.Connection) -> dict[str, list[str]]:
 def event(conn: sqlite3.Connection, item_id: str, rules: list[CorrelationRule]) -> Event:
     """The incident with this id, else the alarm with it; RecordError if neither exists."""
     kinds = store.device_kinds(conn)
-    found = store.incidents_between(conn, 0, 0, incident_id=item_id)
+    found = duty.incidents_between(conn, 0, 0, incident_id=item_id)
     if found:
         return _incident(conn, found[0], rules, kinds, len(_site_rooms(conn).get(found[0]["site"], [])))
-    row = store.alarm(conn, item_id)
+    row = duty.alarm(conn, item_id)
     if row is None:
         raise RecordError(f"没有编号为 {item_id[:200]!r} 的事件或报警")
     a = _alarm(conn, row, kinds)
@@ -124,7 +124,7 @@ def _incident(
     end = inc["closed_at"] if inc["closed_at"] is not None else float("inf")
     rows = [
         r
-        for r in store.alarms_between(conn, inc["opened_at"] - window, min(end, 2.0**32) + 1, site=inc["site"])
+        for r in duty.alarms_between(conn, inc["opened_at"] - window, min(end, 2.0**32) + 1, site=inc["site"])
         if r["room"] in inc["members"] and (rule is None or r["rule"] in rule.rules)
     ]
     return Event(
@@ -156,11 +156,11 @@ def day_bounds(day: date, tz: str) -> tuple[float, float]:
 def exam_day(conn: sqlite3.Connection, day: date, tz: str, rules: list[CorrelationRule]) -> Day:
     start, end = day_bounds(day, tz)
     kinds = store.device_kinds(conn)
-    rows = store.alarms_between(conn, start, end)
+    rows = duty.alarms_between(conn, start, end)
     sites = _site_rooms(conn)
     incidents = [
         _incident(conn, inc, rules, kinds, len(sites.get(inc["site"], [])))
-        for inc in store.incidents_between(conn, start, end)
+        for inc in duty.incidents_between(conn, start, end)
     ]
     return Day(
         day=day,
@@ -168,7 +168,7 @@ def exam_day(conn: sqlite3.Connection, day: date, tz: str, rules: list[Correlati
         end=end,
         alarms=[_alarm(conn, r, kinds) for r in rows[:ALARMS_MAX]],
         incidents=incidents,
-        notes=store.notes_between(conn, start, end),
+        notes=duty.notes_between(conn, start, end),
         sites=sites,
         truncated=len(rows) > ALARMS_MAX,
     )

@@ -37,6 +37,25 @@ def door_opened(site: str, room: str, at: float, alarm_id: str = "") -> AlarmEve
     )
 
 
+def alarm(
+    agent: str, state: str, at: float, raised_at: float, rule: str = "link_down", n: int = 1, device: str = "sw1"
+) -> AlarmEvent:
+    """A room's level-1 alarm transition as its agent signs and sends it (a network fault unless told)."""
+    site, room = agent.split("/")
+    return AlarmEvent(
+        id=f"{agent}/{rule}/{device}/{n}",
+        site=site,
+        room=room,
+        rule=rule,
+        level=1,
+        state=state,
+        device=device,
+        at=at,
+        raised_at=raised_at,
+        message="网络中断",
+    )
+
+
 def _timed_out(what: What, timeout: float) -> AssertionError:
     return AssertionError(f"{what() if callable(what) else what} not met within {timeout:g}s")
 

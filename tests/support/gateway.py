@@ -61,16 +61,23 @@ class _Process:
 
 class GatewayProc(_Process):
     def __init__(
-        self, workdir: Path, broker_port: int, agents: list[str], extra: str = "", token: str = "t0ken"
+        self,
+        workdir: Path,
+        broker_port: int,
+        agents: list[str],
+        extra: str = "",
+        token: str = "t0ken",
+        broker: str = "",  # more [broker] keys (a replica's client_id and share_group)
+        name: str = "gateway",
     ) -> None:
-        self.dir = workdir / "gateway"
+        self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.api_port, self.metrics_port = free_port(), free_port()
         keys = "\n".join(f'"{a}" = "{key_hex(a)}"' for a in agents)
         self.token = token
         self.config = self.dir / "gateway.toml"
         self.config.write_text(
-            f'[gateway]\nstate_dir = "{self.dir}"\n[broker]\nport = {broker_port}\n'
+            f'[gateway]\nstate_dir = "{self.dir}"\n[broker]\nport = {broker_port}\n{broker}\n'
             f'[exporter]\nlisten = "127.0.0.1:{self.metrics_port}"\n'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\ntoken = "{token}"\n{extra}\n[security.keys]\n{keys}\n'
         )
