@@ -9,10 +9,8 @@ numbers, ...). Anything else that escapes, or a broken invariant, is a failure: 
     python3 bench/fuzz.py --all --n 100000          # every target
     python3 bench/fuzz.py --target megatec_q1 --n 100000
     python3 bench/fuzz.py --target nut --replay .fuzz-failures/nut-1.bin   # rerun one reproducer
-
-Exit status 1 when anything escaped. A target whose function does not exist (yet) is reported as
-``missing``; tests/test_fuzz.py runs the same targets with fewer inputs on every CI run.
-"""
+Exit status 1 when anything escaped. A target whose function does not exist (yet) is ``missing``;
+tests/test_fuzz.py runs the same targets with fewer inputs on every CI run."""
 
 from __future__ import annotations
 

@@ -1,22 +1,14 @@
 """The gateway's ingest: check each message, store batches idempotently, keep liveness, alarms and incidents.
 
-Used only from the ingest thread. A message is accepted only if it comes from a room on the roster, fits
-the wire's bounds, is signed with that room's key, names the room of the topic it came on, and changes
-only that room's data (authorisation: an alarm event must be the signer's own, by site, room and id).
-
-Freshness is by sequence, never by wall clock. Readings and alarms are idempotent on (agent, epoch, seq):
-a copy arriving again, however much later (QoS 1 redelivery, an agent re-sending after a power cut, a
-captured message replayed), is a harmless duplicate. Statuses are ordered by (epoch rank, boot, conn, n)
-(``edge.wire.Status``): one not newer than the last applied changes nothing and is counted ``stale``.
-The rooms' timestamps are data: alarms keep them (``at`` of each transition), the clock-skew check
-compares them with ours; ``received`` is ours.
-
-No message can stop the loop: a message that cannot be taken is rejected, counted by reason, set aside
-in ``dead_letters`` and acknowledged like any other; a room whose identity was used gets a security alarm.
-A bug handling one message rejects that message; a batch whose commit fails is written message by message.
-
-A room's phase is the gateway's schedule's when it has sessions, else the one the agent last reported;
-its devices' kinds are the ones its agent's status names (older agents name none).
+Used only from the ingest thread. A message is accepted only if it comes from a room on the roster, fits the
+wire's bounds, is signed with that room's key, names the room of its topic and changes only that room's data
+(an alarm event must be the signer's own, by site, room and id). Freshness is by sequence, never by wall clock:
+readings and alarms are idempotent on (agent, epoch, seq), however late a copy arrives; statuses are ordered by
+(epoch rank, boot, conn, n) (``wire.Status``), an older one is counted ``stale``. The rooms' timestamps are data
+(``at`` of each transition; the clock-skew check); ``received`` is ours. No message can stop the loop: one that
+cannot be taken is rejected, counted by reason, set aside in ``dead_letters`` and acknowledged; a room whose
+identity was used gets a security alarm; a batch whose commit fails is written message by message. A room's
+phase is the gateway's schedule's when it has sessions, else its agent's; its devices' kinds are its status's.
 """
 
 from __future__ import annotations
@@ -54,8 +46,6 @@ from examwatch.rules.schedule import Calendar
 log = structlog.get_logger("examwatch.gateway")
 
 READINGS_MAX = 5000  # per message (the agent sends uplink.batch_max, 500 by default)
-
-
 _readings = msgspec.json.Decoder(Annotated[list[Reading], msgspec.Meta(max_length=READINGS_MAX)])
 _alarm = msgspec.json.Decoder(AlarmEvent)
 _status = msgspec.json.Decoder(wire.Status)
