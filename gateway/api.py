@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import msgspec
@@ -56,6 +56,9 @@ from examwatch.gateway.params import (
     parse_query,
 )
 from examwatch.kernel.config import parse_listen
+
+if TYPE_CHECKING:
+    from examwatch.gateway.store import Where
 
 log = structlog.get_logger("examwatch.gateway.api")
 
@@ -194,7 +197,7 @@ class ApiServer:
     def __init__(
         self,
         listen: str,
-        db_path: str,
+        db_path: Where,
         token: str,
         ack_key: bytes = b"",
         *,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gzip
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -119,7 +118,7 @@ def family(name: str, help_text: str, kind: str, samples: Iterable[tuple[str, fl
 class GatewayCollector:
     def __init__(
         self,
-        db_path: str,
+        db_path: store.Where,
         stats: Stats,
         clock: Callable[[], float] = time.time,
         broker: Subscriber | None = None,
@@ -130,11 +129,11 @@ class GatewayCollector:
         self.broker = broker  # the Subscriber: its link's state
         self.api = api  # its refused requests
         self.clock = clock
-        self._conn: sqlite3.Connection | None = None
+        self._conn: store.Db | None = None
         self._lock = threading.Lock()
         self._labels = Labels()
 
-    def _db(self) -> sqlite3.Connection:
+    def _db(self) -> store.Db:
         if self._conn is None:
             self._conn = store.connect(self.db_path, readonly=True)
         return self._conn
@@ -150,7 +149,7 @@ class GatewayCollector:
         with self._lock:
             return "".join(self._render(self._db(), self.clock()))
 
-    def _render(self, db: sqlite3.Connection, now: float) -> Iterator[str]:
+    def _render(self, db: store.Db, now: float) -> Iterator[str]:
         agents = store.agents(db)
         labels = self._labels
         labels.next_scrape()
@@ -194,9 +193,7 @@ class GatewayCollector:
         )
         yield from self._counters(labels)
 
-    def _readings(
-        self, db: sqlite3.Connection, now: float, agents: list[dict[str, Any]], labels: Labels
-    ) -> Iterator[str]:
+    def _readings(self, db: store.Db, now: float, agents: list[dict[str, Any]], labels: Labels) -> Iterator[str]:
         # The age on the room's own clock (its reading times are), so a room with a skewed clock ages right too.
         room_now = {a["agent"]: now + (a["skew"] or 0.0) for a in agents}
         kinds = store.device_kinds(db)
@@ -232,7 +229,7 @@ class GatewayCollector:
             "examwatch_reading_age_seconds", "seconds since the metric was read, by the room's clock", "gauge"
         ) + "".join(ages)
 
-    def _alarms(self, db: sqlite3.Connection, labels: Labels) -> Iterator[str]:
+    def _alarms(self, db: store.Db, labels: Labels) -> Iterator[str]:
         active: dict[str, int] = {}  # two devices with the same rule: one series per bounded label set
         for a in store.alarms(db, state="active", limit=100_000):
             site, room, rule = escape(a["site"]), escape(a["room"]), escape(a["rule"])

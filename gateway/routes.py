@@ -60,7 +60,7 @@ async def body(request: Request) -> bytes:
     return data
 
 
-def read(db_path: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+def read(db_path: store.Where, fn: Any, *args: Any, **kwargs: Any) -> Any:
     conn = store.connect(db_path, readonly=True)
     try:
         return fn(conn, *args, **kwargs)
@@ -68,7 +68,7 @@ def read(db_path: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         conn.close()
 
 
-def write(db_path: str, fn: Any, *args: Any) -> Any:
+def write(db_path: store.Where, fn: Any, *args: Any) -> Any:
     conn = store.connect(db_path)
     try:
         return fn(conn, *args)
@@ -191,7 +191,7 @@ def _api(srv: ApiServer) -> Any:
     return r
 
 
-def acknowledge(db_path: str, kind: str, item: str, who: str, note: str) -> bool:
+def acknowledge(db_path: store.Where, kind: str, item: str, who: str, note: str) -> bool:
     table = "alarms" if kind == "alarm" else "incidents"
     return bool(write(db_path, store.acknowledge, table, item, who, note, time.time()))
 

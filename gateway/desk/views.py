@@ -4,7 +4,6 @@ incident's timeline as an SVG picture. Reads only; ``timeline_svg`` is pure."""
 from __future__ import annotations
 
 import html
-import sqlite3
 from typing import Any
 
 from examwatch.gateway import duty, store
@@ -13,7 +12,7 @@ RECENT = 4 * 3600.0  # s: cleared alarms and closed incidents stay on the desk t
 OFFLINE = ("offline", "silent")
 
 
-def state(conn: sqlite3.Connection, roster: list[str], secrecy: frozenset[str], now: float) -> dict[str, Any]:
+def state(conn: store.Db, roster: list[str], secrecy: frozenset[str], now: float) -> dict[str, Any]:
     """The whole desk: every room with its worst active level, the active and recent alarms, the incidents."""
     alarms = store.alarms(conn, limit=1000)
     active = [a for a in alarms if a["state"] != "cleared"]
@@ -44,7 +43,7 @@ def state(conn: sqlite3.Connection, roster: list[str], secrecy: frozenset[str], 
     return {"now": now, "rooms": rooms, "alarms": active + recent, "incidents": incidents}
 
 
-def room(conn: sqlite3.Connection, agent: str) -> dict[str, Any]:
+def room(conn: store.Db, agent: str) -> dict[str, Any]:
     """A room: its devices with their kinds, the latest reading of each metric, its alarms (newest first)."""
     site, _, name = agent.partition("/")
     kinds = store.device_kinds(conn).get(agent, {})
@@ -66,7 +65,7 @@ def room(conn: sqlite3.Connection, agent: str) -> dict[str, Any]:
     }
 
 
-def incident(conn: sqlite3.Connection, incident_id: str, now: float) -> dict[str, Any] | None:
+def incident(conn: store.Db, incident_id: str, now: float) -> dict[str, Any] | None:
     inc = duty.incident(conn, incident_id)
     if inc is None:
         return None
@@ -80,7 +79,7 @@ def incident(conn: sqlite3.Connection, incident_id: str, now: float) -> dict[str
     }
 
 
-def alarm(conn: sqlite3.Connection, alarm_id: str) -> dict[str, Any] | None:
+def alarm(conn: store.Db, alarm_id: str) -> dict[str, Any] | None:
     a = duty.alarm(conn, alarm_id)
     if a is None:
         return None

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sqlite3
 import time
 from datetime import date
 from typing import Any
 
-from examwatch.gateway import duty
+from examwatch.gateway import duty, store
 from examwatch.gateway.config import CorrelationRule, builtin_correlation
 from examwatch.gateway.records import dayforms, forms
 from examwatch.gateway.records.facts import RecordError, event, exam_day
@@ -31,7 +30,7 @@ WHO_MAX = 64
 
 
 def build(
-    conn: sqlite3.Connection,
+    conn: store.Db,
     *,
     form: str,
     incident: str | None = None,
@@ -73,7 +72,7 @@ def parse_day(day: str | date) -> date:
 
 
 def render(
-    conn: sqlite3.Connection,
+    conn: store.Db,
     *,
     form: str,
     incident: str | None = None,
@@ -103,14 +102,14 @@ def render(
     return f"examwatch-{form}-{name}.{fmt}", FORMATS[fmt], data, scope
 
 
-def keep(conn: sqlite3.Connection, *, form: str, scope: str, fmt: str, who: str, data: bytes, now: float) -> int:
+def keep(conn: store.Db, *, form: str, scope: str, fmt: str, who: str, data: bytes, now: float) -> int:
     """Store a rendered file with its hash; the row's id."""
     digest = hashlib.sha256(data).hexdigest()
     return duty.add_report(conn, now, forms.clean(who, WHO_MAX) or "（未知）", form, scope, fmt, digest, data)
 
 
 def render_and_store(
-    conn: sqlite3.Connection,
+    conn: store.Db,
     *,
     form: str,
     incident: str | None = None,
@@ -135,7 +134,7 @@ def render_and_store(
     return name, ctype, data
 
 
-def verify(conn: sqlite3.Connection, data: bytes) -> dict[str, Any] | None:
+def verify(conn: store.Db, data: bytes) -> dict[str, Any] | None:
     """The stored report this file is, byte for byte (id, created, who, form, scope, format, sha256), or None."""
     return duty.report_by_hash(conn, hashlib.sha256(data).hexdigest())
 

@@ -7,7 +7,6 @@ are built from these objects alone. Times are the rooms' own (an alarm's ``raise
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -67,7 +66,7 @@ class Day:
     truncated: bool = False
 
 
-def _alarm(conn: sqlite3.Connection, row: dict[str, Any], kinds: dict[str, dict[str, str]]) -> Alarm:
+def _alarm(conn: store.Db, row: dict[str, Any], kinds: dict[str, dict[str, str]]) -> Alarm:
     agent = f"{row['site']}/{row['room']}"
     return Alarm(
         row=row,
@@ -77,14 +76,14 @@ def _alarm(conn: sqlite3.Connection, row: dict[str, Any], kinds: dict[str, dict[
     )
 
 
-def _site_rooms(conn: sqlite3.Connection) -> dict[str, list[str]]:
+def _site_rooms(conn: store.Db) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for a in store.agents(conn):
         out.setdefault(a["site"], []).append(a["room"])
     return out
 
 
-def event(conn: sqlite3.Connection, item_id: str, rules: list[CorrelationRule]) -> Event:
+def event(conn: store.Db, item_id: str, rules: list[CorrelationRule]) -> Event:
     """The incident with this id, else the alarm with it; RecordError if neither exists."""
     kinds = store.device_kinds(conn)
     found = duty.incidents_between(conn, 0, 0, incident_id=item_id)
@@ -112,7 +111,7 @@ def event(conn: sqlite3.Connection, item_id: str, rules: list[CorrelationRule]) 
 
 
 def _incident(
-    conn: sqlite3.Connection,
+    conn: store.Db,
     inc: dict[str, Any],
     rules: list[CorrelationRule],
     kinds: dict[str, dict[str, str]],
@@ -153,7 +152,7 @@ def day_bounds(day: date, tz: str) -> tuple[float, float]:
     return start.timestamp(), datetime(nxt.year, nxt.month, nxt.day, tzinfo=zone).timestamp()
 
 
-def exam_day(conn: sqlite3.Connection, day: date, tz: str, rules: list[CorrelationRule]) -> Day:
+def exam_day(conn: store.Db, day: date, tz: str, rules: list[CorrelationRule]) -> Day:
     start, end = day_bounds(day, tz)
     kinds = store.device_kinds(conn)
     rows = duty.alarms_between(conn, start, end)
