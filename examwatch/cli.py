@@ -61,7 +61,12 @@ def _agent_run(path: str, log_level: str) -> int:
 
 def _gateway_run(path: str, log_level: str) -> int:
     from examwatch.edge import logs
-    from examwatch.gateway.main import run
+
+    try:
+        from examwatch.gateway.main import run
+    except ModuleNotFoundError as err:  # a room's install: the gateway's extra is not there
+        print(f"the county gateway needs its extra: pip install 'examwatch[gateway]' ({err})", file=sys.stderr)
+        return 2
 
     logs.configure(log_level)
     return run(path)

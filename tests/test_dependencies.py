@@ -17,13 +17,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = {"examwatch", "bench", "tests"}  # the project itself: one namespace, plus the scripts and tests beside it
 # Which groups of pyproject.toml may provide an import, by the folder that imports it: the agent and the
-# gateway get only the main dependencies (and the postgresql extra for that store); the simulators also the
-# demo extra; bench/ and tests/ everything.
+# gateway the main dependencies, the gateway its own extra too (its web side and records: the rooms' Pis
+# install none of it) and the postgresql extra for that store; the simulators also the demo extra; bench/
+# and tests/ everything.
 GROUPS = {
     "edge": ("main",),
     "collectors": ("main",),
     "rules": ("main",),
-    "gateway": ("main", "postgresql"),  # psycopg only when [store] backend = "postgresql"
+    "gateway": ("main", "gateway", "postgresql"),  # psycopg only when [store] backend = "postgresql"
     "kernel": ("main",),
     "examwatch": ("main",),
     "simulators": ("main", "demo", "postgresql"),

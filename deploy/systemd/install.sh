@@ -7,7 +7,8 @@ role=${1:?usage: install.sh agent|gateway}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 
 python3 -m venv /opt/examwatch
-/opt/examwatch/bin/pip install -q "$here"
+extra=""; [ "$role" = gateway ] && extra="[gateway]"  # the rooms' Pis install no web side
+/opt/examwatch/bin/pip install -q "$here$extra"
 ln -sf /opt/examwatch/bin/examwatch /usr/local/bin/examwatch
 id examwatch >/dev/null 2>&1 || useradd --system --home /var/lib/examwatch --shell /usr/sbin/nologin examwatch
 install -d -m 0750 -o root -g examwatch /etc/examwatch
