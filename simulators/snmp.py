@@ -259,12 +259,15 @@ class SnmpSimulator:
 
     def set_state(self, community: str, state: str) -> None:
         """Switch a device to ``recorded`` or one of its model's variants; a running agent sees it at
-        its next request."""
+        its next request. Returns once snmpsim answers from the new file: re-indexing a large recording
+        takes it about a second on a busy machine, which a poll with a 1 s timeout must not pay."""
         variants = MODELS[self.devices[community]].variants
         if state != "recorded" and state not in variants:
             raise ValueError(f"{community}: no state {state!r}; known: recorded, {', '.join(variants)}")
         self._states[community] = state
         self._write(community)
+        if self.proc is not None:
+            self._wait_ready(20.0, community)
 
     def _write(self, community: str) -> None:
         path = self.data_dir / f"{community}.snmprec"
@@ -304,8 +307,8 @@ class SnmpSimulator:
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self._wait_ready(timeout)
 
-    def _wait_ready(self, timeout: float) -> None:
-        packet = _probe_packet(next(iter(self.devices)))
+    def _wait_ready(self, timeout: float, community: str = "") -> None:
+        packet = _probe_packet(community or next(iter(self.devices)))
         deadline = time.monotonic() + timeout
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(0.2)
