@@ -46,6 +46,7 @@ from bench.fuzz_inputs import (  # noqa: E402
     mqtt_payload,
     mutate,
     nut_lines,
+    snmp_response,
     toml_config,
 )
 
@@ -171,6 +172,15 @@ def _call_isapi(parse_storage: Callable, data: bytes) -> None:
             raise Invariant(f"{r.metric} {r.value}")
 
 
+def _call_snmp(decode_response: Callable, data: bytes) -> None:
+    _, _, _, var_binds = decode_response(data, b"ups")
+    for oid, value in var_binds:
+        if not (isinstance(oid, tuple) and all(isinstance(n, int) for n in oid)):
+            raise Invariant(f"oid {oid!r}")
+        if not (value is None or isinstance(value, (int, str))):
+            raise Invariant(f"value {value!r}")
+
+
 def _call_loads(loads: Callable, text: str) -> Any:
     return loads(text)
 
@@ -211,6 +221,12 @@ TARGETS: dict[str, Target] = {
     ),
     "nut": Target(
         "examwatch.collectors.nut:parse_list_var", nut_lines, _call_nut, ("examwatch.collectors.nut:NutError",), True
+    ),
+    "snmp_v2c": Target(
+        "examwatch.collectors._snmp_v2c:decode_response",
+        snmp_response,
+        _call_snmp,
+        ("examwatch.collectors._snmp_v2c:Garbage",),
     ),
     "isapi": Target(
         "examwatch.collectors.isapi:parse_storage", isapi_xml, _call_isapi, ("examwatch.collectors.base:DeviceError",)

@@ -96,7 +96,7 @@ def _value(tag: asn1.Tag, raw: Any) -> Any:
         if tag.nr in _UNSIGNED:
             if not raw or len(raw) > 9:
                 raise Garbage(f"application {tag.nr}: {len(raw)} bytes")
-            return int.from_bytes(raw, "big", signed=True) % (1 << 64)  # a missing 0x00 read as the agent meant
+            return int.from_bytes(raw, "big")  # unsigned: a counter whose agent left out the leading 0x00 too
         if tag.nr == 0 and len(raw) == 4:  # IpAddress
             return ".".join(map(str, raw))
         if tag.nr == 4:  # Opaque
@@ -132,7 +132,8 @@ def decode_response(data: bytes, community: bytes) -> tuple[int, int, int, VarBi
             d.leave()
     except asn1.Error as err:
         raise Garbage(str(err)) from None
-    except (ValueError, TypeError, IndexError, AssertionError) as err:  # the library's own checks on bad input
+    # the library's own checks on bad input, and a length of 2**64 bytes (OverflowError) found by bench/fuzz.py
+    except (ValueError, TypeError, IndexError, AssertionError, ArithmeticError) as err:
         if isinstance(err, Garbage):
             raise
         raise Garbage(f"{type(err).__name__}: {err}") from None
