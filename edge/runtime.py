@@ -337,7 +337,7 @@ class Agent:
             await asyncio.to_thread(self.fallback.stop)
         self.stop_event.set()
         await asyncio.to_thread(writer.join, 10)
-        server.shutdown()  # type: ignore[attr-defined]
+        exporter.stop(server)
         lock.release()
         log.info("agent_stopped")
 
