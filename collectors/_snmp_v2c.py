@@ -177,6 +177,7 @@ class V2cSession:
         self.timeout, self.retries = timeout, retries
         self.garbage = garbage
         self.transport: asyncio.DatagramTransport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._waiting: dict[int, asyncio.Future[tuple[int, int, VarBinds]]] = {}
         self._next_id = random.randrange(_FIRST_ID, _LAST_ID)
         self._gets: dict[tuple[Oid, ...], _Template] = {}  # the device's GET requests, encoded once
@@ -187,7 +188,7 @@ class V2cSession:
         cls, address: tuple[str, int], community: str, timeout: float, retries: int, garbage: Callable[[str], None]
     ) -> V2cSession:
         self = cls(community, timeout, retries, garbage)
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         try:
             self.transport, _ = await loop.create_datagram_endpoint(lambda: _Endpoint(self), remote_addr=address)
         except OSError as err:  # unresolvable host name, no route

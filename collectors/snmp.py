@@ -243,7 +243,7 @@ parts = ["port1", "port24"]     # empty: every admin-up port
         s = self._sessions.get(device.name)
         options = _options(device)
         if options.version == "2c":
-            if s is None:
+            if not isinstance(s, V2cSession) or s.loop is not asyncio.get_running_loop():  # its socket's loop
                 address = _address(device.address)
 
                 def garbage(detail: str) -> None:

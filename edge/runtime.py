@@ -293,6 +293,7 @@ class Agent:
 
     def _acked(self, seqs: list[int]) -> None:
         self._acks.put(list(seqs))  # the writer deletes them: one thread writes SQLite
+        self.intake.arrived.set()  # now: the uplink counts what is pending, and waits while acked rows remain
 
     # --- run ---
 
