@@ -186,6 +186,23 @@ def room_devices(room: SimulatedRoom, platform_port: int) -> str:
     )
 
 
+def start_alone(work: Path, name: str, broker: int, devices: str, cwd: Path) -> float:
+    """Seconds from exec to ``agent_started`` for one agent with nothing else starting beside it."""
+    conf, exporter = agent_config(work, name, broker, devices)
+    agent = Agent(name, conf, exporter, cwd)
+    try:
+        deadline = time.monotonic() + 60
+        while not agent.poll_ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agent {name} not started within 60 s")
+            time.sleep(0.01)
+        assert agent.ready_after is not None
+        return agent.ready_after
+    finally:
+        agent.proc.terminate()
+        agent.proc.wait(10)
+
+
 # --- measuring --------------------------------------------------------------------------------------------
 
 
@@ -310,6 +327,11 @@ def main() -> None:
         print("|---|---:|---:|")
         for protocol, (base, added) in rss_by_protocol(cwd).items():
             print(f"| {protocol} | {base:.1f} | {added:.1f} |")
+        for a in agents:  # the start-up of one agent alone, as after a reboot
+            a.proc.terminate()
+            a.proc.wait(10)
+        starts = [start_alone(work, f"alone{i}", broker.port, room_devices(room, platform_port), cwd) for i in range(3)]
+        print(f"\nwhole sample room agent started alone, to alarm-ready: {', '.join(f'{s:.2f}' for s in starts)} s")
     finally:
         for a in agents:
             a.proc.terminate()
@@ -329,7 +351,7 @@ def report(
     work: Path, args: argparse.Namespace, elapsed: float, cpu: dict[str, float], rss: dict, agents: list
 ) -> None:
     idle = cpu["examwatch agent with no device polled"]
-    for name in ("collectd-snmp", "collectd-snmpv3", "collectd-nut"):  # collectd writes a csv row per poll: proof it polled
+    for name in ("collectd-snmp", "collectd-snmpv3", "collectd-nut"):  # a csv row per poll: proof it polled
         rows = sum(len(f.read_text().splitlines()) - 1 for f in (work / f"{name}-csv").rglob("*") if f.is_file())
         if rows <= 0:
             sys.exit(f"{name} recorded nothing: {(work / f'{name}.log').read_text()[-1000:]}")

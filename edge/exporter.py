@@ -11,12 +11,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from examwatch import __version__
