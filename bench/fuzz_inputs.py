@@ -263,27 +263,10 @@ def modbus_reply() -> st.SearchStrategy[bytes]:
 # --- SNMP -------------------------------------------------------------------------------------------------
 
 
-def _snmp_response(request_id: int, status: int, var_binds: list[tuple[str, int, int, bytes | int]]) -> bytes:
-    import asn1
-
-    e = asn1.Encoder()
-    e.start()
-    with e.construct(asn1.Numbers.Sequence):
-        e.write(1, asn1.Numbers.Integer)
-        e.write(b"ups", asn1.Numbers.OctetString)
-        with e.construct(2, asn1.Classes.Context):
-            for n in (request_id, status, 0):
-                e.write(n, asn1.Numbers.Integer)
-            with e.construct(asn1.Numbers.Sequence):
-                for oid, cls, nr, value in var_binds:
-                    with e.construct(asn1.Numbers.Sequence):
-                        e.write(oid, asn1.Numbers.ObjectIdentifier)
-                        e.write(value, nr, 0, cls)
-    return bytes(e.output())
-
-
 def snmp_response() -> st.SearchStrategy[bytes]:
     """SNMPv2c answers: every value type the decoder knows (and some it does not), then mutated."""
+    from examwatch.collectors._snmp_v2c import encode_message
+
     oid = st.lists(st.integers(0, 2**32), min_size=0, max_size=12).map(lambda ns: ".".join(map(str, [1, 3, *ns])))
     value = st.one_of(
         st.tuples(st.just(0x00), st.just(0x02), st.integers(-(2**70), 2**70)),  # INTEGER
@@ -291,8 +274,9 @@ def snmp_response() -> st.SearchStrategy[bytes]:
         st.tuples(st.sampled_from([0x40, 0x80]), st.integers(0, 10), st.binary(max_size=12)),  # application, context
     )
     var_bind = st.builds(lambda o, v: (o, v[0], v[1], v[2]), oid, value)
-    structured = st.builds(_snmp_response, st.integers(0, 2**31), st.integers(0, 20), st.lists(var_bind, max_size=8))
-    return shaped(structured, [], noise=600)
+    response = st.builds(encode_message, st.just(b"ups"), st.just(2), st.integers(0, 2**31), st.integers(0, 20),
+                         st.just(0), st.lists(var_bind, max_size=8))  # fmt: skip
+    return shaped(response, [], noise=600)
 
 
 # --- NUT, ISAPI --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asn1
@@ -35,36 +35,46 @@ _UNSIGNED = {1, 2, 3, 6, 7}  # application tags: Counter32, Gauge32, TimeTicks, 
 
 Oid = tuple[int, ...]
 VarBinds = list[tuple[Oid, Any]]
+VarBind = tuple[str, int, int, Any]  # what encode_message writes: (OID text, class, tag number, value)
 
 
 class Garbage(ValueError):
     """A datagram that is not a well-formed SNMPv2c answer to us."""
 
 
-def encode_request(community: bytes, request_id: int, pdu: int, a: int, b: int, oids: list[Oid]) -> bytes:
-    """A v2c message: GET (``a``, ``b`` = 0, 0) or GETBULK (non-repeaters, max-repetitions), values Null."""
+def encode_message(community: bytes, pdu: int, request_id: int, a: int, b: int, var_binds: Sequence[VarBind]) -> bytes:
+    """A v2c message: PDU ``pdu`` with (request id, ``a``, ``b``) and var-binds of (OID, class, tag, value).
+    A request's ``a``, ``b``: 0, 0 for GET; non-repeaters, max-repetitions for GETBULK."""
     e = asn1.Encoder()
     e.start()
-    with e.construct(asn1.Numbers.Sequence):
-        e.write(1, asn1.Numbers.Integer)  # version-2c
-        e.write(community, asn1.Numbers.OctetString)
-        with e.construct(pdu, asn1.Classes.Context):
-            e.write(request_id, asn1.Numbers.Integer)
-            e.write(a, asn1.Numbers.Integer)
-            e.write(b, asn1.Numbers.Integer)
-            with e.construct(asn1.Numbers.Sequence):
-                for oid in oids:
-                    with e.construct(asn1.Numbers.Sequence):
-                        e.write(".".join(map(str, oid)), asn1.Numbers.ObjectIdentifier)
-                        e.write(None, asn1.Numbers.Null)
+    e.enter(asn1.Numbers.Sequence)
+    e.write(1, asn1.Numbers.Integer)  # version-2c
+    e.write(community, asn1.Numbers.OctetString)
+    e.enter(pdu, asn1.Classes.Context)
+    for n in (request_id, a, b):
+        e.write(n, asn1.Numbers.Integer)
+    e.enter(asn1.Numbers.Sequence)
+    for oid, cls, tag, value in var_binds:
+        e.enter(asn1.Numbers.Sequence)
+        e.write(oid, asn1.Numbers.ObjectIdentifier)
+        e.write(value, tag, asn1.Types.Primitive, cls)
+        e.leave()
+    for _ in range(3):
+        e.leave()
     return bytes(e.output())
+
+
+def encode_request(community: bytes, request_id: int, pdu: int, a: int, b: int, oids: list[Oid]) -> bytes:
+    nulls = [(".".join(map(str, o)), asn1.Classes.Universal, asn1.Numbers.Null, None) for o in oids]
+    return encode_message(community, pdu, request_id, a, b, nulls)
 
 
 def _primitive(d: asn1.Decoder, what: str) -> tuple[asn1.Tag, Any]:
     tag = d.peek()
     if tag is None or tag.typ != asn1.Types.Primitive:
         raise Garbage(f"{what}: expected a primitive value, got {tag}")
-    return d.read()  # type: ignore[no-any-return]
+    _, value = d.read()
+    return tag, value
 
 
 def _enter(d: asn1.Decoder, what: str, cls: int = asn1.Classes.Universal, nr: int = asn1.Numbers.Sequence) -> None:

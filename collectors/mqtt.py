@@ -10,13 +10,12 @@ sending it, and paho never buffers it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -360,15 +359,11 @@ fields = [
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.handle(msg.topic, bytes(msg.payload), time.time())  # paho's bytes: no copy
 
-    def _loop(self, client: mqtt.Client, ended: Callable[[], None]) -> None:
-        try:
-            # select waits up to 5 s (paho's own: 1 s) when nothing comes: a message wakes it, keepalive is 30 s
+    def _loop(self, client: mqtt.Client) -> None:
+        try:  # select waits up to 5 s (paho's own: 1 s) when nothing comes: a message wakes it; keepalive 30 s
             client.loop_forever(timeout=5.0, retry_first_connection=True)
         except Exception:  # alive() turns False and the agent's health with it
             log.exception("mqtt_loop_failed")
-        finally:
-            with contextlib.suppress(RuntimeError):  # the agent's loop already closed
-                ended()
 
     async def run(self, stop: asyncio.Event) -> None:
         b = self.broker
@@ -384,18 +379,10 @@ fields = [
         # plain connect() raises if the broker is down at boot
         client.connect_async(b.host, b.port, keepalive=30, clean_start=True, properties=props)
         self.client = client
-        loop, ended = asyncio.get_running_loop(), asyncio.Event()
-        self._thread = threading.Thread(
-            target=self._loop, args=(client, lambda: loop.call_soon_threadsafe(ended.set)), name="mqtt-sensors",
-            daemon=True,
-        )  # fmt: skip
+        self._thread = threading.Thread(target=self._loop, args=(client,), name="mqtt-sensors", daemon=True)
         self._thread.start()
-        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(ended.wait())]  # no polling: a Pi's CPU
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+        ended = asyncio.ensure_future(asyncio.to_thread(self._thread.join))  # waits, no polling: a Pi's CPU
+        await asyncio.wait([ended, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
             log.error("mqtt_loop_stopped", detail="no sensor is read until the agent restarts")
 

@@ -188,7 +188,7 @@ def serve(agent: AgentView, listen: str) -> tuple[ThreadingWSGIServer, threading
     class Server(ThreadingWSGIServer):
         address_family = family
 
-    server = make_server(sockaddr[0], port, make_wsgi_app(registry), Server, handler_class=_Quiet)
+    server = make_server(str(sockaddr[0]), port, make_wsgi_app(registry), Server, handler_class=_Quiet)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": None}, name="exporter", daemon=True)
     thread.start()
     return server, thread
@@ -201,6 +201,7 @@ def stop(server: ThreadingWSGIServer) -> None:
     shutting.start()
     while shutting.is_alive():
         with contextlib.suppress(OSError):
-            socket.create_connection(server.server_address[:2], timeout=0.5).close()
+            host, port = server.server_address[:2]
+            socket.create_connection((str(host), int(port)), timeout=0.5).close()
         shutting.join(0.05)
     server.server_close()

@@ -15,7 +15,7 @@ from pathlib import Path
 import asn1
 import pytest
 
-from examwatch.collectors._snmp_v2c import Garbage, decode_response, encode_request
+from examwatch.collectors._snmp_v2c import Garbage, VarBind, decode_response, encode_message, encode_request
 from examwatch.collectors.base import Health
 from examwatch.collectors.snmp import SnmpCollector, SnmpOptions
 from examwatch.edge.config import Device
@@ -23,22 +23,9 @@ from examwatch.simulators.snmp import UPS_MIB, SnmpSimulator, value_of
 from tests.support import Recorder
 
 
-def response(request_id: int, var_binds: list[tuple[str, int, int, object]], community: bytes = b"ups") -> bytes:
-    """A v2c Response built with the BER library: var_binds are (oid, class, tag number, value)."""
-    e = asn1.Encoder()
-    e.start()
-    with e.construct(asn1.Numbers.Sequence):
-        e.write(1, asn1.Numbers.Integer)
-        e.write(community, asn1.Numbers.OctetString)
-        with e.construct(2, asn1.Classes.Context):
-            for n in (request_id, 0, 0):
-                e.write(n, asn1.Numbers.Integer)
-            with e.construct(asn1.Numbers.Sequence):
-                for oid, cls, nr, value in var_binds:
-                    with e.construct(asn1.Numbers.Sequence):
-                        e.write(oid, asn1.Numbers.ObjectIdentifier)
-                        e.write(value, nr, asn1.Types.Primitive, cls)
-    return bytes(e.output())
+def response(request_id: int, var_binds: list[VarBind], community: bytes = b"ups") -> bytes:
+    """A v2c Response: var_binds are (oid, class, tag number, value)."""
+    return encode_message(community, 2, request_id, 0, 0, var_binds)
 
 
 APP, CTX, UNI = asn1.Classes.Application, asn1.Classes.Context, asn1.Classes.Universal
