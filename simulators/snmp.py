@@ -8,7 +8,8 @@ writes: the recording, plus the overrides of the device's current state (``on_ba
 
 ``set_state`` rewrites the file of a running device. snmpsim re-indexes a data file when its mtime
 changes, but compares whole seconds, so every rewrite moves the mtime one second past the last one
-instead of trusting the clock; the next request then sees the new state.
+instead of trusting the clock; ``set_state`` returns once snmpsim answers from the new file (its
+re-indexing then delays no agent's request).
 
     with SnmpSimulator(tmp_path) as sim:          # one device per model, community = model name
         sim.set_state("ups", "on_battery")
