@@ -6,15 +6,18 @@ Starts snmpsim (the UPS-MIB recording), upsd with dummy-ups, the rest of the sim
 (simulators/room.py) and mosquitto, then, all at the same time so they share the machine's load:
 
 - collectd (Debian collectd-core, a long-running C daemon) polling the UPS over SNMP (one GET of the ten
-  UPS-MIB OIDs of the ups-mib profile) and, in a second collectd, the upsd UPS (LIST VAR), every second;
-- `examwatch agent run` polling only the SNMP UPS (profile ups-mib), only the NUT UPS, every second;
+  UPS-MIB OIDs of the ups-mib profile; v2c, and in a second collectd v3 SHA/AES) and, in a third, the upsd
+  UPS (LIST VAR), every second;
+- `examwatch agent run` polling only the SNMP UPS (profile ups-mib; v2c, and v3 through pysnmp), only the
+  NUT UPS, every second;
 - an agent with no device configured (the host collector is added by itself), the idle baseline;
 - an agent watching the whole sample room: every protocol of the sample config, at the sample's intervals.
 
 After a warm-up it samples each process's CPU (all threads) and RSS over the same window and prints a
 markdown table for docs/benchmarks.md: CPU ms per poll (the process's CPU per second at a 1 s interval;
 for the agents also less the idle agent's), RSS, and the agents' start-up time to ``agent_started``
-(store open, rules loaded, collectors built, exporter serving: alarm-ready). ``--source DIR`` runs the
+(store open, rules loaded, collectors built, exporter serving: alarm-ready), and then the RSS that each
+protocol's collector adds to the agent's imports. ``--source DIR`` runs the
 agents from another checkout of the tree (e.g. the commit before a change), for before/after figures.
 """
 
@@ -34,7 +37,7 @@ import psutil
 
 from examwatch.simulators.broker import Mosquitto, free_port, wait_port
 from examwatch.simulators.room import SimulatedRoom
-from examwatch.simulators.snmp import SnmpSimulator, recording_path
+from examwatch.simulators.snmp import V3_AUTH_KEY, V3_PRIV_KEY, V3_USER, SnmpSimulator, recording_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,13 +77,20 @@ def collectd_conf(work: Path, plugin_block: str, name: str) -> Path:
     return conf
 
 
-def collectd_snmp_block(address: str, community: str) -> str:
+def collectd_snmp_block(address: str, community: str, v3: bool = False) -> str:
     host, port = address.rsplit(":", 1)
     oids = " ".join(f'"{o}"' for o in UPS_MIB_OIDS)
+    auth = (
+        f'    Version 3\n    Username "{V3_USER}"\n    SecurityLevel "authPriv"\n    AuthProtocol "SHA"\n'
+        f'    AuthPassphrase "{V3_AUTH_KEY}"\n    PrivacyProtocol "AES"\n    PrivacyPassphrase "{V3_PRIV_KEY}"\n'
+        f'    Context "{community}"\n'
+        if v3
+        else f'    Version 2\n    Community "{community}"\n'
+    )
     return (
         "LoadPlugin snmp\n<Plugin snmp>\n"
         f'  <Data "ups">\n    Type "ups10"\n    Table false\n    Values {oids}\n  </Data>\n'
-        f'  <Host "ups1">\n    Address "udp:{host}:{port}"\n    Version 2\n    Community "{community}"\n'
+        f'  <Host "ups1">\n    Address "udp:{host}:{port}"\n{auth}'
         '    Collect "ups"\n    Interval 1\n    Timeout 1\n    Retries 0\n  </Host>\n</Plugin>\n'
     )
 
@@ -147,9 +157,14 @@ class Agent:
         return [line for line in self.log.read_text().splitlines() if '"level": "error"' in line][:3]
 
 
-def snmp_device(address: str, interval: float) -> str:
+def snmp_device(address: str, interval: float, v3: bool = False) -> str:
+    auth = (
+        f'version = "3"\nuser = "{V3_USER}"\nauth_key = "{V3_AUTH_KEY}"\npriv_key = "{V3_PRIV_KEY}"\ncontext = "ups"\n'
+        if v3
+        else 'community = "ups"\n'
+    )
     return (
-        f'[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "snmp"\naddress = "{address}"\ncommunity = "ups"\n'
+        f'[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "snmp"\naddress = "{address}"\n{auth}'
         f'profile = "ups-mib"\ninterval = {interval}\ntimeout = 1.0\nretries = 0\n'
     )
 
@@ -171,6 +186,23 @@ def room_devices(room: SimulatedRoom, platform_port: int) -> str:
     )
 
 
+def start_alone(work: Path, name: str, broker: int, devices: str, cwd: Path) -> float:
+    """Seconds from exec to ``agent_started`` for one agent with nothing else starting beside it."""
+    conf, exporter = agent_config(work, name, broker, devices)
+    agent = Agent(name, conf, exporter, cwd)
+    try:
+        deadline = time.monotonic() + 60
+        while not agent.poll_ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agent {name} not started within 60 s")
+            time.sleep(0.01)
+        assert agent.ready_after is not None
+        return agent.ready_after
+    finally:
+        agent.proc.terminate()
+        agent.proc.wait(10)
+
+
 # --- measuring --------------------------------------------------------------------------------------------
 
 
@@ -183,10 +215,10 @@ def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-PROTOCOLS = ("snmp", "nut", "megatec", "modbus_noise", "isapi", "links", "mqtt", "host")
+PROTOCOLS = ("snmp", "snmp v3", "nut", "megatec", "modbus_noise", "isapi", "links", "mqtt", "host")
 
-# RSS of a process that imports the agent, then builds one collector of a protocol (with no device), as
-# the agent does at start: what that protocol adds, its libraries included.
+# RSS of a process that imports the agent, then builds one collector of a protocol, as the agent does at
+# start (SNMPv3: with one v3 device, which loads pysnmp): what that protocol adds, its libraries included.
 _RSS_OF_PROTOCOL = """
 import asyncio, sys
 import examwatch.edge.runtime
@@ -199,8 +231,16 @@ class Acc:
     def add(self, reading): pass
 
 async def build():
-    if sys.argv[1]:
-        get(sys.argv[1])([], Acc(), Health())
+    protocol, _, variant = sys.argv[1].partition(" ")
+    if not protocol:
+        return
+    devices = []
+    if variant == "v3":
+        from examwatch.collectors.snmp import SnmpOptions
+        from examwatch.edge.config import Device
+        options = SnmpOptions(version="3", user="u", auth_key="authkey12", priv_key="privkey12")
+        devices = [Device(name="sw", kind="switch", protocol="snmp", address="127.0.0.1", options=options)]
+    get(protocol)(devices, Acc(), Health())
 
 base = rss()
 asyncio.run(build())
@@ -250,12 +290,16 @@ def main() -> None:
         procs["collectd snmp (one GET, 10 OIDs)"] = start_collectd(
             collectd_conf(work, collectd_snmp_block(snmp.address, "ups"), "collectd-snmp")
         )
+        procs["collectd snmp v3 SHA/AES (one GET, 10 OIDs)"] = start_collectd(
+            collectd_conf(work, collectd_snmp_block(snmp.address, "ups", v3=True), "collectd-snmpv3")
+        )
         procs["collectd nut (LIST VAR)"] = start_collectd(
             collectd_conf(work, collectd_nut_block(nut_address), "collectd-nut")
         )
         cwd = REPO if args.source.resolve() == REPO else source_tree(args.source.resolve(), work)
         for name, devices in (
             ("examwatch snmp ups-mib (one GET, 10 OIDs)", snmp_device(snmp.address, 1.0)),
+            ("examwatch snmp v3 SHA/AES ups-mib (one GET, 10 OIDs)", snmp_device(snmp.address, 1.0, v3=True)),
             ("examwatch nut (LIST VAR)", nut_device(nut_address, 1.0)),
             ("examwatch agent with no device polled", ""),
             ("examwatch whole sample room (9 devices, 8 protocols)", room_devices(room, platform_port)),
@@ -283,6 +327,11 @@ def main() -> None:
         print("|---|---:|---:|")
         for protocol, (base, added) in rss_by_protocol(cwd).items():
             print(f"| {protocol} | {base:.1f} | {added:.1f} |")
+        for a in agents:  # the start-up of one agent alone, as after a reboot
+            a.proc.terminate()
+            a.proc.wait(10)
+        starts = [start_alone(work, f"alone{i}", broker.port, room_devices(room, platform_port), cwd) for i in range(3)]
+        print(f"\nwhole sample room agent started alone, to alarm-ready: {', '.join(f'{s:.2f}' for s in starts)} s")
     finally:
         for a in agents:
             a.proc.terminate()
@@ -302,7 +351,7 @@ def report(
     work: Path, args: argparse.Namespace, elapsed: float, cpu: dict[str, float], rss: dict, agents: list
 ) -> None:
     idle = cpu["examwatch agent with no device polled"]
-    for name in ("collectd-snmp", "collectd-nut"):  # collectd writes a csv row per poll: proof it polled
+    for name in ("collectd-snmp", "collectd-snmpv3", "collectd-nut"):  # a csv row per poll: proof it polled
         rows = sum(len(f.read_text().splitlines()) - 1 for f in (work / f"{name}-csv").rglob("*") if f.is_file())
         if rows <= 0:
             sys.exit(f"{name} recorded nothing: {(work / f'{name}.log').read_text()[-1000:]}")

@@ -33,9 +33,10 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
-from bench.fuzz_discovery import nut_list_ups, zigbee_bridge  # noqa: E402
+from bench.fuzz_discovery import call_list_ups, call_zigbee, nut_list_ups, zigbee_bridge  # noqa: E402
 from bench.fuzz_http import desk_body, http_head  # noqa: E402
 from bench.fuzz_inputs import (  # noqa: E402
+    Invariant,
     api_query,
     envelope,
     isapi_xml,
@@ -48,12 +49,9 @@ from bench.fuzz_inputs import (  # noqa: E402
     nut_lines,
     toml_config,
 )
+from bench.fuzz_snmp import call_snmp, snmp_response  # noqa: E402
 
 MAX_CORPUS_INPUT = 64 * 1024  # deep-nesting inputs are tried as drawn; mutating copies of them only costs time
-
-
-class Invariant(Exception):
-    """The parser returned, but what it returned breaks the contract (a NaN reading, a bad name, ...)."""
 
 
 def _obj(ref: str) -> Any:
@@ -171,24 +169,6 @@ def _call_isapi(parse_storage: Callable, data: bytes) -> None:
             raise Invariant(f"{r.metric} {r.value}")
 
 
-def _call_zigbee(parse_bridge_devices: Callable, data: bytes) -> None:
-    """The device list as discovery uses it: parsed, mapped to rows; every usable row a valid config entry."""
-    import re
-
-    from examwatch.collectors.mqtt import topic_issue
-    from examwatch.edge.discover import mqtt, offered
-
-    for row in mqtt.rows(parse_bridge_devices(data), "zigbee2mqtt", offered("mqtt")):
-        if row.device and (not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", row.name) or topic_issue(row.device["topic"])):
-            raise Invariant(f"unusable entry {row.name[:80]!r} {row.device['topic'][:80]!r}")
-
-
-def _call_list_ups(parse_list_ups: Callable, text: str) -> None:
-    found = parse_list_ups(text.split("\n"))
-    if len(found) > 64 or any(not name or " " in name for name, _ in found):
-        raise Invariant(f"UPS list {found[:3]!r}")
-
-
 def _call_loads(loads: Callable, text: str) -> Any:
     return loads(text)
 
@@ -236,16 +216,22 @@ TARGETS: dict[str, Target] = {
     "nut": Target(
         "examwatch.collectors.nut:parse_list_var", nut_lines, _call_nut, ("examwatch.collectors.nut:NutError",), True
     ),
+    "snmp_v2c": Target(
+        "examwatch.collectors._snmp_v2c:decode_response",
+        snmp_response,
+        call_snmp,
+        ("examwatch.collectors._snmp_v2c:Garbage",),
+    ),
     "isapi": Target(
         "examwatch.collectors.isapi:parse_storage", isapi_xml, _call_isapi, ("examwatch.collectors.base:DeviceError",)
     ),
     "zigbee_bridge": Target(
         "examwatch.edge.discover.mqtt:parse_bridge_devices",
         zigbee_bridge,
-        _call_zigbee,
+        call_zigbee,
         ("examwatch.edge.discover.mqtt:BridgeError",),
     ),
-    "nut_list_ups": Target("examwatch.edge.discover.nut:parse_list_ups", nut_list_ups, _call_list_ups, (), True),
+    "nut_list_ups": Target("examwatch.edge.discover.nut:parse_list_ups", nut_list_ups, call_list_ups, (), True),
     "edge_config": Target(
         "examwatch.edge.config:loads",
         lambda: toml_config("edge"),

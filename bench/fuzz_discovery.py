@@ -3,9 +3,11 @@ list, upsd's UPS list); the helpers are bench/fuzz_inputs.py's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hypothesis import strategies as st
 
-from bench.fuzz_inputs import _dumps, json_scalar, json_value, nested, shaped
+from bench.fuzz_inputs import Invariant, _dumps, json_scalar, json_value, nested, shaped
 
 
 def zigbee_bridge() -> st.SearchStrategy[bytes]:
@@ -48,3 +50,21 @@ def nut_list_ups() -> st.SearchStrategy[str]:
         st.sampled_from(['UPS ups1 "x"', 'UPS ups1 "\\"', 'UPS ups1 "\\', "UPS", "BEGIN LIST UPS", ""]),
     )
     return st.lists(line, max_size=80).map("\n".join)
+
+
+def call_zigbee(parse_bridge_devices: Callable, data: bytes) -> None:
+    """The device list as discovery uses it: parsed, mapped to rows; every usable row a valid config entry."""
+    import re
+
+    from examwatch.collectors.mqtt import topic_issue
+    from examwatch.edge.discover import mqtt, offered
+
+    for row in mqtt.rows(parse_bridge_devices(data), "zigbee2mqtt", offered("mqtt")):
+        if row.device and (not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", row.name) or topic_issue(row.device["topic"])):
+            raise Invariant(f"unusable entry {row.name[:80]!r} {row.device['topic'][:80]!r}")
+
+
+def call_list_ups(parse_list_ups: Callable, text: str) -> None:
+    found = parse_list_ups(text.split("\n"))
+    if len(found) > 64 or any(not name or " " in name for name, _ in found):
+        raise Invariant(f"UPS list {found[:3]!r}")

@@ -85,6 +85,10 @@ NUMBERS = [
 ]
 
 
+class Invariant(Exception):
+    """The parser returned, but what it returned breaks the contract (a NaN reading, a bad name, ...)."""
+
+
 def mutate(rng: random.Random, data: bytes, corpus: Sequence[bytes] = (), max_ops: int = 4) -> bytes:
     """A few byte-level edits: flips, inserts, deletions, repeats, tokens, truncation, splices of another input."""
     out = bytearray(data)

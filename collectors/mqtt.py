@@ -10,7 +10,6 @@ sending it, and paho never buffers it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import re
@@ -361,8 +360,8 @@ fields = [
         self.handle(msg.topic, bytes(msg.payload), time.time())  # paho's bytes: no copy
 
     def _loop(self, client: mqtt.Client) -> None:
-        try:
-            client.loop_forever(retry_first_connection=True)
+        try:  # select waits up to 5 s (paho's own: 1 s) when nothing comes: a message wakes it; keepalive 30 s
+            client.loop_forever(timeout=5.0, retry_first_connection=True)
         except Exception:  # alive() turns False and the agent's health with it
             log.exception("mqtt_loop_failed")
 
@@ -382,9 +381,8 @@ fields = [
         self.client = client
         self._thread = threading.Thread(target=self._loop, args=(client,), name="mqtt-sensors", daemon=True)
         self._thread.start()
-        while not stop.is_set() and self._thread.is_alive():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
+        ended = asyncio.ensure_future(asyncio.to_thread(self._thread.join))  # waits, no polling: a Pi's CPU
+        await asyncio.wait([ended, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
             log.error("mqtt_loop_stopped", detail="no sensor is read until the agent restarts")
 

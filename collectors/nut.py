@@ -35,6 +35,7 @@ class Profile(Strict, kw_only=True):
             raise ValueError(f"not catalog metrics: {', '.join(unknown)}")
 
 
+MAX_ANSWER = 256 * 1024  # bytes of one LIST VAR answer; a real UPS has a few dozen variables
 _VAR = re.compile(r'VAR (\S+) (\S+) "((?:[^"\\]|\\.)*)"')
 
 
@@ -54,7 +55,8 @@ def parse_list_var(lines: list[str], ups: str) -> dict[str, str]:
             raise NutError(line[4:].split()[0] if line[4:].split() else "UNKNOWN")
         m = _VAR.fullmatch(line)
         if m and m.group(1) == ups:
-            out[m.group(2)] = re.sub(r"\\(.)", r"\1", m.group(3))
+            value = m.group(3)
+            out[m.group(2)] = re.sub(r"\\(.)", r"\1", value) if "\\" in value else value
     return out
 
 
@@ -118,6 +120,28 @@ class _Connection:
         if not raw:
             raise ConnectionError("upsd closed the connection")
         return raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+    async def read_until(self, end: str) -> list[str]:
+        """The lines before the line ``end``, read in one go (not one await per line: a third of the poll's
+        CPU); at most ``MAX_ANSWER`` bytes. A value that holds the words of ``end`` does not end it."""
+        sep = end.encode()
+        raw = b""
+        try:
+            while True:
+                raw += await self.reader.readuntil(sep)
+                at = len(raw) - len(sep)
+                if at == 0 or raw[at - 1] == 0x0A:  # at the start of a line
+                    break
+                if len(raw) > MAX_ANSWER:
+                    raise ConnectionError(f"an answer longer than {MAX_ANSWER} bytes")
+            rest = await self.reader.readline()  # the end line's own "\n" (or "\r\n")
+        except asyncio.IncompleteReadError:
+            raise ConnectionError("upsd closed the connection") from None
+        except (asyncio.LimitOverrunError, ValueError):
+            raise ConnectionError("a line longer than the reader's limit (64 KiB)") from None
+        if rest.strip():
+            raise ConnectionError(f"unexpected answer {(sep + rest)[:80]!r}")
+        return [line.rstrip("\r") for line in raw[:at].decode("utf-8", errors="replace").split("\n")[:-1]]
 
     def close(self) -> None:
         self.writer.close()
@@ -201,10 +225,7 @@ profile = "standard"            # NUT's standard names; "three-phase" for per-ph
             raise NutError(first[4:].split()[0])
         if first != f"BEGIN LIST VAR {ups}":
             raise ConnectionError(f"unexpected answer {first[:80]!r}")
-        lines = []
-        while (line := await conn.readline()) != f"END LIST VAR {ups}":
-            lines.append(line)
-        return lines
+        return await conn.read_until(f"END LIST VAR {ups}")
 
     def _drop_connection(self, name: str) -> None:
         conn = self._connections.pop(name, None)

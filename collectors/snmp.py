@@ -2,8 +2,10 @@
 
 A profile (``collectors/profiles/snmp/<name>.toml``, compiled by ``_snmp_profile.py``) names the OIDs to
 read and gives each canonical metric as a small expression over them. The collector GETs the scalars and
-bulk-walks the tables (only their columns, never the whole MIB) through one pysnmp engine per event loop,
-turns the answer into plain Python values, and ``parse_snmp`` (pure) evaluates the profile over them.
+bulk-walks the tables (only their columns, never the whole MIB), turns the answer into plain Python values,
+and ``parse_snmp`` (pure) evaluates the profile over them. v2c goes through ``_snmp_v2c`` (one UDP socket
+per device, BER by python-asn1); v3 through one pysnmp engine per event loop, which owns USM (auth, privacy),
+and only then is pysnmp imported.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from examwatch.collectors._snmp_profile import (
     parse_snmp,
     profile_named,
 )
+from examwatch.collectors._snmp_v2c import V2cSession
 from examwatch.collectors.base import DeviceError, PollingCollector, register
 from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
@@ -146,7 +149,7 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class _Session:
-    """What every request to one device reuses: the engine it was configured in and pysnmp's target name.
+    """SNMPv3 through pysnmp: the engine the device was configured in and pysnmp's target name.
 
     The requests go to pysnmp's command generators directly, with the OIDs as plain tuples: its high-level
     API resolves every OID of every request through a MIB view (a third of the poll's CPU) even when
@@ -156,9 +159,22 @@ class _Session:
     target: str  # pysnmp's local configuration name for (auth, transport)
     context: Any
 
+    async def get(self, oids: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], Any]]:
+        from pysnmp.entity.rfc3413.cmdgen import GetCommandGenerator
 
-def _request(s: _Session, generator: Any, *args: Any) -> asyncio.Future[tuple[Any, Any, Any, Any]]:
-    """Send one PDU; the future gets (error indication, error status, error index, var-binds)."""
+        return await _request(self, GetCommandGenerator(), [(o, None) for o in oids])
+
+    async def bulk(self, repetitions: int, oids: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], Any]]:
+        from pysnmp.entity.rfc3413.cmdgen import BulkCommandGenerator
+
+        return await _request(self, BulkCommandGenerator(), 0, repetitions, [(o, None) for o in oids])
+
+    def close(self) -> None:
+        """pysnmp's transports belong to its engine, shared by the loop's devices."""
+
+
+async def _request(s: _Session, generator: Any, *args: Any) -> list[tuple[tuple[int, ...], Any]]:
+    """Send one PDU; its var-binds as (OID, plain value), or ``DeviceError``."""
     future: asyncio.Future[tuple[Any, Any, Any, Any]] = asyncio.get_running_loop().create_future()
 
     def done(engine: Any, handle: Any, err: Any, status: Any, index: Any, var_binds: Any, ctx: Any) -> None:
@@ -166,7 +182,12 @@ def _request(s: _Session, generator: Any, *args: Any) -> asyncio.Future[tuple[An
             future.set_result((err, status, index, var_binds))
 
     generator.send_varbinds(s.engine, s.target, s.context.contextEngineId, s.context.contextName, *args, done, None)
-    return future
+    err, status, index, var_binds = await future
+    _check(err, status, index)
+    return [(tuple(name), _plain(value)) for name, value in var_binds]
+
+
+Session = V2cSession | _Session  # what a poll asks: get(oids), bulk(repetitions, oids), close()
 
 
 @register
@@ -206,24 +227,36 @@ parts = ["port1", "port24"]     # empty: every admin-up port
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, Session] = {}
         # Importing pysnmp and building its engine blocks the event loop for a second or more (seconds on a
         # busy Pi): pay it here, before any device's poll timeout runs, or every device in the room times out.
-        with contextlib.suppress(RuntimeError):  # built outside a running loop: the first poll builds it
-            _engine()
+        # Only SNMPv3 needs it: v2c goes through _snmp_v2c.
+        if any(_options(d).version == "3" for d in self.devices):
+            with contextlib.suppress(RuntimeError):  # built outside a running loop: the first poll builds it
+                _engine()
 
     @classmethod
     def load_profile(cls, name: str) -> CompiledProfile:
         return profile_named(name)
 
-    async def _session(self, device: Any) -> _Session:
+    async def _session(self, device: Any) -> Session:
         s = self._sessions.get(device.name)
+        options = _options(device)
+        if options.version == "2c":
+            if not isinstance(s, V2cSession) or s.loop is not asyncio.get_running_loop():  # its socket's loop
+                address = _address(device.address)
+
+                def garbage(detail: str) -> None:
+                    self.health.drop(device.name, "garbage", detail=detail[:200])
+
+                s = await V2cSession.open(address, options.community, device.timeout, device.retries, garbage)
+                self._sessions[device.name] = s
+            return s
         engine = _engine()
-        if s is None or s.engine is not engine:
+        if not isinstance(s, _Session) or s.engine is not engine:
             from pysnmp.hlapi.v3arch.asyncio import ContextData, UdpTransportTarget
             from pysnmp.hlapi.v3arch.asyncio.lcd import CommandGeneratorLcdConfigurator
 
-            options: SnmpOptions = device.options or SnmpOptions()
             try:
                 target = await UdpTransportTarget.create(
                     _address(device.address), timeout=device.timeout, retries=device.retries
@@ -234,13 +267,14 @@ parts = ["port1", "port24"]     # empty: every admin-up port
                 raise DeviceError("config", f"address {device.address!r}: {err}") from None
             ctx = ContextData(contextName=options.context) if options.context else ContextData()
             name, _ = CommandGeneratorLcdConfigurator().configure(engine, _auth(options), target, ctx.contextName)
-            _tick_for(engine, min(d.timeout for d in self.devices))  # set once: pending requests count ticks
+            v3 = [d.timeout for d in self.devices if _options(d).version == "3"]
+            _tick_for(engine, min(v3))  # set once: pending requests count ticks
             s = self._sessions[device.name] = _Session(engine, name, ctx)
         return s
 
     async def poll(self, device: Any) -> list[Reading]:
         profile: CompiledProfile = self.profile(device)
-        options: SnmpOptions = device.options or SnmpOptions()
+        options = _options(device)
         session = await self._session(device)
         values: dict[tuple[int, ...], Any] = {}
         if profile.scalars:
@@ -254,41 +288,40 @@ parts = ["port1", "port24"]     # empty: every admin-up port
             self.health.drop(device.name, "no_such_object", metric=metric)
         return parsed.readings
 
-    async def _get(self, s: _Session, oids: list[tuple[int, ...]], out: dict[tuple[int, ...], Any]) -> None:
-        from pysnmp.entity.rfc3413.cmdgen import GetCommandGenerator
+    async def close(self) -> None:
+        for s in self._sessions.values():
+            s.close()
+        self._sessions.clear()
 
+    async def _get(self, s: Session, oids: list[tuple[int, ...]], out: dict[tuple[int, ...], Any]) -> None:
         for i in range(0, len(oids), 30):  # stay far below any agent's PDU size limit
-            chunk = [(o, None) for o in oids[i : i + 30]]
-            err, status, index, var_binds = await _request(s, GetCommandGenerator(), chunk)
-            _check(err, status, index)
-            for name, value in var_binds:
-                out[tuple(name)] = _plain(value)
+            for oid, value in await s.get(oids[i : i + 30]):
+                out[oid] = value
 
     async def _walk(
-        self, s: _Session, columns: list[tuple[int, ...]], repetitions: int, out: dict[tuple[int, ...], Any]
+        self, s: Session, columns: list[tuple[int, ...]], repetitions: int, out: dict[tuple[int, ...], Any]
     ) -> None:
         """Walk several columns of one table together: each GETBULK carries every unfinished column."""
-        from pysnmp.entity.rfc3413.cmdgen import BulkCommandGenerator
-
         cursor = {c: c for c in columns}
         while cursor:
             active = list(cursor)
-            request = [(cursor[c], None) for c in active]
-            err, status, index, var_binds = await _request(s, BulkCommandGenerator(), 0, repetitions, request)
-            _check(err, status, index)
+            var_binds = await s.bulk(repetitions, [cursor[c] for c in active])
             if not var_binds:
                 return
-            for i, (name, value) in enumerate(var_binds):
+            for i, (oid, plain) in enumerate(var_binds):
                 column = active[i % len(active)]
                 if column not in cursor:
                     continue
-                oid, plain = tuple(name), _plain(value)
                 # Leaving the column, end of MIB, or a non-increasing OID (a buggy agent) ends the column.
                 if plain is None or oid[: len(column)] != column or oid <= cursor[column]:
                     del cursor[column]
                     continue
                 out[oid] = plain
                 cursor[column] = oid
+
+
+def _options(device: Any) -> SnmpOptions:
+    return device.options or SnmpOptions()
 
 
 def _check(err: Any, status: Any, index: Any) -> None:

@@ -37,7 +37,9 @@ from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.agent")
 
-TICK = 1.0  # seconds between rule evaluations when nothing arrives (time-based rules: silence, schedule)
+# Seconds the writer waits at most for readings: it also wakes when a time-based rule is due (a ``for``
+# timer, a silent sensor, a phase change), the self-readings or an uplink batch; its beat proves it alive.
+TICK = 2.0
 WRITER_STALE = 5.0  # seconds without a writer tick before the watchdog stops (a writer stuck on its disk)
 QUEUE_MAX = 20_000
 BATCH_MAX = 5_000
@@ -54,6 +56,7 @@ class Intake:
 
     def __init__(self, health: Health) -> None:
         self.q: queue.Queue[Reading] = queue.Queue(QUEUE_MAX)
+        self.arrived = threading.Event()  # wakes the writer (readings, or the agent stopping)
         self.health = health
 
     def add(self, reading: Reading) -> None:
@@ -64,6 +67,7 @@ class Intake:
             self.q.put_nowait(reading)
         except queue.Full:
             self.health.drop("intake", "queue_full")
+        self.arrived.set()
 
 
 def with_host_device(cfg: Config) -> Config:
@@ -137,8 +141,9 @@ class Agent:
         self.ready.set()
         next_self = 0.0
         last = (time.time(), time.monotonic())
+        wait = 0.0
         while True:
-            batch = self._take()
+            batch = self._take(wait)
             now, mono = time.time(), time.monotonic()
             self.writer_beat = mono
             self._apply_acks(store)
@@ -171,6 +176,7 @@ class Agent:
             self._outbox = {"used_ratio": store.outbox_used_ratio, "dropped": store.outbox_dropped}
             if stopping:
                 break
+            wait = self._wait(state, now, mono, next_self)
         store.close()
 
     def _open_store(self) -> tuple[Store, list[AlarmEvent]]:
@@ -187,16 +193,28 @@ class Agent:
         self.store = opened.store
         return opened.store, opened.open_alarms
 
-    def _take(self) -> list[Reading]:
-        try:
-            batch = [self.intake.q.get(timeout=TICK)]
-        except queue.Empty:
-            return []
+    def _wait(self, state: Any, now: float, mono: float, next_self: float) -> float:
+        """Seconds until the writer has something to do without readings (at most ``TICK``)."""
+        due = [TICK, next_self - mono, self.engine.next_due(state, now) - now]
+        if self.uplink is not None:
+            due.append(self._flushed + self.cfg.uplink.batch_interval - mono)
+        if self._unstored:
+            due.append(0.5)  # the disk's backlog is tried again
+        return max(0.0, min(due))
+
+    def _take(self, wait: float) -> list[Reading]:
+        """What arrived, waiting up to ``wait`` seconds for something to."""
+        if wait > 0:
+            self.intake.arrived.wait(wait)
+        self.intake.arrived.clear()  # before taking: a reading added after the take wakes the next wait
+        batch: list[Reading] = []
         while len(batch) < BATCH_MAX:
             try:
                 batch.append(self.intake.q.get_nowait())
             except queue.Empty:
                 break
+        else:
+            self.intake.arrived.set()  # more is waiting
         return batch
 
     def _commit(self, store: Store, batch: list[Reading], events: list[AlarmEvent], mono: float, flush: bool) -> None:
@@ -275,6 +293,7 @@ class Agent:
 
     def _acked(self, seqs: list[int]) -> None:
         self._acks.put(list(seqs))  # the writer deletes them: one thread writes SQLite
+        self.intake.arrived.set()  # now: the uplink counts what is pending, and waits while acked rows remain
 
     # --- run ---
 
@@ -336,8 +355,9 @@ class Agent:
         if self.fallback is not None:
             await asyncio.to_thread(self.fallback.stop)
         self.stop_event.set()
+        self.intake.arrived.set()
         await asyncio.to_thread(writer.join, 10)
-        server.shutdown()  # type: ignore[attr-defined]
+        exporter.stop(server)
         lock.release()
         log.info("agent_stopped")
 

@@ -42,6 +42,17 @@ log = structlog.get_logger("examwatch.uplink")
 
 RETRY_AFTER = 10.0  # seconds before re-sending a row the broker refused (e.g. not authorized)
 MAX_PACKET = 64 * 1024  # what the agent receives here is tiny (PUBACKs; nothing it subscribes to is big)
+# Seconds paho's network thread waits in select when nothing comes (paho's own: 1): a publish or a packet
+# wakes it at once, so the wait only bounds the keepalive check (keepalive >= 10 s).
+NETWORK_WAIT = 5.0
+
+
+class _Client(mqtt.Client):
+    def _thread_main(self) -> None:  # paho's loop_start thread (paho 2.x), with NETWORK_WAIT
+        try:
+            self.loop_forever(timeout=NETWORK_WAIT, retry_first_connection=True)
+        finally:
+            self._thread = None
 
 
 class OutboxRowLike(Protocol):
@@ -191,7 +202,7 @@ class Uplink:
     # --- paho side (network thread): only enqueue and wake ---------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv5)
+        c = _Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv5)
         c.max_inflight_messages_set(self.window + 2)  # + status messages
         c.reconnect_delay_set(min_delay=1, max_delay=15)
         apply_broker_settings(c, self.cfg)

@@ -214,6 +214,19 @@ class RuleEngine:
         new = State(started, context, tracks, frozenset(pending), last_seen, silent_due)
         return new, events
 
+    def next_due(self, state: State, now: float) -> float:
+        """After an evaluation at ``now``: the first later moment at which one with no readings could change
+        anything (a ``for`` timer running out, a device falling silent, the phase or the secrecy window
+        changing); inf when nothing is waiting. The agent sleeps until then or until readings come.
+
+        A timer already run out is waiting for its rule's level to return, which only a phase change brings."""
+        due = min(state.silent_due, self._calendar.next_change(now))
+        for key in state.pending:
+            at = state.tracks[key].since + self._rules[key[0]].for_
+            if at > now:
+                due = min(due, at)
+        return due if due > now else now
+
     def _step(
         self,
         rule: Rule,

@@ -8,6 +8,7 @@ a moment is a binary search, cheap enough to run on every evaluation.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -56,6 +57,9 @@ class Calendar:
         self._after = schedule.after_hours * 3600
         self._windows = _spans(schedule.secrecy_windows, tz)
         self._window_starts = [s for s, _ in self._windows]
+        # every moment at which phase() or in_window() may change, sorted
+        edges = {t for s, e in self._sessions for t in (s, e, s - self._before, e + self._after)}
+        self._changes = sorted(edges | {t for span in self._windows for t in span})
 
     def phase(self, now: float) -> str:
         i = bisect_right(self._starts, now) - 1
@@ -72,6 +76,11 @@ class Calendar:
 
     def in_window(self, now: float) -> bool:
         return _inside(self._windows, self._window_starts, now)
+
+    def next_change(self, now: float) -> float:
+        """The first moment after ``now`` at which the phase or the secrecy window may change (inf: none)."""
+        i = bisect_right(self._changes, now)
+        return self._changes[i] if i < len(self._changes) else math.inf
 
 
 def phase_at(schedule: Schedule, now: float) -> str:

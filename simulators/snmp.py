@@ -8,7 +8,8 @@ writes: the recording, plus the overrides of the device's current state (``on_ba
 
 ``set_state`` rewrites the file of a running device. snmpsim re-indexes a data file when its mtime
 changes, but compares whole seconds, so every rewrite moves the mtime one second past the last one
-instead of trusting the clock; the next request then sees the new state.
+instead of trusting the clock; ``set_state`` returns once snmpsim answers from the new file (its
+re-indexing then delays no agent's request).
 
     with SnmpSimulator(tmp_path) as sim:          # one device per model, community = model name
         sim.set_state("ups", "on_battery")
@@ -277,12 +278,15 @@ class SnmpSimulator:
 
     def set_state(self, community: str, state: str) -> None:
         """Switch a device to ``recorded`` or one of its model's variants; a running agent sees it at
-        its next request."""
+        its next request. Returns once snmpsim answers from the new file: re-indexing a large recording
+        takes it about a second on a busy machine, which a poll with a 1 s timeout must not pay."""
         variants = MODELS[self.devices[community]].variants
         if state != "recorded" and state not in variants:
             raise ValueError(f"{community}: no state {state!r}; known: recorded, {', '.join(variants)}")
         self._states[community] = state
         self._write(community)
+        if self.proc is not None:
+            self._wait_ready(20.0, community)
 
     def _write(self, community: str) -> None:
         path = self.data_dir / f"{community}.snmprec"
@@ -322,8 +326,8 @@ class SnmpSimulator:
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self._wait_ready(timeout)
 
-    def _wait_ready(self, timeout: float) -> None:
-        packet = _probe_packet(next(iter(self.devices)))
+    def _wait_ready(self, timeout: float, community: str = "") -> None:
+        packet = _probe_packet(community or next(iter(self.devices)))
         deadline = time.monotonic() + timeout
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(0.2)

@@ -27,21 +27,24 @@ NOT_IN_THE_AGENT = {
 AGENT_WITH_SNMP = """
 import asyncio, sys
 import examwatch.edge.runtime, examwatch.edge.store, examwatch.edge.uplink
-from examwatch.collectors.snmp import SnmpCollector
+from examwatch.collectors.snmp import SnmpCollector, SnmpOptions
+from examwatch.edge.config import Device
 from examwatch.collectors.base import Health
 
 class Acc:
     def add(self, reading): pass
 
 async def main():
-    SnmpCollector([], Acc(), Health())  # builds pysnmp's engine, as the agent does at start
+    v3 = Device(name="ups", kind="ups", protocol="snmp", address="127.0.0.1", profile="ups-mib",
+                options=SnmpOptions(version="3", user="u"))
+    SnmpCollector([v3], Acc(), Health())  # builds pysnmp's engine, as the agent does at start for v3
 
 asyncio.run(main())
 print(" ".join(sorted(m.split(".")[0] for m in sys.modules if sys.modules[m] is not None)))
 """
 
 
-def test_agent_with_snmp_imports_no_heavy_module_it_does_not_use() -> None:
+def test_agent_with_snmpv3_imports_no_heavy_module_it_does_not_use() -> None:
     out = subprocess.run([sys.executable, "-c", AGENT_WITH_SNMP], capture_output=True, text=True, check=True)
     imported = set(out.stdout.split())
     assert "pysnmp" in imported  # the probe did build the engine

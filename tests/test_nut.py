@@ -235,3 +235,56 @@ def test_a_nut_profile_naming_no_catalog_metric_is_refused(tmp_path: Path, monke
     with pytest.raises(Exception, match="ups_charge_pct"):
         loads(text + 'address = "ups@h"\nprofile = "typo"\n')
     profiles.load.cache_clear()
+
+
+# --- answers upsd does not give, from a scripted server -------------------------------------------------
+
+
+def poll_twice(answer: bytes) -> tuple[Recorder, Health]:
+    """Two polls on one kept connection to a server that answers every LIST VAR with ``answer``."""
+    acc, health = Recorder(), Health()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readline():
+            writer.write(answer)
+            await writer.drain()
+
+    async def run() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        dev = device(f"ups1@127.0.0.1:{port}")
+        collector = NutCollector([dev], acc, health)
+        for _ in range(2):
+            await collector.poll_once(dev)
+        await collector.close()
+        server.close()
+
+    asyncio.run(run())
+    return acc, health
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'BEGIN LIST VAR ups1\r\nVAR ups1 battery.charge "87"\r\nVAR ups1 ups.status "OL"\r\nEND LIST VAR ups1\r\n',
+        b'BEGIN LIST VAR ups1\nVAR ups1 ups.alarm "END LIST VAR ups1"\nVAR ups1 battery.charge "87"\n'
+        b'VAR ups1 ups.status "OL"\nEND LIST VAR ups1\n',
+    ],
+)
+def test_whole_answer_read_whatever_its_line_ends_or_values(answer: bytes) -> None:
+    acc, health = poll_twice(answer)
+    assert [r.value for r in acc.readings if r.metric == "ups_charge_percent"] == [87, 87]
+    assert health.devices["ups1"].polls == 2 and health.devices["ups1"].online is True
+
+
+def test_empty_list_is_read_as_no_status() -> None:
+    acc, health = poll_twice(b"BEGIN LIST VAR ups1\nEND LIST VAR ups1\n")
+    assert [r.value for r in acc.readings if r.metric == "device_online"] == [1, 1]
+    assert health.dropped[("ups1", "no_status")] == 2
+
+
+def test_endless_answer_is_a_connection_state() -> None:
+    line = b'VAR ups1 ups.alarm "' + b"x" * 1000 + b' END LIST VAR ups1"\n'
+    acc, health = poll_twice(b"BEGIN LIST VAR ups1\n" + line * 300 + b"END LIST VAR ups1\n")
+    assert [r.value for r in acc.readings if r.metric == "device_online"] == [0, 0]
+    assert health.devices["ups1"].errors["connection"] == 2
