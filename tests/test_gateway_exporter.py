@@ -11,6 +11,8 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,7 +20,7 @@ from prometheus_client.utils import floatToGoString
 from structlog.testing import capture_logs
 
 from examwatch.gateway import store
-from examwatch.gateway.exporter import GatewayCollector, escape, family, number, serve
+from examwatch.gateway.exporter import GatewayCollector, escape, family, number, numbers, serve
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS, Stats
 from examwatch.kernel import wire
@@ -243,6 +245,30 @@ def test_numbers_are_written_as_prometheus_client_writes_them():
     assert [number(v) for v in NUMBERS] == [floatToGoString(v) for v in NUMBERS]
     assert number(math.nan) == "NaN"
     assert [number(v) for v in (1e6, 1_234_567.0, -math.inf)] == ["1e+06", "1.234567e+06", "-Inf"]
+
+
+# Every kind of float the fast path and its fallback meet: any double, the bounds of the fast range and their
+# neighbours, values with few digits (as most readings have) and with 17 (ratios, random sensors).
+FLOATS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=1e-4, max_value=1e6),
+    st.sampled_from([1e-4, math.nextafter(1e-4, 0), math.nextafter(1e6, 0), 1e6, 5e-324, -5e-324, 1e21, 1e16]),
+    st.decimals(min_value=-1e7, max_value=1e7, places=3, allow_nan=False).map(float),
+    st.integers(min_value=-(2**53), max_value=2**53).map(float),
+)
+
+
+@settings(max_examples=500)
+@given(st.lists(FLOATS, max_size=40))
+def test_a_pages_numbers_are_written_as_prometheus_client_writes_each(values):
+    """The fast path for a page's values (one msgspec call) spells every value as floatToGoString does."""
+    assert numbers(values) == [floatToGoString(v) for v in values]
+
+
+def test_numbers_of_the_catalogs_edge_cases_and_of_none():
+    assert numbers([*NUMBERS, math.nan]) == [floatToGoString(v) for v in [*NUMBERS, math.nan]]
+    assert numbers([]) == []
+    assert numbers([0.25, 1e-5, 2_000_000.5]) == ["0.25", "1e-05", "2.0000005e+06"]
 
 
 @pytest.mark.parametrize("kind", ["gauge", "counter"])
