@@ -20,7 +20,7 @@ from prometheus_client.utils import floatToGoString
 from structlog.testing import capture_logs
 
 from examwatch.gateway import store
-from examwatch.gateway.exporter import GatewayCollector, escape, family, number, numbers, serve
+from examwatch.gateway.exporter import MMAP_BYTES, GatewayCollector, escape, family, number, numbers, serve
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS, Stats
 from examwatch.kernel import wire
@@ -347,3 +347,27 @@ def test_a_scrape_that_cannot_read_the_database_fails_and_the_next_one_recovers(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_one_collector_follows_the_writer_as_the_database_grows(tmp_path):
+    """The exporter keeps its connection (the file mapped) from scrape to scrape while the writer commits and the
+    file grows: each scrape shows every room's newest values and none that were replaced."""
+    e = make(tmp_path)
+    gw = GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: T0 + 1000)
+    assert gw._db().execute("PRAGMA mmap_size").fetchone()[0] == MMAP_BYTES
+    seq = 0
+    for round_ in range(1, 4):
+        for agent in KEYS:
+            for first in range(0, 200 * round_, 100):
+                seq += 1
+                items = [
+                    Reading(f"ups{i}", "ups_charge_percent", round_ * 1000.0 + i / 8, T0 + round_)
+                    for i in range(first, first + 100)
+                ]
+                e.ingest([readings(agent, seq, items, T0 + round_)], T0 + round_)
+        got = {}
+        for fam in text_string_to_metric_families(gw.render()):
+            for s in fam.samples:
+                if s.name == "examwatch_ups_charge_percent":
+                    got[(s.labels["site"] + "/" + s.labels["room"], s.labels["device"])] = s.value
+        assert got == {(agent, f"ups{i}"): round_ * 1000.0 + i / 8 for agent in KEYS for i in range(200 * round_)}
