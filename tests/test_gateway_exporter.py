@@ -20,6 +20,7 @@ from prometheus_client.utils import floatToGoString
 from structlog.testing import capture_logs
 
 from examwatch.gateway import store
+from examwatch.gateway.desk import views
 from examwatch.gateway.exporter import MMAP_BYTES, GatewayCollector, escape, family, number, numbers, serve
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS, Stats
@@ -371,3 +372,15 @@ def test_one_collector_follows_the_writer_as_the_database_grows(tmp_path):
                 if s.name == "examwatch_ups_charge_percent":
                     got[(s.labels["site"] + "/" + s.labels["room"], s.labels["device"])] = s.value
         assert got == {(agent, f"ups{i}"): round_ * 1000.0 + i / 8 for agent in KEYS for i in range(200 * round_)}
+
+
+def test_the_desks_room_view_shows_the_latest_readings(tmp_path):
+    """The duty desk reads the same latest rows as the exporter (plain tuples since the exporter's rewrite)."""
+    e = make(tmp_path)
+    e.ingest([kinds_status("s1/101", {"ups1": "ups"}, T0, T0)], T0)
+    e.ingest([readings("s1/101", 1, [Reading("ups1", "ups_charge_percent", 80.0, T0 - 10)], T0)], T0)
+    e.ingest([readings("s1/102", 1, [Reading("noise", "noise_db", 55.0, T0 - 5)], T0)], T0)
+    got = views.room(store.connect(tmp_path / "gw.db", readonly=True), "s1/101")
+    assert got["devices"] == [
+        {"device": "ups1", "kind": "ups", "readings": [{"metric": "ups_charge_percent", "value": 80.0, "ts": T0 - 10}]}
+    ]
