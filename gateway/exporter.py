@@ -156,9 +156,10 @@ class GatewayCollector:
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             self._conn = store.connect(self.db_path, readonly=True)
-            # The file mapped rather than read: a scrape reads every latest row, and in WAL mode the writer's
-            # every commit empties this connection's page cache, so each scrape would read the file anew.
-            self._conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+            if isinstance(self._conn, sqlite3.Connection):
+                # The file mapped rather than read: a scrape reads every latest row, and in WAL mode the writer's
+                # every commit empties this connection's page cache, so each scrape would read the file anew.
+                self._conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         return self._conn
 
     def reconnect(self) -> None:

@@ -48,7 +48,7 @@ def room(conn: sqlite3.Connection, agent: str) -> dict[str, Any]:
     """A room: its devices with their kinds, the latest reading of each metric, its alarms (newest first)."""
     site, _, name = agent.partition("/")
     kinds = store.device_kinds(conn).get(agent, {})
-    readings = [  # store.latest gives plain tuples (a scrape reads 100k+)
+    readings: list[dict[str, Any]] = [  # store.latest gives plain tuples (a scrape reads 100k+)
         {"device": device, "metric": metric, "value": value, "ts": ts}
         for of, device, metric, value, ts in store.latest(conn)
         if of == agent
