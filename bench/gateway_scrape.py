@@ -12,6 +12,7 @@ its phase and its rejection counters at 0.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -114,7 +115,9 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    print(f"One scrape of the county gateway, {args.devices} devices per room, median of {args.runs}\n")
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"One scrape of the county gateway, {args.devices} devices per room, median of {args.runs}")
+    print(f"{os.cpu_count()} cores, load average {load} (1/5/15 min) at the start\n")
     print("| rooms | latest readings | series | page size (gzip) | render (median) | CPU | max | HTTP+gzip |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.rooms:
@@ -124,6 +127,7 @@ def main() -> None:
             f"| {r['median'] * 1000:.0f} ms | {r['cpu'] * 1000:.0f} ms | {r['max'] * 1000:.0f} ms "
             f"| {r['http'] * 1000:.0f} ms |"
         )
+    print(f"\nload average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,7 +20,8 @@ from prometheus_client.utils import floatToGoString
 from structlog.testing import capture_logs
 
 from examwatch.gateway import store
-from examwatch.gateway.exporter import GatewayCollector, escape, family, number, serve
+from examwatch.gateway.desk import views
+from examwatch.gateway.exporter import MMAP_BYTES, GatewayCollector, escape, family, number, numbers, serve
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS, Stats
 from examwatch.kernel import wire
@@ -245,6 +248,30 @@ def test_numbers_are_written_as_prometheus_client_writes_them():
     assert [number(v) for v in (1e6, 1_234_567.0, -math.inf)] == ["1e+06", "1.234567e+06", "-Inf"]
 
 
+# Every kind of float the fast path and its fallback meet: any double, the bounds of the fast range and their
+# neighbours, values with few digits (as most readings have) and with 17 (ratios, random sensors).
+FLOATS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=1e-4, max_value=1e6),
+    st.sampled_from([1e-4, math.nextafter(1e-4, 0), math.nextafter(1e6, 0), 1e6, 5e-324, -5e-324, 1e21, 1e16]),
+    st.decimals(min_value=-1e7, max_value=1e7, places=3, allow_nan=False).map(float),
+    st.integers(min_value=-(2**53), max_value=2**53).map(float),
+)
+
+
+@settings(max_examples=500)
+@given(st.lists(FLOATS, max_size=40))
+def test_a_pages_numbers_are_written_as_prometheus_client_writes_each(values):
+    """The fast path for a page's values (one msgspec call) spells every value as floatToGoString does."""
+    assert numbers(values) == [floatToGoString(v) for v in values]
+
+
+def test_numbers_of_the_catalogs_edge_cases_and_of_none():
+    assert numbers([*NUMBERS, math.nan]) == [floatToGoString(v) for v in [*NUMBERS, math.nan]]
+    assert numbers([]) == []
+    assert numbers([0.25, 1e-5, 2_000_000.5]) == ["0.25", "1e-05", "2.0000005e+06"]
+
+
 @pytest.mark.parametrize("kind", ["gauge", "counter"])
 def test_a_family_is_byte_for_byte_what_prometheus_client_writes(kind):
     """The page is the one the library wrote before (label names in order, its escapes and numbers)."""
@@ -321,3 +348,39 @@ def test_a_scrape_that_cannot_read_the_database_fails_and_the_next_one_recovers(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_one_collector_follows_the_writer_as_the_database_grows(tmp_path):
+    """The exporter keeps its connection (the file mapped) from scrape to scrape while the writer commits and the
+    file grows: each scrape shows every room's newest values and none that were replaced."""
+    e = make(tmp_path)
+    gw = GatewayCollector(str(tmp_path / "gw.db"), e.stats, clock=lambda: T0 + 1000)
+    assert gw._db().execute("PRAGMA mmap_size").fetchone()[0] == MMAP_BYTES
+    seq = 0
+    for round_ in range(1, 4):
+        for agent in KEYS:
+            for first in range(0, 200 * round_, 100):
+                seq += 1
+                items = [
+                    Reading(f"ups{i}", "ups_charge_percent", round_ * 1000.0 + i / 8, T0 + round_)
+                    for i in range(first, first + 100)
+                ]
+                e.ingest([readings(agent, seq, items, T0 + round_)], T0 + round_)
+        got = {}
+        for fam in text_string_to_metric_families(gw.render()):
+            for s in fam.samples:
+                if s.name == "examwatch_ups_charge_percent":
+                    got[(s.labels["site"] + "/" + s.labels["room"], s.labels["device"])] = s.value
+        assert got == {(agent, f"ups{i}"): round_ * 1000.0 + i / 8 for agent in KEYS for i in range(200 * round_)}
+
+
+def test_the_desks_room_view_shows_the_latest_readings(tmp_path):
+    """The duty desk reads the same latest rows as the exporter (plain tuples since the exporter's rewrite)."""
+    e = make(tmp_path)
+    e.ingest([kinds_status("s1/101", {"ups1": "ups"}, T0, T0)], T0)
+    e.ingest([readings("s1/101", 1, [Reading("ups1", "ups_charge_percent", 80.0, T0 - 10)], T0)], T0)
+    e.ingest([readings("s1/102", 1, [Reading("noise", "noise_db", 55.0, T0 - 5)], T0)], T0)
+    got = views.room(store.connect(tmp_path / "gw.db", readonly=True), "s1/101")
+    assert got["devices"] == [
+        {"device": "ups1", "kind": "ups", "readings": [{"metric": "ups_charge_percent", "value": 80.0, "ts": T0 - 10}]}
+    ]

@@ -47,7 +47,11 @@ def room(conn: store.Db, agent: str) -> dict[str, Any]:
     """A room: its devices with their kinds, the latest reading of each metric, its alarms (newest first)."""
     site, _, name = agent.partition("/")
     kinds = store.device_kinds(conn).get(agent, {})
-    readings = [dict(r) for r in store.latest(conn) if r["agent"] == agent]
+    readings: list[dict[str, Any]] = [  # store.latest gives plain tuples (a scrape reads 100k+)
+        {"device": device, "metric": metric, "value": value, "ts": ts}
+        for of, device, metric, value, ts in store.latest(conn)
+        if of == agent
+    ]
     devices = sorted(set(kinds) | {r["device"] for r in readings})
     return {
         "agent": agent,
