@@ -218,8 +218,8 @@ def latest(conn: Db) -> list[Any]:
     if isinstance(conn, sqlite3.Connection):
         cur = conn.cursor()
         cur.row_factory = None
-        return cur.execute(sql).fetchall()
-    return conn.execute(sql).fetchall()
+        return cur.execute(sql).fetchall()  # in key order: the table is WITHOUT ROWID
+    return conn.execute(sql + " ORDER BY agent, device, metric").fetchall()  # the exporter groups by device
 
 
 def device_kinds(conn: Db) -> dict[str, dict[str, str]]:
