@@ -155,7 +155,7 @@ class GatewayCollector:
     def _db(self) -> store.Db:
         if self._conn is None:
             self._conn = store.connect(self.db_path, readonly=True)
-            if isinstance(self._conn, sqlite3.Connection):
+            if store.dialect(self._conn) == "sqlite":
                 # The file mapped rather than read: a scrape reads every latest row, and in WAL mode the writer's
                 # every commit empties this connection's page cache, so each scrape would read the file anew.
                 self._conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
