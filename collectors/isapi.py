@@ -32,7 +32,7 @@ import defusedxml.ElementTree
 # on a developer's machine: 2 MiB of the agent's memory for a command it never runs. Without it httpx
 # stands in a stub for ``httpx.main``. Only when nothing imported httpx yet (a process that did keeps its).
 if "httpx" not in sys.modules:
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 import httpx
 import msgspec
 
