@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 import ssl
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -26,6 +27,12 @@ from typing import Any
 
 import certifi
 import defusedxml.ElementTree
+
+# httpx imports its command-line client (click, pygments, rich) whenever those happen to be installed, as
+# on a developer's machine: 2 MiB of the agent's memory for a command it never runs. Without it httpx
+# stands in a stub for ``httpx.main``. Only when nothing imported httpx yet (a process that did keeps its).
+if "httpx" not in sys.modules:
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 import httpx
 import msgspec
 

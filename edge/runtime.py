@@ -1,9 +1,12 @@
 """The room agent at run time: collectors -> intake queue -> one writer (rules + store) -> uplink.
 
 Collectors run as asyncio tasks (paho's MQTT thread for the sensors). Everything they read goes through a
-bounded queue to a single writer thread, which owns SQLite and the rules state: per batch it evaluates
-the rules, stores readings, alarm transitions and outbox rows in one transaction, and then tells the
-uplink. The writer also ticks twice a second so ``for`` durations and silent sensors fire without input.
+bounded queue to a single writer thread, which owns SQLite and the rules state. It evaluates the rules on
+every reading as it arrives (the live view and the alarms never wait), but stores readings a few seconds
+at a time (``READINGS_HOLD``, or when they go to the county): one transaction per poll cost a 1 s poller
+more than the poll. An alarm transition is committed at once (synchronous=FULL), together with the
+readings held so far, before the uplink is told. The writer also wakes when a ``for`` duration or a
+silent sensor is due.
 
 Everything is scheduled on the monotonic clock; the wall clock only stamps data. A Pi has no real-time
 clock, so the wall clock may step by hours (NTP at boot, a fake-hwclock restore): each tick compares the
@@ -44,6 +47,10 @@ WRITER_STALE = 5.0  # seconds without a writer tick before the watchdog stops (a
 QUEUE_MAX = 20_000
 BATCH_MAX = 5_000
 SELF_METRICS_EVERY = 10.0  # seconds between the agent's own readings (outbox fill, store health)
+SELF_METRICS_KEEP = 60.0  # seconds between stored self-readings while none of them changes
+# Seconds readings may wait in memory before their transaction: a kill -9 or a power cut loses at most
+# these of readings, never an alarm transition (committed at once, with the readings held so far).
+READINGS_HOLD = 5.0
 UNSTORED_MAX = 50_000  # readings held in memory while the disk refuses them (a few MB; alarms always kept)
 CLOCK_STEP = (
     1.0  # seconds the wall clock may move apart from the monotonic one between ticks before it counts as a step
@@ -98,6 +105,10 @@ class Agent:
         self.store: Store | None = None
         self._outbox = {"used_ratio": 0.0, "dropped": 0}
         self._flushed = 0.0  # when readings last went to the outbox (monotonic)
+        self._held: list[Reading] = []  # evaluated, not yet stored (at most READINGS_HOLD seconds)
+        self._held_since = 0.0  # monotonic, when the oldest of them arrived
+        self._own_kept: tuple[tuple[float, ...], float] = ((), 0.0)  # self-reading values last stored, when
+        self._to_flush = True  # stored readings may wait for the outbox (at start: maybe the last run's)
         self._clock_step = (0.0, 0.0)  # the latest wall-clock step: (seconds, monotonic when seen)
         self._tasks: list[asyncio.Task[None]] = []
         self._collectors_running: list[Any] = []
@@ -154,23 +165,28 @@ class Agent:
                 self._clock_step = (step, mono)
                 log.warning("clock_jump", seconds=round(step, 1), hint="校时/检查NTP")
                 next_self = 0.0  # report it now
+            own: list[Reading] = []
             if mono >= next_self:
                 next_self = mono + SELF_METRICS_EVERY
-                size, seen = self._clock_step
-                jumped = abs(size) if mono - seen < CLOCK_STEP_HOLD else 0.0
-                batch.append(Reading(self.host_device, "outbox_used_ratio", store.outbox_used_ratio, now))
-                batch.append(Reading(self.host_device, "store_ok", 1.0 if self.store_ok else 0.0, now))
-                batch.append(Reading(self.host_device, "store_corrupt", 1.0 if self.store_set_aside else 0.0, now))
-                batch.append(Reading(self.host_device, "clock_jump_seconds", jumped, now))
-            state, events = self.engine.evaluate(state, batch, now)
+                own = self._own_readings(store, now, mono)
+            state, events = self.engine.evaluate(state, [*batch, *own] if own else batch, now)
+            for r in (*batch, *own):
+                self.current[(r.device, r.metric)] = r
+            if own and self._own_changed(own, mono):
+                batch += own
+            if batch and not self._held:
+                self._held_since = mono
+            self._held += batch
             stopping = self.stop_event.is_set() and self.intake.q.empty()
             # readings go to the county in batches (its broker and gateway thank us); with an alarm at once,
             # so the county sees the reading that caused it; and whatever is left when we stop
+            unsent = self._to_flush or bool(self._held)
             flush = self.uplink is not None and (
-                bool(events) or stopping or mono - self._flushed >= self.cfg.uplink.batch_interval
+                bool(events) or stopping or (unsent and mono - self._flushed >= self.cfg.uplink.batch_interval)
             )
-            if batch or events or flush:
-                self._commit(store, batch, events, mono, flush)
+            if events or flush or stopping or self._hold_over(mono):
+                self._commit(store, self._held, events, mono, flush)
+                self._held = []
             elif self._unstored:
                 self._store_backlog(store, False)
             self._outbox = {"used_ratio": store.outbox_used_ratio, "dropped": store.outbox_dropped}
@@ -178,6 +194,26 @@ class Agent:
                 break
             wait = self._wait(state, now, mono, next_self)
         store.close()
+
+    def _own_readings(self, store: Store, now: float, mono: float) -> list[Reading]:
+        size, seen = self._clock_step
+        jumped = abs(size) if mono - seen < CLOCK_STEP_HOLD else 0.0
+        return [
+            Reading(self.host_device, "outbox_used_ratio", store.outbox_used_ratio, now),
+            Reading(self.host_device, "store_ok", 1.0 if self.store_ok else 0.0, now),
+            Reading(self.host_device, "store_corrupt", 1.0 if self.store_set_aside else 0.0, now),
+            Reading(self.host_device, "clock_jump_seconds", jumped, now),
+        ]
+
+    def _own_changed(self, own: list[Reading], mono: float) -> bool:
+        """Whether the self-readings are worth storing and sending: the rules and the live view take them
+        every ``SELF_METRICS_EVERY``, the county when one changed (the outbox's fill by a percent) or every
+        ``SELF_METRICS_KEEP`` (an idle agent's uplink then sends next to nothing between its heartbeats)."""
+        values = tuple(round(r.value, 2) for r in own)
+        if values == self._own_kept[0] and mono - self._own_kept[1] < SELF_METRICS_KEEP:
+            return False
+        self._own_kept = (values, mono)
+        return True
 
     def _open_store(self) -> tuple[Store, list[AlarmEvent]]:
         """Open the database; a corrupt one is set aside for a fresh one, and ``store_corrupt`` says so
@@ -196,7 +232,9 @@ class Agent:
     def _wait(self, state: Any, now: float, mono: float, next_self: float) -> float:
         """Seconds until the writer has something to do without readings (at most ``TICK``)."""
         due = [TICK, next_self - mono, self.engine.next_due(state, now) - now]
-        if self.uplink is not None:
+        if self._held:
+            due.append(self._held_since + READINGS_HOLD - mono)
+        if self.uplink is not None and (self._to_flush or self._held):
             due.append(self._flushed + self.cfg.uplink.batch_interval - mono)
         if self._unstored:
             due.append(0.5)  # the disk's backlog is tried again
@@ -217,9 +255,11 @@ class Agent:
             self.intake.arrived.set()  # more is waiting
         return batch
 
+    def _hold_over(self, mono: float) -> bool:
+        """The held readings are due for their transaction: held long enough, or a batch's worth."""
+        return bool(self._held) and (mono - self._held_since >= READINGS_HOLD or len(self._held) >= BATCH_MAX)
+
     def _commit(self, store: Store, batch: list[Reading], events: list[AlarmEvent], mono: float, flush: bool) -> None:
-        for r in batch:
-            self.current[(r.device, r.metric)] = r
         evidence = {}
         if events:  # what the alarm's device last said, kept with the transition
             by_device: dict[str, list[Reading]] = defaultdict(list)
@@ -263,6 +303,10 @@ class Agent:
                 break
             self._unstored.pop(0)
             self._set_store_ok(True)
+            if flush and last:
+                self._to_flush = False
+            elif batch:
+                self._to_flush = True
             sent = sent or bool(outbox) or (flush and last)
         if sent and self.uplink is not None:
             self.uplink.notify()

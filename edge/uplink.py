@@ -259,11 +259,10 @@ class Uplink:
     def _sleep(self, now: float) -> float:
         """How long the worker may wait for a wake-up: 0.5 s while rows are pending, in flight or due again
         (acks, retries, the backlog count); otherwise nothing changes without a notify or a connection
-        event, which wake it, so until the next heartbeat (at most 5 s): an idle agent's uplink costs
-        next to no CPU."""
+        event, which wake it, so until the next heartbeat: an idle agent's uplink costs next to no CPU."""
         if self._pending or self._inflight or self._retry:
             return 0.5
-        return min(5.0, max(0.5, self._last_heartbeat + self.cfg.heartbeat - now))
+        return max(0.5, self._last_heartbeat + self.cfg.heartbeat - now)
 
     def _drain_events(self) -> None:
         acked: list[int] = []

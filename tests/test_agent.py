@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from examwatch.edge.runtime import READINGS_HOLD
 from examwatch.simulators.broker import free_port
 from tests.support import until
 from tests.support.agent import RunningAgent, Watcher, agent_toml, launch_agent
@@ -178,7 +179,8 @@ def test_systemd_ready_then_watchdog_only_while_healthy(start_agent, tmp_path):
     lock.execute("BEGIN IMMEDIATE")
     try:
         agent.publish("z2m/noise", {"noise": 41})
-        time.sleep(6)  # the writer's heartbeat goes stale after 5 s
+        # the reading is stored within READINGS_HOLD s, where the writer sticks; its heartbeat goes stale 5 s later
+        time.sleep(READINGS_HOLD + 6)
         sock.settimeout(0.05)
         while True:  # drop what was sent while it was still fresh
             try:

@@ -49,3 +49,13 @@ def test_agent_with_snmpv3_imports_no_heavy_module_it_does_not_use() -> None:
     imported = set(out.stdout.split())
     assert "pysnmp" in imported  # the probe did build the engine
     assert imported & NOT_IN_THE_AGENT == set()
+
+
+def test_a_room_with_a_camera_imports_httpx_without_its_command_line_client() -> None:
+    """httpx imports its CLI (click, pygments, rich) whenever they are installed, as they are here."""
+    code = "import sys, examwatch.collectors.isapi, httpx; print(' '.join(m for m in sys.modules if sys.modules[m]))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    imported = {m.split(".")[0] for m in out.stdout.split()}
+    assert "httpx" in imported
+    assert imported & {"click", "pygments", "rich"} == set()
+    assert subprocess.run([sys.executable, "-c", "import click, pygments"], check=False).returncode == 0  # installed

@@ -28,6 +28,14 @@ def response(request_id: int, var_binds: list[VarBind], community: bytes = b"ups
     return encode_message(community, 2, request_id, 0, 0, var_binds)
 
 
+def with_varbind(var_bind: bytes) -> bytes:
+    """A v2c Response (request id 1) around one var-bind given as its BER bytes."""
+    var_binds = b"\x30" + bytes([len(var_bind)]) + var_bind
+    pdu = bytes.fromhex("020101020100020100") + var_binds
+    body = b"\x02\x01\x01\x04\x03ups\xa2" + bytes([len(pdu)]) + pdu
+    return b"\x30" + bytes([len(body)]) + body
+
+
 APP, CTX, UNI = asn1.Classes.Application, asn1.Classes.Context, asn1.Classes.Universal
 
 
@@ -62,11 +70,19 @@ def test_values_become_what_the_profiles_take() -> None:
         (response(1, [("1.3.6.1.2.1.1.1.0", APP, 0, b"\x01\x02")]), "unknown value type"),  # a 2-byte IpAddress
         (response(1, [("1.3.6.1.2.1.1.1.0", APP, 1, b"\x01" * 10)]), "application 1"),
         (encode_request(b"ups", 1, 0, 0, 0, [(1, 3, 6, 1)]), "pdu"),  # a request is not an answer
-        (response(1, [])[:-1], "premature end"),
-        (b"\x30\x80" * 20_000, "version"),  # nesting: refused before any recursion
-        (b"\x30\x84\xff\xff\xff\xff", "version"),  # a length past the datagram's end
+        (response(1, [])[:-1], "message: length 21 past the end"),  # cut short
+        (b"\x30\x80" * 20_000, "message: length of 0 bytes"),  # the indefinite form (and nesting): refused
+        (b"\x30\x84\xff\xff\xff\xff", "past the end"),  # a length past the datagram's end
         (bytes(70_000), "70000 bytes"),
-        (b'0\x18\x02\x94\x01\x01ps"\xa2\x0e\x02\x04\x01\xa64-\x02\x01\x00\x02\x01\x000', "OverflowError"),  # fuzz
+        (b'0\x18\x02\x94\x01\x01ps"\xa2\x0e\x02\x04\x01\xa64-\x02\x01\x00\x02\x01\x000', "past the end"),  # fuzz
+        (b"\x30\x03\x1f\x01\x00", "multi-byte identifier"),
+        (b"\x30\x03\x02\x00\x00", "INTEGER of 0 bytes"),
+        (response(1, [("1.3.6.1.2.1.1.1.0", UNI, asn1.Numbers.Integer, 2**80)]), "INTEGER of 11 bytes"),
+        (response(1, [("1.3.6.1." + str(2**40), UNI, asn1.Numbers.Null, None)]), "sub-identifier too long"),
+        (with_varbind(bytes.fromhex("300406012b05")), "value: premature end"),  # a value without its length
+        (with_varbind(bytes.fromhex("300706012b05000500")), "more than a name and a value"),
+        (with_varbind(bytes.fromhex("300506012b04026162")), "value: length 2 past the end"),  # past its varbind
+        (with_varbind(bytes.fromhex("30050601ab0500")), "malformed OID"),  # its last byte says more follows
     ],
 )
 def test_garbage_is_refused_with_a_reason(data: bytes, why: str) -> None:

@@ -1,0 +1,83 @@
+"""The agent's writer thread in-process (no collectors, no uplink): readings are stored a few seconds at a
+time, an alarm transition at once with every reading held before it; unchanged self-readings are stored
+once a minute while the rules and the live view take them every time."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from examwatch.edge.runtime import SELF_METRICS_KEEP, Agent
+from examwatch.kernel.model import Reading
+from tests.support import config, until
+
+
+def agent_in(state_dir: Path) -> Agent:
+    cfg = config({"pen1": "recorder"})
+    return Agent(msgspec.structs.replace(cfg, agent=msgspec.structs.replace(cfg.agent, state_dir=str(state_dir))))
+
+
+def stop(agent: Agent, writer: threading.Thread) -> None:
+    agent.stop_event.set()
+    agent.intake.arrived.set()
+    writer.join(10)
+    assert not writer.is_alive()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[Agent, threading.Thread]]:
+    agent = agent_in(tmp_path)
+    writer = threading.Thread(target=agent._writer, daemon=True)
+    writer.start()
+    assert agent.ready.wait(10)
+    try:
+        yield agent, writer
+    finally:
+        stop(agent, writer)
+
+
+def count(db: Path, sql: str) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_an_alarm_is_stored_at_once_with_every_reading_held_before_it(running, tmp_path: Path) -> None:
+    agent, _ = running
+    now = time.time()
+    for value in (80.0, 60.0, 40.0):  # no alarm: held for the next transaction
+        agent.intake.add(Reading("pen1", "battery_percent", value, now))
+    until(lambda: agent.current.get(("pen1", "battery_percent")), what="the live view")
+    agent.intake.add(Reading("pen1", "battery_percent", 10.0, now))  # recorder_battery_low
+    db = tmp_path / "agent.db"
+    until(lambda: count(db, "SELECT COUNT(*) FROM alarms WHERE rule = 'recorder_battery_low'"), what="the alarm")
+    # committed in the alarm's transaction: a power cut after the alarm went out cannot lose what led to it
+    assert count(db, "SELECT COUNT(*) FROM readings WHERE metric = 'battery_percent'") == 4
+
+
+def test_held_readings_are_stored_when_the_agent_stops(running, tmp_path: Path) -> None:
+    agent, writer = running
+    agent.intake.add(Reading("pen1", "battery_percent", 80.0, time.time()))
+    until(lambda: agent.current.get(("pen1", "battery_percent")), what="the live view")
+    stop(agent, writer)
+    assert count(tmp_path / "agent.db", "SELECT COUNT(*) FROM readings WHERE metric = 'battery_percent'") == 1
+
+
+def test_unchanged_self_readings_are_stored_once_a_minute(tmp_path: Path) -> None:
+    agent = agent_in(tmp_path)
+    own = [Reading("host", "store_ok", 1.0, 0.0), Reading("host", "outbox_used_ratio", 0.001, 0.0)]
+    assert agent._own_changed(own, 100.0)  # the first
+    assert not agent._own_changed(own, 110.0)
+    same = [Reading("host", "store_ok", 1.0, 10.0), Reading("host", "outbox_used_ratio", 0.004, 10.0)]
+    assert not agent._own_changed(same, 120.0)  # the outbox's fill moved by less than a percent
+    assert agent._own_changed([Reading("host", "store_ok", 0.0, 20.0), own[1]], 130.0)  # a change: at once
+    assert not agent._own_changed([Reading("host", "store_ok", 0.0, 30.0), own[1]], 140.0)
+    assert agent._own_changed([Reading("host", "store_ok", 0.0, 40.0), own[1]], 130.0 + SELF_METRICS_KEEP)
