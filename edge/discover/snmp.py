@@ -85,10 +85,11 @@ class RateLimit:
 
     async def wait(self) -> None:
         async with self.lock:
-            now = time.monotonic()
-            if self.next > now:
-                await asyncio.sleep(self.next - now)
-            self.next = max(now, self.next) + self.gap
+            wait = self.next - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            # from the start that really happened: a late wake-up must not let the next start come sooner
+            self.next = time.monotonic() + self.gap
 
 
 @dataclass
