@@ -24,7 +24,12 @@ def test_readings_liveness_api_and_exporter(mosquitto, procs, tmp_path):
     # the agent's status names its devices' kinds: the county labels readings like the room does, and ages them
     # (the host's readings come on the host's own interval, maybe after the room's first readings)
     host = 'examwatch_memory_used_ratio{device="pi",kind="host",room="101",site="s1"}'
-    text = until(lambda: (t := gw.metrics()) if host in t else None, what="the room's host readings at the county")
+
+    def exported() -> str | None:
+        text = gw.metrics()
+        return text if host in text else None
+
+    text = until(exported, what="the room's host readings at the county")
     assert (
         'examwatch_reading_age_seconds{device="pi",kind="host",metric="memory_used_ratio",room="101",site="s1"}' in text
     )
