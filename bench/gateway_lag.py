@@ -219,7 +219,9 @@ def run(rooms: int, alarms: int, period: float, readings: int, publishers: int, 
         time.sleep(2.0)  # subscribed
         t0 = time.time() + 2.0
         first = t0 + warmup
-        schedule = [(first + k, room, f"{room}/link_down/sw1/{k}") for k, room in enumerate(random.choices(names, k=alarms))]
+        schedule = [
+            (first + k, room, f"{room}/link_down/sw1/{k}") for k, room in enumerate(random.choices(names, k=alarms))
+        ]
         stop_at = first + alarms + 2.0
         ctx = mp.get_context("fork")
         out = ctx.Queue()
