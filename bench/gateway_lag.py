@@ -26,7 +26,6 @@ import os
 import random
 import secrets
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -177,7 +176,7 @@ def watch(look: Any, seen: dict[str, float], stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             ids = look()
-        except Exception:  # noqa: BLE001 - a busy gateway or database: look again
+        except Exception:  # a busy gateway or database: look again
             ids = set()
         now = time.time()
         for alarm_id in ids:
