@@ -25,7 +25,6 @@ import multiprocessing as mp
 import os
 import random
 import secrets
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -42,13 +41,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from examwatch.gateway import store
 from examwatch.kernel import wire
 from examwatch.kernel.model import AlarmEvent, Reading
+from examwatch.simulators import postgres as pgserver
 from examwatch.simulators.broker import Mosquitto, free_port, wait_port
 
 EPOCH = 7
 HEARTBEAT = 30.0  # s, the agents' default
 POLL = 0.05  # s between looks at the API and the database
+SHARE_GROUP = "lag-7c1e5b0a93d2f6e4"  # a secret of the gateways' configs (docs/scaling.md)
 METRICS = ["ups_charge_percent", "link_rtt_seconds", "noise_db", "recording_active", "storage_used_ratio"]
 
 
@@ -127,22 +129,22 @@ def publisher(port: int, keys: dict[str, bytes], period: float, readings: int, s
 
 
 class Gateway:
-    def __init__(self, workdir: Path, broker_port: int, keys: dict[str, bytes]) -> None:
-        self.dir = workdir / "gateway"
+    """One gateway process (replica ``n`` of a share group when ``dsn`` is a PostgreSQL database)."""
+
+    def __init__(self, workdir: Path, broker_port: int, keys_file: Path, dsn: str = "", n: int = 1) -> None:
+        self.dir = workdir / f"gateway-{n}"
         self.dir.mkdir(parents=True)
-        keys_file = self.dir / "agent-keys"
-        fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(f"{room} {key.hex()}\n" for room, key in keys.items())
         self.api = free_port()
         self.config = self.dir / "gateway.toml"
+        replica = f'client_id = "gw-{n}"\nshare_group = "{SHARE_GROUP}"\n' if dsn else ""
+        backend = f'[store]\nbackend = "postgresql"\ndsn = "{dsn}"\n' if dsn else ""
         self.config.write_text(
-            f'[gateway]\nstate_dir = "{self.dir}"\n[broker]\nport = {broker_port}\n'
+            f'[gateway]\nstate_dir = "{self.dir}"\n[broker]\nport = {broker_port}\n{replica}'
             f'[exporter]\nlisten = "127.0.0.1:{free_port()}"\n'
             f'[api]\nlisten = "127.0.0.1:{self.api}"\ntoken = "t0ken"\n'
-            f'[security]\nkeys_file = "{keys_file}"\n'
+            f'[security]\nkeys_file = "{keys_file}"\n{backend}'
         )
-        self.db = self.dir / "gateway.db"
+        self.where: store.Where = store.Postgres(dsn) if dsn else self.dir / "gateway.db"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -150,7 +152,7 @@ class Gateway:
         with open(self.dir / "log", "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "examwatch", "gateway", "run", "--config",
                                           str(self.config)], cwd=root, stdout=log, stderr=log)  # fmt: skip
-        wait_port(self.api, 30)
+        wait_port(self.api, 60)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -164,9 +166,9 @@ class Gateway:
             return {a["id"] for a in json.loads(r.read())["alarms"]}
 
     def query(self, sql: str, *args: Any) -> list[Any]:
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
+        conn = store.connect(self.where, readonly=True)
         try:
-            return conn.execute(sql, args).fetchall()
+            return [tuple(r) for r in conn.execute(sql, list(args)).fetchall()]
         finally:
             conn.close()
 
@@ -185,19 +187,26 @@ def watch(look: Any, seen: dict[str, float], stop: threading.Event) -> None:
 
 
 class Usage:
-    """CPU seconds and peak RSS of a process over a window, sampled each second."""
+    """CPU seconds (of the processes and their children) and peak RSS (of the processes) over a window."""
 
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
+    def __init__(self, *pids: int) -> None:
+        self.procs = [psutil.Process(pid) for pid in pids]
         self.rss = 0
         self.cpu0 = self._cpu()
 
     def _cpu(self) -> float:
-        t = self.proc.cpu_times()
-        return t.user + t.system
+        total = 0.0
+        for p in self.procs:
+            for q in [p, *p.children(recursive=True)]:
+                try:
+                    t = q.cpu_times()
+                    total += t.user + t.system
+                except psutil.NoSuchProcess:
+                    pass
+        return total
 
     def sample(self) -> None:
-        self.rss = max(self.rss, self.proc.memory_info().rss)
+        self.rss = max(self.rss, sum(p.memory_info().rss for p in self.procs))
 
     def cpu(self) -> float:
         return self._cpu() - self.cpu0
@@ -206,81 +215,113 @@ class Usage:
 # --- one run --------------------------------------------------------------------------------------------------
 
 
-def run(rooms: int, alarms: int, period: float, readings: int, publishers: int, warmup: float) -> dict[str, Any]:
+def run(rooms: int, alarms: int, period: float, readings: int, publishers: int, warmup: float,
+        replicas: int) -> dict[str, Any]:  # fmt: skip
+    """``replicas`` 0: one gateway on SQLite; n: n replicas on one PostgreSQL."""
     with tempfile.TemporaryDirectory(prefix="examwatch-lag-") as tmp:
         work = Path(tmp)
         broker = Mosquitto(work / "broker")
         broker.start()
         names = room_names(rooms)
         keys = {r: secrets.token_bytes(32) for r in names}  # each room its own key
-        gw = Gateway(work, broker.port, keys)
-        gw.start()
-        time.sleep(2.0)  # subscribed
-        t0 = time.time() + 2.0
-        first = t0 + warmup
-        schedule = [
-            (first + k, room, f"{room}/link_down/sw1/{k}") for k, room in enumerate(random.choices(names, k=alarms))
-        ]
-        stop_at = first + alarms + 2.0
-        ctx = mp.get_context("fork")
-        out = ctx.Queue()
-        shares = [names[p::publishers] for p in range(publishers)]
-        procs = []
-        for share in shares:
-            mine = set(share)
-            args = (broker.port, {r: keys[r] for r in share}, period, readings, t0,
-                    [a for a in schedule if a[1] in mine], stop_at, out)  # fmt: skip
-            procs.append(ctx.Process(target=publisher, args=args))
-        for p in procs:
-            p.start()
-        assert gw.proc and broker.proc
-        usage = {"gateway": Usage(gw.proc.pid), "broker": Usage(broker.proc.pid)}
-        in_api: dict[str, float] = {}
-        in_db: dict[str, float] = {}
-        stop = threading.Event()
-        db_look = lambda: {r[0] for r in gw.query("SELECT id FROM alarms WHERE rule = 'link_down'")}  # noqa: E731
-        watchers = [threading.Thread(target=watch, args=(gw.api_alarms, in_api, stop), daemon=True),
-                    threading.Thread(target=watch, args=(db_look, in_db, stop), daemon=True)]  # fmt: skip
-        for w in watchers:
-            w.start()
-        measured_from = None
-        while time.time() < stop_at:
-            if measured_from is None and time.time() >= first:
-                measured_from = time.time()
-                usage = {"gateway": Usage(gw.proc.pid), "broker": Usage(broker.proc.pid)}
-            for u in usage.values():
-                u.sample()
-            time.sleep(1.0)
-        wall = time.time() - (measured_from or time.time())
-        cpu = {k: u.cpu() / wall for k, u in usage.items()}
-        results = [out.get(timeout=120) for _ in procs]
-        for p in procs:
-            p.join(30)
-        seqs: dict[str, int] = {}
-        sent_at: dict[str, float] = {}
-        late = 0.0
-        for s, a, lt in results:
-            seqs |= s
-            sent_at |= a
-            late = max(late, lt)
-        published = sum(seqs.values())
-        deadline = time.time() + 120  # let the gateway drain what the broker still holds
-        while time.time() < deadline and gw.query("SELECT COUNT(*) FROM ledger")[0][0] < published:
-            time.sleep(1.0)
-        time.sleep(2 * POLL + 0.5)
-        stop.set()
-        stored = dict(gw.query("SELECT agent, COUNT(*) FROM ledger WHERE epoch = ? GROUP BY agent", EPOCH))
-        # the ledger's key is (agent, epoch, seq): a room's count below its last seq is that many lost
-        lost = sum(max(0, seqs[r] - stored.get(r, 0)) for r in seqs)
-        for u in usage.values():
+        keys_file = work / "agent-keys"
+        fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(f"{room} {key.hex()}\n" for room, key in keys.items())
+        server = None
+        if replicas:
+            server = pgserver.Postgres()
+            server.init()
+            server.start()
+            dsn = server.new_database()
+            gws = [Gateway(work, broker.port, keys_file, dsn, n) for n in range(1, replicas + 1)]
+        else:
+            gws = [Gateway(work, broker.port, keys_file)]
+        try:
+            for g in gws:
+                g.start()
+            r = _measure(broker, gws, server, names, keys, alarms, period, readings, publishers, warmup)
+        finally:
+            for g in gws:
+                g.stop()
+            broker.stop()
+            if server:
+                server.cleanup()
+    return r | {"rooms": rooms, "store": f"PostgreSQL, {replicas} replica(s)" if replicas else "SQLite"}
+
+
+def _measure(broker: Mosquitto, gws: list[Gateway], server: Any, names: list[str], keys: dict[str, bytes],
+             alarms: int, period: float, readings: int, publishers: int, warmup: float) -> dict[str, Any]:  # fmt: skip
+    time.sleep(2.0)  # subscribed
+    t0 = time.time() + 2.0
+    first = t0 + warmup
+    picked = random.choices(names, k=alarms)
+    schedule = [(first + k, room, f"{room}/link_down/sw1/{k}") for k, room in enumerate(picked)]
+    stop_at = first + alarms + 2.0
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    # the rooms that raise the alarms have a publisher of their own: lightly loaded, it publishes on time,
+    # whereas the bulk's publishers may queue in their MQTT client on a loaded machine ("behind" below)
+    alarming = sorted(set(picked))
+    others = [r for r in names if r not in set(alarming)]
+    shares = [alarming, *(others[p::publishers] for p in range(publishers))]
+    procs = []
+    for share in shares:
+        mine = set(share)
+        args = (broker.port, {r: keys[r] for r in share}, period, readings, t0,
+                [a for a in schedule if a[1] in mine], stop_at, out)  # fmt: skip
+        procs.append(ctx.Process(target=publisher, args=args))
+    for p in procs:
+        p.start()
+    assert broker.proc and all(g.proc for g in gws)
+
+    def usage() -> dict[str, Usage]:
+        pids = {"gateway": [g.proc.pid for g in gws if g.proc], "broker": [broker.proc.pid if broker.proc else 0]}
+        if server:
+            pids["postgresql"] = [int((server.data / "postmaster.pid").read_text().split()[0])]
+        return {k: Usage(*v) for k, v in pids.items()}
+
+    in_api: dict[str, float] = {}
+    in_db: dict[str, float] = {}
+    stop = threading.Event()
+    gw = gws[-1]  # any replica serves the API from the shared database
+    db_look = lambda: {r[0] for r in gw.query("SELECT id FROM alarms WHERE rule = 'link_down'")}  # noqa: E731
+    watchers = [threading.Thread(target=watch, args=(gw.api_alarms, in_api, stop), daemon=True),
+                threading.Thread(target=watch, args=(db_look, in_db, stop), daemon=True)]  # fmt: skip
+    for w in watchers:
+        w.start()
+    while time.time() < first:
+        time.sleep(0.2)
+    measured_from, use = time.time(), usage()
+    while time.time() < stop_at:
+        for u in use.values():
             u.sample()
-        gw.stop()
-        broker.stop()
+        time.sleep(1.0)
+    wall = time.time() - measured_from
+    cpu = {k: u.cpu() / wall for k, u in use.items()}
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    seqs: dict[str, int] = {}
+    sent_at: dict[str, float] = {}
+    late = 0.0
+    for s, a, lt in results:
+        seqs |= s
+        sent_at |= a
+        late = max(late, lt)
+    published = sum(seqs.values())
+    rate = published / (stop_at - t0)  # what the rooms sent, readings and alarms (statuses aside)
+    deadline = time.time() + 120  # let the gateway drain what the broker still holds
+    while time.time() < deadline and gw.query("SELECT COUNT(*) FROM ledger")[0][0] < published:
+        time.sleep(1.0)
+    time.sleep(2 * POLL + 0.5)
+    stop.set()
+    stored = dict(gw.query("SELECT agent, COUNT(*) FROM ledger WHERE epoch = ? GROUP BY agent", EPOCH))
+    # the ledger's key is (agent, epoch, seq): a room's count below its last seq is that many lost
+    lost = sum(max(0, seqs[r] - stored.get(r, 0)) for r in seqs)
     lag_api = sorted(in_api[a] - t for a, t in sent_at.items() if a in in_api)
     lag_db = sorted(in_db[a] - t for a, t in sent_at.items() if a in in_db)
     return {
-        "rooms": rooms,
-        "msgs_per_s": rooms / period + 1,
         "alarms": len(sent_at),
         "api": lag_api,
         "db": lag_db,
@@ -288,8 +329,9 @@ def run(rooms: int, alarms: int, period: float, readings: int, publishers: int, 
         "published": published,
         "lost": lost,
         "late": late,
+        "rate": rate,
         "cpu": cpu,
-        "rss": {k: u.rss for k, u in usage.items()},
+        "rss": {k: u.rss for k, u in use.items()},
     }
 
 
@@ -303,33 +345,40 @@ def row(r: dict[str, Any]) -> str:
     def lag(v: list[float]) -> str:
         return f"{pct(v, 0.5) * 1000:.0f} / {pct(v, 0.99) * 1000:.0f} / {max(v, default=float('nan')) * 1000:.0f}"
 
-    mib = lambda b: b / 2**20  # noqa: E731
+    def use(what: str) -> str:
+        rss = r["rss"].get(what, 0) / 2**20
+        return (
+            f"{r['cpu'][what]:.0%}" + (f" / {rss:.0f} MiB" if what != "postgresql" else "") if what in r["cpu"] else "-"
+        )
+
     return (
-        f"| {r['rooms']:,} | {r['msgs_per_s']:,.0f} | {r['alarms']} | {lag(r['api'])} | {lag(r['db'])} "
-        f"| {r['lost']} of {r['published']:,} | {r['cpu']['gateway']:.0%} / {mib(r['rss']['gateway']):.0f} MiB "
-        f"| {r['cpu']['broker']:.0%} / {mib(r['rss']['broker']):.0f} MiB | {r['late']:.2f} s |"
+        f"| {r['store']} | {r['rooms']:,} | {r['rate']:,.0f} | {r['alarms']} | {lag(r['api'])} | {lag(r['db'])} "
+        f"| {r['lost']} of {r['published']:,} | {use('gateway')} | {use('broker')} | {use('postgresql')} "
+        f"| {r['late']:.1f} s |"
     )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rooms", default="1000,10000", help="comma-separated room counts, one run each")
+    p.add_argument("--replicas", default="0", help="comma-separated: 0 = one gateway on SQLite, n = n on PostgreSQL")
     p.add_argument("--alarms", type=int, default=60, help="alarms per run, one a second")
     p.add_argument("--period", type=float, default=5.0, help="s between a room's readings messages")
     p.add_argument("--readings", type=int, default=10, help="readings per message")
-    p.add_argument("--publishers", type=int, default=2, help="processes simulating the rooms")
+    p.add_argument("--publishers", type=int, default=2, help="processes simulating the rooms (beside the alarms')")
     p.add_argument("--warmup", type=float, default=15.0, help="s of readings before the first alarm")
     a = p.parse_args()
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; period {a.period:g} s, "
-          f"{a.readings} readings/message, {a.publishers} publisher processes; store SQLite")  # fmt: skip
-    print("| rooms | msgs/s | alarms | API lag p50 / p99 / max ms | DB lag p50 / p99 / max ms | lost "
-          "| gateway CPU / RSS | broker CPU / RSS | publisher behind |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n in (int(x) for x in a.rooms.split(",")):
-        r = run(n, a.alarms, a.period, a.readings, a.publishers, a.warmup)
-        print(row(r), flush=True)
-        if r["unseen"]:
-            print(f"  {r['unseen']} alarms never seen in the API", flush=True)
+          f"{a.readings} readings/message, {a.publishers} publisher processes")  # fmt: skip
+    print("| store | rooms | msgs/s | alarms | API lag p50 / p99 / max ms | DB lag p50 / p99 / max ms | lost "
+          "| gateway CPU / RSS | broker CPU / RSS | PostgreSQL CPU | publishers behind |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for replicas in (int(x) for x in a.replicas.split(",")):
+        for n in (int(x) for x in a.rooms.split(",")):
+            r = run(n, a.alarms, a.period, a.readings, a.publishers, a.warmup, replicas)
+            print(row(r), flush=True)
+            if r["unseen"]:
+                print(f"  {r['unseen']} alarms never seen in the API", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
