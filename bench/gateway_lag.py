@@ -299,6 +299,8 @@ def _measure(broker: Mosquitto, gws: list[Gateway], server: Any, names: list[str
         time.sleep(1.0)
     wall = time.time() - measured_from
     cpu = {k: u.cpu() / wall for k, u in use.items()}
+    window = (measured_from, measured_from + wall)
+    taken = gw.query("SELECT COUNT(*) FROM ledger WHERE received >= ? AND received < ?", *window)[0][0]
     results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
@@ -330,6 +332,7 @@ def _measure(broker: Mosquitto, gws: list[Gateway], server: Any, names: list[str
         "lost": lost,
         "late": late,
         "rate": rate,
+        "cost": cpu["gateway"] * wall / max(1, taken),  # gateway CPU s per message received in the window
         "cpu": cpu,
         "rss": {k: u.rss for k, u in use.items()},
     }
@@ -353,7 +356,8 @@ def row(r: dict[str, Any]) -> str:
 
     return (
         f"| {r['store']} | {r['rooms']:,} | {r['rate']:,.0f} | {r['alarms']} | {lag(r['api'])} | {lag(r['db'])} "
-        f"| {r['lost']} of {r['published']:,} | {use('gateway')} | {use('broker')} | {use('postgresql')} "
+        f"| {r['lost']} of {r['published']:,} | {use('gateway')} | {r['cost'] * 1000:.2f} ms "
+        f"| {use('broker')} | {use('postgresql')} "
         f"| {r['late']:.1f} s |"
     )
 
@@ -371,8 +375,9 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; period {a.period:g} s, "
           f"{a.readings} readings/message, {a.publishers} publisher processes")  # fmt: skip
     print("| store | rooms | msgs/s | alarms | API lag p50 / p99 / max ms | DB lag p50 / p99 / max ms | lost "
-          "| gateway CPU / RSS | broker CPU / RSS | PostgreSQL CPU | publishers behind |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| gateway CPU / RSS | gateway CPU per message | broker CPU / RSS | PostgreSQL CPU "
+          "| publishers behind |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for replicas in (int(x) for x in a.replicas.split(",")):
         for n in (int(x) for x in a.rooms.split(",")):
             r = run(n, a.alarms, a.period, a.readings, a.publishers, a.warmup, replicas)
