@@ -9,6 +9,7 @@ From the roster (one row per room, columns in ``COLUMNS``, documented in docs/de
     DIR/county/examwatch.passwd             the county broker's password file (mosquitto_passwd format)
     DIR/county/examwatch.acl                its ACL, by deploy/mosquitto/make-acl.sh's rules
     DIR/county/gateway.password             the gateway's own broker password
+    DIR/county/gateway-<n>.password         with ``replicas`` > 1: replica n's (user examwatch-gateway-<n>)
 
 Every secret is owner-only (0600). A file is written only when its content changes, so a second run changes
 nothing; ``rotate`` gives one room a new signing key, in its key file and in the gateway's roster. A roster
@@ -37,6 +38,7 @@ ROSTER_MAX_BYTES = 2_000_000
 ROOMS_MAX = 5000
 DEVICES_MAX = 64  # per room
 GATEWAY_USER = "examwatch-gateway"
+REPLICAS_MAX = 64  # make-acl.sh's bound
 KEY_ON_PI = "/etc/examwatch/agent.key"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HOST = re.compile(r"[A-Za-z0-9_.:-]{0,253}")
@@ -88,7 +90,14 @@ class Plan:
 # --- the roster (pure) --------------------------------------------------------------------------------------
 
 
-def parse_roster(text: str) -> list[Room]:
+def gateway_users(replicas: int = 1) -> list[str]:
+    """make-acl.sh's readers: the gateway's user, then replica n's ``<gateway>-<n>`` (docs/scaling.md)."""
+    if not 1 <= replicas <= REPLICAS_MAX:
+        raise PlanError(f"replicas {replicas}: expected 1 to {REPLICAS_MAX}")
+    return [GATEWAY_USER, *(f"{GATEWAY_USER}-{n}" for n in range(2, replicas + 1))]
+
+
+def parse_roster(text: str, replicas: int = 1) -> list[Room]:
     if len(text) > ROSTER_MAX_BYTES:
         raise PlanError(f"roster: larger than {ROSTER_MAX_BYTES} bytes")
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))  # Excel writes a BOM
@@ -100,7 +109,7 @@ def parse_roster(text: str) -> list[Room]:
     rooms: list[Room] = []
     errors: list[str] = []
     seen: set[str] = set()
-    users = {GATEWAY_USER: "the gateway"}
+    users = {u: f"gateway replica {n}" if n > 1 else "the gateway" for n, u in enumerate(gateway_users(replicas), 1)}
     for row in reader:
         line = reader.line_num
         if len(rooms) >= ROOMS_MAX:
@@ -165,10 +174,10 @@ def agent_config(room: Room, broker: tuple[str, int, bool], password: str, sched
     return text + (f"\n{schedule.strip()}\n" if schedule.strip() else "")
 
 
-def acl(rooms: list[Room]) -> str:
-    """deploy/mosquitto/make-acl.sh's output for these rooms: each writes only its own topics, the gateway reads."""
+def acl(rooms: list[Room], replicas: int = 1) -> str:
+    """make-acl.sh --replicas N's output: each room writes only its own topics, the gateway and replicas read."""
     blocks = "".join(f"user {r.user}\ntopic write examwatch/v1/{r.agent_id}/#\n\n" for r in rooms)
-    return f"{blocks}user {GATEWAY_USER}\ntopic read examwatch/v1/#\n"
+    return blocks + "\n".join(f"user {u}\ntopic read examwatch/v1/#\n" for u in gateway_users(replicas))
 
 
 def hash_password(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
@@ -209,9 +218,11 @@ def _valid_key(text: str) -> bool:
     return True
 
 
-def plan(roster: str, out: Path, broker: tuple[str, int, bool], rotate: str = "", schedule: str = "") -> Plan:
+def plan(
+    roster: str, out: Path, broker: tuple[str, int, bool], rotate: str = "", schedule: str = "", replicas: int = 1
+) -> Plan:
     """Write (or confirm) every file for ``roster`` under ``out``; see the module's docstring."""
-    rooms = parse_roster(roster)
+    rooms = parse_roster(roster, replicas)
     if rotate and rotate not in {r.agent_id for r in rooms}:
         raise PlanError(f"--rotate {rotate}: no such room in the roster (expected <site>/<room>)")
     result = Plan(rooms)
@@ -234,12 +245,14 @@ def plan(roster: str, out: Path, broker: tuple[str, int, bool], rotate: str = ""
             home / "agent.toml": agent_config(r, broker, password, schedule),
         }
     county = out / "county"
-    passwords[GATEWAY_USER], _ = _secret(county / "gateway.password", secrets.token_urlsafe(24))
+    for user in gateway_users(replicas):
+        path = county / f"{user.replace(GATEWAY_USER, 'gateway', 1)}.password"
+        passwords[user], _ = _secret(path, secrets.token_urlsafe(24))
+        files[path] = passwords[user] + "\n"
     files |= {
         county / "agent-keys": "".join(keys),
-        county / "gateway.password": passwords[GATEWAY_USER] + "\n",
         county / "examwatch.passwd": _passwd(county / "examwatch.passwd", passwords),
-        county / "examwatch.acl": acl(rooms),
+        county / "examwatch.acl": acl(rooms, replicas),
     }
     _check_configs(rooms, files, out)
     for path, text in files.items():

@@ -183,7 +183,7 @@ def _site_plan(args: argparse.Namespace) -> int:
     try:
         roster = Path(args.roster).read_bytes()[: siteplan.ROSTER_MAX_BYTES + 1].decode("utf-8")
         schedule = Path(args.schedule).read_text(encoding="utf-8")[:1_000_000] if args.schedule else ""
-        result = siteplan.plan(roster, Path(args.out), (host, number, tls), args.rotate, schedule)
+        result = siteplan.plan(roster, Path(args.out), (host, number, tls), args.rotate, schedule, args.replicas)
     except (OSError, UnicodeDecodeError) as err:
         print(f"{args.roster}: {err}", file=sys.stderr)
         return 2
@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     site_plan.add_argument("--out", required=True, help="folder for the files (kept keys are read back from it)")
     site_plan.add_argument("--broker", required=True, help="the county broker as the rooms reach it: HOST[:PORT]")
     site_plan.add_argument("--no-tls", action="store_true", help="plain MQTT (a test bench only; default TLS)")
+    site_plan.add_argument(
+        "--replicas", type=int, default=1, help="gateway replicas: broker users examwatch-gateway, -2 ... -N"
+    )
     site_plan.add_argument("--rotate", default="", metavar="SITE/ROOM", help="give this room a new signing key")
     site_plan.add_argument(
         "--schedule", default="", help="a TOML file with the county's [schedule], put in every config"

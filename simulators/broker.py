@@ -71,10 +71,13 @@ class CountyBroker(Mosquitto):
     """The county broker exactly as deploy/mosquitto/examwatch.conf sets it up, on loopback without TLS.
 
     The TLS listener is left out (its certificates are the site's); every other line is the example's,
-    with the password file made by mosquitto_passwd from ``users`` and the ACL by make-acl.sh from ``rooms``.
+    with the password file made by mosquitto_passwd from ``users`` and the ACL by make-acl.sh from ``rooms``
+    (and ``replicas``: the gateway replicas' users, make-acl.sh --replicas).
     """
 
-    def __init__(self, workdir: Path, users: dict[str, str], rooms: list[str], port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, users: dict[str, str], rooms: list[str], port: int | None = None, replicas: int = 1
+    ) -> None:
         super().__init__(workdir, port)
         self.workdir.chmod(0o755)
         keys, passwd, acl = self.workdir / "agent-keys", self.workdir / "passwd", self.workdir / "acl"
@@ -83,7 +86,10 @@ class CountyBroker(Mosquitto):
         for user, password in users.items():
             subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
         made = subprocess.run(
-            ["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), str(keys)], check=True, capture_output=True, text=True
+            ["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), "--replicas", str(replicas), str(keys)],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         acl.write_text(made.stdout)
         self.conf.write_text(county_conf(COUNTY_CONF.read_text(), self.port, self.workdir, passwd, acl))

@@ -112,6 +112,32 @@ def test_the_acl_is_make_acl_shs_and_the_gateway_accepts_the_keys_file(tmp_path:
     assert len(keys) == 60 and keys["xx-3/secrecy"].hex() == (out / "rooms/xx-3/secrecy/agent.key").read_text().strip()
 
 
+def test_replicas_get_make_acl_shs_users_and_their_own_passwords_and_no_room_may_take_their_names(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "plan"
+    assert run(out, "--replicas", "3").returncode == 0
+    made = subprocess.run(
+        ["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), "--replicas", "3", str(out / "county/agent-keys")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert (out / "county/examwatch.acl").read_text() == made.stdout
+    passwords = [
+        (out / f"county/{name}.password").read_text().strip() for name in ("gateway", "gateway-2", "gateway-3")
+    ]
+    assert len(set(passwords)) == 3
+    users = [line.split(":")[0] for line in (out / "county/examwatch.passwd").read_text().splitlines()]
+    assert users[-3:] == ["examwatch-gateway", "examwatch-gateway-2", "examwatch-gateway-3"]
+    again = run(out, "--replicas", "3")
+    assert again.returncode == 0 and "没有文件需要改动" in again.stdout, again.stdout
+    with pytest.raises(
+        siteplan.PlanError, match="examwatch/gateway-2 would log in as examwatch-gateway-2, like gateway"
+    ):
+        siteplan.parse_roster(HEADER + "examwatch,gateway-2,exam_room,a,b,,\n", replicas=2)
+    assert len(siteplan.parse_roster(HEADER + "examwatch,gateway-2,exam_room,a,b,,\n")) == 1
+    assert run(tmp_path / "bad", "--replicas", "65").returncode == 2
+
+
 def test_a_real_mosquitto_loads_the_plan_and_lets_a_room_write_only_its_own_topics(tmp_path: Path) -> None:
     out = tmp_path / "plan"
     assert run(out).returncode == 0
