@@ -35,7 +35,7 @@ def replicas(tmp_path, port: int, dsn: str, roster: list[str], n: int = 3) -> li
             port,
             roster,
             extra=f'[store]\nbackend = "postgresql"\ndsn = "{dsn}"\n',
-            broker=f'client_id = "gw{i}"\nshare_group = "county"',
+            broker=f'client_id = "gw{i}"\nshare_group = "county-3b9f0e27c4a1"',
             name=f"gw{i}",
         )
         for i in range(n)
