@@ -8,6 +8,11 @@ from typing import Any
 
 from examwatch.gateway.store import Db, dicts, insert_note, transaction, with_timelines
 
+
+class NotLeading(RuntimeError):
+    """This gateway is a follower replica: incidents are the leader's to close."""
+
+
 # --- the records (gateway/records/) ---
 
 

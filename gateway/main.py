@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import sdnotify
 import structlog
 
-from examwatch.gateway import acklink, replica, store
+from examwatch.gateway import acklink, duty, replica, store
 from examwatch.gateway import config as gwconfig
 from examwatch.gateway.api import ApiServer
 from examwatch.gateway.exporter import GatewayCollector, serve
@@ -26,10 +26,6 @@ from examwatch.kernel.config import ConfigError
 
 log = structlog.get_logger("examwatch.gateway")
 T = TypeVar("T")
-
-
-class NotLeading(RuntimeError):
-    """This replica follows: incidents are the leader's to close."""
 
 
 class Gateway:
@@ -126,7 +122,7 @@ class Gateway:
         """From an API thread: the ingest loop, the incidents' one writer, closes it (Engine.close_incident).
         A follower replica does not judge incidents: the leader's desk closes them (NotLeading)."""
         if not self.leading():
-            raise NotLeading(incident_id)
+            raise duty.NotLeading(incident_id)
         done: Future[bool] = Future()
         self.requests.put((lambda: self.engine.close_incident(incident_id, who, note, time.time()), done))
         return done.result(timeout=10)  # TimeoutError: the loop is stuck (the watchdog sees to that)

@@ -215,8 +215,8 @@ def agents(conn: Db) -> list[dict[str, Any]]:
 def latest(conn: Db) -> list[Any]:
     """(agent, device, metric, value, ts) as plain tuples: a county's scrape reads 100k+ (sqlite3.Row costs more)."""
     sql = "SELECT agent, device, metric, value, ts FROM latest"
-    if isinstance(conn, sqlite3.Connection):
-        cur = conn.cursor()
+    if dialect(conn) == "sqlite":
+        cur = conn.cursor()  # type: ignore[attr-defined]
         cur.row_factory = None
         return cur.execute(sql).fetchall()  # in key order: the table is WITHOUT ROWID
     return conn.execute(sql + " ORDER BY agent, device, metric").fetchall()  # the exporter groups by device

@@ -296,6 +296,24 @@ def test_answers_go_out_at_once_on_kept_alive_connections(desk_server):
     c.close()
 
 
+def test_a_follower_replica_refers_closing_to_the_leader(desk_server):
+    """Incidents are the leader's to judge: a follower's desk says so instead of closing (or claiming none)."""
+    from examwatch.gateway import duty
+
+    server, _ = desk_server
+
+    def follower_close(incident_id: str, who: str, note: str) -> bool:
+        raise duty.NotLeading(incident_id)
+
+    server.close_incident = follower_close
+    desk = DeskClient(server.server_address[1])
+    assert desk.login("值班员") == 200
+    assert desk.call("POST", "/desk/api/close", {"id": "s1/power/1", "note": "已恢复"}) == (
+        503,
+        {"error": "本网关为备用副本，请在主网关上关闭事件"},
+    )
+
+
 def test_the_reports_route_hands_the_request_to_the_records(desk_server, monkeypatch):
     """The agreed interface: records.render_and_store(conn, form, incident, day, fmt, who) -> (name, type, bytes)."""
     server, _ = desk_server

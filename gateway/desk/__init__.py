@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from examwatch.gateway import auth, store
+from examwatch.gateway import auth, duty, store
 from examwatch.gateway.desk import views
 from examwatch.gateway.params import BadRequest, Forbidden, NotFound, Unauthorized
 from examwatch.gateway.routes import body, query, read, server, write
@@ -172,7 +172,7 @@ async def _stream(request: Request, sid: str | None) -> Any:
         while not srv.stopping.is_set() and time.monotonic() - started < STREAM_SECONDS:
             if srv.auth.session(sid, time.time()) is None:
                 break  # logged out or expired (a client that left is cancelled by Starlette)
-            now_version = store.change_mark(conn)  # changes with every commit
+            now_version = await run_in_threadpool(store.change_mark, conn)  # a round trip on PostgreSQL
             if now_version != version or time.monotonic() - sent > 15:
                 version = now_version
                 state = await run_in_threadpool(views.state, conn, srv.roster, srv.secrecy, time.time())
@@ -251,7 +251,7 @@ async def close(request: Request) -> Response:
         closed = await run_in_threadpool(srv.close_incident, c.id, s.user, c.note.strip())
     except TimeoutError:
         return JSONResponse({"error": "网关繁忙，请稍后再试"}, 503)
-    except RuntimeError:  # main.NotLeading: a follower replica
+    except duty.NotLeading:
         return JSONResponse({"error": "本网关为备用副本，请在主网关上关闭事件"}, 503)
     if not closed:
         raise NotFound("没有这个未关闭的事件")
