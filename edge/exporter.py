@@ -58,10 +58,11 @@ class AgentCollector(Collector):
 
         families: dict[str, GaugeMetricFamily] = {}
         age = GaugeMetricFamily(
-            "examwatch_reading_age_seconds",
-            "seconds since the metric was last read",
-            labels=["site", "room", "device", "kind", "metric"],
+            "examwatch_device_reading_age_seconds",
+            "seconds since the device's newest reading",
+            labels=["site", "room", "device", "kind"],
         )
+        newest: dict[tuple[str, str], float] = {}  # (device, kind) -> its newest reading's time
         for r in list(a.current.values()):
             fam = families.get(r.metric)
             if fam is None:
@@ -71,7 +72,9 @@ class AgentCollector(Collector):
                 )
             kind = kinds.get(base_device(r.device), "host")
             fam.add_metric([site, room, r.device, kind], r.value)
-            age.add_metric([site, room, r.device, kind, r.metric], max(0.0, now - r.ts))
+            newest[(r.device, kind)] = max(r.ts, newest.get((r.device, kind), r.ts))
+        for (device, device_kind), ts in newest.items():
+            age.add_metric([site, room, device, device_kind], max(0.0, now - ts))
         yield from families.values()
         yield age
 

@@ -343,6 +343,11 @@ class Rows:
                 [(agent, device, kind) for agent, kinds in self.devices.items() for device, kind in kinds.items()],
             ),
             (
+                "INSERT INTO marks (name, value) VALUES ('devices', 1) "
+                "ON CONFLICT (name) DO UPDATE SET value = marks.value + 1",
+                [()] if self.devices else [],
+            ),
+            (
                 (
                     "INSERT INTO epochs (agent, epoch, rank, floor_seq) VALUES (?,?,?,?) ON CONFLICT (agent, epoch) "
                     "DO UPDATE SET floor_seq = excluded.floor_seq WHERE excluded.floor_seq > epochs.floor_seq"

@@ -76,6 +76,13 @@ CREATE TABLE IF NOT EXISTS notify_timeline (/*rowid*/ thread TEXT NOT NULL, at R
 CREATE INDEX IF NOT EXISTS notify_timeline_thread ON notify_timeline (thread, at);
 """,
     ),
+    (
+        3,
+        "a counter per table whose every change a reader must notice cheaply (the exporter: devices' kinds)",
+        """
+CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+""",
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -213,19 +213,53 @@ def agents(conn: Db) -> list[dict[str, Any]]:
 
 
 def latest(conn: Db) -> list[Any]:
-    """(agent, device, metric, value, ts) as plain tuples: a county's scrape reads 100k+ (sqlite3.Row costs more)."""
-    sql = "SELECT agent, device, metric, value, ts FROM latest"
+    """(agent, device, metric, value, ts) as plain tuples, in key order (the exporter groups by device)."""
+    return _tuples(conn, "SELECT agent, device, metric, value, ts FROM latest" + _KEY_ORDER[dialect(conn)])
+
+
+def latest_values(conn: Db) -> list[Any]:
+    """(value, ts) of every ``latest`` row, in the same order as ``latest``: a scrape that knows the keys."""
+    return _tuples(conn, "SELECT value, ts FROM latest" + _KEY_ORDER[dialect(conn)])
+
+
+def latest_count(conn: Db) -> int:
+    """How many ``latest`` rows. Rows are only ever added (a value replaces its key's), so in one snapshot an
+    unchanged count is an unchanged set of keys."""
+    return int(conn.execute("SELECT count(*) FROM latest").fetchone()[0])
+
+
+def mark(conn: Db, name: str) -> int:
+    """The counter ``name`` of table ``marks`` (0 until first counted): it moves with every change of that data."""
+    row = conn.execute("SELECT value FROM marks WHERE name = ?", [name]).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+_KEY_ORDER = {"sqlite": "", "postgresql": " ORDER BY agent, device, metric"}  # SQLite's: the table is WITHOUT ROWID
+
+
+@contextmanager
+def snapshot(conn: Db) -> Iterator[Db]:
+    """Several reads that see one state of the database (the connections are in autocommit mode)."""
+    conn.execute("BEGIN" if dialect(conn) == "sqlite" else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
+
+
+def _tuples(conn: Db, sql: str) -> list[Any]:
+    """The rows as plain tuples: a scrape reads 100k+ of them (sqlite3.Row costs more)."""
     if dialect(conn) == "sqlite":
         cur = conn.cursor()  # type: ignore[attr-defined]
         cur.row_factory = None
-        return cur.execute(sql).fetchall()  # in key order: the table is WITHOUT ROWID
-    return conn.execute(sql + " ORDER BY agent, device, metric").fetchall()  # the exporter groups by device
+        return cur.execute(sql).fetchall()
+    return conn.execute(sql).fetchall()
 
 
 def device_kinds(conn: Db) -> dict[str, dict[str, str]]:
     """Per agent, its devices' kinds as its status last named them."""
     out: dict[str, dict[str, str]] = {}
-    for agent, device, kind in conn.execute("SELECT agent, device, kind FROM devices"):
+    for agent, device, kind in _tuples(conn, "SELECT agent, device, kind FROM devices"):
         out.setdefault(agent, {})[device] = kind
     return out
 

@@ -100,6 +100,11 @@ def test_door_opening_inside_a_permitted_window_raises_nothing(start_agent):
     agent = start_agent(room_kind="secrecy_room", windows=[(-10, 20)])
     agent.publish("z2m/door", {"contact": False})
     assert until(lambda: 'examwatch_door_open{device="door",kind="door",room="r1",site="s1"} 1.0' in agent.metrics(), 2)
+    # one age per device (its newest reading), not per metric
+    ages = [line for line in agent.metrics().splitlines() if line.startswith("examwatch_device_reading_age_seconds{")]
+    assert [line.split(" ")[0] for line in ages if 'device="door"' in line] == [
+        'examwatch_device_reading_age_seconds{device="door",kind="door",room="r1",site="s1"}'
+    ]
     assert start_agent.watcher.wait(lambda e: e.rule == "secrecy_door_open", timeout=1.5) is None
     assert not agent.alarm_exported("secrecy_door_open", 2)
 

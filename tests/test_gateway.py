@@ -30,9 +30,7 @@ def test_readings_liveness_api_and_exporter(mosquitto, procs, tmp_path):
         return text if host in text else None
 
     text = until(exported, what="the room's host readings at the county")
-    assert (
-        'examwatch_reading_age_seconds{device="pi",kind="host",metric="memory_used_ratio",room="101",site="s1"}' in text
-    )
+    assert 'examwatch_device_reading_age_seconds{device="pi",kind="host",room="101",site="s1"}' in text
     assert 'examwatch_gateway_agent_phase{phase="idle",room="101",site="s1"} 1.0' in text  # no session configured
     assert 'examwatch_gateway_rejected_total{reason="forged",room="102",site="s1"} 0.0' in text
     assert 'examwatch_gateway_agent_up{room="102",site="s1"} 1.0' in text

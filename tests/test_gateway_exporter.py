@@ -87,6 +87,7 @@ def test_readings_carry_kind_unit_and_age_by_the_rooms_clock(tmp_path):
                 1,
                 [
                     Reading("ups1", "ups_charge_percent", 80.0, T0 - 10),
+                    Reading("ups1", "power_on_battery", 0.0, T0 - 40),  # read earlier: the device's age is its newest
                     Reading("sw1/port3", "link_up", 1.0, T0 - 20),
                     Reading("odd", "door_open", 0.0, T0 - 30),
                 ],
@@ -101,11 +102,11 @@ def test_readings_carry_kind_unit_and_age_by_the_rooms_clock(tmp_path):
     assert got["examwatch_link_up"] == {labels(site="s1", room="101", device="sw1/port3", kind="switch"): 1.0}
     assert got["examwatch_door_open"] == {labels(site="s1", room="101", device="odd", kind=""): 0.0}
     assert got["examwatch_noise_db"] == {labels(site="s1", room="102", device="noise", kind=""): 55.0}
-    assert got["examwatch_reading_age_seconds"] == {
-        labels(site="s1", room="101", device="ups1", kind="ups", metric="ups_charge_percent"): 110.0,
-        labels(site="s1", room="101", device="sw1/port3", kind="switch", metric="link_up"): 120.0,
-        labels(site="s1", room="101", device="odd", kind="", metric="door_open"): 130.0,
-        labels(site="s1", room="102", device="noise", kind="", metric="noise_db"): 105.0,
+    assert got["examwatch_device_reading_age_seconds"] == {
+        labels(site="s1", room="101", device="ups1", kind="ups"): 110.0,
+        labels(site="s1", room="101", device="sw1/port3", kind="switch"): 120.0,
+        labels(site="s1", room="101", device="odd", kind=""): 130.0,
+        labels(site="s1", room="102", device="noise", kind=""): 105.0,
     }
     h = helps(e, tmp_path)
     assert h["examwatch_ups_charge_percent"] == "UPS battery charge (percent)"
@@ -114,10 +115,8 @@ def test_readings_carry_kind_unit_and_age_by_the_rooms_clock(tmp_path):
     # The room's clock runs 30 s ahead: its readings are stamped by it, and their age is still true.
     e.ingest([kinds_status("s1/103", {"ups1": "ups"}, T0 + 130, T0 + 100)], T0 + 100)
     e.ingest([readings("s1/103", 1, [Reading("ups1", "ups_charge_percent", 90.0, T0 + 125)], T0 + 100)], T0 + 100)
-    age = scrape(e, tmp_path, T0 + 100)["examwatch_reading_age_seconds"]
-    assert age[labels(site="s1", room="103", device="ups1", kind="ups", metric="ups_charge_percent")] == pytest.approx(
-        5.0
-    )
+    age = scrape(e, tmp_path, T0 + 100)["examwatch_device_reading_age_seconds"]
+    assert age[labels(site="s1", room="103", device="ups1", kind="ups")] == pytest.approx(5.0)
 
     # A room that renames its devices replaces its kinds; they survive a gateway restart.
     e.ingest([kinds_status("s1/101", {"ups1": "ups"}, T0 + 200, T0 + 200, n=2)], T0 + 200)
@@ -229,9 +228,8 @@ def test_label_values_are_escaped_exactly(tmp_path):
     assert got["examwatch_battery_percent"] == {
         labels(site="s1", room="101", device=name, kind="recorder"): 50.0 + i for i, name in enumerate(HOSTILE)
     }
-    assert got["examwatch_reading_age_seconds"] == {
-        labels(site="s1", room="101", device=name, kind="recorder", metric="battery_percent"): 10.0 + i
-        for i, name in enumerate(HOSTILE)
+    assert got["examwatch_device_reading_age_seconds"] == {
+        labels(site="s1", room="101", device=name, kind="recorder"): 10.0 + i for i, name in enumerate(HOSTILE)
     }
     assert got["examwatch_alarm_active"] == {labels(site="s1", room="101", rule='规则"\\\n', level="1"): 1.0}
 
@@ -372,6 +370,40 @@ def test_one_collector_follows_the_writer_as_the_database_grows(tmp_path):
                 if s.name == "examwatch_ups_charge_percent":
                     got[(s.labels["site"] + "/" + s.labels["room"], s.labels["device"])] = s.value
         assert got == {(agent, f"ups{i}"): round_ * 1000.0 + i / 8 for agent in KEYS for i in range(200 * round_)}
+
+
+def test_a_kept_collector_writes_what_a_new_one_would_as_series_come_and_kinds_change(store_backend):
+    """The exporter keeps its series' labels between scrapes and reads only values while the keys and kinds hold:
+    after every kind of change (new values, a new metric of a device, a new device, a new room, kinds renamed by
+    a status) its page is byte for byte a new collector's, which reads everything."""
+    e = make(store_backend)
+    clock = [T0]
+    kept = GatewayCollector(store_backend, e.stats, clock=lambda: clock[0])
+
+    def same() -> str:
+        page = kept.render()
+        assert page == GatewayCollector(store_backend, e.stats, clock=lambda: clock[0]).render()
+        return page
+
+    e.ingest([kinds_status("s1/101", {"ups1": "ups", "sw1": "switch"}, T0, T0)], T0)
+    changes = [
+        ("s1/101", [Reading("ups1", "ups_charge_percent", 80.0, T0), Reading("sw1/p1", "link_up", 1.0, T0)]),
+        ("s1/101", [Reading("ups1", "ups_charge_percent", 70.0, T0 + 1), Reading("sw1/p1", "link_up", 0.0, T0 + 1)]),
+        ("s1/101", [Reading("ups1", "power_on_battery", 1.0, T0 + 2)]),  # a new metric of a device
+        ("s1/101", [Reading("sw1/p0", "link_up", 1.0, T0 + 3)]),  # a new device, sorted before the others
+        ("s1/102", [Reading("noise", "noise_db", 55.0, T0 + 4)]),  # a new room
+    ]
+    pages = [same()]
+    for seq, (agent, items) in enumerate(changes, start=1):
+        clock[0] = T0 + seq
+        e.ingest([readings(agent, seq, items, T0 + seq)], T0 + seq)
+        pages.append(same())
+    assert 'examwatch_ups_charge_percent{device="ups1",kind="ups",room="101",site="s1"} 70.0' in pages[2]
+    assert 'examwatch_link_up{device="sw1/p0",kind="switch",room="101",site="s1"} 1.0' in pages[4]
+    # the same keys, kinds renamed: every label of the room changes though no key did
+    e.ingest([kinds_status("s1/101", {"ups1": "ups", "sw1": "link"}, T0 + 9, T0 + 9, n=2)], T0 + 9)
+    assert 'examwatch_link_up{device="sw1/p0",kind="link",room="101",site="s1"} 1.0' in same()
+    assert len(set(pages)) == len(pages)
 
 
 def test_the_desks_room_view_shows_the_latest_readings(tmp_path):

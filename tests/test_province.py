@@ -216,7 +216,7 @@ def test_the_province_queries_every_countys_figures(province: Province) -> None:
     # the readings stay in the county: there, not here
     assert province.counties["county-a"].result("examwatch_battery_percent")
     assert p.result("examwatch_battery_percent") == []
-    assert p.result("examwatch_reading_age_seconds") == []
+    assert p.result("examwatch_device_reading_age_seconds") == []
 
 
 def test_the_provincial_gateway_shows_both_counties_and_takes_no_acknowledgement(province: Province) -> None:
