@@ -6,10 +6,12 @@ From the roster (one row per room, columns in ``COLUMNS``, documented in docs/de
     DIR/rooms/<site>/<room>/agent.key       its signing key (hex), kept on re-runs; /etc/examwatch/agent.key on the Pi
     DIR/rooms/<site>/<room>/mqtt.password   its county-broker password, kept on every re-run
     DIR/county/agent-keys                   the gateway's roster: "<site>/<room> <hex key>" ([security] keys_file)
-    DIR/county/examwatch.passwd             the county broker's password file (mosquitto_passwd format)
-    DIR/county/examwatch.acl                its ACL, by deploy/mosquitto/make-acl.sh's rules
+    DIR/county/dynamic-security.json        the county broker's users and roles (mosquitto's dynamic-security
+                                            plugin): each room publishes its own topics only and reads nothing;
+                                            the gateways read, and subscribe to no share group but theirs
     DIR/county/gateway.password             the gateway's own broker password
     DIR/county/gateway-<n>.password         with ``replicas`` > 1: replica n's (user examwatch-gateway-<n>)
+    DIR/county/share-group                  the replicas' share group (``share_group``), kept on re-runs
 
 Every secret is owner-only (0600). A file is written only when its content changes, so a second run changes
 nothing; ``rotate`` gives one room a new signing key, in its key file and in the gateway's roster. A roster
@@ -30,17 +32,23 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from examwatch.kernel import wire
+from examwatch.kernel.wire import TOPIC_ROOT as TOPICS
 
 COLUMNS = ("site", "room", "kind", "site_name", "room_name", "pi_host", "devices")
 ROSTER_MAX_BYTES = 2_000_000
 ROOMS_MAX = 5000
 DEVICES_MAX = 64  # per room
 GATEWAY_USER = "examwatch-gateway"
-REPLICAS_MAX = 64  # make-acl.sh's bound
+REPLICAS_MAX = 64
+DYNSEC = "dynamic-security.json"
+DYNSEC_MAX_BYTES = 50_000_000  # ours is ~1 kB a room; a kept file larger than this is not read back
+ITERATIONS = 101  # PBKDF2 rounds, mosquitto's own default: every room's login costs the broker this
 KEY_ON_PI = "/etc/examwatch/agent.key"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_GROUP = re.compile(r"[A-Za-z0-9_-]{1,64}")  # gateway/config.py's share_group
 _HOST = re.compile(r"[A-Za-z0-9_.:-]{0,253}")
 _DEVICE = re.compile(r"([a-z]+)=([a-z_]+):([^@\s]{1,200})(?:@([A-Za-z0-9_.-]{1,64}))?")
 
@@ -75,8 +83,8 @@ class Room:
         return f"{self.site}/{self.room}"
 
     @property
-    def user(self) -> str:  # the county broker's user (and client id): make-acl.sh's rule
-        return f"{self.site}-{self.room}"
+    def user(self) -> str:
+        return broker_user(self.agent_id)
 
 
 @dataclass
@@ -90,8 +98,13 @@ class Plan:
 # --- the roster (pure) --------------------------------------------------------------------------------------
 
 
+def broker_user(agent_id: str) -> str:
+    """A room's user (and client id) on the county broker: ``<site>-<room>``."""
+    return agent_id.replace("/", "-", 1)
+
+
 def gateway_users(replicas: int = 1) -> list[str]:
-    """make-acl.sh's readers: the gateway's user, then replica n's ``<gateway>-<n>`` (docs/scaling.md)."""
+    """The gateways' broker users: the gateway's, then replica n's ``<gateway>-<n>`` (docs/scaling.md)."""
     if not 1 <= replicas <= REPLICAS_MAX:
         raise PlanError(f"replicas {replicas}: expected 1 to {REPLICAS_MAX}")
     return [GATEWAY_USER, *(f"{GATEWAY_USER}-{n}" for n in range(2, replicas + 1))]
@@ -137,7 +150,7 @@ def parse_roster(text: str, replicas: int = 1) -> list[Room]:
         if not problems:
             if room.agent_id in seen:
                 problems.append(f"room {room.agent_id} listed twice")
-            elif room.user in users:  # make-acl.sh's rule: two rooms on one user could speak for each other
+            elif room.user in users:  # two rooms on one user could speak for each other
                 problems.append(f"{room.agent_id} would log in as {room.user}, like {users[room.user]}")
             seen.add(room.agent_id)
             users.setdefault(room.user, room.agent_id)
@@ -174,28 +187,58 @@ def agent_config(room: Room, broker: tuple[str, int, bool], password: str, sched
     return text + (f"\n{schedule.strip()}\n" if schedule.strip() else "")
 
 
-def acl(rooms: list[Room], replicas: int = 1) -> str:
-    """make-acl.sh --replicas N's output: each room writes only its own topics, the gateway and replicas read."""
-    blocks = "".join(f"user {r.user}\ntopic write examwatch/v1/{r.agent_id}/#\n\n" for r in rooms)
-    return blocks + "\n".join(f"user {u}\ntopic read examwatch/v1/#\n" for u in gateway_users(replicas))
+def dynamic_security(
+    rooms: list[str], passwords: dict[str, str], replicas: int, share_group: str, kept: dict[str, Any] | None = None
+) -> str:
+    """The county broker's dynamic-security file: a client per user in ``passwords``, a role per room.
+
+    Nothing is allowed but what a role grants. A room (``rooms``: agent ids) may publish under its own topics
+    and nothing else: no subscription at all, so no share group either. The gateways (and replicas) may
+    subscribe to the plain topics (a lone gateway, the leader's statuses) and to ``$share/<share_group>/``,
+    no other group, and receive what they subscribed to; they publish nothing. ``kept``: the previous file's
+    clients by user, whose salted hash stays while it still matches the password (a re-run changes nothing).
+    """
+    role_of = {broker_user(agent_id): f"room/{agent_id}" for agent_id in rooms}
+    role_of |= dict.fromkeys(gateway_users(replicas), "gateway")
+    allow = lambda kind, topic: {"acltype": kind, "topic": topic, "allow": True}  # noqa: E731
+    roles = [{"rolename": f"room/{a}", "acls": [allow("publishClientSend", f"{TOPICS}/{a}/#")]} for a in rooms]
+    roles.append({
+        "rolename": "gateway",
+        "acls": [
+            allow("subscribePattern", f"{TOPICS}/#"),
+            *([allow("subscribePattern", f"$share/{share_group}/{TOPICS}/#")] if share_group else []),
+            allow("publishClientReceive", f"{TOPICS}/#"),
+        ],
+    })  # fmt: skip
+    clients = []
+    for user, password in passwords.items():
+        old = (kept or {}).get(user, {})
+        credentials = {k: old.get(k) for k in ("password", "salt", "iterations")}
+        if not credentials_match(credentials, password):
+            credentials = hash_password(password)
+        roles_of_user = [{"rolename": role_of[user]}] if user in role_of else []
+        clients.append({"username": user, **credentials, "roles": roles_of_user})
+    deny = dict.fromkeys(("publishClientSend", "publishClientReceive", "subscribe"), False)
+    doc = {"defaultACLAccess": {**deny, "unsubscribe": True}, "clients": clients, "groups": [], "roles": roles}
+    return json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
 
 
-def hash_password(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
-    """mosquitto_passwd's format 7: PBKDF2-HMAC-SHA512, ``$7$<iterations>$<b64 salt>$<b64 hash>``."""
+def hash_password(password: str, salt: bytes | None = None, iterations: int = ITERATIONS) -> dict[str, Any]:
+    """A dynamic-security client's credentials: PBKDF2-HMAC-SHA512 (mosquitto_passwd's format 7), base64."""
     salt = salt if salt is not None else secrets.token_bytes(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+    return {"password": base64.b64encode(digest).decode(), "salt": base64.b64encode(salt).decode(), "iterations": iterations}
 
 
-def password_matches(hashed: str, password: str) -> bool:
-    parts = hashed.split("$")
-    if len(parts) != 5 or parts[1] != "7" or not parts[2].isdigit() or not 1 <= int(parts[2]) <= 1_000_000:
+def credentials_match(credentials: dict[str, Any], password: str) -> bool:
+    iterations, salt, hashed = credentials.get("iterations"), credentials.get("salt"), credentials.get("password")
+    if type(iterations) is not int or not 1 <= iterations <= 1_000_000 or not isinstance(salt, str):
         return False
     try:
-        salt = base64.b64decode(parts[3], validate=True)
+        again = hash_password(password, base64.b64decode(salt, validate=True), iterations)
     except ValueError:
         return False
-    return hmac.compare_digest(hash_password(password, salt, int(parts[2])), hashed)
+    return isinstance(hashed, str) and hmac.compare_digest(again["password"], hashed)
 
 
 # --- the files (I/O) ----------------------------------------------------------------------------------------
@@ -210,6 +253,10 @@ def _secret(path: Path, make: str, valid: Callable[[str], bool] = bool) -> tuple
     return make, True
 
 
+def _is_group(text: str) -> bool:
+    return _GROUP.fullmatch(text) is not None
+
+
 def _valid_key(text: str) -> bool:
     try:
         wire.parse_key(text)
@@ -219,9 +266,18 @@ def _valid_key(text: str) -> bool:
 
 
 def plan(
-    roster: str, out: Path, broker: tuple[str, int, bool], rotate: str = "", schedule: str = "", replicas: int = 1
+    roster: str,
+    out: Path,
+    broker: tuple[str, int, bool],
+    rotate: str = "",
+    schedule: str = "",
+    replicas: int = 1,
+    share_group: str = "",
 ) -> Plan:
-    """Write (or confirm) every file for ``roster`` under ``out``; see the module's docstring."""
+    """Write (or confirm) every file for ``roster`` under ``out``; see the module's docstring. ``share_group``:
+    the replicas' group; empty keeps the one in ``out`` (a random one the first time)."""
+    if share_group and not _GROUP.fullmatch(share_group):
+        raise PlanError(f"--share-group {share_group[:80]!r}: 1 to 64 letters, digits, '-' or '_'")
     rooms = parse_roster(roster, replicas)
     if rotate and rotate not in {r.agent_id for r in rooms}:
         raise PlanError(f"--rotate {rotate}: no such room in the roster (expected <site>/<room>)")
@@ -249,10 +305,12 @@ def plan(
         path = county / f"{user.replace(GATEWAY_USER, 'gateway', 1)}.password"
         passwords[user], _ = _secret(path, secrets.token_urlsafe(24))
         files[path] = passwords[user] + "\n"
+    group = share_group or _secret(county / "share-group", secrets.token_hex(12), _is_group)[0]
+    agent_ids = [r.agent_id for r in rooms]
     files |= {
         county / "agent-keys": "".join(keys),
-        county / "examwatch.passwd": _passwd(county / "examwatch.passwd", passwords),
-        county / "examwatch.acl": acl(rooms, replicas),
+        county / "share-group": group + "\n",
+        county / DYNSEC: dynamic_security(agent_ids, passwords, replicas, group, _kept_clients(county / DYNSEC)),
     }
     _check_configs(rooms, files, out)
     for path, text in files.items():
@@ -273,18 +331,15 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _passwd(path: Path, passwords: dict[str, str]) -> str:
-    """The password file: a user's line is kept while it still matches its password (hashes are salted)."""
-    old = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            user, _, hashed = line.partition(":")
-            old[user] = hashed
-    lines = []
-    for user, password in passwords.items():
-        hashed = old.get(user, "")
-        lines.append(f"{user}:{hashed if password_matches(hashed, password) else hash_password(password)}\n")
-    return "".join(lines)
+def _kept_clients(path: Path) -> dict[str, Any]:
+    """The previous dynamic-security file's clients by user name (its salted hashes); none if unreadable."""
+    try:
+        if path.stat().st_size > DYNSEC_MAX_BYTES:
+            return {}
+        clients = json.loads(path.read_text(encoding="utf-8")).get("clients", [])
+        return {c["username"]: c for c in clients if isinstance(c, dict) and isinstance(c.get("username"), str)}
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+        return {}
 
 
 def _check_configs(rooms: list[Room], files: dict[Path, str], out: Path) -> None:

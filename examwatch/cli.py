@@ -183,7 +183,9 @@ def _site_plan(args: argparse.Namespace) -> int:
     try:
         roster = Path(args.roster).read_bytes()[: siteplan.ROSTER_MAX_BYTES + 1].decode("utf-8")
         schedule = Path(args.schedule).read_text(encoding="utf-8")[:1_000_000] if args.schedule else ""
-        result = siteplan.plan(roster, Path(args.out), (host, number, tls), args.rotate, schedule, args.replicas)
+        result = siteplan.plan(
+            roster, Path(args.out), (host, number, tls), args.rotate, schedule, args.replicas, args.share_group
+        )
     except (OSError, UnicodeDecodeError) as err:
         print(f"{args.roster}: {err}", file=sys.stderr)
         return 2
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     site = sub.add_parser("site", help="a county's rooms from one roster").add_subparsers(dest="action", required=True)
     site_plan = site.add_parser(
-        "plan", help="every agent config, key, broker password/ACL entry and the gateway roster"
+        "plan", help="every agent config and key, the county broker's users and roles, the gateway roster"
     )
     site_plan.add_argument("roster", help="CSV: site,room,kind,site_name,room_name,pi_host,devices (docs/deploy.md)")
     site_plan.add_argument("--out", required=True, help="folder for the files (kept keys are read back from it)")
@@ -261,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     site_plan.add_argument("--no-tls", action="store_true", help="plain MQTT (a test bench only; default TLS)")
     site_plan.add_argument(
         "--replicas", type=int, default=1, help="gateway replicas: broker users examwatch-gateway, -2 ... -N"
+    )
+    site_plan.add_argument(
+        "--share-group", default="", help="the replicas' [broker] share_group (default: kept in county/share-group)"
     )
     site_plan.add_argument("--rotate", default="", metavar="SITE/ROOM", help="give this room a new signing key")
     site_plan.add_argument(

@@ -72,10 +72,9 @@ class Broker(BrokerSettings, kw_only=True):
 
     client_id: str = "examwatch-gateway"  # each replica its own (e.g. examwatch-gateway-2)
     # Replicas sharing the county's feed (MQTT v5 shared subscription $share/<group>/...): the same name on
-    # each; empty: this gateway alone takes every message.
-    # mosquitto's ACL does not check subscriptions: a room's login that guessed the group would take its turn of
-    # the feed and lose it (docs/scaling.md). So the name is a secret: at least 16 characters (openssl rand -hex 8).
-    share_group: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^([A-Za-z0-9_-]{16,64})?$")] = ""
+    # each, the one the broker's gateway role allows (site plan's county/share-group); empty: this gateway
+    # alone takes every message. Not a secret: the broker refuses any other login's subscription to it.
+    share_group: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]{0,64}$")] = ""
     session_expiry: SessionExpiry = 7 * 24 * 3600  # the broker queues for us this long while we are down
     # unacknowledged messages the broker may send us at once (MQTT v5: a two-byte number, 0 not allowed)
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000

@@ -136,7 +136,8 @@ class Subscriber:
                 "subscription refused",
                 "gateway_broker_subscription_refused",
                 reason=", ".join(map(str, codes)),
-                hint="the broker's ACL must let the gateway read examwatch/v1/#",
+                hint="the broker's gateway role (site plan's dynamic-security.json) must allow examwatch/v1/# "
+                "and $share/<share_group>/examwatch/v1/#, with share_group as in county/share-group",
             )
             return
         # Rooms are judged silent only a whole heartbeat_timeout after this: from when we can hear them.

@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from examwatch.edge.siteplan import dynamic_security
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -65,43 +67,51 @@ class Mosquitto:
 
 REPO = Path(__file__).resolve().parent.parent
 COUNTY_CONF = REPO / "deploy" / "mosquitto" / "examwatch.conf"
+SHARE_GROUP = "county-5f0c9a41d2e7b388"  # the test county's replicas' group
 
 
 class CountyBroker(Mosquitto):
     """The county broker exactly as deploy/mosquitto/examwatch.conf sets it up, on loopback without TLS.
 
-    The TLS listener is left out (its certificates are the site's); every other line is the example's,
-    with the password file made by mosquitto_passwd from ``users`` and the ACL by make-acl.sh from ``rooms``
-    (and ``replicas``: the gateway replicas' users, make-acl.sh --replicas).
+    The TLS listener is left out (its certificates are the site's); every other line is the example's, with
+    the dynamic-security file made by `examwatch site plan`'s own function: a client per entry of ``users``
+    (user name: password), a room's role for each of ``rooms`` (agent ids), the gateway's role for the
+    gateway and its ``replicas``' users, the replicas' share group ``share_group``.
     """
 
     def __init__(
-        self, workdir: Path, users: dict[str, str], rooms: list[str], port: int | None = None, replicas: int = 1
+        self,
+        workdir: Path,
+        users: dict[str, str],
+        rooms: list[str],
+        port: int | None = None,
+        replicas: int = 1,
+        share_group: str = SHARE_GROUP,
     ) -> None:
         super().__init__(workdir, port)
         self.workdir.chmod(0o755)
-        keys, passwd, acl = self.workdir / "agent-keys", self.workdir / "passwd", self.workdir / "acl"
-        keys.write_text("".join(f"{room} {'ab' * 32}\n" for room in rooms))
-        passwd.touch()
-        for user, password in users.items():
-            subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
-        made = subprocess.run(
-            ["sh", str(REPO / "deploy/mosquitto/make-acl.sh"), "--replicas", str(replicas), str(keys)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        acl.write_text(made.stdout)
-        self.conf.write_text(county_conf(COUNTY_CONF.read_text(), self.port, self.workdir, passwd, acl))
+        dynsec = self.workdir / "dynamic-security.json"
+        dynsec.write_text(dynamic_security(rooms, users, replicas, share_group))
+        self.conf.write_text(county_conf(COUNTY_CONF.read_text(), self.port, self.workdir, dynsec))
 
     def log(self) -> str:
         path = self.workdir / "mosquitto.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def county_conf(example: str, port: int, workdir: Path, passwd: Path, acl: Path) -> str:
+def dynsec_plugin() -> str:
+    """This machine's dynamic-security plugin (the example names Debian's amd64 path)."""
+    found = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
+    return str(found[0]) if found else "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
+def county_conf(example: str, port: int, workdir: Path, dynsec: Path) -> str:
     """The example config on ``port``: without the TLS listener's lines, files moved into ``workdir``."""
-    replaced = {"password_file": passwd, "acl_file": acl, "persistence_location": f"{workdir}/"}
+    replaced = {
+        "plugin": dynsec_plugin(),
+        "plugin_opt_config_file": dynsec,
+        "persistence_location": f"{workdir}/",
+    }
     out, tls_listener = [], False
     for original in example.splitlines():
         line, words = original, original.split()

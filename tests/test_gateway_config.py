@@ -100,7 +100,7 @@ GATEWAY_CASES = [
     ),
     ("a dsn for sqlite", '[store]\ndsn = "host=db1"', ("store", "dsn")),
     ("share group with a slash", '[broker]\nshare_group = "a/b"', ("broker", "share_group")),
-    ("a share group anyone could guess", '[broker]\nshare_group = "county"', ("broker", "share_group")),
+    ("a share group with a wildcard", '[broker]\nshare_group = "county+"', ("broker", "share_group")),
 ]
 
 
