@@ -1,7 +1,8 @@
-"""The uplink to a county broker set up like deploy/mosquitto: TLS, passwords or client certificates, per-room ACL."""
+"""The uplink to a county broker set up like deploy/mosquitto: TLS, passwords or client certificates, per-room roles."""
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import subprocess
 import tempfile
@@ -15,7 +16,8 @@ from examwatch.edge.config import UplinkSettings
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
 from examwatch.kernel.model import Reading
-from examwatch.simulators.broker import free_port, wait_port
+from examwatch.edge.siteplan import dynamic_security
+from examwatch.simulators.broker import dynsec_plugin, free_port, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -94,25 +96,18 @@ class TlsBroker:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="examwatch-broker-"))
         self.dir.chmod(0o755)
-        # The ACL made the way deploy/mosquitto/examwatch.acl.example says, from the gateway's keys file.
-        (self.dir / "agent-keys").write_text(f"# site/room key\ns1/101 {KEY}\ns1/102 {KEY}\n")
-        awk = (
-            'NF==2 && !/^#/ { split($1, a, "/"); '
-            'printf "user %s-%s\\ntopic write examwatch/v1/%s/#\\n\\n", a[1], a[2], $1 }'
-        )
-        acl = subprocess.run(
-            ["awk", awk, str(self.dir / "agent-keys")], check=True, capture_output=True, text=True
-        ).stdout
-        (self.dir / "acl").write_text(acl + "user examwatch-gateway\ntopic read examwatch/v1/#\n")
-        (self.dir / "passwd").touch()
-        subprocess.run(["mosquitto_passwd", "-b", str(self.dir / "passwd"), "s1-101", "room-pass"], check=True)
+        # The rooms' users and roles as `examwatch site plan` writes them (deploy/mosquitto/examwatch.conf); with
+        # certificates, the CN is the user name and its password is never asked.
+        users = {"s1-101": "room-pass", "s1-102": "other-pass", "examwatch-gateway": "gw-pass"}
+        (self.dir / "dynsec.json").write_text(dynamic_security(["s1/101", "s1/102"], users, 1, ""))
         for f in self.dir.iterdir():
             f.chmod(0o644)
         (self.dir / "mosquitto.conf").write_text(
             f"per_listener_settings false\nlistener {self.port} 127.0.0.1\n"
             f"cafile {pki}/ca.crt\ncertfile {pki}/broker.crt\nkeyfile {pki}/broker.key\n"
             f"require_certificate {str(certificates).lower()}\nuse_identity_as_username {str(certificates).lower()}\n"
-            f"allow_anonymous false\npassword_file {self.dir}/passwd\nacl_file {self.dir}/acl\nlog_dest none\n"
+            f"allow_anonymous false\nplugin {dynsec_plugin()}\nplugin_opt_config_file {self.dir}/dynsec.json\n"
+            f"user {getpass.getuser()}\nlog_dest none\n"
         )
         self.proc = subprocess.Popen(
             [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.dir / "mosquitto.conf")],
