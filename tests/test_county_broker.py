@@ -15,9 +15,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from examwatch.simulators.broker import COUNTY_CONF, SHARE_GROUP, CountyBroker
+from examwatch.simulators.broker import COUNTY_CONF, SHARE_GROUP, CountyBroker, Mosquitto
 from tests.support import until
 from tests.support.gateway import AgentProc, GatewayProc, start
+from tests.test_province import bridge_example
 
 pytestmark = pytest.mark.integration
 
@@ -212,6 +213,26 @@ def test_a_room_cannot_join_the_replicas_share_group_and_none_of_the_feed_is_los
             c.close()
     finally:
         broker.stop()
+
+
+def test_the_province_bridge_forwards_the_rooms_alarms_past_the_roles(tmp_path):
+    """The bridge (deploy/mosquitto/province-bridge.conf) is the broker itself, not a user: no role applies."""
+    province = Mosquitto(tmp_path / "province")
+    province.start()
+    county = CountyBroker(tmp_path / "county", USERS, rooms=["xx-1/101", "xx-1/102"])
+    county.conf.write_text(county.conf.read_text() + bridge_example(province.port, "xx"))
+    county.start()
+    try:
+        watcher = Client(province.port, "examwatch-gateway", "province-watcher", clean_start=True)
+        assert watcher.subscribe("examwatch/v1/#").value == 1
+        room = Client(county.port, "xx-1-101", "xx-1-101", clean_start=True)
+        assert not room.publish("examwatch/v1/xx-1/101/alarms", b"door").is_failure
+        assert drain(watcher.received, 1) == [("examwatch/v1/xx-1/101/alarms", b"door")]
+        room.close()
+        watcher.close()
+    finally:
+        county.stop()
+        province.stop()
 
 
 def test_real_gateway_and_agents_work_through_it_and_a_rooms_credentials_speak_for_it_only(county, procs, tmp_path):
