@@ -227,7 +227,11 @@ def hash_password(password: str, salt: bytes | None = None, iterations: int = IT
     """A dynamic-security client's credentials: PBKDF2-HMAC-SHA512 (mosquitto_passwd's format 7), base64."""
     salt = salt if salt is not None else secrets.token_bytes(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    return {"password": base64.b64encode(digest).decode(), "salt": base64.b64encode(salt).decode(), "iterations": iterations}
+    return {
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": iterations,
+    }
 
 
 def credentials_match(credentials: dict[str, Any], password: str) -> bool:
@@ -371,6 +375,7 @@ def summary(p: Plan, out: Path) -> str:
         lines.append("没有文件需要改动（与上次一致）")
     if p.changed:
         lines.append(
-            "下一步：把 county/ 下的文件装到县级 mosquitto 和网关，每间的 agent.toml、agent.key 拷到对应树莓派"
+            "下一步：county/dynamic-security.json 装到县级 mosquitto（/var/lib/mosquitto/，属主 mosquitto）并重启"
+            " mosquitto，agent-keys 等装到网关，每间的 agent.toml、agent.key 拷到对应树莓派（见 docs/deploy.md）"
         )
     return "\n".join(lines)

@@ -111,7 +111,9 @@ def test_each_room_may_publish_its_own_topics_only_and_the_gateway_accepts_the_k
     clients = {c["username"]: c for c in made["clients"]}
     assert len(clients) == 61 and len(roles) == 61  # the rooms and the gateway
     assert clients["xx-2-005"]["roles"] == [{"rolename": "room/xx-2/005"}]
-    assert roles["room/xx-2/005"] == [{"acltype": "publishClientSend", "topic": "examwatch/v1/xx-2/005/#", "allow": True}]
+    assert roles["room/xx-2/005"] == [
+        {"acltype": "publishClientSend", "topic": "examwatch/v1/xx-2/005/#", "allow": True}
+    ]
     group = (out / "county/share-group").read_text().strip()
     assert len(group) == 24 and clients["examwatch-gateway"]["roles"] == [{"rolename": "gateway"}]
     assert [(a["acltype"], a["topic"]) for a in roles["gateway"]] == [
@@ -141,7 +143,8 @@ def test_replicas_get_the_gateways_role_their_own_passwords_and_the_share_group_
     assert len(set(passwords)) == 3
     clients = dynsec(out)["clients"]
     assert [(c["username"], c["roles"]) for c in clients[-3:]] == [
-        (user, [{"rolename": "gateway"}]) for user in ("examwatch-gateway", "examwatch-gateway-2", "examwatch-gateway-3")
+        (user, [{"rolename": "gateway"}])
+        for user in ("examwatch-gateway", "examwatch-gateway-2", "examwatch-gateway-3")
     ]
     assert all(siteplan.credentials_match(c, p) for c, p in zip(clients[-3:], passwords, strict=True))
     assert (out / "county/share-group").read_text() == "county-a\n"

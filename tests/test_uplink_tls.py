@@ -13,10 +13,10 @@ import msgspec
 import pytest
 
 from examwatch.edge.config import UplinkSettings
+from examwatch.edge.siteplan import dynamic_security
 from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
 from examwatch.kernel.model import Reading
-from examwatch.edge.siteplan import dynamic_security
 from examwatch.simulators.broker import dynsec_plugin, free_port, wait_port
 
 pytestmark = pytest.mark.integration
