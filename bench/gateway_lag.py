@@ -53,7 +53,7 @@ EPOCH = 7
 HEARTBEAT = 30.0  # s, the agents' default
 POLL = 0.05  # s between looks at the API and the database
 DRAIN = 120.0  # s the gateway is given after the rooms stop to store what the broker still holds
-SHARE_GROUP = "lag-7c1e5b0a93d2f6e4"  # a secret of the gateways' configs (docs/scaling.md)
+SHARE_GROUP = "lag-7c1e5b0a93d2f6e4"  # the replicas' share group (docs/scaling.md)
 METRICS = ["ups_charge_percent", "link_rtt_seconds", "noise_db", "recording_active", "storage_used_ratio"]
 
 
