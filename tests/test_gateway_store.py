@@ -189,3 +189,31 @@ def test_a_follower_raises_the_security_alarm_again_after_the_leader_cleared_it(
     follower.tick(T0 + 101, T0 - 1000)
     follower.ingest([readings_msg("s1/101", 2, T0 + 200, key=b"\x09" * 32)], T0 + 200)  # again: a new alarm
     assert [a["rule"] for a in store.alarms(leader.conn, state="active")] == ["security_rejected"]
+
+
+class Counted:
+    """A connection that counts the statements sent through it (each a round trip on PostgreSQL)."""
+
+    def __init__(self, conn: store.Db) -> None:
+        self.conn, self.statements = conn, 0
+        self.dialect = store.dialect(conn)
+
+    def execute(self, sql, params=()):
+        self.statements += 1
+        return self.conn.execute(sql, params)
+
+
+def test_the_open_alarms_are_read_in_a_fixed_number_of_statements(store_backend):
+    """The leader of replicas reads them every second: a round trip per open gateway alarm (every room's, when
+    10,000 rooms' heartbeats came late) once held its ingest loop for seconds at each tick."""
+    from examwatch.gateway.ledger import load_open
+    from tests.test_gateway_ingest import status_msg
+
+    gw = make(store_backend)
+    gw.ingest([status_msg(agent, "offline", T0, T0) for agent in KEYS], T0)  # each room's offline alarm: ours
+    counted = Counted(gw.conn)
+    open_alarms, ours, _ = load_open(counted)
+    assert counted.statements == 2  # the alarms with their raises, the incidents
+    assert sorted(ours) == [(agent, "agent_offline") for agent in sorted(KEYS)]
+    assert all(ev.state == "raised" and ev.site == "s1" for ev in ours.values())
+    assert ours == gw.gateway_alarms and {ev.id for ev in ours.values()} == set(open_alarms)
