@@ -54,6 +54,11 @@ class Subscriber:
         self._state = ""  # the link's last logged state: connected, unreachable, refused <reason>, lost
         self._lock = threading.Lock()
         self._status = True  # whether we follow the statuses (a replica only while it leads)
+        self.unacked = 0  # messages of this connection received and not yet acknowledged (stored)
+        # Our time when messages may last have waited in the broker's queue: the connect (a persistent session's
+        # backlog comes first), or the moment the broker had ``receive_maximum`` of ours unacknowledged and so
+        # held the rest back (we are behind). A room's clock is not judged by a message that may have waited.
+        self.queued_at = 0.0
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
         c.manual_ack_set(True)
         c.reconnect_delay_set(min_delay=1, max_delay=15)
@@ -108,6 +113,7 @@ class Subscriber:
         with self._lock:
             if connection != self.connection:
                 return
+            self.unacked -= sum(1 for mid in mids if mid)
         for mid in mids:
             if mid:
                 self.client.ack(mid, 1)
@@ -126,6 +132,7 @@ class Subscriber:
             return
         with self._lock:
             self.connection += 1
+            self.unacked, self.queued_at = 0, time.time()
         self._changed("connected", "gateway_broker_connected", session_present=flags.session_present)
         client.subscribe([(t, 1) for t in self.topics()])
         self._subscribe_status(client)
@@ -160,6 +167,12 @@ class Subscriber:
         self.up_since = None
 
     def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
+        now = time.time()
+        if m.qos:
+            with self._lock:
+                self.unacked += 1
+                if self.unacked >= self.cfg.receive_maximum:  # the broker holds the rest back: a queue builds
+                    self.queued_at = now
         self.inbox.put(
-            (self.connection, m.mid if m.qos else 0, Message(m.topic, bytes(m.payload), bool(m.retain), time.time()))
+            (self.connection, m.mid if m.qos else 0, Message(m.topic, bytes(m.payload), bool(m.retain), now))
         )
