@@ -300,6 +300,13 @@ class GatewayCollector:
                 "counter",
                 [("", self.broker.connect_failures)],
             )
+            yield family(
+                "examwatch_gateway_broker_unacknowledged",
+                "messages received from the broker and not yet stored; at [broker] receive_maximum the broker "
+                "holds the rest back for us: the gateway is behind",
+                "gauge",
+                [("", self.broker.unacked)],
+            )
         if self.api is not None:
             yield family(
                 "examwatch_gateway_api_refused",
