@@ -302,8 +302,8 @@ class GatewayCollector:
             )
             yield family(
                 "examwatch_gateway_broker_unacknowledged",
-                "messages received from the broker and not yet stored; at [broker] receive_maximum the broker "
-                "holds the rest back for us: the gateway is behind",
+                "messages received from the broker and not yet stored; staying in the thousands: the gateway is "
+                "behind (the broker queues the rest for it)",
                 "gauge",
                 [("", self.broker.unacked)],
             )

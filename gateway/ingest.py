@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import msgspec
 import structlog
 
-from examwatch.gateway import duty, store
+from examwatch.gateway import duty, ledger, store
 from examwatch.gateway.config import Config
 from examwatch.gateway.correlate import Fault, correlate, unsettled
 from examwatch.gateway.ledger import (
@@ -45,7 +45,6 @@ from examwatch.rules.schedule import Calendar
 
 log = structlog.get_logger("examwatch.gateway")
 
-SETTLE = 30.0  # s after messages may last have waited in the broker before a heartbeat tells a room's clock
 READINGS_MAX = 5000  # per message (the agent sends uplink.batch_max, 500 by default)
 _readings = msgspec.json.Decoder(Annotated[list[Reading], msgspec.Meta(max_length=READINGS_MAX)])
 _alarm = msgspec.json.Decoder(AlarmEvent)
@@ -75,7 +74,7 @@ class Engine:
         self._logged: set[tuple[str, str]] = set()
         self._last_retention = 0.0
         self.role = "alone"  # or a replica's "leader" (judges) or "follower" (only stores): gateway/replica.py
-        self.queued_at = 0.0  # when messages last may have waited in the broker (Subscriber.queued_at)
+        self.clocks = ledger.Clocks(cfg.liveness.skew_max)  # which heartbeats may judge their rooms' clocks
 
     # --- state at start-up ----------------------------------------------------------------------------
 
@@ -234,9 +233,7 @@ class Engine:
             level = self._offline_level(a, m.received)
             self._raise_gw(a, "agent_offline", level, f"考场监测代理离线：{what}", m.received)
             return None
-        # A heartbeat that waited in the broker's queue (we were down, or behind) makes its room's clock look
-        # behind by the wait: 10,000 rooms' clock alarms at once after a backlog. Judged only once settled.
-        if not m.retained and m.received - self.queued_at > SETTLE:
+        if not m.retained and self.clocks.judge(a.agent, env.ts, m.received):  # not one that waited on its way
             a.skews.append(env.ts - m.received)
             self._check_skew(a, m.received)
         self._seen(a, m.received if not m.retained else None)

@@ -239,6 +239,33 @@ def load_open(
     return open_alarms, gateway_alarms, incidents
 
 
+class Clocks:
+    """Whether a heartbeat may judge its room's clock: not one that may have waited on its way to us.
+
+    A wait makes the room's clock look behind by it (a backlog once raised every room's clock alarm). Not judged:
+    heartbeats received before ``settled_from`` (set by the gateway from its broker link: ``Subscriber.clocks_from``),
+    and any while the rooms' recent heartbeats (of ``ROOMS`` rooms at least) are late by more than ``bound`` in
+    the median: a lateness most rooms share is ours, not their clocks' (the broker's queue, our parsing).
+    """
+
+    ROOMS = 10
+    RECENT = 101
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound  # the clock check's bound (liveness.skew_max): late by half of it is late
+        self.settled_from = 0.0
+        self._recent: deque[tuple[str, float]] = deque(maxlen=self.RECENT)  # (room, received - its timestamp)
+
+    def judge(self, agent: str, ts: float, received: float) -> bool:
+        self._recent.append((agent, received - ts))
+        if received <= self.settled_from:
+            return False
+        if len({a for a, _ in self._recent}) < self.ROOMS:
+            return True
+        late = sorted(d for _, d in self._recent)[len(self._recent) // 2]
+        return late <= self.bound / 2
+
+
 def newer(key: StatusKey, than: StatusKey | None) -> bool:
     """Whether a status with ``key`` is news after the one applied last (``than``)."""
     return than is None or key > than

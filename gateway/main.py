@@ -92,7 +92,7 @@ class Gateway:
                 batch = self._take(timeout=0.2)
                 now = time.time()
                 if batch:
-                    self.engine.queued_at = self.subscriber.queued_at
+                    self.engine.clocks.settled_from = self.subscriber.clocks_from
                     self._stored(self.engine.ingest, [m for _, _, m in batch], now)
                     for conn in {c for c, _, _ in batch}:
                         self.subscriber.ack(conn, [mid for c, mid, _ in batch if c == conn])

@@ -40,6 +40,7 @@ log = structlog.get_logger("examwatch.gateway.mqtt")
 # max_packet_size for what it accepts from the rooms).
 MAX_PACKET = 256 * 1024
 STATUS = f"{TOPIC_ROOT}/+/+/status"
+SETTLE = 30.0  # s after messages may last have waited in the broker before heartbeats judge the rooms' clocks
 
 
 class Subscriber:
@@ -56,8 +57,7 @@ class Subscriber:
         self._status = True  # whether we follow the statuses (a replica only while it leads)
         self.unacked = 0  # messages of this connection received and not yet acknowledged (stored)
         # Our time when messages may last have waited in the broker's queue: the connect (a persistent session's
-        # backlog comes first), or the moment the broker had ``receive_maximum`` of ours unacknowledged and so
-        # held the rest back (we are behind). A room's clock is not judged by a message that may have waited.
+        # backlog comes first), or a moment with ``receive_maximum`` of ours unacknowledged (we are behind).
         self.queued_at = 0.0
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
         c.manual_ack_set(True)
@@ -102,6 +102,12 @@ class Subscriber:
             self.client.unsubscribe([*self.topics(), STATUS])
         self.client.disconnect()
         self.client.loop_stop()
+
+    @property
+    def clocks_from(self) -> float:
+        """From when a heartbeat tells its room's clock: one that waited in the broker makes the clock look behind
+        by the wait (a backlog once raised every room's clock alarm), so not until SETTLE s after ``queued_at``."""
+        return self.queued_at + SETTLE
 
     def alive(self) -> bool:
         """paho's network thread still runs (an exception in a callback ends it, and with it all intake)."""
