@@ -56,7 +56,7 @@ class Subscriber:
         self._lock = threading.Lock()
         self._status = True  # whether we follow the statuses (a replica only while it leads)
         self.unacked = 0  # messages of this connection received and not yet acknowledged (stored)
-        # Our time when messages may last have waited in the broker's queue: the connect (a persistent session's
+        # Our time when messages may last have waited in the broker's queue: a connect to our kept session (its
         # backlog comes first), or a moment with ``receive_maximum`` of ours unacknowledged (we are behind).
         self.queued_at = 0.0
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
@@ -138,7 +138,9 @@ class Subscriber:
             return
         with self._lock:
             self.connection += 1
-            self.unacked, self.queued_at = 0, time.time()
+            self.unacked = 0
+            if flags.session_present:  # what the broker kept for us comes first
+                self.queued_at = time.time()
         self._changed("connected", "gateway_broker_connected", session_present=flags.session_present)
         client.subscribe([(t, 1) for t in self.topics()])
         self._subscribe_status(client)
