@@ -335,6 +335,13 @@ class GatewayCollector:
                 "counter",
                 [("", self.broker.connect_failures)],
             )
+            yield family(
+                "examwatch_gateway_broker_unacknowledged",
+                "messages received from the broker and not yet stored; staying in the thousands: the gateway is "
+                "behind (the broker queues the rest for it)",
+                "gauge",
+                [("", self.broker.unacked)],
+            )
         if self.api is not None:
             yield family(
                 "examwatch_gateway_api_refused",

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import msgspec
 import structlog
 
-from examwatch.gateway import duty, store
+from examwatch.gateway import duty, ledger, store
 from examwatch.gateway.config import Config
 from examwatch.gateway.correlate import Fault, correlate, unsettled
 from examwatch.gateway.ledger import (
@@ -74,6 +74,7 @@ class Engine:
         self._logged: set[tuple[str, str]] = set()
         self._last_retention = 0.0
         self.role = "alone"  # or a replica's "leader" (judges) or "follower" (only stores): gateway/replica.py
+        self.clocks = ledger.Clocks(cfg.liveness.skew_max)  # which heartbeats may judge their rooms' clocks
 
     # --- state at start-up ----------------------------------------------------------------------------
 
@@ -232,7 +233,7 @@ class Engine:
             level = self._offline_level(a, m.received)
             self._raise_gw(a, "agent_offline", level, f"考场监测代理离线：{what}", m.received)
             return None
-        if not m.retained:
+        if not m.retained and self.clocks.judge(a.agent, env.ts, m.received):  # not one that waited on its way
             a.skews.append(env.ts - m.received)
             self._check_skew(a, m.received)
         self._seen(a, m.received if not m.retained else None)

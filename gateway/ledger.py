@@ -209,17 +209,21 @@ def load_open(
     conn: store.Db,
 ) -> tuple[OpenAlarms, dict[tuple[str, str], AlarmEvent], dict[tuple[str, str], Incident]]:
     """Alarms still open (the agents' and ours) with their last transition's order, for ordering; the raise of
-    each of our own by (agent, rule); the open incidents by (site, fault class)."""
+    each of our own by (agent, rule); the open incidents by (site, fault class).
+
+    Two statements however many alarms are open: a replica's leader reads this every second, and a round trip
+    per open alarm (10,000 rooms' clock alarms) once stalled its ingest loop for seconds at every tick.
+    """
     open_alarms: OpenAlarms = {}
     gateway_alarms: dict[tuple[str, str], AlarmEvent] = {}
-    for r in conn.execute("SELECT * FROM alarms WHERE state != 'cleared'"):
+    for r in conn.execute(
+        "SELECT a.*, CASE WHEN a.source = 'gateway' THEN (SELECT e.event FROM alarm_events e "
+        "WHERE e.alarm_id = a.id ORDER BY e.rowid LIMIT 1) END AS raised_event FROM alarms a WHERE a.state != 'cleared'"
+    ):
         fault = Fault(r["site"], r["room"], r["rule"], r["raised_at"])
         open_alarms[r["id"]] = (fault, (r["epoch_rank"], r["seq"]), r["source"])
         if r["source"] == "gateway":
-            ev = conn.execute(
-                "SELECT event FROM alarm_events WHERE alarm_id = ? ORDER BY rowid LIMIT 1", [r["id"]]
-            ).fetchone()
-            gateway_alarms[(f"{r['site']}/{r['room']}", r["rule"])] = _alarm.decode(ev[0])
+            gateway_alarms[(f"{r['site']}/{r['room']}", r["rule"])] = _alarm.decode(r["raised_event"])
     incidents: dict[tuple[str, str], Incident] = {}
     for r in conn.execute("SELECT * FROM incidents WHERE state = 'open'"):
         incidents[(r["site"], r["fault_class"])] = Incident(
@@ -233,6 +237,33 @@ def load_open(
             active=msgspec.json.decode(r["active"]),
         )
     return open_alarms, gateway_alarms, incidents
+
+
+class Clocks:
+    """Whether a heartbeat may judge its room's clock: not one that may have waited on its way to us.
+
+    A wait makes the room's clock look behind by it (a backlog once raised every room's clock alarm). Not judged:
+    heartbeats received before ``settled_from`` (set by the gateway from its broker link: ``Subscriber.clocks_from``),
+    and any while the rooms' recent heartbeats (of ``ROOMS`` rooms at least) are late by more than ``bound`` in
+    the median: a lateness most rooms share is ours, not their clocks' (the broker's queue, our parsing).
+    """
+
+    ROOMS = 10
+    RECENT = 101
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound  # the clock check's bound (liveness.skew_max): late by half of it is late
+        self.settled_from = 0.0
+        self._recent: deque[tuple[str, float]] = deque(maxlen=self.RECENT)  # (room, received - its timestamp)
+
+    def judge(self, agent: str, ts: float, received: float) -> bool:
+        self._recent.append((agent, received - ts))
+        if received <= self.settled_from:
+            return False
+        if len({a for a, _ in self._recent}) < self.ROOMS:
+            return True
+        late = sorted(d for _, d in self._recent)[len(self._recent) // 2]
+        return late <= self.bound / 2
 
 
 def newer(key: StatusKey, than: StatusKey | None) -> bool:

@@ -62,6 +62,7 @@ class Gateway:
         where = self.db_path
         self.leadership = replica.Leadership(where) if isinstance(where, store.Postgres) else None
         self._caught_up = self._rechecked = 0.0
+        self._notify = False  # leading, the notifier to start once the last lead's threads have ended
 
     def leading(self) -> bool:
         return self.engine.role != "follower"
@@ -91,6 +92,7 @@ class Gateway:
                 batch = self._take(timeout=0.2)
                 now = time.time()
                 if batch:
+                    self.engine.clocks.settled_from = self.subscriber.clocks_from
                     self._stored(self.engine.ingest, [m for _, _, m in batch], now)
                     for conn in {c for c, _, _ in batch}:
                         self.subscriber.ack(conn, [mid for c, mid, _ in batch if c == conn])
@@ -168,13 +170,15 @@ class Gateway:
             log.warning("gateway_leader" if leading else "gateway_follower")
             self.engine.role = "leader" if leading else "follower"
             self.subscriber.follow_status(leading)
+            self._notify = leading
             if leading:
                 self._stored(self.engine.reload, self.conn)  # start from the last leader's state
                 self._caught_up = now
-                self.notifier.stop_event.clear()
-                self.notifier.start()
             else:
-                self.notifier.stop()
+                self.notifier.stop(wait=0)  # its threads end after the send in hand: the ingest does not wait
+        if self._notify and self.notifier.stopped():  # a notifier of an earlier lead has ended: start ours
+            self._notify = False
+            self.notifier.start()
         if leading:
             recheck = now - self._rechecked > replica.RECHECK
             self._caught_up = self._stored(replica.catch_up, self.engine, self._caught_up, recheck)

@@ -40,6 +40,7 @@ log = structlog.get_logger("examwatch.gateway.mqtt")
 # max_packet_size for what it accepts from the rooms).
 MAX_PACKET = 256 * 1024
 STATUS = f"{TOPIC_ROOT}/+/+/status"
+SETTLE = 30.0  # s after messages may last have waited in the broker before heartbeats judge the rooms' clocks
 
 
 class Subscriber:
@@ -54,6 +55,10 @@ class Subscriber:
         self._state = ""  # the link's last logged state: connected, unreachable, refused <reason>, lost
         self._lock = threading.Lock()
         self._status = True  # whether we follow the statuses (a replica only while it leads)
+        self.unacked = 0  # messages of this connection received and not yet acknowledged (stored)
+        # Our time when messages may last have waited in the broker's queue: a connect to our kept session (its
+        # backlog comes first), or a moment with ``receive_maximum`` of ours unacknowledged (we are behind).
+        self.queued_at = 0.0
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
         c.manual_ack_set(True)
         c.reconnect_delay_set(min_delay=1, max_delay=15)
@@ -98,6 +103,12 @@ class Subscriber:
         self.client.disconnect()
         self.client.loop_stop()
 
+    @property
+    def clocks_from(self) -> float:
+        """From when a heartbeat tells its room's clock: one that waited in the broker makes the clock look behind
+        by the wait (a backlog once raised every room's clock alarm), so not until SETTLE s after ``queued_at``."""
+        return self.queued_at + SETTLE
+
     def alive(self) -> bool:
         """paho's network thread still runs (an exception in a callback ends it, and with it all intake)."""
         thread = self.client._thread  # paho exposes no public check
@@ -108,6 +119,7 @@ class Subscriber:
         with self._lock:
             if connection != self.connection:
                 return
+            self.unacked -= sum(1 for mid in mids if mid)
         for mid in mids:
             if mid:
                 self.client.ack(mid, 1)
@@ -126,6 +138,9 @@ class Subscriber:
             return
         with self._lock:
             self.connection += 1
+            self.unacked = 0
+            if flags.session_present:  # what the broker kept for us comes first
+                self.queued_at = time.time()
         self._changed("connected", "gateway_broker_connected", session_present=flags.session_present)
         client.subscribe([(t, 1) for t in self.topics()])
         self._subscribe_status(client)
@@ -161,6 +176,12 @@ class Subscriber:
         self.up_since = None
 
     def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
+        now = time.time()
+        if m.qos:
+            with self._lock:
+                self.unacked += 1
+                if self.unacked >= self.cfg.receive_maximum:  # the broker holds the rest back: a queue builds
+                    self.queued_at = now
         self.inbox.put(
-            (self.connection, m.mid if m.qos else 0, Message(m.topic, bytes(m.payload), bool(m.retain), time.time()))
+            (self.connection, m.mid if m.qos else 0, Message(m.topic, bytes(m.payload), bool(m.retain), now))
         )

@@ -76,6 +76,25 @@ def _plain_insert(sql: str) -> str:
     return f"COPY {m.group(1)} ({m.group(2)}) FROM STDIN" if m else ""
 
 
+_UPSERT = re.compile(r"INSERT INTO (\w+ \([\w, ]+\)) VALUES \([?,]+\) (ON CONFLICT \(([\w, ]+)\) DO UPDATE .*)", re.S)
+_COLUMNS = re.compile(r"\(([\w, ]+)\)")
+PARAMS_MAX = 30_000  # bound values per statement (PostgreSQL's protocol takes 65,535)
+
+
+@lru_cache(maxsize=256)
+def _upsert(sql: str) -> tuple[str, str, tuple[int, ...]] | None:
+    """An ``INSERT ... VALUES (?,..) ON CONFLICT (key) DO UPDATE ...``: its head, its tail and the key's places in
+    a row; None for any other statement."""
+    m = _UPSERT.fullmatch(sql.strip())
+    if m is None:
+        return None
+    target = _COLUMNS.search(m.group(1))
+    assert target is not None
+    columns = [c.strip() for c in target.group(1).split(",")]
+    key = tuple(columns.index(k.strip()) for k in m.group(3).split(","))
+    return f"INSERT INTO {m.group(1)} VALUES ", translate(m.group(2)), key
+
+
 class Conn:
     """One PostgreSQL connection of the pool, with the part of ``sqlite3.Connection`` the store uses."""
 
@@ -119,6 +138,19 @@ class Conn:
                 for row in rows:
                     out.write_row(row)
             self.total_changes += len(rows)
+            return
+        upsert = _upsert(sql)
+        if upsert is not None and len({tuple(r[i] for i in upsert[2]) for r in rows}) == len(rows):
+            # Each key once (a statement may update a row only once): many rows a statement, in the rows' order,
+            # instead of a statement each (12,000 a batch at 10,000 rooms: the most of a replica's ingest).
+            head, tail, _ = upsert
+            width = len(rows[0])
+            step = max(1, PARAMS_MAX // width)
+            one = "(" + ",".join(["%s"] * width) + ")"
+            for i in range(0, len(rows), step):
+                part = rows[i : i + step]
+                cur.execute(f"{head}{','.join([one] * len(part))} {tail}", [v for r in part for v in r], prepare=False)
+                self.total_changes += max(cur.rowcount, 0)
             return
         cur.executemany(translate(sql), rows)
         self.total_changes += max(cur.rowcount, 0)

@@ -40,6 +40,7 @@ class Bot(ThreadingHTTPServer):
         self.fail_with: int | None = None  # answer this error code (with HTTP 200) to everything
         self.down = False  # answer HTTP 503
         self.delay = 0.0  # s before answering (a slow robot: a kill lands mid-send)
+        self.arrived = 0  # requests come in, answered or not yet
         self.raw: bytes | None = None  # answer these bytes instead (a hostile or broken endpoint)
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", free_port()), _Handler)
@@ -128,6 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.arrived += 1
         if self.server.delay:
             time.sleep(self.server.delay)
         headers = {k: v for k, v in self.headers.items()}

@@ -345,3 +345,37 @@ def test_hash_password_reads_stdin_and_prints_an_argon2_hash():
     assert auth.Auth([auth.User(name="u", password_hash=done.stdout.strip())]).login("u", "correct horse 7", 0.0)
     short = subprocess.run(run, input="short\n", capture_output=True, text=True, timeout=60)
     assert short.returncode == 2 and "至少 8" in short.stderr and not short.stdout
+
+
+def test_sixteen_desk_streams_leave_the_api_answering_on_postgresql(postgres):
+    """A stream borrows a pooled connection for each look, not for its ten minutes: with every stream open
+    (more than the pool has connections), the API and the desk still answer."""
+    from examwatch.gateway import api, desk, store
+
+    where = store.Postgres(postgres.new_database(), pool_max=4)  # fewer connections than streams
+    store.connect(where).close()  # the schema, and this database's pool, of 4
+    user = auth.User(name="值班员", role="duty", password_hash=auth.hash_password(PASSWORD))
+    server = api.ApiServer("127.0.0.1:0", where, "t0ken", users=[user], roster=["s1/101"])
+    server.start()
+    port, streams = server.server_address[1], []
+    try:
+        duty = DeskClient(port)
+        assert duty.login("值班员") == 200
+        sid = next(c.value for h in duty.opener.handlers if hasattr(h, "cookiejar") for c in h.cookiejar)
+        for _ in range(desk.MAX_STREAMS):
+            s = open_stream(port, sid)
+            streams.append(s)
+            got = b""
+            while b"event: state" not in got:
+                chunk = s.recv(65536)
+                assert chunk, "the stream was cut"
+                got += chunk
+        assert server.streams == desk.MAX_STREAMS
+        for _ in range(10):  # each answered (DeskClient waits 15 s at most), not refused nor timed out
+            assert duty.call("GET", "/api/v1/agents") == (200, {"agents": []})
+        assert duty.call("GET", "/desk/api/room?agent=s1/101")[0] == 200
+    finally:
+        for s in streams:
+            s.close()
+        server.shutdown()
+        server.server_close()

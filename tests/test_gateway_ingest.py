@@ -203,6 +203,36 @@ def test_clock_skew_alarm_and_recovery(store_backend):
     assert store.alarms(e.conn, state="active") == []
 
 
+def test_a_heartbeat_that_may_have_waited_in_the_broker_does_not_judge_the_room_s_clock(store_backend):
+    """Heartbeats received soon after the broker last queued for us (our connect, or a full receive window: we
+    were behind) look behind by their wait: 10,000 rooms' clock alarms once came with a backlog."""
+    from examwatch.gateway.mqtt import SETTLE
+
+    e = make(store_backend)
+    e.clocks.settled_from = T0 + SETTLE  # the broker last queued for us at T0
+    late = [status_msg("s1/101", "online", T0 - 60 + i, T0 + i, n=1 + i) for i in range(5)]
+    e.ingest(late, T0 + 5)  # each 60 s old: it waited in the queue
+    assert store.alarms(e.conn) == [] and store.agents(e.conn)[0]["skew"] is None
+    after = T0 + SETTLE + 1  # settled: a clock 60 s behind is the room's own
+    e.ingest([status_msg("s1/101", "online", after - 60, after, n=9)], after)
+    [a] = store.alarms(e.conn, state="active")
+    assert a["rule"] == "clock_skew" and "-60.0" in a["message"]
+
+
+def test_heartbeats_most_rooms_get_late_do_not_judge_clocks_and_one_room_s_own_lateness_does():
+    """Late by the same in most rooms: it is our intake (the broker's queue, our parsing), not their clocks."""
+    from examwatch.gateway.ledger import Clocks
+
+    clocks = Clocks(bound=5.0)
+    rooms = [f"s1/{i}" for i in range(Clocks.ROOMS)]
+    assert [clocks.judge(r, T0 - 60, T0) for r in rooms][-1] is False  # ten rooms, each 60 s late: ours
+    for i in range(Clocks.RECENT):  # caught up: on time again
+        clocks.judge(rooms[i % len(rooms)], T0 + i, T0 + i + 0.2)
+    assert clocks.judge("s1/0", T0 + 100, T0 + 200) is True  # one room 100 s behind, the others on time: its clock
+    few = Clocks(bound=5.0)
+    assert few.judge("s1/0", T0 - 60, T0) is True  # one room alone: nothing to tell its clock from our lateness
+
+
 def test_retention_prunes_and_old_seqs_stay_known(store_backend):
     e = make(store_backend)
     e.ingest([readings_msg("s1/101", s, T0 + s) for s in (1, 2, 3)], T0 + 3)

@@ -189,3 +189,57 @@ def test_a_follower_raises_the_security_alarm_again_after_the_leader_cleared_it(
     follower.tick(T0 + 101, T0 - 1000)
     follower.ingest([readings_msg("s1/101", 2, T0 + 200, key=b"\x09" * 32)], T0 + 200)  # again: a new alarm
     assert [a["rule"] for a in store.alarms(leader.conn, state="active")] == ["security_rejected"]
+
+
+class Counted:
+    """A connection that counts the statements sent through it (each a round trip on PostgreSQL)."""
+
+    def __init__(self, conn: store.Db) -> None:
+        self.conn, self.statements = conn, 0
+        self.dialect = store.dialect(conn)
+
+    def execute(self, sql, params=()):
+        self.statements += 1
+        return self.conn.execute(sql, params)
+
+
+def test_the_open_alarms_are_read_in_a_fixed_number_of_statements(store_backend):
+    """The leader of replicas reads them every second: a round trip per open gateway alarm (every room's, when
+    10,000 rooms' heartbeats came late) once held its ingest loop for seconds at each tick."""
+    from examwatch.gateway.ledger import load_open
+    from tests.test_gateway_ingest import status_msg
+
+    gw = make(store_backend)
+    gw.ingest([status_msg(agent, "offline", T0, T0) for agent in KEYS], T0)  # each room's offline alarm: ours
+    counted = Counted(gw.conn)
+    open_alarms, ours, _ = load_open(counted)
+    assert counted.statements == 2  # the alarms with their raises, the incidents
+    assert sorted(ours) == [(agent, "agent_offline") for agent in sorted(KEYS)]
+    assert all(ev.state == "raised" and ev.site == "s1" for ev in ours.values())
+    assert ours == gw.gateway_alarms and {ev.id for ev in ours.values()} == set(open_alarms)
+
+
+def test_an_upsert_of_distinct_keys_takes_a_statement_per_chunk_and_means_the_same(store_backend, monkeypatch):
+    """On PostgreSQL the latest values, agents, epochs... go many rows a statement (12,000 statements a batch at
+    10,000 rooms were most of a replica's ingest); each row still counts as alone: the newer reading wins."""
+    import psycopg
+
+    from examwatch.gateway.ledger import Rows
+
+    sql = next(s for s, _ in Rows().statements([]) if s.startswith("INSERT INTO latest"))
+    conn = store.connect(store_backend)
+    store.write_batch(conn, [(sql, [("s1/101", "d", f"m{i:02d}", float(i), 100.0, "good") for i in range(50)])])
+    sent: list[str] = []
+    execute = psycopg.Cursor.execute
+    monkeypatch.setattr(psycopg.Cursor, "execute", lambda cur, q, *a, **k: sent.append(q) or execute(cur, q, *a, **k))
+    monkeypatch.setattr(pg, "PARAMS_MAX", 6 * 20)  # 20 rows a statement
+    rows = [("s1/101", "d", f"m{i:02d}", -1.0, 150.0 if i % 2 else 50.0, "good") for i in range(50)]  # odd: newer
+    store.write_batch(conn, [(sql, rows)])
+    assert dict(conn.execute("SELECT metric, value FROM latest").fetchall()) == {
+        f"m{i:02d}": -1.0 if i % 2 else float(i) for i in range(50)
+    }
+    twice = [("s1/101", "d", "m00", 7.0, 200.0, "good"), ("s1/101", "d", "m00", 8.0, 300.0, "good")]
+    store.write_batch(conn, [(sql, twice)])  # a key twice: a statement each, in order
+    assert conn.execute("SELECT value FROM latest WHERE metric = 'm00'").fetchone()[0] == 8.0
+    upserts = [q for q in sent if "INSERT INTO latest" in str(q)]
+    assert len(upserts) == (3 if store.dialect(conn) == "postgresql" else 0)  # 50 rows by 20; twice: executemany

@@ -254,3 +254,25 @@ def test_a_first_start_tells_the_alarms_open_now_but_not_the_history(db, bots):
         assert room_alarms(hook)[-1] == "s1/104/recording_stopped/1:raised:2"
     finally:
         n.stop()
+
+
+def test_a_stop_without_waiting_leaves_the_send_in_hand_to_end_and_then_starts_again(db, bots):
+    """A replica losing the lead stops its notifier without waiting (its ingest loop must go on): the send in
+    hand ends by itself, and the notifier starts again, once that is over, when the lead comes back."""
+    path, conn = db
+    bot = Bot("webhook", "whk")
+    bot.delay = 3.0  # a slow robot: the stop lands mid-send
+    bots.append(bot)
+    n = run(path, [Channel(name="h", type="webhook", url=bot.url, secret="whk")])
+    try:
+        store_alarm(conn, raised("101"))
+        until(lambda: bot.arrived, 20, "the send under way")
+        n.stop(wait=0)
+        assert not n.stopped() and n.alive()  # returned at once, the send still in hand; nothing counts as dead
+        until(n.stopped, 20, "the send in hand ended")
+        assert len(bot.bodies()) == 1
+        store_alarm(conn, raised("102"))
+        n.start()  # the lead again
+        until(lambda: len(room_alarms(bot)) == 2, 20, "the new alarm sent")
+    finally:
+        n.stop()

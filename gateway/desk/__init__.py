@@ -164,7 +164,23 @@ async def events(request: Request) -> Response:
 
 async def _stream(request: Request, sid: str | None) -> Any:
     srv = server(request)
-    conn = store.connect(srv.db_path, readonly=True)
+    # SQLite's change mark (data_version) is a connection's own: a stream keeps its connection (a file, no pool).
+    # PostgreSQL's is the server's: a stream borrows a pooled connection for each look only, never for its ten
+    # minutes (sixteen streams would hold sixteen of the pool's twenty while the API and the ingest wait).
+    held = None if isinstance(srv.db_path, store.Postgres) else store.connect(srv.db_path, readonly=True)
+
+    def look(version: object, due: bool) -> tuple[object, dict[str, Any] | None]:
+        """The change mark, and the desk's state if it changed (or a refresh is ``due``)."""
+        conn = held if held is not None else store.connect(srv.db_path, readonly=True)
+        try:
+            mark = store.change_mark(conn)
+            if mark == version and not due:
+                return mark, None
+            return mark, views.state(conn, srv.roster, srv.secrecy, time.time())
+        finally:
+            if conn is not held:
+                conn.close()
+
     srv.streams += 1  # counted once running: a stream whose client left before it started never runs its finally
     try:
         yield "retry: 2000\n\n"
@@ -172,17 +188,17 @@ async def _stream(request: Request, sid: str | None) -> Any:
         while not srv.stopping.is_set() and time.monotonic() - started < STREAM_SECONDS:
             if srv.auth.session(sid, time.time()) is None:
                 break  # logged out or expired (a client that left is cancelled by Starlette)
-            now_version = await run_in_threadpool(store.change_mark, conn)  # a round trip on PostgreSQL
-            if now_version != version or time.monotonic() - sent > 15:
-                version = now_version
-                state = await run_in_threadpool(views.state, conn, srv.roster, srv.secrecy, time.time())
+            # off the event loop: a round trip on PostgreSQL (and a wait for the pool when it is busy)
+            version, state = await run_in_threadpool(look, version, time.monotonic() - sent > 15)
+            if state is not None:
                 shown = {k: v for k, v in state.items() if k != "now"}
                 if shown != last or time.monotonic() - sent > 15:  # most commits are readings: nothing to show
                     last, sent = shown, time.monotonic()
                     yield f"event: state\ndata: {json.dumps(state, ensure_ascii=False)}\n\n"
             await asyncio.sleep(POLL)
     finally:
-        conn.close()
+        if held is not None:
+            held.close()
         srv.streams -= 1
 
 

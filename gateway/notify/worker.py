@@ -62,12 +62,15 @@ class Notifier:
         self.stop_event = threading.Event()
         self.wake = {c.name: threading.Event() for c in channels}
         self.threads: list[threading.Thread] = []
+        self._ending: list[threading.Thread] = []  # the threads asked to stop, finishing what they had in hand
         self.collector = NotifyCollector(self)
         self._first: tuple[dict[str, int], list[Any]] | None = None
 
     def start(self) -> None:
+        """Start planning and sending; after ``stop``, only once its threads have ended (``stopped``)."""
         if not self.channels:
             return  # nowhere to send: no tables, no threads
+        self.stop_event.clear()
         conn = outbox.connect(self.db_path)
         try:
             if outbox.load(conn, "cursors") is None:
@@ -91,12 +94,19 @@ class Notifier:
         """Every planner and sender thread still runs (none started when no channel is configured)."""
         return all(t.is_alive() for t in self.threads)
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 15.0) -> None:
+        """Ask every thread to end, and wait ``wait`` s at most for each. With 0 they end by themselves after the
+        step or send in hand (a replica losing the lead does not hold its ingest loop up for a slow robot)."""
         self.stop_event.set()
         for w in self.wake.values():
             w.set()
-        for t in self.threads:
-            t.join(15)
+        self._ending, self.threads = self.threads, []
+        for t in self._ending if wait > 0 else []:
+            t.join(wait)
+
+    def stopped(self) -> bool:
+        """Every thread of the last start has ended: it may start again."""
+        return not any(t.is_alive() for t in self._ending)
 
     # --- planning -------------------------------------------------------------------------------------
 
