@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgspec
+import structlog
 
 from examwatch.gateway import store
 from examwatch.gateway.correlate import Fault, Incident
 from examwatch.kernel import wire
 from examwatch.kernel.model import AlarmEvent
+
+log = structlog.get_logger("examwatch.gateway.ledger")
 
 StatusKey = tuple[int, int, int, int]  # (epoch rank, boot, conn, n)
 Order = tuple[int, int]  # an alarm transition's place: (epoch rank, seq) for an agent's, (0, our ms) for ours
@@ -255,6 +258,7 @@ class Clocks:
         self.bound = bound  # the clock check's bound (liveness.skew_max): late by half of it is late
         self.settled_from = 0.0
         self._recent: deque[tuple[str, float]] = deque(maxlen=self.RECENT)  # (room, received - its timestamp)
+        self.late = 0.0  # the median lateness while most rooms' heartbeats are late (0: they are not)
 
     def judge(self, agent: str, ts: float, received: float) -> bool:
         self._recent.append((agent, received - ts))
@@ -263,7 +267,11 @@ class Clocks:
         if len({a for a, _ in self._recent}) < self.ROOMS:
             return True
         late = sorted(d for _, d in self._recent)[len(self._recent) // 2]
-        return late <= self.bound / 2
+        behind = late > self.bound / 2
+        if behind != (self.late > 0):  # a change, logged once: no room's clock is judged meanwhile
+            log.warning("heartbeats_late" if behind else "heartbeats_on_time", median_late=round(late, 1))
+        self.late = late if behind else 0.0
+        return not behind
 
 
 def newer(key: StatusKey, than: StatusKey | None) -> bool:

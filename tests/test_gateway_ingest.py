@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from examwatch.gateway import store
 from examwatch.gateway.config import Config, Liveness, Security
@@ -225,9 +226,14 @@ def test_heartbeats_most_rooms_get_late_do_not_judge_clocks_and_one_room_s_own_l
 
     clocks = Clocks(bound=5.0)
     rooms = [f"s1/{i}" for i in range(Clocks.ROOMS)]
-    assert [clocks.judge(r, T0 - 60, T0) for r in rooms][-1] is False  # ten rooms, each 60 s late: ours
-    for i in range(Clocks.RECENT):  # caught up: on time again
-        clocks.judge(rooms[i % len(rooms)], T0 + i, T0 + i + 0.2)
+    with capture_logs() as logs:
+        assert [clocks.judge(r, T0 - 60, T0) for r in rooms][-1] is False  # ten rooms, each 60 s late: ours
+        clocks.judge(rooms[0], T0 - 60, T0 + 1)
+        assert clocks.late == 60.0
+        for i in range(Clocks.RECENT):  # caught up: on time again
+            clocks.judge(rooms[i % len(rooms)], T0 + i, T0 + i + 0.2)
+    # the change said once each way, not at every heartbeat
+    assert [e["event"] for e in logs] == ["heartbeats_late", "heartbeats_on_time"] and clocks.late == 0.0
     assert clocks.judge("s1/0", T0 + 100, T0 + 200) is True  # one room 100 s behind, the others on time: its clock
     few = Clocks(bound=5.0)
     assert few.judge("s1/0", T0 - 60, T0) is True  # one room alone: nothing to tell its clock from our lateness
