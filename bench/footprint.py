@@ -138,7 +138,14 @@ class Agent:
         self.log = conf.with_suffix(".log")
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "examwatch", "agent", "run", "--config", str(conf)],
+            [
+                sys.executable,
+                *os.environ.get("FP3_WRAP", "-m examwatch").split(),
+                "agent",
+                "run",
+                "--config",
+                str(conf),
+            ],
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             cwd=cwd,
@@ -229,6 +236,7 @@ def rss():
 
 class Acc:
     def add(self, reading): pass
+    def add_all(self, readings): pass
 
 async def build():
     protocol, _, variant = sys.argv[1].partition(" ")

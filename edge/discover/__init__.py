@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -55,6 +56,9 @@ class Trial:
 class _Readings(list[Reading]):
     def add(self, reading: Reading) -> None:
         self.append(reading)
+
+    def add_all(self, readings: Sequence[Reading]) -> None:
+        self.extend(readings)
 
 
 async def trial(device: dict[str, Any]) -> Trial:
