@@ -19,9 +19,8 @@ HOSTILE = 'a "quoted" \\ back\nslash 考场'
 
 
 def view() -> SimpleNamespace:
-    cfg = loads(
-        '[agent]\nsite = "s1"\nroom = "r101"\n[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "nut"\naddress = "u@h"\n'
-    )
+    device = '[[devices]]\nname = "ups1"\nkind = "ups"\nprotocol = "nut"\naddress = "u@h"\n'
+    cfg = loads('[agent]\nsite = "s1"\nroom = "r101"\n' + device)
     health = Health()
     health.ok("ups1", "nut", 0.01, 1.0, 3)
     health.failed("ups1", "nut", DeviceError("timeout"), 0.5)

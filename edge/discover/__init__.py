@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
