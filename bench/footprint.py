@@ -138,14 +138,7 @@ class Agent:
         self.log = conf.with_suffix(".log")
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                *os.environ.get("FP3_WRAP", "-m examwatch").split(),
-                "agent",
-                "run",
-                "--config",
-                str(conf),
-            ],
+            [sys.executable, "-m", "examwatch", "agent", "run", "--config", str(conf)],
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             cwd=cwd,

@@ -37,6 +37,7 @@ class Profile(Strict, kw_only=True):
 
 
 MAX_ANSWER = 256 * 1024  # bytes of one LIST VAR answer; a real UPS has a few dozen variables
+READ_CHUNK = 16 * 1024  # bytes read at once: a whole answer of a real UPS
 _VAR = re.compile(r'VAR (\S+) (\S+) "((?:[^"\\]|\\.)*)"')
 
 
@@ -108,14 +109,16 @@ class NutOptions(Strict, kw_only=True):
         return f"NutOptions(username={self.username!r})"
 
 
-class _Connection(asyncio.Protocol):
-    """One kept connection to upsd, as a bare asyncio protocol: an answer is gathered from ``data_received``
-    into one buffer and handed over whole (streams cost a poll several loop rounds and most of its CPU).
-    An answer longer than ``MAX_ANSWER`` bytes, or upsd closing, is a ``ConnectionError``."""
+class _Connection(asyncio.BufferedProtocol):
+    """One kept connection to upsd, as a bare asyncio protocol: an answer is read into one buffer kept for
+    the connection's life and handed over whole. (Streams cost a poll several loop rounds, and each of
+    their reads a fresh 256 KiB bytes object: an mmap, mremap and munmap per read, the dearest part of a
+    poll in a VM.) An answer longer than ``MAX_ANSWER`` bytes, or upsd closing, is a ``ConnectionError``."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
+        self.chunk = bytearray(READ_CHUNK)  # what the transport reads into
         self.waiter: asyncio.Future[None] | None = None
         self.end = b""  # what ends the awaited answer: b"" for one line, else the end line of a list
         self.searched = 0  # bytes of the buffer already searched for ``end``
@@ -130,8 +133,11 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.chunk
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.buffer += memoryview(self.chunk)[:nbytes]
         if len(self.buffer) > MAX_ANSWER:
             self._fail(ConnectionError(f"an answer longer than {MAX_ANSWER} bytes"))
             if self.transport is not None:
