@@ -52,9 +52,17 @@ class NutError(Exception):
 def parse_list_var(lines: list[str], ups: str) -> dict[str, str]:
     """The lines between ``BEGIN LIST VAR <ups>`` and ``END LIST VAR <ups>`` -> variable -> value."""
     out: dict[str, str] = {}
+    prefix = f"VAR {ups} "
     for line in lines:
         if line.startswith("ERR "):
             raise NutError(line[4:].split()[0] if line[4:].split() else "UNKNOWN")
+        if not line.startswith(prefix):
+            continue
+        # nearly every line: a plain name and a value with no quote or backslash in it, read without the regex
+        name, sep, rest = line[len(prefix) :].partition(' "')
+        if sep and rest.endswith('"') and '"' not in rest[:-1] and "\\" not in rest and name.split() == [name]:
+            out[name] = rest[:-1]
+            continue
         m = _VAR.fullmatch(line)
         if m and m.group(1) == ups:
             value = m.group(3)
