@@ -207,8 +207,14 @@ def start_alone(work: Path, name: str, broker: int, devices: str, cwd: Path) -> 
 
 
 def cpu_seconds(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
+    """CPU time of every thread of ``pid``, in nanoseconds from the scheduler (schedstat): user and system
+    times tick in 10 ms, a quarter of a millisecond per second over a 40 s window, as much as what is compared."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        return sum(int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0]) for t in tasks) / 1e9
+    except (OSError, ValueError, IndexError):  # no schedstat (an older or other kernel), or a thread just ended
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
 
 
 def rss_mib(pid: int) -> float:
@@ -229,6 +235,7 @@ def rss():
 
 class Acc:
     def add(self, reading): pass
+    def add_all(self, readings): pass
 
 async def build():
     protocol, _, variant = sys.argv[1].partition(" ")

@@ -33,6 +33,9 @@ class NullAcc:
     def add(self, reading: object) -> None:
         pass
 
+    def add_all(self, readings: list[object]) -> None:
+        pass
+
 
 def tcp_service() -> int:
     """A TCP service that accepts and closes at once, standing in for the exam platform."""

@@ -38,6 +38,9 @@ class Sink:
     def add(self, reading: object) -> None:
         self.count += 1
 
+    def add_all(self, readings: list[object]) -> None:
+        self.count += len(readings)
+
 
 def children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)

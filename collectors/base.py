@@ -46,6 +46,10 @@ class DeviceError(Exception):
 class Accumulator(Protocol):
     def add(self, reading: Reading) -> None: ...
 
+    def add_all(self, readings: Sequence[Reading]) -> None:
+        """A poll's readings at once: one hand-off per poll, not one per reading."""
+        ...
+
 
 T = TypeVar("T")
 
@@ -382,8 +386,7 @@ class PollingCollector(Collector):
             if told is not None and now - told[0] < device.interval and seen == told[1]:
                 return
             self._told[device.name] = (now, seen)
-        for r in readings:
-            self.acc.add(r)
+        self.acc.add_all(readings)
 
     async def _loop(self, device: Device, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -318,8 +318,7 @@ fields = [
             return
         for reason in rejected:
             self.health.drop("mqtt", reason, device=device.name, topic=topic)
-        for r in readings:
-            self.acc.add(r)
+        self.acc.add_all(readings)
         self.health.ok(device.name, self.protocol, 0.0, now)
 
     # --- paho callbacks (paho's network thread; none may raise) ---

@@ -10,6 +10,7 @@ NUT's standard names, others the names some drivers use instead (per phase on a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import re
 import time
@@ -36,6 +37,7 @@ class Profile(Strict, kw_only=True):
 
 
 MAX_ANSWER = 256 * 1024  # bytes of one LIST VAR answer; a real UPS has a few dozen variables
+READ_CHUNK = 16 * 1024  # bytes read at once: a whole answer of a real UPS
 _VAR = re.compile(r'VAR (\S+) (\S+) "((?:[^"\\]|\\.)*)"')
 
 
@@ -50,9 +52,17 @@ class NutError(Exception):
 def parse_list_var(lines: list[str], ups: str) -> dict[str, str]:
     """The lines between ``BEGIN LIST VAR <ups>`` and ``END LIST VAR <ups>`` -> variable -> value."""
     out: dict[str, str] = {}
+    prefix = f"VAR {ups} "
     for line in lines:
         if line.startswith("ERR "):
             raise NutError(line[4:].split()[0] if line[4:].split() else "UNKNOWN")
+        if not line.startswith(prefix):
+            continue
+        # nearly every line: a plain name and a value with no quote or backslash in it, read without the regex
+        name, sep, rest = line[len(prefix) :].partition(' "')
+        if sep and rest.endswith('"') and '"' not in rest[:-1] and "\\" not in rest and name.split() == [name]:
+            out[name] = rest[:-1]
+            continue
         m = _VAR.fullmatch(line)
         if m and m.group(1) == ups:
             value = m.group(3)
@@ -88,6 +98,7 @@ def parse_nut(
     return readings, bad
 
 
+@functools.lru_cache(maxsize=256)  # once per device, not once per poll
 def parse_address(address: str) -> tuple[str, str, int]:
     """``ups@host[:port]`` -> (ups, host, port)."""
     m = re.fullmatch(r"([^@\s]+)@(\[[^\]]+\]|[^:\s]+)(?::(\d+))?", address)
@@ -106,45 +117,88 @@ class NutOptions(Strict, kw_only=True):
         return f"NutOptions(username={self.username!r})"
 
 
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+class _Connection(asyncio.BufferedProtocol):
+    """One kept connection to upsd, as a bare asyncio protocol: an answer is read into one buffer kept for
+    the connection's life and handed over whole. (Streams cost a poll several loop rounds, and each of
+    their reads a fresh 256 KiB bytes object: an mmap, mremap and munmap per read, the dearest part of a
+    poll in a VM.) An answer longer than ``MAX_ANSWER`` bytes, or upsd closing, is a ``ConnectionError``."""
 
-    async def command(self, line: str) -> str:
-        self.writer.write(line.encode() + b"\n")
-        await self.writer.drain()
-        return await self.readline()
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.chunk = bytearray(READ_CHUNK)  # what the transport reads into
+        self.waiter: asyncio.Future[None] | None = None
+        self.end = b""  # what ends the awaited answer: b"" for one line, else the end line of a list
+        self.searched = 0  # bytes of the buffer already searched for ``end``
+        self.lost: Exception | None = None
 
-    async def readline(self) -> str:
-        raw = await self.reader.readline()
-        if not raw:
-            raise ConnectionError("upsd closed the connection")
-        return raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    @classmethod
+    async def open(cls, host: str, port: int) -> _Connection:
+        _, conn = await asyncio.get_running_loop().create_connection(cls, host, port)
+        return conn
 
-    async def read_until(self, end: str) -> list[str]:
-        """The lines before the line ``end``, read in one go (not one await per line: a third of the poll's
-        CPU); at most ``MAX_ANSWER`` bytes. A value that holds the words of ``end`` does not end it."""
-        sep = end.encode()
-        raw = b""
-        try:
-            while True:
-                raw += await self.reader.readuntil(sep)
-                at = len(raw) - len(sep)
-                if at == 0 or raw[at - 1] == 0x0A:  # at the start of a line
-                    break
-                if len(raw) > MAX_ANSWER:
-                    raise ConnectionError(f"an answer longer than {MAX_ANSWER} bytes")
-            rest = await self.reader.readline()  # the end line's own "\n" (or "\r\n")
-        except asyncio.IncompleteReadError:
-            raise ConnectionError("upsd closed the connection") from None
-        except (asyncio.LimitOverrunError, ValueError):
-            raise ConnectionError("a line longer than the reader's limit (64 KiB)") from None
-        if rest.strip():
-            raise ConnectionError(f"unexpected answer {(sep + rest)[:80]!r}")
-        return [line.rstrip("\r") for line in raw[:at].decode("utf-8", errors="replace").split("\n")[:-1]]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.chunk
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.buffer += memoryview(self.chunk)[:nbytes]
+        if len(self.buffer) > MAX_ANSWER:
+            self._fail(ConnectionError(f"an answer longer than {MAX_ANSWER} bytes"))
+            if self.transport is not None:
+                self.transport.close()
+        elif self.waiter is not None and not self.waiter.done() and self._complete() is not None:
+            self.waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError("upsd closed the connection"))
+
+    def _fail(self, err: ConnectionError) -> None:
+        self.lost = self.lost or err
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(self.lost)
+
+    def _complete(self) -> int | None:
+        """The length of the answer when the buffer holds all of it: its first line when that is not
+        ``BEGIN`` (an error), else up to the end line (at the start of a line: a value may hold its words)."""
+        first = self.buffer.find(b"\n")
+        if first < 0:
+            return None
+        if not self.end or not self.buffer.startswith(b"BEGIN "):
+            return first + 1
+        at = self.buffer.find(b"\n" + self.end, max(first, self.searched - len(self.end) - 3))
+        while at >= 0:
+            tail = at + 1 + len(self.end)
+            if self.buffer.startswith(b"\n", tail) or self.buffer.startswith(b"\r\n", tail):
+                return self.buffer.index(b"\n", tail) + 1
+            if len(self.buffer) - tail < 2:  # the end line's own line end may still come
+                break
+            at = self.buffer.find(b"\n" + self.end, at + 1)
+        self.searched = len(self.buffer)
+        return None
+
+    async def ask(self, line: str, end: str = "") -> list[str]:
+        """Send ``line``; its answer as lines: one, or those up to the line ``end`` (without it)."""
+        if self.lost is not None or self.transport is None:
+            raise self.lost or ConnectionError("not connected")
+        self.end, self.searched = end.encode(), 0
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(line.encode() + b"\n")
+        if self._complete() is None:
+            await self.waiter
+        size = self._complete()
+        assert size is not None
+        raw = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        lines = [ln.rstrip("\r") for ln in raw.decode("utf-8", errors="replace").split("\n")[:-1]]
+        return lines[:-1] if end and len(lines) > 1 else lines
 
     def close(self) -> None:
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
 
 
 @register
@@ -187,7 +241,8 @@ profile = "standard"            # NUT's standard names; "three-phase" for per-ph
 
         async def attempt() -> list[str]:
             try:
-                return await asyncio.wait_for(self._list_var(device, ups, host, port), device.timeout)
+                async with asyncio.timeout(device.timeout):  # no task of its own, unlike wait_for
+                    return await self._list_var(device, ups, host, port)
             except (TimeoutError, OSError, ConnectionError) as err:
                 self._drop_connection(device.name)
                 reason = "timeout" if isinstance(err, TimeoutError) else "connection"
@@ -212,20 +267,20 @@ profile = "standard"            # NUT's standard names; "three-phase" for per-ph
     async def _list_var(self, device: Any, ups: str, host: str, port: int) -> list[str]:
         conn = self._connections.get(device.name)
         if conn is None:
-            reader, writer = await asyncio.open_connection(host, port)
-            conn = self._connections[device.name] = _Connection(reader, writer)
+            conn = self._connections[device.name] = await _Connection.open(host, port)
             options: NutOptions = device.options or NutOptions()
             if options.username:
                 for line in (f"USERNAME {options.username}", f"PASSWORD {options.password}"):
-                    answer = await conn.command(line)
+                    answer = (await conn.ask(line))[0]
                     if answer != "OK":
                         raise NutError(answer[4:] if answer.startswith("ERR ") else "LOGIN")
-        first = await conn.command(f"LIST VAR {ups}")
+        lines = await conn.ask(f"LIST VAR {ups}", end=f"END LIST VAR {ups}")
+        first = lines[0] if lines else ""
         if first.startswith("ERR "):
             raise NutError(first[4:].split()[0])
         if first != f"BEGIN LIST VAR {ups}":
             raise ConnectionError(f"unexpected answer {first[:80]!r}")
-        return await conn.read_until(f"END LIST VAR {ups}")
+        return lines[1:]
 
     def _drop_connection(self, name: str) -> None:
         conn = self._connections.pop(name, None)

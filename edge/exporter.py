@@ -1,7 +1,8 @@
 """Prometheus endpoint of the agent: current readings, active alarms, collector and uplink health.
 
-A custom collector builds every family at scrape time from the agent's live view, so there is no state
-carried between scrapes and no stale series: a device that vanished from the view vanishes here.
+Every family is built at scrape time from the agent's live view, so there is no state carried between
+scrapes and no stale series: a device that vanished from the view vanishes here. The text format is the
+kernel's writer (``kernel.exposition``, shared with the gateway): the agent does not import prometheus_client.
 """
 
 from __future__ import annotations
@@ -10,22 +11,21 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
-from prometheus_client.exposition import ThreadingWSGIServer
-from prometheus_client.registry import Collector
+import structlog
 
 from examwatch import __version__
 from examwatch.collectors.base import Health
 from examwatch.edge.config import Config
 from examwatch.kernel.catalog import METRICS
 from examwatch.kernel.config import parse_listen
+from examwatch.kernel.exposition import CONTENT_TYPE, family, labels
 from examwatch.kernel.model import base_device
 from examwatch.rules.schedule import PHASES
+
+log = structlog.get_logger("examwatch.exporter")
 
 
 class AgentView(Protocol):
@@ -42,162 +42,165 @@ class AgentView(Protocol):
     def uplink_health(self) -> Any: ...
 
 
-class AgentCollector(Collector):
-    def __init__(self, agent: AgentView) -> None:
-        self.agent = agent
-
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | InfoMetricFamily]:
-        a = self.agent
-        site, room = a.cfg.agent.site, a.cfg.agent.room
-        kinds = {d.name: d.kind for d in a.cfg.devices}
-        now = time.time()
-
-        info = InfoMetricFamily("examwatch_agent", "the agent's identity", labels=["site", "room"])
-        info.add_metric([site, room], {"version": __version__, "room_kind": a.cfg.agent.kind})
-        yield info
-
-        families: dict[str, GaugeMetricFamily] = {}
-        age = GaugeMetricFamily(
-            "examwatch_device_reading_age_seconds",
-            "seconds since the device's newest reading",
-            labels=["site", "room", "device", "kind"],
+def page(agent: AgentView) -> str:
+    """The scrape: every family built now from the agent's live view (no state between scrapes, no stale
+    series: a device that vanished from the view vanishes here), in the text format the kernel writes."""
+    a = agent
+    site, room = a.cfg.agent.site, a.cfg.agent.room
+    kinds = {d.name: d.kind for d in a.cfg.devices}
+    now = time.time()
+    ids = {"site": site, "room": room}
+    out = [
+        family(
+            "examwatch_agent_info",
+            "the agent's identity",
+            "gauge",
+            [(labels({**ids, "version": __version__, "room_kind": a.cfg.agent.kind}), 1.0)],
         )
-        newest: dict[tuple[str, str], float] = {}  # (device, kind) -> its newest reading's time
-        for r in list(a.current.values()):
-            fam = families.get(r.metric)
-            if fam is None:
-                meta = METRICS[r.metric]
-                fam = families[r.metric] = GaugeMetricFamily(
-                    f"examwatch_{r.metric}", f"{meta.help} ({meta.unit})", labels=["site", "room", "device", "kind"]
-                )
-            kind = kinds.get(base_device(r.device), "host")
-            fam.add_metric([site, room, r.device, kind], r.value)
-            newest[(r.device, kind)] = max(r.ts, newest.get((r.device, kind), r.ts))
-        for (device, device_kind), ts in newest.items():
-            age.add_metric([site, room, device, device_kind], max(0.0, now - ts))
-        yield from families.values()
-        yield age
+    ]
 
-        active = GaugeMetricFamily(
-            "examwatch_alarm_active", "1 while the alarm fires", labels=["site", "room", "rule", "level", "device"]
-        )
-        for e in list(a.active.values()):
-            active.add_metric([site, room, e.rule, str(e.level), e.device], 1.0)
-        yield active
+    families: dict[str, list[tuple[str, float]]] = {}
+    newest: dict[str, float] = {}  # a device's labels -> its newest reading's time
+    for r in list(a.current.values()):
+        series = labels({**ids, "device": r.device, "kind": kinds.get(base_device(r.device), "host")})
+        families.setdefault(r.metric, []).append((series, r.value))
+        newest[series] = max(r.ts, newest.get(series, r.ts))
+    for metric, samples in families.items():
+        meta = METRICS[metric]
+        out.append(family(f"examwatch_{metric}", f"{meta.help} ({meta.unit})", "gauge", samples))
+    ages = [(series, max(0.0, now - ts)) for series, ts in newest.items()]
+    out.append(
+        family("examwatch_device_reading_age_seconds", "seconds since the device's newest reading", "gauge", ages)
+    )
 
-        ids = [site, room]
-        success = GaugeMetricFamily(
-            "examwatch_collector_success",
-            "1 if the device's last poll or message succeeded",
-            labels=["site", "room", "collector", "device"],
-        )
-        duration = GaugeMetricFamily(
-            "examwatch_collector_duration_seconds",
-            "duration of the device's last poll",
-            labels=["site", "room", "collector", "device"],
-        )
-        errors = CounterMetricFamily(
-            "examwatch_collector_errors",
-            "failed polls by reason",
-            labels=["site", "room", "collector", "device", "reason"],
-        )
-        for name, h in list(a.health.devices.items()):
-            success.add_metric([*ids, h.collector, name], 1.0 if h.online else 0.0)
-            duration.add_metric([*ids, h.collector, name], h.last_duration)
-            for reason, n in list(h.errors.items()):
-                errors.add_metric([*ids, h.collector, name, reason], n)
-        yield success
-        yield duration
-        yield errors
+    active = [
+        (labels({**ids, "rule": e.rule, "level": str(e.level), "device": e.device}), 1.0)
+        for e in list(a.active.values())
+    ]
+    out.append(family("examwatch_alarm_active", "1 while the alarm fires", "gauge", active))
 
-        dropped = CounterMetricFamily(
+    success, duration, errors = [], [], []
+    for name, h in list(a.health.devices.items()):
+        device = {**ids, "collector": h.collector, "device": name}
+        success.append((labels(device), 1.0 if h.online else 0.0))
+        duration.append((labels(device), h.last_duration))
+        errors += [(labels({**device, "reason": reason}), n) for reason, n in list(h.errors.items())]
+    out.append(
+        family("examwatch_collector_success", "1 if the device's last poll or message succeeded", "gauge", success)
+    )
+    out.append(family("examwatch_collector_duration_seconds", "duration of the device's last poll", "gauge", duration))
+    out.append(family("examwatch_collector_errors", "failed polls by reason", "counter", errors))
+
+    dropped = [(labels({**ids, "source": s, "reason": why}), n) for (s, why), n in list(a.health.dropped.items())]
+    out.append(
+        family(
             "examwatch_input_dropped",
             "input refused (malformed payloads, unknown topics, a full queue)",
-            labels=["site", "room", "source", "reason"],
+            "counter",
+            dropped,
         )
-        for (source, reason), n in list(a.health.dropped.items()):
-            dropped.add_metric([*ids, source, reason], n)
-        yield dropped
+    )
+    current = a.phase(now)
+    phases = [(labels({**ids, "phase": name}), 1.0 if name == current else 0.0) for name in PHASES]
+    out.append(family("examwatch_agent_phase", "1 for the exam phase the room is in now", "gauge", phases))
 
-        phase = GaugeMetricFamily(
-            "examwatch_agent_phase", "1 for the exam phase the room is in now", labels=["site", "room", "phase"]
+    # The outbox's fill is a reading of the host device (examwatch_outbox_used_ratio, for the rules too):
+    # a second family of the same name would make the whole scrape invalid exposition text.
+    room_ids = labels(ids)
+    outbox = a.outbox_stats()
+    out.append(
+        family(
+            "examwatch_outbox_dropped",
+            "readings messages given up over the disk budget",
+            "counter",
+            [(room_ids, outbox["dropped"])],
         )
-        current = a.phase(now)
-        for name in PHASES:
-            phase.add_metric([*ids, name], 1.0 if name == current else 0.0)
-        yield phase
-
-        # The outbox's fill is a reading of the host device (examwatch_outbox_used_ratio, for the rules too):
-        # a second family of the same name would make the whole scrape invalid exposition text.
-        outbox = a.outbox_stats()
-        dropped_total = CounterMetricFamily(
-            "examwatch_outbox_dropped", "readings messages given up over the disk budget", labels=["site", "room"]
+    )
+    up = a.uplink_health()
+    if up is not None:
+        connected = 1.0 if up.connected else 0.0
+        out.append(
+            family(
+                "examwatch_uplink_connected", "1 while connected to the county broker", "gauge", [(room_ids, connected)]
+            )
         )
-        dropped_total.add_metric(ids, outbox["dropped"])
-        yield dropped_total
-        up = a.uplink_health()
-        if up is not None:
-            yield _gauge(
-                "examwatch_uplink_connected",
-                "1 while connected to the county broker",
-                ids,
-                1.0 if up.connected else 0.0,
+        out.append(
+            family(
+                "examwatch_uplink_pending_messages",
+                "messages waiting for the county broker",
+                "gauge",
+                [(room_ids, float(up.pending))],
             )
-            yield _gauge(
-                "examwatch_uplink_pending_messages", "messages waiting for the county broker", ids, float(up.pending)
-            )
-        fb = a.fallback
-        if fb is not None:  # [fallback]: what the agent sent to the site channel itself while the county was away
-            sent = CounterMetricFamily(
-                "examwatch_fallback_sent", "alarms sent straight to the site channel", labels=["site", "room"]
-            )
-            sent.add_metric(ids, fb.stats["sent"])
-            failed = CounterMetricFamily(
-                "examwatch_fallback_failed", "direct sends that failed, by reason", labels=["site", "room", "reason"]
-            )
-            for key, n in list(fb.stats.items()):
-                if key.startswith("failed:"):
-                    failed.add_metric([*ids, key.removeprefix("failed:")], n)
-            yield from (sent, failed)
-            yield _gauge(
+        )
+    fb = a.fallback
+    if fb is not None:  # [fallback]: what the agent sent to the site channel itself while the county was away
+        failed = [
+            (labels({**ids, "reason": key.removeprefix("failed:")}), n)
+            for key, n in list(fb.stats.items())
+            if key.startswith("failed:")
+        ]
+        out += [
+            family(
+                "examwatch_fallback_sent",
+                "alarms sent straight to the site channel",
+                "counter",
+                [(room_ids, fb.stats["sent"])],
+            ),
+            family("examwatch_fallback_failed", "direct sends that failed, by reason", "counter", failed),
+            family(
                 "examwatch_fallback_waiting",
                 "level-2 alarms waiting to be sent straight to the site",
-                ids,
-                float(len(fb.waiting)),
-            )
+                "gauge",
+                [(room_ids, float(len(fb.waiting)))],
+            ),
+        ]
+    return "".join(out)
 
 
-def _gauge(name: str, help: str, ids: list[str], value: float) -> GaugeMetricFamily:
-    g = GaugeMetricFamily(name, help, labels=["site", "room"])
-    g.add_metric(ids, value)
-    return g
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = 30  # s: a client that connects and says nothing does not keep its thread
 
-
-class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # a scrape every 15 s is not news
         pass
 
+    def do_GET(self) -> None:
+        try:
+            body = page(self.server.agent).encode()
+        except Exception as err:  # a bug in a family must not take the endpoint down: say so, once per scrape
+            log.error("scrape_failed", error=f"{type(err).__name__}: {err}"[:300])
+            self.send_error(500, "scrape failed: see the agent's log")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-def serve(agent: AgentView, listen: str) -> tuple[ThreadingWSGIServer, threading.Thread]:
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], family: int, agent: AgentView) -> None:
+        self.agent = agent
+        self.address_family = family
+        super().__init__(address, _Handler)
+
+
+def serve(agent: AgentView, listen: str) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """Start the endpoint on ``host:port`` (127.0.0.1 unless configured); returns (server, thread).
 
-    prometheus_client's own ``start_http_server`` polls for its shutdown twice a second, a fifth of an idle
-    agent's CPU: this server blocks until a scrape comes, and ``stop`` wakes it to end."""
+    The serving loop blocks until a scrape comes (a poll for its shutdown twice a second, as
+    prometheus_client's server does, was a fifth of an idle agent's CPU), and ``stop`` wakes it to end."""
     host, port = parse_listen(listen)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(agent))
-    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-
-    class Server(ThreadingWSGIServer):
-        address_family = family
-
-    server = make_server(str(sockaddr[0]), port, make_wsgi_app(registry), Server, handler_class=_Quiet)
+    family_, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server = _Server((str(sockaddr[0]), port), family_, agent)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": None}, name="exporter", daemon=True)
     thread.start()
     return server, thread
 
 
-def stop(server: ThreadingWSGIServer) -> None:
+def stop(server: ThreadingHTTPServer) -> None:
     """``shutdown`` sets the serving loop's flag and waits for it to see it; a connection of our own wakes
     the loop (blocked without a timeout) until it has."""
     shutting = threading.Thread(target=server.shutdown, daemon=True)

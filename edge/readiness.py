@@ -26,6 +26,7 @@ import json
 import time
 import unicodedata
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -162,6 +163,9 @@ class _Readings:
 
     def add(self, reading: Reading) -> None:
         self.items.append(reading)
+
+    def add_all(self, readings: Sequence[Reading]) -> None:
+        self.items.extend(readings)
 
 
 async def probe_devices(cfg: Any, devices: list[Any], wait: float) -> tuple[list[Reading], list[Check]]:

@@ -24,7 +24,8 @@ import signal
 import sqlite3
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -59,22 +60,35 @@ CLOCK_STEP_HOLD = 3600.0  # seconds ``clock_jump_seconds`` reports a step (keeps
 
 
 class Intake:
-    """The accumulator every collector writes to: thread-safe, bounded, never blocks a collector."""
+    """The accumulator every collector writes to: thread-safe, bounded, never blocks a collector.
+
+    A poll's readings arrive in one ``add_all`` (one wake of the writer per poll, not one per reading);
+    a deque, not a ``queue.Queue``: its appends are atomic and take no lock."""
 
     def __init__(self, health: Health) -> None:
-        self.q: queue.Queue[Reading] = queue.Queue(QUEUE_MAX)
+        self.q: deque[Reading] = deque()
         self.arrived = threading.Event()  # wakes the writer (readings, or the agent stopping)
         self.health = health
 
     def add(self, reading: Reading) -> None:
-        if not math.isfinite(reading.value):  # the county refuses a message holding one: never let it out
-            self.health.drop("intake", "not_finite", device=reading.device, metric=reading.metric)
-            return
-        try:
-            self.q.put_nowait(reading)
-        except queue.Full:
-            self.health.drop("intake", "queue_full")
-        self.arrived.set()
+        self.add_all((reading,))
+
+    def add_all(self, readings: Iterable[Reading]) -> None:
+        kept = []
+        for r in readings:
+            if math.isfinite(r.value):
+                kept.append(r)
+            else:  # the county refuses a message holding one: never let it out
+                self.health.drop("intake", "not_finite", device=r.device, metric=r.metric)
+        room = QUEUE_MAX - len(self.q)
+        if len(kept) > room:
+            for _ in range(len(kept) - max(room, 0)):
+                self.health.drop("intake", "queue_full")
+            kept = kept[: max(room, 0)]
+        self.q.extend(kept)
+        # after the extend: the writer clears the event before it takes, so a poll it missed sets it again
+        if kept and not self.arrived.is_set():
+            self.arrived.set()
 
 
 def with_host_device(cfg: Config) -> Config:
@@ -177,7 +191,7 @@ class Agent:
             if batch and not self._held:
                 self._held_since = mono
             self._held += batch
-            stopping = self.stop_event.is_set() and self.intake.q.empty()
+            stopping = self.stop_event.is_set() and not self.intake.q
             # readings go to the county in batches (its broker and gateway thank us); with an alarm at once,
             # so the county sees the reading that caused it; and whatever is left when we stop
             unsent = self._to_flush or bool(self._held)
@@ -245,13 +259,9 @@ class Agent:
         if wait > 0:
             self.intake.arrived.wait(wait)
         self.intake.arrived.clear()  # before taking: a reading added after the take wakes the next wait
-        batch: list[Reading] = []
-        while len(batch) < BATCH_MAX:
-            try:
-                batch.append(self.intake.q.get_nowait())
-            except queue.Empty:
-                break
-        else:
+        q = self.intake.q
+        batch = [q.popleft() for _ in range(min(len(q), BATCH_MAX))]
+        if q:
             self.intake.arrived.set()  # more is waiting
         return batch
 

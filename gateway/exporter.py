@@ -29,20 +29,19 @@ import gzip
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from operator import add
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.utils import floatToGoString
 
 from examwatch.gateway import store
 from examwatch.gateway.ledger import Stats
 from examwatch.kernel.catalog import METRICS
 from examwatch.kernel.config import parse_listen
+from examwatch.kernel.exposition import CONTENT_TYPE, escape, family, header, numbers
 from examwatch.kernel.model import base_device
 from examwatch.rules.schedule import PHASES
 
@@ -51,35 +50,7 @@ if TYPE_CHECKING:
     from examwatch.gateway.mqtt import Subscriber
 
 log = structlog.get_logger("examwatch.gateway.exporter")
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MMAP_BYTES = 1 << 30  # address space, not memory: a county's gateway.db is well under it
-
-
-def escape(value: str) -> str:
-    """A label value in the text format: backslash, double quote and line feed escaped, nothing else."""
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def number(value: float) -> str:
-    """As prometheus_client writes a value (Go's format): ``repr`` but for 1e6 and up, infinities and NaN."""
-    return repr(value) if -_INF < value < 1e6 else floatToGoString(value)
-
-
-_INF = float("inf")
-
-
-def numbers(values: list[float]) -> list[str]:
-    """``number`` of every value, in one call for a page's worth: repr's digit search costs more than the rest
-    of a reading's line. msgspec writes the same shortest digits that read back as the same float, spelt as
-    repr spells them from 1e-4 up to 1e6 (outside it repr switches to exponents, Go from 1e21 or 1e6 up);
-    the rest (negatives, NaN, infinities, the very small and the large) go through ``number``."""
-    if not values:
-        return []
-    texts = msgspec.json.encode(values).decode()[1:-1].split(",")
-    for i, value in enumerate(values):
-        if value and not 1e-4 <= value < 1e6:  # 0.0 and -0.0 are spelt alike
-            texts[i] = number(value)
-    return texts
 
 
 class Labels:
@@ -119,23 +90,6 @@ class Labels:
                 got = f'device="{escape(device)}",kind="{escape(kind)}"'
             self._devices[(device, kind)] = got
         return got
-
-
-def header(name: str, help_text: str, kind: str) -> str:
-    help_text = help_text.replace("\\", r"\\").replace("\n", r"\n")
-    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
-
-
-def family(name: str, help_text: str, kind: str, samples: Iterable[tuple[str, float]]) -> str:
-    """One family: its HELP and TYPE lines, then a line per (rendered labels, value); a counter gains ``_total``."""
-    if kind == "counter":
-        name += "_total"
-    rows = list(samples)
-    lines = [
-        f"{name}{{{labels}}} {text}\n" if labels else f"{name} {text}\n"
-        for (labels, _), text in zip(rows, numbers([float(v) for _, v in rows]), strict=True)
-    ]
-    return header(name, help_text, kind) + "".join(lines)
 
 
 AGE = "examwatch_device_reading_age_seconds"

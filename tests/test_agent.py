@@ -213,5 +213,5 @@ def test_a_reading_that_is_not_a_number_never_enters_the_agent() -> None:
     intake = Intake(health)
     for value in (float("nan"), float("inf"), 80.0):
         intake.add(Reading("ups", "ups_charge_percent", value, 1.0))
-    assert intake.q.qsize() == 1 and intake.q.get().value == 80.0
+    assert len(intake.q) == 1 and intake.q.popleft().value == 80.0
     assert health.dropped[("intake", "not_finite")] == 2

@@ -33,6 +33,7 @@ from examwatch.collectors.base import Health
 
 class Acc:
     def add(self, reading): pass
+    def add_all(self, readings): pass
 
 async def main():
     v3 = Device(name="ups", kind="ups", protocol="snmp", address="127.0.0.1", profile="ups-mib",

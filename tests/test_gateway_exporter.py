@@ -21,10 +21,11 @@ from structlog.testing import capture_logs
 
 from examwatch.gateway import store
 from examwatch.gateway.desk import views
-from examwatch.gateway.exporter import MMAP_BYTES, GatewayCollector, escape, family, number, numbers, serve
+from examwatch.gateway.exporter import MMAP_BYTES, GatewayCollector, serve
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS, Stats
 from examwatch.kernel import wire
+from examwatch.kernel.exposition import escape, family, go_float, number, numbers
 from examwatch.kernel.model import Reading
 from examwatch.rules.config import Schedule, Window
 from examwatch.rules.schedule import PHASES
@@ -416,3 +417,9 @@ def test_the_desks_room_view_shows_the_latest_readings(tmp_path):
     assert got["devices"] == [
         {"device": "ups1", "kind": "ups", "readings": [{"metric": "ups_charge_percent", "value": 80.0, "ts": T0 - 10}]}
     ]
+
+
+@given(st.floats())
+def test_go_float_is_prometheus_clients_spelling_of_every_float(value):
+    """The kernel's writer needs no prometheus_client: its Go-style numbers are the library's, any float."""
+    assert go_float(value) == floatToGoString(value)

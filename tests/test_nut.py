@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from bench.fuzz_inputs import nut_lines
 from examwatch.collectors import profiles
 from examwatch.collectors.base import DeviceError, Health
 from examwatch.collectors.nut import (
@@ -288,3 +291,35 @@ def test_endless_answer_is_a_connection_state() -> None:
     acc, health = poll_twice(b"BEGIN LIST VAR ups1\n" + line * 300 + b"END LIST VAR ups1\n")
     assert [r.value for r in acc.readings if r.metric == "device_online"] == [0, 0]
     assert health.devices["ups1"].errors["connection"] == 2
+
+
+def _list_var_by_regex(lines: list[str], ups: str) -> dict[str, str]:
+    """parse_list_var as it was: every line through the regex (the reference for its plain-line fast path)."""
+    import re
+
+    from examwatch.collectors.nut import _VAR
+
+    out = {}
+    for line in lines:
+        if line.startswith("ERR "):
+            raise NutError(line[4:].split()[0] if line[4:].split() else "UNKNOWN")
+        m = _VAR.fullmatch(line)
+        if m and m.group(1) == ups:
+            out[m.group(2)] = re.sub(r"\\(.)", r"\1", m.group(3))
+    return out
+
+
+@settings(max_examples=500, deadline=None)
+@given(nut_lines(), st.sampled_from(["ups1", "ups2"]))
+def test_plain_lines_read_without_the_regex_read_as_with_it(text: str, ups: str) -> None:
+    lines = text.split("\n")
+    try:
+        expected: dict[str, str] | NutError = _list_var_by_regex(lines, ups)
+    except NutError as err:
+        expected = err
+    if isinstance(expected, NutError):
+        with pytest.raises(NutError) as got:
+            parse_list_var(lines, ups)
+        assert got.value.code == expected.code
+    else:
+        assert parse_list_var(lines, ups) == expected

@@ -211,6 +211,7 @@ from examwatch.edge.config import Device
 
 class Acc:
     def add(self, reading): pass
+    def add_all(self, readings): pass
 
 async def main():
     options = SnmpOptions(version=sys.argv[1], user="u", auth_key="authkey12", priv_key="privkey12")

@@ -132,7 +132,7 @@ def test_a_write_that_meets_corruption_is_counted_and_alarmed_through_store_ok(t
     agent._store_backlog(store, False)
     assert agent.health.dropped[("store", "corrupt")] == 1
     assert agent.store_ok is False and len(agent._unstored) == 1  # kept in memory, the alarm on its way
-    assert Reading(agent.host_device, "store_ok", 0.0, pytest.approx(time.time(), abs=5)) == agent.intake.q.get_nowait()
+    assert Reading(agent.host_device, "store_ok", 0.0, pytest.approx(time.time(), abs=5)) == agent.intake.q.popleft()
 
 
 # --- modes ----------------------------------------------------------------------------------------------------

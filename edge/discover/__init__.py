@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,9 @@ class Trial:
 class _Readings(list[Reading]):
     def add(self, reading: Reading) -> None:
         self.append(reading)
+
+    def add_all(self, readings: Sequence[Reading]) -> None:
+        self.extend(readings)
 
 
 async def trial(device: dict[str, Any]) -> Trial:

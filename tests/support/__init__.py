@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from examwatch.collectors.base import Collector
@@ -114,6 +114,9 @@ class Recorder:
     def add(self, reading: Reading) -> None:
         self.readings.append(reading)
 
+    def add_all(self, readings: Sequence[Reading]) -> None:
+        self.readings.extend(readings)
+
     def latest(self, device: str, metric: str) -> float | None:
         return next((r.value for r in reversed(self.readings) if r.device == device and r.metric == metric), None)
 
@@ -179,6 +182,10 @@ class RulesRecorder(Driver):
 
     def add(self, reading: Reading) -> None:
         self.run([reading], reading.ts)
+
+    def add_all(self, readings: Sequence[Reading]) -> None:
+        for r in readings:
+            self.add(r)
 
     @property
     def raised(self) -> list[str]:
