@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examwatch.gateway import store
 from examwatch.gateway.config import Config
-from examwatch.gateway.exporter import Exposition, GatewayCollector, serve
+from examwatch.gateway.exporter import Exposition, GatewayCollector, serve, stop
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.kernel import wire
 from examwatch.kernel.model import Reading
@@ -121,8 +121,7 @@ def run(n_rooms: int, n_devices: int, runs: int, before: object = None) -> dict[
             with urllib.request.urlopen(request, timeout=60) as r:
                 gz = len(r.read())
             http.append(time.perf_counter() - start)
-        server.shutdown()
-        server.server_close()
+        stop(server)
     series = sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
     return {
         "readings": readings,

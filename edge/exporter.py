@@ -7,11 +7,8 @@ kernel's writer (``kernel.exposition``, shared with the gateway): the agent does
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 import structlog
@@ -19,9 +16,9 @@ import structlog
 from examwatch import __version__
 from examwatch.collectors.base import Health
 from examwatch.edge.config import Config
+from examwatch.kernel import endpoint
 from examwatch.kernel.catalog import METRICS
-from examwatch.kernel.config import parse_listen
-from examwatch.kernel.exposition import CONTENT_TYPE, family, labels
+from examwatch.kernel.exposition import family, labels
 from examwatch.kernel.model import base_device
 from examwatch.rules.schedule import PHASES
 
@@ -157,57 +154,17 @@ def page(agent: AgentView) -> str:
     return "".join(out)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    timeout = 30  # s: a client that connects and says nothing does not keep its thread
-
-    def log_message(self, format: str, *args: Any) -> None:  # a scrape every 15 s is not news
-        pass
-
-    def do_GET(self) -> None:
-        try:
-            body = page(self.server.agent).encode()
-        except Exception as err:  # a bug in a family must not take the endpoint down: say so, once per scrape
-            log.error("scrape_failed", error=f"{type(err).__name__}: {err}"[:300])
-            self.send_error(500, "scrape failed: see the agent's log")
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+def _page(agent: AgentView) -> bytes | None:
+    try:
+        return page(agent).encode()
+    except Exception as err:  # a bug in a family must not take the endpoint down: say so, once per scrape
+        log.error("scrape_failed", error=f"{type(err).__name__}: {err}"[:300])
+        return None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], family: int, agent: AgentView) -> None:
-        self.agent = agent
-        self.address_family = family
-        super().__init__(address, _Handler)
+def serve(agent: AgentView, listen: str) -> tuple[endpoint.Server, threading.Thread]:
+    """Start the endpoint on ``host:port`` (127.0.0.1 unless configured); returns (server, thread)."""
+    return endpoint.serve(listen, lambda: _page(agent))
 
 
-def serve(agent: AgentView, listen: str) -> tuple[ThreadingHTTPServer, threading.Thread]:
-    """Start the endpoint on ``host:port`` (127.0.0.1 unless configured); returns (server, thread).
-
-    The serving loop blocks until a scrape comes (a poll for its shutdown twice a second, as
-    prometheus_client's server does, was a fifth of an idle agent's CPU), and ``stop`` wakes it to end."""
-    host, port = parse_listen(listen)
-    family_, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    server = _Server((str(sockaddr[0]), port), family_, agent)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": None}, name="exporter", daemon=True)
-    thread.start()
-    return server, thread
-
-
-def stop(server: ThreadingHTTPServer) -> None:
-    """``shutdown`` sets the serving loop's flag and waits for it to see it; a connection of our own wakes
-    the loop (blocked without a timeout) until it has."""
-    shutting = threading.Thread(target=server.shutdown, daemon=True)
-    shutting.start()
-    while shutting.is_alive():
-        with contextlib.suppress(OSError):
-            host, port = server.server_address[:2]
-            socket.create_connection((str(host), int(port)), timeout=0.5).close()
-        shutting.join(0.05)
-    server.server_close()
+stop = endpoint.stop

@@ -18,19 +18,15 @@ per series and escaped every label of every sample: 2.6 s at 2,000 rooms), each 
 for the ages, in milliseconds; the values are spelt in one msgspec call per page (``numbers``: repr's
 digit search cost more than the rest of a line) and the SQLite file is mapped rather than read. A device's
 age is one series, since its newest reading (a device is read, or falls silent, as a whole).
-Other collectors (the notifier's) still go through prometheus_client, appended to the
-same page. Gzip, when asked for, is level 1: the library's level 9 costs more than the whole page for
-15 % less size (measured at 2,000 rooms: 1.1 s against 0.12 s).
+Other collectors (the notifier's) still go through prometheus_client, appended to the same page. The
+page is served by the endpoint the agent's exporter serves too (``kernel.endpoint``; gzip at level 1).
 """
 
 from __future__ import annotations
 
-import gzip
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from operator import add
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +35,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from examwatch.gateway import store
 from examwatch.gateway.ledger import Stats
+from examwatch.kernel import endpoint
 from examwatch.kernel.catalog import METRICS
-from examwatch.kernel.config import parse_listen
-from examwatch.kernel.exposition import CONTENT_TYPE, escape, family, header, numbers
+from examwatch.kernel.exposition import escape, family, header, numbers
 from examwatch.kernel.model import base_device
 from examwatch.rules.schedule import PHASES
 
@@ -107,20 +103,20 @@ class Series:
     def __init__(self, shape: tuple[int, int], rows: list[Any], kinds: dict[str, dict[str, str]], labels: Labels):
         self.shape = shape
         runs: dict[str, tuple[list[int], list[str]]] = {}  # metric -> its rows and their lines' heads, first read first
-        self.devices: list[tuple[str, int, int, str]] = []  # (agent, first row, end, its age line up to the value)
+        starts: list[tuple[str, int, str]] = []  # each device's agent, first row and age line up to the value
         agent = device = tail = ""
         for i, (row_agent, row_device, metric, _, _) in enumerate(rows):
             if row_device != device or row_agent != agent:
                 agent, device = row_agent, row_device
                 dev = labels.device(device, kinds.get(agent, {}).get(base_device(device), ""))
                 tail = f"{{{dev},{labels.agent(agent)}}} "
-                self.devices.append((agent, i, i, f"{AGE}{tail}"))
-            a, start, _, line = self.devices[-1]
-            self.devices[-1] = (a, start, i + 1, line)
+                starts.append((agent, i, f"{AGE}{tail}"))
             if metric in METRICS:  # else not in this gateway's catalog (a newer agent's)
                 run = runs.setdefault(metric, ([], []))
                 run[0].append(i)
                 run[1].append(f"examwatch_{metric}{tail}")
+        ends = [start for _, start, _ in starts[1:]] + [len(rows)] if starts else []  # where the next device begins
+        self.devices = [(a, start, end, line) for (a, start, line), end in zip(starts, ends, strict=True)]
         self.families = [
             (header(f"examwatch_{m}", f"{METRICS[m].help} ({METRICS[m].unit})", "gauge"), *run)
             for m, run in runs.items()
@@ -333,44 +329,9 @@ class Exposition:
         return page
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    timeout = 30  # s: a client that connects and says nothing does not keep its thread
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a scrape every 15 s is not news
-
-    def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-            self.send_error(404)
-            return
-        body = self.server.exposition.page()
-        if body is None:
-            self.send_error(500, "scrape failed: see the gateway's log")
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE)
-        if "gzip" in self.headers.get("Accept-Encoding", ""):
-            body = gzip.compress(body, compresslevel=1)
-            self.send_header("Content-Encoding", "gzip")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], exposition: Exposition) -> None:
-        self.exposition = exposition
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _Handler)
-
-
-def serve(listen: str, gateway: GatewayCollector, *collectors: Any) -> tuple[_Server, threading.Thread]:
+def serve(listen: str, gateway: GatewayCollector, *collectors: Any) -> tuple[endpoint.Server, threading.Thread]:
     """Start the endpoint on ``host:port`` (127.0.0.1 unless configured); returns (server, thread)."""
-    host, port = parse_listen(listen)
-    server = _Server((host, port), Exposition(gateway, *collectors))
-    thread = threading.Thread(target=server.serve_forever, name="exporter", daemon=True)
-    thread.start()
-    return server, thread
+    return endpoint.serve(listen, Exposition(gateway, *collectors).page)
+
+
+stop = endpoint.stop

@@ -19,6 +19,7 @@ from examwatch.gateway import acklink, duty, replica, store
 from examwatch.gateway import config as gwconfig
 from examwatch.gateway.api import ApiServer
 from examwatch.gateway.exporter import GatewayCollector, serve
+from examwatch.gateway.exporter import stop as stop_exporter
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.gateway.mqtt import Subscriber
 from examwatch.gateway.notify.worker import notifier_for
@@ -114,7 +115,7 @@ class Gateway:
             self.subscriber.stop()
             self.notifier.stop()
             self.api.shutdown()
-            http.shutdown()
+            stop_exporter(http)
             if self.leadership is not None:
                 self.leadership.close()
             self.conn.close()

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from examwatch.gateway import store
 from examwatch.gateway.desk import views
-from examwatch.gateway.exporter import MMAP_BYTES, GatewayCollector, serve
+from examwatch.gateway.exporter import MMAP_BYTES, GatewayCollector, serve, stop
 from examwatch.gateway.ingest import Engine, Message
 from examwatch.gateway.ledger import ROOM_REASONS, ROOMLESS_REASONS, Stats
 from examwatch.kernel import wire
@@ -318,13 +318,12 @@ def test_a_real_prometheus_scrapes_the_endpoint(tmp_path):
         assert list(prom.by("rule", "examwatch_alarm_active")) == ['规则"\\\n']
         assert prom.by("channel", "examwatch_notify_sent_total") == {"值班群": 3.0}
         # every series on the page was taken, none dropped as malformed
-        page = server.exposition.page().decode()
+        page = server.page().decode()
         series = sum(1 for line in page.splitlines() if not line.startswith("#"))
         assert prom.by("job", "scrape_samples_scraped") == {"gw": float(series)}
     finally:
         prom.stop()
-        server.shutdown()
-        server.server_close()
+        stop(server)
 
 
 def test_a_scrape_that_cannot_read_the_database_fails_and_the_next_one_recovers(tmp_path):
@@ -345,8 +344,7 @@ def test_a_scrape_that_cannot_read_the_database_fails_and_the_next_one_recovers(
             urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=10)
         assert err.value.code == 404
     finally:
-        server.shutdown()
-        server.server_close()
+        stop(server)
 
 
 def test_one_collector_follows_the_writer_as_the_database_grows(tmp_path):
