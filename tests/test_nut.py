@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from examwatch.collectors.nut import (
     NutError,
     NutOptions,
     Profile,
+    _Connection,
     parse_address,
     parse_list_var,
     parse_nut,
@@ -323,3 +325,49 @@ def test_plain_lines_read_without_the_regex_read_as_with_it(text: str, ups: str)
         assert got.value.code == expected.code
     else:
         assert parse_list_var(lines, ups) == expected
+
+
+class _Wire(asyncio.Transport):
+    """The transport's side a ``_Connection`` sees: what it writes, kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += bytes(data)
+
+
+SPLIT_ANSWER = (
+    b'BEGIN LIST VAR ups1\nVAR ups1 ups.alarm "END LIST VAR ups1"\nVAR ups1 battery.charge "87"\nEND LIST VAR ups1\n'
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=len(SPLIT_ANSWER.replace(b"\n", b"\r\n")) - 1), max_size=10),
+    crlf=st.booleans(),
+)
+def test_an_answer_split_anywhere_across_reads_is_read_whole(cuts: list[int], crlf: bool) -> None:
+    """upsd's answer arrives in TCP segments cut anywhere (inside the end line, between its CR and LF): the
+    answer is the same lines, and the next answer on the kept connection starts clean."""
+    answer = SPLIT_ANSWER.replace(b"\n", b"\r\n") if crlf else SPLIT_ANSWER
+    bounds = sorted({c for c in cuts if c < len(answer)} | {0, len(answer)})
+    pieces = [answer[a:b] for a, b in itertools.pairwise(bounds)]
+
+    async def run() -> list[list[str]]:
+        conn, wire = _Connection(), _Wire()
+        conn.connection_made(wire)
+        got = []
+        for _ in range(2):
+            asking = asyncio.ensure_future(conn.ask("LIST VAR ups1", end="END LIST VAR ups1"))
+            for piece in pieces:
+                await asyncio.sleep(0)  # the ask waits between segments
+                conn.get_buffer(len(piece))[: len(piece)] = piece
+                conn.buffer_updated(len(piece))
+            got.append(await asyncio.wait_for(asking, 5))
+        assert wire.sent == b"LIST VAR ups1\n" * 2
+        return got
+
+    expected = ["BEGIN LIST VAR ups1", 'VAR ups1 ups.alarm "END LIST VAR ups1"', 'VAR ups1 battery.charge "87"']
+    assert asyncio.run(run()) == [expected, expected]
