@@ -19,11 +19,17 @@ for the agents also less the idle agent's), RSS, and the agents' start-up time t
 (store open, rules loaded, collectors built, exporter serving: alarm-ready), and then the RSS that each
 protocol's collector adds to the agent's imports. ``--source DIR`` runs the
 agents from another checkout of the tree (e.g. the commit before a change), for before/after figures.
+
+The agents run on a virtualenv holding only the project's runtime dependencies, as a room's Pi installs
+them (made once, kept under ~/.cache/examwatch-bench): a development environment holds test tools that
+libraries import when present (structlog imports greenlet, which playwright brings: 1.1 MiB of RSS).
+``--python`` runs them on another interpreter instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import shutil
@@ -31,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import psutil
@@ -133,12 +140,12 @@ def agent_config(work: Path, name: str, broker: int, devices: str) -> tuple[Path
 
 
 class Agent:
-    def __init__(self, name: str, conf: Path, exporter: int, cwd: Path) -> None:
+    def __init__(self, name: str, conf: Path, exporter: int, cwd: Path, python: str) -> None:
         self.name, self.exporter = name, exporter
         self.log = conf.with_suffix(".log")
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "examwatch", "agent", "run", "--config", str(conf)],
+            [python, "-m", "examwatch", "agent", "run", "--config", str(conf)],
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             cwd=cwd,
@@ -186,10 +193,10 @@ def room_devices(room: SimulatedRoom, platform_port: int) -> str:
     )
 
 
-def start_alone(work: Path, name: str, broker: int, devices: str, cwd: Path) -> float:
+def start_alone(work: Path, name: str, broker: int, devices: str, cwd: Path, python: str) -> float:
     """Seconds from exec to ``agent_started`` for one agent with nothing else starting beside it."""
     conf, exporter = agent_config(work, name, broker, devices)
-    agent = Agent(name, conf, exporter, cwd)
+    agent = Agent(name, conf, exporter, cwd, python)
     try:
         deadline = time.monotonic() + 60
         while not agent.poll_ready():
@@ -201,6 +208,18 @@ def start_alone(work: Path, name: str, broker: int, devices: str, cwd: Path) -> 
     finally:
         agent.proc.terminate()
         agent.proc.wait(10)
+
+
+def runtime_python() -> str:
+    """An interpreter with the project's runtime dependencies and nothing else (no test extras)."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    tag = hashlib.sha256("\n".join([sys.version, *deps]).encode()).hexdigest()[:12]
+    venv = Path.home() / ".cache" / "examwatch-bench" / f"agent-{tag}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *deps], check=True)
+    return str(python)
 
 
 # --- measuring --------------------------------------------------------------------------------------------
@@ -255,11 +274,11 @@ print(f"{base:.1f} {rss() - base:.1f}")
 """
 
 
-def rss_by_protocol(cwd: Path) -> dict[str, tuple[float, float]]:
+def rss_by_protocol(cwd: Path, python: str = sys.executable) -> dict[str, tuple[float, float]]:
     out = {}
     for protocol in ("", *PROTOCOLS):
         run = subprocess.run(
-            [sys.executable, "-c", _RSS_OF_PROTOCOL, protocol],
+            [python, "-c", _RSS_OF_PROTOCOL, protocol],
             check=False,
             capture_output=True,
             text=True,
@@ -276,7 +295,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="measuring window, after the warm-up")
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--source", type=Path, default=REPO, help="the tree the agents run from")
+    ap.add_argument("--python", help="the agents' interpreter (default: a virtualenv of the runtime dependencies)")
     args = ap.parse_args()
+    python = args.python or runtime_python()
     work = Path(tempfile.mkdtemp(prefix="examwatch-footprint-"))
     work.chmod(0o755)  # snmpsim and upsd drop privileges and must read their files
     snmp = SnmpSimulator(work / "snmp", {"ups": "ups"})
@@ -303,7 +324,7 @@ def main() -> None:
         procs["collectd nut (LIST VAR)"] = start_collectd(
             collectd_conf(work, collectd_nut_block(nut_address), "collectd-nut")
         )
-        cwd = REPO if args.source.resolve() == REPO else source_tree(args.source.resolve(), work)
+        cwd = source_tree(args.source.resolve(), work)  # the runtime virtualenv does not hold the project
         for name, devices in (
             ("examwatch snmp ups-mib (one GET, 10 OIDs)", snmp_device(snmp.address, 1.0)),
             ("examwatch snmp v3 SHA/AES ups-mib (one GET, 10 OIDs)", snmp_device(snmp.address, 1.0, v3=True)),
@@ -313,7 +334,7 @@ def main() -> None:
         ):
             short = f"agent{len(agents)}"
             conf, exporter = agent_config(work, short, broker.port, devices)
-            agents.append(Agent(name, conf, exporter, cwd))
+            agents.append(Agent(name, conf, exporter, cwd, python))
         deadline = time.monotonic() + 60
         while not all(a.poll_ready() for a in agents):
             if time.monotonic() > deadline:
@@ -329,15 +350,16 @@ def main() -> None:
                 rss[n].append(rss_mib(p))
         elapsed = time.monotonic() - t0
         cpu = {n: (cpu_seconds(p) - cpu0[n]) / elapsed * 1000 for n, p in pids.items()}
-        report(work, args, elapsed, cpu, rss, agents)
+        report(work, args, python, elapsed, cpu, rss, agents)
         print("\n| protocol | RSS MiB the agent's imports | added by the protocol's collector |")
         print("|---|---:|---:|")
-        for protocol, (base, added) in rss_by_protocol(cwd).items():
+        for protocol, (base, added) in rss_by_protocol(cwd, python).items():
             print(f"| {protocol} | {base:.1f} | {added:.1f} |")
         for a in agents:  # the start-up of one agent alone, as after a reboot
             a.proc.terminate()
             a.proc.wait(10)
-        starts = [start_alone(work, f"alone{i}", broker.port, room_devices(room, platform_port), cwd) for i in range(3)]
+        devices = room_devices(room, platform_port)
+        starts = [start_alone(work, f"alone{i}", broker.port, devices, cwd, python) for i in range(3)]
         print(f"\nwhole sample room agent started alone, to alarm-ready: {', '.join(f'{s:.2f}' for s in starts)} s")
     finally:
         for a in agents:
@@ -355,14 +377,14 @@ def main() -> None:
 
 
 def report(
-    work: Path, args: argparse.Namespace, elapsed: float, cpu: dict[str, float], rss: dict, agents: list
+    work: Path, args: argparse.Namespace, python: str, elapsed: float, cpu: dict[str, float], rss: dict, agents: list
 ) -> None:
     idle = cpu["examwatch agent with no device polled"]
     for name in ("collectd-snmp", "collectd-snmpv3", "collectd-nut"):  # a csv row per poll: proof it polled
         rows = sum(len(f.read_text().splitlines()) - 1 for f in (work / f"{name}-csv").rglob("*") if f.is_file())
         if rows <= 0:
             sys.exit(f"{name} recorded nothing: {(work / f'{name}.log').read_text()[-1000:]}")
-    print(f"\n{platform.machine()}, Python {platform.python_version()}, source {args.source}, "
+    print(f"\n{platform.machine()}, Python {platform.python_version()}, source {args.source}, agents on {python}, "
           f"{elapsed:.0f} s window after {args.warmup:.0f} s warm-up, all processes running at once\n")  # fmt: skip
     print("| process | CPU ms per poll (per s) | less idle agent | RSS MiB (max) | start-up to alarm-ready s |")
     print("|---|---:|---:|---:|---:|")

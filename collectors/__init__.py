@@ -34,7 +34,8 @@ __all__ = [
     "sample_blocks",
 ]
 
-_NOT_PROTOCOLS = {"base"}  # and every module whose name starts with "_": a protocol's helpers
+# the framework; and every module whose name starts with "_": a protocol's helpers
+_NOT_PROTOCOLS = {"base", "blocking"}
 
 
 def available() -> list[str]:

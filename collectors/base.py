@@ -369,9 +369,12 @@ class PollingCollector(Collector):
         except Exception as err:  # a bug or an unexpected library error: a state, not a dead loop
             self._failed(device, DeviceError("error", f"{type(err).__name__}: {err}"), start)
         else:
-            now = time.time()
-            self._tell(device, [*readings, Reading(device.name, "device_online", 1.0, now)])
-            self.health.ok(device.name, self.protocol, time.monotonic() - start, now, len(readings))
+            self._succeeded(device, readings, start)
+
+    def _succeeded(self, device: Device, readings: list[Reading], start: float) -> None:
+        now = time.time()
+        self._tell(device, [*readings, Reading(device.name, "device_online", 1.0, now)])
+        self.health.ok(device.name, self.protocol, time.monotonic() - start, now, len(readings))
 
     def _failed(self, device: Device, err: DeviceError, start: float) -> None:
         self._tell(device, [Reading(device.name, "device_online", 0.0, time.time())])

@@ -9,15 +9,16 @@ NUT's standard names, others the names some drivers use instead (per phase on a 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import math
 import re
+import socket
 import time
 from typing import Any
 
 from examwatch.collectors import profiles
-from examwatch.collectors.base import DeviceError, PollingCollector, register, retry
+from examwatch.collectors.base import DeviceError, register
+from examwatch.collectors.blocking import BlockingPollingCollector, retry_blocking
 from examwatch.kernel.catalog import METRICS
 from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
@@ -117,92 +118,64 @@ class NutOptions(Strict, kw_only=True):
         return f"NutOptions(username={self.username!r})"
 
 
-class _Connection(asyncio.BufferedProtocol):
-    """One kept connection to upsd, as a bare asyncio protocol: an answer is read into one buffer kept for
-    the connection's life and handed over whole. (Streams cost a poll several loop rounds, and each of
-    their reads a fresh 256 KiB bytes object: an mmap, mremap and munmap per read, the dearest part of a
-    poll in a VM.) An answer longer than ``MAX_ANSWER`` bytes, or upsd closing, is a ``ConnectionError``."""
+class _Connection:
+    """One kept connection to upsd on a blocking socket (the device's thread polls on it: no event loop, whose
+    round trips cost more CPU than the poll). Answers are read into one buffer kept for the connection's
+    life; an answer longer than ``MAX_ANSWER`` bytes, or upsd closing, is a ``ConnectionError``."""
 
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock  # a socket, or in a test anything with sendall, recv and close
         self.buffer = bytearray()
-        self.chunk = bytearray(READ_CHUNK)  # what the transport reads into
-        self.waiter: asyncio.Future[None] | None = None
-        self.end = b""  # what ends the awaited answer: b"" for one line, else the end line of a list
-        self.searched = 0  # bytes of the buffer already searched for ``end``
-        self.lost: Exception | None = None
 
     @classmethod
-    async def open(cls, host: str, port: int) -> _Connection:
-        _, conn = await asyncio.get_running_loop().create_connection(cls, host, port)
-        return conn
+    def open(cls, host: str, port: int, timeout: float) -> _Connection:
+        return cls(socket.create_connection((host, port), timeout=timeout))  # the timeout bounds every read
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self.chunk
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.buffer += memoryview(self.chunk)[:nbytes]
-        if len(self.buffer) > MAX_ANSWER:
-            self._fail(ConnectionError(f"an answer longer than {MAX_ANSWER} bytes"))
-            if self.transport is not None:
-                self.transport.close()
-        elif self.waiter is not None and not self.waiter.done() and self._complete() is not None:
-            self.waiter.set_result(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(ConnectionError("upsd closed the connection"))
-
-    def _fail(self, err: ConnectionError) -> None:
-        self.lost = self.lost or err
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(self.lost)
-
-    def _complete(self) -> int | None:
+    def _complete(self, end: bytes, searched: int) -> int | None:
         """The length of the answer when the buffer holds all of it: its first line when that is not
-        ``BEGIN`` (an error), else up to the end line (at the start of a line: a value may hold its words)."""
+        ``BEGIN`` (an error), else up to the end line (at the start of a line: a value may hold its words).
+        ``searched``: bytes of the buffer already searched for ``end``."""
         first = self.buffer.find(b"\n")
         if first < 0:
             return None
-        if not self.end or not self.buffer.startswith(b"BEGIN "):
+        if not end or not self.buffer.startswith(b"BEGIN "):
             return first + 1
-        at = self.buffer.find(b"\n" + self.end, max(first, self.searched - len(self.end) - 3))
+        at = self.buffer.find(b"\n" + end, max(first, searched - len(end) - 3))
         while at >= 0:
-            tail = at + 1 + len(self.end)
+            tail = at + 1 + len(end)
             if self.buffer.startswith(b"\n", tail) or self.buffer.startswith(b"\r\n", tail):
                 return self.buffer.index(b"\n", tail) + 1
             if len(self.buffer) - tail < 2:  # the end line's own line end may still come
                 break
-            at = self.buffer.find(b"\n" + self.end, at + 1)
-        self.searched = len(self.buffer)
+            at = self.buffer.find(b"\n" + end, at + 1)
         return None
 
-    async def ask(self, line: str, end: str = "") -> list[str]:
-        """Send ``line``; its answer as lines: one, or those up to the line ``end`` (without it)."""
-        if self.lost is not None or self.transport is None:
-            raise self.lost or ConnectionError("not connected")
-        self.end, self.searched = end.encode(), 0
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(line.encode() + b"\n")
-        if self._complete() is None:
-            await self.waiter
-        size = self._complete()
-        assert size is not None
+    def ask(self, line: str, deadline: float, end: str = "") -> list[str]:
+        """Send ``line``; its answer as lines: one, or those up to the line ``end`` (without it). Past
+        ``deadline`` (monotonic) a slow answer is a ``TimeoutError``, however it trickles in."""
+        self.sock.sendall(line.encode() + b"\n")
+        wanted, searched = end.encode(), 0
+        while (size := self._complete(wanted, searched)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("answer not complete in time")
+            searched = len(self.buffer)
+            chunk = self.sock.recv(READ_CHUNK)
+            if not chunk:
+                raise ConnectionError("upsd closed the connection")
+            self.buffer += chunk
+            if len(self.buffer) > MAX_ANSWER:
+                raise ConnectionError(f"an answer longer than {MAX_ANSWER} bytes")
         raw = bytes(self.buffer[:size])
         del self.buffer[:size]
         lines = [ln.rstrip("\r") for ln in raw.decode("utf-8", errors="replace").split("\n")[:-1]]
         return lines[:-1] if end and len(lines) > 1 else lines
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self.sock.close()
 
 
 @register
-class NutCollector(PollingCollector):
+class NutCollector(BlockingPollingCollector):
     protocol = "nut"
     Options = NutOptions
     profile_schema = Profile
@@ -235,14 +208,13 @@ profile = "standard"            # NUT's standard names; "three-phase" for per-ph
         super().__init__(*args, **kwargs)
         self._connections: dict[str, _Connection] = {}
 
-    async def poll(self, device: Any) -> list[Reading]:
+    def poll_blocking(self, device: Any) -> list[Reading]:
         profile: Profile = self.profile(device)
         ups, host, port = parse_address(device.address)
 
-        async def attempt() -> list[str]:
+        def attempt() -> list[str]:
             try:
-                async with asyncio.timeout(device.timeout):  # no task of its own, unlike wait_for
-                    return await self._list_var(device, ups, host, port)
+                return self._list_var(device, ups, host, port, time.monotonic() + device.timeout)
             except (TimeoutError, OSError, ConnectionError) as err:
                 self._drop_connection(device.name)
                 reason = "timeout" if isinstance(err, TimeoutError) else "connection"
@@ -255,7 +227,7 @@ profile = "standard"            # NUT's standard names; "three-phase" for per-ph
                 )
                 raise DeviceError(reason, f"upsd says {err.code} for {ups!r}") from None
 
-        lines = await retry(attempt, device.retries + 1, final=("stale", "auth", "nut_error"))
+        lines = retry_blocking(attempt, device.retries + 1, final=("stale", "auth", "nut_error"))
         variables = parse_list_var(lines, ups)
         readings, bad = parse_nut(variables, device.name, time.time(), profile)
         for name in bad:
@@ -264,17 +236,17 @@ profile = "standard"            # NUT's standard names; "three-phase" for per-ph
             self.health.drop(device.name, "no_status", ups=ups)
         return readings
 
-    async def _list_var(self, device: Any, ups: str, host: str, port: int) -> list[str]:
+    def _list_var(self, device: Any, ups: str, host: str, port: int, deadline: float) -> list[str]:
         conn = self._connections.get(device.name)
         if conn is None:
-            conn = self._connections[device.name] = await _Connection.open(host, port)
+            conn = self._connections[device.name] = _Connection.open(host, port, device.timeout)
             options: NutOptions = device.options or NutOptions()
             if options.username:
                 for line in (f"USERNAME {options.username}", f"PASSWORD {options.password}"):
-                    answer = (await conn.ask(line))[0]
+                    answer = conn.ask(line, deadline)[0]
                     if answer != "OK":
                         raise NutError(answer[4:] if answer.startswith("ERR ") else "LOGIN")
-        lines = await conn.ask(f"LIST VAR {ups}", end=f"END LIST VAR {ups}")
+        lines = conn.ask(f"LIST VAR {ups}", deadline, end=f"END LIST VAR {ups}")
         first = lines[0] if lines else ""
         if first.startswith("ERR "):
             raise NutError(first[4:].split()[0])

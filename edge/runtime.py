@@ -17,15 +17,13 @@ two, and a step moves the rules' remembered times with it (no false silence) and
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import queue
 import signal
 import sqlite3
 import threading
 import time
-from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections import defaultdict
 from typing import Any
 
 import msgspec
@@ -34,6 +32,7 @@ import structlog
 from examwatch.collectors import Health
 from examwatch.edge import bootstrap, statedir
 from examwatch.edge.config import Config, Device
+from examwatch.edge.intake import Intake
 from examwatch.edge.store import Store, is_corruption, open_checked
 from examwatch.kernel import files
 from examwatch.kernel.model import AlarmEvent, Reading, base_device
@@ -44,51 +43,20 @@ log = structlog.get_logger("examwatch.agent")
 # Seconds the writer waits at most for readings: it also wakes when a time-based rule is due (a ``for``
 # timer, a silent sensor, a phase change), the self-readings or an uplink batch; its beat proves it alive.
 TICK = 2.0
+CHORES_SLACK = 1.0  # seconds a chore may wait past its time for readings to wake the writer (see _wait)
 WRITER_STALE = 5.0  # seconds without a writer tick before the watchdog stops (a writer stuck on its disk)
-QUEUE_MAX = 20_000
 BATCH_MAX = 5_000
 SELF_METRICS_EVERY = 10.0  # seconds between the agent's own readings (outbox fill, store health)
 SELF_METRICS_KEEP = 60.0  # seconds between stored self-readings while none of them changes
 # Seconds readings may wait in memory before their transaction: a kill -9 or a power cut loses at most
-# these of readings, never an alarm transition (committed at once, with the readings held so far).
+# these (and CHORES_SLACK) of readings, never an alarm transition (committed at once, with the readings
+# held so far).
 READINGS_HOLD = 5.0
 UNSTORED_MAX = 50_000  # readings held in memory while the disk refuses them (a few MB; alarms always kept)
 CLOCK_STEP = (
     1.0  # seconds the wall clock may move apart from the monotonic one between ticks before it counts as a step
 )
 CLOCK_STEP_HOLD = 3600.0  # seconds ``clock_jump_seconds`` reports a step (keeps its alarm up for people to see)
-
-
-class Intake:
-    """The accumulator every collector writes to: thread-safe, bounded, never blocks a collector.
-
-    A poll's readings arrive in one ``add_all`` (one wake of the writer per poll, not one per reading);
-    a deque, not a ``queue.Queue``: its appends are atomic and take no lock."""
-
-    def __init__(self, health: Health) -> None:
-        self.q: deque[Reading] = deque()
-        self.arrived = threading.Event()  # wakes the writer (readings, or the agent stopping)
-        self.health = health
-
-    def add(self, reading: Reading) -> None:
-        self.add_all((reading,))
-
-    def add_all(self, readings: Iterable[Reading]) -> None:
-        kept = []
-        for r in readings:
-            if math.isfinite(r.value):
-                kept.append(r)
-            else:  # the county refuses a message holding one: never let it out
-                self.health.drop("intake", "not_finite", device=r.device, metric=r.metric)
-        room = QUEUE_MAX - len(self.q)
-        if len(kept) > room:
-            for _ in range(len(kept) - max(room, 0)):
-                self.health.drop("intake", "queue_full")
-            kept = kept[: max(room, 0)]
-        self.q.extend(kept)
-        # after the extend: the writer clears the event before it takes, so a poll it missed sets it again
-        if kept and not self.arrived.is_set():
-            self.arrived.set()
 
 
 def with_host_device(cfg: Config) -> Config:
@@ -244,25 +212,27 @@ class Agent:
         return opened.store, opened.open_alarms
 
     def _wait(self, state: Any, now: float, mono: float, next_self: float) -> float:
-        """Seconds until the writer has something to do without readings (at most ``TICK``)."""
-        due = [TICK, next_self - mono, self.engine.next_due(state, now) - now]
+        """Seconds until the writer has something to do without readings. The rules' deadlines (a ``for``
+        timer, a silent device, a phase change) hold to the moment; the writer's chores (its beat, the
+        self-readings, storing held readings, an uplink batch, the disk's backlog) may wait ``CHORES_SLACK``
+        past theirs, so that readings, which wake it anyway, do them on the way: a 1 s poller's writer
+        then wakes once a second, not again for each chore (a wake costs a Pi more than the chore)."""
+        chores = [TICK, next_self - mono]
         if self._held:
-            due.append(self._held_since + READINGS_HOLD - mono)
+            chores.append(self._held_since + READINGS_HOLD - mono)
         if self.uplink is not None and (self._to_flush or self._held):
-            due.append(self._flushed + self.cfg.uplink.batch_interval - mono)
+            chores.append(self._flushed + self.cfg.uplink.batch_interval - mono)
         if self._unstored:
-            due.append(0.5)  # the disk's backlog is tried again
-        return max(0.0, min(due))
+            chores.append(0.5)  # the disk's backlog is tried again
+        return max(0.0, min(self.engine.next_due(state, now) - now, min(chores) + CHORES_SLACK))
 
     def _take(self, wait: float) -> list[Reading]:
         """What arrived, waiting up to ``wait`` seconds for something to."""
-        if wait > 0:
-            self.intake.arrived.wait(wait)
-        self.intake.arrived.clear()  # before taking: a reading added after the take wakes the next wait
+        self.intake.sleep(wait)  # forgets the rings before taking: a reading added after the take rings again
         q = self.intake.q
         batch = [q.popleft() for _ in range(min(len(q), BATCH_MAX))]
         if q:
-            self.intake.arrived.set()  # more is waiting
+            self.intake.wake()  # more is waiting
         return batch
 
     def _hold_over(self, mono: float) -> bool:
@@ -347,7 +317,7 @@ class Agent:
 
     def _acked(self, seqs: list[int]) -> None:
         self._acks.put(list(seqs))  # the writer deletes them: one thread writes SQLite
-        self.intake.arrived.set()  # now: the uplink counts what is pending, and waits while acked rows remain
+        self.intake.wake()  # now: the uplink counts what is pending, and waits while acked rows remain
 
     # --- run ---
 
@@ -409,7 +379,7 @@ class Agent:
         if self.fallback is not None:
             await asyncio.to_thread(self.fallback.stop)
         self.stop_event.set()
-        self.intake.arrived.set()
+        self.intake.wake()
         await asyncio.to_thread(writer.join, 10)
         exporter.stop(server)
         lock.release()

@@ -177,6 +177,7 @@ class RuleEngine:
 
         devices = self._devices
         silent_due = state.silent_due
+        next_spoke = False  # a device whose silence was the next due has spoken: the next one is later
         for r in readings:
             dev = r.device.partition("/")[0]
             d = devices.get(dev)
@@ -185,6 +186,7 @@ class RuleEngine:
             # a reading stamped before the clock stepped back lies in the future: it was seen now, not then
             ts = min(r.ts, now)
             if ts > last_seen.get(dev, -math.inf):
+                next_spoke = next_spoke or last_seen.get(dev, started) + d.silent_soonest <= silent_due
                 last_seen[dev] = ts
                 silent_due = min(silent_due, ts + d.silent_soonest)  # its own deadline may be the next
             for rule in d.silent:  # any reading ends a silence
@@ -210,6 +212,8 @@ class RuleEngine:
 
         if now >= silent_due or context != state.context:
             silent_due = self._sweep_silent(tracks, last_seen, started, now, context, events)
+        elif next_spoke:  # else the agent would wake at the old deadline for a sweep that finds nothing
+            silent_due = self._next_silence(tracks, last_seen, started, now)
 
         new = State(started, context, tracks, frozenset(pending), last_seen, silent_due)
         return new, events
@@ -274,22 +278,28 @@ class RuleEngine:
         Silences clear only when a reading arrives, never here: after a restart a device that was silent
         stays alarmed until it speaks.
         """
-        phase, in_window = context
-        due = math.inf
+        phase = context[0]
         for dev, d in self._devices.items():
             last = last_seen.get(dev, started)
             for rule, limit in zip(d.silent, d.silent_after, strict=True):
                 key = (rule.id, dev)
                 t = tracks.get(key)
-                if t is not None and t.alarm is not None:
-                    continue
-                if now - last < limit:
-                    due = min(due, last + limit)
-                elif level := rule.level_in(phase, in_window):
+                if now - last >= limit and (t is None or t.alarm is None) and (level := rule.level_in(*context)):
                     e = self._raise(rule, dev, level, None, last, now, phase)
                     tracks[key] = Track(last, None, e)
                     events.append(e)
                 # silent with the rule off in this phase: looked at again when the phase changes
+        return self._next_silence(tracks, last_seen, started, now)
+
+    def _next_silence(self, tracks: dict[Key, Track], last_seen: dict[str, float], started: float, now: float) -> float:
+        """The earliest moment after ``now`` at which a device not yet alarmed as silent falls silent."""
+        due = math.inf
+        for dev, d in self._devices.items():
+            last = last_seen.get(dev, started)
+            for rule, limit in zip(d.silent, d.silent_after, strict=True):
+                t = tracks.get((rule.id, dev))
+                if now - last < limit and (t is None or t.alarm is None):
+                    due = min(due, last + limit)
         return due
 
     # --- the events and their texts ---

@@ -206,7 +206,7 @@ def test_systemd_ready_then_watchdog_only_while_healthy(start_agent, tmp_path):
 def test_a_reading_that_is_not_a_number_never_enters_the_agent() -> None:
     """The county refuses a whole message holding a NaN; the intake is the last gate every collector passes."""
     from examwatch.collectors.base import Health
-    from examwatch.edge.runtime import Intake
+    from examwatch.edge.intake import Intake
     from examwatch.kernel.model import Reading
 
     health = Health()

@@ -4,15 +4,20 @@ once a minute while the rules and the live view take them every time."""
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from examwatch.collectors import Health
+from examwatch.edge.intake import Intake
 from examwatch.edge.runtime import SELF_METRICS_KEEP, Agent
 from examwatch.kernel.model import Reading
 from tests.support import config, until
@@ -25,7 +30,7 @@ def agent_in(state_dir: Path) -> Agent:
 
 def stop(agent: Agent, writer: threading.Thread) -> None:
     agent.stop_event.set()
-    agent.intake.arrived.set()
+    agent.intake.wake()
     writer.join(10)
     assert not writer.is_alive()
 
@@ -81,3 +86,36 @@ def test_unchanged_self_readings_are_stored_once_a_minute(tmp_path: Path) -> Non
     assert agent._own_changed([Reading("host", "store_ok", 0.0, 20.0), own[1]], 130.0)  # a change: at once
     assert not agent._own_changed([Reading("host", "store_ok", 0.0, 30.0), own[1]], 140.0)
     assert agent._own_changed([Reading("host", "store_ok", 0.0, 40.0), own[1]], 130.0 + SELF_METRICS_KEEP)
+
+
+def test_the_writers_bell_loses_no_ring_among_racing_collectors() -> None:
+    """Collectors on their own threads hand readings over while the writer sleeps, wakes and takes: every
+    hand-off wakes it. Each collector waits for its reading to be taken before the next, so a single lost
+    ring stalls the test (the writer would sleep its minute) instead of being covered by a later ring."""
+    intake = Intake(Health())
+    hand_offs = 2000
+    taken: Counter[str] = Counter()
+
+    def collector(name: str) -> None:
+        for i in range(hand_offs):
+            intake.add_all([Reading(name, "x", float(i), 0.0)])
+            while taken[name] <= i:
+                time.sleep(random.random() / 20_000)
+
+    def writer() -> None:
+        while sum(taken.values()) < 2 * hand_offs:
+            intake.sleep(60)
+            while intake.q:
+                taken[intake.q.popleft().device] += 1
+
+    threads = [threading.Thread(target=collector, args=(n,), daemon=True) for n in ("a", "b")]
+    threads.append(threading.Thread(target=writer, daemon=True))
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: the races happen
+    try:
+        for t in threads:
+            t.start()
+        threads[-1].join(40)
+    finally:
+        sys.setswitchinterval(switching)
+    assert taken == {"a": hand_offs, "b": hand_offs}

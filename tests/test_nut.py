@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -327,15 +328,22 @@ def test_plain_lines_read_without_the_regex_read_as_with_it(text: str, ups: str)
         assert parse_list_var(lines, ups) == expected
 
 
-class _Wire(asyncio.Transport):
-    """The transport's side a ``_Connection`` sees: what it writes, kept."""
+class _Wire:
+    """The socket's side a ``_Connection`` sees: what it sends, kept; what it receives, in the pieces given."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, pieces: list[bytes]) -> None:
         self.sent = b""
+        self.pieces = pieces
+        self.at = 0
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.sent += bytes(data)
+    def sendall(self, data: bytes) -> None:
+        self.sent += data
+
+    def recv(self, size: int) -> bytes:
+        piece = self.pieces[self.at % len(self.pieces)]  # the next answer comes in the same pieces
+        self.at += 1
+        assert len(piece) <= size
+        return piece
 
 
 SPLIT_ANSWER = (
@@ -355,19 +363,46 @@ def test_an_answer_split_anywhere_across_reads_is_read_whole(cuts: list[int], cr
     bounds = sorted({c for c in cuts if c < len(answer)} | {0, len(answer)})
     pieces = [answer[a:b] for a, b in itertools.pairwise(bounds)]
 
-    async def run() -> list[list[str]]:
-        conn, wire = _Connection(), _Wire()
-        conn.connection_made(wire)
-        got = []
-        for _ in range(2):
-            asking = asyncio.ensure_future(conn.ask("LIST VAR ups1", end="END LIST VAR ups1"))
-            for piece in pieces:
-                await asyncio.sleep(0)  # the ask waits between segments
-                conn.get_buffer(len(piece))[: len(piece)] = piece
-                conn.buffer_updated(len(piece))
-            got.append(await asyncio.wait_for(asking, 5))
-        assert wire.sent == b"LIST VAR ups1\n" * 2
-        return got
+    wire = _Wire(pieces)
+    conn = _Connection(wire)
+    got = [conn.ask("LIST VAR ups1", time.monotonic() + 60, end="END LIST VAR ups1") for _ in range(2)]
+    assert wire.sent == b"LIST VAR ups1\n" * 2
 
     expected = ["BEGIN LIST VAR ups1", 'VAR ups1 ups.alarm "END LIST VAR ups1"', 'VAR ups1 battery.charge "87"']
-    assert asyncio.run(run()) == [expected, expected]
+    assert got == [expected, expected]
+
+
+def test_an_answer_that_trickles_in_forever_ends_in_a_timeout() -> None:
+    """A server (or a hostile peer) that keeps the connection busy with a byte now and then never holds the
+    device's thread: each read is bounded by the timeout, and so is the whole answer."""
+    health = Health()
+    outcome: list[BaseException] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"BEGIN LIST VAR ups1\n")
+        while True:  # never the end line
+            writer.write(b"V")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    async def run() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        dev = device(f"ups1@127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        collector = NutCollector([dev], Recorder(), health)
+
+        def poll() -> None:
+            try:
+                collector.poll_blocking(dev)
+            except DeviceError as err:
+                outcome.append(err)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        await asyncio.to_thread(thread.join, 30)  # without the bound: forever
+        assert not thread.is_alive()
+        await collector.close()
+        server.close()
+
+    asyncio.run(run())
+    assert [e.reason for e in outcome if isinstance(e, DeviceError)] == ["timeout"]

@@ -53,6 +53,21 @@ def test_a_silent_device_is_due_three_intervals_after_it_last_spoke() -> None:
     assert [(e.rule, e.state) for e in d.tick(1030.0)] == [("device_silent", "raised")]
 
 
+def test_a_device_that_keeps_speaking_moves_its_silence_on_and_the_writer_sleeps_to_it() -> None:
+    """Each reading puts the device's silence three intervals after it, at once: the writer sleeps to that
+    moment, not to the deadline the first reading set (a wake a few polls later that sweeps for nothing)."""
+    d = Driver(config({"rec": "recorder", "cam": "camera"}, interval=1.0))
+    d.feed("cam", "device_online", 1, 1000.0)
+    for t in (1000.0, 1001.0, 1002.0, 1003.0, 1004.5):
+        d.feed("rec", "device_online", 1, t)
+        d.feed("cam", "device_online", 1, t)
+        assert d.engine.next_due(d.state, t) == t + 3.0
+    d.feed("rec", "device_online", 1, 1005.5)  # the camera stays quiet: its silence is the next
+    assert d.engine.next_due(d.state, 1005.5) == 1007.5
+    assert [(e.device, e.state) for e in d.tick(1007.5)] == [("cam", "raised")]
+    assert d.engine.next_due(d.state, 1007.5) == 1008.5  # the recorder's; the camera's is raised
+
+
 def test_a_timer_whose_level_is_off_waits_for_the_phase_not_the_clock() -> None:
     d = Driver(config({"rec": "recorder"}, schedule=MONITORING, interval=1e6))
     lunch = at("2024-05-28T12:00")  # between sessions: recording_stopped is level 0
