@@ -61,8 +61,6 @@ UPS_MIB_OIDS = [
     "1.3.6.1.2.1.33.1.6.1.0",
     "1.3.6.1.2.1.33.1.7.3.0",
 ]
-SUBPACKAGES = {"kernel": "kernel", "rules": "rules", "collectors": "collectors", "edge": "edge"}
-SUBPACKAGES |= {"gateway": "gateway", "simulators": "simulators"}
 
 
 # --- collectd ---------------------------------------------------------------------------------------------
@@ -122,8 +120,10 @@ def source_tree(source: Path, work: Path) -> Path:
     pkg.mkdir(parents=True)
     for f in (source / "examwatch").glob("*.py"):
         (pkg / f.name).symlink_to(f)
-    for sub, folder in SUBPACKAGES.items():
-        (pkg / sub).symlink_to(source / folder)
+    package_dir = tomllib.loads((source / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for name, folder in package_dir.items():
+        if name != "examwatch":  # examwatch.kernel -> kernel/, ...
+            (pkg / name.removeprefix("examwatch.")).symlink_to(source / folder)
     return root
 
 
