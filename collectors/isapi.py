@@ -16,24 +16,20 @@ Where models differ (the path, the document's root, its lists, which statuses ar
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import math
 import re
 import ssl
-import sys
 import time
+import urllib.error
+import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import certifi
 import defusedxml.ElementTree
-
-# httpx imports its command-line client (click, pygments, rich) whenever those happen to be installed, as
-# on a developer's machine: 2 MiB of the agent's memory for a command it never runs. Without it httpx
-# stands in a stub for ``httpx.main``. Only when nothing imported httpx yet (a process that did keeps its).
-if "httpx" not in sys.modules:
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-import httpx
 import msgspec
 
 from examwatch.collectors import profiles
@@ -224,28 +220,37 @@ interval = 60.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._openers: dict[str, urllib.request.OpenerDirector] = {}
         # One TLS context for every device, made now: loading the CA certificates blocks the event loop for
-        # 0.1-0.4 s, which per client and at the first poll would eat the other devices' poll timeouts. Only
+        # 0.1-0.4 s, which per device and at the first poll would eat the other devices' poll timeouts. Only
         # when a device is asked over verified https: the certificates cost ~2.5 MiB of a Pi Zero's memory.
         verified = any(base_url(d.address).startswith("https:") and _verifies(d) for d in self.devices)
         self._tls = ssl.create_default_context(cafile=certifi.where()) if verified else None
 
-    def _client(self, device: Any) -> httpx.AsyncClient:
-        client = self._clients.get(device.name)
-        if client is None:
+    def _opener(self, device: Any) -> urllib.request.OpenerDirector:
+        """One per device, keeping the digest challenge between polls. Built by hand, not build_opener():
+        only http(s) (an address of file:// or ftp:// is not read), no redirect followed, no proxy."""
+        opener = self._openers.get(device.name)
+        if opener is None:
             o: Options = device.options
             password = Path(o.password_file).read_text().strip() if o.password_file else o.password
-            # One client per device keeps the connection and the digest challenge between polls.
-            client = httpx.AsyncClient(
-                base_url=base_url(device.address),
-                auth=httpx.DigestAuth(o.username, password),
-                timeout=device.timeout,
-                verify=(self._tls or False) if o.tls_verify else False,  # plain http: no context
-                trust_env=False,  # a proxy from the environment must not see the camera's credentials
-            )
-            self._clients[device.name] = client
-        return client
+            url = base_url(device.address)
+            passwords = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+            passwords.add_password(None, url, o.username, password)  # sent to this device only
+            opener = urllib.request.OpenerDirector()
+            handlers: list[urllib.request.BaseHandler] = [
+                urllib.request.HTTPHandler(),
+                urllib.request.UnknownHandler(),  # any other scheme: URLError, as an unreachable device
+                _Digest(passwords),
+                urllib.request.HTTPDefaultErrorHandler(),  # any other answer than 2xx, a 3xx too, is HTTPError
+                urllib.request.HTTPErrorProcessor(),
+            ]
+            if url.startswith("https:"):  # plain http: no TLS context at all
+                handlers.append(urllib.request.HTTPSHandler(context=self._tls if o.tls_verify else _unverified()))
+            for handler in handlers:
+                opener.add_handler(handler)
+            self._openers[device.name] = opener
+        return opener
 
     async def poll(self, device: Any) -> list[Reading]:
         profile: Profile = self.profile(device)
@@ -253,21 +258,93 @@ interval = 60.0
         return readings_from(device.name, parse_storage(body, profile), time.time())
 
     async def _fetch(self, device: Any, path: str) -> bytes:
-        client = self._client(device)
+        opener, url = self._opener(device), base_url(device.address) + path
 
-        async def attempt() -> httpx.Response:
-            try:
-                return await client.get(path)
-            except httpx.TimeoutException:
-                raise DeviceError("timeout", f"no answer within {device.timeout}s") from None
-            except httpx.TransportError as e:
-                raise DeviceError("unreachable", type(e).__name__) from None
+        async def attempt() -> bytes:
+            return await asyncio.to_thread(_get, opener, url, device.timeout)
 
-        resp = await retry(attempt, device.retries + 1)  # an HTTP error is the device's answer: not asked again
-        if resp.status_code != 200:
-            raise DeviceError(_http_reason(resp.status_code), f"{resp.status_code} {resp.reason_phrase}")
-        return resp.content
+        return await retry(attempt, device.retries + 1, final=_ANSWERS)  # an HTTP answer: not asked again
 
     async def close(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
+        self._openers.clear()  # urllib keeps no connection open between requests
+
+
+# What the device answered: asking again would not change it.
+_ANSWERS = ("http_401", "http_403", "http_404", "http_5xx", "http_error", "too_large")
+
+
+def _get(opener: urllib.request.OpenerDirector, url: str, timeout: float) -> bytes:
+    """GET ``url`` (blocking, in a thread): the body, at most MAX_BODY bytes, or DeviceError.
+
+    ``timeout`` bounds each wait for the network, as before, and the body as a whole (a camera dripping a
+    byte now and then must not hold a worker thread for hours)."""
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            if (resp.length or 0) > MAX_BODY:  # announced: not a byte of it read
+                raise DeviceError("too_large", f"{resp.length} bytes")
+            body, deadline = bytearray(), time.monotonic() + timeout
+            while chunk := resp.read1(MAX_BODY + 1 - len(body)):
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise DeviceError("too_large", f"more than {MAX_BODY} bytes")
+                if time.monotonic() > deadline:
+                    raise DeviceError("timeout", f"answer not read within {timeout}s")
+            if resp.length:  # the device closed before the length it announced
+                raise DeviceError("unreachable", f"closed with {resp.length} bytes to come")
+            return bytes(body)
+    except urllib.error.HTTPError as err:  # before URLError, its base class
+        err.close()
+        raise DeviceError(_http_reason(err.code), f"{err.code} {err.reason}") from None
+    except urllib.error.URLError as err:  # connect: refused, no route, TLS, DNS, a scheme other than http(s)
+        if isinstance(err.reason, TimeoutError):
+            raise DeviceError("timeout", f"no answer within {timeout}s") from None
+        raise DeviceError("unreachable", type(err.reason).__name__) from None
+    except TimeoutError:  # a read after connecting
+        raise DeviceError("timeout", f"no answer within {timeout}s") from None
+    except (OSError, http.client.HTTPException) as err:  # reset, closed early, a malformed answer
+        raise DeviceError("unreachable", type(err).__name__) from None
+
+
+class _Digest(urllib.request.HTTPDigestAuthHandler):
+    """Digest auth as httpx did it: the last challenge answers the next request at once (one 401 per
+    nonce the device hands out, not one per poll), and a request answered with a fresh challenge that
+    still gets 401 is a wrong password: not retried (urllib's own handler tries six times)."""
+
+    def __init__(self, passwords: urllib.request.HTTPPasswordMgr) -> None:
+        super().__init__(passwords)
+        self._challenge: dict[str, str] | None = None
+
+    def _answer(self, req: urllib.request.Request) -> bool:
+        try:
+            auth = self.get_authorization(req, self._challenge) if self._challenge else None
+        except (ValueError, urllib.error.URLError):  # an algorithm or qop urllib does not speak
+            return False
+        if auth:
+            req.add_unredirected_header("Authorization", f"Digest {auth}")
+        return bool(auth)
+
+    def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
+        if not req.has_header("Authorization"):  # else it is the answer to a fresh challenge, just made
+            self._answer(req)
+        return req
+
+    https_request = http_request
+
+    def http_error_401(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        scheme, _, challenge = (headers.get("WWW-Authenticate") or "").partition(" ")
+        if getattr(req, "examwatch_digest_retried", False) or scheme.lower() != "digest":
+            return None  # HTTPError 401
+        self._challenge = urllib.request.parse_keqv_list([p for p in urllib.request.parse_http_list(challenge) if p])
+        req.examwatch_digest_retried = True
+        if not self._answer(req):
+            return None
+        fp.close()
+        return self.parent.open(req, timeout=req.timeout)
+
+
+def _unverified() -> ssl.SSLContext:
+    """tls_verify = false: the device's self-signed certificate is accepted, no CA certificates loaded."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
