@@ -214,6 +214,8 @@ interval = 60.0
         o = device.options
         if o is not None and not (o.password or o.password_file):
             issues.append(("password", "ISAPI needs password or password_file (digest auth)"))
+        if "://" in device.address and not device.address.startswith(("http://", "https://")):
+            issues.append(("address", "an ISAPI device is asked over http:// or https://"))
         if o is not None and o.password and o.password_file:
             issues.append(("password_file", "give password or password_file, not both"))
         return issues

@@ -3,7 +3,10 @@ and ``/ISAPI/ContentMgmt/Storage/hdd`` (the disk list alone, root ``<hddList>``)
 makes it a camera that serves only the latter.
 
 Disks can be set ok / full / failed while it runs, the document can be served in either namespace seen
-in the wild (or none), and ``misbehave("invalid_xml" | "slow")`` breaks the answers on demand.
+in the wild (or none), and ``misbehave(...)`` breaks the answers on demand: ``invalid_xml`` (the document
+cut in half), ``slow`` (after ``slow_seconds``), ``huge`` (``huge_bytes`` of a document, its length
+announced or, ``announce = False``, not), ``drip`` (a byte every ``drip_seconds``), ``redirect`` (302 to
+``redirect_to``). ``sent`` counts the body bytes the client took.
 
     python -m examwatch.simulators.isapi 8080        # serve on 127.0.0.1:8080, user admin, password sim-pass
 """
@@ -23,7 +26,8 @@ from typing import Literal
 HIKVISION = "http://www.hikvision.com/ver20/XMLSchema"
 STD_CGI = "http://www.std-cgi.com/ver20/XMLSchema"
 STORAGE_PATH = "/ISAPI/ContentMgmt/Storage"
-Misbehaviour = Literal["invalid_xml", "slow"] | None
+Misbehaviour = Literal["invalid_xml", "slow", "huge", "drip", "redirect"] | None
+CHUNK = 64 * 1024
 
 
 @dataclass
@@ -55,6 +59,12 @@ class IsapiSimulator:
         self.disks = [SimDisk(1), SimDisk(2)]
         self.misbehaviour: Misbehaviour = None
         self.slow_seconds = 5.0
+        self.huge_bytes = 1 << 30
+        self.announce = True  # a huge answer says its Content-Length (else it ends when the server closes)
+        self.drip_seconds = 0.3
+        self.redirect_to = ""
+        self.sent = 0  # body bytes of huge and dripping answers that went out
+        self.stream_ended = threading.Event()
         self.requests = 0
         self.unauthorized = 0
         self._nonces: set[str] = set()
@@ -191,12 +201,43 @@ class IsapiSimulator:
                     self._send(404, b"")
                     return
                 how = sim.misbehaviour
+                if how == "redirect":
+                    self._send(302, b"", {"Location": sim.redirect_to})
+                    return
+                if how in ("huge", "drip"):
+                    self._stream(how)
+                    return
                 if how == "slow":
                     time.sleep(sim.slow_seconds)
                 body = documents[self.path]()
                 if how == "invalid_xml":
                     body = body[: len(body) // 2]
                 self._send(200, body)
+
+            def _stream(self, how: Misbehaviour) -> None:
+                """A body too large for any Storage document, or one byte at a time: written until the
+                client hangs up, counting what went out."""
+                size = sim.huge_bytes if how == "huge" else 1000
+                self.send_response(200)
+                self.send_header("Content-Type", "application/xml; charset=UTF-8")
+                if how == "drip" or sim.announce:
+                    self.send_header("Content-Length", str(size))
+                else:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                piece = b"<storage>" + b" " * (CHUNK - 9) if how == "huge" else b" "
+                try:
+                    while sim.sent < size:
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                        sim.sent += len(piece)
+                        if how == "drip":
+                            time.sleep(sim.drip_seconds)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+                finally:
+                    sim.stream_ended.set()
 
         return Handler
 

@@ -13,7 +13,7 @@ import pytest
 from examwatch.collectors.base import DeviceError, Health
 from examwatch.collectors.isapi import MIB, IsapiCollector, Options, parse_storage, readings_from
 from examwatch.edge.config import Device
-from examwatch.simulators.isapi import HIKVISION, STD_CGI, IsapiSimulator, SimDisk
+from examwatch.simulators.isapi import HIKVISION, STD_CGI, STORAGE_PATH, IsapiSimulator, SimDisk
 from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 DATA = Path(__file__).parent / "data" / "isapi"
@@ -349,3 +349,62 @@ def test_an_isapi_profile_is_checked_at_load(tmp_path: Path, monkeypatch: pytest
     finally:
         profiles.load.cache_clear()
     assert [k for k, _ in issues] == ["profile"] and "<x>" in issues[0][1]
+
+
+# --- what the camera's HTTP answer may not do (urllib, issue 13) ----------------------------------------------
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["length-announced", "until-closed"])
+def test_a_body_larger_than_any_storage_document_is_too_large_and_not_read_whole(announce: bool) -> None:
+    with IsapiSimulator() as cam:
+        cam.misbehave("huge")  # a GiB of a document
+        cam.announce = announce
+        acc, health = Recorder(), Health()
+        poll(IsapiCollector([device(cam, retries=2)], acc, health))
+        assert health.devices["nvr1"].errors["too_large"] == 1 and acc.latest("nvr1", "device_online") == 0.0
+        assert cam.requests == 2  # the challenge, then the answer: a body too large is not asked for again
+        assert cam.stream_ended.wait(10)  # the collector hung up
+    assert cam.sent < 64 * MIB  # what the sockets' buffers took, not the GiB
+
+
+def test_a_redirect_is_an_http_error_and_not_followed() -> None:
+    with IsapiSimulator() as elsewhere, IsapiSimulator() as cam:
+        cam.misbehave("redirect")
+        cam.redirect_to = f"http://{elsewhere.address}{STORAGE_PATH}"
+        acc, health = Recorder(), Health()
+        poll(IsapiCollector([device(cam)], acc, health))
+        assert health.devices["nvr1"].errors["http_error"] == 1 and acc.latest("nvr1", "device_online") == 0.0
+        assert elsewhere.requests == 0  # the other host never saw a request, nor the credentials
+
+
+def test_a_wrong_password_is_tried_once_against_a_fresh_challenge(nvr: IsapiSimulator) -> None:
+    # urllib's own digest handler answers each new challenge again, up to six times per poll.
+    health = Health()
+    poll(IsapiCollector([device(nvr, password="wrong", retries=2)], Recorder(), health))
+    assert health.devices["nvr1"].errors["http_401"] == 1
+    assert nvr.requests == 2 and nvr.unauthorized == 2
+
+
+def test_a_dripping_answer_gives_its_worker_thread_back_within_the_timeout() -> None:
+    """A byte every 0.3 s never trips a per-read timeout of 1 s; the body as a whole must. poll() returns
+    only once asyncio.run has joined the worker thread, so a thread left reading would hang here."""
+    with IsapiSimulator() as cam:
+        cam.misbehave("drip")  # 1000 bytes: five minutes
+        health = Health()
+        poll(IsapiCollector([device(cam, timeout=1.0)], Recorder(), health))
+        assert health.devices["nvr1"].errors["timeout"] == 1
+        assert cam.stream_ended.wait(10)
+    assert cam.sent < 1000
+
+
+def test_an_address_of_another_scheme_is_refused_and_never_read(tmp_path: Path) -> None:
+    secret = tmp_path / "storage.xml"
+    secret.write_bytes((DATA / "nvr-hikvision-ns.xml").read_bytes())  # would parse, were it read
+    cam = Device(
+        name="cam1", kind="camera", protocol="isapi", address=f"file://{tmp_path}", retries=0,
+        options=Options(password="x", path="/storage.xml"),
+    )  # fmt: skip
+    assert [k for k, _ in IsapiCollector.check(cam)] == ["address"]
+    acc, health = Recorder(), Health()
+    poll(IsapiCollector([cam], acc, health))
+    assert health.devices["cam1"].errors["unreachable"] == 1 and acc.latest("cam1", "device_online") == 0.0
