@@ -336,8 +336,12 @@ class _Digest(urllib.request.HTTPDigestAuthHandler):
         scheme, _, challenge = (headers.get("WWW-Authenticate") or "").partition(" ")
         if getattr(req, "examwatch_digest_retried", False) or scheme.lower() != "digest":
             return None  # HTTPError 401
-        self._challenge = urllib.request.parse_keqv_list([p for p in urllib.request.parse_http_list(challenge) if p])
         req.examwatch_digest_retried = True
+        try:
+            parts = [p for p in urllib.request.parse_http_list(challenge) if p]
+            self._challenge = urllib.request.parse_keqv_list(parts)
+        except (ValueError, IndexError):  # a part without "=", an empty value: no challenge we can answer
+            return None
         if not self._answer(req):
             return None
         fp.close()

@@ -63,6 +63,7 @@ class IsapiSimulator:
         self.announce = True  # a huge answer says its Content-Length (else it ends when the server closes)
         self.drip_seconds = 0.3
         self.redirect_to = ""
+        self.challenge_text: str | None = None
         self.sent = 0  # body bytes of huge and dripping answers that went out
         self.stream_ended = threading.Event()
         self.requests = 0
@@ -141,6 +142,8 @@ class IsapiSimulator:
     # --- digest auth (RFC 7616, MD5, qop=auth, as Hikvision firmwares do it) ---------------------------
 
     def challenge(self) -> str:
+        if self.challenge_text is not None:  # a firmware's odd (or hostile) WWW-Authenticate
+            return self.challenge_text
         nonce = secrets.token_hex(16)
         with self._lock:
             self._nonces.add(nonce)

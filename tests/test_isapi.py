@@ -408,3 +408,25 @@ def test_an_address_of_another_scheme_is_refused_and_never_read(tmp_path: Path) 
     acc, health = Recorder(), Health()
     poll(IsapiCollector([cam], acc, health))
     assert health.devices["cam1"].errors["unreachable"] == 1 and acc.latest("cam1", "device_online") == 0.0
+
+
+@pytest.mark.parametrize(
+    "challenge",
+    [
+        "Digest realm",
+        'Digest realm="r", nonce=',
+        'Digest realm=, nonce="n"',
+        "Digest",
+        'Basic realm="r"',
+        'Digest realm="r", nonce="n", algorithm=SHA-512-256',
+        'Digest realm="r", nonce="n", qop="auth-int"',
+        'Digest nonce="n"',
+    ],
+)
+def test_a_challenge_we_cannot_answer_is_http_401(challenge: str) -> None:
+    with IsapiSimulator() as cam:
+        cam.challenge_text = challenge
+        health = Health()
+        poll(IsapiCollector([device(cam, retries=2)], Recorder(), health))
+        assert dict(health.devices["nvr1"].errors) == {"http_401": 1}
+        assert cam.requests <= 2
