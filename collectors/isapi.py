@@ -17,10 +17,13 @@ Where models differ (the path, the document's root, its lists, which statuses ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import math
 import re
+import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -241,14 +244,14 @@ interval = 60.0
             passwords.add_password(None, url, o.username, password)  # sent to this device only
             opener = urllib.request.OpenerDirector()
             handlers: list[urllib.request.BaseHandler] = [
-                urllib.request.HTTPHandler(),
+                _HttpHandler(),
                 urllib.request.UnknownHandler(),  # any other scheme: URLError, as an unreachable device
                 _Digest(passwords),
                 urllib.request.HTTPDefaultErrorHandler(),  # any other answer than 2xx, a 3xx too, is HTTPError
                 urllib.request.HTTPErrorProcessor(),
             ]
             if url.startswith("https:"):  # plain http: no TLS context at all
-                handlers.append(urllib.request.HTTPSHandler(context=self._tls if o.tls_verify else _unverified()))
+                handlers.append(_HttpsHandler(context=self._tls if o.tls_verify else _unverified()))
             for handler in handlers:
                 opener.add_handler(handler)
             self._openers[device.name] = opener
@@ -263,7 +266,11 @@ interval = 60.0
         opener, url = self._opener(device), base_url(device.address) + path
 
         async def attempt() -> bytes:
-            return await asyncio.to_thread(_get, opener, url, device.timeout)
+            exchange = _Exchange()
+            try:
+                return await asyncio.to_thread(_get, opener, url, device.timeout, exchange)
+            finally:  # done, or the poll's deadline passed (a camera dripping its answer): free the thread
+                exchange.abandon()
 
         return await retry(attempt, device.retries + 1, final=_ANSWERS)  # an HTTP answer: not asked again
 
@@ -275,25 +282,20 @@ interval = 60.0
 _ANSWERS = ("http_401", "http_403", "http_404", "http_5xx", "http_error", "too_large")
 
 
-def _get(opener: urllib.request.OpenerDirector, url: str, timeout: float) -> bytes:
-    """GET ``url`` (blocking, in a thread): the body, at most MAX_BODY bytes, or DeviceError.
-
-    ``timeout`` bounds each wait for the network, as before, and the body as a whole (a camera dripping a
-    byte now and then must not hold a worker thread for hours)."""
+def _get(opener: urllib.request.OpenerDirector, url: str, timeout: float, exchange: _Exchange) -> bytes:
+    """GET ``url`` (blocking, in a worker thread): the body, at most MAX_BODY bytes, or DeviceError.
+    ``timeout`` bounds each wait for the network; ``exchange`` gets the sockets it opens."""
+    _current.exchange = exchange
     try:
         with opener.open(url, timeout=timeout) as resp:
             if (resp.length or 0) > MAX_BODY:  # announced: not a byte of it read
                 raise DeviceError("too_large", f"{resp.length} bytes")
-            body, deadline = bytearray(), time.monotonic() + timeout
-            while chunk := resp.read1(MAX_BODY + 1 - len(body)):
-                body += chunk
-                if len(body) > MAX_BODY:
-                    raise DeviceError("too_large", f"more than {MAX_BODY} bytes")
-                if time.monotonic() > deadline:
-                    raise DeviceError("timeout", f"answer not read within {timeout}s")
+            body = resp.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise DeviceError("too_large", f"more than {MAX_BODY} bytes")
             if resp.length:  # the device closed before the length it announced
                 raise DeviceError("unreachable", f"closed with {resp.length} bytes to come")
-            return bytes(body)
+            return body
     except urllib.error.HTTPError as err:  # before URLError, its base class
         err.close()
         raise DeviceError(_http_reason(err.code), f"{err.code} {err.reason}") from None
@@ -346,6 +348,65 @@ class _Digest(urllib.request.HTTPDigestAuthHandler):
             return None
         fp.close()
         return self.parent.open(req, timeout=req.timeout)
+
+
+_current = threading.local()  # .exchange: the one the worker thread's request belongs to
+
+
+class _Exchange:
+    """The sockets of one request, opened in its worker thread. The poll that gives up on the request at
+    its deadline (asyncio cannot stop the thread) shuts them down, which wakes the thread: a camera that
+    drips its answer a byte at a time, never waiting out one read's timeout, must not hold worker threads
+    (shared with the serial collectors) poll after poll. With https, from the TLS handshake's end on."""
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+        self.abandoned = False
+        self._lock = threading.Lock()
+
+    def opened(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.sockets.append(sock)
+            if not self.abandoned:
+                return
+        _shut(sock)  # the poll gave up while it connected
+
+    def abandon(self) -> None:
+        with self._lock:
+            self.abandoned = True
+        for sock in self.sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # closed already: the request ended
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watched(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _current.exchange.opened(self.sock)
+
+
+class _WatchedTls(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _current.exchange.opened(self.sock)
+
+
+class _HttpHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_Watched, req)
+
+
+class _HttpsHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext | None) -> None:
+        super().__init__(context=context)
+        self.tls = context
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_WatchedTls, req, context=self.tls)
 
 
 def _unverified() -> ssl.SSLContext:

@@ -5,8 +5,9 @@ makes it a camera that serves only the latter.
 Disks can be set ok / full / failed while it runs, the document can be served in either namespace seen
 in the wild (or none), and ``misbehave(...)`` breaks the answers on demand: ``invalid_xml`` (the document
 cut in half), ``slow`` (after ``slow_seconds``), ``huge`` (``huge_bytes`` of a document, its length
-announced or, ``announce = False``, not), ``drip`` (a byte every ``drip_seconds``), ``redirect`` (302 to
-``redirect_to``). ``sent`` counts the body bytes the client took.
+announced or, ``announce = False``, not), ``drip`` (the body a byte every ``drip_seconds``),
+``drip_headers`` (a header line that way), ``redirect`` (302 to ``redirect_to``). ``sent`` counts the
+bytes of huge and dripping answers that went out.
 
     python -m examwatch.simulators.isapi 8080        # serve on 127.0.0.1:8080, user admin, password sim-pass
 """
@@ -26,7 +27,7 @@ from typing import Literal
 HIKVISION = "http://www.hikvision.com/ver20/XMLSchema"
 STD_CGI = "http://www.std-cgi.com/ver20/XMLSchema"
 STORAGE_PATH = "/ISAPI/ContentMgmt/Storage"
-Misbehaviour = Literal["invalid_xml", "slow", "huge", "drip", "redirect"] | None
+Misbehaviour = Literal["invalid_xml", "slow", "huge", "drip", "drip_headers", "redirect"] | None
 CHUNK = 64 * 1024
 
 
@@ -207,7 +208,7 @@ class IsapiSimulator:
                 if how == "redirect":
                     self._send(302, b"", {"Location": sim.redirect_to})
                     return
-                if how in ("huge", "drip"):
+                if how in ("huge", "drip", "drip_headers"):
                     self._stream(how)
                     return
                 if how == "slow":
@@ -218,24 +219,27 @@ class IsapiSimulator:
                 self._send(200, body)
 
             def _stream(self, how: Misbehaviour) -> None:
-                """A body too large for any Storage document, or one byte at a time: written until the
-                client hangs up, counting what went out."""
+                """A body too large for any Storage document, or a body or header line one byte at a time:
+                written until the client hangs up, counting what went out."""
                 size = sim.huge_bytes if how == "huge" else 1000
-                self.send_response(200)
-                self.send_header("Content-Type", "application/xml; charset=UTF-8")
-                if how == "drip" or sim.announce:
-                    self.send_header("Content-Length", str(size))
+                if how == "drip_headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Padding: ")
                 else:
-                    self.send_header("Connection", "close")
-                    self.close_connection = True
-                self.end_headers()
-                piece = b"<storage>" + b" " * (CHUNK - 9) if how == "huge" else b" "
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/xml; charset=UTF-8")
+                    if how == "drip" or sim.announce:
+                        self.send_header("Content-Length", str(size))
+                    else:
+                        self.send_header("Connection", "close")
+                        self.close_connection = True
+                    self.end_headers()
+                piece = b"<storage>" + b" " * (CHUNK - 9) if how == "huge" else b"a"
                 try:
                     while sim.sent < size:
                         self.wfile.write(piece)
                         self.wfile.flush()
                         sim.sent += len(piece)
-                        if how == "drip":
+                        if how != "huge":
                             time.sleep(sim.drip_seconds)
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True

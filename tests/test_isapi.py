@@ -13,7 +13,7 @@ import pytest
 from examwatch.collectors.base import DeviceError, Health
 from examwatch.collectors.isapi import MIB, IsapiCollector, Options, parse_storage, readings_from
 from examwatch.edge.config import Device
-from examwatch.simulators.isapi import HIKVISION, STD_CGI, STORAGE_PATH, IsapiSimulator, SimDisk
+from examwatch.simulators.isapi import HIKVISION, STD_CGI, STORAGE_PATH, IsapiSimulator, Misbehaviour, SimDisk
 from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 DATA = Path(__file__).parent / "data" / "isapi"
@@ -385,11 +385,12 @@ def test_a_wrong_password_is_tried_once_against_a_fresh_challenge(nvr: IsapiSimu
     assert nvr.requests == 2 and nvr.unauthorized == 2
 
 
-def test_a_dripping_answer_gives_its_worker_thread_back_within_the_timeout() -> None:
-    """A byte every 0.3 s never trips a per-read timeout of 1 s; the body as a whole must. poll() returns
-    only once asyncio.run has joined the worker thread, so a thread left reading would hang here."""
+@pytest.mark.parametrize("how", ["drip", "drip_headers"])
+def test_a_dripping_answer_gives_its_worker_thread_back_at_the_polls_deadline(how: Misbehaviour) -> None:
+    """A byte every 0.3 s never trips a read's timeout of 1 s; the poll's deadline must end the request.
+    poll() returns only once asyncio.run has joined the worker thread, so a thread left reading hangs it."""
     with IsapiSimulator() as cam:
-        cam.misbehave("drip")  # 1000 bytes: five minutes
+        cam.misbehave(how)  # 1000 bytes: five minutes
         health = Health()
         poll(IsapiCollector([device(cam, timeout=1.0)], Recorder(), health))
         assert health.devices["nvr1"].errors["timeout"] == 1
