@@ -357,7 +357,8 @@ class _Exchange:
     """The sockets of one request, opened in its worker thread. The poll that gives up on the request at
     its deadline (asyncio cannot stop the thread) shuts them down, which wakes the thread: a camera that
     drips its answer a byte at a time, never waiting out one read's timeout, must not hold worker threads
-    (shared with the serial collectors) poll after poll. With https, from the TLS handshake's end on."""
+    (shared with the serial collectors) poll after poll. (A TLS handshake needs no help: Python's ssl
+    bounds it by the timeout as a whole.)"""
 
     def __init__(self) -> None:
         self.sockets: list[socket.socket] = []
@@ -401,7 +402,7 @@ class _HttpHandler(urllib.request.HTTPHandler):
 
 
 class _HttpsHandler(urllib.request.HTTPSHandler):
-    def __init__(self, context: ssl.SSLContext | None) -> None:
+    def __init__(self, context: ssl.SSLContext) -> None:
         super().__init__(context=context)
         self.tls = context
 
