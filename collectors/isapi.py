@@ -12,6 +12,10 @@ always looks full; whether "full" is an alarm is the rules' business, not the co
 
 Where models differ (the path, the document's root, its lists, which statuses are healthy) is a profile,
 ``collectors/profiles/isapi/<name>.toml``; ``hikvision`` (the whole Storage document) is the default.
+
+The GET goes through urllib.request in a worker thread, not httpx (issue 13): the uplink imports urllib,
+http.client and email anyway, while httpx with httpcore, h11, anyio and idna cost a Pi Zero ~3 MiB for one
+request a minute. A new connection per poll is nothing at that rate.
 """
 
 from __future__ import annotations
@@ -310,9 +314,10 @@ def _get(opener: urllib.request.OpenerDirector, url: str, timeout: float, exchan
 
 
 class _Digest(urllib.request.HTTPDigestAuthHandler):
-    """Digest auth as httpx did it: the last challenge answers the next request at once (one 401 per
-    nonce the device hands out, not one per poll), and a request answered with a fresh challenge that
-    still gets 401 is a wrong password: not retried (urllib's own handler tries six times)."""
+    """Digest auth as httpx did it: the last challenge answers the next request at once, its nonce
+    counted on (one 401 per nonce the device hands out, not one per poll), and a request answered with a
+    fresh challenge that still gets 401 is a wrong password: not retried (urllib's own handler tries six
+    times). A challenge urllib cannot answer (SHA-256, auth-int, malformed) is a 401 as well."""
 
     def __init__(self, passwords: urllib.request.HTTPPasswordMgr) -> None:
         super().__init__(passwords)

@@ -235,7 +235,7 @@ class IsapiSimulator:
                     self.end_headers()
                 piece = b"<storage>" + b" " * (CHUNK - 9) if how == "huge" else b"a"
                 try:
-                    while sim.sent < size:
+                    for _ in range(0, size, len(piece)):
                         self.wfile.write(piece)
                         self.wfile.flush()
                         sim.sent += len(piece)
@@ -274,7 +274,7 @@ def main() -> None:
     sim.start()
     print(
         f"ISAPI simulator on http://{sim.address}{STORAGE_PATH} (admin / sim-pass); "
-        "type '<disk> ok|full|error|notexist' or 'invalid_xml|slow|ok'",
+        "type '<disk> ok|full|error|notexist' or 'invalid_xml|slow|huge|drip|drip_headers|ok'",
         flush=True,
     )
     for line in sys.stdin:
@@ -283,7 +283,7 @@ def main() -> None:
             sim.set_disk(int(words[0]), words[1])  # type: ignore[arg-type]
         elif words == ["ok"]:
             sim.misbehave(None)
-        elif len(words) == 1 and words[0] in ("invalid_xml", "slow"):
+        elif len(words) == 1 and words[0] in ("invalid_xml", "slow", "huge", "drip", "drip_headers"):
             sim.misbehave(words[0])  # type: ignore[arg-type]
     sim.stop()
 
