@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import http.client
 import math
 import re
@@ -323,6 +324,18 @@ class _Digest(urllib.request.HTTPDigestAuthHandler):
         super().__init__(passwords)
         self._challenge: dict[str, str] | None = None
 
+    def get_algorithm_impls(self, algorithm: str) -> tuple[Any, Any]:
+        """urllib's MD5 and SHA, and RFC 7616's SHA-256 and SHA-512 (httpx spoke them, newer firmwares
+        offer them); a -sess variant urllib cannot compute either way."""
+        name = _DIGESTS.get(algorithm.upper())
+        if name is None:
+            raise ValueError(f"unsupported digest algorithm {algorithm[:20]!r}")
+
+        def h(text: str) -> str:
+            return hashlib.new(name, text.encode()).hexdigest()
+
+        return h, lambda secret, data: h(f"{secret}:{data}")
+
     def _answer(self, req: urllib.request.Request) -> bool:
         try:
             auth = self.get_authorization(req, self._challenge) if self._challenge else None
@@ -413,6 +426,9 @@ class _HttpsHandler(urllib.request.HTTPSHandler):
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         return self.do_open(_WatchedTls, req, context=self.tls)
+
+
+_DIGESTS = {"MD5": "md5", "SHA": "sha1", "SHA-256": "sha256", "SHA-512": "sha512"}
 
 
 def _unverified() -> ssl.SSLContext:

@@ -40,8 +40,8 @@ class SimDisk:
     kind: Literal["hdd", "nas"] = "hdd"
 
 
-def _md5(text: str) -> str:
-    return hashlib.md5(text.encode()).hexdigest()
+def _digest(algorithm: str, text: str) -> str:
+    return hashlib.new(algorithm.replace("-", "").lower(), text.encode()).hexdigest()  # MD5, SHA-256
 
 
 class IsapiSimulator:
@@ -65,6 +65,7 @@ class IsapiSimulator:
         self.drip_seconds = 0.3
         self.redirect_to = ""
         self.challenge_text: str | None = None
+        self.algorithm = "MD5"  # of the digest; newer firmwares offer SHA-256
         self.sent = 0  # body bytes of huge and dripping answers that went out
         self.stream_ended = threading.Event()
         self.requests = 0
@@ -149,7 +150,8 @@ class IsapiSimulator:
         with self._lock:
             self._nonces.add(nonce)
         return (
-            f'Digest realm="{self.realm}", qop="auth", nonce="{nonce}", opaque="{secrets.token_hex(8)}", algorithm=MD5'
+            f'Digest realm="{self.realm}", qop="auth", nonce="{nonce}", opaque="{secrets.token_hex(8)}", '
+            f"algorithm={self.algorithm}"
         )
 
     def authorized(self, method: str, header: str | None) -> bool:
@@ -160,9 +162,10 @@ class IsapiSimulator:
             known = p.get("nonce") in self._nonces
         if not known or p.get("username") != self.username or p.get("realm") != self.realm:
             return False
-        ha1 = _md5(f"{self.username}:{self.realm}:{self.password}")
-        ha2 = _md5(f"{method}:{p.get('uri', '')}")
-        expected = _md5(f"{ha1}:{p['nonce']}:{p.get('nc', '')}:{p.get('cnonce', '')}:{p.get('qop', '')}:{ha2}")
+        h = self.algorithm
+        ha1 = _digest(h, f"{self.username}:{self.realm}:{self.password}")
+        ha2 = _digest(h, f"{method}:{p.get('uri', '')}")
+        expected = _digest(h, f"{ha1}:{p['nonce']}:{p.get('nc', '')}:{p.get('cnonce', '')}:{p.get('qop', '')}:{ha2}")
         return secrets.compare_digest(expected, p.get("response", ""))
 
     # --- serving ---------------------------------------------------------------------------------------

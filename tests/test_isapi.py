@@ -411,6 +411,16 @@ def test_an_address_of_another_scheme_is_refused_and_never_read(tmp_path: Path) 
     assert health.devices["cam1"].errors["unreachable"] == 1 and acc.latest("cam1", "device_online") == 0.0
 
 
+@pytest.mark.parametrize("algorithm", ["SHA-256", "SHA-512"])
+def test_a_firmware_offering_a_sha2_digest_is_read(algorithm: str) -> None:
+    with IsapiSimulator() as cam:
+        cam.algorithm = algorithm
+        acc = Recorder()
+        poll(IsapiCollector([device(cam)], acc, Health()), times=2)
+        assert acc.latest("nvr1", "device_online") == 1.0 and acc.latest("nvr1/disk1", "storage_ok") == 1.0
+        assert cam.unauthorized == 1
+
+
 @pytest.mark.parametrize(
     "challenge",
     [
