@@ -256,7 +256,9 @@ interval = 60.0
                 urllib.request.HTTPErrorProcessor(),
             ]
             if url.startswith("https:"):  # plain http: no TLS context at all
-                handlers.append(_HttpsHandler(context=self._tls if o.tls_verify else _unverified()))
+                tls = self._tls if o.tls_verify else _unverified()
+                assert tls is not None, "made at start for every verified https device"
+                handlers.append(_HttpsHandler(tls))
             for handler in handlers:
                 opener.add_handler(handler)
             self._openers[device.name] = opener
