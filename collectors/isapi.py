@@ -320,7 +320,7 @@ class _Digest(urllib.request.HTTPDigestAuthHandler):
     """Digest auth as httpx did it: the last challenge answers the next request at once, its nonce
     counted on (one 401 per nonce the device hands out, not one per poll), and a request answered with a
     fresh challenge that still gets 401 is a wrong password: not retried (urllib's own handler tries six
-    times). A challenge urllib cannot answer (SHA-256, auth-int, malformed) is a 401 as well."""
+    times). A challenge we cannot answer (a -sess algorithm, auth-int, malformed) is a 401 as well."""
 
     def __init__(self, passwords: urllib.request.HTTPPasswordMgr) -> None:
         super().__init__(passwords)
