@@ -12,28 +12,32 @@ always looks full; whether "full" is an alarm is the rules' business, not the co
 
 Where models differ (the path, the document's root, its lists, which statuses are healthy) is a profile,
 ``collectors/profiles/isapi/<name>.toml``; ``hikvision`` (the whole Storage document) is the default.
+
+The GET goes through urllib.request in a worker thread, not httpx (issue 13): the uplink imports urllib,
+http.client and email anyway, while httpx with httpcore, h11, anyio and idna cost a Pi Zero ~3 MiB for one
+request a minute. A new connection per poll is nothing at that rate.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import http.client
 import math
 import re
+import socket
 import ssl
-import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import certifi
 import defusedxml.ElementTree
-
-# httpx imports its command-line client (click, pygments, rich) whenever those happen to be installed, as
-# on a developer's machine: 2 MiB of the agent's memory for a command it never runs. Without it httpx
-# stands in a stub for ``httpx.main``. Only when nothing imported httpx yet (a process that did keeps its).
-if "httpx" not in sys.modules:
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-import httpx
 import msgspec
 
 from examwatch.collectors import profiles
@@ -218,34 +222,47 @@ interval = 60.0
         o = device.options
         if o is not None and not (o.password or o.password_file):
             issues.append(("password", "ISAPI needs password or password_file (digest auth)"))
+        if "://" in device.address and not device.address.startswith(("http://", "https://")):
+            issues.append(("address", "an ISAPI device is asked over http:// or https://"))
         if o is not None and o.password and o.password_file:
             issues.append(("password_file", "give password or password_file, not both"))
         return issues
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._openers: dict[str, urllib.request.OpenerDirector] = {}
         # One TLS context for every device, made now: loading the CA certificates blocks the event loop for
-        # 0.1-0.4 s, which per client and at the first poll would eat the other devices' poll timeouts. Only
+        # 0.1-0.4 s, which per device and at the first poll would eat the other devices' poll timeouts. Only
         # when a device is asked over verified https: the certificates cost ~2.5 MiB of a Pi Zero's memory.
         verified = any(base_url(d.address).startswith("https:") and _verifies(d) for d in self.devices)
         self._tls = ssl.create_default_context(cafile=certifi.where()) if verified else None
 
-    def _client(self, device: Any) -> httpx.AsyncClient:
-        client = self._clients.get(device.name)
-        if client is None:
+    def _opener(self, device: Any) -> urllib.request.OpenerDirector:
+        """One per device, keeping the digest challenge between polls. Built by hand, not build_opener():
+        only http(s) (an address of file:// or ftp:// is not read), no redirect followed, no proxy."""
+        opener = self._openers.get(device.name)
+        if opener is None:
             o: Options = device.options
             password = Path(o.password_file).read_text().strip() if o.password_file else o.password
-            # One client per device keeps the connection and the digest challenge between polls.
-            client = httpx.AsyncClient(
-                base_url=base_url(device.address),
-                auth=httpx.DigestAuth(o.username, password),
-                timeout=device.timeout,
-                verify=(self._tls or False) if o.tls_verify else False,  # plain http: no context
-                trust_env=False,  # a proxy from the environment must not see the camera's credentials
-            )
-            self._clients[device.name] = client
-        return client
+            url = base_url(device.address)
+            passwords = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+            passwords.add_password(None, url, o.username, password)  # sent to this device only
+            opener = urllib.request.OpenerDirector()
+            handlers: list[urllib.request.BaseHandler] = [
+                _HttpHandler(),
+                urllib.request.UnknownHandler(),  # any other scheme: URLError, as an unreachable device
+                _Digest(passwords),
+                urllib.request.HTTPDefaultErrorHandler(),  # any other answer than 2xx, a 3xx too, is HTTPError
+                urllib.request.HTTPErrorProcessor(),
+            ]
+            if url.startswith("https:"):  # plain http: no TLS context at all
+                tls = self._tls if o.tls_verify else _unverified()
+                assert tls is not None, "made at start for every verified https device"
+                handlers.append(_HttpsHandler(tls))
+            for handler in handlers:
+                opener.add_handler(handler)
+            self._openers[device.name] = opener
+        return opener
 
     async def poll(self, device: Any) -> list[Reading]:
         profile: Profile = self.profile(device)
@@ -253,21 +270,172 @@ interval = 60.0
         return readings_from(device.name, parse_storage(body, profile), time.time())
 
     async def _fetch(self, device: Any, path: str) -> bytes:
-        client = self._client(device)
+        opener, url = self._opener(device), base_url(device.address) + path
 
-        async def attempt() -> httpx.Response:
+        async def attempt() -> bytes:
+            exchange = _Exchange()
             try:
-                return await client.get(path)
-            except httpx.TimeoutException:
-                raise DeviceError("timeout", f"no answer within {device.timeout}s") from None
-            except httpx.TransportError as e:
-                raise DeviceError("unreachable", type(e).__name__) from None
+                return await asyncio.to_thread(_get, opener, url, device.timeout, exchange)
+            finally:  # done, or the poll's deadline passed (a camera dripping its answer): free the thread
+                exchange.abandon()
 
-        resp = await retry(attempt, device.retries + 1)  # an HTTP error is the device's answer: not asked again
-        if resp.status_code != 200:
-            raise DeviceError(_http_reason(resp.status_code), f"{resp.status_code} {resp.reason_phrase}")
-        return resp.content
+        return await retry(attempt, device.retries + 1, final=_ANSWERS)  # an HTTP answer: not asked again
 
     async def close(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
+        self._openers.clear()  # urllib keeps no connection open between requests
+
+
+# What the device answered: asking again would not change it.
+_ANSWERS = ("http_401", "http_403", "http_404", "http_5xx", "http_error", "too_large")
+
+
+def _get(opener: urllib.request.OpenerDirector, url: str, timeout: float, exchange: _Exchange) -> bytes:
+    """GET ``url`` (blocking, in a worker thread): the body, at most MAX_BODY bytes, or DeviceError.
+    ``timeout`` bounds each wait for the network; ``exchange`` gets the sockets it opens."""
+    _current.exchange = exchange
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            if (resp.length or 0) > MAX_BODY:  # announced: not a byte of it read
+                raise DeviceError("too_large", f"{resp.length} bytes")
+            body = resp.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise DeviceError("too_large", f"more than {MAX_BODY} bytes")
+            if resp.length:  # the device closed before the length it announced
+                raise DeviceError("unreachable", f"closed with {resp.length} bytes to come")
+            return body
+    except urllib.error.HTTPError as err:  # before URLError, its base class
+        err.close()
+        raise DeviceError(_http_reason(err.code), f"{err.code} {err.reason}") from None
+    except urllib.error.URLError as err:  # connect: refused, no route, TLS, DNS, a scheme other than http(s)
+        if isinstance(err.reason, TimeoutError):
+            raise DeviceError("timeout", f"no answer within {timeout}s") from None
+        raise DeviceError("unreachable", type(err.reason).__name__) from None
+    except TimeoutError:  # a read after connecting
+        raise DeviceError("timeout", f"no answer within {timeout}s") from None
+    except (OSError, http.client.HTTPException) as err:  # reset, closed early, a malformed answer
+        raise DeviceError("unreachable", type(err).__name__) from None
+
+
+class _Digest(urllib.request.HTTPDigestAuthHandler):
+    """Digest auth as httpx did it: the last challenge answers the next request at once, its nonce
+    counted on (one 401 per nonce the device hands out, not one per poll), and a request answered with a
+    fresh challenge that still gets 401 is a wrong password: not retried (urllib's own handler tries six
+    times). A challenge we cannot answer (a -sess algorithm, auth-int, malformed) is a 401 as well."""
+
+    def __init__(self, passwords: urllib.request.HTTPPasswordMgr) -> None:
+        super().__init__(passwords)
+        self._challenge: dict[str, str] | None = None
+
+    def get_algorithm_impls(self, algorithm: str) -> tuple[Any, Any]:
+        """urllib's MD5 and SHA, and RFC 7616's SHA-256 and SHA-512 (httpx spoke them, newer firmwares
+        offer them); a -sess variant urllib cannot compute either way."""
+        name = _DIGESTS.get(algorithm.upper())
+        if name is None:
+            raise ValueError(f"unsupported digest algorithm {algorithm[:20]!r}")
+
+        def h(text: str) -> str:
+            return hashlib.new(name, text.encode()).hexdigest()
+
+        return h, lambda secret, data: h(f"{secret}:{data}")
+
+    def _answer(self, req: urllib.request.Request) -> bool:
+        try:
+            auth = self.get_authorization(req, self._challenge) if self._challenge else None
+        except (ValueError, urllib.error.URLError):  # an algorithm or qop urllib does not speak
+            return False
+        if auth:
+            req.add_unredirected_header("Authorization", f"Digest {auth}")
+        return bool(auth)
+
+    def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
+        if not req.has_header("Authorization"):  # else it is the answer to a fresh challenge, just made
+            self._answer(req)
+        return req
+
+    https_request = http_request
+
+    def http_error_401(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        scheme, _, challenge = (headers.get("WWW-Authenticate") or "").partition(" ")
+        if getattr(req, "examwatch_digest_retried", False) or scheme.lower() != "digest":
+            return None  # HTTPError 401
+        req.examwatch_digest_retried = True
+        try:
+            parts = [p for p in urllib.request.parse_http_list(challenge) if p]
+            self._challenge = urllib.request.parse_keqv_list(parts)
+        except (ValueError, IndexError):  # a part without "=", an empty value: no challenge we can answer
+            return None
+        if not self._answer(req):
+            return None
+        fp.close()
+        return self.parent.open(req, timeout=req.timeout)
+
+
+_current = threading.local()  # .exchange: the one the worker thread's request belongs to
+
+
+class _Exchange:
+    """The sockets of one request, opened in its worker thread. The poll that gives up on the request at
+    its deadline (asyncio cannot stop the thread) shuts them down, which wakes the thread: a camera that
+    drips its answer a byte at a time, never waiting out one read's timeout, must not hold worker threads
+    (shared with the serial collectors) poll after poll. (A TLS handshake needs no help: Python's ssl
+    bounds it by the timeout as a whole.)"""
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+        self.abandoned = False
+        self._lock = threading.Lock()
+
+    def opened(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.sockets.append(sock)
+            if not self.abandoned:
+                return
+        _shut(sock)  # the poll gave up while it connected
+
+    def abandon(self) -> None:
+        with self._lock:
+            self.abandoned = True
+        for sock in self.sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # closed already: the request ended
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watched(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _current.exchange.opened(self.sock)
+
+
+class _WatchedTls(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _current.exchange.opened(self.sock)
+
+
+class _HttpHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_Watched, req)
+
+
+class _HttpsHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__(context=context)
+        self.tls = context
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_WatchedTls, req, context=self.tls)
+
+
+_DIGESTS = {"MD5": "md5", "SHA": "sha1", "SHA-256": "sha256", "SHA-512": "sha512"}
+
+
+def _unverified() -> ssl.SSLContext:
+    """tls_verify = false: the device's self-signed certificate is accepted, no CA certificates loaded."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx

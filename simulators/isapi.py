@@ -3,7 +3,11 @@ and ``/ISAPI/ContentMgmt/Storage/hdd`` (the disk list alone, root ``<hddList>``)
 makes it a camera that serves only the latter.
 
 Disks can be set ok / full / failed while it runs, the document can be served in either namespace seen
-in the wild (or none), and ``misbehave("invalid_xml" | "slow")`` breaks the answers on demand.
+in the wild (or none), and ``misbehave(...)`` breaks the answers on demand: ``invalid_xml`` (the document
+cut in half), ``slow`` (after ``slow_seconds``), ``huge`` (``huge_bytes`` of a document, its length
+announced or, ``announce = False``, not), ``drip`` (the body a byte every ``drip_seconds``),
+``drip_headers`` (a header line that way), ``redirect`` (302 to ``redirect_to``). ``sent`` counts the
+bytes of huge and dripping answers that went out.
 
     python -m examwatch.simulators.isapi 8080        # serve on 127.0.0.1:8080, user admin, password sim-pass
 """
@@ -23,7 +27,8 @@ from typing import Literal
 HIKVISION = "http://www.hikvision.com/ver20/XMLSchema"
 STD_CGI = "http://www.std-cgi.com/ver20/XMLSchema"
 STORAGE_PATH = "/ISAPI/ContentMgmt/Storage"
-Misbehaviour = Literal["invalid_xml", "slow"] | None
+Misbehaviour = Literal["invalid_xml", "slow", "huge", "drip", "drip_headers", "redirect"] | None
+CHUNK = 64 * 1024
 
 
 @dataclass
@@ -35,8 +40,8 @@ class SimDisk:
     kind: Literal["hdd", "nas"] = "hdd"
 
 
-def _md5(text: str) -> str:
-    return hashlib.md5(text.encode()).hexdigest()
+def _digest(algorithm: str, text: str) -> str:
+    return hashlib.new(algorithm.replace("-", "").lower(), text.encode()).hexdigest()  # MD5, SHA-256
 
 
 class IsapiSimulator:
@@ -55,6 +60,14 @@ class IsapiSimulator:
         self.disks = [SimDisk(1), SimDisk(2)]
         self.misbehaviour: Misbehaviour = None
         self.slow_seconds = 5.0
+        self.huge_bytes = 1 << 30
+        self.announce = True  # a huge answer says its Content-Length (else it ends when the server closes)
+        self.drip_seconds = 0.3
+        self.redirect_to = ""
+        self.challenge_text: str | None = None
+        self.algorithm = "MD5"  # of the digest; newer firmwares offer SHA-256
+        self.sent = 0  # body bytes of huge and dripping answers that went out
+        self.stream_ended = threading.Event()
         self.requests = 0
         self.unauthorized = 0
         self._nonces: set[str] = set()
@@ -131,11 +144,14 @@ class IsapiSimulator:
     # --- digest auth (RFC 7616, MD5, qop=auth, as Hikvision firmwares do it) ---------------------------
 
     def challenge(self) -> str:
+        if self.challenge_text is not None:  # a firmware's odd (or hostile) WWW-Authenticate
+            return self.challenge_text
         nonce = secrets.token_hex(16)
         with self._lock:
             self._nonces.add(nonce)
         return (
-            f'Digest realm="{self.realm}", qop="auth", nonce="{nonce}", opaque="{secrets.token_hex(8)}", algorithm=MD5'
+            f'Digest realm="{self.realm}", qop="auth", nonce="{nonce}", opaque="{secrets.token_hex(8)}", '
+            f"algorithm={self.algorithm}"
         )
 
     def authorized(self, method: str, header: str | None) -> bool:
@@ -146,9 +162,10 @@ class IsapiSimulator:
             known = p.get("nonce") in self._nonces
         if not known or p.get("username") != self.username or p.get("realm") != self.realm:
             return False
-        ha1 = _md5(f"{self.username}:{self.realm}:{self.password}")
-        ha2 = _md5(f"{method}:{p.get('uri', '')}")
-        expected = _md5(f"{ha1}:{p['nonce']}:{p.get('nc', '')}:{p.get('cnonce', '')}:{p.get('qop', '')}:{ha2}")
+        h = self.algorithm
+        ha1 = _digest(h, f"{self.username}:{self.realm}:{self.password}")
+        ha2 = _digest(h, f"{method}:{p.get('uri', '')}")
+        expected = _digest(h, f"{ha1}:{p['nonce']}:{p.get('nc', '')}:{p.get('cnonce', '')}:{p.get('qop', '')}:{ha2}")
         return secrets.compare_digest(expected, p.get("response", ""))
 
     # --- serving ---------------------------------------------------------------------------------------
@@ -191,12 +208,46 @@ class IsapiSimulator:
                     self._send(404, b"")
                     return
                 how = sim.misbehaviour
+                if how == "redirect":
+                    self._send(302, b"", {"Location": sim.redirect_to})
+                    return
+                if how in ("huge", "drip", "drip_headers"):
+                    self._stream(how)
+                    return
                 if how == "slow":
                     time.sleep(sim.slow_seconds)
                 body = documents[self.path]()
                 if how == "invalid_xml":
                     body = body[: len(body) // 2]
                 self._send(200, body)
+
+            def _stream(self, how: Misbehaviour) -> None:
+                """A body too large for any Storage document, or a body or header line one byte at a time:
+                written until the client hangs up, counting what went out."""
+                size = sim.huge_bytes if how == "huge" else 1000
+                if how == "drip_headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Padding: ")
+                else:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/xml; charset=UTF-8")
+                    if how == "drip" or sim.announce:
+                        self.send_header("Content-Length", str(size))
+                    else:
+                        self.send_header("Connection", "close")
+                        self.close_connection = True
+                    self.end_headers()
+                piece = b"<storage>" + b" " * (CHUNK - 9) if how == "huge" else b"a"
+                try:
+                    for _ in range(0, size, len(piece)):
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                        sim.sent += len(piece)
+                        if how != "huge":
+                            time.sleep(sim.drip_seconds)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+                finally:
+                    sim.stream_ended.set()
 
         return Handler
 
@@ -226,7 +277,7 @@ def main() -> None:
     sim.start()
     print(
         f"ISAPI simulator on http://{sim.address}{STORAGE_PATH} (admin / sim-pass); "
-        "type '<disk> ok|full|error|notexist' or 'invalid_xml|slow|ok'",
+        "type '<disk> ok|full|error|notexist' or 'invalid_xml|slow|huge|drip|drip_headers|ok'",
         flush=True,
     )
     for line in sys.stdin:
@@ -235,7 +286,7 @@ def main() -> None:
             sim.set_disk(int(words[0]), words[1])  # type: ignore[arg-type]
         elif words == ["ok"]:
             sim.misbehave(None)
-        elif len(words) == 1 and words[0] in ("invalid_xml", "slow"):
+        elif len(words) == 1 and words[0] in ("invalid_xml", "slow", "huge", "drip", "drip_headers"):
             sim.misbehave(words[0])  # type: ignore[arg-type]
     sim.stop()
 

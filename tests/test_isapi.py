@@ -13,7 +13,7 @@ import pytest
 from examwatch.collectors.base import DeviceError, Health
 from examwatch.collectors.isapi import MIB, IsapiCollector, Options, parse_storage, readings_from
 from examwatch.edge.config import Device
-from examwatch.simulators.isapi import HIKVISION, STD_CGI, IsapiSimulator, SimDisk
+from examwatch.simulators.isapi import HIKVISION, STD_CGI, STORAGE_PATH, IsapiSimulator, Misbehaviour, SimDisk
 from tests.support import Recorder, RulesRecorder, run_for, running, wait_until
 
 DATA = Path(__file__).parent / "data" / "isapi"
@@ -349,3 +349,95 @@ def test_an_isapi_profile_is_checked_at_load(tmp_path: Path, monkeypatch: pytest
     finally:
         profiles.load.cache_clear()
     assert [k for k, _ in issues] == ["profile"] and "<x>" in issues[0][1]
+
+
+# --- what the camera's HTTP answer may not do (urllib, issue 13) ----------------------------------------------
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["length-announced", "until-closed"])
+def test_a_body_larger_than_any_storage_document_is_too_large_and_not_read_whole(announce: bool) -> None:
+    with IsapiSimulator() as cam:
+        cam.misbehave("huge")  # a GiB of a document
+        cam.announce = announce
+        acc, health = Recorder(), Health()
+        poll(IsapiCollector([device(cam, retries=2)], acc, health))
+        assert health.devices["nvr1"].errors["too_large"] == 1 and acc.latest("nvr1", "device_online") == 0.0
+        assert cam.requests == 2  # the challenge, then the answer: a body too large is not asked for again
+        assert cam.stream_ended.wait(10)  # the collector hung up
+    assert cam.sent < 64 * MIB  # what the sockets' buffers took, not the GiB
+
+
+def test_a_redirect_is_an_http_error_and_not_followed() -> None:
+    with IsapiSimulator() as elsewhere, IsapiSimulator() as cam:
+        cam.misbehave("redirect")
+        cam.redirect_to = f"http://{elsewhere.address}{STORAGE_PATH}"
+        acc, health = Recorder(), Health()
+        poll(IsapiCollector([device(cam)], acc, health))
+        assert health.devices["nvr1"].errors["http_error"] == 1 and acc.latest("nvr1", "device_online") == 0.0
+        assert elsewhere.requests == 0  # the other host never saw a request, nor the credentials
+
+
+def test_a_wrong_password_is_tried_once_against_a_fresh_challenge(nvr: IsapiSimulator) -> None:
+    # urllib's own digest handler answers each new challenge again, up to six times per poll.
+    health = Health()
+    poll(IsapiCollector([device(nvr, password="wrong", retries=2)], Recorder(), health))
+    assert health.devices["nvr1"].errors["http_401"] == 1
+    assert nvr.requests == 2 and nvr.unauthorized == 2
+
+
+@pytest.mark.parametrize("how", ["drip", "drip_headers"])
+def test_a_dripping_answer_gives_its_worker_thread_back_at_the_polls_deadline(how: Misbehaviour) -> None:
+    """A byte every 0.3 s never trips a read's timeout of 1 s; the poll's deadline must end the request.
+    poll() returns only once asyncio.run has joined the worker thread, so a thread left reading hangs it."""
+    with IsapiSimulator() as cam:
+        cam.misbehave(how)  # 1000 bytes: five minutes
+        health = Health()
+        poll(IsapiCollector([device(cam, timeout=1.0)], Recorder(), health))
+        assert health.devices["nvr1"].errors["timeout"] == 1
+        assert cam.stream_ended.wait(10)
+    assert cam.sent < 1000
+
+
+def test_an_address_of_another_scheme_is_refused_and_never_read(tmp_path: Path) -> None:
+    secret = tmp_path / "storage.xml"
+    secret.write_bytes((DATA / "nvr-hikvision-ns.xml").read_bytes())  # would parse, were it read
+    cam = Device(
+        name="cam1", kind="camera", protocol="isapi", address=f"file://{tmp_path}", retries=0,
+        options=Options(password="x", path="/storage.xml"),
+    )  # fmt: skip
+    assert [k for k, _ in IsapiCollector.check(cam)] == ["address"]
+    acc, health = Recorder(), Health()
+    poll(IsapiCollector([cam], acc, health))
+    assert health.devices["cam1"].errors["unreachable"] == 1 and acc.latest("cam1", "device_online") == 0.0
+
+
+@pytest.mark.parametrize("algorithm", ["SHA-256", "SHA-512"])
+def test_a_firmware_offering_a_sha2_digest_is_read(algorithm: str) -> None:
+    with IsapiSimulator() as cam:
+        cam.algorithm = algorithm
+        acc = Recorder()
+        poll(IsapiCollector([device(cam)], acc, Health()), times=2)
+        assert acc.latest("nvr1", "device_online") == 1.0 and acc.latest("nvr1/disk1", "storage_ok") == 1.0
+        assert cam.unauthorized == 1
+
+
+@pytest.mark.parametrize(
+    "challenge",
+    [
+        "Digest realm",
+        'Digest realm="r", nonce=',
+        'Digest realm=, nonce="n"',
+        "Digest",
+        'Basic realm="r"',
+        'Digest realm="r", nonce="n", algorithm=SHA-512-256',
+        'Digest realm="r", nonce="n", qop="auth-int"',
+        'Digest nonce="n"',
+    ],
+)
+def test_a_challenge_we_cannot_answer_is_http_401(challenge: str) -> None:
+    with IsapiSimulator() as cam:
+        cam.challenge_text = challenge
+        health = Health()
+        poll(IsapiCollector([device(cam, retries=2)], Recorder(), health))
+        assert dict(health.devices["nvr1"].errors) == {"http_401": 1}
+        assert cam.requests <= 2

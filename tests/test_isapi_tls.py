@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,3 +69,31 @@ def test_an_unverified_https_device_is_read_and_loads_no_certificates(https_nvr:
 
 def test_plain_http_loads_no_certificates() -> None:
     assert IsapiCollector([nvr("127.0.0.1:9", tls_verify=True)], Recorder(), Health())._tls is None
+
+
+def test_a_server_dripping_its_tls_handshake_is_a_timeout_and_frees_the_worker_thread() -> None:
+    """A record header announcing 16 KiB, then a byte every 0.3 s: no single read of the handshake waits
+    its 1 s timeout, the handshake as a whole must (Python's ssl bounds it so). poll() returns only once
+    asyncio.run has joined the worker thread, so one left in the handshake would hang here for the 80
+    minutes the record takes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    hung_up = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                conn.sendall(b"\x16\x03\x03\x40\x00")  # a handshake record of 16384 bytes, to come
+                for _ in range(1000):
+                    time.sleep(0.3)
+                    conn.sendall(b"\x00")
+            except OSError:
+                hung_up.set()
+
+    threading.Thread(target=drip, daemon=True).start()
+    try:
+        _, acc, health = poll(nvr(f"https://127.0.0.1:{listener.getsockname()[1]}", tls_verify=False))
+        assert health.devices["nvr"].errors["timeout"] == 1 and acc.of("nvr") == {"device_online": 0}
+        assert hung_up.wait(10)  # the collector closed the connection, not waited out the drip
+    finally:
+        listener.close()
