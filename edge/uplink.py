@@ -128,6 +128,7 @@ class Uplink:
         self._retry: dict[int, float] = {}  # seq -> when to send it again (monotonic)
         self._last_heartbeat = -cfg.heartbeat  # monotonic
         self._last_count = -1.0
+        self._notified = False  # new outbox rows since the worker last counted them
         # read by health() from other threads: plain ints/bools, replaced atomically
         self._pending = 0
         self._sent = self._acked = self._refused = self._connects = 0
@@ -157,6 +158,7 @@ class Uplink:
 
     def notify(self) -> None:
         """New outbox rows were committed: send them now (alarms must not wait)."""
+        self._notified = True
         self._wake.set()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -236,15 +238,18 @@ class Uplink:
         try:
             self._pending = reader.count()
             while not self._stop.is_set():
-                woken = self._wake.wait(timeout=self._sleep(time.monotonic()))
+                self._wake.wait(timeout=self._sleep(time.monotonic()))
                 self._wake.clear()
+                notified, self._notified = self._notified, False
                 self._drain_events()
                 now = time.monotonic()  # schedules only: a step of the wall clock must not stop heartbeats
                 if self._connected:
                     self._send(reader, now)
                     if now - self._last_heartbeat >= self.cfg.heartbeat:
                         self._heartbeat(now)
-                if woken or time.monotonic() - self._last_count >= 1.0:
+                # counted after new rows and once a second while rows wait; acks count themselves off (the
+                # writer deletes their rows a moment later: counting then would keep the worker polling)
+                if notified or (self._pending and time.monotonic() - self._last_count >= 1.0):
                     self._pending = reader.count()
                     self._last_count = time.monotonic()
         except Exception as err:  # the uplink must not die silently: the readiness check reads last_error
@@ -302,6 +307,7 @@ class Uplink:
                 self._connected = False
         if acked:
             self._acked += len(acked)
+            self._pending = max(0, self._pending - len(acked))
             self._last_ack = self.clock()
             self.on_acked(acked)
 

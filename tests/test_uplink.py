@@ -18,6 +18,7 @@ from examwatch.edge.store import OutboxReader, Store
 from examwatch.edge.uplink import Uplink
 from examwatch.kernel import wire
 from examwatch.kernel.model import AlarmEvent, Reading
+from tests.support import until
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +142,23 @@ def test_rows_arrive_in_order_signed_and_are_deleted_on_puback(mosquitto, listen
     h = up.health()
     assert h.connected and h.acked == 53 and h.sent == 53 and h.last_error == ""
     room.wait(lambda: up.health().pending == 0)
+    up.stop()
+
+
+def test_acknowledged_rows_count_off_the_pending_before_the_writer_deletes_them(mosquitto, tmp_path):
+    """The broker's acks lower ``pending`` at once; the worker does not count the outbox again while the
+    writer has yet to delete their rows (it would see them, and keep waking twice a second to recount)."""
+    room = Room(tmp_path / "a.db", mosquitto.port)
+    up = room.start()
+    room.produce(5)
+    until(lambda: up.health().acked == 5, 15, "the acks")  # not pumped: the rows stay in the outbox
+    until(lambda: up.health().pending == 0, 5, "pending counted off")
+    time.sleep(1.5)  # heartbeats meanwhile (every 0.5 s): none counts the five rows back
+    assert up.health().pending == 0 and room.pending() == 5
+    room.produce(2)  # new rows are counted, the five undeleted ones with them
+    until(lambda: up.health().acked == 7, 15, "the new rows' acks")
+    room.pump()
+    room.wait(lambda: room.pending() == 0 and up.health().pending == 0)
     up.stop()
 
 
