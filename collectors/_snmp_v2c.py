@@ -272,13 +272,17 @@ class V2cSession:
         request_id = self._next_id
         self._next_id = _FIRST_ID + (self._next_id + 1 - _FIRST_ID) % (_LAST_ID - _FIRST_ID)
         message = encode(request_id)
-        future: asyncio.Future[tuple[int, int, VarBinds]] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id], self._expected = future, expected
+        loop = asyncio.get_running_loop()
+        self._expected = expected
         try:
             for _ in range(self.retries + 1):  # the same request id: a late answer to the first try still counts
+                # a future per try, awaited under asyncio.timeout: wait_for and shield cost a poll a tenth of its CPU
+                future: asyncio.Future[tuple[int, int, VarBinds]] = loop.create_future()
+                self._waiting[request_id] = future
                 self.transport.sendto(message)
                 try:
-                    status, index, var_binds = await asyncio.wait_for(asyncio.shield(future), self.timeout)
+                    async with asyncio.timeout(self.timeout):
+                        status, index, var_binds = await future
                     break
                 except TimeoutError:
                     continue

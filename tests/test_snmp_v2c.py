@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -201,6 +202,23 @@ def test_only_garbage_is_a_timeout_after_every_try(snmpsim: SnmpSimulator) -> No
     assert health.devices["ups"].errors["timeout"] == 1
     assert len(tries) == 3 and len({request_id(t) for t in tries}) == 1  # one request, sent three times
 
+
+
+def test_a_late_answer_to_the_first_try_is_taken_during_the_retry(snmpsim: SnmpSimulator) -> None:
+    """The retry resends the same request id: an answer to the first try that comes after its timeout is the
+    answer (a slow agent under load is read, not counted out)."""
+    tries: list[bytes] = []
+
+    def slow_first(request: bytes) -> list[bytes]:
+        if not tries:
+            time.sleep(0.45)  # past the first try's 0.3 s: the answer comes during the second
+        tries.append(request)
+        return []
+
+    with Proxy(snmpsim.address, slow_first) as proxy:
+        acc, health = poll(ups(proxy.address, timeout=0.3, retries=1))
+    assert acc.of("ups")["device_online"] == 1
+    assert health.devices["ups"].errors == {}
 
 PROBE = """
 import asyncio, sys
