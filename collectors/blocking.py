@@ -2,7 +2,7 @@
 
 A ``BlockingPollingCollector`` polls each device on a thread of its own that sleeps between polls, so the
 event loop never wakes for it. On a Pi's core the loop's round trips cost a poll more than the poll itself
-(a NUT ``LIST VAR``: 0.8 ms of CPU through asyncio, 0.3 ms on a thread: issue 13). Readings, health and the
+(a NUT ``LIST VAR``: 0.8 ms of CPU through asyncio, 0.5 ms on a thread: issue 13). Readings, health and the
 device_online accounting are the ``PollingCollector``'s; the thread only replaces the loop's scheduling.
 """
 

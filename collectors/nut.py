@@ -2,7 +2,8 @@
 
 Every UPS that NUT supports (USB HID, serial, SNMP, ...) thereby works with examwatch. The device
 address uses NUT's own syntax, ``<ups>@<host>[:<port>]`` (port 3493 by default), as ``upsc`` does.
-One ``LIST VAR <ups>`` per poll on a connection kept open between polls; ``parse_nut`` (pure) maps
+One ``LIST VAR <ups>`` per poll on a connection kept open between polls, from the UPS's own thread
+(``collectors/blocking.py``: no event loop round trips); ``parse_nut`` (pure) maps
 NUT's variables onto the catalog by the device's profile (``collectors/profiles/nut/``): ``standard`` has
 NUT's standard names, others the names some drivers use instead (per phase on a three-phase UPS).
 """
