@@ -11,9 +11,9 @@ once after the port opens, after a Q1 answer proved the UPS is there, one per po
 single timeout; without F the rating comes from the profile. The battery voltage is either per cell or per
 pack depending on the model, so estimating the charge from it is the profile's business.
 
-pyserial runs in a worker thread. A timeout returns nothing or half a line (a device state, not an
-exception); a port that vanished (USB adapter pulled) raises ``SerialException``: the port is closed and
-reopened with a growing backoff.
+pyserial runs on the UPS's own thread (``collectors/blocking.py``). A timeout returns nothing or half a
+line (a device state, not an exception); a port that vanished (USB adapter pulled) raises
+``SerialException``: the port is closed and reopened with a growing backoff.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import msgspec
 import serial
 import structlog
 
-from examwatch.collectors.base import Backoff, DeviceError, PollingCollector, register, retry
+from examwatch.collectors.base import Backoff, DeviceError, register
+from examwatch.collectors.blocking import BlockingPollingCollector, retry_blocking
 from examwatch.kernel.config import Strict
 from examwatch.kernel.model import Reading
 
@@ -223,7 +224,7 @@ class _Port:
 
 
 @register
-class MegatecCollector(PollingCollector):
+class MegatecCollector(BlockingPollingCollector):
     protocol = "megatec"
     Options = Options
     needs_address = 'a serial UPS needs address = "/dev/serial/by-id/..."'
@@ -258,17 +259,15 @@ timeout = 1.0
     def watch_interval(self, device: Any) -> float:
         return min(device.interval, device.options.watch_interval)
 
-    async def poll(self, device: Any) -> list[Reading]:
+    def poll_blocking(self, device: Any) -> list[Reading]:
         profile: Profile = self.profile(device)
         port = self._ports.get(device.name)
         if port is None:
             port = self._ports[device.name] = _Port(device.address, device.options.baud, device.timeout)
         # a lost or unopenable port is not asked again: the backoff decides when to reopen it
-        status = await retry(
-            lambda: asyncio.to_thread(self._status, port), device.retries + 1, final=("port_lost", "port_unavailable")
-        )
+        status = retry_blocking(lambda: self._status(port), device.retries + 1, final=("port_lost", "port_unavailable"))
         if port.optional:  # the UPS answered Q1: now F or I, whose silence only means the model lacks it
-            await asyncio.to_thread(self._ask_optional, device.name, port, profile)
+            self._ask_optional(device.name, port, profile)
         return readings_from(device.name, status, profile, port.rating or profile.rating, time.time())
 
     @staticmethod
