@@ -203,7 +203,6 @@ def test_only_garbage_is_a_timeout_after_every_try(snmpsim: SnmpSimulator) -> No
     assert len(tries) == 3 and len({request_id(t) for t in tries}) == 1  # one request, sent three times
 
 
-
 def test_a_late_answer_to_the_first_try_is_taken_during_the_retry(snmpsim: SnmpSimulator) -> None:
     """The retry resends the same request id: an answer to the first try that comes after its timeout is the
     answer (a slow agent under load is read, not counted out)."""
@@ -219,6 +218,7 @@ def test_a_late_answer_to_the_first_try_is_taken_during_the_retry(snmpsim: SnmpS
         acc, health = poll(ups(proxy.address, timeout=0.3, retries=1))
     assert acc.of("ups")["device_online"] == 1
     assert health.devices["ups"].errors == {}
+
 
 PROBE = """
 import asyncio, sys
