@@ -214,9 +214,10 @@ class Agent:
     def _wait(self, state: Any, now: float, mono: float, next_self: float) -> float:
         """Seconds until the writer has something to do without readings. The rules' deadlines (a ``for``
         timer, a silent device, a phase change) hold to the moment; the writer's chores (its beat, the
-        self-readings, storing held readings, an uplink batch, the disk's backlog) may wait ``CHORES_SLACK``
-        past theirs, so that readings, which wake it anyway, do them on the way: a 1 s poller's writer
-        then wakes once a second, not again for each chore (a wake costs a Pi more than the chore)."""
+        self-readings, storing held readings, an uplink batch, the disk's backlog, deleting acknowledged
+        outbox rows) may wait ``CHORES_SLACK`` past theirs, so that readings, which wake it anyway, do them on
+        the way: a 1 s poller's writer then wakes once a second, not again for each chore (a wake costs a Pi
+        more than the chore)."""
         chores = [TICK, next_self - mono]
         if self._held:
             chores.append(self._held_since + READINGS_HOLD - mono)
@@ -316,8 +317,9 @@ class Agent:
                 return
 
     def _acked(self, seqs: list[int]) -> None:
-        self._acks.put(list(seqs))  # the writer deletes them: one thread writes SQLite
-        self.intake.wake()  # now: the uplink counts what is pending, and waits while acked rows remain
+        # The writer deletes them (one thread writes SQLite) at its next wake, a chore like the others: the
+        # uplink counts acked rows off itself, so nothing waits for the deletion.
+        self._acks.put(list(seqs))
 
     # --- run ---
 
