@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 from bench.fuzz_discovery import call_list_ups, call_zigbee, nut_list_ups, zigbee_bridge  # noqa: E402
-from bench.fuzz_http import desk_body, http_head  # noqa: E402
+from bench.fuzz_http import desk_body, digest_challenge, http_head  # noqa: E402
 from bench.fuzz_inputs import (  # noqa: E402
     Invariant,
     api_query,
@@ -225,6 +225,7 @@ TARGETS: dict[str, Target] = {
     "isapi": Target(
         "examwatch.collectors.isapi:parse_storage", isapi_xml, _call_isapi, ("examwatch.collectors.base:DeviceError",)
     ),
+    "isapi_challenge": Target("examwatch.collectors.isapi:parse_challenge", digest_challenge, _call_loads, (), True),
     "zigbee_bridge": Target(
         "examwatch.edge.discover.mqtt:parse_bridge_devices",
         zigbee_bridge,

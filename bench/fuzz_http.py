@@ -35,3 +35,11 @@ def desk_body() -> st.SearchStrategy[bytes]:
     """The duty desk's JSON bodies (a follow-up note: the widest of them)."""
     good = b'{"kind": "incident", "id": "s1/power/1", "category": "measure", "text": "\xe6\x8e\xaa"}'
     return st.one_of(st.just(good), mutated(st.just(good)), nested(b"[", b"]"), st.binary(max_size=200))
+
+
+def digest_challenge() -> st.SearchStrategy[str]:
+    """A camera's ``WWW-Authenticate`` header (collectors/isapi.py: parse_challenge)."""
+    good = 'Digest realm="IP Camera", qop="auth", nonce="4e6a", algorithm=MD5, opaque="x", stale=FALSE'
+    parts = st.sampled_from(['realm="r"', "nonce=", 'qop="auth,auth-int"', "algorithm=SHA-256", '"', ",", "=", "a=b=c"])
+    built = st.lists(parts, max_size=6).map(lambda ps: "Digest " + ", ".join(ps))
+    return st.one_of(st.just(good), built, st.text(max_size=120))

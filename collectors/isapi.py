@@ -316,6 +316,19 @@ def _get(opener: urllib.request.OpenerDirector, url: str, timeout: float, exchan
         raise DeviceError("unreachable", type(err).__name__) from None
 
 
+def parse_challenge(header: str) -> dict[str, str] | None:
+    """A ``WWW-Authenticate`` header from the device -> its digest challenge's fields; None when it is no
+    digest challenge (another scheme, a part without "=", an empty value). Never raises (fuzzed as
+    ``isapi_challenge``); http.client bounds the header's length before we see it."""
+    scheme, _, challenge = header.partition(" ")
+    if scheme.lower() != "digest":
+        return None
+    try:
+        return urllib.request.parse_keqv_list([p for p in urllib.request.parse_http_list(challenge) if p])
+    except (ValueError, IndexError):
+        return None
+
+
 class _Digest(urllib.request.HTTPDigestAuthHandler):
     """Digest auth as httpx did it: the last challenge answers the next request at once, its nonce
     counted on (one 401 per nonce the device hands out, not one per poll), and a request answered with a
@@ -355,15 +368,11 @@ class _Digest(urllib.request.HTTPDigestAuthHandler):
     https_request = http_request
 
     def http_error_401(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
-        scheme, _, challenge = (headers.get("WWW-Authenticate") or "").partition(" ")
-        if getattr(req, "examwatch_digest_retried", False) or scheme.lower() != "digest":
+        challenge = parse_challenge(headers.get("WWW-Authenticate") or "")
+        if getattr(req, "examwatch_digest_retried", False) or challenge is None:
             return None  # HTTPError 401
         req.examwatch_digest_retried = True
-        try:
-            parts = [p for p in urllib.request.parse_http_list(challenge) if p]
-            self._challenge = urllib.request.parse_keqv_list(parts)
-        except (ValueError, IndexError):  # a part without "=", an empty value: no challenge we can answer
-            return None
+        self._challenge = challenge
         if not self._answer(req):
             return None
         fp.close()
