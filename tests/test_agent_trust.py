@@ -110,7 +110,11 @@ def test_a_huge_retained_sensor_message_never_reaches_the_agent(mosquitto, tmp_p
         watcher.close()
 
 
-LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+# The thread-safe build: with FAKETIME_NO_CACHE, libfaketime.so.1 re-reads the offset on every call without a
+# lock, and a thread racing another one now and then gets the unfaked time (measured: a tight loop saw the
+# real clock for a moment several times a second while the offset said +1d). The agent's threads then stamped
+# readings a day apart and the test saw a false silence; libfaketimeMT serialises the clock and steps it once.
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 
 # libfaketime 0.9.10 with DONT_FAKE_MONOTONIC breaks Python 3.11's time.sleep (clock_nanosleep with an
 # absolute monotonic deadline -> EINVAL; wolfcw/libfaketime#426). The agent under test gets a sleep that
@@ -188,6 +192,8 @@ def test_the_wall_clock_stepping_a_day_and_back_raises_the_clock_alarm_only_and_
         time.sleep(13)  # longer than the door's silence limit: a false silence would have come by now
         raised = [e for _, e in watcher.alarms if e.state == "raised"]
         quiet = max(b - a for a, b in pairwise(sent[1:]))  # the door's longest pause
+        jumps = sum('"event": "clock_jump"' in line for line in agent.log)
+        assert jumps == 2, f"the agent saw {jumps} clock steps for the test's 2: the harness's clock is not clean"
         assert {e.rule for e in raised} == {"agent_clock_jump"}, ([(e.rule, e.device) for e in raised], f"{quiet=:.1f}")
         # and silence is still watched on time: the door stops, its alarm comes (not in a day)
         reporting.clear()
