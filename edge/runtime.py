@@ -67,6 +67,18 @@ def with_host_device(cfg: Config) -> Config:
     return msgspec.structs.replace(cfg, devices=[*cfg.devices, host])
 
 
+def across_step(readings: list[Reading], step: float, now: float) -> list[Reading]:
+    """The readings the writer took as it saw the wall clock step by ``step``, in the new clock's terms. One
+    stamped nearer the old clock's time (``now - step``) than the new one's was stamped before the step
+    and moves with it, as the rules' remembered times do: else a sensor's last report before a forward
+    step would date it a day back (a false silence) and start a ``for`` timer a day early. Only a step
+    shorter than the writer's sleep leaves a doubt, of half the step at most."""
+    old_now = now - step
+    return [
+        msgspec.structs.replace(r, ts=r.ts + step) if abs(r.ts - old_now) < abs(r.ts - now) else r for r in readings
+    ]
+
+
 class Agent:
     def __init__(self, cfg: Config) -> None:
         from examwatch.rules.engine import build_engine
@@ -144,6 +156,7 @@ class Agent:
             last = (now, mono)
             if abs(step) >= CLOCK_STEP:
                 state = self.engine.rebase(state, step)
+                batch = across_step(batch, step, now)
                 self._clock_step = (step, mono)
                 log.warning("clock_jump", seconds=round(step, 1), hint="校时/检查NTP")
                 next_self = 0.0  # report it now

@@ -183,9 +183,11 @@ class RuleEngine:
             d = devices.get(dev)
             if d is None:
                 continue
-            # a reading stamped before the clock stepped back lies in the future: it was seen now, not then
+            # a reading stamped before the clock stepped back, not moved with the step, lies in the future:
+            # it was seen now, not then; one stamped before the start of watching (a forward step's, missed)
+            # must not date the device back: its silence counts from the start
             ts = min(r.ts, now)
-            if ts > last_seen.get(dev, -math.inf):
+            if ts > last_seen.get(dev, -math.inf) and ts >= started:
                 next_spoke = next_spoke or last_seen.get(dev, started) + d.silent_soonest <= silent_due
                 last_seen[dev] = ts
                 silent_due = min(silent_due, ts + d.silent_soonest)  # its own deadline may be the next

@@ -12,13 +12,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
 
 from examwatch.collectors import Health
+from examwatch.edge import runtime
 from examwatch.edge.intake import Intake
-from examwatch.edge.runtime import SELF_METRICS_KEEP, Agent
+from examwatch.edge.runtime import SELF_METRICS_KEEP, Agent, across_step
 from examwatch.kernel.model import Reading
 from tests.support import config, until
 
@@ -119,3 +121,52 @@ def test_the_writers_bell_loses_no_ring_among_racing_collectors() -> None:
     finally:
         sys.setswitchinterval(switching)
     assert taken == {"a": hand_offs, "b": hand_offs}
+
+
+DAY = 86_400.0
+
+
+@pytest.mark.parametrize("step", [DAY, -DAY, 1.5])
+def test_readings_taken_as_the_clock_steps_move_with_it(step: float) -> None:
+    now = 1_000_000.0
+    before = Reading("door", "door_open", 0.0, now - step - 0.4)  # stamped on the old clock
+    after = Reading("door", "door_open", 0.0, now - 0.1)  # on the new one
+    moved = across_step([before, after], step, now)
+    assert [r.ts for r in moved] == [pytest.approx(now - 0.4), now - 0.1]
+
+
+def test_a_sensor_report_stamped_just_before_a_forward_step_is_not_a_day_old(tmp_path: Path, monkeypatch) -> None:
+    """The writer takes a door's report stamped on the old clock, then reads the stepped one (CI saw it: the
+    report came in with the step): the door is silent 6 s after it, not a day before it at once."""
+    cfg = config({"door": "door"}, room_kind="secrecy_room", interval=2.0)  # silent after 3 x 2 s
+    agent = Agent(msgspec.structs.replace(cfg, agent=msgspec.structs.replace(cfg.agent, state_dir=str(tmp_path))))
+    offset = [0.0]
+    monkeypatch.setattr(
+        runtime, "time", SimpleNamespace(time=lambda: time.time() + offset[0], monotonic=time.monotonic)
+    )
+    stamped: list[float] = []
+    take = agent._take
+
+    def taken_as_the_clock_steps(wait: float) -> list[Reading]:
+        batch = take(wait)
+        if not stamped:
+            stamped.append(time.time())
+            batch.append(Reading("door", "door_open", 0.0, stamped[0]))
+            offset[0] = DAY  # after the report, before the writer reads the clock
+        return batch
+
+    agent._take = taken_as_the_clock_steps  # type: ignore[method-assign]
+    writer = threading.Thread(target=agent._writer, daemon=True)
+    writer.start()
+    try:
+        assert agent.ready.wait(10)
+        silent = until(
+            lambda: next((e for e in agent.active.values() if e.rule == "secrecy_sensor_silent"), None),
+            timeout=15,
+            what="the door's silence",
+        )
+        assert agent._clock_step[0] == pytest.approx(DAY, abs=0.5)
+        assert silent.since == pytest.approx(stamped[0] + DAY, abs=0.5)  # the report moved with the step
+        assert silent.at - silent.since >= 6
+    finally:
+        stop(agent, writer)

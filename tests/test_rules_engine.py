@@ -479,6 +479,18 @@ def test_a_for_duration_rebased_counts_real_seconds_across_a_step() -> None:
     assert [e.rule for e in d.feed("mic", "noise_db", 80, t + 600 + 30)] == ["noise_high"]
 
 
+def test_a_first_reading_stamped_before_a_forward_step_does_not_date_the_device_back() -> None:
+    """The runtime moves what it took with the step (``across_step``); one it missed still must not make a
+    device never heard before silent for a day: its silence counts from the start, as if never heard."""
+    d = Driver(config({"door": "door"}, room_kind="secrecy_room", interval=10))
+    d.tick(1000)
+    d.state = d.engine.rebase(d.state, DAY)
+    assert d.run([Reading("door", "door_open", 0, 1005)], DAY + 1006) == []  # stamped on the old clock
+    assert d.tick(DAY + 1029) == []
+    (e,) = d.tick(DAY + 1030)  # 30 real seconds after the start
+    assert (e.rule, e.since) == ("secrecy_sensor_silent", DAY + 1000)
+
+
 def test_a_reading_stamped_before_the_clock_stepped_back_counts_as_seen_now() -> None:
     d = Driver(config({"door": "door"}, room_kind="secrecy_room", interval=10))
     d.tick(DAY)
