@@ -112,8 +112,9 @@ def test_a_huge_retained_sensor_message_never_reaches_the_agent(mosquitto, tmp_p
 
 # The thread-safe build: with FAKETIME_NO_CACHE, libfaketime.so.1 re-reads the offset on every call without a
 # lock, and a thread racing another one now and then gets the unfaked time (measured: a tight loop saw the
-# real clock for a moment several times a second while the offset said +1d). The agent's threads then stamped
-# readings a day apart and the test saw a false silence; libfaketimeMT serialises the clock and steps it once.
+# real clock for a moment several times a second while the offset said +1d): the agent's threads could stamp
+# readings a day apart. libfaketimeMT serialises the clock and steps it once. (The false silence CI saw here
+# was the agent's own: a report taken only once the clock had stepped, see test_agent_writer.)
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 
 # libfaketime 0.9.10 with DONT_FAKE_MONOTONIC breaks Python 3.11's time.sleep (clock_nanosleep with an
