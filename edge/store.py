@@ -321,6 +321,15 @@ class OutboxReader:
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
+    def unacknowledged(self, acked: Iterable[int]) -> tuple[int, set[int]]:
+        """The rows in the outbox, and which of ``acked`` (acknowledged; the writer deletes them a moment
+        later) are among them: both from one snapshot."""
+        rows, present = self.conn.execute(
+            "SELECT COUNT(*), json_group_array(seq) FILTER (WHERE seq IN (SELECT value FROM json_each(?))) FROM outbox",
+            (msgspec.json.encode(list(acked)),),
+        ).fetchone()
+        return rows, set(msgspec.json.decode(present))
+
     def identity(self) -> tuple[int, int]:
         """(epoch, boot) as the writer set them when it opened the database."""
         return identity(self.conn)

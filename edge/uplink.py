@@ -24,7 +24,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -64,7 +64,7 @@ class OutboxRowLike(Protocol):
 
 class OutboxReaderLike(Protocol):
     def pending(self, after_seq: int = 0, limit: int = 500) -> list[Any]: ...
-    def count(self) -> int: ...
+    def unacknowledged(self, acked: Iterable[int]) -> tuple[int, set[int]]: ...
     def identity(self) -> tuple[int, int]: ...
 
 
@@ -131,6 +131,7 @@ class Uplink:
         self._notified = False  # new outbox rows since the worker last counted them
         # read by health() from other threads: plain ints/bools, replaced atomically
         self._pending = 0
+        self._settling: set[int] = set()  # acknowledged rows the writer may not have deleted yet
         self._sent = self._acked = self._refused = self._connects = 0
         self._last_error = ""
         self._error_kind = ""
@@ -236,7 +237,7 @@ class Uplink:
         reader = self._reader
         assert reader is not None
         try:
-            self._pending = reader.count()
+            self._count(reader)
             while not self._stop.is_set():
                 self._wake.wait(timeout=self._sleep(time.monotonic()))
                 self._wake.clear()
@@ -247,11 +248,9 @@ class Uplink:
                     self._send(reader, now)
                     if now - self._last_heartbeat >= self.cfg.heartbeat:
                         self._heartbeat(now)
-                # counted after new rows and once a second while rows wait; acks count themselves off (the
-                # writer deletes their rows a moment later: counting then would keep the worker polling)
+                # counted after new rows and once a second while rows wait; acks count themselves off at once
                 if notified or (self._pending and time.monotonic() - self._last_count >= 1.0):
-                    self._pending = reader.count()
-                    self._last_count = time.monotonic()
+                    self._count(reader)
         except Exception as err:  # the uplink must not die silently: the readiness check reads last_error
             self._last_error = f"uplink worker stopped: {type(err).__name__}: {err}"
             log.exception("uplink_worker_failed")
@@ -260,6 +259,13 @@ class Uplink:
             close = getattr(reader, "close", None)
             if close:
                 close()
+
+    def _count(self, reader: OutboxReaderLike) -> None:
+        """``pending``: the outbox's rows but those acknowledged, which the writer deletes a moment later
+        (counted as pending, they would keep the worker counting twice a second until it has)."""
+        rows, self._settling = reader.unacknowledged(self._settling)
+        self._pending = rows - len(self._settling)
+        self._last_count = time.monotonic()
 
     def _sleep(self, now: float) -> float:
         """How long the worker may wait for a wake-up: 0.5 s while rows are pending, in flight or due again
@@ -307,6 +313,7 @@ class Uplink:
                 self._connected = False
         if acked:
             self._acked += len(acked)
+            self._settling.update(acked)
             self._pending = max(0, self._pending - len(acked))
             self._last_ack = self.clock()
             self.on_acked(acked)
