@@ -146,8 +146,8 @@ def test_rows_arrive_in_order_signed_and_are_deleted_on_puback(mosquitto, listen
 
 
 def test_acknowledged_rows_count_off_the_pending_before_the_writer_deletes_them(mosquitto, tmp_path):
-    """The broker's acks lower ``pending`` at once; the worker does not count the outbox again while the
-    writer has yet to delete their rows (it would see them, and keep waking twice a second to recount)."""
+    """The broker's acks lower ``pending`` at once, and no later count takes their rows back in while the
+    writer has yet to delete them (they would keep the worker waking twice a second to recount)."""
     room = Room(tmp_path / "a.db", mosquitto.port)
     up = room.start()
     room.produce(5)
